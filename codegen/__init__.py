@@ -1,0 +1,1 @@
+"""TVM code generation and tuning for compact models (installed as ``graphprune.codegen``)."""

@@ -1,0 +1,1 @@
+"""Dependency analysis: channel labels flow through the op registry into zero-invariant groups."""

@@ -1,0 +1,45 @@
+"""One exception hierarchy for everything graphprune reports to a user.
+
+Every error carries where it happened (node, op, source file) so the message can say
+what to fix; callers catch :class:`GraphPruneError` to handle any of them.
+"""
+from __future__ import annotations
+
+
+class GraphPruneError(Exception):
+    """Base class: ``node``, ``op`` and ``source`` locate the problem, ``hint`` says what to do."""
+
+    def __init__(self, message: str, *, node: str | None = None, op: str | None = None,
+                 source: str | None = None, hint: str | None = None) -> None:
+        self.node, self.op, self.source, self.hint = node, op, source, hint
+        where = ", ".join(f"{k}={v}" for k, v in (("node", node), ("op", op), ("file", source)) if v)
+        text = message + (f" [{where}]" if where else "") + (f"\n  hint: {hint}" if hint else "")
+        super().__init__(text)
+
+
+class UnsupportedModelError(GraphPruneError):
+    """The model cannot be traced into the IR (torch.export failed, unsupported construct)."""
+
+
+class BadOnnxError(GraphPruneError):
+    """The ONNX file is unreadable, invalid, or inconsistent (dangling inputs, cycles, bad dtypes)."""
+
+
+class ShapeMismatchError(GraphPruneError):
+    """Inputs or intermediate shapes do not match what the graph expects."""
+
+
+class UnprunableTargetError(GraphPruneError):
+    """A pruning target cannot be met without breaking the network (e.g. a layer would die)."""
+
+
+class ZeroInvarianceError(GraphPruneError):
+    """A compact model does not reproduce the zeroed full model: a bug, reported loudly."""
+
+
+class TuningError(GraphPruneError):
+    """Code generation or autotuning failed."""
+
+
+class NumericalError(GraphPruneError):
+    """NaN/Inf met in weights or gradients during optimisation."""

@@ -1,0 +1,1 @@
+"""Rewrite passes: pure IR -> IR functions (installed as ``graphprune.passes``)."""
