@@ -1,0 +1,218 @@
+"""Channel labels: the state the op rules read and write while the graph is analysed.
+
+Every prunable index (a conv filter, a linear output feature, an element of a free
+parameter) is an *atom*.  A value's :class:`Field` says which atom each element belongs
+to along the axes where atoms vary; elements of one atom are removed together.  Rules
+couple atoms (``union``), forbid their removal (``pin``) and give parameter axes their
+labels (``param_axis``).  Atom 0 is the pin: anything connected to it stays.
+
+Data-movement ops need no hand-written index maps: their rule *runs the op on label
+tensors* (see :meth:`Labels.run_on_labels`), so concat offsets, channel shuffles, pixel
+shuffles, flatten-into-linear and head reshapes come out exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..ir.graph import Graph, Node
+
+PIN = 0
+
+
+@dataclass
+class Field:
+    """``labels[i_0, .., i_k]`` is the atom of the elements at those indices of ``axes``."""
+
+    axes: tuple[int, ...]
+    labels: torch.Tensor  # int64, shape = value.shape[axes]
+
+
+@dataclass
+class Barrier:
+    """An op whose channels were kept because its semantics are unknown or unprunable."""
+
+    node: str
+    op: str
+    module: str
+    reason: str
+
+
+@dataclass
+class Labels:
+    graph: Graph
+    n_atoms: int = 1
+    fields: dict[str, Field | None] = field(default_factory=dict)
+    param_axes: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    rects: list[torch.Tensor] = field(default_factory=list)
+    origins: list[tuple[int, int, str, str]] = field(default_factory=list)
+    costs: list[tuple[torch.Tensor, float]] = field(default_factory=list)
+    total_macs: float = 0.0
+    barriers: list[Barrier] = field(default_factory=list)
+    head_atoms: list[torch.Tensor] = field(default_factory=list)
+    _edges: list[torch.Tensor] = field(default_factory=list)
+
+    # ---- atoms and couplings -------------------------------------------------------
+    def fresh(self, n: int, node: Node, role: str = "out") -> torch.Tensor:
+        """``n`` new atoms produced by ``node`` (a conv's filters, a linear's outputs...)."""
+        start = self.n_atoms
+        self.n_atoms += n
+        self.origins.append((start, n, node.module or node.name, role))
+        return torch.arange(start, start + n, dtype=torch.long)
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Couple atoms elementwise; an atom coupled with an unlabelled (-1) element is pinned."""
+        a, b = torch.broadcast_tensors(a, b)
+        a, b = a.reshape(-1), b.reshape(-1)
+        self.pin(b[(a < 0) & (b >= 0)])
+        self.pin(a[(b < 0) & (a >= 0)])
+        both = (a >= 0) & (b >= 0) & (a != b)
+        if both.any():
+            pairs = torch.stack([a[both], b[both]], 1)
+            self._edges.append(torch.unique(pairs, dim=0) if pairs.shape[0] > 64 else pairs)
+
+    def pin(self, a: torch.Tensor) -> None:
+        a = a.reshape(-1)
+        a = a[a > 0]
+        if a.numel():
+            a = torch.unique(a)
+            self._edges.append(torch.stack([torch.zeros_like(a), a], 1))
+
+    def edges(self) -> torch.Tensor:
+        return torch.cat(self._edges) if self._edges else torch.zeros((0, 2), dtype=torch.long)
+
+    def barrier(self, node: Node, reason: str) -> None:
+        """Keep every channel touching ``node`` and report it."""
+        for i in node.inputs:
+            f = self.field(i)
+            if f is not None:
+                self.pin(f.labels)
+        for o in node.outputs:
+            self.fields[o] = None
+        self.barriers.append(Barrier(node.name, node.source_op or node.op, node.module, reason))
+
+    def cost(self, atoms: torch.Tensor | None, macs: float) -> None:
+        """Attribute ``macs`` evenly to ``atoms`` (for FLOPs-targeted budgets)."""
+        if atoms is not None and atoms.numel():
+            self.costs.append((atoms.reshape(-1), macs / atoms.numel()))
+
+    # ---- fields --------------------------------------------------------------------
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.graph.values[name].shape
+
+    def field(self, name: str) -> Field | None:
+        """The value's field; parameters and constants get one atom per element on first use."""
+        if name in self.fields:
+            return self.fields[name]
+        v = self.graph.values[name]
+        f = None
+        if v.kind in ("param", "buffer", "const"):
+            axes = tuple(i for i, s in enumerate(v.shape) if s > 1)
+            if axes:
+                sizes = [v.shape[i] for i in axes]
+                start = self.n_atoms
+                self.n_atoms += int(np.prod(sizes))
+                self.origins.append((start, int(np.prod(sizes)), v.source_name or name, "free"))
+                f = Field(axes, torch.arange(start, self.n_atoms, dtype=torch.long).reshape(sizes))
+                if len(axes) > 1:
+                    self.rects.append(f.labels)
+        self.fields[name] = f
+        return f
+
+    def full(self, name: str) -> torch.Tensor:
+        """Labels broadcast to the value's whole shape (-1 where unlabelled)."""
+        shape = self.shape(name)
+        f = self.field(name)
+        if f is None:
+            return torch.full(shape, -1, dtype=torch.long)
+        view = [1] * len(shape)
+        for a in f.axes:
+            view[a] = shape[a]
+        return f.labels.reshape(view).expand(shape).contiguous()
+
+    def set_field(self, name: str, f: Field | None) -> None:
+        """Store a value's field.  A field over several axes must be pruned as a product
+        (a rectangle), which :mod:`.components` enforces; a value whose every element is
+        one atom cannot lose it, so that atom is pinned."""
+        if f is not None and not f.axes:
+            self.pin(f.labels)
+            f = None
+        self.fields[name] = f
+        if f is not None and len(f.axes) > 1:
+            self.rects.append(f.labels)
+
+    def set_from_tensor(self, name: str, t: torch.Tensor) -> None:
+        """Store labels computed by running an op, keeping only the axes where they vary."""
+        self.set_field(name, field_from_tensor(t))
+
+    def axis_labels(self, name: str, axis: int) -> torch.Tensor | None:
+        """One atom per index along ``axis``: a joint field is collapsed by coupling each
+        hyperplane; atoms on other axes are pinned (they cannot be removed through this use)."""
+        f = self.field(name)
+        if f is None:
+            return None
+        axis = axis % len(self.shape(name))
+        if axis not in f.axes:
+            self.pin(f.labels)
+            return None
+        j = f.axes.index(axis)
+        rows = f.labels.movedim(j, 0).reshape(f.labels.shape[j], -1)
+        if rows.shape[1] > 1:
+            self.union(rows[:, :1], rows)
+        return rows[:, 0].clone()
+
+    def param_axis(self, name: str, dim: int, labels: torch.Tensor | None) -> None:
+        """Give dim ``dim`` of parameter ``name`` its atoms (shared weights are coupled)."""
+        if labels is None:
+            return
+        axes = self.param_axes.setdefault(name, {})
+        if dim in axes:
+            self.union(axes[dim], labels)
+        else:
+            axes[dim] = labels
+
+    def run_on_labels(self, node: Node, data: list[str]) -> list[torch.Tensor] | None:
+        """Execute ``node`` on label tensors of its ``data`` inputs; other inputs get their
+        real contents.  Returns one label tensor per output, or None if nothing is labelled."""
+        labelled = [d for d in data if self.field(d) is not None]
+        if not labelled:
+            return None
+        env: dict[str, torch.Tensor] = {}
+        for i in node.inputs:
+            if i not in data:
+                v = self.graph.values[i]
+                if v.data is None:
+                    return None
+                env[i] = v.data
+        merged: list[torch.Tensor] | None = None
+        for d in labelled:
+            for other in data:
+                env[other] = self.full(other) if other == d else torch.full(self.shape(other), -1, dtype=torch.long)
+            out = node.call(env)
+            outs = [o.contiguous() for o in (out if isinstance(out, (list, tuple)) else [out])]
+            if merged is None:
+                merged = outs
+                continue
+            for k, (m, o) in enumerate(zip(merged, outs)):
+                both = (m >= 0) & (o >= 0)
+                if both.any():
+                    self.union(m[both], o[both])
+                merged[k] = torch.where(m >= 0, m, o)
+        return merged
+
+
+def field_from_tensor(t: torch.Tensor) -> Field | None:
+    """The smallest set of axes along which ``t``'s labels vary (None if all -1)."""
+    if t.numel() == 0 or bool((t < 0).all()):
+        return None
+    axes = []
+    for i in range(t.dim()):
+        if t.shape[i] > 1 and not bool((t == t.narrow(i, 0, 1)).all()):
+            axes.append(i)
+    reduced = t
+    for i in reversed(range(t.dim())):
+        if i not in axes:
+            reduced = reduced.select(i, 0)
+    return Field(tuple(axes), reduced.contiguous())

@@ -1,0 +1,128 @@
+"""PyTorch frontend: ``torch.export`` an ``nn.Module`` and turn its ATen graph into the IR.
+
+Parameters keep their ``named_parameters()`` names; each node remembers the user's
+module path (from ``nn_module_stack``) so groups and barriers are reported in the
+user's own names.  Fused attention stays one ``scaled_dot_product_attention`` node whose
+registry entry exposes the heads (``nn.MultiheadAttention`` is lowered to it by export).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch.fx.operator_schemas import normalize_function
+from torch.utils import _pytree as pytree
+
+from ..errors import UnsupportedModelError
+from ..ir.graph import Graph, Node, Ref, Value
+from ..ops.registry import canonical_aten
+
+
+def export_program(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+                   dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
+    """``torch.export`` with a clear error naming the model class on failure."""
+    try:
+        return torch.export.export(model, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # torch raises many unrelated types here
+        raise UnsupportedModelError(
+            f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {str(exc)[:500]}",
+            source=type(model).__module__ + "." + type(model).__name__,
+            hint="make the forward traceable by torch.export (no data-dependent Python control flow), "
+                 "or export it to ONNX and pass the file") from exc
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0]
+
+
+def _shape(val: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in val.shape)
+
+
+def _tensor_meta(val: Any) -> bool:
+    return isinstance(val, torch.Tensor)
+
+
+def from_exported(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> Graph:
+    """Translate an ExportedProgram into the IR (values, nodes in topological order)."""
+    sig = ep.graph_signature
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    values: dict[str, Value] = {}
+    nodes: list[Node] = []
+    alias: dict[str, str] = {}
+    inputs: list[str] = []
+
+    for ph in ep.graph.find_nodes(op="placeholder"):
+        val = ph.meta.get("val")
+        if not _tensor_meta(val):
+            continue
+        name = ph.name
+        if name in sig.inputs_to_parameters:
+            fqn = sig.inputs_to_parameters[name]
+            values[name] = Value(name, _shape(val), val.dtype, "param", state.get(fqn, ep.state_dict.get(fqn)), fqn)
+        elif name in sig.inputs_to_buffers:
+            fqn = sig.inputs_to_buffers[name]
+            data = state.get(fqn, ep.state_dict.get(fqn, ep.constants.get(fqn)))
+            values[name] = Value(name, _shape(val), val.dtype, "buffer", data, fqn)
+        elif name in sig.inputs_to_lifted_tensor_constants:
+            fqn = sig.inputs_to_lifted_tensor_constants[name]
+            values[name] = Value(name, _shape(val), val.dtype, "const", ep.constants[fqn], fqn)
+        else:
+            values[name] = Value(name, _shape(val), val.dtype, "input", None, name)
+            inputs.append(name)
+
+    def ref(a: Any) -> Any:
+        if isinstance(a, torch.fx.Node):
+            name = alias.get(a.name, a.name)
+            return Ref(name) if name in values else a.meta.get("val")
+        return a
+
+    for fx in ep.graph.nodes:
+        if fx.op != "call_function":
+            continue
+        val = fx.meta.get("val")
+        if fx.target is operator.getitem:
+            src, idx = fx.args
+            alias[fx.name] = f"{alias.get(src.name, src.name)}.{idx}"
+            continue
+        args, kwargs = pytree.tree_map(ref, (fx.args, fx.kwargs))
+        if isinstance(val, (list, tuple)):
+            outs = []
+            for i, v in enumerate(val):
+                if _tensor_meta(v):
+                    values[f"{fx.name}.{i}"] = Value(f"{fx.name}.{i}", _shape(v), v.dtype)
+                    outs.append(f"{fx.name}.{i}")
+        elif _tensor_meta(val):
+            values[fx.name] = Value(fx.name, _shape(val), val.dtype)
+            outs = [fx.name]
+        else:
+            outs = []  # asserts and symbolic-size ops: nothing to analyse
+        if not outs:
+            continue
+        target = fx.target
+        if isinstance(target, torch._ops.OpOverload):
+            packet = target.overloadpacket.__name__
+            source_op = f"aten.{packet}.{target._overloadname}"
+            try:
+                norm = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
+                attrs = dict(norm.kwargs) if norm is not None else {}
+            except Exception:
+                attrs = {}
+        else:
+            packet = getattr(target, "__name__", str(target))
+            source_op = packet
+            attrs = {}
+        nodes.append(Node(fx.name, canonical_aten(packet), target, tuple(args), dict(kwargs), outs,
+                          attrs, _module_path(fx), source_op))
+
+    out_node = ep.graph.find_nodes(op="output")[0]
+    flat_out = [a for a in pytree.tree_leaves(out_node.args) if isinstance(a, torch.fx.Node)]
+    n_user = len(sig.user_outputs)
+    outputs = [alias.get(a.name, a.name) for a in flat_out[len(flat_out) - n_user:]]
+    return Graph(nodes, values, inputs, [o for o in outputs if o in values], "torch",
+                 type(model).__module__ + "." + type(model).__name__)

@@ -1,0 +1,113 @@
+"""Elementwise ops: activations (channel identity) and broadcasting n-ary ops (coupling).
+
+Broadcast add/sub/mul/div couple the channels of their operands element by element:
+residual adds tie both branches, an SE block's gate ties the squeeze path to the
+trunk, a learned position embedding ties its columns to the hidden channels.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..analysis.labels import Field, Labels
+from ..ir.graph import Node
+from .registry import Rule, register
+
+UNARY = (
+    "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_",
+    "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "hardtanh", "hardtanh_", "leaky_relu",
+    "leaky_relu_", "elu", "elu_", "selu", "celu", "softplus", "mish", "mish_", "clamp", "clamp_", "clamp_min",
+    "clamp_max", "neg", "exp", "log", "log1p", "sqrt", "rsqrt", "abs", "sin", "cos", "erf", "reciprocal",
+    "square", "sign", "floor", "ceil", "round", "trunc", "logical_not", "isnan", "isinf", "bitwise_not",
+    "dropout", "dropout_", "feature_dropout", "alpha_dropout", "native_dropout", "clone", "contiguous",
+    "alias", "detach", "detach_", "to", "_to_copy", "type_as", "float", "half", "bfloat16", "triu", "tril",
+    "nan_to_num", "logit", "glu_backward", "lift_fresh_copy", "prelu_scalar",
+)
+NARY = (
+    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "maximum", "minimum", "pow",
+    "pow_", "where", "masked_fill", "masked_fill_", "eq", "ne", "lt", "gt", "le", "ge", "logical_and",
+    "logical_or", "logical_xor", "fmod", "remainder", "floor_divide", "atan2", "copysign", "addcmul",
+    "addcdiv", "lerp", "bitwise_and", "bitwise_or", "prelu", "hypot", "_prelu_kernel",
+)
+CREATION = (
+    "zeros", "ones", "full", "empty", "arange", "new_zeros", "new_ones", "new_full", "new_empty",
+    "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "scalar_tensor",
+    "linspace", "eye", "fill", "fill_", "rand", "randn", "randint", "empty_strided", "tensor",
+)
+ONNX_UNARY = ("Relu", "Sigmoid", "Tanh", "Gelu", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu", "Selu",
+              "Softplus", "Mish", "Clip", "Neg", "Exp", "Log", "Sqrt", "Abs", "Sin", "Cos", "Erf",
+              "Reciprocal", "Sign", "Floor", "Ceil", "Round", "Not", "IsNaN", "IsInf", "Dropout",
+              "Identity", "Cast", "CastLike", "Celu", "ThresholdedRelu", "Softsign")
+ONNX_NARY = ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Where", "Equal", "Less", "Greater",
+             "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "PRelu", "Sum", "Mean")
+
+
+@register("unary", aten=UNARY, onnx=ONNX_UNARY)
+class Unary(Rule):
+    """Channel identity: the output element is the input element, transformed."""
+
+    def propagate(self, node: Node, lab: Labels) -> None:
+        f = lab.field(node.inputs[0]) if node.inputs else None
+        for o in node.outputs:
+            if lab.shape(o) == lab.shape(node.inputs[0]):
+                lab.fields[o] = f
+            else:
+                lab.fields[o] = None  # e.g. native_dropout's mask of another dtype is still same shape
+
+
+@register("elementwise", aten=NARY, onnx=ONNX_NARY)
+class Elementwise(Rule):
+    """Broadcasting n-ary op: operands' atoms are coupled element by element.
+
+    An unlabelled operand that spans a labelled axis (size > 1 there) pins those atoms:
+    its entries cannot be removed, so neither can the ones they meet.
+    """
+
+    def propagate(self, node: Node, lab: Labels) -> None:
+        out = node.outputs[0]
+        rank = len(lab.shape(out))
+        ops = []
+        for name in dict.fromkeys(node.inputs):
+            shape = lab.shape(name)
+            off = rank - len(shape)
+            f = lab.field(name)
+            ops.append((name, shape, off, f))
+        labelled = [o for o in ops if o[3] is not None]
+        if not labelled:
+            lab.fields[out] = None
+            return
+        rep = max(labelled, key=lambda o: len(o[3].axes))
+        rep_axes = tuple(a + rep[2] for a in rep[3].axes)
+        for name, shape, off, f in ops:
+            if name == rep[0]:
+                continue
+            if f is None:
+                if any(a - off >= 0 and shape[a - off] > 1 for a in rep_axes):
+                    lab.pin(rep[3].labels)
+                continue
+            axes = tuple(a + off for a in f.axes)
+            if set(axes) <= set(rep_axes):
+                lab.union(rep[3].labels, _expand_to(f.labels, axes, rep_axes, lab.shape(out)))
+            else:
+                lab.pin(rep[3].labels)
+                lab.pin(f.labels)
+        lab.set_field(out, Field(rep_axes, rep[3].labels))
+        for o in node.outputs[1:]:
+            lab.fields[o] = None
+
+
+def _expand_to(labels: torch.Tensor, axes: tuple[int, ...], target: tuple[int, ...],
+               out_shape: tuple[int, ...]) -> torch.Tensor:
+    """Broadcast a field over ``axes`` onto the grid of ``target`` axes (axes ⊆ target)."""
+    view = [labels.shape[axes.index(a)] if a in axes else 1 for a in target]
+    full = [out_shape[a] for a in target]
+    return labels.reshape(view).expand(full)
+
+
+@register("creation", aten=CREATION, onnx=("ConstantOfShape", "Constant", "Range", "Shape", "Size",
+                                           "RandomNormalLike", "RandomUniformLike", "EyeLike"))
+class Creation(Rule):
+    """Tensors made from sizes or constants carry no channel identity."""
+
+    def propagate(self, node: Node, lab: Labels) -> None:
+        for o in node.outputs:
+            lab.fields[o] = None

@@ -1,0 +1,215 @@
+"""Data-movement ops: their channel maps come from running them on label tensors.
+
+Reshape/view (hidden = heads × head_dim, flatten into a linear), permute, concat and
+split on any axis (a token-axis concat is not a channel concat: the labels say so),
+slicing, pixel shuffle, channel shuffle, repeat/expand (grouped-query attention)...
+need no hand-written index maps: :meth:`Labels.run_on_labels` executes the op itself.
+What is op-specific is how constant arguments change when units go (``rewrite_*``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..analysis.labels import Field, Labels
+from ..ir.graph import Node
+from .common import as_list, ref_name
+from .registry import Rule, register
+
+aten = torch.ops.aten
+
+
+class Movement(Rule):
+    """Generic data movement; ``index_args`` name inputs used as indices, not data."""
+
+    index_args: tuple[str, ...] = ()
+
+    def data_inputs(self, node: Node) -> list[str]:
+        skip = set()
+        for key in self.index_args:
+            for leaf in (node.attrs.get(key) if isinstance(node.attrs.get(key), (list, tuple)) else [node.attrs.get(key)]):
+                if ref_name(leaf):
+                    skip.add(ref_name(leaf))
+        return [i for i in dict.fromkeys(node.inputs) if i not in skip]
+
+    def propagate(self, node: Node, lab: Labels) -> None:
+        data = self.data_inputs(node)
+        outs = lab.run_on_labels(node, data)
+        if outs is None:
+            if any(lab.field(d) is not None for d in data):
+                return lab.barrier(node, "indices are computed from data (data-dependent gather)")
+            for o in node.outputs:
+                lab.fields[o] = None
+            return
+        for o, t in zip(node.outputs, outs):
+            lab.set_from_tensor(o, t)
+        self.check(node, lab, data)
+
+    def check(self, node: Node, lab: Labels, data: list[str]) -> None:
+        """Pin atoms the op cannot handle once units go (overridden per op)."""
+
+
+def _keep_minus_one(old: list, new: list[int]) -> list:
+    return [-1 if (isinstance(o, int) and o == -1) else n for o, n in zip(old, new)]
+
+
+@register("reshape", aten=("view", "reshape", "_unsafe_view", "view_copy", "expand", "expand_copy",
+                           "unflatten", "flatten", "squeeze", "unsqueeze", "squeeze_copy", "unsqueeze_copy"),
+          onnx=("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand"))
+class Reshape(Movement):
+    def rewrite_fx(self, node, fx_node, shrink) -> None:
+        new = list(shrink.new_shape(node.outputs[0]))
+        for key in ("size", "shape"):
+            if key in node.attrs:
+                shrink.set_fx_arg(fx_node, key, _keep_minus_one(list(node.attrs[key]), new))
+        if "sizes" in node.attrs:  # unflatten
+            dim = int(node.attrs["dim"]) % len(shrink.old_shape(node.inputs[0]))
+            shrink.set_fx_arg(fx_node, "sizes", _keep_minus_one(list(node.attrs["sizes"]),
+                                                                new[dim:dim + len(node.attrs["sizes"])]))
+
+    def rewrite_onnx(self, node, proto, shrink) -> None:
+        if node.source_op in ("onnx::Reshape", "onnx::Expand"):
+            old = list(node.attrs.get("shape", []))
+            shrink.set_onnx_const_input(proto, 1, _keep_minus_one(old, list(shrink.new_shape(node.outputs[0])))
+                                        if node.source_op == "onnx::Reshape" else
+                                        _expand_shape(old, shrink.new_shape(node.outputs[0])))
+
+
+def _expand_shape(old: list[int], new: tuple[int, ...]) -> list[int]:
+    """Expand's target keeps 1s where the original broadcast from a size-1 input."""
+    tail = list(new[len(new) - len(old):])
+    return [1 if o == 1 else n for o, n in zip(old, tail)]
+
+
+@register("permute", aten=("permute", "transpose", "t", "movedim", "swapaxes", "numpy_T", "mT", "flip",
+                           "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
+                           "repeat", "tile", "stack", "cat", "concat", "unbind", "unfold", "diagonal"),
+          onnx=("Transpose", "Concat", "DepthToSpace", "SpaceToDepth", "Tile"))
+class Permute(Movement):
+    """Pure rearrangements whose constant arguments survive pruning unchanged."""
+
+
+@register("roll", aten=("roll",))
+class Roll(Movement):
+    """Rolling a pruned axis would change which entries wrap around: pin it."""
+
+    def check(self, node, lab, data) -> None:
+        f = lab.field(data[0])
+        dims = as_list(node.attrs.get("dims"))
+        if f is not None and (not dims or any(d % len(lab.shape(data[0])) in f.axes for d in dims)):
+            lab.pin(f.labels)
+
+
+@register("split", aten=("split", "split_with_sizes", "chunk", "split_copy", "tensor_split"), onnx=("Split",))
+class Split(Movement):
+    def rewrite_fx(self, node, fx_node, shrink) -> None:
+        x = node.inputs[0]
+        dim = int(node.attrs.get("dim", 0)) % len(shrink.old_shape(x))
+        if shrink.new_shape(x)[dim] == shrink.old_shape(x)[dim]:
+            return
+        sizes = [shrink.new_shape(o)[dim] for o in node.outputs]
+        fx_node.target = aten.split_with_sizes.default
+        fx_node.args, fx_node.kwargs = (fx_node.args[0], sizes, dim), {}
+
+    def rewrite_onnx(self, node, proto, shrink) -> None:
+        x = node.inputs[0]
+        axis = int(node.attrs.get("axis", 0)) % len(shrink.old_shape(x))
+        if shrink.new_shape(x)[axis] != shrink.old_shape(x)[axis]:
+            shrink.set_onnx_split(proto, [shrink.new_shape(o)[axis] for o in node.outputs])
+
+
+@register("slice", aten=("slice", "narrow", "select", "slice_copy", "select_copy"), onnx=("Slice",))
+class Slice(Movement):
+    """Slicing a pruned axis: start/end/index shift to the kept positions before them."""
+
+    def check(self, node, lab, data) -> None:
+        step = int(node.attrs.get("step", 1) or 1)
+        f = lab.field(data[0])
+        if step != 1 and f is not None:
+            lab.pin(f.labels)
+
+    def rewrite_fx(self, node, fx_node, shrink) -> None:
+        x = node.inputs[0]
+        dim = int(node.attrs.get("dim", 0)) % len(shrink.old_shape(x))
+        kept = shrink.kept(x, dim)
+        if kept is None:
+            return
+        size = shrink.old_shape(x)[dim]
+        before = lambda i: int(kept[: max(0, min(size, i + size if i < 0 else i))].sum())  # noqa: E731
+        if "index" in node.attrs:
+            shrink.set_fx_arg(fx_node, "index", before(int(node.attrs["index"])))
+        elif "length" in node.attrs:
+            shrink.set_fx_arg(fx_node, "start", before(int(node.attrs["start"])))
+            shrink.set_fx_arg(fx_node, "length", shrink.new_shape(node.outputs[0])[dim])
+        else:
+            start = before(int(node.attrs.get("start") or 0))
+            shrink.set_fx_arg(fx_node, "start", start)
+            shrink.set_fx_arg(fx_node, "end", start + shrink.new_shape(node.outputs[0])[dim])
+
+    def rewrite_onnx(self, node, proto, shrink) -> None:
+        shrink.rewrite_onnx_slice(node, proto)
+
+
+@register("gather", aten=("index_select", "index", "gather", "_unsafe_index", "take_along_dim"),
+          onnx=("Gather", "GatherElements"))
+class Gather(Movement):
+    """Indexing with constant indices runs exactly on labels; indexing *into* a labelled
+    axis would need its indices rewritten, so those atoms are pinned."""
+
+    index_args = ("index", "indices")
+
+    def check(self, node, lab, data) -> None:
+        f = lab.field(data[0])
+        if f is None:
+            return
+        rank = len(lab.shape(data[0]))
+        if "indices" in node.attrs and isinstance(node.attrs["indices"], (list, tuple)):
+            dims = [i for i, ix in enumerate(node.attrs["indices"]) if ix is not None]
+        else:
+            dims = [int(node.attrs.get("dim", node.attrs.get("axis", 0))) % rank]
+        if any(d in f.axes for d in dims):
+            lab.pin(f.labels)
+
+
+@register("repeat_interleave", aten=("repeat_interleave",))
+class RepeatInterleave(Movement):
+    def rewrite_fx(self, node, fx_node, shrink) -> None:
+        if node.attrs.get("output_size") is not None:
+            dim = node.attrs.get("dim")
+            shrink.set_fx_arg(fx_node, "output_size", shrink.new_shape(node.outputs[0])[int(dim or 0)])
+
+
+@register("pad", aten=("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",
+                       "replication_pad2d", "replication_pad3d", "reflection_pad3d"), onnx=("Pad",))
+class Pad(Rule):
+    """Padding along a labelled axis adds unlabelled entries; elsewhere labels are unchanged."""
+
+    def propagate(self, node: Node, lab: Labels) -> None:
+        x, out = node.inputs[0], node.outputs[0]
+        f = lab.field(x)
+        if f is None:
+            lab.fields[out] = None
+            return
+        rank = len(lab.shape(x))
+        mode = node.attrs.get("mode", "constant")
+        if "reflection" in node.source_op or "replication" in node.source_op:
+            mode = "reflect"
+        labels = f.labels
+        for i, a in enumerate(f.axes):
+            before, after = _pad_of(node, rank, a)
+            if before or after:
+                if mode != "constant" or before < 0 or after < 0:
+                    lab.pin(f.labels)
+                    lab.fields[out] = None
+                    return
+                pads = [0, 0] * (labels.dim() - 1 - i) + [before, after]
+                labels = torch.nn.functional.pad(labels, pads, value=-1)
+        lab.set_field(out, Field(f.axes, labels))
+
+
+def _pad_of(node: Node, rank: int, axis: int) -> tuple[int, int]:
+    pads = as_list(node.attrs.get("pad", node.attrs.get("padding", node.attrs.get("pads"))))
+    if node.source_op.startswith("onnx::"):
+        half = len(pads) // 2
+        return (pads[axis], pads[axis + half]) if axis < half else (0, 0)
+    k = rank - 1 - axis
+    return (pads[2 * k], pads[2 * k + 1]) if 2 * k + 1 < len(pads) else (0, 0)

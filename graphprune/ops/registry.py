@@ -1,0 +1,86 @@
+"""The op registry: the single place where an op's channel semantics live.
+
+Each canonical op has one :class:`Rule` registered under the ATen and ONNX names that
+map to it.  A rule says how channels flow (``propagate``: read input fields, write
+output fields, couple/pin atoms, label parameter axes, report FLOPs) and how the op
+is rewritten once units go (``rewrite_fx`` for the compact PyTorch graph,
+``rewrite_onnx`` for the compact ONNX graph).  An op with no rule is a barrier.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from ..analysis.labels import Labels
+    from ..ir.graph import Node
+    from ..passes.shrink import Shrink
+
+_RULES: dict[str, "Rule"] = {}
+_ATEN: dict[str, str] = {}
+_ONNX: dict[str, str] = {}
+
+
+class Rule:
+    """Base rule; subclasses override what applies to them."""
+
+    op: str = ""
+
+    def propagate(self, node: "Node", lab: "Labels") -> None:
+        lab.barrier(node, f"no channel rule for {node.source_op or node.op}")
+
+    def rewrite_fx(self, node: "Node", fx_node: Any, shrink: "Shrink") -> None:
+        """Update the fx node's constant arguments for the compact shapes (default: none)."""
+
+    def rewrite_onnx(self, node: "Node", proto: Any, shrink: "Shrink") -> None:
+        """Update the ONNX node's attributes/constant inputs for the compact shapes."""
+
+
+def register(op: str, *, aten: tuple[str, ...] = (), onnx: tuple[str, ...] = ()) -> Callable[[type], type]:
+    """Class decorator: register a rule for canonical ``op`` under ATen/ONNX names."""
+    def deco(cls: type) -> type:
+        rule = cls()
+        rule.op = op
+        _RULES[op] = rule
+        for a in aten:
+            _ATEN[a] = op
+        for o in onnx:
+            _ONNX[o] = op
+        return cls
+    return deco
+
+
+def canonical_aten(packet: str) -> str:
+    _load()
+    return _ATEN.get(packet, f"aten::{packet}")
+
+
+def canonical_onnx(op_type: str) -> str:
+    _load()
+    return _ONNX.get(op_type, f"onnx::{op_type}")
+
+
+def rule_for(op: str) -> Rule:
+    _load()
+    return _RULES.get(op) or _UNKNOWN
+
+
+def known_ops() -> dict[str, list[str]]:
+    """Canonical op -> the ATen and ONNX names that map to it (for docs and tests)."""
+    _load()
+    out: dict[str, list[str]] = {k: [] for k in _RULES}
+    for a, op in _ATEN.items():
+        out[op].append(f"aten.{a}")
+    for o, op in _ONNX.items():
+        out[op].append(f"onnx::{o}")
+    return out
+
+
+_UNKNOWN = Rule()
+_loaded = False
+
+
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from . import compute, elementwise, movement, normalization, reduction  # noqa: F401

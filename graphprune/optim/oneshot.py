@@ -1,0 +1,196 @@
+"""One-shot structured pruning (SPA): score every group, pick units, zero them, compensate.
+
+``prune(g, ...)`` works at any of three times, with the same call:
+
+* **at initialisation** — on an untrained model, before any training: data-free
+  criteria (``obspa``, ``l1``, ``l2``) or ``taylor`` with a few batches (SNIP-like
+  connection sensitivity); then train the compact model from scratch.
+* **after training, no fine-tuning** — ``obspa`` rewrites the consumers of removed
+  units with an Optimal Brain Surgeon update so the compact model needs no retraining
+  to stay close to the original.
+* **after training, then fine-tune** — any criterion, then :func:`finetune` on the
+  compact model for a short schedule.
+
+>>> g = gp.trace(model, (x,))
+>>> report = prune(g, "obspa", Target(flops=0.4))
+>>> compact = g.construct_subnet()
+>>> finetune(compact, loader, torch.nn.functional.cross_entropy, epochs=1)
+
+``prune`` changes ``g.params`` in place (for a PyTorch graph, the user's live
+parameters): chosen units become exactly zero, which is what ``construct_subnet``
+removes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from graphprune.analysis.groups import Group
+from graphprune.errors import GraphPruneError, UnprunableTargetError
+from graphprune.optim.scoring import Normalize, compensate, input_moments, normalize, score
+from graphprune.target import Target, achieved, select_units
+
+Scope = Literal["global", "layer"]
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune` removed: per-group counts and the achieved reductions.
+
+    ``masks[i]`` is True for the removed units of ``groups[i]``; ``achieved`` holds the
+    removed fractions of ``groups`` (units), ``params`` and ``flops`` in the same
+    first-order accounting as the target.
+    """
+
+    criterion: str
+    scope: Scope
+    target: Target
+    compensated: bool
+    groups: list[Group] = field(repr=False)
+    masks: list[torch.Tensor] = field(repr=False)
+    achieved: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def removed(self) -> dict[str, tuple[int, int]]:
+        """``{group name: (units removed, units before)}``."""
+        return {f"{g.name}#{g.id}": (int(m.sum()), g.size) for g, m in zip(self.groups, self.masks)}
+
+    def summary(self) -> str:
+        """A table of every group and the totals, for printing."""
+        width = max([len(k) for k in self.removed] + [5])
+        lines = [f"{'group':<{width}}  {'kind':<8}  removed / size"]
+        for (name, (r, n)), g in zip(self.removed.items(), self.groups):
+            lines.append(f"{name:<{width}}  {g.kind:<8}  {r:>7} / {n}")
+        lines.append(f"{self!r}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        got = ", ".join(f"{k}={v:.1%}" for k, v in self.achieved.items())
+        comp = ", compensated" if self.compensated else ""
+        return f"PruneReport({self.criterion}, {self.scope}, {self.target!r}{comp}: removed {got})"
+
+
+def _totals(g: Any) -> dict[str, float | None]:
+    return {"total_params": getattr(g, "total_params", None), "total_flops": getattr(g, "total_flops", None)}
+
+
+def _layer_masks(groups: Sequence[Group], scores: Sequence[torch.Tensor], fraction: float,
+                 target: Target) -> list[torch.Tensor]:
+    """Remove the same fraction of units from every group (lowest scores first, same guards)."""
+    masks = []
+    for g, s in zip(groups, scores):
+        cap = (g.size - target.keep_min) / g.size
+        share = Target(groups=max(min(fraction, cap), 0.0), min_units=target.min_units, multiple=target.multiple)
+        try:
+            masks.append(select_units([g], [s], share)[0])
+        except UnprunableTargetError:  # `multiple` rounds the floor up to the next multiple
+            floor = -(-target.keep_min // target.multiple) * target.multiple
+            share = Target(groups=max(g.size - floor, 0) / g.size, min_units=target.min_units,
+                           multiple=target.multiple)
+            masks.append(select_units([g], [s], share)[0])
+    return masks
+
+
+def _select_layerwise(groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Target,
+                      totals: dict[str, float | None], steps: int = 40) -> list[torch.Tensor]:
+    """Uniform per-layer fraction, bisected until the global target is met (smallest such)."""
+    def got(masks: list[torch.Tensor]) -> float:
+        return achieved(groups, masks, **totals)[target.kind]
+
+    lo, hi = 0.0, 1.0
+    best = _layer_masks(groups, scores, hi, target)
+    if got(best) < target.fraction:
+        raise UnprunableTargetError(f"{target!r} cannot be met with a uniform per-layer fraction",
+                                    hint="lower the target, or use scope='global'")
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        masks = _layer_masks(groups, scores, mid, target)
+        if got(masks) >= target.fraction:
+            hi, best = mid, masks
+        else:
+            lo = mid
+    return best
+
+
+def select(groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Target | float,
+           scope: Scope = "global", **totals: float | None) -> list[torch.Tensor]:
+    """Removal masks under ``target``: one global ranking, or one fraction for every layer."""
+    target = Target.coerce(target)
+    if scope == "global":
+        return select_units(groups, scores, target, **totals)
+    if scope == "layer":
+        return _select_layerwise(groups, scores, target, totals)
+    raise GraphPruneError(f"unknown scope {scope!r}", hint="use scope='global' or scope='layer'")
+
+
+def prune(g: Any, criterion: str = "obspa", target: Target | float = 0.4, *, data: Iterable | None = None,
+          loss_fn: Callable | None = None, normalize: Normalize = "mean", scope: Scope = "global",
+          compensate_consumers: bool | None = None, batches: int = 4, damping: float = 0.1) -> PruneReport:
+    """Score, select and zero units of the traced graph ``g`` in place; returns a report.
+
+    ``target`` is a :class:`~graphprune.target.Target` or a float (fraction of FLOPs to
+    remove).  ``data``/``loss_fn``/``batches`` feed the gradient criteria (``taylor``,
+    ``hessian``).  ``compensate_consumers`` applies the OBS consumer update after
+    selection; it defaults to on for ``obspa`` and can be combined with any criterion.
+    Call ``g.construct_subnet()`` afterwards for the compact model.
+    """
+    target = Target.coerce(target)
+    model, params, groups = getattr(g, "model", None), g.params, list(g.groups)
+    totals = _totals(g)
+    raw = score(groups, params, criterion, model=model, data=data, loss_fn=loss_fn, batches=batches,
+                damping=damping)
+    masks = select(groups, _normalize(raw, normalize), target, scope, **totals)
+    do_comp = criterion == "obspa" if compensate_consumers is None else compensate_consumers
+    if do_comp:
+        _compensate_all(groups, masks, params, model, damping)
+    for grp, m in zip(groups, masks):
+        grp.scatter_(params, m)
+    return PruneReport(criterion, scope, target, do_comp, groups, masks, achieved(groups, masks, **totals))
+
+
+_normalize = normalize  # `prune`'s keyword shadows the function's name
+
+
+def _compensate_all(groups: Sequence[Group], masks: Sequence[torch.Tensor], params: dict[str, torch.Tensor],
+                    model: nn.Module | None, damping: float) -> None:
+    """OBS updates for every group, all estimated from the weights as they were before any update.
+
+    Estimating first keeps the result independent of the group order: one group's
+    update rewrites consumer columns that another group reads as producer rows.
+    """
+    active = [(grp, m) for grp, m in zip(groups, masks) if m.any()]
+    moments = [input_moments(grp, params, model) for grp, _ in active]
+    for (grp, m), mom in zip(active, moments):
+        compensate(grp, m, params, model, mom, damping)
+
+
+def finetune(model: nn.Module, data: Iterable, loss_fn: Callable, epochs: int = 1, lr: float = 0.01,
+             optimizer: Literal["sgd", "adam"] = "sgd", momentum: float = 0.9,
+             weight_decay: float = 0.0) -> nn.Module:
+    """Train ``model`` (usually the compact one) for ``epochs`` passes over ``data``; returns it.
+
+    ``data`` yields ``(inputs, targets)`` and is iterated once per epoch (a DataLoader
+    or a list).  A cosine learning-rate decay to zero lets a short schedule settle.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise GraphPruneError(f"unknown optimizer {optimizer!r}", hint="use 'sgd' or 'adam'")
+    batches = list(data) if not hasattr(data, "__len__") else data
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(batches)))
+    model.train()
+    for _ in range(epochs):
+        for x, y in batches:
+            x = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(*x), y).backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    return model

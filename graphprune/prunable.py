@@ -1,0 +1,147 @@
+"""The traced, analysed model that users and optimizers work with."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .analysis.groups import Group
+from .analysis.labels import Barrier, Labels
+from .errors import ZeroInvarianceError
+from .ir.graph import Graph
+
+
+class PrunableGraph:
+    """Groups of a traced model plus everything needed to build its compact form.
+
+    ``params`` are the user's live tensors (parameters of the ``nn.Module``, or the
+    ONNX initializers as torch tensors): optimizers update them in place and
+    :meth:`construct_subnet` reads them, removing every unit whose slices are all zero.
+    """
+
+    def __init__(self, ir: Graph, labels: Labels, comp: torch.Tensor, groups: list[Group], *,
+                 params: dict[str, torch.Tensor], model: Any, example: tuple[tuple, dict],
+                 backend: Any) -> None:
+        self.ir, self.labels, self.comp = ir, labels, comp
+        self.groups = groups
+        self.params = params
+        self.model = model
+        self.example = example
+        self.backend = backend          # frontend-specific emitter (see frontends)
+        self.withdrawn: list[tuple[Group, str]] = []
+
+    # ---- facts ----------------------------------------------------------------------
+    @property
+    def barriers(self) -> list[Barrier]:
+        return self.labels.barriers
+
+    @property
+    def total_params(self) -> int:
+        return sum(v.data.numel() for v in self.ir.values.values() if v.kind == "param" and v.data is not None)
+
+    @property
+    def total_flops(self) -> float:
+        """Multiply-accumulates of the layers with weights or contractions, at the example shape."""
+        return float(self.labels.total_macs)
+
+    @property
+    def grouped_params(self) -> int:
+        """Parameters with at least one element inside some group (each counted once)."""
+        covered: dict[str, dict[int, set[int]]] = {}
+        for g in self.groups:
+            for s in g.slices:
+                covered.setdefault(s.param, {}).setdefault(s.dim, set()).update(s.index.flatten().tolist())
+        total = 0
+        for name, dims in covered.items():
+            shape = self.params[name].shape
+            outside = 1
+            for d, size in enumerate(shape):
+                outside *= size - len(dims.get(d, ()))
+            total += self.params[name].numel() - outside
+        return total
+
+    # ---- pruning state --------------------------------------------------------------
+    def zero_masks(self, tensors: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per group, which units are entirely zero now."""
+        tensors = self.params if tensors is None else tensors
+        with torch.no_grad():
+            return [g.gather(tensors).abs().amax(dim=1) == 0 for g in self.groups]
+
+    def removed_units(self, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        masks = self.zero_masks(tensors)
+        parts = [g.atoms[m.cpu()] for g, m in zip(self.groups, masks) if bool(m.any())]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    def construct_subnet(self) -> Any:
+        """The compact model: every all-zero unit removed.  Never changes the user's model."""
+        return self.backend.emit(self, self.params)
+
+    # ---- self-check -------------------------------------------------------------------
+    def verify(self, fraction: float = 0.5, seed: int = 0, rtol: float = 1e-4) -> list[tuple[Group, str]]:
+        """Zero a random ``fraction`` of every group's units on a copy of the weights and
+        require the compact model to reproduce the zeroed full model.  Groups that fail
+        (found by bisection) are withdrawn with the reason; returns them."""
+        gen = torch.Generator().manual_seed(seed)
+        picks = {g.id: torch.rand(g.size, generator=gen) < fraction for g in self.groups}
+        for g in self.groups:
+            if not picks[g.id].any():
+                picks[g.id][torch.randint(g.size, (1,), generator=gen)] = True
+
+        def ok(groups: list[Group]) -> str | None:
+            tensors = {k: v.detach().clone() for k, v in self.params.items()}
+            for g in groups:
+                g.scatter_(tensors, picks[g.id])
+            try:
+                err = self.backend.compare(self, tensors)
+            except Exception as exc:  # a failing rewrite is a finding, not a crash
+                return f"{type(exc).__name__}: {str(exc)[:200]}"
+            return None if err < rtol else f"compact output differs (rel. error {err:.2e})"
+
+        bad: list[tuple[Group, str]] = []
+
+        def bisect(groups: list[Group]) -> None:
+            reason = ok(groups)
+            if reason is None:
+                return
+            if len(groups) == 1:
+                bad.append((groups[0], reason))
+                return
+            mid = len(groups) // 2
+            bisect(groups[:mid])
+            bisect(groups[mid:])
+
+        if self.groups:
+            bisect(list(self.groups))
+        if bad:
+            ids = {g.id for g, _ in bad}
+            self.groups = [g for g in self.groups if g.id not in ids]
+            self.withdrawn.extend(bad)
+        return bad
+
+    def assert_zero_invariant(self, **kw: Any) -> None:
+        bad = self.verify(**kw)
+        if bad:
+            raise ZeroInvarianceError("; ".join(f"{g.name}: {r}" for g, r in bad))
+
+    # ---- reporting ----------------------------------------------------------------------
+    def summary(self) -> str:
+        """A table of groups, barriers and withdrawn groups."""
+        lines = [f"{type(self).__name__}: {len(self.groups)} groups, {self.grouped_params:,} of "
+                 f"{self.total_params:,} params in groups ({100 * self.grouped_params / max(1, self.total_params):.1f}%), "
+                 f"{self.total_flops / 1e6:,.1f} MMACs",
+                 f"{'id':>4} {'kind':8} {'units':>6} {'params/unit':>11} {'MMACs/unit':>10}  name / slices"]
+        for g in self.groups:
+            names = ", ".join(sorted({s.param for s in g.slices}))
+            lines.append(f"{g.id:>4} {g.kind:8} {g.size:>6} {g.params_per_unit:>11,} "
+                         f"{g.flops_per_unit / 1e6:>10.3f}  {g.name}: {names[:90]}")
+        if self.barriers:
+            lines.append("barriers (channels kept):")
+            lines += [f"  {b.node} [{b.op}] {b.module}: {b.reason}" for b in self.barriers]
+        if self.withdrawn:
+            lines.append("withdrawn groups:")
+            lines += [f"  {g.name}: {r}" for g, r in self.withdrawn]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"<PrunableGraph {self.ir.frontend} {self.ir.source}: {len(self.groups)} groups, "
+                f"{len(self.barriers)} barriers>")

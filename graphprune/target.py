@@ -1,0 +1,282 @@
+"""Pruning targets and the global unit selection every optimizer and scorer shares.
+
+A :class:`Target` says *how much* to remove (a fraction of units, parameters or FLOPs)
+and the structural guards (minimum width, channel multiples).  :func:`select_units`
+turns per-unit scores into per-group removal masks under that target, so HESSO, the
+one-shot scorers and the benchmarks all prune by the same rule.
+
+Costs start first-order: removing a unit saves its group's ``params_per_unit`` /
+``flops_per_unit``.  When two groups slice one parameter along different dims (a conv's
+input and output channels) the true saving is smaller than that sum: removing half the
+rows and half the columns removes 3/4 of the weight, not all of it.  Given the
+parameters' shapes (and, for FLOPs, the MACs each parameter takes part in),
+:class:`Overlap` subtracts that double count, so a 50% FLOPs target really halves the
+compact model's FLOPs.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Literal, Mapping, Sequence
+
+import torch
+
+from graphprune.analysis.groups import Group
+from graphprune.errors import NumericalError, UnprunableTargetError
+
+Kind = Literal["groups", "params", "flops"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Fraction of the network to REMOVE, measured in units, parameters or FLOPs.
+
+    Exactly one of ``groups`` (fraction of all group units), ``params`` or ``flops`` is
+    set, in ``[0, 1)``.  ``min_units`` is the fewest units any group keeps (never below
+    one: a group left empty would kill a layer); ``multiple`` rounds each group's kept
+    count to a multiple of it where the group is large enough (hardware-friendly widths).
+
+    >>> Target(flops=0.5)
+    Target(flops=0.5)
+    """
+
+    groups: float | None = None
+    params: float | None = None
+    flops: float | None = None
+    min_units: int = 1
+    multiple: int = 1
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("groups", "params", "flops") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise UnprunableTargetError(
+                f"Target needs exactly one of groups=, params=, flops= (got {given or 'none'})",
+                hint="e.g. Target(flops=0.5) removes half of the FLOPs")
+        value = getattr(self, given[0])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise UnprunableTargetError(
+                f"Target {given[0]}={value!r} must be a fraction to remove in [0, 1)",
+                hint="pass the fraction to remove, e.g. 0.5; 1.0 would remove the whole network")
+        if isinstance(self.min_units, bool) or not isinstance(self.min_units, int) or self.min_units < 0:
+            raise UnprunableTargetError(f"Target min_units={self.min_units!r} must be an int >= 0")
+        if isinstance(self.multiple, bool) or not isinstance(self.multiple, int) or self.multiple < 1:
+            raise UnprunableTargetError(f"Target multiple={self.multiple!r} must be an int >= 1")
+
+    @property
+    def kind(self) -> Kind:
+        """Which quantity the fraction measures: "groups", "params" or "flops"."""
+        return "groups" if self.groups is not None else "params" if self.params is not None else "flops"
+
+    @property
+    def fraction(self) -> float:
+        """The fraction to remove, whatever it measures."""
+        return float(getattr(self, self.kind))
+
+    @property
+    def keep_min(self) -> int:
+        """Fewest units a group may keep: ``max(min_units, 1)``."""
+        return max(self.min_units, 1)
+
+    def scaled(self, factor: float) -> "Target":
+        """The same target with its fraction multiplied by ``factor`` (a schedule's partial target)."""
+        return replace(self, **{self.kind: self.fraction * factor})
+
+    @classmethod
+    def coerce(cls, x: "Target | float | int") -> "Target":
+        """A :class:`Target` as is; a bare number as a FLOPs fraction (``0.5`` = remove half the FLOPs)."""
+        if isinstance(x, Target):
+            return x
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            return cls(flops=float(x))
+        raise UnprunableTargetError(f"cannot read a pruning target from {x!r}",
+                                    hint="pass graphprune.Target(flops=...) or a float (the FLOPs fraction)")
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={getattr(self, k)}" for k, d in (("min_units", 1), ("multiple", 1))
+                        if getattr(self, k) != d)
+        return f"Target({self.kind}={self.fraction:g}{extra})"
+
+
+def unit_cost(group: Group, kind: Kind) -> float:
+    """What removing one unit of ``group`` saves, in the target's currency."""
+    return 1.0 if kind == "groups" else float(group.params_per_unit if kind == "params" else group.flops_per_unit)
+
+
+def _total(groups: Sequence[Group], kind: Kind, total_params: float | None, total_flops: float | None) -> float:
+    given = total_params if kind == "params" else total_flops if kind == "flops" else None
+    total = float(given) if given is not None else sum(g.size * unit_cost(g, kind) for g in groups)
+    if total <= 0:
+        raise UnprunableTargetError(f"nothing to prune: the groups remove no {kind}",
+                                    hint="check that the graph has prunable groups")
+    return total
+
+
+def _steps(size: int, keep_min: int, multiple: int) -> list[int]:
+    """Kept counts a group may step down through, largest first (``size`` itself excluded).
+
+    Counts are multiples of ``multiple`` where at least one such count fits between
+    ``keep_min`` and ``size``; otherwise the group falls back to single-unit steps.
+    """
+    if size <= keep_min:
+        return []
+    if multiple > 1:
+        lowest = math.ceil(keep_min / multiple) * multiple
+        levels = list(range((size - 1) // multiple * multiple, lowest - 1, -multiple))
+        if levels:
+            return levels
+    return list(range(size - 1, keep_min - 1, -1))
+
+
+class Overlap:
+    """Removes the double count when several dims of one parameter are pruned.
+
+    A parameter ``p`` worth ``M_p`` (its element count for params, the MACs it takes
+    part in for FLOPs) with fractions ``f_d`` of its rows removed along each sliced dim
+    loses ``M_p * (1 - prod(1 - f_d))``; first-order unit costs count ``M_p * sum(f_d)``.
+    :attr:`correction` is the difference, kept up to date as units are removed.
+    """
+
+    def __init__(self, groups: Sequence[Group], shapes: Mapping[str, Sequence[int]],
+                 weights: Mapping[str, float]) -> None:
+        dims: dict[str, set[int]] = defaultdict(set)
+        for g in groups:
+            for s in g.slices:
+                dims[s.param].add(s.dim)
+        shared = {p for p, ds in dims.items() if len(ds) > 1 and weights.get(p, 0.0) > 0}
+        self._weights = {p: float(weights[p]) for p in shared}
+        self._dims = {p: {d: int(shapes[p][d]) for d in sorted(dims[p])} for p in shared}
+        self._rows = [[(s.param, s.dim, s.index.shape[1]) for s in g.slices if s.param in shared] for g in groups]
+        self._removed: dict[tuple[str, int], int] = defaultdict(int)
+        self._per_param: dict[str, float] = {}
+        self.correction = 0.0
+
+    def remove(self, group: int, units: int) -> None:
+        """Account for ``units`` more units of ``groups[group]`` being removed."""
+        touched = set()
+        for p, d, rows in self._rows[group]:
+            self._removed[(p, d)] += rows * units
+            touched.add(p)
+        for p in touched:
+            fractions = [min(self._removed[(p, d)] / n, 1.0) for d, n in self._dims[p].items()]
+            first_order = sum(fractions)
+            exact = 1.0 - math.prod(1.0 - f for f in fractions)
+            new = self._weights[p] * (first_order - exact)
+            self.correction += new - self._per_param.get(p, 0.0)
+            self._per_param[p] = new
+
+
+def _overlap(groups: Sequence[Group], kind: Kind, params: Mapping[str, torch.Tensor] | None,
+             param_macs: Mapping[str, float] | None) -> Overlap | None:
+    """The :class:`Overlap` for ``kind``, or None where first-order costs are all we can know."""
+    if params is None or kind == "groups" or (kind == "flops" and not param_macs):
+        return None
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    weights = {n: float(p.numel()) for n, p in params.items()} if kind == "params" else param_macs
+    return Overlap(groups, shapes, weights)
+
+
+def select_units(groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Target | float, *,
+                 total_params: float | None = None, total_flops: float | None = None,
+                 protect: Sequence[torch.Tensor | None] | None = None,
+                 params: Mapping[str, torch.Tensor] | None = None,
+                 param_macs: Mapping[str, float] | None = None) -> list[torch.Tensor]:
+    """Pick the globally lowest-scoring units until ``target`` is removed.
+
+    ``scores[i]`` has one entry per unit of ``groups[i]``; scores must be comparable
+    across groups (the caller normalises).  ``-inf`` forces a unit first (units an
+    earlier period already chose).  ``protect[i]`` marks units never to choose.
+    Removal walks each group in steps that keep its width a multiple of
+    ``target.multiple`` and at least ``target.keep_min``; a step's score is the mean of
+    its units, so with ``multiple=1`` this is the plain global sort.  Fractions are of
+    ``total_params``/``total_flops`` when given (the whole model), else of what the
+    groups hold.  With ``params`` (name -> tensor, for shapes) the count is corrected
+    for parameters pruned along several dims (:class:`Overlap`); for FLOPs that also
+    needs ``param_macs`` (name -> MACs the parameter takes part in).
+    Returns one CPU BoolTensor per group, True = remove.
+    """
+    target = Target.coerce(target)
+    if len(scores) != len(groups):
+        raise ValueError(f"{len(scores)} score vectors for {len(groups)} groups")
+    masks = [torch.zeros(g.size, dtype=torch.bool) for g in groups]
+    if target.fraction == 0.0:
+        return masks
+    need = target.fraction * _total(groups, target.kind, total_params, total_flops)
+
+    heap: list[tuple[float, int, int]] = []  # (step score, group, step number)
+    unit_scores: list[torch.Tensor] = []
+    orders: list[torch.Tensor] = []  # units of each group, lowest score first
+    levels: list[list[int]] = []
+    for i, (g, s) in enumerate(zip(groups, scores)):
+        s = s.detach().to("cpu", torch.float64).flatten()
+        if s.numel() != g.size:
+            raise ValueError(f"scores for {g!r} have {s.numel()} entries, expected {g.size}")
+        if torch.isnan(s).any():
+            raise NumericalError(f"NaN pruning score in group {g.name!r}", node=g.name,
+                                 hint="check the weights and gradients for NaN/Inf before scoring")
+        if protect is not None and protect[i] is not None:
+            s = s.masked_fill(protect[i].cpu(), math.inf)
+            allowed = g.size - int(protect[i].sum())
+        else:
+            allowed = g.size
+        unit_scores.append(s)
+        orders.append(torch.sort(s, stable=True).indices)
+        steps = [k for k in _steps(g.size, target.keep_min, target.multiple) if g.size - k <= allowed]
+        levels.append(steps)
+        if steps:
+            heapq.heappush(heap, (_step_score(s, orders[i], g.size, steps[0]), i, 0))
+
+    overlap = _overlap(groups, target.kind, params, param_macs)
+    removed = 0.0
+    while removed - (overlap.correction if overlap else 0.0) < need and heap:
+        _, i, step = heapq.heappop(heap)
+        g, order = groups[i], orders[i]
+        start = g.size if step == 0 else levels[i][step - 1]
+        kept = levels[i][step]
+        masks[i][order[g.size - start:g.size - kept]] = True
+        removed += (start - kept) * unit_cost(g, target.kind)
+        if overlap is not None:
+            overlap.remove(i, start - kept)
+        if step + 1 < len(levels[i]):
+            heapq.heappush(heap, (_step_score(unit_scores[i], order, kept, levels[i][step + 1]), i, step + 1))
+    if overlap is not None:
+        removed -= overlap.correction
+    if removed < need * (1 - 1e-9):
+        total = _total(groups, target.kind, total_params, total_flops)
+        raise UnprunableTargetError(
+            f"{target!r} cannot be met: at most {removed / total:.1%} of the {target.kind} can go "
+            f"while every group keeps >= {target.keep_min} unit(s)",
+            hint="lower the target, or lower min_units / multiple")
+    return masks
+
+
+def _step_score(s: torch.Tensor, order: torch.Tensor, kept_before: int, kept_after: int) -> float:
+    """Mean score of the units removed when a group shrinks from ``kept_before`` to ``kept_after``."""
+    size = order.numel()
+    return float(s[order[size - kept_before:size - kept_after]].mean())
+
+
+def achieved(groups: Sequence[Group], masks: Sequence[torch.Tensor], *, total_params: float | None = None,
+             total_flops: float | None = None, params: Mapping[str, torch.Tensor] | None = None,
+             param_macs: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Removed fractions of units (``groups``), ``params`` and ``flops`` for these masks.
+
+    Same accounting (and overlap correction, given ``params``/``param_macs``) and the
+    same totals rule as :func:`select_units`.
+    """
+    out: dict[str, float] = {}
+    for kind in ("groups", "params", "flops"):
+        costs = [unit_cost(g, kind) for g in groups]
+        if kind != "groups" and not any(costs):
+            out[kind] = 0.0
+            continue
+        counts = [int(m.sum()) for m in masks]
+        removed = sum(n * c for n, c in zip(counts, costs))
+        overlap = _overlap(groups, kind, params, param_macs)
+        if overlap is not None:
+            for i, n in enumerate(counts):
+                overlap.remove(i, n)
+            removed -= overlap.correction
+        out[kind] = removed / _total(groups, kind, total_params, total_flops)
+    return out

@@ -1,0 +1,104 @@
+"""Shapes and indices of the compact model once a set of units is removed.
+
+:class:`Shrink` answers, for every value and parameter, which indices survive; the
+op rules use it to rewrite their constant arguments (reshape sizes, split sizes,
+slice bounds, conv groups) and the emitters to slice parameters.  Kept sets are
+checked to be rectangles: anything else is a bug and raises instead of emitting a
+wrong model.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from graphprune.analysis.grouping import param_dim_labels
+from graphprune.analysis.labels import Labels
+from graphprune.errors import ZeroInvarianceError
+
+
+class Shrink:
+    def __init__(self, lab: Labels, comp: torch.Tensor, removed_units: torch.Tensor) -> None:
+        """``removed_units``: component ids to remove."""
+        self.lab, self.graph = lab, lab.graph
+        gone = torch.zeros(int(comp.max()) + 1, dtype=torch.bool)
+        gone[removed_units] = True
+        self.removed_atom = gone[comp]
+        self._param_labels = param_dim_labels(lab, comp)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    # ---- values --------------------------------------------------------------------
+    def kept_mask(self, labels: torch.Tensor) -> torch.Tensor:
+        return (labels < 0) | ~self.removed_atom[labels.clamp(min=0)]
+
+    def old_shape(self, name: str) -> tuple[int, ...]:
+        return self.graph.values[name].shape
+
+    def kept(self, name: str, axis: int) -> torch.Tensor | None:
+        """Boolean mask of surviving indices along ``axis`` (None: all survive)."""
+        f = self.lab.fields.get(name)
+        axis = axis % max(1, len(self.old_shape(name)))
+        if f is None or axis not in f.axes:
+            return None
+        k = self.kept_mask(f.labels)
+        j = f.axes.index(axis)
+        mask = k.movedim(j, 0).reshape(k.shape[j], -1).any(dim=1)
+        return None if bool(mask.all()) else mask
+
+    def new_shape(self, name: str) -> tuple[int, ...]:
+        if name in self._shapes:
+            return self._shapes[name]
+        shape = list(self.old_shape(name))
+        f = self.lab.fields.get(name)
+        if f is not None:
+            k = self.kept_mask(f.labels)
+            masks = []
+            for j, a in enumerate(f.axes):
+                m = k.movedim(j, 0).reshape(k.shape[j], -1).any(dim=1)
+                masks.append(m)
+                shape[a] = int(m.sum())
+            prod = masks[0]
+            for m in masks[1:]:
+                prod = prod.unsqueeze(-1) & m
+            if not torch.equal(prod.reshape(k.shape), k):
+                raise ZeroInvarianceError(f"surviving entries of {name} are not a rectangle",
+                                          node=name, hint="this is a graphprune bug; please report it")
+        self._shapes[name] = tuple(shape)
+        return self._shapes[name]
+
+    # ---- parameters ------------------------------------------------------------------
+    def param_index(self, name: str) -> dict[int, torch.Tensor]:
+        """dim -> LongTensor of surviving indices, for the dims of ``name`` that shrink."""
+        out = {}
+        for (p, d), labels in self._param_labels.items():
+            if p != name:
+                continue
+            keep = self.kept_mask(labels)
+            if not bool(keep.all()):
+                out[d] = torch.nonzero(keep).flatten()
+        return out
+
+    def slice_tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        for d, idx in self.param_index(name).items():
+            t = t.index_select(d, idx.to(t.device))
+        return t
+
+    # ---- argument rewriting helpers used by the op rules ------------------------------
+    @staticmethod
+    def set_fx_arg(fx_node: Any, name: str, value: Any) -> None:
+        """Set a schema argument of an fx node by name, positional or keyword."""
+        if name in fx_node.kwargs:
+            kw = dict(fx_node.kwargs)
+            kw[name] = value
+            fx_node.kwargs = kw
+            return
+        schema = fx_node.target._schema
+        pos = [a.name for a in schema.arguments].index(name)
+        if pos < len(fx_node.args):
+            args = list(fx_node.args)
+            args[pos] = value
+            fx_node.args = tuple(args)
+        else:
+            kw = dict(fx_node.kwargs)
+            kw[name] = value
+            fx_node.kwargs = kw
