@@ -78,14 +78,16 @@ class PrunableGraph:
 
     # ---- self-check -------------------------------------------------------------------
     def verify(self, fraction: float = 0.5, seed: int = 0, rtol: float = 1e-4) -> list[tuple[Group, str]]:
-        """Zero a random ``fraction`` of every group's units on a copy of the weights and
+        """Zero a random ``fraction`` of every group's units (rounded down, so a group's
+        last unit is never taken) on a copy of the weights and
         require the compact model to reproduce the zeroed full model.  Groups that fail
         (found by bisection) are withdrawn with the reason; returns them."""
         gen = torch.Generator().manual_seed(seed)
-        picks = {g.id: torch.rand(g.size, generator=gen) < fraction for g in self.groups}
+        picks = {}
         for g in self.groups:
-            if not picks[g.id].any():
-                picks[g.id][torch.randint(g.size, (1,), generator=gen)] = True
+            mask = torch.zeros(g.size, dtype=torch.bool)
+            mask[torch.randperm(g.size, generator=gen)[: int(g.size * fraction)]] = True
+            picks[g.id] = mask
 
         def ok(groups: list[Group]) -> str | None:
             tensors = {k: v.detach().clone() for k, v in self.params.items()}

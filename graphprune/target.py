@@ -104,9 +104,29 @@ def unit_cost(group: Group, kind: Kind) -> float:
     return 1.0 if kind == "groups" else float(group.params_per_unit if kind == "params" else group.flops_per_unit)
 
 
-def _total(groups: Sequence[Group], kind: Kind, total_params: float | None, total_flops: float | None) -> float:
+def _unit_costs(groups: Sequence[Group], kind: Kind, params: Mapping[str, torch.Tensor] | None,
+                param_macs: Mapping[str, float] | None) -> list[float]:
+    """Per-group unit cost; for FLOPs, at least the MACs of the weight rows a unit owns.
+
+    ``flops_per_unit`` is meant to be everything a unit's removal saves; where the
+    weights' own MACs (``param_macs``) say a unit saves more, that figure wins, so the
+    FLOPs count agrees with :class:`Overlap`, which works from the same MACs.
+    """
+    costs = [unit_cost(g, kind) for g in groups]
+    if kind != "flops" or params is None or not param_macs:
+        return costs
+    for i, g in enumerate(groups):
+        owned = sum(param_macs[s.param] * s.index.shape[1] / params[s.param].shape[s.dim]
+                    for s in g.slices if s.param in param_macs)
+        costs[i] = max(costs[i], owned)
+    return costs
+
+
+def _total(groups: Sequence[Group], kind: Kind, total_params: float | None, total_flops: float | None,
+           costs: Sequence[float] | None = None) -> float:
     given = total_params if kind == "params" else total_flops if kind == "flops" else None
-    total = float(given) if given is not None else sum(g.size * unit_cost(g, kind) for g in groups)
+    costs = costs if costs is not None else [unit_cost(g, kind) for g in groups]
+    total = float(given) if given is not None else sum(g.size * c for g, c in zip(groups, costs))
     if total <= 0:
         raise UnprunableTargetError(f"nothing to prune: the groups remove no {kind}",
                                     hint="check that the graph has prunable groups")
@@ -202,7 +222,8 @@ def select_units(groups: Sequence[Group], scores: Sequence[torch.Tensor], target
     masks = [torch.zeros(g.size, dtype=torch.bool) for g in groups]
     if target.fraction == 0.0:
         return masks
-    need = target.fraction * _total(groups, target.kind, total_params, total_flops)
+    costs = _unit_costs(groups, target.kind, params, param_macs)
+    need = target.fraction * _total(groups, target.kind, total_params, total_flops, costs)
 
     heap: list[tuple[float, int, int]] = []  # (step score, group, step number)
     unit_scores: list[torch.Tensor] = []
@@ -235,7 +256,7 @@ def select_units(groups: Sequence[Group], scores: Sequence[torch.Tensor], target
         start = g.size if step == 0 else levels[i][step - 1]
         kept = levels[i][step]
         masks[i][order[g.size - start:g.size - kept]] = True
-        removed += (start - kept) * unit_cost(g, target.kind)
+        removed += (start - kept) * costs[i]
         if overlap is not None:
             overlap.remove(i, start - kept)
         if step + 1 < len(levels[i]):
@@ -243,7 +264,7 @@ def select_units(groups: Sequence[Group], scores: Sequence[torch.Tensor], target
     if overlap is not None:
         removed -= overlap.correction
     if removed < need * (1 - 1e-9):
-        total = _total(groups, target.kind, total_params, total_flops)
+        total = _total(groups, target.kind, total_params, total_flops, costs)
         raise UnprunableTargetError(
             f"{target!r} cannot be met: at most {removed / total:.1%} of the {target.kind} can go "
             f"while every group keeps >= {target.keep_min} unit(s)",
@@ -267,7 +288,7 @@ def achieved(groups: Sequence[Group], masks: Sequence[torch.Tensor], *, total_pa
     """
     out: dict[str, float] = {}
     for kind in ("groups", "params", "flops"):
-        costs = [unit_cost(g, kind) for g in groups]
+        costs = _unit_costs(groups, kind, params, param_macs)
         if kind != "groups" and not any(costs):
             out[kind] = 0.0
             continue
@@ -278,5 +299,5 @@ def achieved(groups: Sequence[Group], masks: Sequence[torch.Tensor], *, total_pa
             for i, n in enumerate(counts):
                 overlap.remove(i, n)
             removed -= overlap.correction
-        out[kind] = removed / _total(groups, kind, total_params, total_flops)
+        out[kind] = removed / _total(groups, kind, total_params, total_flops, costs)
     return out

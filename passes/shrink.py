@@ -14,7 +14,7 @@ import torch
 
 from graphprune.analysis.grouping import param_dim_labels
 from graphprune.analysis.labels import Labels
-from graphprune.errors import ZeroInvarianceError
+from graphprune.errors import UnprunableTargetError, ZeroInvarianceError
 
 
 class Shrink:
@@ -57,6 +57,10 @@ class Shrink:
                 m = k.movedim(j, 0).reshape(k.shape[j], -1).any(dim=1)
                 masks.append(m)
                 shape[a] = int(m.sum())
+                if shape[a] == 0:
+                    raise UnprunableTargetError(
+                        f"removing these units empties axis {a} of {name}", node=name,
+                        hint="keep at least one unit of the groups feeding this value")
             prod = masks[0]
             for m in masks[1:]:
                 prod = prod.unsqueeze(-1) & m

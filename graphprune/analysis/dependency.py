@@ -34,8 +34,7 @@ def propagate(graph: Graph) -> Labels:
     return lab
 
 
-def _components(n: int, edges: torch.Tensor) -> torch.Tensor:
-    e = edges.numpy()
+def _components(n: int, e: np.ndarray) -> torch.Tensor:
     m = sp.coo_matrix((np.ones(len(e), dtype=np.int8), (e[:, 0], e[:, 1])), shape=(n, n)) if len(e) else \
         sp.coo_matrix((n, n), dtype=np.int8)
     _, comp = connected_components(m, directed=False)

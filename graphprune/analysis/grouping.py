@@ -62,6 +62,7 @@ def build_groups(lab: Labels, comp: torch.Tensor) -> list[Group]:
     for h in lab.head_atoms:
         heads.update(comp[h[h >= 0]].tolist())
 
+    _, first_atom = np.unique(comp.numpy(), return_index=True)  # comp ids are 0..n-1
     groups = []
     for sig, units in by_sig.items():
         units.sort(key=lambda u: min(i[0].item() if i.numel() else 0 for _, _, i in per_comp[u]))
@@ -72,19 +73,14 @@ def build_groups(lab: Labels, comp: torch.Tensor) -> list[Group]:
         ppu = sum(cnt * graph.values[p].data.numel() // max(1, graph.values[p].shape[d])
                   for p, d, cnt in sig if graph.values[p].data is not None)
         comps = torch.tensor(units)
-        name, role = origin(min(int(torch.nonzero(comp == units[0])[0]), lab.n_atoms - 1))
+        name, role = origin(int(first_atom[units[0]]))
         kind = "head" if units[0] in heads else ("channel" if role == "out" else "slice")
         groups.append(Group(len(groups), name, kind, len(units), slices, int(ppu),
                             float(flops[comps].mean()) if len(units) else 0.0, comps))
-    groups.sort(key=lambda g: _first_atom(comp, g.atoms))
+    groups.sort(key=lambda g: int(first_atom[g.atoms].min()))
     for i, g in enumerate(groups):
         g.id = i
     return groups
-
-
-def _first_atom(comp: torch.Tensor, units: torch.Tensor) -> int:
-    hit = torch.isin(comp, units).nonzero()
-    return int(hit[0]) if hit.numel() else 0
 
 
 def _flops_per_comp(lab: Labels, comp: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,8 @@ class Labels:
     total_macs: float = 0.0
     barriers: list[Barrier] = field(default_factory=list)
     head_atoms: list[torch.Tensor] = field(default_factory=list)
-    _edges: list[torch.Tensor] = field(default_factory=list)
+    _edges: list[np.ndarray] = field(default_factory=list)
+    _collapsed: dict = field(default_factory=dict)  # (id(labels), axis) -> (labels, per-index atoms)
 
     # ---- atoms and couplings -------------------------------------------------------
     def fresh(self, n: int, node: Node, role: str = "out") -> torch.Tensor:
@@ -65,23 +66,27 @@ class Labels:
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Couple atoms elementwise; an atom coupled with an unlabelled (-1) element is pinned."""
         a, b = torch.broadcast_tensors(a, b)
-        a, b = a.reshape(-1), b.reshape(-1)
-        self.pin(b[(a < 0) & (b >= 0)])
-        self.pin(a[(b < 0) & (a >= 0)])
+        a, b = a.reshape(-1).numpy(), b.reshape(-1).numpy()  # numpy: far faster on int64 here
+        if np.array_equal(a, b):
+            return
+        self._pin_np(b[(a < 0) & (b >= 0)])
+        self._pin_np(a[(b < 0) & (a >= 0)])
         both = (a >= 0) & (b >= 0) & (a != b)
         if both.any():
-            pairs = torch.stack([a[both], b[both]], 1)
-            self._edges.append(torch.unique(pairs, dim=0) if pairs.shape[0] > 64 else pairs)
+            key = np.unique(a[both] * (1 << 31) + b[both])
+            self._edges.append(np.stack([key >> 31, key & ((1 << 31) - 1)], 1))
 
     def pin(self, a: torch.Tensor) -> None:
-        a = a.reshape(-1)
-        a = a[a > 0]
-        if a.numel():
-            a = torch.unique(a)
-            self._edges.append(torch.stack([torch.zeros_like(a), a], 1))
+        self._pin_np(a.reshape(-1).numpy())
 
-    def edges(self) -> torch.Tensor:
-        return torch.cat(self._edges) if self._edges else torch.zeros((0, 2), dtype=torch.long)
+    def _pin_np(self, a: np.ndarray) -> None:
+        a = a[a > 0]
+        if a.size:
+            a = np.unique(a)
+            self._edges.append(np.stack([np.zeros_like(a), a], 1))
+
+    def edges(self) -> np.ndarray:
+        return np.concatenate(self._edges) if self._edges else np.zeros((0, 2), dtype=np.int64)
 
     def barrier(self, node: Node, reason: str) -> None:
         """Keep every channel touching ``node`` and report it."""
@@ -157,11 +162,14 @@ class Labels:
         if axis not in f.axes:
             self.pin(f.labels)
             return None
-        j = f.axes.index(axis)
-        rows = f.labels.movedim(j, 0).reshape(f.labels.shape[j], -1)
-        if rows.shape[1] > 1:
-            self.union(rows[:, :1], rows)
-        return rows[:, 0].clone()
+        key = (id(f.labels), axis)
+        if key not in self._collapsed:
+            j = f.axes.index(axis)
+            rows = f.labels.movedim(j, 0).reshape(f.labels.shape[j], -1)
+            if rows.shape[1] > 1:
+                self.union(rows[:, :1], rows)
+            self._collapsed[key] = (f.labels, rows[:, 0].clone())
+        return self._collapsed[key][1]
 
     def param_axis(self, name: str, dim: int, labels: torch.Tensor | None) -> None:
         """Give dim ``dim`` of parameter ``name`` its atoms (shared weights are coupled)."""
@@ -205,14 +213,14 @@ class Labels:
 
 def field_from_tensor(t: torch.Tensor) -> Field | None:
     """The smallest set of axes along which ``t``'s labels vary (None if all -1)."""
-    if t.numel() == 0 or bool((t < 0).all()):
+    a = t.numpy()
+    if a.size == 0 or bool((a < 0).all()):
         return None
     axes = []
-    for i in range(t.dim()):
-        if t.shape[i] > 1 and not bool((t == t.narrow(i, 0, 1)).all()):
-            axes.append(i)
-    reduced = t
-    for i in reversed(range(t.dim())):
-        if i not in axes:
-            reduced = reduced.select(i, 0)
-    return Field(tuple(axes), reduced.contiguous())
+    for i in range(a.ndim):
+        if a.shape[i] > 1:
+            first = a[(slice(None),) * i + (slice(0, 1),)]
+            if not (a == first).all():
+                axes.append(i)
+    reduced = a[tuple(slice(None) if i in axes else 0 for i in range(a.ndim))]
+    return Field(tuple(axes), torch.from_numpy(np.ascontiguousarray(reduced)))

@@ -3,10 +3,10 @@
 :func:`graphprune.target.select_units` needs, for every weight that two groups cut
 along different dims, the MACs it accounts for (see :class:`graphprune.target.Overlap`).
 A graph that knows them exposes ``g.param_macs``; otherwise :class:`MacsProbe` watches
-the next forward pass of the model's convolutions and linear layers (a weight's MACs
-are its element count times the output positions it is applied at) and scales the
-result so the groups' first-order FLOPs agree with the graph's own ``flops_per_unit``
-(which also fixes the batch size the graph counted at).
+a forward pass of the model's convolutions and linear layers (a weight's MACs are its
+element count times the output positions it is applied at): right away on the graph's
+example inputs when it has them (``g.example``, the shape ``total_flops`` was counted
+at), else on the user's next training forward, counted per sample.
 """
 from __future__ import annotations
 
@@ -27,21 +27,36 @@ class MacsProbe:
     """
 
     def __init__(self, g: Any) -> None:
-        self._graph = g
         self._macs: dict[str, float] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        example = getattr(g, "example", None)
+        self._per_sample = example is None
+        if getattr(g, "model", None) is None:
+            return
         names = {id(p): n for n, p in g.params.items()}
         for module in g.model.modules():
             if isinstance(module, _WEIGHTED) and id(module.weight) in names:
                 self._handles.append(module.register_forward_hook(self._hook(names[id(module.weight)])))
-        if self._handles:
-            self._handles.append(g.model.register_forward_hook(lambda *_: self.close()))
+        if not self._handles:
+            return
+        self._handles.append(g.model.register_forward_hook(lambda *_: self.close()))
+        if example is not None:
+            args, kwargs = example
+            flags = {m: m.training for m in g.model.modules()}
+            g.model.eval()
+            try:
+                with torch.no_grad():
+                    g.model(*args, **kwargs)
+            finally:
+                for m, training in flags.items():
+                    m.training = training
+                self.close()
 
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             channel_dim = -1 if isinstance(module, nn.Linear) else 1
             batched = output.dim() > (1 if isinstance(module, nn.Linear) else module.weight.dim() - 1)
-            batch = output.shape[0] if batched else 1
+            batch = output.shape[0] if batched and self._per_sample else 1
             positions = output.numel() / (batch * output.shape[channel_dim])
             self._macs[name] = self._macs.get(name, 0.0) + float(module.weight.numel() * positions)
         return record
@@ -54,25 +69,6 @@ class MacsProbe:
 
     @property
     def result(self) -> dict[str, float] | None:
-        """The calibrated MACs, or None if no forward pass was seen."""
-        if not self._macs:
-            return None
-        return calibrate(self._graph, self._macs)
+        """MACs per weight name, or None if no forward pass was seen."""
+        return dict(self._macs) if self._macs else None
 
-
-def calibrate(g: Any, macs: dict[str, float]) -> dict[str, float]:
-    """Scale ``macs`` so the groups' first-order FLOPs they imply match ``flops_per_unit``.
-
-    Only slices of weights we measured count; the scale absorbs the batch size and any
-    convention difference between this estimate and the graph's FLOPs counter.
-    """
-    ours = theirs = 0.0
-    for grp in g.groups:
-        measured = [s for s in grp.slices if s.param in macs]
-        if not measured or grp.flops_per_unit <= 0:
-            continue
-        params = g.params
-        ours += grp.size * sum(macs[s.param] * s.index.shape[1] / params[s.param].shape[s.dim] for s in measured)
-        theirs += grp.size * grp.flops_per_unit
-    scale = theirs / ours if ours > 0 and theirs > 0 else 1.0
-    return {n: m * scale for n, m in macs.items()}

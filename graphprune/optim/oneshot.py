@@ -30,7 +30,7 @@ from torch import nn
 
 from graphprune.analysis.groups import Group
 from graphprune.errors import GraphPruneError, UnprunableTargetError
-from graphprune.optim.scoring import Normalize, compensate, input_moments, normalize, score
+from graphprune.optim.scoring import Activation, Normalize, compensate, input_moments, normalize, score
 from graphprune.target import Target, achieved, select_units
 
 Scope = Literal["global", "layer"]
@@ -128,24 +128,27 @@ def select(groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Targ
 
 def prune(g: Any, criterion: str = "obspa", target: Target | float = 0.4, *, data: Iterable | None = None,
           loss_fn: Callable | None = None, normalize: Normalize = "mean", scope: Scope = "global",
-          compensate_consumers: bool | None = None, batches: int = 4, damping: float = 0.1) -> PruneReport:
+          compensate_consumers: bool | None = None, batches: int = 4, damping: float = 0.1,
+          activation: Activation = "relu") -> PruneReport:
     """Score, select and zero units of the traced graph ``g`` in place; returns a report.
 
     ``target`` is a :class:`~graphprune.target.Target` or a float (fraction of FLOPs to
     remove).  ``data``/``loss_fn``/``batches`` feed the gradient criteria (``taylor``,
     ``hessian``).  ``compensate_consumers`` applies the OBS consumer update after
     selection; it defaults to on for ``obspa`` and can be combined with any criterion.
+    ``damping`` and ``activation`` tune OBSPA's data-free Hessian proxy (see
+    :func:`~graphprune.optim.scoring.input_moments`).
     Call ``g.construct_subnet()`` afterwards for the compact model.
     """
     target = Target.coerce(target)
     model, params, groups = getattr(g, "model", None), g.params, list(g.groups)
     totals = _totals(g)
     raw = score(groups, params, criterion, model=model, data=data, loss_fn=loss_fn, batches=batches,
-                damping=damping)
+                damping=damping, activation=activation)
     masks = select(groups, _normalize(raw, normalize), target, scope, **totals)
     do_comp = criterion == "obspa" if compensate_consumers is None else compensate_consumers
     if do_comp:
-        _compensate_all(groups, masks, params, model, damping)
+        _compensate_all(groups, masks, params, model, damping, activation)
     for grp, m in zip(groups, masks):
         grp.scatter_(params, m)
     return PruneReport(criterion, scope, target, do_comp, groups, masks, achieved(groups, masks, **totals))
@@ -155,14 +158,14 @@ _normalize = normalize  # `prune`'s keyword shadows the function's name
 
 
 def _compensate_all(groups: Sequence[Group], masks: Sequence[torch.Tensor], params: dict[str, torch.Tensor],
-                    model: nn.Module | None, damping: float) -> None:
+                    model: nn.Module | None, damping: float, activation: Activation) -> None:
     """OBS updates for every group, all estimated from the weights as they were before any update.
 
     Estimating first keeps the result independent of the group order: one group's
     update rewrites consumer columns that another group reads as producer rows.
     """
     active = [(grp, m) for grp, m in zip(groups, masks) if m.any()]
-    moments = [input_moments(grp, params, model) for grp, _ in active]
+    moments = [input_moments(grp, params, model, activation) for grp, _ in active]
     for (grp, m), mom in zip(active, moments):
         compensate(grp, m, params, model, mom, damping)
 

@@ -25,7 +25,9 @@ depthwise weight ``[C, 1, ...]`` is neither, and a 1-D ``*weight`` whose sibling
 ``*running_var`` is an initializer is a norm.
 
 OBSPA (Optimal-Brain-SPA) needs no data: for each consumer it uses a second-moment
-proxy ``M ≈ E[x xᵀ]`` of its input units (see :func:`input_moments`), scores unit q by
+proxy ``M ≈ E[x xᵀ]`` of its input units (see :func:`input_moments`: correlations from
+the producers' filters, scale and mean from the norm's gamma/beta, passed through an
+assumed ReLU), scores unit q by
 the Optimal Brain Surgeon error ``||W[:, q]||² / [H⁻¹]_qq`` with ``H = M + damping``,
 and :func:`obs_compensate` moves the removed units' contribution onto the kept ones.
 """
@@ -42,6 +44,7 @@ from graphprune.errors import GraphPruneError
 
 Role = Literal["producer", "consumer", "norm", "other"]
 Normalize = Literal["none", "mean", "max", "sum", "rank"]
+Activation = Literal["relu", "identity"]
 Criterion = Callable[..., list[torch.Tensor]]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
@@ -227,7 +230,8 @@ def _rows(g: Group, s: Slice, params: dict[str, torch.Tensor]) -> torch.Tensor:
     return Group(g.id, g.name, g.kind, g.size, [s]).gather(params).detach().double()
 
 
-def input_moments(g: Group, params: dict[str, torch.Tensor], model: nn.Module | None = None) -> InputMoments:
+def input_moments(g: Group, params: dict[str, torch.Tensor], model: nn.Module | None = None,
+                  activation: Activation = "relu") -> InputMoments:
     """Estimate what the group's consumers read, from weights alone.
 
     * Correlation between units comes from the producers: if a producer's input is
@@ -240,9 +244,13 @@ def input_moments(g: Group, params: dict[str, torch.Tensor], model: nn.Module | 
       statistics describe its *input*, the producer output, so they are not used.)
       Parallel norms (branches of a residual sum) add.  Without a norm the scale is
       the producer's ``W Wᵀ + b bᵀ`` itself.
-    The activation between norm and consumer is not visible in the groups and is
-    ignored (exact for identity; for ReLU it overstates the correlation, which the
-    damping in :func:`obs_hessian` tempers).
+    The activation between norm and consumer is not visible in the groups, so it is
+    an assumption: ``"relu"`` (the default; most CNN/MLP hidden units are rectified)
+    passes each unit's Gaussian through a ReLU (:func:`rectify`), ``"identity"``
+    keeps the pre-activation moments (residual streams, linear bottlenecks).  On
+    digits-trained nets the identity assumption made OBS compensation *hurt* a
+    BN-ReLU conv (the bias absorbed ``beta`` where the ReLU had clipped it); ReLU
+    moments fixed that and helped every model tried.
     """
     grams, means = [], []
     gammas, betas = [], []
@@ -260,10 +268,34 @@ def input_moments(g: Group, params: dict[str, torch.Tensor], model: nn.Module | 
     if gammas:
         corr = torch.stack([_correlation(m) for m in grams]).mean(0) if grams else torch.eye(g.size).double()
         std = torch.stack(gammas).sum(0).sqrt()
-        return InputMoments(corr * torch.outer(std, std), torch.stack(betas).sum(0))
-    if grams:
-        return InputMoments(torch.stack(grams).sum(0), torch.stack(means).sum(0))
-    return InputMoments(torch.eye(g.size).double(), torch.zeros(g.size).double())
+        mom = InputMoments(corr * torch.outer(std, std), torch.stack(betas).sum(0))
+    elif grams:
+        mom = InputMoments(torch.stack(grams).sum(0), torch.stack(means).sum(0))
+    else:
+        mom = InputMoments(torch.eye(g.size).double(), torch.zeros(g.size).double())
+    if activation == "relu":
+        return rectify(mom)
+    if activation == "identity":
+        return mom
+    raise GraphPruneError(f"unknown activation {activation!r}", hint="use 'relu' or 'identity'")
+
+
+def rectify(mom: InputMoments) -> InputMoments:
+    """Moments after a ReLU, each unit taken as Gaussian ``N(mu, sigma²)``.
+
+    Mean and variance are the rectified-Gaussian closed forms
+    ``E = mu Φ(a) + sigma φ(a)``, ``E[x²] = (mu² + sigma²) Φ(a) + mu sigma φ(a)``,
+    ``a = mu / sigma``; correlations are kept (a first-order choice: the exact
+    bivariate form with means has no closed form worth its cost here).
+    """
+    std = mom.cov.diagonal().clamp_min(1e-12).sqrt()
+    a = mom.mean / std
+    normal = torch.distributions.Normal(torch.zeros((), dtype=a.dtype), torch.ones((), dtype=a.dtype))
+    cdf, pdf = normal.cdf(a), normal.log_prob(a).exp()
+    mean = mom.mean * cdf + std * pdf
+    second = (mom.mean.pow(2) + std.pow(2)) * cdf + mom.mean * std * pdf
+    new_std = (second - mean.pow(2)).clamp_min(1e-12).sqrt()
+    return InputMoments(_correlation(mom.cov) * torch.outer(new_std, new_std), mean)
 
 
 def _correlation(gram: torch.Tensor) -> torch.Tensor:
@@ -328,7 +360,7 @@ def _consumers(g: Group, params: dict[str, torch.Tensor], model: nn.Module | Non
 
 
 def obspa(groups: Sequence[Group], params: dict[str, torch.Tensor], *, model=None, damping: float = 0.1,
-          **_: Any) -> list[torch.Tensor]:
+          activation: Activation = "relu", **_: Any) -> list[torch.Tensor]:
     """Data-free Optimal-Brain-SPA: OBS error summed over every layer that reads the unit.
 
     Consumers with a bias let the unit's mean go into the bias, so they are scored with
@@ -341,7 +373,7 @@ def obspa(groups: Sequence[Group], params: dict[str, torch.Tensor], *, model=Non
         if not consumers:
             out.append(g.norms(params, p=2))
             continue
-        mom = input_moments(g, params, model)
+        mom = input_moments(g, params, model, activation)
         score = torch.zeros(g.size, dtype=torch.float64)
         for s in consumers:
             p = params[s.param]
@@ -352,14 +384,14 @@ def obspa(groups: Sequence[Group], params: dict[str, torch.Tensor], *, model=Non
 
 
 def compensate(g: Group, remove: torch.Tensor, params: dict[str, torch.Tensor], model: nn.Module | None = None,
-               mom: InputMoments | None = None, damping: float = 0.1) -> None:
+               mom: InputMoments | None = None, damping: float = 0.1, activation: Activation = "relu") -> None:
     """Apply the OBS update to every consumer of ``g`` for the units in ``remove`` (in place).
 
     Kept columns absorb the removed units' fluctuation; where the consumer has a bias
     (``[out]``, output along dim 0) it absorbs the mean shift as well:
     ``b += Σ (W_Q μ_Q − δW_K μ_K)`` over taps.  Removed columns are zeroed here too.
     """
-    mom = mom or input_moments(g, params, model)
+    mom = mom or input_moments(g, params, model, activation)
     remove = remove.cpu().bool()
     for s in _consumers(g, params, model):
         p = params[s.param]

@@ -1,0 +1,95 @@
+"""The core property on real architectures: for any zeroed half of every group, the
+compact model reproduces the zeroed full model and has fewer parameters."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from tests.analysis import blocks
+from tests.helpers import check_zero_invariance
+
+torch.manual_seed(0)
+
+BLOCKS = {
+    "se": (blocks.SEBlock, lambda: torch.randn(2, 3, 8, 8)),
+    "channel_shuffle": (blocks.ChannelShuffle, lambda: torch.randn(2, 3, 8, 8)),
+    "unet_skip": (blocks.UNetSkip, lambda: torch.randn(2, 3, 8, 8)),
+    "dense_concat": (blocks.DenseConcat, lambda: torch.randn(2, 3, 8, 8)),
+    "gated_chunk": (blocks.GatedChunk, lambda: torch.randn(2, 5, 12)),
+    "shared_weights": (blocks.SharedWeights, lambda: torch.randint(0, 50, (2, 7))),
+    "pixel_shuffle": (blocks.PixelShuffleNet, lambda: torch.randn(2, 3, 8, 8)),
+    "flatten_linear": (blocks.FlattenLinear, lambda: torch.randn(2, 3, 6, 6)),
+    "group_norm": (blocks.GroupNormNet, lambda: torch.randn(2, 3, 8, 8)),
+    "moe": (blocks.MixtureOfExperts, lambda: torch.randn(2, 5, 12)),
+    "mha": (blocks.Attention, lambda: torch.randn(2, 6, 32)),
+    "gqa": (blocks.GroupedQueryAttention, lambda: torch.randn(2, 6, 32)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_block(name):
+    cls, make = BLOCKS[name]
+    check_zero_invariance(cls(), make())
+
+
+FAST_TORCHVISION = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1", "regnet_x_400mf"]
+
+
+@pytest.mark.parametrize("name", FAST_TORCHVISION)
+def test_torchvision_fast(name):
+    model = torchvision.models.get_model(name, num_classes=10)
+    check_zero_invariance(model, torch.randn(2, 3, 64, 64))
+
+
+def _classification_models() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _classification_models())
+def test_torchvision_all(name):
+    model = torchvision.models.get_model(name, num_classes=10)
+    size = 224 if any(k in name for k in ("vit", "swin", "maxvit")) else 96
+    if name.startswith("inception") or name == "googlenet":
+        model = torchvision.models.get_model(name, num_classes=10, aux_logits=False, init_weights=False)
+        size = 96
+    check_zero_invariance(model, torch.randn(2, 3, size, size))
+
+
+def test_groups_are_reported_in_user_names():
+    g = check_zero_invariance(blocks.SEBlock(), torch.randn(2, 3, 8, 8))
+    names = {s.param for grp in g.groups for s in grp.slices}
+    assert "conv.weight" in names and "fc2.weight" in names and "head.weight" in names
+    trunk = next(grp for grp in g.groups if any(s.param == "conv.weight" for s in grp.slices))
+    # the SE gate's output channels are tied to the trunk's channels
+    assert {"conv.weight", "bn.weight", "fc2.weight", "fc1.weight", "head.weight"} <= set(trunk.param_names)
+    assert trunk.param_slices(0)[0][2] == [0] or trunk.size == 16
+
+
+def test_heads_are_units():
+    g = check_zero_invariance(blocks.GroupedQueryAttention(), torch.randn(2, 6, 32))
+    heads = [grp for grp in g.groups if grp.kind == "head"]
+    assert len(heads) == 1 and heads[0].size == 2  # one unit per key/value group
+    by_param = {s.param: s.index.shape[1] for s in heads[0].slices}
+    assert by_param["q.weight"] == 16 and by_param["k.weight"] == 8  # 2 query heads + 1 kv head
+
+
+def test_keyword_and_dict_io():
+    model = blocks.DictInputs().eval()
+    import graphprune as gp
+    g = gp.trace(model, example_kwargs={"x": torch.randn(3, 6), "y": torch.randn(3, 4)})
+    assert g.groups
+    compact = g.construct_subnet()
+    out = compact(x=torch.randn(3, 6), y=torch.randn(3, 4))
+    assert set(out) == {"logits", "probs"}
+
+
+def test_unknown_op_is_a_reported_barrier():
+    import graphprune as gp
+    g = gp.trace(blocks.UnknownOp(), torch.randn(2, 8))
+    assert any("sort" in b.op for b in g.barriers)
+    assert "sort" in g.summary()
+    touched = {s.param for grp in g.groups for s in grp.slices}
+    assert "a.weight" not in touched  # channels entering the unknown op are kept
+    check_zero_invariance(blocks.UnknownOp(), torch.randn(2, 8))

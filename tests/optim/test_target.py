@@ -1,0 +1,135 @@
+"""Target validation and the global unit selection (graphprune.target)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from graphprune.analysis.groups import Group, Slice
+from graphprune.errors import NumericalError, UnprunableTargetError
+from graphprune.target import Target, achieved, select_units
+from optim_standin import live_flops
+
+
+def groups_of(sizes: list[int], params: list[int] | None = None, flops: list[float] | None = None) -> list[Group]:
+    params = params or [1] * len(sizes)
+    flops = flops or [1.0] * len(sizes)
+    return [Group(i, f"g{i}", "channel", n, [Slice(f"w{i}", 0, torch.arange(n).reshape(n, 1))],
+                  params_per_unit=p, flops_per_unit=f)
+            for i, (n, p, f) in enumerate(zip(sizes, params, flops))]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"flops": 0.5, "params": 0.5}, {"flops": 1.0}, {"flops": -0.1},
+                                    {"groups": "half"}, {"flops": 0.5, "min_units": -1},
+                                    {"flops": 0.5, "multiple": 0}, {"params": True}])
+def test_bad_targets_are_refused(kwargs):
+    with pytest.raises(UnprunableTargetError):
+        Target(**kwargs)
+
+
+def test_coerce_and_repr():
+    assert Target.coerce(0.3) == Target(flops=0.3)
+    t = Target(params=0.4, multiple=8)
+    assert Target.coerce(t) is t
+    assert repr(t) == "Target(params=0.4, multiple=8)"
+    assert t.scaled(0.5) == Target(params=0.2, multiple=8)
+    with pytest.raises(UnprunableTargetError):
+        Target.coerce("0.5")
+
+
+def test_lowest_scores_go_first_globally():
+    gs = groups_of([4, 4])
+    scores = [torch.tensor([0.1, 0.9, 0.2, 0.8]), torch.tensor([0.3, 0.05, 0.7, 0.6])]
+    masks = select_units(gs, scores, Target(groups=0.5))
+    assert masks[0].tolist() == [True, False, True, False]
+    assert masks[1].tolist() == [True, True, False, False]
+
+
+def test_flops_costs_weight_units():
+    gs = groups_of([4, 4], flops=[10.0, 1.0])
+    masks = select_units(gs, [torch.zeros(4), torch.ones(4)], Target(flops=0.5))
+    # group 0 scores lowest; 2 of its units save 20 of 44 MACs, a third crosses 50%
+    assert [int(m.sum()) for m in masks] == [3, 0]
+    assert achieved(gs, masks)["flops"] == pytest.approx(30 / 44)
+
+
+def test_min_units_and_minimum_one_unit():
+    gs = groups_of([4, 4])
+    scores = [torch.zeros(4), torch.ones(4)]
+    masks = select_units(gs, scores, Target(groups=0.5, min_units=0))
+    assert int(masks[0].sum()) == 3  # never a dead layer, even with min_units=0
+    masks = select_units(gs, scores, Target(groups=0.5, min_units=2))
+    assert [int(m.sum()) for m in masks] == [2, 2]
+
+
+def test_multiple_rounds_kept_width():
+    gs = groups_of([16, 12])
+    torch.manual_seed(0)
+    masks = select_units(gs, [torch.rand(16), torch.rand(12)], Target(groups=0.4, multiple=4))
+    assert all((g.size - int(m.sum())) % 4 == 0 for g, m in zip(gs, masks))
+    assert achieved(gs, masks)["groups"] >= 0.4
+
+
+def test_unreachable_target_names_the_limit():
+    with pytest.raises(UnprunableTargetError, match="at most 50.0%"):
+        select_units(groups_of([2, 2]), [torch.zeros(2), torch.zeros(2)], Target(groups=0.6))
+
+
+def test_nan_scores_raise():
+    with pytest.raises(NumericalError, match="g1"):
+        select_units(groups_of([2, 2]), [torch.zeros(2), torch.tensor([0.0, math.nan])], 0.2)
+
+
+def test_forced_and_protected_units():
+    gs = groups_of([4])
+    scores = [torch.tensor([0.0, 1.0, 2.0, -math.inf])]
+    masks = select_units(gs, scores, Target(groups=0.5), protect=[torch.tensor([True, False, False, False])])
+    assert masks[0].tolist() == [False, True, False, True]
+
+
+def test_overlap_correction_hits_real_flops(g):
+    """conv2's weight is cut along both dims: first-order counting would undershoot."""
+    torch.manual_seed(1)
+    scores = [torch.rand(grp.size) for grp in g.groups]
+    for frac in (0.3, 0.5, 0.7):
+        masks = select_units(g.groups, scores, Target(flops=frac), total_flops=g.total_flops,
+                             params=g.params, param_macs=g.param_macs)
+        real = 1 - live_flops(g.model, masks) / g.total_flops
+        assert frac <= real < frac + 0.08
+        est = achieved(g.groups, masks, total_flops=g.total_flops, params=g.params, param_macs=g.param_macs)
+        assert est["flops"] == pytest.approx(real, rel=1e-9)
+
+
+def test_overlap_correction_for_params(g):
+    torch.manual_seed(2)
+    scores = [torch.rand(grp.size) for grp in g.groups]
+    masks = select_units(g.groups, scores, Target(params=0.5), total_params=g.total_params, params=g.params)
+    live = [~m for m in masks]
+    k1, k2 = int(live[0].sum()), int(live[1].sum())
+    kept = k1 * 12 + k2 * (k1 * 9 + 3) + 10 * k2 + 10
+    real = 1 - kept / g.total_params
+    assert achieved(g.groups, masks, total_params=g.total_params, params=g.params)["params"] == pytest.approx(real)
+    assert real >= 0.5
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 20), min_size=1, max_size=5), frac=st.floats(0.0, 0.6),
+       multiple=st.sampled_from([1, 2, 4]), min_units=st.integers(0, 3), seed=st.integers(0, 10_000))
+def test_selection_invariants(sizes, frac, multiple, min_units, seed):
+    gen = torch.Generator().manual_seed(seed)
+    gs = groups_of(sizes, flops=[float(1 + i) for i in range(len(sizes))])
+    scores = [torch.rand(n, generator=gen) for n in sizes]
+    target = Target(flops=frac, multiple=multiple, min_units=min_units)
+    try:
+        masks = select_units(gs, scores, target)
+    except UnprunableTargetError:
+        return
+    for grp, m, s in zip(gs, masks, scores):
+        kept = grp.size - int(m.sum())
+        assert kept >= min(grp.size, max(min_units, 1))
+        if m.any() and not m.all():  # removed units score no higher than kept ones (multiple=1)
+            if multiple == 1:
+                assert s[m].max() <= s[~m].min()
+    assert achieved(gs, masks)["flops"] >= frac - 1e-9
