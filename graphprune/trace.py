@@ -7,6 +7,7 @@ import torch
 
 from .analysis.dependency import propagate, solve
 from .analysis.grouping import build_groups
+from .errors import UnsupportedModelError
 from .prunable import PrunableGraph
 
 
@@ -23,7 +24,7 @@ def _as_args(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, d
 def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None = None,
           verify: bool = True, dynamic_shapes: Any = None) -> PrunableGraph:
     """Trace a PyTorch model (with example inputs: a tensor, a tuple, or a dict of keyword
-    inputs) or an ONNX model (a path or ``onnx.ModelProto``) and find its groups.
+    inputs) and find its groups.
 
     With ``verify`` each group is checked to be zero-invariant on the example input and
     withdrawn (see ``summary()``) if it is not.
@@ -43,16 +44,10 @@ def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None
         params = dict(model.named_parameters())
         backend: Any = TorchBackend(ep)
     else:
-        from .frontends.onnx_backend import OnnxBackend
-        from .frontends.onnx_import import load_onnx
-
-        ir, proto = load_onnx(model)
-        args, kwargs = _as_args(example_inputs, example_kwargs)
-        backend = OnnxBackend(proto)
-        params = backend.initial_params(ir)
-        if not args:
-            args = backend.random_inputs(ir)
-        model = None
+        raise UnsupportedModelError(
+            f"cannot trace a {type(model).__name__}: pass an nn.Module with example inputs",
+            source=str(model)[:200],
+            hint="ONNX input is not implemented yet; export the PyTorch model instead")
     lab = propagate(ir)
     comp = solve(lab)
     groups = build_groups(lab, comp)
