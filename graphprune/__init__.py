@@ -6,7 +6,11 @@ trace -> analyse (op registry, zero-invariant groups) -> optimise/score -> rewri
 from .analysis.groups import Group, Slice
 from .errors import GraphPruneError
 from .prunable import PrunableGraph
+from . import optim
+from .optim import DHSPG, H2SPG, HESSO, HESSO_CRIC, HESSOCRIC
+from .target import Target, achieved, select_units
 from .trace import trace
 
-__all__ = ["trace", "PrunableGraph", "Group", "Slice", "GraphPruneError"]
+__all__ = ["trace", "PrunableGraph", "Group", "Slice", "GraphPruneError", "optim", "Target", "select_units",
+           "achieved", "HESSO", "DHSPG", "H2SPG", "HESSO_CRIC", "HESSOCRIC"]
 __version__ = "0.1.0"

@@ -31,13 +31,20 @@ def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None
     """
     if isinstance(model, torch.nn.Module):
         from .frontends.torch_backend import TorchBackend
-        from .frontends.torch_export import export_program, from_exported
+        from .frontends.torch_export import batch_dynamic_shapes, export_program, from_exported
 
         args, kwargs = _as_args(example_inputs, example_kwargs)
         was_training = model.training
         model.eval()
         try:
-            ep = export_program(model, args, kwargs, dynamic_shapes)
+            ep = None
+            if dynamic_shapes is None and not (args and kwargs):
+                try:  # any batch size in the compact model; static shapes if the model forbids it
+                    ep = export_program(model, args, kwargs, batch_dynamic_shapes(args, kwargs))
+                except UnsupportedModelError:
+                    ep = None
+            if ep is None:
+                ep = export_program(model, args, kwargs, dynamic_shapes)
         finally:
             model.train(was_training)
         ir = from_exported(ep, model)

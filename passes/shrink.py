@@ -89,6 +89,13 @@ class Shrink:
 
     # ---- argument rewriting helpers used by the op rules ------------------------------
     @staticmethod
+    def get_fx_arg(fx_node: Any, name: str) -> Any:
+        if name in fx_node.kwargs:
+            return fx_node.kwargs[name]
+        pos = [a.name for a in fx_node.target._schema.arguments].index(name)
+        return fx_node.args[pos]
+
+    @staticmethod
     def set_fx_arg(fx_node: Any, name: str, value: Any) -> None:
         """Set a schema argument of an fx node by name, positional or keyword."""
         if name in fx_node.kwargs:

@@ -11,6 +11,7 @@ import operator
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 from torch.fx.operator_schemas import normalize_function
 from torch.utils import _pytree as pytree
 
@@ -39,8 +40,20 @@ def _module_path(node: torch.fx.Node) -> str:
     return list(stack.values())[-1][0]
 
 
+def _concrete(s: Any) -> Any:
+    """A symbolic size's value at the example input (labels are computed concretely)."""
+    return guarding_hint_or_throw(s) if isinstance(s, torch.SymInt) else s
+
+
 def _shape(val: Any) -> tuple[int, ...]:
-    return tuple(int(s) for s in val.shape)
+    return tuple(int(_concrete(s)) for s in val.shape)
+
+
+def batch_dynamic_shapes(args: tuple, kwargs: dict) -> Any:
+    """Mark dim 0 of every tensor input dynamic so the compact model takes any batch size
+    (for inputs given all positionally or all as keywords)."""
+    dyn = lambda t: {0: torch.export.Dim.DYNAMIC} if isinstance(t, torch.Tensor) and t.dim() > 0 else None  # noqa: E731
+    return pytree.tree_map(dyn, kwargs) if kwargs else pytree.tree_map(dyn, args)
 
 
 def _tensor_meta(val: Any) -> bool:
@@ -79,7 +92,7 @@ def from_exported(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> G
     def ref(a: Any) -> Any:
         if isinstance(a, torch.fx.Node):
             name = alias.get(a.name, a.name)
-            return Ref(name) if name in values else a.meta.get("val")
+            return Ref(name) if name in values else _concrete(a.meta.get("val"))
         return a
 
     for fx in ep.graph.nodes:

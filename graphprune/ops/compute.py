@@ -57,8 +57,8 @@ class Conv(Rule):
         if transposed:
             macs = numel(lab.shape(x)) * (cout // g) * numel(wshape[2:])
         lab.total_macs += macs
-        lab.cost(outs, macs / 2)
-        lab.cost(ins, macs / 2)
+        lab.cost(outs, macs)
+        lab.cost(ins, macs)
         lab.set_field(out, Field((1,), outs))
 
     def rewrite_fx(self, node, fx_node, shrink) -> None:
@@ -85,8 +85,8 @@ def _linear(lab: Labels, node: Node, x: str, w: str, b: str | None, w_in_dim: in
         lab.param_axis(b, len(lab.shape(b)) - 1, outs)
     macs = numel(lab.shape(out)) * lab.shape(x)[-1]
     lab.total_macs += macs
-    lab.cost(outs, macs / 2)
-    lab.cost(ins, macs / 2)
+    lab.cost(outs, macs)
+    lab.cost(ins, macs)
     lab.set_field(out, Field((len(lab.shape(out)) - 1,), outs))
 
 

@@ -48,8 +48,10 @@ class Movement(Rule):
         """Pin atoms the op cannot handle once units go (overridden per op)."""
 
 
-def _keep_minus_one(old: list, new: list[int]) -> list:
-    return [-1 if (isinstance(o, int) and o == -1) else n for o, n in zip(old, new)]
+def _resize(old: list, old_shape: tuple[int, ...], new_shape: tuple[int, ...]) -> list:
+    """Shape arguments for the compact graph: entries of axes that did not shrink (a
+    symbolic batch size, -1) stay as they were; shrunk axes get their new size."""
+    return [o if os_ == ns else n for o, os_, ns, n in zip(old, old_shape, new_shape, new_shape)]
 
 
 @register("reshape", aten=("view", "reshape", "_unsafe_view", "view_copy", "expand", "expand_copy",
@@ -57,21 +59,26 @@ def _keep_minus_one(old: list, new: list[int]) -> list:
           onnx=("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand"))
 class Reshape(Movement):
     def rewrite_fx(self, node, fx_node, shrink) -> None:
-        new = list(shrink.new_shape(node.outputs[0]))
+        out = node.outputs[0]
+        old_s, new_s = shrink.old_shape(out), shrink.new_shape(out)
+        if old_s == new_s:
+            return
         for key in ("size", "shape"):
             if key in node.attrs:
-                shrink.set_fx_arg(fx_node, key, _keep_minus_one(list(node.attrs[key]), new))
+                shrink.set_fx_arg(fx_node, key, _resize(list(shrink.get_fx_arg(fx_node, key)), old_s, new_s))
         if "sizes" in node.attrs:  # unflatten
             dim = int(node.attrs["dim"]) % len(shrink.old_shape(node.inputs[0]))
-            shrink.set_fx_arg(fx_node, "sizes", _keep_minus_one(list(node.attrs["sizes"]),
-                                                                new[dim:dim + len(node.attrs["sizes"])]))
+            k = len(node.attrs["sizes"])
+            shrink.set_fx_arg(fx_node, "sizes", _resize(list(shrink.get_fx_arg(fx_node, "sizes")),
+                                                        old_s[dim:dim + k], new_s[dim:dim + k]))
 
     def rewrite_onnx(self, node, proto, shrink) -> None:
         if node.source_op in ("onnx::Reshape", "onnx::Expand"):
             old = list(node.attrs.get("shape", []))
-            shrink.set_onnx_const_input(proto, 1, _keep_minus_one(old, list(shrink.new_shape(node.outputs[0])))
+            out = node.outputs[0]
+            shrink.set_onnx_const_input(proto, 1, _resize(old, shrink.old_shape(out), shrink.new_shape(out))
                                         if node.source_op == "onnx::Reshape" else
-                                        _expand_shape(old, shrink.new_shape(node.outputs[0])))
+                                        _expand_shape(old, shrink.new_shape(out)))
 
 
 def _expand_shape(old: list[int], new: tuple[int, ...]) -> list[int]:

@@ -93,3 +93,16 @@ def test_unknown_op_is_a_reported_barrier():
     touched = {s.param for grp in g.groups for s in grp.slices}
     assert "a.weight" not in touched  # channels entering the unknown op are kept
     check_zero_invariance(blocks.UnknownOp(), torch.randn(2, 8))
+
+
+def test_compact_model_takes_any_batch_size():
+    import graphprune as gp
+    from tests.helpers import zero_random_half
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    g = gp.trace(model, torch.randn(2, 3, 32, 32), verify=False)
+    zero_random_half(g)
+    compact = g.construct_subnet()
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.allclose(compact(x), model(x), rtol=1e-4, atol=1e-5)
