@@ -8,9 +8,10 @@ from .errors import GraphPruneError
 from .prunable import PrunableGraph
 from . import optim
 from .optim import DHSPG, H2SPG, HESSO, HESSO_CRIC, HESSOCRIC
+from .optim.oneshot import PruneReport, finetune, prune
 from .target import Target, achieved, select_units
 from .trace import trace
 
 __all__ = ["trace", "PrunableGraph", "Group", "Slice", "GraphPruneError", "optim", "Target", "select_units",
-           "achieved", "HESSO", "DHSPG", "H2SPG", "HESSO_CRIC", "HESSOCRIC"]
+           "achieved", "HESSO", "DHSPG", "H2SPG", "HESSO_CRIC", "HESSOCRIC", "prune", "finetune", "PruneReport"]
 __version__ = "0.1.0"
