@@ -24,7 +24,9 @@ def _as_args(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, d
 def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None = None,
           verify: bool = True, dynamic_shapes: Any = None) -> PrunableGraph:
     """Trace a PyTorch model (with example inputs: a tensor, a tuple, or a dict of keyword
-    inputs) and find its groups.
+    inputs) or an ONNX model (a path or ``onnx.ModelProto``, with optional example inputs in
+    graph-input order) and find its groups.  For ONNX, ``construct_subnet()`` returns a
+    ModelProto and ``params`` holds the initializers as editable torch tensors.
 
     With ``verify`` each group is checked to be zero-invariant on the example input and
     withdrawn (see ``summary()``) if it is not.
@@ -51,10 +53,14 @@ def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None
         params = dict(model.named_parameters())
         backend: Any = TorchBackend(ep)
     else:
-        raise UnsupportedModelError(
-            f"cannot trace a {type(model).__name__}: pass an nn.Module with example inputs",
-            source=str(model)[:200],
-            hint="ONNX input is not implemented yet; export the PyTorch model instead")
+        from .frontends.onnx_backend import OnnxBackend
+        from .frontends.onnx_import import load_onnx
+
+        args, kwargs = _as_args(example_inputs, example_kwargs)
+        ir, proto, feeds = load_onnx(model, args)
+        backend = OnnxBackend(proto, feeds)
+        params = backend.initial_params(ir)
+        model = None
     lab = propagate(ir)
     comp = solve(lab)
     groups = build_groups(lab, comp)

@@ -26,10 +26,11 @@ class CompactModule(torch.nn.Module):
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         super().__init__()
         self.gm = gm
-        self._mode_nodes = [n for n in gm.graph.nodes if n.op == "call_function"
-                            and isinstance(n.target, torch._ops.OpOverload)
-                            and n.target.overloadpacket.__name__ in _MODE_ARGS]
         self.train(False)
+
+    def _mode_nodes(self) -> list[torch.fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.op == "call_function"
+                and isinstance(n.target, torch._ops.OpOverload) and n.target.overloadpacket.__name__ in _MODE_ARGS]
 
     def train(self, mode: bool = True) -> "CompactModule":
         self.training = mode
@@ -37,7 +38,7 @@ class CompactModule(torch.nn.Module):
             if m is not self.gm:
                 m.training = mode
         changed = False
-        for n in self._mode_nodes:
+        for n in self._mode_nodes():
             name = _MODE_ARGS[n.target.overloadpacket.__name__]
             if name == "use_input_stats":
                 continue
@@ -66,6 +67,8 @@ def emit_module(graph: Graph, exported: torch.export.ExportedProgram, shrink: Sh
                 tensors: dict[str, torch.Tensor]) -> CompactModule:
     """``tensors``: current values by the user's names (parameters and buffers)."""
     gm = exported.module()
+    for name in ("train", "eval"):  # export's guards against mode switches; CompactModule owns modes
+        gm.__dict__.pop(name, None)
     for name, v in graph.values.items():
         if v.kind not in ("param", "buffer", "const") or v.source_name is None:
             continue
@@ -82,5 +85,7 @@ def emit_module(graph: Graph, exported: torch.export.ExportedProgram, shrink: Sh
         fx = fx_nodes.get(node.name)
         if fx is not None:
             rule_for(node.op).rewrite_fx(node, fx, shrink)
+    for n in gm.graph.nodes:  # full-model shapes are stale now; fake tensors and provenance chains block deepcopy
+        n.meta.clear()
     gm.recompile()
     return CompactModule(gm)

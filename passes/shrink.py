@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 import torch
 
 from graphprune.analysis.grouping import param_dim_labels
@@ -113,3 +115,35 @@ class Shrink:
             kw = dict(fx_node.kwargs)
             kw[name] = value
             fx_node.kwargs = kw
+
+    # ONNX: the emitter sets ``self.onnx`` to the model being rewritten
+    onnx: Any = None
+
+    def set_onnx_attr(self, proto_node: Any, name: str, value: Any) -> None:
+        from onnx import helper
+        for i, a in enumerate(proto_node.attribute):
+            if a.name == name:
+                del proto_node.attribute[i]
+                break
+        proto_node.attribute.append(helper.make_attribute(name, value))
+
+    def set_onnx_const_input(self, proto_node: Any, index: int, values: list[int]) -> None:
+        """Point input ``index`` of the node at a new int64 initializer holding ``values``."""
+        from onnx import numpy_helper
+        name = f"{proto_node.name}__pruned_in{index}"
+        self.onnx.graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
+        while len(proto_node.input) <= index:
+            proto_node.input.append("")
+        proto_node.input[index] = name
+
+    def set_onnx_split(self, proto_node: Any, sizes: list[int]) -> None:
+        """Split sizes live in an input from opset 13 on, in an attribute before."""
+        opset = next((o.version for o in self.onnx.opset_import if o.domain in ("", "ai.onnx")), 13)
+        if opset >= 13:
+            for i, a in enumerate(proto_node.attribute):
+                if a.name == "num_outputs":
+                    del proto_node.attribute[i]
+                    break
+            self.set_onnx_const_input(proto_node, 1, sizes)
+        else:
+            self.set_onnx_attr(proto_node, "split", sizes)

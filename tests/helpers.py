@@ -5,6 +5,7 @@ import copy
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 import graphprune as gp
 from graphprune.frontends.torch_backend import max_rel_error
@@ -26,6 +27,16 @@ def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+def assert_same_structure(ref: Any, out: Any) -> None:
+    """Same pytree (tuples, dicts, Hugging Face ``ModelOutput`` s) with at least one float
+    tensor: ``max_rel_error`` zips leaves, so a missing output would otherwise go unseen."""
+    ref_leaves, ref_spec = pytree.tree_flatten(ref)
+    out_leaves, out_spec = pytree.tree_flatten(out)
+    assert len(ref_leaves) == len(out_leaves), f"outputs differ in structure: {ref_spec} vs {out_spec}"
+    assert any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in ref_leaves), \
+        "the model has no floating-point output to compare"
+
+
 def check_zero_invariance(model: torch.nn.Module, inputs: Any, seed: int = 0, rtol: float = 1e-4) -> gp.PrunableGraph:
     """The property: compact(zeroed) == zeroed full model, with fewer parameters."""
     model = copy.deepcopy(model).eval()
@@ -39,6 +50,7 @@ def check_zero_invariance(model: torch.nn.Module, inputs: Any, seed: int = 0, rt
         zeroed_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         compact = g.construct_subnet()
         out = compact(*args)
+    assert_same_structure(ref, out)
     err = max_rel_error(ref, out)
     assert err < rtol, f"compact model differs from the zeroed model: rel. error {err:.3e}"
     if removed:

@@ -41,17 +41,10 @@ def _components(n: int, e: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(comp.astype(np.int64))
 
 
-def _uniform_axis(c: torch.Tensor) -> int | None:
-    for j in range(c.dim()):
-        rows = c.movedim(j, 0).reshape(c.shape[j], -1)
-        if bool((rows == rows[:, :1]).all()):
-            return j
-    return None
-
-
 def solve(lab: Labels, max_rounds: int = 8) -> torch.Tensor:
-    """Component id of every atom, with every multi-axis field made rectangular."""
-    for _ in range(max_rounds):
+    """Component id of every atom, with every multi-axis field made rectangular and every
+    deferred coupling settled (each settles at most twice, so rounds are added for them)."""
+    for _ in range(max_rounds + 2 * len(lab.deferred)):
         comp = _components(lab.n_atoms, lab.edges())
         pinned = comp[PIN]
         changed = False
@@ -63,9 +56,42 @@ def solve(lab: Labels, max_rounds: int = 8) -> torch.Tensor:
             rows = labels.movedim(j, 0).reshape(labels.shape[j], -1)
             lab.union(rows[:, :1], rows)
             changed = True
+        changed |= _settle_deferred(lab, comp)
         if not changed:
             return comp
+    for d in lab.deferred:  # out of rounds: the safe choice
+        lab.union(d.a, d.b)
+    lab.deferred.clear()
     return _components(lab.n_atoms, lab.edges())
+
+
+def _settle_deferred(lab: Labels, comp: torch.Tensor) -> bool:
+    """Pin the shared operand of each deferred coupling whose units are whole hyperplanes
+    along a broadcast axis; couple the others for good.  True if anything changed."""
+    changed = False
+    for d in list(lab.deferred):
+        c = torch.where(d.a >= 0, comp[d.a.clamp(min=0)], comp[PIN])
+        if any(_uniform_along(c, j) for j in d.axes):
+            if not d.pinned:
+                lab.pin(d.b)
+                d.pinned = changed = True
+        else:
+            lab.union(d.a, d.b)
+            lab.deferred.remove(d)
+            changed = True
+    return changed
+
+
+def _uniform_along(c: torch.Tensor, j: int) -> bool:
+    rows = c.movedim(j, 0).reshape(c.shape[j], -1)
+    return bool((rows == rows[:, :1]).all())
+
+
+def _uniform_axis(c: torch.Tensor) -> int | None:
+    for j in range(c.dim()):
+        if _uniform_along(c, j):
+            return j
+    return None
 
 
 def uniform_axis(labels: torch.Tensor, comp: torch.Tensor) -> int | None:

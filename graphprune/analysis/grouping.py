@@ -51,8 +51,16 @@ def build_groups(lab: Labels, comp: torch.Tensor) -> list[Group]:
         for u, idx in zip(uniq.tolist(), torch.split(pos, counts.tolist())):
             per_comp[u].append((p, d, idx))
 
+    # a unit must hold an atom some layer produces; free parameter elements alone
+    # (a weight no rule understood) are no unit
+    produced = torch.zeros(int(comp.max()) + 1, dtype=torch.bool)
+    for start, n, _, role in lab.origins:
+        if role != "free":
+            produced[comp[start:start + n]] = True
     by_sig: dict[tuple, list[int]] = defaultdict(list)
     for u, slices in per_comp.items():
+        if not produced[u]:
+            continue
         sig = tuple(sorted((p, d, len(i)) for p, d, i in slices))
         by_sig[sig].append(u)
 

@@ -41,6 +41,16 @@ class Barrier:
 
 
 @dataclass
+class Deferred:
+    """A coupling decided once units are known (see :meth:`Labels.union_unless_whole`)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    axes: tuple[int, ...]
+    pinned: bool = False
+
+
+@dataclass
 class Labels:
     graph: Graph
     n_atoms: int = 1
@@ -52,6 +62,7 @@ class Labels:
     total_macs: float = 0.0
     barriers: list[Barrier] = field(default_factory=list)
     head_atoms: list[torch.Tensor] = field(default_factory=list)
+    deferred: list["Deferred"] = field(default_factory=list)
     _edges: list[np.ndarray] = field(default_factory=list)
     _collapsed: dict = field(default_factory=dict)  # (id(labels), axis) -> (labels, per-index atoms)
 
@@ -75,6 +86,14 @@ class Labels:
         if both.any():
             key = np.unique(a[both] * (1 << 31) + b[both])
             self._edges.append(np.stack([key >> 31, key & ((1 << 31) - 1)], 1))
+
+    def union_unless_whole(self, a: torch.Tensor, b: torch.Tensor, axes: tuple[int, ...]) -> None:
+        """Couple ``a`` with ``b`` (same shape) unless ``a``'s units turn out to be whole
+        hyperplanes along one of ``axes`` (dims of ``a`` along which ``b`` is constant); then
+        ``b`` is pinned instead.  For a broadcast multiply (rotary cos/sin tables shared by
+        every head): if only whole heads go, the shared factor never loses entries, and
+        coupling it would merge all heads into one unit.  Settled by :func:`.dependency.solve`."""
+        self.deferred.append(Deferred(a, b, axes))
 
     def pin(self, a: torch.Tensor) -> None:
         self._pin_np(a.reshape(-1).numpy())
@@ -108,12 +127,13 @@ class Labels:
         return self.graph.values[name].shape
 
     def field(self, name: str) -> Field | None:
-        """The value's field; parameters and constants get one atom per element on first use."""
+        """The value's field; floating-point parameters and constants get one atom per element
+        on first use (integer and boolean ones are indices and masks: never pruned themselves)."""
         if name in self.fields:
             return self.fields[name]
         v = self.graph.values[name]
         f = None
-        if v.kind in ("param", "buffer", "const"):
+        if v.kind in ("param", "buffer", "const") and v.dtype.is_floating_point:  # not indices or masks
             axes = tuple(i for i, s in enumerate(v.shape) if s > 1)
             if axes:
                 sizes = [v.shape[i] for i in axes]
@@ -223,4 +243,4 @@ def field_from_tensor(t: torch.Tensor) -> Field | None:
             if not (a == first).all():
                 axes.append(i)
     reduced = a[tuple(slice(None) if i in axes else 0 for i in range(a.ndim))]
-    return Field(tuple(axes), torch.from_numpy(np.ascontiguousarray(reduced)))
+    return Field(tuple(axes), torch.from_numpy(np.array(reduced, order="C")))

@@ -34,6 +34,7 @@ class Value:
     kind: str = "act"
     data: torch.Tensor | None = None  # real contents for param/buffer/const values
     source_name: str | None = None    # the user's name (parameter FQN, initializer name)
+    alt_shape: tuple[int, ...] | None = None  # shape at a second batch size: its differing dims are dynamic
 
 
 @dataclass

@@ -155,6 +155,8 @@ class MatMul(Rule):
         lab.set_from_tensor(out, res.expand(lab.shape(out)).contiguous())
         f = lab.fields.get(out)
         lab.cost(f.labels if f is not None else None, macs)
+        if f is not None and min(f.axes) < len(lab.shape(out)) - 2:  # atoms on a batch axis: heads
+            lab.head_atoms.append(f.labels.reshape(-1))
 
 
 @register("sdpa", aten=("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",

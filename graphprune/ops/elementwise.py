@@ -19,14 +19,15 @@ UNARY = (
     "clamp_max", "neg", "exp", "log", "log1p", "sqrt", "rsqrt", "abs", "sin", "cos", "erf", "reciprocal",
     "square", "sign", "floor", "ceil", "round", "trunc", "logical_not", "isnan", "isinf", "bitwise_not",
     "dropout", "dropout_", "feature_dropout", "alpha_dropout", "native_dropout", "clone", "contiguous",
-    "alias", "detach", "detach_", "to", "_to_copy", "type_as", "float", "half", "bfloat16", "triu", "tril",
+    "alias", "detach", "detach_", "to", "_to_copy", "type_as", "float", "half", "bfloat16",
     "nan_to_num", "logit", "glu_backward", "lift_fresh_copy", "prelu_scalar",
 )
 NARY = (
     "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "maximum", "minimum", "pow",
     "pow_", "where", "masked_fill", "masked_fill_", "eq", "ne", "lt", "gt", "le", "ge", "logical_and",
     "logical_or", "logical_xor", "fmod", "remainder", "floor_divide", "atan2", "copysign", "addcmul",
-    "addcdiv", "lerp", "bitwise_and", "bitwise_or", "prelu", "hypot", "_prelu_kernel",
+    "addcdiv", "lerp", "bitwise_and", "bitwise_or", "bitwise_xor", "__and__", "__or__", "__xor__", "prelu",
+    "hypot", "_prelu_kernel",
 )
 CREATION = (
     "zeros", "ones", "full", "empty", "arange", "new_zeros", "new_ones", "new_full", "new_empty",
@@ -86,7 +87,12 @@ class Elementwise(Rule):
                 continue
             axes = tuple(a + off for a in f.axes)
             if set(axes) <= set(rep_axes):
-                lab.union(rep[3].labels, _expand_to(f.labels, axes, rep_axes, lab.shape(out)))
+                grid = _expand_to(f.labels, axes, rep_axes, lab.shape(out))
+                if set(axes) < set(rep_axes) and _zero_preserving(node, rep[0]):
+                    lab.union_unless_whole(rep[3].labels, grid,
+                                           tuple(i for i, a in enumerate(rep_axes) if a not in axes))
+                else:
+                    lab.union(rep[3].labels, grid)
             else:
                 lab.pin(rep[3].labels)
                 lab.pin(f.labels)
@@ -95,12 +101,35 @@ class Elementwise(Rule):
             lab.fields[o] = None
 
 
+def _zero_preserving(node: Node, rep: str) -> bool:
+    """Whether a zero entry of ``rep`` stays zero whatever the other operand holds
+    (``rep * other``, ``rep / other``): only then may ``rep`` lose entries alone."""
+    kind = node.source_op.split(".")[1] if node.source_op.startswith("aten.") else node.source_op
+    if kind in ("mul", "mul_", "onnx::Mul"):
+        return True
+    return kind in ("div", "div_", "onnx::Div") and node.inputs[0] == rep
+
+
 def _expand_to(labels: torch.Tensor, axes: tuple[int, ...], target: tuple[int, ...],
                out_shape: tuple[int, ...]) -> torch.Tensor:
     """Broadcast a field over ``axes`` onto the grid of ``target`` axes (axes ⊆ target)."""
     view = [labels.shape[axes.index(a)] if a in axes else 1 for a in target]
     full = [out_shape[a] for a in target]
     return labels.reshape(view).expand(full)
+
+
+@register("triangular", aten=("triu", "tril", "triu_", "tril_"), onnx=("Trilu",))
+class Triangular(Rule):
+    """Keeps entries by their (row, column) position: removing rows or columns would move
+    the diagonal, so atoms on the last two axes are pinned; other atoms pass."""
+
+    def propagate(self, node: Node, lab: Labels) -> None:
+        x, out = node.inputs[0], node.outputs[0]
+        f = lab.field(x)
+        if f is not None and any(a >= len(lab.shape(x)) - 2 for a in f.axes):
+            lab.pin(f.labels)
+            f = None
+        lab.set_field(out, f)
 
 
 @register("creation", aten=CREATION, onnx=("ConstantOfShape", "Constant", "Range", "Shape", "Size",

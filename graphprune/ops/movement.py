@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..analysis.labels import Field, Labels
+from ..errors import UnprunableTargetError
 from ..ir.graph import Node
 from .common import as_list, ref_name
 from .registry import Rule, register
@@ -32,7 +33,9 @@ class Movement(Rule):
         return [i for i in dict.fromkeys(node.inputs) if i not in skip]
 
     def propagate(self, node: Node, lab: Labels) -> None:
-        data = self.data_inputs(node)
+        # integer/bool inputs are shapes, axes and indices: passed by value, never labelled
+        data = [i for i in self.data_inputs(node)
+                if lab.graph.values[i].dtype.is_floating_point or lab.field(i) is not None]
         outs = lab.run_on_labels(node, data)
         if outs is None:
             if any(lab.field(d) is not None for d in data):
@@ -54,6 +57,28 @@ def _resize(old: list, old_shape: tuple[int, ...], new_shape: tuple[int, ...]) -
     return [o if os_ == ns else n for o, os_, ns, n in zip(old, old_shape, new_shape, new_shape)]
 
 
+def _onnx_reshape_shape(x, out, shrink) -> list[int]:
+    """A Reshape target that stays valid for other batch sizes.  Dims that follow the
+    batch (seen to change between the importer's two captures) are copied with 0 when
+    the input has the same dim at the same position, else become the one -1; every
+    other dim gets its (possibly pruned) size."""
+    vx, vo = shrink.graph.values[x], shrink.graph.values[out]
+    old_i, old_o, new_o = vx.shape, vo.shape, shrink.new_shape(out)
+    alt_i, alt_o = vx.alt_shape or old_i, vo.alt_shape or old_o
+    shape: list[int] = []
+    for k, n in enumerate(new_o):
+        if alt_o[k] == old_o[k]:
+            shape.append(n)
+        elif k < len(old_i) and old_i[k] == old_o[k] and alt_i[k] == alt_o[k]:
+            shape.append(0)
+        else:
+            shape.append(-1)
+    if shape.count(-1) > 1:
+        raise UnprunableTargetError("a Reshape merges several batch-dependent dims", node=vo.name,
+                                    op="Reshape", hint="export the model with a static batch size")
+    return shape
+
+
 @register("reshape", aten=("view", "reshape", "_unsafe_view", "view_copy", "expand", "expand_copy",
                            "unflatten", "flatten", "squeeze", "unsqueeze", "squeeze_copy", "unsqueeze_copy"),
           onnx=("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand"))
@@ -73,18 +98,17 @@ class Reshape(Movement):
                                                         old_s[dim:dim + k], new_s[dim:dim + k]))
 
     def rewrite_onnx(self, node, proto, shrink) -> None:
-        if node.source_op in ("onnx::Reshape", "onnx::Expand"):
+        out, x = node.outputs[0], node.inputs[0]
+        old_o, new_o = shrink.old_shape(out), shrink.new_shape(out)
+        if old_o == new_o:
+            return
+        if node.source_op == "onnx::Reshape":
+            shrink.set_onnx_const_input(proto, 1, _onnx_reshape_shape(x, out, shrink))
+        elif node.source_op == "onnx::Expand":
             old = list(node.attrs.get("shape", []))
-            out = node.outputs[0]
-            shrink.set_onnx_const_input(proto, 1, _resize(old, shrink.old_shape(out), shrink.new_shape(out))
-                                        if node.source_op == "onnx::Reshape" else
-                                        _expand_shape(old, shrink.new_shape(out)))
-
-
-def _expand_shape(old: list[int], new: tuple[int, ...]) -> list[int]:
-    """Expand's target keeps 1s where the original broadcast from a size-1 input."""
-    tail = list(new[len(new) - len(old):])
-    return [1 if o == 1 else n for o, n in zip(old, tail)]
+            off = len(old_o) - len(old)
+            shrink.set_onnx_const_input(proto, 1, [1 if old_o[k + off] != new_o[k + off] else v
+                                                   for k, v in enumerate(old)])
 
 
 @register("permute", aten=("permute", "transpose", "t", "movedim", "swapaxes", "numpy_T", "mT", "flip",
@@ -129,9 +153,9 @@ class Slice(Movement):
     """Slicing a pruned axis: start/end/index shift to the kept positions before them."""
 
     def check(self, node, lab, data) -> None:
-        step = int(node.attrs.get("step", 1) or 1)
+        steps = as_list(node.attrs.get("steps")) or [int(node.attrs.get("step", 1) or 1)]
         f = lab.field(data[0])
-        if step != 1 and f is not None:
+        if any(s != 1 for s in steps) and f is not None:
             lab.pin(f.labels)
 
     def rewrite_fx(self, node, fx_node, shrink) -> None:
@@ -153,14 +177,32 @@ class Slice(Movement):
             shrink.set_fx_arg(fx_node, "end", start + shrink.new_shape(node.outputs[0])[dim])
 
     def rewrite_onnx(self, node, proto, shrink) -> None:
-        shrink.rewrite_onnx_slice(node, proto)
+        x = node.inputs[0]
+        rank = len(shrink.old_shape(x))
+        starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
+        axes = list(node.attrs.get("axes") or range(len(starts)))
+        changed = False
+        for k, a in enumerate(axes):
+            kept = shrink.kept(x, a)
+            if kept is None:
+                continue
+            size = shrink.old_shape(x)[a % rank]
+            start = max(0, min(size, starts[k] + size if starts[k] < 0 else starts[k]))
+            starts[k] = int(kept[:start].sum())
+            ends[k] = starts[k] + shrink.new_shape(node.outputs[0])[a % rank]
+            changed = True
+        if changed:
+            shrink.set_onnx_const_input(proto, 1, starts)
+            shrink.set_onnx_const_input(proto, 2, ends)
 
 
 @register("gather", aten=("index_select", "index", "gather", "_unsafe_index", "take_along_dim"),
           onnx=("Gather", "GatherElements"))
 class Gather(Movement):
-    """Indexing with constant indices runs exactly on labels; indexing *into* a labelled
-    axis would need its indices rewritten, so those atoms are pinned."""
+    """Indexing with constant indices runs exactly on labels.  The indexed axis itself
+    must keep its length (the indices are not rewritten): its entries are coupled
+    across that axis, e.g. the q/k/v thirds of a fused in-projection prune together,
+    and a field on that axis alone is pinned."""
 
     index_args = ("index", "indices")
 
@@ -173,8 +215,16 @@ class Gather(Movement):
             dims = [i for i, ix in enumerate(node.attrs["indices"]) if ix is not None]
         else:
             dims = [int(node.attrs.get("dim", node.attrs.get("axis", 0))) % rank]
-        if any(d in f.axes for d in dims):
+        hit = [d for d in dims if d in f.axes]
+        if not hit:
+            return
+        if len(hit) == len(f.axes):
             lab.pin(f.labels)
+            return
+        for d in hit:
+            j = f.axes.index(d)
+            rows = f.labels.movedim(j, -1).reshape(-1, f.labels.shape[j])
+            lab.union(rows[:, :1], rows)
 
 
 @register("repeat_interleave", aten=("repeat_interleave",))

@@ -41,6 +41,10 @@ class LayerNorm(Rule):
         f = lab.field(x)
         if f is not None and any(a >= rank - k for a in f.axes):
             lab.pin(f.labels)
+        for affine in node.inputs[1:]:  # scale/bias live on the normalised (pinned) axes
+            fa = lab.field(affine)
+            if fa is not None:
+                lab.pin(fa.labels)
         lab.set_field(node.outputs[0], f)
         for o in node.outputs[1:]:
             lab.fields[o] = None

@@ -54,6 +54,24 @@ class Reduce(Rule):
             lab.set_field(o, out_f if len(lab.shape(o)) == (rank if keep else rank - len(dims)) else None)
 
 
+@register("diff", aten=("diff",))
+class Diff(Rule):
+    """Differences of neighbours along ``dim``: that axis is mixed (its atoms are pinned),
+    and prepended/appended entries cannot follow pruned channels, so they pin too."""
+
+    def propagate(self, node: Node, lab: Labels) -> None:
+        x = node.inputs[0]
+        dim = int(node.attrs.get("dim", -1)) % len(lab.shape(x))
+        f = lab.field(x)
+        if f is not None and (dim in f.axes or len(node.inputs) > 1):
+            lab.pin(f.labels)
+            f = None
+        for extra in node.inputs[1:]:
+            if lab.field(extra) is not None:
+                lab.pin(lab.field(extra).labels)
+        lab.set_field(node.outputs[0], f)
+
+
 @register("softmax", aten=("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax"),
           onnx=("Softmax", "LogSoftmax"))
 class Softmax(Rule):

@@ -1,0 +1,227 @@
+"""ONNX frontend: a ModelProto (or file) -> the IR.
+
+The model is checked, shape-inferred and run once with onnxruntime on example inputs
+while every intermediate is captured: concrete shapes for all values, and concrete
+contents for the small integer tensors that shape computations produce (Shape ->
+Gather -> Concat -> Reshape chains of exported models), which is what the analysis
+needs to run Reshape, Slice or Gather on labels.  Node inputs that are integer
+constants (shapes, axes, split sizes, pads) are resolved into normalised attributes
+so one rule serves every opset.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from ..errors import BadOnnxError
+from ..ir.graph import Graph, Node, Ref, Value
+from ..ops.registry import canonical_onnx
+from .onnx_ops import ONNX_IMPLS
+
+# input names per op type, in ONNX order (what the rules read from ``node.attrs``)
+INPUT_NAMES: dict[str, tuple[str, ...]] = {
+    "Conv": ("input", "weight", "bias"), "ConvTranspose": ("input", "weight", "bias"), "Gemm": ("A", "B", "C"),
+    "BatchNormalization": ("input", "scale", "B", "input_mean", "input_var"),
+    "InstanceNormalization": ("input", "scale", "B"), "LayerNormalization": ("input", "scale", "B"),
+    "GroupNormalization": ("input", "scale", "bias"), "Reshape": ("data", "shape"), "Expand": ("input", "shape"),
+    "Split": ("input", "split"), "Slice": ("data", "starts", "ends", "axes", "steps"),
+    "Squeeze": ("data", "axes"), "Unsqueeze": ("data", "axes"), "Pad": ("data", "pads", "constant_value", "axes"),
+    "Tile": ("input", "repeats"), "Gather": ("data", "indices"), "GatherElements": ("data", "indices"),
+    "Resize": ("X", "roi", "scales", "sizes"),
+}
+for _r in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+           "ReduceLogSumExp", "ReduceSumSquare"):
+    INPUT_NAMES[_r] = ("data", "axes")
+INT_ARGS = {"shape", "split", "starts", "ends", "axes", "steps", "pads", "repeats"}
+_BIG = 1 << 16  # integer intermediates larger than this are not kept
+
+
+def read_model(model: Any) -> tuple[onnx.ModelProto, str]:
+    """Load and validate; errors name the file and say what is wrong."""
+    source = "<ModelProto>"
+    if isinstance(model, (str, os.PathLike)):
+        source = os.fspath(model)
+        if not os.path.isfile(source):
+            raise BadOnnxError(f"no such ONNX file: {source}", source=source, hint="check the path")
+        try:
+            model = onnx.load(source)
+        except Exception as exc:
+            raise BadOnnxError(f"cannot parse ONNX file: {type(exc).__name__}: {str(exc)[:200]}", source=source,
+                               hint="the file is truncated or not an ONNX model") from exc
+    if not isinstance(model, onnx.ModelProto):
+        raise BadOnnxError(f"expected an ONNX ModelProto or path, got {type(model).__name__}", source=source)
+    try:
+        onnx.checker.check_model(model)
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise BadOnnxError(f"invalid ONNX model: {str(exc).strip()[:400]}", source=source,
+                           hint="fix the model so that onnx.checker.check_model passes") from exc
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+    if len({n.name for n in model.graph.node}) != len(model.graph.node):
+        for i, n in enumerate(model.graph.node):
+            n.name = f"{n.name}__{i}"
+    return model, source
+
+
+def _elem_dtype(elem_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def example_feeds(model: onnx.ModelProto, example: tuple) -> dict[str, np.ndarray]:
+    """Feeds for the graph inputs: the user's example tensors, or random ones with
+    dynamic dimensions set to 1."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if example:
+        if len(example) != len(inputs):
+            raise BadOnnxError(f"model has {len(inputs)} inputs, got {len(example)} example inputs",
+                               hint="pass one example per graph input, in order")
+        return {i.name: (e.detach().cpu().numpy() if isinstance(e, torch.Tensor) else np.asarray(e))
+                for i, e in zip(inputs, example)}
+    gen = np.random.default_rng(0)
+    feeds = {}
+    for i in inputs:
+        t = i.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim]
+        dt = _elem_dtype(t.elem_type)
+        feeds[i.name] = (gen.standard_normal(shape).astype(dt) if np.issubdtype(dt, np.floating)
+                         else np.zeros(shape, dtype=dt))
+    return feeds
+
+
+def capture(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """Every node output's value on ``feeds`` (one onnxruntime run)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for n in probe.graph.node:
+        for o in n.output:
+            if o and o not in known:
+                probe.graph.output.append(helper.ValueInfoProto(name=o))
+                known.add(o)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        outs = sess.run(None, feeds)
+    except Exception as exc:
+        raise BadOnnxError(f"onnxruntime cannot run the model: {str(exc).strip()[:400]}", source=source,
+                           hint="check input shapes/dtypes of the example inputs") from exc
+    return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
+
+
+def _second_batch(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """Feeds with one more row on every input whose first dim is symbolic, so a second
+    capture tells which intermediate dims follow the batch (None: no dynamic batch)."""
+    dynamic = {i.name for i in model.graph.input if i.name in feeds and i.type.tensor_type.shape.dim
+               and not i.type.tensor_type.shape.dim[0].HasField("dim_value")}
+    if not dynamic:
+        return None
+    return {k: np.concatenate([v, v[:1]], 0) if k in dynamic else v for k, v in feeds.items()}
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    out = {}
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else (list(v) if isinstance(v, (list, tuple)) else v)
+    return out
+
+
+def _normalise(op: str, attrs: dict[str, Any], outputs: list[str], captured: dict[str, np.ndarray]) -> None:
+    """Defaults and renames so rules see one vocabulary."""
+    if op in ("Conv", "ConvTranspose"):
+        attrs["groups"] = attrs.pop("group", 1)
+    if op.startswith("Reduce") or op in ("ArgMax", "ArgMin"):
+        attrs.setdefault("keepdims", 1)
+        if "axis" in attrs:
+            attrs["axes"] = [attrs["axis"]]
+    if op == "Split":
+        axis = attrs.get("axis", 0)
+        attrs["split"] = [int(captured[o].shape[axis]) for o in outputs]
+    if op == "Softmax" or op == "LogSoftmax":
+        attrs.setdefault("axis", -1)
+
+
+def load_onnx(model: Any, example: tuple = ()) -> tuple[Graph, onnx.ModelProto, dict[str, np.ndarray]]:
+    """The IR of an ONNX model, the (validated, named) proto, and the example feeds."""
+    proto, source = read_model(model)
+    feeds = example_feeds(proto, example)
+    captured = capture(proto, feeds, source)
+    alt = _second_batch(proto, feeds)
+    alt_captured = capture(proto, alt, source) if alt is not None else {}
+    values: dict[str, Value] = {}
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        kind = "param" if np.issubdtype(arr.dtype, np.floating) and arr.ndim >= 1 else "const"
+        values[init.name] = Value(init.name, tuple(arr.shape), torch.from_numpy(arr.copy()).dtype, kind,
+                                  torch.from_numpy(arr.copy()), init.name)
+    inputs = []
+    for i in proto.graph.input:
+        if i.name in values:
+            continue
+        arr = feeds[i.name]
+        values[i.name] = Value(i.name, tuple(arr.shape), torch.from_numpy(np.array(arr, order="C")).dtype, "input",
+                               None, i.name)
+        inputs.append(i.name)
+    nodes = []
+    alias: dict[str, str] = {}  # Identity of a constant -> the constant
+    for n in proto.graph.node:
+        src = values.get(n.input[0]) if n.op_type == "Identity" else None
+        if src is not None and src.kind == "const":
+            alias[n.output[0]] = n.input[0]
+            continue
+        if src is not None and src.kind == "param":
+            # exporters share equal-valued initializers through Identity nodes (all-zero
+            # biases of unrelated convs); each use becomes its own weight so unrelated
+            # layers are not coupled.  The emitter turns it back into an initializer.
+            values[n.output[0]] = Value(n.output[0], src.shape, src.dtype, "param", src.data.clone(), n.output[0])
+            continue
+        n_inputs = [alias.get(i, i) for i in n.input]
+        outs = [o for o in n.output if o]
+        for o in outs:
+            arr = captured[o]
+            keep = n.op_type == "Constant" or (not np.issubdtype(arr.dtype, np.floating) and arr.size <= _BIG)
+            values[o] = Value(o, tuple(arr.shape), torch.from_numpy(np.array(arr, order="C")).dtype,
+                              "const" if n.op_type == "Constant" else "act",
+                              torch.from_numpy(np.array(arr, order="C")) if keep else None, o,
+                              tuple(alt_captured[o].shape) if o in alt_captured else None)
+        if n.op_type == "Constant":
+            continue
+        for i in n_inputs:
+            if i and i not in values:
+                raise BadOnnxError(f"input {i!r} of node {n.name} is not produced by any node", node=n.name,
+                                   op=n.op_type, source=source)
+        attrs = _attrs(n)
+        names = INPUT_NAMES.get(n.op_type, ())
+        for k, i in enumerate(n_inputs):
+            if not i or k >= len(names):
+                continue
+            key = names[k]
+            v = values[i]
+            if key in INT_ARGS and v.data is not None and not v.data.is_floating_point():
+                attrs[key] = [int(x) for x in v.data.reshape(-1).tolist()]
+            else:
+                attrs[key] = Ref(i)
+        _normalise(n.op_type, attrs, outs, captured)
+        op = canonical_onnx(n.op_type)
+        if n.op_type == "Gather" and values[n_inputs[0]].kind == "param" and len(values[n_inputs[0]].shape) == 2 \
+                and attrs.get("axis", 0) == 0:
+            op, attrs["weight"] = "embedding", Ref(n_inputs[0])
+        impl = ONNX_IMPLS.get(n.op_type)
+        target = (lambda *xs, _f=impl, _a=attrs: _f(*xs, **{k: v for k, v in _a.items() if not isinstance(v, Ref)})) \
+            if impl else None
+        args = tuple(Ref(i) if i else None for i in n_inputs)
+        nodes.append(Node(n.name, op, target, args, {}, outs, attrs, n.name, f"onnx::{n.op_type}"))
+    outputs = [alias.get(o.name, o.name) for o in proto.graph.output]
+    return Graph(nodes, values, inputs, outputs, "onnx", source), proto, feeds

@@ -1,0 +1,42 @@
+"""PyTorch compact model -> ONNX file (atomic), equal under onnxruntime at any batch size."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torchvision
+
+import graphprune as gp
+from tests.helpers import zero_random_half
+
+
+def test_export_compact_to_onnx(tmp_path):
+    model = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+    g = gp.trace(model, torch.randn(2, 3, 32, 32), verify=False)
+    zero_random_half(g)
+    compact = g.construct_subnet()
+    copy.deepcopy(compact)  # compact modules are ordinary, copyable modules
+    path = tmp_path / "compact.onnx"
+    gp.export_onnx(compact, torch.randn(2, 3, 32, 32), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["compact.onnx"]  # no temp file left behind
+    x = torch.randn(3, 3, 32, 32)
+    out = ort.InferenceSession(str(path)).run(None, {"input_0": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_compact_module_trains_and_evals():
+    model = torchvision.models.resnet18(num_classes=10)
+    g = gp.trace(model, torch.randn(2, 3, 32, 32), verify=False)
+    compact = g.construct_subnet()
+    x = torch.randn(4, 3, 32, 32)
+    compact.train()
+    before = compact.gm.bn1.running_mean.clone()
+    compact(x).sum().backward()
+    assert not torch.equal(before, compact.gm.bn1.running_mean)  # batch statistics in train mode
+    compact.eval()
+    with torch.no_grad():
+        assert torch.equal(compact(x), compact(x))
