@@ -24,7 +24,10 @@ def propagate(graph: Graph) -> Labels:
     for name in graph.inputs:
         lab.fields[name] = None
     for node in graph.nodes:
-        rule_for(node.op).propagate(node, lab)
+        try:
+            rule_for(node.op).propagate(node, lab)
+        except Exception as exc:  # an input form the rule does not handle: keep its channels
+            lab.barrier(node, f"rule failed: {type(exc).__name__}: {str(exc)[:160]}")
         for o in node.outputs:
             lab.fields.setdefault(o, None)
     for name in graph.outputs:
