@@ -68,8 +68,17 @@ class PrunableGraph:
             return [g.gather(tensors).abs().amax(dim=1) == 0 for g in self.groups]
 
     def removed_units(self, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        masks = self.zero_masks(tensors)
-        parts = [g.atoms[m.cpu()] for g, m in zip(self.groups, masks) if bool(m.any())]
+        """Unit ids to remove.  A group that is zero everywhere keeps one (zero) unit: its
+        layers shrink to a single zero channel, which reproduces the zeroed model exactly
+        where removing the last channel would leave an empty tensor."""
+        parts = []
+        for g, m in zip(self.groups, self.zero_masks(tensors)):
+            m = m.cpu()
+            if bool(m.all()):
+                m = m.clone()
+                m[0] = False
+            if bool(m.any()):
+                parts.append(g.atoms[m])
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     def construct_subnet(self) -> Any:

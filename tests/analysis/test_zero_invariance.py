@@ -106,3 +106,18 @@ def test_compact_model_takes_any_batch_size():
         x = torch.randn(batch, 3, 32, 32)
         with torch.no_grad():
             assert torch.allclose(compact(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_fully_zeroed_group_keeps_one_zero_unit():
+    import copy
+    import graphprune as gp
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    g = gp.trace(model, torch.randn(2, 3, 32, 32), verify=False)
+    branch = next(grp for grp in g.groups if grp.name == "layer1.0.conv1")
+    branch.scatter_(g.params, torch.ones(branch.size, dtype=torch.bool))
+    compact = g.construct_subnet()
+    assert compact.gm.layer1.get_submodule("0").conv1.weight.shape[0] == 1
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(compact(x), model(x), rtol=1e-4, atol=1e-5)
+    copy.deepcopy(compact)
