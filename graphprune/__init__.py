@@ -5,6 +5,7 @@ trace -> analyse (op registry, zero-invariant groups) -> optimise/score -> rewri
 """
 from .analysis.groups import Group, Slice
 from .errors import GraphPruneError
+from .compile import CompileResult, compile
 from .export import export_onnx
 from .prunable import PrunableGraph
 from . import optim
@@ -13,6 +14,6 @@ from .optim.oneshot import PruneReport, finetune, prune
 from .target import Target, achieved, select_units
 from .trace import trace
 
-__all__ = ["trace", "export_onnx", "PrunableGraph", "Group", "Slice", "GraphPruneError", "optim", "Target", "select_units",
+__all__ = ["trace", "compile", "CompileResult", "export_onnx", "PrunableGraph", "Group", "Slice", "GraphPruneError", "optim", "Target", "select_units",
            "achieved", "HESSO", "DHSPG", "H2SPG", "HESSO_CRIC", "HESSOCRIC", "prune", "finetune", "PruneReport"]
 __version__ = "0.1.0"

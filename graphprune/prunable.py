@@ -45,6 +45,12 @@ class PrunableGraph:
         return float(self.labels.total_macs)
 
     @property
+    def param_macs(self) -> dict[str, float]:
+        """MACs each weight takes part in (user's names), for exact FLOPs accounting when a
+        weight is pruned along both its input and output dims."""
+        return {self.ir.values[v].source_name or v: m for v, m in self.labels.param_macs.items()}
+
+    @property
     def grouped_params(self) -> int:
         """Parameters with at least one element inside some group (each counted once)."""
         covered: dict[str, dict[int, set[int]]] = {}

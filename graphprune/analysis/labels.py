@@ -60,9 +60,10 @@ class Labels:
     origins: list[tuple[int, int, str, str]] = field(default_factory=list)
     costs: list[tuple[torch.Tensor, float]] = field(default_factory=list)
     total_macs: float = 0.0
+    param_macs: dict[str, float] = field(default_factory=dict)  # weight value -> MACs of the op using it
     barriers: list[Barrier] = field(default_factory=list)
     head_atoms: list[torch.Tensor] = field(default_factory=list)
-    deferred: list["Deferred"] = field(default_factory=list)
+    deferred: list[Deferred] = field(default_factory=list)
     _edges: list[np.ndarray] = field(default_factory=list)
     _collapsed: dict = field(default_factory=dict)  # (id(labels), axis) -> (labels, per-index atoms)
 

@@ -57,6 +57,7 @@ class Conv(Rule):
         if transposed:
             macs = numel(lab.shape(x)) * (cout // g) * numel(wshape[2:])
         lab.total_macs += macs
+        lab.param_macs[w] = lab.param_macs.get(w, 0.0) + macs
         lab.cost(outs, macs)
         lab.cost(ins, macs)
         lab.set_field(out, Field((1,), outs))
@@ -85,6 +86,7 @@ def _linear(lab: Labels, node: Node, x: str, w: str, b: str | None, w_in_dim: in
         lab.param_axis(b, len(lab.shape(b)) - 1, outs)
     macs = numel(lab.shape(out)) * lab.shape(x)[-1]
     lab.total_macs += macs
+    lab.param_macs[w] = lab.param_macs.get(w, 0.0) + macs
     lab.cost(outs, macs)
     lab.cost(ins, macs)
     lab.set_field(out, Field((len(lab.shape(out)) - 1,), outs))

@@ -19,7 +19,6 @@ from torch import nn
 
 from graphprune.analysis.groups import Group
 from graphprune.errors import NumericalError, UnprunableTargetError
-from graphprune.optim.costs import MacsProbe
 from graphprune.optim.saliency import saliency, unit_criteria
 from graphprune.target import Target, achieved, select_units
 
@@ -105,8 +104,7 @@ class GroupOptimizer(torch.optim.Optimizer):
         self.pruned = self._empty()  # units that are exactly zero and stay so
         self.history: list[dict[str, Any]] = []
         self.last_loss: float | None = None
-        self.param_macs: dict[str, float] | None = getattr(g, "param_macs", None)
-        self._probe = MacsProbe(g) if self.param_macs is None else None
+        self.param_macs: dict[str, float] = dict(g.param_macs)  # exact FLOPs accounting of overlaps
 
     # ---- the step -----------------------------------------------------------------
 
@@ -206,14 +204,6 @@ class GroupOptimizer(torch.optim.Optimizer):
     def _empty(self) -> list[torch.Tensor]:
         return [torch.zeros(grp.size, dtype=torch.bool) for grp in self.groups]
 
-    def _macs(self) -> dict[str, float] | None:
-        if self.param_macs is None and self._probe is not None:
-            self.param_macs = self._probe.result
-            if self.param_macs is not None:
-                self._probe.close()
-                self._probe = None
-        return self.param_macs
-
     def select(self, scores: Sequence[torch.Tensor], target: Target,
                protect: Sequence[torch.Tensor | None] | None = None, broadcast: bool = True) -> list[torch.Tensor]:
         """Global selection under ``target`` that keeps every unit already chosen.
@@ -224,7 +214,7 @@ class GroupOptimizer(torch.optim.Optimizer):
         scores = [s.detach().cpu().double().masked_fill(m, float("-inf")) for s, m in zip(scores, self.masks)]
         masks = select_units(self.groups, scores, target, total_params=getattr(self.graph, "total_params", None),
                              total_flops=getattr(self.graph, "total_flops", None), protect=protect,
-                             params=self.named, param_macs=self._macs())
+                             params=self.named, param_macs=self.param_macs)
         if broadcast:
             masks = broadcast_masks(masks, self.named)
         return [m | old for m, old in zip(masks, self.masks)]
@@ -248,7 +238,7 @@ class GroupOptimizer(torch.optim.Optimizer):
         return achieved(self.groups, masks if masks is not None else self.zero_units(),
                         total_params=getattr(self.graph, "total_params", None),
                         total_flops=getattr(self.graph, "total_flops", None),
-                        params=self.named, param_macs=self._macs())
+                        params=self.named, param_macs=self.param_macs)
 
     def record_loss(self, loss: torch.Tensor | float) -> None:
         """Remember the latest training loss for :attr:`history` (does not steer decisions)."""
@@ -293,7 +283,7 @@ class GroupOptimizer(torch.optim.Optimizer):
         """Method state beyond the per-parameter buffers; subclasses add their own keys."""
         return dict(num_steps=self.num_steps, masks=[m.clone() for m in self.masks],
                     pruned=[m.clone() for m in self.pruned], history=list(self.history),
-                    last_loss=self.last_loss, param_macs=self.param_macs)
+                    last_loss=self.last_loss)
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self.num_steps = int(extra["num_steps"])
@@ -301,11 +291,6 @@ class GroupOptimizer(torch.optim.Optimizer):
         self.pruned = [m.clone().bool().cpu() for m in extra["pruned"]]
         self.history = list(extra["history"])
         self.last_loss = extra["last_loss"]
-        if extra["param_macs"] is not None:
-            self.param_macs = dict(extra["param_macs"])
-            if self._probe is not None:
-                self._probe.close()
-                self._probe = None
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

@@ -88,5 +88,5 @@ class H2SPG(DHSPG):
     def _reached(self, masks: list[torch.Tensor]) -> bool:
         red = achieved(self.groups, masks, total_params=getattr(self.graph, "total_params", None),
                        total_flops=getattr(self.graph, "total_flops", None), params=self.named,
-                       param_macs=self._macs())
+                       param_macs=self.param_macs)
         return red[self.target.kind] >= self.target.fraction

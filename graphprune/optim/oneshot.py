@@ -73,8 +73,10 @@ class PruneReport:
         return f"PruneReport({self.criterion}, {self.scope}, {self.target!r}{comp}: removed {got})"
 
 
-def _totals(g: Any) -> dict[str, float | None]:
-    return {"total_params": getattr(g, "total_params", None), "total_flops": getattr(g, "total_flops", None)}
+def _totals(g: Any) -> dict[str, Any]:
+    """Model totals plus what exact overlap accounting needs (weights pruned along two dims)."""
+    return {"total_params": g.total_params, "total_flops": g.total_flops, "params": g.params,
+            "param_macs": g.param_macs}
 
 
 def _layer_masks(groups: Sequence[Group], scores: Sequence[torch.Tensor], fraction: float,
@@ -95,7 +97,7 @@ def _layer_masks(groups: Sequence[Group], scores: Sequence[torch.Tensor], fracti
 
 
 def _select_layerwise(groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Target,
-                      totals: dict[str, float | None], steps: int = 40) -> list[torch.Tensor]:
+                      totals: dict[str, Any], steps: int = 40) -> list[torch.Tensor]:
     """Uniform per-layer fraction, bisected until the global target is met (smallest such)."""
     def got(masks: list[torch.Tensor]) -> float:
         return achieved(groups, masks, **totals)[target.kind]
@@ -116,7 +118,7 @@ def _select_layerwise(groups: Sequence[Group], scores: Sequence[torch.Tensor], t
 
 
 def select(groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Target | float,
-           scope: Scope = "global", **totals: float | None) -> list[torch.Tensor]:
+           scope: Scope = "global", **totals: Any) -> list[torch.Tensor]:
     """Removal masks under ``target``: one global ranking, or one fraction for every layer."""
     target = Target.coerce(target)
     if scope == "global":

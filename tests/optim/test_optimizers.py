@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from graphprune.errors import NumericalError, UnprunableTargetError
 from graphprune.optim import DHSPG, H2SPG, HESSO, HESSO_CRIC, HESSOCRIC, output_depends_on_input
-from graphprune.optim.costs import MacsProbe
 from graphprune.optim.plots import plot_history
 from graphprune.target import Target
 from optim_standin import Net, batches, graph, live_flops, traced_or_standin, zero_units
@@ -187,17 +186,6 @@ def test_cric_protects_a_group_whose_removal_collapses_the_loss(data):
     assert not opt.masks[victim].any() and opt.protected[victim].any()
     assert any(m.any() for m in opt.masks)  # the budget moved to the other group
     assert any(row["event"] == "cric_cycle" for row in opt.history)
-
-
-def test_macs_probe_matches_hand_count(data):
-    model = Net()
-    g = graph(model)
-    expected = g.param_macs
-    del g.param_macs
-    probe = MacsProbe(g)
-    assert probe.result is None
-    model(data[0][:4])
-    assert probe.result == pytest.approx(expected)
 
 
 def test_history_plot_and_summary(tmp_path, data):

@@ -1,0 +1,291 @@
+"""The ``graphprune`` command: inspect, prune, compile and tune ONNX models from the shell.
+
+Each subcommand is a thin layer over the Python API (``gp.trace``, ``gp.compile``,
+``graphprune.codegen.tune``); what the CLI adds is what a shell user needs: checked
+paths before any long work, atomic outputs (never a half-written model), one exit code
+per kind of failure, progress bars on a terminal, and ``--json`` for scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from graphprune.errors import (BadOnnxError, GraphPruneError, ShapeMismatchError, TuningError,
+                               UnprunableTargetError, UnsupportedModelError, ZeroInvarianceError)
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_UNPRUNABLE, EXIT_CODEGEN, EXIT_MISMATCH, EXIT_OUTPUT = range(8)
+#: The exit code of each error type (first match wins; other graphprune errors exit with 1).
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (BadOnnxError, EXIT_BAD_INPUT), (UnsupportedModelError, EXIT_BAD_INPUT), (ShapeMismatchError, EXIT_BAD_INPUT),
+    (UnprunableTargetError, EXIT_UNPRUNABLE), (TuningError, EXIT_CODEGEN), (ZeroInvarianceError, EXIT_MISMATCH),
+    (OSError, EXIT_OUTPUT))
+
+EPILOG = """\
+examples:
+  graphprune inspect model.onnx                        groups, barriers, params and MACs
+  graphprune inspect model.onnx --html graph.html      ... and a page with the graph drawn
+  graphprune prune model.onnx -o model.small.onnx --flops 0.5 --criterion obspa
+  graphprune compile model.onnx --codegen x86 --tune-trials 200 --tuning-db runs/db -o out/
+  graphprune tune model.onnx --target x86 --trials 64 --db runs/db    (run again to resume)
+
+exit codes:
+  0 ok   1 internal error   2 usage   3 bad input file   4 target cannot be met
+  5 code generation or tuning failed   6 compact model failed its check   7 cannot write output
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with our usage exit code and a pointer to --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n  (see {self.prog} --help)\n")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1)")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from graphprune import __version__
+    from graphprune.compile import METHODS, ONESHOT
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object on stdout (errors too)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--debug", action="store_true", help="show the traceback of any error")
+    target = argparse.ArgumentParser(add_help=False)
+    what = target.add_mutually_exclusive_group()
+    what.add_argument("--flops", type=_fraction, help="fraction of the MACs to remove (default 0.5)")
+    what.add_argument("--params", type=_fraction, help="fraction of the parameters to remove")
+    what.add_argument("--units", type=_fraction, help="fraction of all group units (channels, heads) to remove")
+    target.add_argument("--min-units", type=_positive, default=1, help="fewest units any group keeps (default 1)")
+    target.add_argument("--multiple", type=int, default=1, help="round kept widths to a multiple of this")
+
+    parser = _Parser(prog="graphprune", description="Structured pruning of ONNX models: find the zero-invariant "
+                     "groups, remove the least important units, and write a smaller ONNX model that computes "
+                     "what the zeroed model computed.", epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"graphprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("inspect", parents=[common], help="show the prunable groups, barriers, params and MACs",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--html", metavar="PATH", help="also write an HTML page with the graph drawn, groups coloured")
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("prune", parents=[common, target], help="ONNX in, smaller ONNX out (one-shot, data-free)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("-o", "--output", help="output ONNX file (default: MODEL.pruned.onnx next to the input)")
+    p.add_argument("--criterion", default="obspa", choices=[m for m in ONESHOT if m not in ("taylor", "hessian")],
+                   help="unit scores: obspa (default, with compensation), magnitude (L2), l1, l2, bn_scale")
+    p.add_argument("--report", metavar="DIR", help="also write report.md, report.json and plots into DIR")
+    p.set_defaults(run=cmd_prune)
+
+    p = sub.add_parser("compile", parents=[common, target], help="prune, then build (and tune) with TVM",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("-o", "--output", default="graphprune-out", help="output folder (default: graphprune-out)")
+    p.add_argument("--method", default="obspa", choices=[m for m in METHODS if m in ONESHOT],
+                   help="one-shot method (training methods need the PyTorch model: use gp.compile)")
+    p.add_argument("--codegen", choices=["x86", "arm", "cuda"], help="build the compact model with TVM for this target")
+    p.add_argument("--tune-trials", type=_positive, default=0, help="tuning trials per task before building (0: none)")
+    p.add_argument("--tuning-db", metavar="DIR", help="tuning database folder (reused and extended)")
+    p.set_defaults(run=cmd_compile)
+
+    p = sub.add_parser("tune", parents=[common], help="autotune a model with TVM into a resumable database",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--target", default="x86", choices=["x86", "arm", "cuda"], help="TVM target (default x86)")
+    p.add_argument("--trials", type=_positive, default=16, help="trials per tuning task (default 16)")
+    p.add_argument("--db", metavar="DIR", help="database folder (default: runs/tuning/<model>-<target>)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on remote boards through a TVM RPC tracker")
+    p.add_argument("--rpc-key", help="device key registered with the RPC tracker")
+    p.set_defaults(run=cmd_tune)
+    return parser
+
+
+# ---- checks before long work -----------------------------------------------------------------
+
+def _check_model_path(path: str) -> None:
+    if not os.path.isfile(path):
+        raise BadOnnxError(f"no such file: {path}", source=path, hint="check the path to the .onnx file")
+
+
+def _check_writable_folder(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written there, before any long work."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".graphprune-probe-", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _target(args: argparse.Namespace) -> Any:
+    from graphprune.target import Target
+
+    kind = "params" if args.params is not None else "groups" if args.units is not None else "flops"
+    value = {"params": args.params, "groups": args.units, "flops": args.flops}[kind]
+    return Target(**{kind: 0.5 if value is None else value}, min_units=args.min_units, multiple=args.multiple)
+
+
+# ---- subcommands: each returns (JSON-ready result, text for a human) ----------------------------
+
+def cmd_inspect(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from graphprune.atomic import atomic_write_text
+    from graphprune.report import inspect_data, inspect_html
+    from graphprune.trace import trace
+
+    _check_model_path(args.model)
+    if args.html:
+        _check_writable_folder(Path(args.html).parent)
+    g = trace(args.model)
+    data = inspect_data(g)
+    text = g.summary()
+    if args.html:
+        atomic_write_text(args.html, inspect_html(g))
+        data["html"] = args.html
+        text += f"\nwrote {args.html}"
+    return data, text
+
+
+def cmd_prune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from graphprune.compile import compile, save_onnx
+
+    _check_model_path(args.model)
+    model = Path(args.model)
+    output = Path(args.output) if args.output else model.with_name(f"{model.stem}.pruned.onnx")
+    if output.resolve() == model.resolve():
+        raise BadOnnxError(f"the output would overwrite the input {model}", source=str(model),
+                           hint="pass another path with -o")
+    _check_writable_folder(output.parent)
+    if args.report:
+        _check_writable_folder(Path(args.report))
+    result = compile(args.model, method=args.criterion, target=_target(args), progress=_progress(args))
+    save_onnx(result.model, output)
+    written = [str(output)] + ([str(p) for p in result.report.write(args.report)] if args.report else [])
+    data = {"output": str(output), "written": written, "report": result.report.to_dict()}
+    return data, f"{result.report.summary()}\nwrote {', '.join(written)}"
+
+
+def cmd_compile(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from graphprune.compile import compile
+
+    _check_model_path(args.model)
+    _check_writable_folder(Path(args.output))
+    result = compile(args.model, method=args.method, target=_target(args), codegen=args.codegen,
+                     tune_trials=args.tune_trials, tuning_db=args.tuning_db, progress=_progress(args))
+    written = [str(p) for p in result.save(args.output)]
+    data = {"output": args.output, "written": written, "report": result.report.to_dict()}
+    return data, f"{result.report.summary()}\nwrote {len(written)} files into {args.output}"
+
+
+def cmd_tune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    import dataclasses
+
+    import torch
+
+    from graphprune.compile import codegen_api
+    from graphprune.frontends.onnx_import import example_feeds, read_model
+
+    _check_model_path(args.model)
+    proto, _ = read_model(args.model)  # a bad file is exit 3 here, not a TVM failure later
+    if args.db:
+        _check_writable_folder(Path(args.db))
+    tune = codegen_api("tune")
+    example = [torch.from_numpy(a) for a in example_feeds(proto, ()).values()]  # dynamic dims -> 1, as in prune
+    try:
+        report = tune(proto, example, args.target, work_dir=args.db, trials_per_task=args.trials,
+                      rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key)
+    except GraphPruneError:
+        raise
+    except Exception as exc:  # TVM raises many internal error types
+        raise TuningError(f"tuning failed: {type(exc).__name__}: {str(exc)[:400]}",
+                          source=args.model, hint="run with --debug for the traceback") from exc
+    data = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(vars(report))
+    return data, report.summary() if hasattr(report, "summary") else str(report)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+def exit_code(exc: BaseException) -> int:
+    """The documented exit code for an error (see EPILOG)."""
+    return next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), EXIT_INTERNAL)
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, GraphPruneError):
+        where = exc.filename or ""
+        return f"cannot write {where}: {exc.strerror or exc}\n  hint: choose an output path in a folder you can write"
+    if isinstance(exc, GraphPruneError):
+        return str(exc)
+    return f"internal error: {type(exc).__name__}: {exc}\n  hint: run with --debug and report the traceback"
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout (TVM's C++ tuning tables included) to stderr, so that
+    with ``--json`` stdout holds nothing but the JSON object."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor behind stdout (an embedding host): Python-level only
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (``python -m graphprune`` exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "compile" and args.tune_trials and not args.codegen:
+        parser.error("--tune-trials needs --codegen TARGET (e.g. --codegen x86 --tune-trials 200)")
+    run: Callable[[argparse.Namespace], tuple[dict[str, Any], str]] = args.run
+    try:
+        with _stdout_to_stderr() if args.json else contextlib.nullcontext():
+            data, text = run(args)
+    except KeyboardInterrupt:
+        print("graphprune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        code = exit_code(exc)
+        if args.debug:
+            traceback.print_exc()
+        print(f"graphprune {args.command}: error: {_message(exc)}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"ok": False, "exit_code": code, "error": type(exc).__name__,
+                              "message": str(exc), "hint": getattr(exc, "hint", None)}))
+        return code
+    print(json.dumps({"ok": True, **data}, default=str) if args.json else text)
+    return EXIT_OK

@@ -1,0 +1,381 @@
+"""What a compile run did, in forms people and programs read: Markdown, JSON and PNG plots.
+
+:class:`Report` is plain data (numbers, names, lists), filled in by
+:func:`graphprune.compile` and never holding a model, so it serialises as is and can be
+compared between runs.  Plots use matplotlib's Agg backend (headless machines, CI); every
+file is written atomically (:mod:`graphprune.atomic`), so a report folder never holds a
+half-written file.
+
+>>> result = gp.compile(model, (x,), method="obspa", target=0.5)
+>>> print(result.report.to_markdown())
+>>> result.report.write("out/")        # report.md, report.json, widths.png, ...
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from graphprune.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from graphprune.optim.plots import plot_history  # noqa: E402
+
+
+@dataclass
+class LayerWidth:
+    """One group's width (units: channels, heads, features) before and after pruning."""
+
+    group: str
+    kind: str
+    before: int
+    after: int
+
+
+@dataclass
+class Report:
+    """The facts of one compile run; ``None`` marks what this run did not measure.
+
+    ``flops`` are multiply-accumulates at the example input's shape.  ``verify_error``
+    is the largest relative difference between the compact model and the zeroed full
+    model on the example input (the zero-invariance check).  ``latency`` is the
+    codegen runtime's ``benchmark()`` of the compact model; ``tuning`` the tuning run's
+    summary, with its ``curve`` of trials.
+    """
+
+    source: str
+    frontend: str
+    method: str
+    target: str
+    params_before: int
+    params_after: int
+    flops_before: float
+    flops_after: float
+    widths: list[LayerWidth] = field(default_factory=list)
+    barriers: list[dict[str, str]] = field(default_factory=list)
+    withdrawn: list[dict[str, str]] = field(default_factory=list)
+    verify_error: float | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    accuracy_on: str | None = None
+    codegen: str | None = None
+    latency: dict[str, Any] | None = None
+    tuning: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    accuracy_curve: list[tuple[int, float]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    # ---- derived ----------------------------------------------------------------------
+    @property
+    def params_removed(self) -> float:
+        """Fraction of the parameters removed."""
+        return 1.0 - self.params_after / max(self.params_before, 1)
+
+    @property
+    def flops_removed(self) -> float:
+        """Fraction of the FLOPs (MACs) removed."""
+        return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
+
+    # ---- machine-readable ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data, with the derived fractions added."""
+        out = _jsonable(asdict(self))
+        out["params_removed"] = self.params_removed
+        out["flops_removed"] = self.flops_removed
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        """The report back from :meth:`to_dict` (or a ``report.json``), to compare runs."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in data.items() if k in fields}
+        kept["widths"] = [LayerWidth(**w) for w in kept.get("widths", [])]
+        kept["accuracy_curve"] = [tuple(p) for p in kept.get("accuracy_curve", [])]
+        return cls(**kept)
+
+    # ---- human-readable ------------------------------------------------------------------
+    def summary(self) -> str:
+        """A few lines for a terminal: reductions, accuracy, latency."""
+        lines = [f"{self.method} on {self.source} ({self.frontend}), target {self.target}",
+                 f"  params {self.params_before:,} -> {self.params_after:,} (-{self.params_removed:.1%})",
+                 f"  MACs   {macs(self.flops_before)} -> {macs(self.flops_after)} (-{self.flops_removed:.1%})"]
+        if self.accuracy_after is not None:
+            lines.append(f"  accuracy {self.accuracy_before:.4f} -> {self.accuracy_after:.4f} (on {self.accuracy_on})")
+        if self.latency is not None:
+            lines.append(f"  latency ({self.codegen}, TVM) {self.latency['median_ms']:.3f} ms median")
+        if self.verify_error is not None:
+            lines.append(f"  compact == zeroed model: max rel. error {self.verify_error:.1e}")
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        """The full report: totals, per-group widths, barriers, measurements, timings."""
+        rows = [("parameters", f"{self.params_before:,}", f"{self.params_after:,}", f"{self.params_removed:.1%}"),
+                ("MACs", macs(self.flops_before), macs(self.flops_after), f"{self.flops_removed:.1%}")]
+        if self.accuracy_after is not None:
+            rows.append((f"accuracy ({self.accuracy_on})", f"{self.accuracy_before:.4f}", f"{self.accuracy_after:.4f}",
+                         f"{self.accuracy_after - self.accuracy_before:+.4f}"))
+        out = [f"# graphprune report: {self.source}", "",
+               f"- frontend: {self.frontend}", f"- method: {self.method}", f"- target: {self.target}"]
+        if self.verify_error is not None:
+            out.append(f"- compact model reproduces the zeroed model: max relative error {self.verify_error:.1e}")
+        out += ["", _md_table(("", "before", "after", "change"), rows), "", "## Widths per group", "",
+                _md_table(("group", "kind", "before", "after"),
+                          [(w.group, w.kind, str(w.before), str(w.after)) for w in self.widths])]
+        out += ["", "## Barriers (channels kept)", ""]
+        out += [f"- `{b['node']}` [{b['op']}] {b['module']}: {b['reason']}" for b in self.barriers] or ["none"]
+        if self.withdrawn:
+            out += ["", "## Withdrawn groups (failed the zero-invariance check)", ""]
+            out += [f"- `{w['group']}`: {w['reason']}" for w in self.withdrawn]
+        if self.codegen is not None:
+            out += ["", f"## Code generation ({self.codegen})", ""]
+            if self.latency is not None:
+                out.append(f"- latency: {self.latency['median_ms']:.3f} ms median over {self.latency['repeat']} "
+                           f"repeats, {self.latency.get('threads', '?')} threads")
+            else:
+                out.append("- latency: not measured (the target does not run on this machine)")
+            if self.tuning is not None:
+                t = self.tuning
+                out.append(f"- tuning: {t['tasks_total']} tasks, {len(t['tasks_tuned'])} tuned now, "
+                           f"{len(t['tasks_reused'])} reused from {t['work_dir']}, {t['trials_run']} trials")
+        if self.seconds:
+            out += ["", "## Time per stage", "",
+                    _md_table(("stage", "seconds"), [(k, f"{v:.1f}") for k, v in self.seconds.items()])]
+        return "\n".join(out) + "\n"
+
+    # ---- files ---------------------------------------------------------------------------
+    def plots(self) -> dict[str, bytes]:
+        """PNG files by name: widths always; training and accuracy curves, tuning curve when measured."""
+        figures = {"widths.png": plot_widths(self.widths)}
+        if self.history:
+            figures["training.png"] = plot_history(self.history, title=f"{self.method}: reductions over training")
+        if self.accuracy_curve:
+            figures["accuracy.png"] = _plot_xy(self.accuracy_curve, "step", f"accuracy ({self.accuracy_on})",
+                                               f"{self.method}: accuracy over training")
+        if self.tuning and self.tuning.get("curve"):
+            figures["tuning.png"] = plot_tuning(self.tuning["curve"], f"tuning for {self.codegen}")
+        return {name: _png(fig) for name, fig in figures.items()}
+
+    def write(self, folder: str | Path) -> list[Path]:
+        """Write report.md, report.json and the plots into ``folder`` (which must exist)."""
+        folder = Path(folder)
+        paths = [atomic_write_text(folder / "report.md", self.to_markdown()),
+                 atomic_write_text(folder / "report.json", self.to_json())]
+        paths += [atomic_write_bytes(folder / name, data) for name, data in self.plots().items()]
+        return paths
+
+
+def macs(n: float) -> str:
+    """Multiply-accumulates with a unit that keeps 3 significant digits: ``37.0M``, ``1.82G``."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _jsonable(x: Any) -> Any:
+    """Tensors, numpy scalars and tuples as plain JSON values; NaN/inf as None (JSON has neither)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "tolist"):  # torch tensors, numpy arrays and scalars
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _png(fig: plt.Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_widths(widths: Sequence[LayerWidth]) -> plt.Figure:
+    """Horizontal bars: each group's width before (light) and after (dark) pruning."""
+    height = max(2.5, 0.28 * len(widths) + 1.2)
+    fig, ax = plt.subplots(figsize=(7, height))
+    ys = range(len(widths))
+    ax.barh(ys, [w.before for w in widths], color="#c6dbef", label="before")
+    ax.barh(ys, [w.after for w in widths], color="#2171b5", label="after")
+    ax.set_yticks(list(ys), [w.group[:40] for w in widths], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("units (channels, heads, features)")
+    ax.set_title("width per group")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_tuning(curve: Sequence[dict[str, Any]], title: str) -> plt.Figure:
+    """The tuning curve: the model's estimated latency once every tuned task has a measurement,
+    and each trial's own time (a task that never ran leaves the estimate undefined)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    trials = [(r["trial"], r["run_ms"]) for r in curve if r.get("run_ms") is not None]
+    if trials:
+        ax.plot(*zip(*trials), "o", markersize=3, alpha=0.5, label="trial")
+    estimate = [(r["trial"], r["model_estimate_ms"]) for r in curve if r.get("model_estimate_ms") is not None]
+    if estimate:
+        ax.plot(*zip(*estimate), drawstyle="steps-post", label="estimated model latency")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("ms")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    if trials or estimate:
+        ax.legend(loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def _plot_xy(points: Sequence[tuple[float, float]], xlabel: str, ylabel: str, title: str) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*points), marker="o")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+# ---- graph inspection (``graphprune inspect``) ------------------------------------------
+
+def inspect_data(g: Any) -> dict[str, Any]:
+    """A traced graph's groups, barriers and totals as JSON-ready data."""
+    return {"source": g.ir.source, "frontend": g.ir.frontend, "params": g.total_params,
+            "grouped_params": g.grouped_params, "flops": g.total_flops,
+            "groups": [{"id": grp.id, "name": grp.name, "kind": grp.kind, "size": grp.size,
+                        "params_per_unit": grp.params_per_unit, "flops_per_unit": grp.flops_per_unit,
+                        "params": sorted({s.param for s in grp.slices})} for grp in g.groups],
+            "barriers": [asdict(b) for b in g.barriers],
+            "withdrawn": [{"group": grp.name, "reason": reason} for grp, reason in g.withdrawn]}
+
+
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94")
+
+
+def _node_groups(g: Any) -> dict[str, list[Any]]:
+    """Op node name -> the groups that slice its parameters, the group it produces first."""
+    by_param: dict[str, list[Any]] = {}
+    for grp in g.groups:
+        for s in grp.slices:
+            by_param.setdefault(s.param, []).append(grp)
+    out = {}
+    for node in g.ir.nodes:
+        found = []
+        for name in node.inputs:
+            value = g.ir.values.get(name)
+            if value is not None and value.kind == "param":
+                found += [grp for grp in by_param.get(value.source_name or name, []) if grp not in found]
+        found.sort(key=lambda grp: grp.name != node.module)  # the group this layer produces leads
+        out[node.name] = found
+    return out
+
+
+def _layout(g: Any) -> dict[str, tuple[int, int]]:
+    """Op node -> (layer, column): layers are networkx's topological generations, so every
+    edge points down the page, inputs at the top."""
+    import networkx as nx
+
+    produced = {o: n.name for n in g.ir.nodes for o in n.outputs}
+    dag = nx.DiGraph()
+    for n in g.ir.nodes:
+        dag.add_node(n.name)
+        dag.add_edges_from((produced[i], n.name) for i in n.inputs if i in produced)
+    return {name: (depth, col) for depth, layer in enumerate(nx.topological_generations(dag))
+            for col, name in enumerate(layer)}
+
+
+def _edge(start: tuple[float, float], end: tuple[float, float], layers: int, box_w: int, box_h: int) -> str:
+    """An SVG edge between two boxes: straight to the next layer; a skip over several layers
+    bows out to the right, so it does not hide behind the boxes it passes."""
+    (x0, y0), (x1, y1) = start, end
+    if layers <= 1:
+        return (f'<line x1="{x0 + box_w / 2:.0f}" y1="{y0 + box_h:.0f}" x2="{x1 + box_w / 2:.0f}" y2="{y1:.0f}" '
+                f'stroke="#999"/>')
+    bow = 30 + 6 * min(layers, 8)
+    return (f'<path d="M {x0 + box_w:.0f} {y0 + box_h / 2:.0f} C {x0 + box_w + bow:.0f} {y0 + box_h / 2:.0f}, '
+            f'{x1 + box_w + bow:.0f} {y1 + box_h / 2:.0f}, {x1 + box_w:.0f} {y1 + box_h / 2:.0f}" '
+            f'fill="none" stroke="#999"/>')
+
+
+def _luminance(hex_colour: str) -> float:
+    """Relative brightness in [0, 1] of ``#rrggbb``: dark text goes on light boxes."""
+    r, g, b = (int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def _tail(text: str, width: int) -> str:
+    """The end of a long name, where its most specific part is (``…layer4.1/conv1/Conv``)."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def inspect_html(g: Any) -> str:
+    """A self-contained HTML page: the op graph as SVG, nodes coloured by group, barriers in red."""
+    from html import escape
+
+    pos = _layout(g)
+    groups = _node_groups(g)
+    colour = {grp.id: _PALETTE[i % len(_PALETTE)] for i, grp in enumerate(g.groups)}
+    barrier_nodes = {b.node: b for b in g.barriers}
+    box_w, box_h, step_x, step_y = 190, 30, 210, 54
+    columns: dict[int, int] = {}
+    for layer, col in pos.values():
+        columns[layer] = max(columns.get(layer, 0), col + 1)
+    width = max(max(columns.values(), default=1) * step_x + 100, 400)  # room for skip edges on the right
+
+    def xy(name: str) -> tuple[float, float]:
+        layer, col = pos[name]
+        return (width - columns[layer] * step_x) / 2 + col * step_x + 10, 20 + layer * step_y
+
+    produced = {o: n.name for n in g.ir.nodes for o in n.outputs}
+    edges, boxes = [], []
+    for n in g.ir.nodes:
+        x1, y1 = xy(n.name)
+        for i in n.inputs:
+            if i in produced:
+                edges.append(_edge(xy(produced[i]), (x1, y1), pos[n.name][0] - pos[produced[i]][0], box_w, box_h))
+        grps = groups[n.name]
+        fill = colour[grps[0].id] if grps else "#f0f0f0"
+        barrier = barrier_nodes.get(n.name)
+        stroke = 'stroke="#d00" stroke-width="3" stroke-dasharray="5,3"' if barrier else 'stroke="#333"'
+        tip = [f"{n.name} [{n.op}] {n.module}"] + [f"group {grp.id} {grp.name}: {grp.size} {grp.kind}s" for grp in grps]
+        if barrier:
+            tip.append(f"BARRIER: {barrier.reason}")
+        text_colour = "#000" if _luminance(fill) > 0.55 else "#fff"
+        boxes.append(f'<g><title>{escape(chr(10).join(tip))}</title>'
+                     f'<rect x="{x1:.0f}" y="{y1:.0f}" width="{box_w}" height="{box_h}" rx="5" fill="{fill}" {stroke}/>'
+                     f'<text x="{x1 + box_w / 2:.0f}" y="{y1 + 19:.0f}" fill="{text_colour}" text-anchor="middle">'
+                     f'{escape(_tail(n.module or n.name, 20))} · {escape(n.op[:10])}</text></g>')
+    height = 40 + len(columns) * step_y
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height}" '
+           f'font-family="sans-serif" font-size="11">{"".join(edges)}{"".join(boxes)}</svg>')
+    legend = "".join(f'<tr><td style="background:{colour[grp.id]}">&nbsp;&nbsp;&nbsp;</td><td>{grp.id}</td>'
+                     f'<td>{escape(grp.name)}</td><td>{grp.kind}</td><td>{grp.size}</td></tr>' for grp in g.groups)
+    barriers = "".join(f"<li><code>{escape(b.node)}</code> [{escape(b.op)}] {escape(b.module)}: {escape(b.reason)}</li>"
+                       for b in g.barriers) or "<li>none</li>"
+    title = escape(f"graphprune inspect: {g.ir.source}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+            "<style>body{font-family:sans-serif;margin:20px} td{padding:2px 8px} .row{display:flex;gap:30px}</style>"
+            f"</head><body><h1>{title}</h1><p>{len(g.groups)} groups, {g.grouped_params:,} of {g.total_params:,} "
+            f"parameters in groups, {macs(g.total_flops)} MACs. Hover a node for its groups.</p>"
+            f"<div class='row'><div>{svg}</div><div><h2>Groups</h2><table><tr><th></th><th>id</th><th>name</th>"
+            f"<th>kind</th><th>units</th></tr>{legend}</table><h2>Barriers (red, channels kept)</h2>"
+            f"<ul>{barriers}</ul></div></div></body></html>\n")
