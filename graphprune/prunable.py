@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import networkx as nx
 import torch
 
 from .analysis.groups import Group
@@ -86,6 +87,42 @@ class PrunableGraph:
             if bool(m.any()):
                 parts.append(g.atoms[m])
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    # ---- hierarchy (operator erasure) --------------------------------------------------
+    def stays_connected(self, masks: list[torch.Tensor]) -> bool:
+        """Whether every output is still reachable from the inputs once the units in
+        ``masks`` (one bool tensor per group) are removed: values all of whose entries
+        belong to removed units carry nothing and are cut from the graph."""
+        if not any(bool(m.all()) for m in masks):
+            return True  # values empty out only when a whole group goes (else emission refuses)
+        removed = torch.zeros(int(self.comp.max()) + 1, dtype=torch.bool)
+        for g, m in zip(self.groups, masks):
+            removed[g.atoms[m.cpu()]] = True
+        dead = set()
+        for name, f in self.labels.fields.items():
+            if f is not None and self.ir.values[name].kind == "act":
+                lab = f.labels[f.labels >= 0]
+                if lab.numel() == f.labels.numel() and bool(removed[self.comp[lab]].all()):
+                    dead.add(name)
+        graph = self.ir.to_networkx()
+        graph.remove_nodes_from(dead)
+        reach: set[str] = set()
+        for i in self.ir.inputs:
+            if i in graph:
+                reach |= nx.descendants(graph, i) | {i}
+        return all(o in reach for o in self.ir.outputs)
+
+    @property
+    def hierarchy(self) -> list[int]:
+        """Groups that can go entirely (erasing the operators they feed, e.g. a residual
+        branch) while the network stays connected: H2SPG's candidates."""
+        out = []
+        for i, g in enumerate(self.groups):
+            masks = [torch.zeros(h.size, dtype=torch.bool) for h in self.groups]
+            masks[i][:] = True
+            if self.stays_connected(masks):
+                out.append(i)
+        return out
 
     def construct_subnet(self) -> Any:
         """The compact model: every all-zero unit removed.  Never changes the user's model."""

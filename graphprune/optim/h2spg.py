@@ -38,12 +38,13 @@ class H2SPG(DHSPG):
                  candidates: Sequence[Candidate] | Callable[[Any], Sequence[Candidate]] | None = None,
                  connected: Callable[[list[torch.Tensor]], bool] | None = None, **kwargs: Any) -> None:
         super().__init__(g, lr, target=target, **kwargs)
-        if candidates is None:
-            candidates = getattr(g, "hierarchy", None)
+        if candidates is None and hasattr(g, "hierarchy"):
+            # whole erasable groups (residual branches) first-class, single units as well
+            candidates = list(g.hierarchy) + [[(i, u)] for i, grp in enumerate(self.groups) for u in range(grp.size)]
         if callable(candidates):
             candidates = candidates(g)
         self.candidates = None if candidates is None else [self._as_masks(c) for c in candidates]
-        self.connected = connected or self.keeps_width
+        self.connected = connected or getattr(g, "stays_connected", None) or self.keeps_width
 
     def _as_masks(self, candidate: Candidate) -> list[torch.Tensor]:
         masks = self._empty()

@@ -1,0 +1,77 @@
+"""The Relax pass pipeline graphprune compiles with: fuse, apply tuning records, schedule the rest.
+
+It is TVM's ``meta_schedule.compile_relax`` pipeline plus default schedules on CPU (TVM's
+has none there, see :mod:`.schedules`). Tuning extracts its tasks with :func:`fuse` so the
+database keys are exactly the functions this pipeline looks up.
+"""
+from __future__ import annotations
+
+import importlib
+
+import tvm
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+from tvm.target import Target
+
+from .schedules import default_schedule_pass
+
+
+def _backend(target: Target):
+    # relax.pipeline.dataflow_lower_passes fails for CPU in 0.27 (cpu_generic does not
+    # re-export it), so the backend's pipeline module is used directly.
+    name = "cuda" if target.kind.name == "cuda" else "cpu_generic"
+    return importlib.import_module(f"tvm.relax.backend.{name}.pipeline")
+
+
+def fuse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
+    """Legalise and fuse: the functions tuning tasks are extracted from.
+
+    The passes are listed here rather than taken from the backend's ``legalize_passes``,
+    because CUDA's also applies dlight schedules, which would hide functions from the database.
+    """
+    passes = [
+        # batch norm as elementwise ops, which fuse into the convolution before it (resnet18:
+        # 19 functions to tune instead of 27, each conv with its norm and activation)
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        *_backend(target).library_dispatch_passes(target),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def compile_pipeline(target: Target, database: ms.Database | None,
+                     default_schedules: bool = True) -> tvm.transform.Pass:
+    """A Relax pipeline for ``tvm.compile`` of a :func:`fuse`-d module: records from ``database``
+    first, then default schedules, then lowering to the VM."""
+    backend = _backend(target)
+
+    @tvm.transform.module_pass(opt_level=3, name="GraphpruneCompile")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            if database is not None:
+                with database:
+                    mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+            if default_schedules:
+                mod = default_schedule_pass(target)(mod)
+            return tvm.transform.Sequential(backend.dataflow_lower_passes(target)
+                                            + backend.finalize_passes(target))(mod)
+
+    return _pipeline
+
+
+def compile_fused(fused: tvm.IRModule, target: Target, database: ms.Database | None = None,
+                  default_schedules: bool = True) -> relax.VMExecutable:
+    """Compile a module returned by :func:`fuse` for ``target`` into a VM executable.
+
+    Fusing once, before both the database lookup and compilation, is what makes tuning
+    records apply: a database is keyed on the fused functions.
+    """
+    with tvm.transform.PassContext(opt_level=3):
+        return tvm.compile(fused, target=target,
+                           relax_pipeline=compile_pipeline(target, database, default_schedules))

@@ -1,0 +1,250 @@
+"""Meta-schedule tuning into an on-disk JSON database, one per (model, target), resumable.
+
+A run extracts the fused functions of the model (the same ones :mod:`.pipeline` compiles),
+skips those the database already has a measured record for (incremental re-tuning after
+pruning changes a few layers), and tunes the rest with a budget that reaches every task.
+Records are appended to ``database_workload.json``/``database_tuning_record.json`` by
+meta-schedule itself, so a second run on the same folder resumes from them. Each run leaves
+a tuning curve (CSV, JSON, PNG) and a ``tuning_report.json`` next to the database.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import tvm
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.ir.utils import derived_object
+from tvm.target import Target
+
+from graphprune.errors import TuningError
+
+from graphprune.atomic import atomic_path, atomic_write_text
+from .frontend import import_model
+from .intrinsics import register_intrinsics
+from .pipeline import fuse
+from .targets import CodegenTarget, resolve_target
+
+#: meta-schedule writes this run time for candidates that failed to run.
+_FAILED_RUN_SECS = 1e9
+
+
+def open_database(work_dir: str | os.PathLike) -> ms.database.JSONDatabase:
+    """The JSON database in ``work_dir`` (created empty if missing)."""
+    os.makedirs(work_dir, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(work_dir), allow_missing=True)
+
+
+def _best_seconds(database: ms.Database | None, task: ms.ExtractedTask, target: Target) -> float | None:
+    """Best measured time of ``task`` in ``database``; None if it has no successful record."""
+    if database is None:
+        return None
+    record = database.query_tuning_record(task.dispatched[0], target, task.task_name)
+    if record is None or not record.run_secs:
+        return None
+    seconds = sum(float(s) for s in record.run_secs) / len(record.run_secs)
+    return seconds if seconds < _FAILED_RUN_SECS else None
+
+
+def extract_tasks(fused: tvm.IRModule, target: Target) -> list[ms.ExtractedTask]:
+    """The tuning tasks of a :func:`.pipeline.fuse`-d module (structurally equal functions merged)."""
+    return list(ms.relax_integration.extract_tasks(fused, target))
+
+
+def database_coverage(database: ms.Database | None, fused: tvm.IRModule, target: Target) -> tuple[int, int]:
+    """(tasks with a measured record, all tasks) for a fused module."""
+    tasks = extract_tasks(fused, target)
+    return sum(_best_seconds(database, t, target) is not None for t in tasks), len(tasks)
+
+
+def build_candidate(mod: tvm.IRModule, target: Target, _params: Any) -> tvm.runtime.Module:
+    """Builder function for meta-schedule's workers: its default one, minus the import of every
+    tensor intrinsic (~45 s per worker, past the builder's 30 s timeout). Candidates arrive
+    already tensorised; intrinsics are only needed where schedules are generated, in the
+    tuning process (:func:`register_intrinsics`)."""
+    from tvm.driver import build as tir_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tir_build(mod, target=target)
+
+
+@derived_object
+class CurveRecorder(PyMeasureCallback):
+    """Measure callback that records every trial: task, time, and the estimated latency of the
+    tasks this run tunes (sum of weight x best time so far, known once each has a measurement)."""
+
+    def __init__(self, names: Sequence[str], weights: Sequence[float]) -> None:
+        self.names, self.weights = list(names), list(weights)
+        self.best = [math.inf] * len(self.names)
+        self.rows: list[dict[str, Any]] = []
+
+    def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any,
+              builder_results: Any, runner_results: Any) -> None:
+        for runner_result in runner_results:
+            secs = [float(s) for s in (runner_result.run_secs or [])]
+            ok = runner_result.error_msg is None and secs and min(secs) < _FAILED_RUN_SECS
+            run = sum(secs) / len(secs) if ok else math.inf
+            self.best[task_id] = min(self.best[task_id], run)
+            total = sum(w * b for w, b in zip(self.weights, self.best))
+            self.rows.append({"trial": len(self.rows) + 1, "task": self.names[task_id],
+                              "run_ms": _ms(run), "task_best_ms": _ms(self.best[task_id]),
+                              "model_estimate_ms": _ms(total)})
+
+
+def _ms(seconds: float) -> float | None:
+    return None if math.isinf(seconds) else seconds * 1e3
+
+
+@dataclass
+class TuningReport:
+    """What a tuning run did; ``work_dir`` is what :func:`.compile.build` takes as ``tuning_db``."""
+
+    work_dir: str
+    target: str
+    tasks_total: int
+    tasks_tuned: list[str]
+    tasks_reused: list[str]
+    trials_per_task: int
+    trials_run: int
+    trials_saved: int
+    seconds: float
+    temporary: bool
+    curve: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        where = f"{self.work_dir} (TEMPORARY: no device to measure on)" if self.temporary else self.work_dir
+        return (f"tuning for {self.target} in {where}\n"
+                f"  tasks: {self.tasks_total}, tuned now {len(self.tasks_tuned)}, "
+                f"reused from the database {len(self.tasks_reused)}\n"
+                f"  trials run: {self.trials_run}, saved by reuse: {self.trials_saved}, "
+                f"time: {self.seconds:.0f} s")
+
+
+def default_work_dir(model_name: str, target: CodegenTarget, root: str | os.PathLike = "runs/tuning") -> Path:
+    """One database folder per (model, target)."""
+    return Path(root) / f"{model_name}-{target.name}"
+
+
+def tuning_dir(target: CodegenTarget, work_dir: str | os.PathLike,
+               rpc_tracker: str | None) -> tuple[Path, bool]:
+    """Where a run may write: ``work_dir``, or a fresh temporary folder (and True) when nothing can
+    measure the target. Without a device every candidate is stored as a 1e10 s failure, which
+    would poison a real database, so such runs never touch it."""
+    if target.runs_here or rpc_tracker is not None:
+        return Path(work_dir), False
+    temporary = Path(tempfile.mkdtemp(prefix=f"graphprune-tune-{target.name}-"))
+    warnings.warn(f"no {target.name} device on this machine and no RPC tracker: tuning into the temporary "
+                  f"folder {temporary}, not {work_dir}; its records are failures and are not reusable",
+                  stacklevel=3)
+    return temporary, True
+
+
+def make_runner(rpc_tracker: str | None = None, rpc_key: str | None = None) -> ms.runner.Runner:
+    """Measure here, or on the boards registered at ``rpc_tracker`` ("host:port") under ``rpc_key``."""
+    if rpc_tracker is None:
+        return ms.runner.LocalRunner()
+    host, _, port = rpc_tracker.rpartition(":")
+    if not host or not port.isdigit() or not rpc_key:
+        raise TuningError(f"bad RPC tracker {rpc_tracker!r} / key {rpc_key!r}",
+                          hint='pass rpc_tracker="host:port" and the rpc_key the device registered with')
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc_key,
+                                 session_timeout_sec=120)
+    return ms.runner.RPCRunner(rpc_config=config)
+
+
+def _search_strategy(trials_per_task: int) -> ms.search_strategy.EvolutionarySearch:
+    """Evolutionary search sized to the budget: the default population (512, 50 unmeasured seeds)
+    costs 25-50 s of search per task on 2 cores before the first candidate is built, which
+    dominates runs of a few trials per task."""
+    population = min(512, max(64, 16 * trials_per_task))
+    return ms.search_strategy.EvolutionarySearch(population_size=population,
+                                                 init_min_unmeasured=min(50, population // 4))
+
+
+def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
+         work_dir: str | os.PathLike | None = None, trials_per_task: int = 16,
+         incremental: bool = True, rpc_tracker: str | None = None, rpc_key: str | None = None,
+         seed: int = 0) -> TuningReport:
+    """Tune a model's functions for ``target`` into the database in ``work_dir``.
+
+    >>> report = tune(model, (x,), "x86", "runs/tuning/cnn-x86", trials_per_task=16)
+    >>> build(model, (x,), "x86", tuning_db=report.work_dir)
+
+    With ``incremental`` only functions without a measured record are tuned; the report says
+    how many trials that saved. Targets this machine cannot run are measured through
+    ``rpc_tracker``/``rpc_key``; without one the run goes to a temporary folder (its records
+    are all failures, 1e10 s, and must never poison a real database).
+    """
+    resolved = resolve_target(target)
+    program = import_model(model_or_program, example_inputs)
+    work_dir, temporary = tuning_dir(resolved, work_dir or default_work_dir(program.name, resolved), rpc_tracker)
+    register_intrinsics(resolved.target)
+    database = open_database(work_dir)
+    tasks = extract_tasks(fuse(program.bound(), resolved.target), resolved.target)
+    todo = [i for i, task in enumerate(tasks)
+            if not incremental or _best_seconds(database, task, resolved.target) is None]
+    recorder = CurveRecorder([tasks[i].task_name for i in todo], [tasks[i].weight for i in todo])
+    start = time.perf_counter()
+    if todo:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            [tasks[i] for i in todo], str(work_dir), strategy=_search_strategy(trials_per_task), seed=seed)
+        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+                      max_trials_global=len(todo) * trials_per_task, max_trials_per_task=trials_per_task,
+                      num_trials_per_iter=min(64, trials_per_task),
+                      builder=ms.builder.LocalBuilder(f_build=build_candidate),
+                      runner=make_runner(rpc_tracker, rpc_key), database=database,
+                      measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [recorder])
+    reused = [t.task_name for i, t in enumerate(tasks) if i not in set(todo)]
+    report = TuningReport(work_dir=str(work_dir), target=resolved.name, tasks_total=len(tasks),
+                          tasks_tuned=[tasks[i].task_name for i in todo], tasks_reused=reused,
+                          trials_per_task=trials_per_task, trials_run=len(recorder.rows),
+                          trials_saved=len(reused) * trials_per_task,
+                          seconds=time.perf_counter() - start, temporary=temporary, curve=recorder.rows)
+    write_report(report)
+    return report
+
+
+def write_report(report: TuningReport) -> None:
+    """Write ``tuning_report.json`` and the curve as CSV, JSON and PNG, each atomically."""
+    folder = Path(report.work_dir)
+    atomic_write_text(folder / "tuning_report.json", json.dumps(asdict(report), indent=1))
+    atomic_write_text(folder / "tuning_curve.json", json.dumps(report.curve, indent=1))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, ["trial", "task", "run_ms", "task_best_ms", "model_estimate_ms"])
+    writer.writeheader()
+    writer.writerows(report.curve)
+    atomic_write_text(folder / "tuning_curve.csv", text.getvalue())
+    if report.curve:
+        _plot_curve(report, folder / "tuning_curve.png")
+
+
+def _plot_curve(report: TuningReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    points = [(r["trial"], r["model_estimate_ms"]) for r in report.curve if r["model_estimate_ms"] is not None]
+    if points:
+        ax.plot(*zip(*points), drawstyle="steps-post", label="tuned tasks, weighted best")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("estimated latency of tuned tasks (ms)")
+    ax.set_title(f"{Path(report.work_dir).name}: {len(report.tasks_tuned)} tasks tuned, "
+                 f"{len(report.tasks_reused)} reused")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,104 @@
+"""x86 builds reproduce torch; ONNX path; export; cross targets refuse to run."""
+import os
+
+import pytest
+import torch
+
+import graphprune.codegen as codegen
+from graphprune.errors import TuningError
+
+from .models import SmallCNN, TinyTransformerBlock, rel_err, seeded
+
+
+def test_save_json_smoke():
+    """tvm.ir.save_json segfaults with apache-tvm-ffi 0.1.15: catches a bad ffi pin (meta-schedule needs it)."""
+    import tvm
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def add_one(a: T.Buffer((4,), "float32"), b: T.Buffer((4,), "float32")):
+        for i in range(4):
+            b[i] = a[i] + T.float32(1)
+
+    text = tvm.ir.save_json(add_one)
+    tvm.ir.assert_structural_equal(tvm.ir.load_json(text), add_one)
+
+
+@pytest.fixture(scope="module")
+def cnn_build():
+    model, x = seeded(SmallCNN()), torch.randn(1, 3, 16, 16)
+    return model, x, codegen.build(model, (x,), target="x86")
+
+
+def test_cnn_matches_torch(cnn_build):
+    model, x, compiled = cnn_build
+    out = compiled.run(x)
+    assert out.shape == (1, 10)
+    assert rel_err(out, model(x)) < 1e-4
+    assert compiled.tuned_functions == 0 and compiled.total_functions > 0
+
+
+def test_transformer_block_matches_torch():
+    model, x = seeded(TinyTransformerBlock()), torch.randn(2, 8, 32)
+    compiled = codegen.build(model, (x,), target="x86")
+    assert rel_err(compiled.run(x.numpy()), model(x)) < 1e-4
+
+
+def test_onnx_path_matches_torch(tmp_path):
+    model, x = seeded(SmallCNN()), torch.randn(1, 3, 16, 16)
+    path = tmp_path / "cnn.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["image"])
+    compiled = codegen.build(str(path), target="x86")
+    assert compiled.program.input_names == ["image"]
+    assert rel_err(compiled.run(x), model(x)) < 1e-4
+
+
+def test_benchmark_reports_medians(cnn_build):
+    stats = cnn_build[2].benchmark(repeat=3, number=2)
+    assert {"median_ms", "mean_ms", "min_ms", "threads"} <= stats.keys()
+    assert stats["median_ms"] > 0
+
+
+def test_export_is_atomic_and_loadable(cnn_build, tmp_path):
+    import tvm
+    from tvm import relax
+
+    model, x, compiled = cnn_build
+    path = compiled.export(tmp_path / "cnn.so")
+    assert os.listdir(tmp_path) == ["cnn.so"]  # no temporary file left behind
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x.numpy()))
+    assert rel_err(out[0].numpy(), model(x)) < 1e-4
+
+
+def test_cross_target_exports_but_refuses_to_run(tmp_path):
+    model, x = seeded(SmallCNN()), torch.randn(1, 3, 16, 16)
+    compiled = codegen.build(model, (x,), target="arm")
+    with pytest.raises(TuningError, match="cannot run on this machine"):
+        compiled.run(x)
+    from graphprune.codegen.qemu import toolchain_missing
+
+    if toolchain_missing() is None:
+        library = compiled.export(tmp_path / "cnn_arm.so")
+        assert library.read_bytes()[:4] == b"\x7fELF" and library.read_bytes()[18] == 183  # EM_AARCH64
+
+
+def test_pytorch_model_needs_example_inputs():
+    from graphprune.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="example_inputs"):
+        codegen.build(SmallCNN(), target="x86")
+
+
+def test_onnx_dynamic_batch_needs_example_inputs(tmp_path):
+    from graphprune.errors import BadOnnxError
+
+    model, x = seeded(SmallCNN()), torch.randn(2, 3, 16, 16)
+    path = tmp_path / "dyn.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["image"],
+                      dynamic_axes={"image": {0: "batch"}})
+    with pytest.raises(BadOnnxError, match="dynamic"):
+        codegen.build(path, target="x86")
+    compiled = codegen.build(path, (x,), target="x86")
+    assert compiled.program.input_shapes == [(2, 3, 16, 16)]
+    assert rel_err(compiled.run(x), model(x)) < 1e-4
