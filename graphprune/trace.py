@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .analysis.dependency import propagate, solve
 from .analysis.grouping import build_groups
@@ -40,7 +41,9 @@ def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None
         model.eval()
         try:
             ep = None
-            if dynamic_shapes is None and not (args and kwargs):
+            batched = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+            # a batch of 1 is specialised by torch.export anyway: don't pay for a failing attempt
+            if dynamic_shapes is None and not (args and kwargs) and any(t.shape[0] > 1 for t in batched):
                 try:  # any batch size in the compact model; static shapes if the model forbids it
                     ep = export_program(model, args, kwargs, batch_dynamic_shapes(args, kwargs))
                 except UnsupportedModelError:

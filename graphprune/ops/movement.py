@@ -36,6 +36,10 @@ class Movement(Rule):
         # integer/bool inputs are shapes, axes and indices: passed by value, never labelled
         data = [i for i in self.data_inputs(node)
                 if lab.graph.values[i].dtype.is_floating_point or lab.field(i) is not None]
+        fast = self.fast_field(node, lab, data)
+        if fast is not None:
+            lab.set_field(node.outputs[0], fast)
+            return
         outs = lab.run_on_labels(node, data)
         if outs is None:
             if any(lab.field(d) is not None for d in data):
@@ -49,6 +53,52 @@ class Movement(Rule):
 
     def check(self, node: Node, lab: Labels, data: list[str]) -> None:
         """Pin atoms the op cannot handle once units go (overridden per op)."""
+
+    def fast_field(self, node: Node, lab: Labels, data: list[str]) -> Field | None:
+        """The output field computed from shapes alone, where that is exact (overridden by
+        reshapes and permutations); None runs the op on label tensors instead."""
+        return None
+
+
+def _single(node: Node, lab: Labels, data: list[str]) -> Field | None:
+    """The only labelled data input's field, for one-in one-out ops (else None)."""
+    if len(data) != 1 or len(node.outputs) != 1:
+        return None
+    return lab.field(data[0])
+
+
+def _reshape_axes(shape_in: tuple[int, ...], shape_out: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Where each labelled axis lands when a reshape leaves it whole (only size-1 axes
+    appear or vanish around it); None when a labelled axis is split or merged."""
+    i = j = 0
+    out: dict[int, int] = {}
+    while i < len(shape_in) or j < len(shape_out):
+        if i < len(shape_in) and shape_in[i] == 1 and i not in axes:
+            i += 1
+            continue
+        if j < len(shape_out) and shape_out[j] == 1:
+            j += 1
+            continue
+        if i >= len(shape_in) or j >= len(shape_out):
+            return None
+        if i in axes:
+            if shape_in[i] != shape_out[j]:
+                return None
+            out[i] = j
+            i, j = i + 1, j + 1
+            continue
+        a, b = shape_in[i], shape_out[j]  # walk a segment of unlabelled axes until products agree
+        i, j = i + 1, j + 1
+        while a != b:
+            if a < b:
+                if i >= len(shape_in) or i in axes:
+                    return None
+                a, i = a * shape_in[i], i + 1
+            else:
+                if j >= len(shape_out):
+                    return None
+                b, j = b * shape_out[j], j + 1
+    return tuple(out[a] for a in axes) if len(out) == len(axes) else None
 
 
 def _resize(old: list, old_shape: tuple[int, ...], new_shape: tuple[int, ...]) -> list:
@@ -83,6 +133,13 @@ def _onnx_reshape_shape(x, out, shrink) -> list[int]:
                            "unflatten", "flatten", "squeeze", "unsqueeze", "squeeze_copy", "unsqueeze_copy"),
           onnx=("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand"))
 class Reshape(Movement):
+    def fast_field(self, node, lab, data) -> Field | None:
+        f = _single(node, lab, data)
+        if f is None:
+            return None
+        axes = _reshape_axes(lab.shape(data[0]), lab.shape(node.outputs[0]), f.axes)
+        return Field(axes, f.labels) if axes is not None else None
+
     def rewrite_fx(self, node, fx_node, shrink) -> None:
         out = node.outputs[0]
         old_s, new_s = shrink.old_shape(out), shrink.new_shape(out)
@@ -117,6 +174,31 @@ class Reshape(Movement):
           onnx=("Transpose", "Concat", "DepthToSpace", "SpaceToDepth", "Tile"))
 class Permute(Movement):
     """Pure rearrangements whose constant arguments survive pruning unchanged."""
+
+    def fast_field(self, node, lab, data) -> Field | None:
+        f = _single(node, lab, data)
+        perm = _permutation(node, len(lab.shape(data[0]))) if f is not None else None
+        if perm is None:
+            return None
+        where = [perm.index(a) for a in f.axes]
+        order = sorted(range(len(where)), key=lambda k: where[k])
+        return Field(tuple(where[k] for k in order), f.labels.permute(order).contiguous())
+
+
+def _permutation(node: Node, rank: int) -> list[int] | None:
+    """The axis permutation of permute/transpose/t (and ONNX Transpose), else None."""
+    op = node.source_op
+    if op.startswith(("aten.permute", "onnx::Transpose")):
+        dims = node.attrs.get("dims", node.attrs.get("perm")) or list(reversed(range(rank)))
+        return [int(d) % rank for d in dims]
+    if op.startswith(("aten.transpose", "aten.swapaxes")):
+        perm = list(range(rank))
+        a, b = (int(node.attrs.get(k)) % rank for k in (("dim0", "dim1") if "dim0" in node.attrs else ("axis0", "axis1")))
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    if op.startswith("aten.t."):
+        return list(reversed(range(rank)))
+    return None
 
 
 @register("roll", aten=("roll",))
