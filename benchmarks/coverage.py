@@ -179,8 +179,36 @@ def run_oto(model: torch.nn.Module, inputs: tuple, repeat: int) -> dict:
     return row
 
 
+def run_graphprune_onnx(model: torch.nn.Module, inputs: tuple, repeat: int) -> dict:
+    """The same columns through the ONNX door: export (TorchScript exporter, dynamic
+    batch), trace the file, verify with onnxruntime, and check the property on it."""
+    import tempfile
+
+    import graphprune as gp
+    from tests.frontends.test_onnx import check_onnx, export
+    if len(inputs) != 1:
+        raise ValueError("the ONNX column exports single-input models only")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export(model, inputs[0], f"{tmp}/m.onnx")
+        g, secs, mib = _timed(lambda: gp.trace(path, verify=False), repeat)
+        row = {"groups": len(g.groups), "grouped": g.grouped_params / max(1, g.total_params), "seconds": secs,
+               "peak_mib": mib, "barriers": sorted({b.op for b in g.barriers})}
+        try:
+            withdrawn = g.verify()
+            row["verify"] = "ok" if not withdrawn else f"{len(withdrawn)} withdrawn: {withdrawn[0][0].name}: {withdrawn[0][1]}"
+        except Exception as exc:
+            row["verify"] = _reason(exc)
+        try:
+            check_onnx(path, inputs[0])
+            row["property"] = "ok"
+        except Exception as exc:
+            row["property"] = _reason(exc)
+    return row
+
+
 TOOLS: dict[str, Callable[[torch.nn.Module, tuple, int], dict]] = {
     "graphprune": run_graphprune,
+    "graphprune-onnx": run_graphprune_onnx,
     "torch-pruning": run_torch_pruning,
     "oto": run_oto,
 }
@@ -294,7 +322,7 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.tool, args.size, args.repeat)
     names = args.models.split(",") if args.models else model_names()
-    tools = ["graphprune"] + ([] if args.skip_peers else list(PEERS))
+    tools = ["graphprune", "graphprune-onnx"] + ([] if args.skip_peers else list(PEERS))
     results: dict[str, dict[str, dict]] = {}
     for name in names:
         results[name] = {}

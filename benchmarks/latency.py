@@ -11,6 +11,9 @@ median over rounds of a per-process median, so a busy neighbour hits all runtime
 TVM models are compiled once into shared libraries that the workers load. The BSR table
 times a 512x512 linear layer at 80%/90% block sparsity, batch 1 and 128, against the dense
 kernel graphprune builds (tuned with the same trials per task, or from ``--tuning-db``).
+The whole-model BSR table builds an MLP 512-2048-512 with 80%/90% of its 16x1 weight blocks
+zero, at batch 1 and 128, once dense (tuned) and once with ``sparse="auto"`` on the same
+tuning records, so a layer BSR does not win keeps the tuned dense kernel.
 """
 from __future__ import annotations
 
@@ -143,6 +146,34 @@ def bsr_worker(args: argparse.Namespace) -> None:
     print(json.dumps(rows))
 
 
+def bsr_model_worker(args: argparse.Namespace) -> None:
+    """One process: the whole-model BSR rows, dense build vs ``sparse="auto"`` build of one MLP."""
+    import graphprune.codegen as codegen
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in (1, 128):
+        x = torch.randn(batch, 512)
+        database = args.tuning_db
+        if args.trials_per_task > 0 and database is None:
+            dense_mlp = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 512))
+            database = codegen.tune(dense_mlp, (x,), "x86", Path(args.out) / f"tuning-mlp512-b{batch}",
+                                    trials_per_task=args.trials_per_task).work_dir
+        for sparsity in (0.8, 0.9):
+            model = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 512)).eval()
+            for layer in (model[0], model[2]):
+                n, k = layer.weight.shape
+                keep = rng.random((n // 16, k)) >= sparsity
+                with torch.no_grad():
+                    layer.weight.mul_(torch.from_numpy(np.kron(keep, np.ones((16, 1), "float32"))))
+            dense = codegen.build(model, (x,), "x86", tuning_db=database)
+            sparse = codegen.build(model, (x,), "x86", tuning_db=database, sparse="auto", block=(16, 1))
+            rows.append({"sparsity": sparsity, "batch": batch, "dense_ms": dense.benchmark()["median_ms"],
+                         "sparse_ms": sparse.benchmark()["median_ms"],
+                         "bsr_layers": f"{len(sparse.bsr_layers)}/{len(sparse.kernel_choices)}"})
+    print(json.dumps(rows))
+
+
 # ----------------------------------------------------------------------------- driver
 def prepare(name: str, out: Path, trials_per_task: int) -> dict[str, str]:
     """Export ONNX and TVM libraries for one model; returns runtime -> artefact path."""
@@ -191,12 +222,14 @@ def main() -> None:
     parser.add_argument("--tuning-db", default=None, help="BSR table: dense kernel from this database")
     parser.add_argument("--bsr-only", action="store_true")
     parser.add_argument("--no-bsr", action="store_true")
-    parser.add_argument("--worker", choices=RUNTIMES + ["bsr"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=RUNTIMES + ["bsr", "bsr-model"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--artifact", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "bsr":
         return bsr_worker(args)
+    if args.worker == "bsr-model":
+        return bsr_model_worker(args)
     if args.worker:
         return worker(args)
 
@@ -219,21 +252,30 @@ def main() -> None:
         lines += [f"| {name} | " + " | ".join(f"{row[r]:.2f}" if r in row else "n/a" for r in RUNTIMES) + " |"
                   for name, row in results.items()]
     bsr_args = ["--worker", "bsr", "--out", str(out), "--trials-per-task", str(args.trials_per_task)]
-    bsr = [] if args.no_bsr else run_worker(bsr_args + (["--tuning-db", args.tuning_db] if args.tuning_db else []),
-                                            args.threads)
+    db_args = ["--tuning-db", args.tuning_db] if args.tuning_db else []
+    bsr = [] if args.no_bsr else run_worker(bsr_args + db_args, args.threads)
+    bsr_model = [] if args.no_bsr else run_worker(["--worker", "bsr-model"] + bsr_args[2:] + db_args, args.threads)
     if bsr:
         dense = "tuned dense" if args.trials_per_task > 0 or args.tuning_db else "default dense"
         lines += ["", f"### BSR 512x512 linear vs {dense}, {args.threads} thread(s), ms", "",
                   "| sparsity | block | batch | dense | BSR | form | chosen |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['sparsity']:.0%} | {r['block']} | {r['batch']} | {r['dense_ms']:.4f} | {r['bsr_ms']:.4f} "
                   f"| {r['form']} | {r['chosen']} |" for r in bsr]
+    if bsr_model:
+        dense = "tuned dense" if args.trials_per_task > 0 or args.tuning_db else "default dense"
+        lines += ["", f"### BSR whole model: MLP 512-2048-512, 16x1 blocks, {dense} vs sparse=\"auto\", "
+                      f"{args.threads} thread(s), ms", "",
+                  "| sparsity | batch | dense | sparse build | BSR layers |", "|---|---|---|---|---|"]
+        lines += [f"| {r['sparsity']:.0%} | {r['batch']} | {r['dense_ms']:.4f} | {r['sparse_ms']:.4f} "
+                  f"| {r['bsr_layers']} |" for r in bsr_model]
     # meta-schedule prints its task tables to stdout while tuning: the tables also go to a file
     print("\n" + "\n".join(lines))
     out.mkdir(parents=True, exist_ok=True)
     from graphprune.atomic import atomic_write_text
 
     atomic_write_text(out / "latency.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / "latency.json", json.dumps({"threads": args.threads, "models": results, "bsr": bsr}, indent=1))
+    atomic_write_text(out / "latency.json", json.dumps({"threads": args.threads, "models": results, "bsr": bsr,
+                                                              "bsr_model": bsr_model}, indent=1))
 
 
 if __name__ == "__main__":

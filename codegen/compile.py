@@ -24,6 +24,8 @@ from graphprune.errors import TuningError
 from graphprune.atomic import atomic_path
 from .frontend import RelaxProgram, import_model
 from .pipeline import compile_fused, fuse
+from .sparse import KernelChoice
+from .sparsify import sparsify
 from .targets import CodegenTarget, resolve_target
 from .tuning import database_coverage, open_database
 
@@ -39,8 +41,11 @@ class CompiledModel:
     """
 
     def __init__(self, executable: relax.VMExecutable, target: CodegenTarget, program: RelaxProgram,
-                 tuned_functions: int, total_functions: int) -> None:
+                 tuned_functions: int, total_functions: int,
+                 kernel_choices: list[KernelChoice] | None = None) -> None:
         self.executable = executable
+        #: per dense layer, BSR or dense and the timings behind it (empty unless built with ``sparse=``)
+        self.kernel_choices = kernel_choices or []
         self.target = target
         self.program = program
         self.tuned_functions = tuned_functions
@@ -109,9 +114,16 @@ class CompiledModel:
             self.executable.export_library(str(tmp), **options)
         return Path(path)
 
+    @property
+    def bsr_layers(self) -> list[str]:
+        """The layers compiled as block-sparse kernels."""
+        return [c.layer for c in self.kernel_choices if c.kernel == "bsr"]
+
     def summary(self) -> str:
-        return (f"{self.program.summary()}\n  target: {self.target}\n"
-                f"  tuned functions: {self.tuned_functions}/{self.total_functions} (others: default schedules)")
+        lines = [self.program.summary(), f"  target: {self.target}",
+                 f"  tuned functions: {self.tuned_functions}/{self.total_functions} (others: default schedules)"]
+        lines += [f"  {choice}" for choice in self.kernel_choices]
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return (f"CompiledModel({self.program.name}, {self.target.name}, "
@@ -128,7 +140,8 @@ def build(model_or_onnx: torch.nn.Module | onnx.ModelProto | str | os.PathLike |
           example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
           target: str | dict | Target | CodegenTarget = "x86",
           tuning_db: str | os.PathLike | ms.Database | None = None,
-          default_schedules: bool = True) -> CompiledModel:
+          default_schedules: bool = True, sparse: bool | str = False, block: tuple[int, int] = (16, 1),
+          min_block_sparsity: float = 0.5) -> CompiledModel:
     """Compile a model for ``target``.
 
     >>> compiled = build(model, (torch.randn(1, 3, 224, 224),), target="x86", tuning_db="runs/tune")
@@ -138,9 +151,19 @@ def build(model_or_onnx: torch.nn.Module | onnx.ModelProto | str | os.PathLike |
     ``tuning_db`` is a meta-schedule work directory written by :func:`graphprune.codegen.tune`
     (or a ``Database``); functions without a record get default schedules. Turning
     ``default_schedules`` off leaves them naive (30-150x slower on CPU): for tests only.
+
+    ``sparse="auto"`` compiles linear and 1x1-convolution layers whose weights have at least
+    ``min_block_sparsity`` all-zero ``block``s (e.g. left by HESSO over ``block_groups``) as
+    BSR kernels wherever a measurement at the layer's token count says BSR beats the dense
+    kernel; ``sparse=True`` takes BSR for all of them unmeasured (cross targets). The
+    verdicts are in ``CompiledModel.kernel_choices`` (see :mod:`.sparsify`).
     """
     resolved = resolve_target(target)
     program = import_model(model_or_onnx, example_inputs)
+    choices: list[KernelChoice] = []
+    if sparse:
+        db_path = os.fspath(tuning_db) if isinstance(tuning_db, (str, os.PathLike)) else None
+        program, choices = sparsify(program, resolved, sparse, block, min_block_sparsity, db_path)
     database = open_database(tuning_db) if isinstance(tuning_db, (str, os.PathLike)) else tuning_db
     fused = fuse(program.bound(), resolved.target)
     tuned, total = database_coverage(database, fused, resolved.target)
@@ -148,4 +171,4 @@ def build(model_or_onnx: torch.nn.Module | onnx.ModelProto | str | os.PathLike |
         executable = compile_fused(fused, resolved.target, database, default_schedules)
     except Exception as exc:  # TVM reports compile failures as several internal error types
         raise TuningError(f"TVM failed to compile {program.name} for {resolved.name}: {exc}") from exc
-    return CompiledModel(executable, resolved, program, tuned, total)
+    return CompiledModel(executable, resolved, program, tuned, total, choices)

@@ -56,6 +56,13 @@ class BsrWeight:
         return cls(np.ascontiguousarray(bsr.data[keep], dtype="float32"), bsr.indices[keep].astype("int32"),
                    starts[bsr.indptr].astype("int32"), (n, k), tuple(block))
 
+    def kernel_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(data, indices, indptr)`` as the kernel takes them: an empty weight gets one zero pad
+        block (a zero-size buffer is not allowed), which ``indptr`` skips."""
+        if len(self.indices):
+            return self.data, self.indices, self.indptr
+        return np.zeros((1, *self.block), "float32"), np.zeros(1, "int32"), self.indptr
+
     def to_dense(self) -> np.ndarray:
         return scipy.sparse.bsr_matrix((self.data, self.indices, self.indptr), shape=self.shape).toarray()
 
@@ -137,6 +144,15 @@ def _bsr_prim_func(m: int, n: int, k: int, block: tuple[int, int], nnz: int, for
     return {"rows": rows, "cols": cols, "tokens": tokens}[form]
 
 
+def bsr_prim_func(weight: BsrWeight, batch: int, name: str = "bsr_linear") -> tvm.tirx.PrimFunc:
+    """The kernel for ``weight`` at ``batch`` rows, in the form :func:`kernel_form` picks, named
+    ``name``. Its arguments are ``x``, :meth:`BsrWeight.kernel_arrays`, a bias and the output."""
+    nnz = len(weight.kernel_arrays()[1])
+    func = _bsr_prim_func(batch, weight.shape[0], weight.shape[1], weight.block, nnz,
+                          kernel_form(weight.block, batch))
+    return func.with_attr("global_symbol", name)
+
+
 class BsrLinear:
     """A compiled BSR linear layer for one batch size: ``layer(x)`` returns ``x @ W.T + b``."""
 
@@ -144,13 +160,11 @@ class BsrLinear:
         self.weight, self.batch, self.target = weight, batch, target
         self.form = kernel_form(weight.block, batch)
         self.bias = np.zeros(weight.shape[0], "float32") if bias is None else np.asarray(bias, "float32")
-        nnz = max(len(weight.indices), 1)  # a zero-size buffer is not allowed; indptr skips the pad block
-        func = _bsr_prim_func(batch, weight.shape[0], weight.shape[1], weight.block, nnz, self.form)
+        data, indices, indptr = weight.kernel_arrays()
+        func = bsr_prim_func(weight, batch)
         self.library = tvm.compile(tvm.IRModule({"bsr_linear": func}), target=target.target).jit()
-        data = weight.data if len(weight.indices) else np.zeros((1, *weight.block), "float32")
-        indices = weight.indices if len(weight.indices) else np.zeros(1, "int32")
         device = target.device()
-        self._constants = [tvm.runtime.tensor(a, device) for a in (data, indices, weight.indptr, self.bias)]
+        self._constants = [tvm.runtime.tensor(a, device) for a in (data, indices, indptr, self.bias)]
 
     def _args(self, x: np.ndarray) -> list[tvm.runtime.Tensor]:
         if x.shape != (self.batch, self.weight.shape[1]):
@@ -178,7 +192,7 @@ class BsrLinear:
 
 
 def bsr_linear(weight: np.ndarray | torch.Tensor, block: tuple[int, int] = (16, 1), batch: int = 1,
-               bias: np.ndarray | torch.Tensor | None = None, target: str = "x86") -> BsrLinear:
+               bias: np.ndarray | torch.Tensor | None = None, target: str | CodegenTarget = "x86") -> BsrLinear:
     """Compile ``x @ weight.T + bias`` as a BSR kernel for inputs of shape (batch, K).
 
     >>> layer = bsr_linear(w, block=(16, 1), batch=128)
@@ -213,7 +227,7 @@ class KernelChoice:
 
 
 def choose_linear_kernel(linear: torch.nn.Linear, batch: int, block: tuple[int, int] = (16, 1),
-                         target: str = "x86", tuning_db: str | None = None, name: str = "linear") -> KernelChoice:
+                         target: str | CodegenTarget = "x86", tuning_db: str | None = None, name: str = "linear") -> KernelChoice:
     """Time a layer as BSR and as the dense kernel graphprune would build (tuned records from
     ``tuning_db`` or default schedules); pick BSR only when it is faster."""
     from .compile import build

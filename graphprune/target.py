@@ -116,7 +116,7 @@ def _unit_costs(groups: Sequence[Group], kind: Kind, params: Mapping[str, torch.
     if kind != "flops" or params is None or not param_macs:
         return costs
     for i, g in enumerate(groups):
-        owned = sum(param_macs[s.param] * s.index.shape[1] / params[s.param].shape[s.dim]
+        owned = sum(param_macs[s.param] * s.share(params[s.param].shape)
                     for s in g.slices if s.param in param_macs)
         costs[i] = max(costs[i], owned)
     return costs
@@ -163,11 +163,13 @@ class Overlap:
         dims: dict[str, set[int]] = defaultdict(set)
         for g in groups:
             for s in g.slices:
-                dims[s.param].add(s.dim)
+                if not s.is_block:  # blocks remove no rows; their overlap with channels is not corrected
+                    dims[s.param].add(s.dim)
         shared = {p for p, ds in dims.items() if len(ds) > 1 and weights.get(p, 0.0) > 0}
         self._weights = {p: float(weights[p]) for p in shared}
         self._dims = {p: {d: int(shapes[p][d]) for d in sorted(dims[p])} for p in shared}
-        self._rows = [[(s.param, s.dim, s.index.shape[1]) for s in g.slices if s.param in shared] for g in groups]
+        self._rows = [[(s.param, s.dim, s.index.shape[1]) for s in g.slices if s.param in shared and not s.is_block]
+                      for g in groups]
         self._removed: dict[tuple[str, int], int] = defaultdict(int)
         self._per_param: dict[str, float] = {}
         self.correction = 0.0

@@ -7,6 +7,11 @@ index tables of shape ``[size, count]``: optimizers can gather a whole group int
 
 Contract (checked by the property tests): if every slice of a unit is zero, removing
 the unit from the model (the compact model) leaves the output unchanged.
+
+Block groups (``kind == "block"``, :mod:`graphprune.analysis.block_groups`) are the one
+exception: their units are weight blocks inside a layer, which zero out but remove
+nothing, so they are never among ``g.groups`` and ``construct_subnet`` ignores them.
+Their slices span two dims (``dim2``/``index2``, see :class:`Slice`).
 """
 from __future__ import annotations
 
@@ -17,11 +22,47 @@ import torch
 
 @dataclass(frozen=True)
 class Slice:
-    """Rows ``index[u]`` along ``dim`` of parameter ``param`` belong to unit ``u``."""
+    """Rows ``index[u]`` along ``dim`` of parameter ``param`` belong to unit ``u``.
+
+    A *block* slice also sets ``dim2``/``index2``: unit ``u`` then owns only the elements
+    at ``index[u]`` along ``dim`` crossed with ``index2[u]`` along ``dim2`` (a weight block),
+    not whole rows. Channels need one dim, blocks need two; nothing needs more.
+    """
 
     param: str
     dim: int
     index: torch.Tensor  # LongTensor [size, count]
+    dim2: int | None = None
+    index2: torch.Tensor | None = None  # LongTensor [size, count2], block slices only
+
+    @property
+    def is_block(self) -> bool:
+        return self.dim2 is not None
+
+    def share(self, shape: tuple[int, ...] | torch.Size) -> float:
+        """Fraction of the parameter one unit owns (what its removal saves of it)."""
+        fraction = self.index.shape[1] / shape[self.dim]
+        return fraction * self.index2.shape[1] / shape[self.dim2] if self.is_block else fraction
+
+    def _block_view(self, tensor: torch.Tensor, units: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        view = tensor.movedim((self.dim, self.dim2), (0, 1))
+        rows = self.index[units].to(tensor.device)[:, :, None]
+        cols = self.index2[units].to(tensor.device)[:, None, :]
+        return view, (rows, cols)
+
+    def gather_block(self, tensor: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """A block slice's elements for ``units`` as ``[len(units), n]`` (a copy)."""
+        view, where = self._block_view(tensor, units)
+        return view[where].reshape(len(units), -1)
+
+    def put_block_(self, tensor: torch.Tensor, units: torch.Tensor, values: torch.Tensor | float) -> None:
+        """Write ``values`` (``[len(units), n]`` or one number) into a block slice's elements, in place."""
+        view, where = self._block_view(tensor, units)
+        if isinstance(values, torch.Tensor):
+            values = values.reshape(len(units), self.index.shape[1], self.index2.shape[1],
+                                    *view.shape[2:]).to(view.dtype)
+        with torch.no_grad():
+            view[where] = values
 
 
 @dataclass
@@ -43,11 +84,13 @@ class Group:
     flops_per_unit: float = 0.0
     atoms: torch.Tensor | None = field(default=None, repr=False)  # analysis-internal unit ids
 
-    def param_slices(self, unit: int) -> list[tuple[str, int, list[int]]]:
-        """``[(param_name, dim, indices)]`` of one unit, in the user's parameter names."""
+    def param_slices(self, unit: int) -> list[tuple]:
+        """``[(param_name, dim, indices)]`` of one unit, in the user's parameter names; a block
+        slice is ``(param_name, dim, indices, dim2, indices2)`` (the product of the two)."""
         if not 0 <= unit < self.size:
             raise IndexError(f"unit {unit} out of range for group {self.id} of size {self.size}")
-        return [(s.param, s.dim, s.index[unit].tolist()) for s in self.slices]
+        return [(s.param, s.dim, s.index[unit].tolist()) if not s.is_block else
+                (s.param, s.dim, s.index[unit].tolist(), s.dim2, s.index2[unit].tolist()) for s in self.slices]
 
     @property
     def param_names(self) -> list[str]:
@@ -58,6 +101,9 @@ class Group:
         cols = []
         for s in self.slices:
             p = params[s.param]
+            if s.is_block:
+                cols.append(s.gather_block(p, torch.arange(self.size)))
+                continue
             rows = p.movedim(s.dim, 0)[s.index.to(p.device).reshape(-1)]
             cols.append(rows.reshape(self.size, -1))
         return torch.cat(cols, dim=1)
@@ -73,6 +119,9 @@ class Group:
             return
         for s in self.slices:
             p = params[s.param]
+            if s.is_block:
+                s.put_block_(p, units, value)
+                continue
             idx = s.index[units].reshape(-1).to(p.device)
             with torch.no_grad():
                 p.index_fill_(s.dim, idx, value)

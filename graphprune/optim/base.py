@@ -47,6 +47,9 @@ class UnitIndex:
         cols = []
         for j, s in enumerate(self.group.slices):
             t = tensors[s.param]
+            if s.is_block:
+                cols.append(s.gather_block(t, units))
+                continue
             rows = t.movedim(s.dim, 0).index_select(0, self._rows(len(units), j, units, t.device))
             cols.append(rows.reshape(len(units), -1))
         return torch.cat(cols, dim=1)
@@ -56,6 +59,13 @@ class UnitIndex:
         offset = 0
         for j, s in enumerate(self.group.slices):
             if s.param not in tensors:
+                continue
+            if s.is_block:
+                t = tensors[s.param]
+                width = s.index.shape[1] * s.index2.shape[1] * t.numel() // (t.shape[s.dim] * t.shape[s.dim2])
+                s.put_block_(t, units, values[:, offset:offset + width]
+                             if isinstance(values, torch.Tensor) else values)
+                offset += width
                 continue
             view = tensors[s.param].movedim(s.dim, 0)
             idx = self._rows(len(units), j, units, view.device)
@@ -76,11 +86,18 @@ class GroupOptimizer(torch.optim.Optimizer):
     :class:`graphprune.Target` or a float (the FLOPs fraction to remove).  ``variant``
     picks the base update for parameters outside the held units: ``"sgd"`` (momentum,
     L2 weight decay, as ``torch.optim.SGD``) or ``"adamw"`` (decoupled weight decay).
+
+    ``groups`` replaces the groups the method steers (default ``g.groups``).  It is how
+    in-layer block sparsity is asked for: ``groups=block_groups(g)`` zeroes weight blocks
+    only, ``groups=[*g.groups, *block_groups(g)]`` channels and blocks under one target
+    (keep ``g.groups`` first: H2SPG's hierarchy indexes them).  Block units remove nothing
+    in ``construct_subnet``; their zeros are for the block-sparse kernels of
+    ``graphprune.codegen.build(..., sparse="auto")``.
     """
 
     def __init__(self, g: Any, lr: float, *, target: Target | float = 0.5, variant: str = "sgd",
                  momentum: float = 0.9, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, check_finite: bool = True) -> None:
+                 eps: float = 1e-8, check_finite: bool = True, groups: Sequence[Group] | None = None) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if variant not in ("sgd", "adamw"):
@@ -88,7 +105,7 @@ class GroupOptimizer(torch.optim.Optimizer):
         if not 0.0 <= momentum < 1.0 or weight_decay < 0:
             raise ValueError(f"need 0 <= momentum < 1 and weight_decay >= 0 (got {momentum}, {weight_decay})")
         self.graph = g
-        self.groups: list[Group] = list(g.groups)
+        self.groups: list[Group] = list(g.groups if groups is None else groups)
         if not self.groups:
             raise UnprunableTargetError("the graph has no prunable groups", hint="check g.summary() for barriers")
         self.named = dict(g.params)
