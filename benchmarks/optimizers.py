@@ -143,18 +143,25 @@ def measure(compact: nn.Module, dense_flops: float, dense_params: int) -> tuple[
     return 1 - g.total_flops / dense_flops, 1 - g.total_params / dense_params
 
 
-def run_dense(name: str, seed: int, data, steps: int, target: float | None):
-    torch.manual_seed(seed)
-    model = MODELS[name]()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+def train(model: nn.Module, opt: torch.optim.Optimizer, data, steps: int, seed: int) -> None:
+    """Cross-entropy SGD with a cosine schedule; graphprune optimizers also log the loss."""
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for xb, yb in batches(data[0], data[1], steps, 64, seed):
         model.train()
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()
+        if hasattr(opt, "record_loss"):
+            opt.record_loss(loss)
         opt.step()
         sched.step()
+
+
+def run_dense(name: str, seed: int, data, steps: int, target: float | None):
+    torch.manual_seed(seed)
+    model = MODELS[name]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    train(model, opt, data, steps, seed)
     return model, 0.0, 0.0
 
 
@@ -170,15 +177,7 @@ def run_oto(cls) -> Callable:
             xh, yh = data[0][:256], data[1][:256]
             kw["loss_fn"] = lambda: F.cross_entropy(model(xh), yh)
         opt = cls(g, lr=0.05, target=Target(flops=target), **kw)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        for xb, yb in batches(data[0], data[1], steps, 64, seed):
-            model.train()
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.record_loss(loss)
-            opt.step()
-            sched.step()
+        train(model, opt, data, steps, seed)
         return g.construct_subnet(), None, None
     return run
 
