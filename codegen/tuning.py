@@ -4,7 +4,8 @@ A run extracts the fused functions of the model (the same ones :mod:`.pipeline` 
 skips those the database already has a measured record for (incremental re-tuning after
 pruning changes a few layers), and tunes the rest with a budget that reaches every task.
 Records are appended to ``database_workload.json``/``database_tuning_record.json`` by
-meta-schedule itself, so a second run on the same folder resumes from them. Each run leaves
+meta-schedule itself, so a second run on the same folder resumes from them, also after a
+kill (:func:`open_database` repairs a line torn by it). Each run leaves
 a tuning curve (CSV, JSON, PNG) and a ``tuning_report.json`` next to the database.
 """
 from __future__ import annotations
@@ -39,10 +40,54 @@ from .targets import CodegenTarget, resolve_target
 _FAILED_RUN_SECS = 1e9
 
 
+#: The two tables of meta-schedule's JSON database, one JSON value per line, append-only.
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
 def open_database(work_dir: str | os.PathLike) -> ms.database.JSONDatabase:
-    """The JSON database in ``work_dir`` (created empty if missing)."""
+    """The JSON database in ``work_dir`` (created empty if missing), its tables repaired first.
+
+    A run killed while meta-schedule appends a line can leave the tail of a table damaged
+    (see :func:`repair_table`); TVM's loader then refuses the whole database ("Unexpected end
+    of string"), so every earlier record of a long tuning run would be lost to a crash.
+    """
     os.makedirs(work_dir, exist_ok=True)
+    for name in DATABASE_FILES:
+        action = repair_table(Path(work_dir) / name)
+        if action:
+            warnings.warn(f"{Path(work_dir) / name}: {action} (left by an interrupted tuning run)", stacklevel=2)
     return ms.database.JSONDatabase(work_dir=str(work_dir), allow_missing=True)
+
+
+def repair_table(path: Path) -> str | None:
+    """Make the last line of a database table whole; returns what was done, or None.
+
+    meta-schedule appends ``line`` and then ``"\\n"`` (``os << line << std::endl``); a line
+    longer than the stream buffer (workload lines are ~40 KB) reaches the file in two writes,
+    so a SIGKILL can leave either a prefix of a line or a complete line without its newline.
+    A complete line (it parses as JSON: a prefix of a JSON array never does) gets its newline,
+    otherwise the next append would glue two values into one unreadable line; a prefix is cut
+    off, losing only the record whose write was interrupted. Earlier lines are never touched.
+    """
+    if not path.is_file():
+        return None
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return None
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return None
+        f.seek(0)
+        data = f.read()
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:])
+        except ValueError:
+            f.truncate(start)
+            return f"cut a partial line of {size - start} bytes"
+        f.write(b"\n")
+        return "added the missing newline"
 
 
 def _best_seconds(database: ms.Database | None, task: ms.ExtractedTask, target: Target) -> float | None:
@@ -151,7 +196,15 @@ def tuning_dir(target: CodegenTarget, work_dir: str | os.PathLike,
 
 
 def make_runner(rpc_tracker: str | None = None, rpc_key: str | None = None) -> ms.runner.Runner:
-    """Measure here, or on the boards registered at ``rpc_tracker`` ("host:port") under ``rpc_key``."""
+    """Measure here, or on the boards registered at ``rpc_tracker`` ("host:port") under ``rpc_key``.
+
+    meta-schedule's ``RPCRunner`` holds one connection at a time unless told otherwise
+    (``max_workers`` defaults to 1), so a farm of N boards would measure one candidate at a
+    time. The runner gets one connection per board registered under the key when tuning
+    starts; the tracker hands each to a free board. Asking the tracker here also makes a run
+    with no board registered fail at once, instead of every candidate waiting out its
+    session timeout and being stored as a failure.
+    """
     if rpc_tracker is None:
         return ms.runner.LocalRunner()
     host, _, port = rpc_tracker.rpartition(":")
@@ -160,7 +213,15 @@ def make_runner(rpc_tracker: str | None = None, rpc_key: str | None = None) -> m
                           hint='pass rpc_tracker="host:port" and the rpc_key the device registered with')
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc_key,
                                  session_timeout_sec=120)
-    return ms.runner.RPCRunner(rpc_config=config)
+    try:
+        boards = config.count_num_servers(allow_missing=False)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise TuningError(f"no device registered under key {rpc_key!r} at the RPC tracker {rpc_tracker}: "
+                          f"{str(exc).splitlines()[0]}",
+                          hint=f"start one with: python -m tvm.exec.rpc_server --tracker {rpc_tracker} "
+                               f"--key {rpc_key}; check with: python -m tvm.exec.query_rpc_tracker "
+                               f"--host {host} --port {port}") from exc
+    return ms.runner.RPCRunner(rpc_config=config, max_workers=boards)
 
 
 def _search_strategy(trials_per_task: int) -> ms.search_strategy.EvolutionarySearch:
