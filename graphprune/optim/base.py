@@ -134,8 +134,10 @@ class GroupOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.check_finite:
             self._check_finite("gradient", {n: p.grad for n, p in self.named.items() if p.grad is not None})
-        self._decide()
         params = self.named
+        # the last good weights: a step that overflows is undone before the error is raised
+        good = {n: p.detach().clone() for n, p in params.items()} if self.check_finite else None
+        self._decide()
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
         held = self._held()
         snapshot = [(i, u, self.units[i].gather(params, u), self.units[i].gather(grads, u))
@@ -149,8 +151,13 @@ class GroupOptimizer(torch.optim.Optimizer):
             if len(units):
                 self.units[i].put_(params, units, 0.0)
                 self._clear_state(i, units)
-        if self.check_finite:
-            self._check_finite("weight", params)
+        if good is not None:
+            try:
+                self._check_finite("weight", params)
+            except NumericalError:
+                for n, p in params.items():
+                    p.copy_(good[n])
+                raise
         self.num_steps += 1
         self._finish_step()
         return loss

@@ -120,8 +120,24 @@ def test_nan_gradient_names_the_parameter(data):
     _, opt = make(HESSO, model, 0.5)
     F.cross_entropy(model(data[0][:8]), data[1][:8]).backward()
     model.conv2.weight.grad[0, 0, 0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = [m.clone() for m in opt.masks]
     with pytest.raises(NumericalError, match="conv2.weight"):
         opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # last good weights kept
+    assert all(torch.equal(m, n) for m, n in zip(opt.masks, masks))  # no NaN decision
+
+
+def test_overflowing_step_is_undone(data):
+    model = Net()
+    _, opt = make(HESSO, model, 0.5)
+    F.cross_entropy(model(data[0][:8]), data[1][:8]).backward()
+    model.conv2.weight.grad[0, 0, 0, 0] = 3e38  # finite, but the update overflows to inf
+    opt.param_groups[0]["lr"] = 1e10
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(NumericalError, match="weight of parameter"):
+        opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_output_depends_on_input_detects_a_dead_net(data):
