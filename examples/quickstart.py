@@ -101,7 +101,7 @@ def main() -> None:
     gp.export_onnx(compact, (xte[:2],), "runs/quickstart/compact.onnx")
     dense_tvm, compact_tvm = tvm_latency_ms(dense, xte[:64]), tvm_latency_ms(compact, xte[:64])
     if dense_tvm is not None and compact_tvm is not None:
-        rows.append(("latency batch 64 (ms, TVM x86)", f"{dense_tvm:.2f}", f"{compact_tvm:.2f}"))
+        rows.append(("latency batch 64 (ms, TVM x86 untuned)", f"{dense_tvm:.2f}", f"{compact_tvm:.2f}"))
     print(f"\n{'':30} {'dense':>12} {'HESSO 50% FLOPs':>16}")
     for name, a, b in rows:
         print(f"{name:30} {a:>12} {b:>16}")

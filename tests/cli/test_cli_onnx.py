@@ -97,3 +97,31 @@ def test_tune_resumes(tmp_path, onnx_dir):
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["trials_saved"] > 0
 
+
+
+@pytest.mark.parametrize("name", ["bert_classifier", "vit"])
+def test_prune_transformers_onnx(tmp_path, name):
+    """ONNX exported from transformers models (small random configs) through the shell."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from tests.analysis.hf_models import build
+
+    model, inputs = build(name, "eager")
+
+    class Logits(torch.nn.Module):  # one tensor out: what an exported classifier returns
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x).logits
+
+    src, out = tmp_path / f"{name}.onnx", tmp_path / f"{name}.small.onnx"
+    torch.onnx.export(Logits(model).eval(), inputs, str(src), dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17)
+    r = run_cli("prune", src, "-o", out, "--flops", "0.3", "--criterion", "l2", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)["report"]
+    assert report["verify_error"] < 1e-4 and report["flops_removed"] > 0.25
+    check_pruned(src, out, inputs[0].numpy())
