@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
-from torch.fx.operator_schemas import normalize_function
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedModelError
@@ -56,6 +55,20 @@ def batch_dynamic_shapes(args: tuple, kwargs: dict) -> Any:
     return pytree.tree_map(dyn, kwargs) if kwargs else pytree.tree_map(dyn, args)
 
 
+def _named_args(target: torch._ops.OpOverload, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Arguments by schema name, defaults filled in: what the rules read.  Binding by the
+    schema directly is ~10x faster than ``normalize_function`` on large graphs."""
+    out: dict[str, Any] = {}
+    for i, a in enumerate(target._schema.arguments):
+        if i < len(args) and not a.kwarg_only:
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
+        elif a.has_default_value():
+            out[a.name] = a.default_value
+    return out
+
+
 def _tensor_meta(val: Any) -> bool:
     return isinstance(val, torch.Tensor)
 
@@ -63,6 +76,9 @@ def _tensor_meta(val: Any) -> bool:
 def from_exported(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> Graph:
     """Translate an ExportedProgram into the IR (values, nodes in topological order)."""
     sig = ep.graph_signature
+    # the signature rebuilds these mappings on every access: read them once
+    to_params, to_buffers = sig.inputs_to_parameters, sig.inputs_to_buffers
+    to_consts = sig.inputs_to_lifted_tensor_constants
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(dict(model.named_buffers(remove_duplicate=False)))
     values: dict[str, Value] = {}
@@ -75,15 +91,15 @@ def from_exported(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> G
         if not _tensor_meta(val):
             continue
         name = ph.name
-        if name in sig.inputs_to_parameters:
-            fqn = sig.inputs_to_parameters[name]
+        if name in to_params:
+            fqn = to_params[name]
             values[name] = Value(name, _shape(val), val.dtype, "param", state.get(fqn, ep.state_dict.get(fqn)), fqn)
-        elif name in sig.inputs_to_buffers:
-            fqn = sig.inputs_to_buffers[name]
+        elif name in to_buffers:
+            fqn = to_buffers[name]
             data = state.get(fqn, ep.state_dict.get(fqn, ep.constants.get(fqn)))
             values[name] = Value(name, _shape(val), val.dtype, "buffer", data, fqn)
-        elif name in sig.inputs_to_lifted_tensor_constants:
-            fqn = sig.inputs_to_lifted_tensor_constants[name]
+        elif name in to_consts:
+            fqn = to_consts[name]
             values[name] = Value(name, _shape(val), val.dtype, "const", ep.constants[fqn], fqn)
         else:
             values[name] = Value(name, _shape(val), val.dtype, "input", None, name)
@@ -121,11 +137,7 @@ def from_exported(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> G
         if isinstance(target, torch._ops.OpOverload):
             packet = target.overloadpacket.__name__
             source_op = f"aten.{packet}.{target._overloadname}"
-            try:
-                norm = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
-                attrs = dict(norm.kwargs) if norm is not None else {}
-            except Exception:
-                attrs = {}
+            attrs = _named_args(target, args, kwargs)
         else:
             packet = getattr(target, "__name__", str(target))
             source_op = packet
