@@ -60,12 +60,13 @@ def _named_args(target: torch._ops.OpOverload, args: tuple, kwargs: dict) -> dic
     schema directly is ~10x faster than ``normalize_function`` on large graphs."""
     out: dict[str, Any] = {}
     for i, a in enumerate(target._schema.arguments):
+        key = "input" if a.name == "self" else a.name  # one name for the primary tensor, as fx does
         if i < len(args) and not a.kwarg_only:
-            out[a.name] = args[i]
+            out[key] = args[i]
         elif a.name in kwargs:
-            out[a.name] = kwargs[a.name]
+            out[key] = kwargs[a.name]
         elif a.has_default_value():
-            out[a.name] = a.default_value
+            out[key] = a.default_value
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn.functional import cross_entropy
 
-from conftest import EXAMPLE_BATCH, MLP, ConvNet, accuracy, batches, conv_flops, conv_groups, mlp_flops, mlp_groups, standin, \
+from tests.oneshot.conftest import EXAMPLE_BATCH, MLP, ConvNet, accuracy, batches, conv_flops, conv_groups, mlp_flops, mlp_groups, standin, \
     zero_units
 from graphprune.errors import GraphPruneError, UnprunableTargetError
 from graphprune.optim.oneshot import PruneReport, finetune, prune

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.functional import cross_entropy
 
-from conftest import ConvNet, MLP, conv_groups, mlp_groups, randomize_norms, standin, conv_flops, mlp_flops
+from tests.oneshot.conftest import ConvNet, MLP, conv_groups, mlp_groups, randomize_norms, standin, conv_flops, mlp_flops
 from graphprune.analysis.groups import Group, Slice
 from graphprune.errors import GraphPruneError
 from graphprune.optim.scoring import input_moments, normalize, score, slice_role

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optim_standin import Net, digits, graph
+from tests.optim.optim_standin import Net, digits, graph
 
 torch.set_num_threads(1)  # 2 small cores: one thread is several times faster than two here
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from graphprune.optim import HESSO
-from optim_standin import Net, batches, digits, graph, zero_units
+from tests.optim.optim_standin import Net, batches, digits, graph, zero_units
 
 STEPS = 40
 SETTINGS = dict(lr=0.05, target=0.5, warmup_steps=5, pruning_steps=30, pruning_periods=3)

@@ -11,7 +11,7 @@ from graphprune.errors import NumericalError, UnprunableTargetError
 from graphprune.optim import DHSPG, H2SPG, HESSO, HESSO_CRIC, HESSOCRIC, output_depends_on_input
 from graphprune.optim.plots import plot_history
 from graphprune.target import Target
-from optim_standin import Net, batches, graph, live_flops, traced_or_standin, zero_units
+from tests.optim.optim_standin import Net, batches, graph, live_flops, traced_or_standin, zero_units
 
 WINDOW = dict(warmup_steps=10, pruning_steps=60)
 
@@ -26,7 +26,7 @@ def make(cls, model, target, **kw):
 
 
 def _held_loss(model):
-    from optim_standin import digits
+    from tests.optim.optim_standin import digits
     x, y = digits(640)
     return lambda: F.cross_entropy(model(x[512:]), y[512:])
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from graphprune.analysis.groups import Group, Slice
 from graphprune.errors import NumericalError, UnprunableTargetError
 from graphprune.target import Target, achieved, select_units
-from optim_standin import live_flops
+from tests.optim.optim_standin import live_flops
 
 
 def groups_of(sizes: list[int], params: list[int] | None = None, flops: list[float] | None = None) -> list[Group]:
