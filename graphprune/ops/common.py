@@ -5,24 +5,11 @@ from typing import Any
 
 import torch
 
-from ..analysis.labels import Labels
-from ..ir.graph import Node, Ref
+from ..ir.graph import Ref
 
 
 def ref_name(a: Any) -> str | None:
     return a.name if isinstance(a, Ref) else None
-
-
-def tensor_inputs(node: Node) -> list[str]:
-    return node.inputs
-
-
-def first_input(node: Node) -> str:
-    return node.inputs[0]
-
-
-def is_param(lab: Labels, name: str | None) -> bool:
-    return name is not None and lab.graph.values[name].kind in ("param", "buffer", "const")
 
 
 def as_list(x: Any) -> list[int]:
