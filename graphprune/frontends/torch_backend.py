@@ -14,21 +14,18 @@ class TorchBackend:
     def __init__(self, exported: torch.export.ExportedProgram) -> None:
         self.exported = exported
 
-    def emit(self, pg: Any, tensors: dict[str, torch.Tensor]) -> CompactModule:
-        shrink = Shrink(pg.labels, pg.comp, pg.removed_units(tensors))
-        state = dict(tensors)
-        if pg.model is not None:
-            for k, v in pg.model.named_buffers(remove_duplicate=False):
-                state.setdefault(k, v)
-        return emit_module(pg.ir, self.exported, shrink, state)
-
-    def full(self, pg: Any, tensors: dict[str, torch.Tensor]) -> CompactModule:
-        """The full model with ``tensors`` as weights (nothing removed)."""
-        shrink = Shrink(pg.labels, pg.comp, torch.zeros(0, dtype=torch.long))
+    def emit(self, pg: Any, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None) -> CompactModule:
+        """The compact module for ``tensors`` (buffers from the user's model); ``removed``
+        overrides which units go (default: every all-zero unit)."""
+        units = pg.removed_units(tensors) if removed is None else removed
         state = dict(tensors)
         for k, v in pg.model.named_buffers(remove_duplicate=False):
             state.setdefault(k, v)
-        return emit_module(pg.ir, self.exported, shrink, state)
+        return emit_module(pg.ir, self.exported, Shrink(pg.labels, pg.comp, units), state)
+
+    def full(self, pg: Any, tensors: dict[str, torch.Tensor]) -> CompactModule:
+        """The full model with ``tensors`` as weights (nothing removed)."""
+        return self.emit(pg, tensors, torch.zeros(0, dtype=torch.long))
 
     def compare(self, pg: Any, tensors: dict[str, torch.Tensor]) -> float:
         """Relative error between the compact and the zeroed full model on the example."""
