@@ -24,122 +24,11 @@ import graphprune as gp
 from graphprune.optim import DHSPG, H2SPG, HESSO, HESSO_CRIC
 from graphprune.target import Target
 
-EXAMPLE = torch.zeros(1, 1, 8, 8)
+from digits import MODELS, accuracy, attention_heads, batches, digits_split, example, head_layer
 
 
-# ---- data and models ----------------------------------------------------------------------
-
-def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))  # the fixed split
-    train, test = order[:1297], order[1297:]
-    return x[train], y[train], x[test], y[test]
-
-
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.skip = nn.Sequential() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.skip(x))
-
-
-class ResNet(nn.Module):
-    """3 stages of 32-64-128 channels, one basic block each."""
-
-    def __init__(self, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.stages = nn.Sequential(Block(32, 32, 1), Block(32, 64, 2), Block(64, 128, 2))
-        self.fc = nn.Linear(128, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.stages(self.stem(x)).mean(dim=(2, 3)))
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = (f(x).reshape(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
-        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
-
-
-class ViT(nn.Module):
-    """Rows as tokens: 8 tokens of 8 pixels, 2 pre-norm blocks, mean-pooled head."""
-
-    def __init__(self, dim: int = 64, heads: int = 4, depth: int = 2, classes: int = 10) -> None:
-        super().__init__()
-        self.embed = nn.Linear(8, dim)
-        self.pos = nn.Parameter(torch.zeros(1, 8, dim))
-        self.blocks = nn.ModuleList()
-        for _ in range(depth):
-            self.blocks.append(nn.ModuleDict(dict(
-                norm1=nn.LayerNorm(dim), attn=Attention(dim, heads), norm2=nn.LayerNorm(dim),
-                mlp=nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)))))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x.flatten(1, 2)) + self.pos  # [b, 1, 8, 8] -> 8 row tokens
-        for blk in self.blocks:
-            h = h + blk["attn"](blk["norm1"](h))
-            h = h + blk["mlp"](blk["norm2"](h))
-        return self.head(self.norm(h).mean(dim=1))
-
-
-MODELS: dict[str, Callable[[], nn.Module]] = {"resnet": ResNet, "vit": ViT}
-
-
-# ---- training -----------------------------------------------------------------------------
-
-def batches(x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(y), generator=gen)
-    pos = 0
-    for _ in range(steps):
-        if pos + batch > len(y):
-            order, pos = torch.randperm(len(y), generator=gen), 0
-        idx = order[pos:pos + batch]
-        pos += batch
-        yield x[idx], y[idx]
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        if _fixed_batch(model):
-            pred = torch.cat([model(xi[None]) for xi in x]).argmax(1)
-        else:
-            pred = model(x).argmax(1)
-    return float((pred == y).float().mean())
-
-
-def _fixed_batch(model: nn.Module) -> bool:
-    try:
-        with torch.no_grad():
-            model(torch.zeros(2, 1, 8, 8))
-        return False
-    except Exception:  # compact models may keep the example's batch size
-        return True
-
-
-def measure(compact: nn.Module, dense_flops: float, dense_params: int) -> tuple[float, float]:
-    g = gp.trace(compact, EXAMPLE)
+def measure(name: str, compact: nn.Module, dense_flops: float, dense_params: int) -> tuple[float, float]:
+    g = gp.trace(compact, example(name), verify=False)
     return 1 - g.total_flops / dense_flops, 1 - g.total_params / dense_params
 
 
@@ -159,7 +48,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data, steps: int, seed: 
 
 def run_dense(name: str, seed: int, data, steps: int, target: float | None):
     torch.manual_seed(seed)
-    model = MODELS[name]()
+    model = MODELS[name][0]()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     train(model, opt, data, steps, seed)
     return model, 0.0, 0.0
@@ -168,8 +57,8 @@ def run_dense(name: str, seed: int, data, steps: int, target: float | None):
 def run_oto(cls) -> Callable:
     def run(name: str, seed: int, data, steps: int, target: float):
         torch.manual_seed(seed)
-        model = MODELS[name]()
-        g = gp.trace(model, EXAMPLE)
+        model = MODELS[name][0]()
+        g = gp.trace(model, example(name))
         kw = dict(warmup_steps=steps // 10, pruning_steps=steps // 2, weight_decay=1e-4)
         if cls in (HESSO, HESSO_CRIC):
             kw["pruning_periods"] = 10
@@ -187,18 +76,13 @@ def run_torch_pruning(name: str, seed: int, data, steps: int, target: float):
     import torch_pruning as tp
 
     torch.manual_seed(seed)
-    model = MODELS[name]()
-    example = torch.zeros(2, 1, 8, 8)
-    head = model.fc if name == "resnet" else model.head
-    kwargs = {}
-    if name == "vit":
-        kwargs = dict(num_heads={blk["attn"].q: blk["attn"].heads for blk in model.blocks} |
-                      {blk["attn"].k: blk["attn"].heads for blk in model.blocks} |
-                      {blk["attn"].v: blk["attn"].heads for blk in model.blocks})
-    pruner = tp.pruner.GroupNormPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+    model = MODELS[name][0]()
+    ex = example(name)
+    kwargs = dict(num_heads=attention_heads(model)) if name == "vit" else {}
+    pruner = tp.pruner.GroupNormPruner(model, ex, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                        pruning_ratio=0.9, iterative_steps=90, global_pruning=True,
-                                       ignored_layers=[head], **kwargs)
-    dense_macs, _ = tp.utils.count_ops_and_params(model, example)
+                                       ignored_layers=[head_layer(model)], **kwargs)
+    dense_macs, _ = tp.utils.count_ops_and_params(model, ex)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     sparse_steps = steps * 6 // 10
     stream = batches(data[0], data[1], steps, 64, seed)
@@ -207,7 +91,7 @@ def run_torch_pruning(name: str, seed: int, data, steps: int, target: float):
         if t == sparse_steps:
             pruner.update_regularizer()
             for _ in range(90):
-                macs, _ = tp.utils.count_ops_and_params(model, example)
+                macs, _ = tp.utils.count_ops_and_params(model, ex)
                 if 1 - macs / dense_macs >= target:
                     break
                 pruner.step()
@@ -236,10 +120,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     args = ap.parse_args()
     torch.set_num_threads(max(torch.get_num_threads() // 2, 1))
-    data = digits_split()
+    data = digits_split()  # the resnet and vit read 8x8 digits
     rows = []
     for name in args.models.split(","):
-        dense_g = gp.trace(MODELS[name](), EXAMPLE)
+        dense_g = gp.trace(MODELS[name][0](), example(name), verify=False)
         for method in args.methods.split(","):
             for target in ([None] if method == "dense" else [float(t) for t in args.targets.split(",")]):
                 accs, flops, params, secs = [], [], [], []
@@ -252,7 +136,7 @@ def main() -> None:
                         break
                     secs.append(time.perf_counter() - start)
                     accs.append(accuracy(model, data[2], data[3]))
-                    f, p = measure(model, dense_g.total_flops, dense_g.total_params)
+                    f, p = measure(name, model, dense_g.total_flops, dense_g.total_params)
                     flops.append(f)
                     params.append(p)
                 if accs:
