@@ -1,13 +1,14 @@
 """The traced, analysed model that users and optimizers work with."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-import networkx as nx
 import torch
 
 from .analysis.groups import Group
 from .analysis.labels import Barrier, Labels
+from .analysis.liveness import Liveness
 from .errors import ZeroInvarianceError
 from .ir.graph import Graph
 
@@ -75,42 +76,28 @@ class PrunableGraph:
             return [g.gather(tensors).abs().amax(dim=1) == 0 for g in self.groups]
 
     def removed_units(self, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Unit ids to remove.  A group that is zero everywhere keeps one (zero) unit: its
-        layers shrink to a single zero channel, which reproduces the zeroed model exactly
-        where removing the last channel would leave an empty tensor."""
-        parts = []
-        for g, m in zip(self.groups, self.zero_masks(tensors)):
-            m = m.cpu()
-            if bool(m.all()):
-                m = m.clone()
-                m[0] = False
-            if bool(m.any()):
-                parts.append(g.atoms[m])
+        """Unit ids to remove: every all-zero unit, whole groups included.  The emitters
+        erase the operators that a whole group's removal leaves without input (see
+        ``graphprune.passes.erase``) and keep one zero unit where that is impossible."""
+        parts = [g.atoms[m.cpu()] for g, m in zip(self.groups, self.zero_masks(tensors)) if bool(m.any())]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     # ---- hierarchy (operator erasure) --------------------------------------------------
     def stays_connected(self, masks: list[torch.Tensor]) -> bool:
-        """Whether every output is still reachable from the inputs once the units in
-        ``masks`` (one bool tensor per group) are removed: values all of whose entries
-        belong to removed units carry nothing and are cut from the graph."""
-        if not any(bool(m.all()) for m in masks):
-            return True  # values empty out only when a whole group goes (else emission refuses)
+        """Whether every output still depends on the inputs once the units in ``masks``
+        (one bool tensor per group) are removed, i.e. no output is dead (see
+        :mod:`graphprune.analysis.liveness`, which the erasure pass shares)."""
+        if not any(bool(m.any()) for m in masks):
+            return True
         removed = torch.zeros(int(self.comp.max()) + 1, dtype=torch.bool)
         for g, m in zip(self.groups, masks):
             removed[g.atoms[m.cpu()]] = True
-        dead = set()
-        for name, f in self.labels.fields.items():
-            if f is not None and self.ir.values[name].kind == "act":
-                lab = f.labels[f.labels >= 0]
-                if lab.numel() == f.labels.numel() and bool(removed[self.comp[lab]].all()):
-                    dead.add(name)
-        graph = self.ir.to_networkx()
-        graph.remove_nodes_from(dead)
-        reach: set[str] = set()
-        for i in self.ir.inputs:
-            if i in graph:
-                reach |= nx.descendants(graph, i) | {i}
-        return all(o in reach for o in self.ir.outputs)
+        empty = self.liveness.empty(removed)
+        return not empty or not set(self.ir.outputs) & self.liveness.dead(empty)
+
+    @functools.cached_property
+    def liveness(self) -> Liveness:
+        return Liveness(self.ir, self.labels, self.comp)
 
     @property
     def hierarchy(self) -> list[int]:

@@ -1,7 +1,10 @@
 """Emit a compact ONNX model: sliced initializers, rewritten shape constants, fresh
-shape inference, ``onnx.checker`` passed.  Graph inputs, outputs and their dynamic
-axes are untouched (their channels are never pruned)."""
+shape inference, ``onnx.checker`` passed; operators that removed groups leave without
+input are erased (:mod:`.erase`) and dead nodes dropped.  Graph inputs, outputs and
+their dynamic axes are untouched (their channels are never pruned)."""
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -12,24 +15,89 @@ from graphprune.errors import BadOnnxError
 from graphprune.ir.graph import Graph
 from graphprune.ops.registry import rule_for
 
+from .erase import Erasure, Evaluate, erase
 from .shrink import Shrink
 
 
 def _drop_unused(graph: onnx.GraphProto) -> None:
-    """Remove initializers and Constant nodes nothing reads any more."""
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [n for n in graph.node if not (n.op_type == "Constant" and not set(n.output) & used)]
-    del graph.node[:]
-    graph.node.extend(keep)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    """Dead-code elimination: remove nodes none of whose outputs is read (repeatedly),
+    then initializers nothing reads any more."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        keep = [n for n in graph.node if set(n.output) & used]
+        if len(keep) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(keep)
     inits = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(inits)
 
 
+def _erase(graph: onnx.GraphProto, er: Erasure) -> None:
+    """Feed each frontier consumer its constant (an initializer ``<value>__erased``) and
+    drop the erased nodes; :func:`_drop_unused` then takes what only they used."""
+    for name, c in er.constants.items():
+        graph.initializer.append(numpy_helper.from_array(np.array(c.detach().cpu().numpy(), order="C"),
+                                                         f"{name}__erased"))
+    for n in [n for n in graph.node if any(n.output) and all(o in er.dead for o in n.output if o)]:
+        graph.node.remove(n)
+    for n in graph.node:
+        for k, i in enumerate(n.input):
+            if i in er.constants:
+                n.input[k] = f"{i}__erased"
+
+
+def _evaluator(ir: Graph, proto: onnx.ModelProto, tensors: dict[str, torch.Tensor]) -> Evaluate:
+    """Compute input-independent values with onnxruntime: the nodes they depend on, in a
+    model of their own whose initializers are the current weights and zeros for the
+    empty values (the model's inputs are never reached)."""
+    from graphprune.frontends.onnx_backend import run_onnx  # the backend imports this module
+
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    initial = {i.name: i for i in proto.graph.initializer}
+
+    def evaluate(wanted: set[str], empty: set[str]) -> dict[str, torch.Tensor]:
+        graph = onnx.GraphProto(name="erased")
+        nodes, seen, stack = set(), set(), list(wanted)
+        while stack:
+            name = stack.pop()
+            if name in seen or not name:
+                continue
+            seen.add(name)
+            v = ir.values.get(name)
+            if name in empty:
+                arr = np.zeros(v.shape, dtype=torch.empty(0, dtype=v.dtype).numpy().dtype)
+                graph.initializer.append(numpy_helper.from_array(arr, name))
+            elif v is not None and v.kind == "param":
+                arr = tensors.get(name, v.data).detach().cpu().numpy()
+                graph.initializer.append(numpy_helper.from_array(np.array(arr, order="C"), name))
+            elif name in initial:
+                graph.initializer.append(initial[name])
+            else:
+                nodes.add(id(producer[name]))
+                stack.extend(producer[name].input)
+        graph.node.extend(n for n in proto.graph.node if id(n) in nodes)
+        names = sorted(wanted)
+        graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+        model = onnx.helper.make_model(graph, opset_imports=proto.opset_import, ir_version=proto.ir_version)
+        return {n: torch.from_numpy(a) for n, a in zip(names, run_onnx(model, {}))}
+    return evaluate
+
+
+def _dynamic_axes(ir: Graph) -> Callable[[str], set[int]]:
+    """Axes whose size changed when the importer ran a second batch size."""
+    def axes(name: str) -> set[int]:
+        v = ir.values[name]
+        return set() if v.alt_shape is None else {i for i, (a, b) in enumerate(zip(v.shape, v.alt_shape)) if a != b}
+    return axes
+
+
 def emit_onnx(ir: Graph, proto: onnx.ModelProto, shrink: Shrink, tensors: dict[str, torch.Tensor]) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(proto)
+    er = erase(shrink, tensors, _dynamic_axes(ir), _evaluator(ir, proto, tensors))
+    shrink = er.shrink
     shrink.onnx = model
     inits = {i.name: k for k, i in enumerate(model.graph.initializer)}
     for name, k in inits.items():
@@ -54,7 +122,9 @@ def emit_onnx(ir: Graph, proto: onnx.ModelProto, shrink: Shrink, tensors: dict[s
         model.graph.node.remove(n)
     by_name = {n.name: n for n in model.graph.node}
     for node in ir.nodes:
-        rule_for(node.op).rewrite_onnx(node, by_name[node.name], shrink)
+        if not er.removes(node):
+            rule_for(node.op).rewrite_onnx(node, by_name[node.name], shrink)
+    _erase(model.graph, er)
     _drop_unused(model.graph)
     del model.graph.value_info[:]
     try:

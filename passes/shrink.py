@@ -22,12 +22,19 @@ from graphprune.errors import UnprunableTargetError, ZeroInvarianceError
 class Shrink:
     def __init__(self, lab: Labels, comp: torch.Tensor, removed_units: torch.Tensor) -> None:
         """``removed_units``: component ids to remove."""
-        self.lab, self.graph = lab, lab.graph
-        gone = torch.zeros(int(comp.max()) + 1, dtype=torch.bool)
-        gone[removed_units] = True
-        self.removed_atom = gone[comp]
+        self.lab, self.graph, self.comp = lab, lab.graph, comp
+        self.removed = torch.zeros(int(comp.max()) + 1, dtype=torch.bool)  # per component
+        self.removed[removed_units] = True
+        self.removed_atom = self.removed[comp]
         self._param_labels = param_dim_labels(lab, comp)
         self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def restoring(self, units: torch.Tensor) -> "Shrink":
+        """The same removal with ``units`` (component ids) kept after all: how the erasure
+        pass keeps one zero unit of a group whose operators cannot be erased."""
+        removed = self.removed.clone()
+        removed[units] = False
+        return Shrink(self.lab, self.comp, torch.nonzero(removed).flatten())
 
     # ---- values --------------------------------------------------------------------
     def kept_mask(self, labels: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,12 @@ class Elementwise(Rule):
                     lab.pin(rep[3].labels)
                 continue
             axes = tuple(a + off for a in f.axes)
-            if set(axes) <= set(rep_axes):
+            if not set(axes) <= set(rep_axes) and lab.graph.values[name].kind in ("param", "buffer", "const"):
+                # a constant table that also varies along axes the data keeps whole (a
+                # constant-folded rotary cos/sin table [1, 1, seq, head_dim] against
+                # q [b, heads, seq, head_dim]): its entries along those axes go together
+                f, axes = _collapse(lab, f, axes, rep_axes)
+            if f is not None and set(axes) <= set(rep_axes):
                 grid = _expand_to(f.labels, axes, rep_axes, lab.shape(out))
                 if set(axes) < set(rep_axes) and _zero_preserving(node, rep[0]):
                     lab.union_unless_whole(rep[3].labels, grid,
@@ -95,16 +100,47 @@ class Elementwise(Rule):
                     lab.union(rep[3].labels, grid)
             else:
                 lab.pin(rep[3].labels)
-                lab.pin(f.labels)
+                if f is not None:
+                    lab.pin(f.labels)
         lab.set_field(out, Field(rep_axes, rep[3].labels))
         for o in node.outputs[1:]:
             lab.fields[o] = None
 
 
+def _collapse(lab: Labels, f: Field, axes: tuple[int, ...], keep: tuple[int, ...]) -> tuple[Field | None, tuple[int, ...]]:
+    """``f`` (on output ``axes``) reduced to the axes it shares with ``keep``: its atoms
+    along the other axes are coupled, one atom per index of the shared axes, so it can
+    only lose whole slabs.  (None, ()) when it shares no axis."""
+    shared = [k for k, a in enumerate(axes) if a in keep]
+    if not shared:
+        return None, ()
+    other = [k for k in range(len(axes)) if k not in shared]
+    t = f.labels.permute(*shared, *other)
+    rows = t.reshape(*t.shape[:len(shared)], -1)
+    lab.union(rows[..., :1].expand_as(rows).reshape(-1), rows.reshape(-1))
+    return Field(tuple(f.axes[k] for k in shared), rows[..., 0].contiguous()), tuple(axes[k] for k in shared)
+
+
+def _kind(node: Node) -> str:
+    """``add`` for ``aten.add.Tensor``, ``onnx::Add`` for ONNX."""
+    return node.source_op.split(".")[1] if node.source_op.startswith("aten.") else node.source_op
+
+
+ARITHMETIC = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",
+              "onnx::Add", "onnx::Sub", "onnx::Mul", "onnx::Div")
+
+
+def is_arithmetic(node: Node) -> bool:
+    """Whether ``node`` is a plain binary broadcasting add/sub/mul/div, so an operand may be
+    replaced by any tensor that broadcasts to the same values (operator erasure swaps an
+    erased residual branch for its constant output this way)."""
+    return _kind(node) in ARITHMETIC and len(node.inputs) == 2
+
+
 def _zero_preserving(node: Node, rep: str) -> bool:
     """Whether a zero entry of ``rep`` stays zero whatever the other operand holds
     (``rep * other``, ``rep / other``): only then may ``rep`` lose entries alone."""
-    kind = node.source_op.split(".")[1] if node.source_op.startswith("aten.") else node.source_op
+    kind = _kind(node)
     if kind in ("mul", "mul_", "onnx::Mul"):
         return True
     return kind in ("div", "div_", "onnx::Div") and node.inputs[0] == rep

@@ -178,6 +178,40 @@ class GroupedQueryAttention(nn.Module):
         return x + self.o(y.transpose(1, 2).reshape(b, t, -1))
 
 
+class RotaryTableGQA(nn.Module):
+    """GQA as the dynamo ONNX exporter leaves Llama: rotary cos/sin tables folded into
+    constants ``[1, 1, seq, head_dim]`` (they vary along the sequence, which is never
+    pruned) and key/value heads repeated with ``expand`` + ``reshape``.  The tables must
+    not pin the heads."""
+
+    def __init__(self, d: int = 32, hq: int = 4, hkv: int = 2, t: int = 6) -> None:
+        super().__init__()
+        self.hq, self.hkv, self.hd = hq, hkv, d // hq
+        self.q = nn.Linear(d, hq * self.hd, bias=False)
+        self.k = nn.Linear(d, hkv * self.hd, bias=False)
+        self.v = nn.Linear(d, hkv * self.hd, bias=False)
+        self.o = nn.Linear(hq * self.hd, d, bias=False)
+        angle = torch.arange(t)[:, None] * torch.rand(self.hd // 2).repeat(2)[None]
+        self.register_buffer("cos", angle.cos()[None, None])
+        self.register_buffer("sin", angle.sin()[None, None])
+
+    def _rotate(self, x):
+        half = x.shape[-1] // 2
+        return x * self.cos + torch.cat([-x[..., half:], x[..., :half]], -1) * self.sin
+
+    def _repeat(self, x):
+        b, h, t, hd = x.shape
+        return x[:, :, None].expand(b, h, self.hq // self.hkv, t, hd).reshape(b, self.hq, t, hd)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self._rotate(self.q(x).view(b, t, self.hq, self.hd).transpose(1, 2))
+        k = self._repeat(self._rotate(self.k(x).view(b, t, self.hkv, self.hd).transpose(1, 2)))
+        v = self._repeat(self.v(x).view(b, t, self.hkv, self.hd).transpose(1, 2))
+        att = torch.softmax(q @ k.transpose(-1, -2) / self.hd ** 0.5, -1)
+        return x + self.o((att @ v).transpose(1, 2).reshape(b, t, -1))
+
+
 class DictInputs(nn.Module):
     """Two inputs given as keyword arguments, two outputs in a dict."""
 

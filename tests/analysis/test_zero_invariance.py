@@ -24,6 +24,7 @@ BLOCKS = {
     "moe": (blocks.MixtureOfExperts, lambda: torch.randn(2, 5, 12)),
     "mha": (blocks.Attention, lambda: torch.randn(2, 6, 32)),
     "gqa": (blocks.GroupedQueryAttention, lambda: torch.randn(2, 6, 32)),
+    "rotary_table_gqa": (blocks.RotaryTableGQA, lambda: torch.randn(2, 6, 32)),
 }
 
 
@@ -108,16 +109,27 @@ def test_compact_model_takes_any_batch_size():
             assert torch.allclose(compact(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_a_fully_zeroed_group_keeps_one_zero_unit():
+def test_a_fully_zeroed_group_erases_its_branch_or_keeps_one_zero_unit():
+    """A zeroed residual branch is erased (see tests/passes/test_erasure.py); the zeroed
+    stem, the only path to the output, keeps one zero filter instead."""
     import copy
     import graphprune as gp
     model = torchvision.models.resnet18(num_classes=10).eval()
     g = gp.trace(model, torch.randn(2, 3, 32, 32), verify=False)
-    branch = next(grp for grp in g.groups if grp.name == "layer1.0.conv1")
-    branch.scatter_(g.params, torch.ones(branch.size, dtype=torch.bool))
+    for name in ("layer1.0.conv1", "conv1"):
+        grp = next(grp for grp in g.groups if grp.name == name)
+        grp.scatter_(g.params, torch.ones(grp.size, dtype=torch.bool))
     compact = g.construct_subnet()
-    assert compact.gm.layer1.get_submodule("0").conv1.weight.shape[0] == 1
+    assert not hasattr(compact.gm.layer1.get_submodule("0").conv1, "weight")
+    assert compact.gm.conv1.weight.shape[0] == 1
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(compact(x), model(x), rtol=1e-4, atol=1e-5)
     copy.deepcopy(compact)
+
+
+def test_constant_table_does_not_pin_heads():
+    """A constant [1, 1, seq, head_dim] rotary table multiplies the heads: its entries along
+    the sequence go together, so the heads stay prunable (they were all pinned before)."""
+    g = check_zero_invariance(blocks.RotaryTableGQA(), torch.randn(2, 6, 32))
+    assert [(grp.kind, grp.size) for grp in g.groups] == [("head", 2)]

@@ -32,6 +32,8 @@ def test_h2spg_erases_branches_and_keeps_the_skip_path():
     erased = [grp.name for grp, m in zip(g.groups, g.zero_masks()) if bool(m.all())]
     assert erased and all(n.endswith("conv1") and n.startswith("layer") for n in erased)
     compact = g.construct_subnet()
+    convs = lambda m: sum(n.target is torch.ops.aten.conv2d.default for n in m.gm.graph.nodes)  # noqa: E731
+    assert convs(compact) == convs(g.backend.full(g, g.params)) - 2 * len(erased)  # both convs of each branch
     model.eval()
     with torch.no_grad():
         assert torch.allclose(compact(x), model(x), rtol=1e-4, atol=1e-5)
