@@ -37,6 +37,10 @@ class Target:
     set, in ``[0, 1)``.  ``min_units`` is the fewest units any group keeps (never below
     one: a group left empty would kill a layer); ``multiple`` rounds each group's kept
     count to a multiple of it where the group is large enough (hardware-friendly widths).
+    ``slack`` is how far past the fraction (as a fraction of the same total) a selection
+    may land: a unit whose removal would overshoot further is passed over for smaller
+    units that fit, so coarse units (a whole attention head) do not overshoot the target
+    by their whole size (see :func:`select_units`).
 
     >>> Target(flops=0.5)
     Target(flops=0.5)
@@ -47,6 +51,7 @@ class Target:
     flops: float | None = None
     min_units: int = 1
     multiple: int = 1
+    slack: float = 0.005
 
     def __post_init__(self) -> None:
         given = [k for k in ("groups", "params", "flops") if getattr(self, k) is not None]
@@ -63,6 +68,8 @@ class Target:
             raise UnprunableTargetError(f"Target min_units={self.min_units!r} must be an int >= 0")
         if isinstance(self.multiple, bool) or not isinstance(self.multiple, int) or self.multiple < 1:
             raise UnprunableTargetError(f"Target multiple={self.multiple!r} must be an int >= 1")
+        if isinstance(self.slack, bool) or not isinstance(self.slack, (int, float)) or not 0.0 <= self.slack < 1.0:
+            raise UnprunableTargetError(f"Target slack={self.slack!r} must be a fraction in [0, 1)")
 
     @property
     def kind(self) -> Kind:
@@ -94,7 +101,7 @@ class Target:
                                     hint="pass graphprune.Target(flops=...) or a float (the FLOPs fraction)")
 
     def __repr__(self) -> str:
-        extra = "".join(f", {k}={getattr(self, k)}" for k, d in (("min_units", 1), ("multiple", 1))
+        extra = "".join(f", {k}={getattr(self, k)}" for k, d in (("min_units", 1), ("multiple", 1), ("slack", 0.005))
                         if getattr(self, k) != d)
         return f"Target({self.kind}={self.fraction:g}{extra})"
 
@@ -176,17 +183,28 @@ class Overlap:
 
     def remove(self, group: int, units: int) -> None:
         """Account for ``units`` more units of ``groups[group]`` being removed."""
-        touched = set()
         for p, d, rows in self._rows[group]:
             self._removed[(p, d)] += rows * units
-            touched.add(p)
-        for p in touched:
-            fractions = [min(self._removed[(p, d)] / n, 1.0) for d, n in self._dims[p].items()]
-            first_order = sum(fractions)
-            exact = 1.0 - math.prod(1.0 - f for f in fractions)
-            new = self._weights[p] * (first_order - exact)
+        for p, new in self._corrections(group, 0).items():
             self.correction += new - self._per_param.get(p, 0.0)
             self._per_param[p] = new
+
+    def preview(self, group: int, units: int) -> float:
+        """What :attr:`correction` would become if ``units`` more units of ``groups[group]`` went."""
+        return self.correction + sum(new - self._per_param.get(p, 0.0)
+                                     for p, new in self._corrections(group, units).items())
+
+    def _corrections(self, group: int, units: int) -> dict[str, float]:
+        """Per touched parameter, its double count with ``units`` more units of ``group`` removed."""
+        extra: dict[tuple[str, int], int] = defaultdict(int)
+        for p, d, rows in self._rows[group]:
+            extra[(p, d)] += rows * units
+        out = {}
+        for p in {p for p, _ in extra}:
+            fractions = [min((self._removed[(p, d)] + extra.get((p, d), 0)) / n, 1.0)
+                         for d, n in self._dims[p].items()]
+            out[p] = self._weights[p] * (sum(fractions) - (1.0 - math.prod(1.0 - f for f in fractions)))
+        return out
 
 
 def _overlap(groups: Sequence[Group], kind: Kind, params: Mapping[str, torch.Tensor] | None,
@@ -211,7 +229,12 @@ def select_units(groups: Sequence[Group], scores: Sequence[torch.Tensor], target
     earlier period already chose).  ``protect[i]`` marks units never to choose.
     Removal walks each group in steps that keep its width a multiple of
     ``target.multiple`` and at least ``target.keep_min``; a step's score is the mean of
-    its units, so with ``multiple=1`` this is the plain global sort.  Fractions are of
+    its units, so with ``multiple=1`` this is the plain global sort, except near the end:
+    a step that would land more than ``target.slack`` past the target is passed over
+    (with the rest of its group) for the next steps that fit, so a coarse unit such as
+    an attention head (6% of a small ViT's FLOPs) does not overshoot by its whole size;
+    only if nothing that fits is left is the passed-over step that lands closest taken.
+    Fractions are of
     ``total_params``/``total_flops`` when given (the whole model), else of what the
     groups hold.  With ``params`` (name -> tensor, for shapes) the count is corrected
     for parameters pruned along several dims (:class:`Overlap`); for FLOPs that also
@@ -251,22 +274,78 @@ def select_units(groups: Sequence[Group], scores: Sequence[torch.Tensor], target
             heapq.heappush(heap, (_step_score(s, orders[i], g.size, steps[0]), i, 0))
 
     overlap = _overlap(groups, target.kind, params, param_macs)
-    removed = 0.0
-    while removed - (overlap.correction if overlap else 0.0) < need and heap:
-        _, i, step = heapq.heappop(heap)
+    total = _total(groups, target.kind, total_params, total_flops, costs)
+    limit = need + target.slack * total  # land in [need, limit] where the units allow it
+    removed = 0.0  # first-order count; the net saving is removed - overlap.correction
+
+    def gain(i: int, step: int) -> float:
+        """Net saving after taking step ``step`` of group ``i`` next."""
+        units = (groups[i].size if step == 0 else levels[i][step - 1]) - levels[i][step]
+        correction = overlap.preview(i, units) if overlap is not None else 0.0
+        return removed + units * costs[i] - correction
+
+    taken: list[list[float]] = [[] for _ in groups]  # scores of the steps taken, per group
+
+    def take(i: int, step: int, score: float, back: bool = False) -> None:
+        """Take step ``step`` of group ``i`` (or, ``back``, give it back)."""
+        nonlocal removed
         g, order = groups[i], orders[i]
         start = g.size if step == 0 else levels[i][step - 1]
         kept = levels[i][step]
-        masks[i][order[g.size - start:g.size - kept]] = True
-        removed += (start - kept) * costs[i]
+        masks[i][order[g.size - start:g.size - kept]] = not back
+        sign = -1 if back else 1
+        removed += sign * (start - kept) * costs[i]
         if overlap is not None:
-            overlap.remove(i, start - kept)
+            overlap.remove(i, sign * (start - kept))
+        if back:
+            taken[i].pop()
+        else:
+            taken[i].append(score)
+
+    def net() -> float:
+        return removed - (overlap.correction if overlap is not None else 0.0)
+
+    # Greedy by score, passing over a step that would land past ``limit`` (and the rest of
+    # its group): smaller units further down the order fill the gap instead.  Forced
+    # units (-inf) are always taken.
+    passed: list[tuple[int, int, float]] = []
+    while net() < need and heap:
+        score, i, step = heapq.heappop(heap)
+        if score != -math.inf and gain(i, step) > limit:
+            passed.append((i, step, score))
+            continue
+        take(i, step, score)
         if step + 1 < len(levels[i]):
-            heapq.heappush(heap, (_step_score(unit_scores[i], order, kept, levels[i][step + 1]), i, step + 1))
-    if overlap is not None:
-        removed -= overlap.correction
+            heapq.heappush(heap, (_step_score(unit_scores[i], orders[i], levels[i][step], levels[i][step + 1]),
+                                  i, step + 1))
+    # Nothing small enough was left: take the passed-over step that lands closest past the
+    # target (or, if none reaches it, the largest, and look again).
+    while net() < need and passed:
+        gains = [gain(i, step) for i, step, _ in passed]
+        reaching = [k for k, v in enumerate(gains) if v >= need * (1 - 1e-12)]
+        k = min(reaching, key=lambda k: (gains[k], k)) if reaching else max(range(len(gains)), key=gains.__getitem__)
+        i, step, score = passed.pop(k)
+        take(i, step, score)
+        if step + 1 < len(levels[i]):
+            passed.append((i, step + 1, _step_score(unit_scores[i], orders[i], levels[i][step], levels[i][step + 1])))
+    # Still past the slack (the small units were all taken before a big one was needed):
+    # give back the highest-scoring steps taken, last step of a group first, while the
+    # target stays met.  Forced units are never given back.
+    if net() > limit:
+        back = [(-taken[i][-1], i) for i in range(len(groups)) if taken[i] and taken[i][-1] != -math.inf]
+        heapq.heapify(back)
+        while back and net() > need:
+            _, i = heapq.heappop(back)
+            step = len(taken[i]) - 1
+            units = levels[i][step] - (groups[i].size if step == 0 else levels[i][step - 1])  # negative
+            correction = overlap.preview(i, units) if overlap is not None else 0.0
+            if removed + units * costs[i] - correction < need * (1 - 1e-12):
+                continue  # this group's steps are needed (its earlier ones score lower still)
+            take(i, step, 0.0, back=True)
+            if taken[i] and taken[i][-1] != -math.inf:
+                heapq.heappush(back, (-taken[i][-1], i))
+    removed = net()
     if removed < need * (1 - 1e-9):
-        total = _total(groups, target.kind, total_params, total_flops, costs)
         raise UnprunableTargetError(
             f"{target!r} cannot be met: at most {removed / total:.1%} of the {target.kind} can go "
             f"while every group keeps >= {target.keep_min} unit(s)",

@@ -258,11 +258,45 @@ class GroupOptimizer(torch.optim.Optimizer):
             return [(grp.gather(self.named).abs().amax(dim=1) == 0).cpu() for grp in self.groups]
 
     def reduction(self, masks: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
-        """Removed fractions of units/params/FLOPs for ``masks`` (default: the exact zeros now)."""
-        return achieved(self.groups, masks if masks is not None else self.zero_units(),
+        """Removed fractions of units/params/FLOPs for ``masks`` (default: the exact zeros now),
+        counted as ``construct_subnet`` realises them (see :meth:`compact_masks`)."""
+        return achieved(self.groups, self.compact_masks(masks if masks is not None else self.zero_units()),
                         total_params=getattr(self.graph, "total_params", None),
                         total_flops=getattr(self.graph, "total_flops", None),
                         params=self.named, param_macs=self.param_macs)
+
+    def compact_masks(self, masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``masks`` as the compact model removes them.
+
+        A group that is zero everywhere (H2SPG erasing a residual branch) is removed
+        entirely only where the graph erases the operators it feeds; otherwise
+        ``construct_subnet`` keeps one zero unit of it, whose cost the compact model still
+        pays, so counting the group as gone would overstate the reduction.
+        """
+        out = []
+        for i, m in enumerate(masks):
+            if m.numel() and bool(m.all()) and not self._erases_whole(i):
+                m = m.clone()
+                m[0] = False
+            out.append(m)
+        return out
+
+    def _erases_whole(self, i: int) -> bool:
+        """Whether ``construct_subnet`` removes every unit of group ``i`` once all are zero (probed once)."""
+        cache = self.__dict__.setdefault("_erasable", {})
+        if i not in cache:
+            grp = self.groups[i]
+            removed_units = getattr(self.graph, "removed_units", None)
+            if removed_units is None or grp.atoms is None:
+                cache[i] = True  # no compact-model rule to ask: count the group as gone
+            else:
+                touched = {s.param for s in grp.slices}
+                with torch.no_grad():
+                    tensors = {n: p.detach().clone() if n in touched else p.detach() for n, p in self.named.items()}
+                    self.units[i].put_(tensors, torch.arange(grp.size), 0.0)
+                    ids = removed_units(tensors).to(grp.atoms.device)
+                cache[i] = bool(torch.isin(grp.atoms, ids).all())
+        return cache[i]
 
     def record_loss(self, loss: torch.Tensor | float) -> None:
         """Remember the latest training loss for :attr:`history` (does not steer decisions)."""

@@ -8,7 +8,10 @@ after the saliency choice:
 1. for every group, the units newly chosen in it are zeroed *temporarily* and
    ``loss_fn()`` (the loss on a held-out batch) is evaluated, then they are restored;
 2. a group whose probe loss exceeds ``(1 + collapse_ratio)`` times the unpruned loss is
-   protected: none of its units is chosen this period (later periods probe it again);
+   protected: none of its units is chosen this period (later periods probe it again),
+   worst collapse first and only while the whole target stays reachable without the
+   protected units (a protection that would make the target impossible is not taken;
+   the probe's penalty below still steers the choice away from that group);
 3. the other probed units get their measured loss increase added to their score (as a
    rank, like the saliency criteria) and the choice is re-sampled under the same
    target, so the budget moves to groups whose removal the loss tolerates;
@@ -25,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from graphprune.errors import NumericalError
+from graphprune.errors import NumericalError, UnprunableTargetError
 from graphprune.optim.base import broadcast_masks
 from graphprune.optim.hesso import HESSO
 from graphprune.optim.saliency import dense_rank
@@ -54,7 +57,7 @@ class HESSO_CRIC(HESSO):
         base_scores = self.saliency_scores(self.saliency_weights)
         scores = [s.clone() for s in base_scores]
         protect = self._empty()
-        masks = self.select(scores, target, protect=protect, broadcast=False)
+        masks = self.select_period(scores, target, protect=protect, broadcast=False)
         for cycle in range(self.cycles):
             reference = self._probe_loss()
             new = [m & ~old for m, old in zip(masks, self.masks)]
@@ -64,15 +67,18 @@ class HESSO_CRIC(HESSO):
                     deltas.append((i, self._probe_loss(i, units) - reference))
             changed = False
             limit = self.collapse_ratio * max(abs(reference), torch.finfo(torch.float32).eps)
-            for i, delta in deltas:
-                if delta > limit:
-                    protect[i] |= ~self.masks[i]
-                    changed = True
+            for i, delta in sorted(deltas, key=lambda t: -t[1]):  # worst collapse first
+                if delta > limit and not bool((protect[i] | self.masks[i]).all()):
+                    trial = [p.clone() for p in protect]
+                    trial[i] |= ~self.masks[i]
+                    if self._feasible(scores, trial):  # never protect the target out of reach
+                        protect = trial
+                        changed = True
             if deltas and self.probe_weight:
                 ranks = dense_rank(torch.tensor([d for _, d in deltas], dtype=torch.float64))
                 for (i, _), r in zip(deltas, ranks):
                     scores[i][new[i]] = base_scores[i][new[i]] + self.probe_weight * float(r)
-            resampled = self.select(scores, target, protect=protect, broadcast=False)
+            resampled = self.select_period(scores, target, protect=protect, broadcast=False)
             changed |= any(not torch.equal(a, b) for a, b in zip(resampled, masks))
             masks = resampled
             self.log("cric_cycle", cycle=cycle, reference_loss=reference,
@@ -81,6 +87,14 @@ class HESSO_CRIC(HESSO):
                 break
         self.protected = [p.clone() for p in protect]
         return [m | old for m, old in zip(broadcast_masks(masks, self.named), self.masks)]
+
+    def _feasible(self, scores: list[torch.Tensor], protect: list[torch.Tensor]) -> bool:
+        """Whether the whole target can still be met with ``protect`` kept."""
+        try:
+            self.select(scores, self.target, protect=protect, broadcast=False)
+        except UnprunableTargetError:
+            return False
+        return True
 
     @torch.no_grad()
     def _probe_loss(self, group: int | None = None, units: torch.Tensor | None = None) -> float:

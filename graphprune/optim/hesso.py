@@ -3,7 +3,9 @@
 Training runs normally for ``warmup_steps``; the pruning window that follows is cut
 into ``pruning_periods`` equal periods.  At each period start the units are ranked by
 saliency (:mod:`graphprune.optim.saliency`) and the globally least salient ones are
-chosen, up to that period's share of the target (``k/K`` of it after period ``k``).
+chosen, up to that period's share of the target (``k/K`` of it after period ``k``),
+from among the units that would meet the whole target (so the last period can still
+land on it: see :meth:`HESSO.select_period`).
 Over the period the newly chosen units take no gradient step and shrink linearly,
 ``x <- x * (1 - 1/r)`` with ``r`` the steps left, so they reach exactly zero on the
 period's last step and stay there; every other parameter trains with the base update.
@@ -18,11 +20,12 @@ the units, which is what makes HESSO accurate without a separate fine-tuning sta
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from graphprune.optim.base import GroupOptimizer
+from graphprune.errors import UnprunableTargetError
+from graphprune.optim.base import GroupOptimizer, broadcast_masks
 from graphprune.target import Target
 
 
@@ -59,7 +62,26 @@ class HESSO(GroupOptimizer):
 
     def choose(self, target: Target) -> list[torch.Tensor]:
         """Units redundant up to ``target`` (cumulative): the globally least salient."""
-        return self.select(self.saliency_scores(self.saliency_weights), target)
+        return self.select_period(self.saliency_scores(self.saliency_weights), target)
+
+    def select_period(self, scores: Sequence[torch.Tensor], target: Target,
+                      protect: Sequence[torch.Tensor] | None = None, broadcast: bool = True) -> list[torch.Tensor]:
+        """A period's choice: first the units for the *whole* target (the plan, landing
+        within ``target.slack`` of it), then the least salient of the plan up to this
+        period's share.  Choosing only inside the plan keeps room for the last period:
+        chosen units are zero for good, and had early periods taken every small unit
+        (all of a ViT's MLP channels rank below its heads), the last one could only
+        overshoot with a whole head."""
+        protect = list(protect) if protect is not None else self._empty()
+        try:
+            plan = self.select(scores, self.target, protect=protect, broadcast=False)
+        except UnprunableTargetError:
+            if target.fraction >= self.target.fraction:
+                raise
+            return self.select(scores, target, protect=protect, broadcast=broadcast)  # protected too much to plan
+        if target.fraction >= self.target.fraction:
+            return broadcast_masks(plan, self.named) if broadcast else plan
+        return self.select(scores, target, protect=[p | ~m for p, m in zip(protect, plan)], broadcast=broadcast)
 
     def _held(self) -> list[torch.Tensor]:
         return self.masks

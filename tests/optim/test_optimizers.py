@@ -213,3 +213,19 @@ def test_history_plot_and_summary(tmp_path, data):
     assert (tmp_path / "h.png").stat().st_size > 0
     fig.clf()
     assert "removed:" in opt.summary() and "DHSPG(Target(flops=0.5)" in repr(opt)
+
+
+def test_cric_never_protects_the_target_out_of_reach(data):
+    """Every probe collapses: protecting every group would leave nothing to remove, so
+    protection stops where the target would become impossible, and the target is met."""
+    torch.manual_seed(0)
+    model = Net()
+    params = dict(model.named_parameters())
+
+    def collapsing():
+        return 100.0 if any(bool((params[n] == 0).any()) for n in ("bn1.weight", "bn2.weight")) else 1.0
+
+    g, opt = make(HESSO_CRIC, model, Target(flops=0.5), loss_fn=collapsing)
+    train(model, opt, data, 75)
+    real = 1 - live_flops(model, zero_units(g)) / g.total_flops
+    assert 0.5 <= real <= 0.52

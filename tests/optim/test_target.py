@@ -23,7 +23,8 @@ def groups_of(sizes: list[int], params: list[int] | None = None, flops: list[flo
 
 @pytest.mark.parametrize("kwargs", [{}, {"flops": 0.5, "params": 0.5}, {"flops": 1.0}, {"flops": -0.1},
                                     {"groups": "half"}, {"flops": 0.5, "min_units": -1},
-                                    {"flops": 0.5, "multiple": 0}, {"params": True}])
+                                    {"flops": 0.5, "multiple": 0}, {"params": True}, {"flops": 0.5, "slack": -0.1},
+                                    {"flops": 0.5, "slack": 1.0}])
 def test_bad_targets_are_refused(kwargs):
     with pytest.raises(UnprunableTargetError):
         Target(**kwargs)
@@ -49,10 +50,44 @@ def test_lowest_scores_go_first_globally():
 
 def test_flops_costs_weight_units():
     gs = groups_of([4, 4], flops=[10.0, 1.0])
-    masks = select_units(gs, [torch.zeros(4), torch.ones(4)], Target(flops=0.5))
-    # group 0 scores lowest; 2 of its units save 20 of 44 MACs, a third crosses 50%
+    # group 0 scores lowest; 2 of its units save 20 of 44 MACs, a third would land at 68%:
+    # with a wide slack it is taken anyway ...
+    masks = select_units(gs, [torch.zeros(4), torch.ones(4)], Target(flops=0.5, slack=0.5))
     assert [int(m.sum()) for m in masks] == [3, 0]
     assert achieved(gs, masks)["flops"] == pytest.approx(30 / 44)
+    # ... by default it is passed over and group 1's small units land exactly on 50%
+    masks = select_units(gs, [torch.zeros(4), torch.ones(4)], Target(flops=0.5))
+    assert [int(m.sum()) for m in masks] == [2, 2]
+    assert achieved(gs, masks)["flops"] == pytest.approx(0.5)
+
+
+def test_coarse_units_do_not_overshoot():
+    """Heads (big units) score lowest, channels (small units) fill the last stretch."""
+    gs = groups_of([4, 128], flops=[64.0, 2.0])  # 256 + 256 MACs
+    scores = [torch.arange(4) * 0.01, 0.5 + torch.arange(128) * 0.001]
+    for frac in (0.3, 0.5, 0.7):
+        masks = select_units(gs, scores, Target(flops=frac))
+        got = achieved(gs, masks)["flops"]
+        assert frac <= got <= frac + 0.005
+        assert int(masks[0].sum()) == min(int(frac * 512 // 64), 3)  # heads that fit, one kept
+    # channels score lowest: all but one per layer go first, then a head is needed and
+    # channels are given back (the highest-scoring first) to land on the target again
+    scores = [1.0 + torch.arange(4) * 0.01, torch.arange(128) * 0.001]
+    for frac in (0.5, 0.7):
+        masks = select_units(gs, scores, Target(flops=frac))
+        assert frac <= achieved(gs, masks)["flops"] <= frac + 0.005
+        kept = ~masks[1]
+        assert kept.sum() > 1 and masks[1][:int(masks[1].sum())].all()  # the lowest-scoring stay removed
+    # nothing small left to fill with: the passed-over head that lands closest is taken
+    masks = select_units(groups_of([4], flops=[64.0]), [torch.zeros(4)], Target(flops=0.3))
+    assert int(masks[0].sum()) == 2
+
+
+def test_forced_units_are_taken_even_past_the_slack():
+    gs = groups_of([4, 8], flops=[10.0, 1.0])
+    scores = [torch.tensor([0.0, -math.inf, 0.0, 0.0]), torch.zeros(8)]
+    masks = select_units(gs, scores, Target(flops=0.1))  # 4.8 of 48 MACs; the forced unit saves 10
+    assert masks[0].tolist() == [False, True, False, False] and not masks[1].any()
 
 
 def test_min_units_and_minimum_one_unit():
@@ -129,7 +164,10 @@ def test_selection_invariants(sizes, frac, multiple, min_units, seed):
     for grp, m, s in zip(gs, masks, scores):
         kept = grp.size - int(m.sum())
         assert kept >= min(grp.size, max(min_units, 1))
-        if m.any() and not m.all():  # removed units score no higher than kept ones (multiple=1)
-            if multiple == 1:
-                assert s[m].max() <= s[~m].min()
-    assert achieved(gs, masks)["flops"] >= frac - 1e-9
+        if m.any() and not m.all() and multiple == 1:  # within a group, the lowest scores go
+            assert s[m].max() <= s[~m].min()
+    got = achieved(gs, masks)["flops"]
+    assert got >= frac - 1e-9
+    total = sum(n * (1 + i) for i, n in enumerate(sizes))
+    if got > frac + target.slack + 1e-9:  # past the slack only by one step of some group
+        assert got - frac <= max(multiple, 1) * len(sizes) / total + 1e-9
