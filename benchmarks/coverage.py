@@ -1,40 +1,59 @@
 """Coverage table: which models each tool can analyse, how much it finds, at what cost.
 
 Not run in CI.  ``python benchmarks/coverage.py [--models resnet50,vit_b_16,hf_llama_gqa]
-[--skip-peers] [--size 224] [--repeat 3] [--timeout 600] [--out results.json]``
+[--tools graphprune,graphprune-onnx] [--skip-peers] [--size 64] [--repeat 3] [--timeout 1800]
+[--peer-timeout 300]
+[--mem-cap-gib 8] [--results benchmarks/results/coverage.jsonl] [--retry-failed] [--report]``
 
 One row per torchvision classification model (``torchvision.models.list_models``) plus
-the small random-config Hugging Face models of the tests (``hf_*``).  Columns per tool:
+the small random-config Hugging Face models of the tests (``hf_*``), run smallest first
+(parameter count).  Columns per tool:
 
 * **graphprune**: groups, share of parameters inside groups
   (``grouped_params / total_params``), seconds of ``gp.trace(..., verify=False)`` (median
-  of ``--repeat``), peak memory of that analysis, ``verify`` (every group kept by
+  of up to ``--repeat`` runs), peak memory of that analysis, ``verify`` (every group kept by
   ``g.verify()``) and ``property`` (zero a random half of every group's units: the compact
-  model must equal the zeroed model, with fewer parameters);
+  model must equal the zeroed model within 1e-4 relative error, with fewer parameters);
+* **graphprune-onnx**: the same columns through the ONNX door: the model is exported
+  (TorchScript exporter, dynamic batch; the dynamo exporter where TorchScript cannot), the
+  file is loaded, and ``gp.trace(proto)`` is timed; ``property`` runs the compact
+  ModelProto and the zeroed full one with onnxruntime on another batch size than traced;
 * **torch-pruning**: groups from ``DependencyGraph.get_all_groups`` (the output layer
   ignored), seconds of ``build_dependency`` (median), peak memory, and whether pruning
   half of every group's channels with ``MagnitudePruner`` leaves a model that still runs
   and keeps its output shape;
 * **oto** (Only-Train-Once): groups, seconds of building ``OTO(model, dummy_input)`` and
   whether ``construct_subnet`` after zeroing random groups runs, where the package
-  imports at all (the failure is reported as the reason otherwise).
+  imports at all (``n/a`` with the import's exception otherwise).
 
-Every (model, tool) pair runs in its own subprocess: memory numbers are that process's
-``ru_maxrss`` growth over the resident size just before the analysis (so the model's own
-weights and the imports are not counted), and a crash or a timeout costs one cell, not the
-run.  New columns (the ONNX frontend's) are one more entry in ``TOOLS``: a function
-``(model, inputs, repeat) -> dict`` returning the same keys.
+**How memory is measured.** Every (model, tool) cell runs in its own subprocess (one
+thread).  The model is built (and, for ONNX, exported, freed as a module and loaded as a
+ModelProto) first; then the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``),
+the resident size is read from ``/proc/self/statm``, and the cell's number is the growth
+of the process's peak resident size (``ru_maxrss``) over it during the timed analysis
+alone.  So the model's own weights and the imports are not counted; everything
+the analysis allocates (the exported program, copies of weights, onnxruntime sessions) is.
+The driver also watches each subprocess's resident size and kills a cell that passes
+``--mem-cap-gib`` (the machine is shared), which is reported as that cell's failure.
+
+**Resumable.** Each finished cell is appended as one JSON line to the results file (one
+``write`` of a whole line; a torn last line is ignored on reading), and cells already
+there are skipped on restart, so a crash or a kill loses at most the cells in flight.
+``--retry-failed`` runs the failed cells again (the newest line of a cell wins);
+``--report`` only prints the table and totals from the file.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -46,34 +65,55 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the property check and the Hugging Face builders live in tests/
 
 FIXED_SIZE = ("vit", "swin", "maxvit")  # models that only take 224x224
+MIN_SIZE = {"inception_v3": 96}  # 75 is its smallest input
 PERF_MODELS = ("resnet50", "resnet152", "vit_b_16", "vit_l_16")
+RESULTS = ROOT / "benchmarks" / "results" / "coverage.jsonl"
+TIME_BUDGET = 60.0  # seconds of timed repeats per cell: big models are timed once
+TOL = 1e-4
 
 
 # ---------------------------------------------------------------------------- models
-def model_names() -> list[str]:
+def _num_params(name: str) -> int:
+    """Parameter count from torchvision's weight metadata (no download, no model built)."""
+    if name.startswith("hf_"):
+        return 0
     import torchvision
-    names = sorted(torchvision.models.list_models(module=torchvision.models))
+    try:
+        return int(next(iter(torchvision.models.get_model_weights(name))).meta["num_params"])
+    except Exception:
+        return 1 << 40
+
+
+def model_names() -> list[str]:
+    """Every torchvision classifier plus the ``hf_*`` models, smallest first."""
+    import torchvision
+    names = list(torchvision.models.list_models(module=torchvision.models))
     try:
         from tests.analysis.hf_models import MODELS
+        names += [f"hf_{n}" for n in MODELS]
     except ImportError:  # transformers not installed
-        return names
-    return names + [f"hf_{n}" for n in sorted(MODELS)]
+        pass
+    return sorted(names, key=lambda n: (_num_params(n), n))
 
 
-def build(name: str, size: int) -> tuple[torch.nn.Module, tuple]:
+def side_for(name: str, size: int) -> int:
+    return 224 if name.startswith(FIXED_SIZE) else max(size, MIN_SIZE.get(name, 0))
+
+
+def build(name: str, size: int, attention: str = "sdpa") -> tuple[torch.nn.Module, tuple]:
     """A model with random weights in eval mode and its example inputs.  A batch of 2:
     ``torch.export`` specialises a batch of 1, so ``gp.trace``'s dynamic-batch export would
     fail and be redone with static shapes, timing two exports instead of one."""
     torch.manual_seed(0)
     if name.startswith("hf_"):
         from tests.analysis.hf_models import build as build_hf
-        return build_hf(name[3:])
+        return build_hf(name[3:], attention)
     import torchvision
     kwargs: dict[str, Any] = {}
     if name.startswith("inception") or name == "googlenet":
         kwargs = {"aux_logits": False, "init_weights": False}
     model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
-    side = 224 if name.startswith(FIXED_SIZE) else size
+    side = side_for(name, size)
     return model, (torch.randn(2, 3, side, side),)
 
 
@@ -83,41 +123,87 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak() -> None:
+    """Reset the kernel's peak resident size (VmHWM, ru_maxrss) to the current one, so the
+    peak read after the analysis is the analysis's, not the model build's or the export's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: ru_maxrss then covers the whole process
+        pass
+
+
 def _peak_mib_since(baseline: int) -> float:
     """Growth of the process's peak resident size over ``baseline`` (ru_maxrss is in KiB)."""
     return max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline) / 2 ** 20
 
 
-def _timed(fn: Callable[[], Any], repeat: int) -> tuple[Any, float, float]:
-    """(last result, median seconds, peak MiB) of ``repeat`` calls."""
+def _timed(fn: Callable[[], Any], repeat: int) -> tuple[Any, float, float, int]:
+    """(last result, median seconds, peak MiB, runs) of up to ``repeat`` calls; no new
+    call once ``TIME_BUDGET`` seconds are spent (big models are timed once)."""
+    gc.collect()
+    _reset_peak()
     baseline, times, out = _rss_bytes(), [], None
     for _ in range(repeat):
         out = None  # let the previous result go before the next run
         t = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t)
-    return out, statistics.median(times), _peak_mib_since(baseline)
+        if sum(times) > TIME_BUDGET:
+            break
+    return out, statistics.median(times), _peak_mib_since(baseline), len(times)
+
+
+MEMORY_METHOD = "peak-reset"  # rows measured otherwise (before the reset was added) are run again by --retry-failed
 
 
 def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:240] if str(exc) else ''}"
+
+
+def _verify_cell(g: Any) -> str:
+    try:
+        withdrawn = g.verify()
+        return "ok" if not withdrawn else f"{len(withdrawn)} withdrawn: {withdrawn[0][0].name}: {withdrawn[0][1]}"
+    except Exception as exc:  # a crash inside verify is a finding
+        return _reason(exc)
 
 
 # ---------------------------------------------------------------------------- tools
-def run_graphprune(model: torch.nn.Module, inputs: tuple, repeat: int) -> dict:
+def _n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _property_torch(g: Any, model: torch.nn.Module, inputs: tuple) -> str:
+    """tests.helpers.check_zero_invariance without its copies of the model (which only
+    check that the user's model is left alone, and would need four copies of vit_h_14):
+    zero a random half of every group, the compact model must equal the zeroed model."""
+    from graphprune.frontends.torch_backend import max_rel_error
+    from tests.helpers import assert_same_structure, zero_random_half
+    if not g.groups:
+        return "no prunable group found"
+    removed = zero_random_half(g)  # g.params are the model's own tensors: the model is zeroed
+    with torch.no_grad():
+        ref = model(*inputs)
+        compact = g.construct_subnet()
+        out = compact(*inputs)
+    assert_same_structure(ref, out)
+    err = max_rel_error(ref, out)
+    if not err < TOL:
+        return f"compact model differs from the zeroed model: rel. error {err:.3e}"
+    if removed and not _n_params(compact) < _n_params(model):
+        return "compact model is not smaller"
+    return "ok"
+
+
+def run_graphprune(name: str, model: torch.nn.Module, inputs: tuple, repeat: int) -> dict:
     import graphprune as gp
-    from tests.helpers import check_zero_invariance
-    g, secs, mib = _timed(lambda: gp.trace(model, inputs, verify=False), repeat)
+    g, secs, mib, runs = _timed(lambda: gp.trace(model, inputs, verify=False), repeat)
     row = {"groups": len(g.groups), "grouped": g.grouped_params / max(1, g.total_params), "seconds": secs,
-           "peak_mib": mib, "barriers": sorted({b.op for b in g.barriers})}
+           "runs": runs, "peak_mib": mib, "barriers": sorted({b.op for b in g.barriers})}
+    row["verify"] = _verify_cell(g)
     try:
-        withdrawn = g.verify()
-        row["verify"] = "ok" if not withdrawn else f"{len(withdrawn)} withdrawn: {withdrawn[0][0].name}: {withdrawn[0][1]}"
-    except Exception as exc:  # a crash inside verify is a finding
-        row["verify"] = _reason(exc)
-    try:
-        check_zero_invariance(model, inputs)
-        row["property"] = "ok"
+        row["property"] = _property_torch(g, model, inputs)
     except Exception as exc:
         row["property"] = _reason(exc)
     return row
@@ -136,15 +222,17 @@ def _first_tensor(out: Any) -> torch.Tensor:
     return next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
-def run_torch_pruning(model: torch.nn.Module, inputs: tuple, repeat: int) -> dict:
+def run_torch_pruning(name: str, model: torch.nn.Module, inputs: tuple, repeat: int) -> dict:
     import torch_pruning as tp
     with torch.no_grad():
         ref = _first_tensor(model(*inputs))
     example = inputs[0] if len(inputs) == 1 else inputs
-    dg, secs, mib = _timed(lambda: tp.DependencyGraph().build_dependency(model, example_inputs=example,
-                                                                           verbose=False), repeat)
+    dg, secs, mib, runs = _timed(lambda: tp.DependencyGraph().build_dependency(model, example_inputs=example,
+                                                                                 verbose=False), repeat)
     ignored = _output_layers(model, ref.shape[-1])
-    row = {"groups": sum(1 for _ in dg.get_all_groups(ignored_layers=ignored)), "seconds": secs, "peak_mib": mib}
+    row = {"groups": sum(1 for _ in dg.get_all_groups(ignored_layers=ignored)), "seconds": secs, "runs": runs,
+           "peak_mib": mib}
+    del dg
     try:
         pruned = copy.deepcopy(model)
         pruner = tp.pruner.MagnitudePruner(pruned, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
@@ -152,20 +240,28 @@ def run_torch_pruning(model: torch.nn.Module, inputs: tuple, repeat: int) -> dic
         pruner.step()
         with torch.no_grad():
             out = _first_tensor(pruned(*inputs))
-        row["runs"] = "ok" if out.shape == ref.shape else f"output shape {tuple(out.shape)} != {tuple(ref.shape)}"
+        row["pruned_runs"] = "ok" if out.shape == ref.shape else f"output shape {tuple(out.shape)} != {tuple(ref.shape)}"
     except Exception as exc:
-        row["runs"] = _reason(exc)
+        row["pruned_runs"] = _reason(exc)
     return row
 
 
-def run_oto(model: torch.nn.Module, inputs: tuple, repeat: int) -> dict:
+def oto_import_error() -> str | None:
     try:
-        from only_train_once import OTO
-    except Exception as exc:  # e.g. it imports torch.onnx internals that torch 2.x removed
-        raise RuntimeError(f"only_train_once does not import: {_reason(exc)}") from exc
+        import only_train_once  # noqa: F401
+    except Exception as exc:  # it imports torch.onnx internals that torch 2.x removed
+        return f"n/a: does not import on torch {torch.__version__.split('+')[0]}: {_reason(exc)}"
+    return None
+
+
+def run_oto(name: str, model: torch.nn.Module, inputs: tuple, repeat: int) -> dict:
+    error = oto_import_error()
+    if error:
+        return {"status": "n/a", "reason": error}
+    from only_train_once import OTO
     example = inputs[0] if len(inputs) == 1 else inputs
-    oto, secs, mib = _timed(lambda: OTO(model=copy.deepcopy(model), dummy_input=example), repeat)
-    row = {"groups": len(oto._graph.node_groups), "seconds": secs, "peak_mib": mib}
+    oto, secs, mib, runs = _timed(lambda: OTO(model=copy.deepcopy(model), dummy_input=example), repeat)
+    row = {"groups": len(oto._graph.node_groups), "seconds": secs, "runs": runs, "peak_mib": mib}
     try:
         oto.random_set_zero_groups()
         out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "gp_coverage_oto"
@@ -173,40 +269,108 @@ def run_oto(model: torch.nn.Module, inputs: tuple, repeat: int) -> dict:
         compact = torch.load(oto.compressed_model_path, weights_only=False)
         with torch.no_grad():
             compact(*inputs)
-        row["runs"] = "ok"
+        row["pruned_runs"] = "ok"
     except Exception as exc:
-        row["runs"] = _reason(exc)
+        row["pruned_runs"] = _reason(exc)
     return row
 
 
-def run_graphprune_onnx(model: torch.nn.Module, inputs: tuple, repeat: int) -> dict:
-    """The same columns through the ONNX door: export (TorchScript exporter, dynamic
-    batch), trace the file, verify with onnxruntime, and check the property on it."""
-    import tempfile
+def export_onnx_file(name: str, model: torch.nn.Module, inputs: tuple, path: str) -> str:
+    """Export with a dynamic batch: the TorchScript exporter; for transformers models it
+    cannot export (GPT-2 and Llama: aten::diff), the same model with eager attention, then
+    the dynamo exporter.  Returns which exporter wrote the file."""
+    from tests.frontends.test_onnx import export
+    errors = []
+    try:
+        export(model, inputs[0], path)
+        return "torchscript"
+    except Exception as exc:
+        errors.append(f"torchscript: {_reason(exc)}")
+    if name.startswith("hf_"):
+        try:
+            eager, _ = build(name, 0, attention="eager")
+            eager.load_state_dict(model.state_dict())
+            export(eager, inputs[0], path)
+            return "torchscript (eager attention)"
+        except Exception as exc:
+            errors.append(f"torchscript eager: {_reason(exc)}")
+    try:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        torch.onnx.export(model, inputs, path, dynamo=True, input_names=["x"], external_data=True,
+                          dynamic_shapes=({0: batch},), opset_version=18, verbose=False)
+        return "dynamo"
+    except Exception as exc:
+        errors.append(f"dynamo: {_reason(exc)}")
+    raise RuntimeError("no exporter: " + " | ".join(errors))
+
+
+def _property_onnx(g: Any, inputs: tuple) -> str:
+    """tests.frontends.test_onnx.check_onnx on an already traced graph, for any input
+    names: the compact ModelProto passes onnx.checker, keeps the inputs and their dynamic
+    batch, equals the zeroed full model on another batch size, and has fewer weights."""
+    import numpy as np
+    import onnx
+
+    from graphprune.frontends.onnx_backend import run_onnx
+    from graphprune.frontends.onnx_import import check_model
+    from tests.frontends.test_onnx import n_weights
+    from tests.helpers import zero_random_half
+    if not g.groups:
+        return "no prunable group found"
+    zero_random_half(g)
+    full, compact = g.backend.full(g, g.params), g.construct_subnet()
+    check_model(compact)
+    if [i.name for i in compact.graph.input] != [i.name for i in full.graph.input]:
+        return "compact model's inputs differ"
+    if compact.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value"):
+        return "compact model lost the dynamic batch"
+    names = [i.name for i in full.graph.input if i.name not in {t.name for t in full.graph.initializer}]
+    feeds = {}
+    for n, x in zip(names, inputs):
+        bigger = torch.cat([x, x[:1]], 0)  # another batch size than traced
+        feeds[n] = bigger.numpy()
+    ref, out = run_onnx(full, feeds), run_onnx(compact, feeds)
+    for a, b in zip(ref, out):
+        if a.shape != b.shape:
+            return f"output shape {b.shape} != {a.shape}"
+        if np.issubdtype(a.dtype, np.floating):
+            err = float(np.abs(a - b).max() / (np.abs(a).max() + 1e-12))
+            if not err <= TOL:
+                return f"compact model differs from the zeroed model: rel. error {err:.3e}"
+    if not n_weights(compact) < n_weights(full):
+        return "compact model is not smaller"
+    return "ok"
+
+
+def run_graphprune_onnx(name: str, model: torch.nn.Module | list, inputs: tuple, repeat: int) -> dict:
+    """``model`` may come in a one-element list, which is emptied: the module is freed
+    once exported, so only the ModelProto holds weights during the analysis."""
+    import onnx
 
     import graphprune as gp
-    from tests.frontends.test_onnx import check_onnx, export
+    if isinstance(model, list):
+        model = model.pop()
     if len(inputs) != 1:
         raise ValueError("the ONNX column exports single-input models only")
     with tempfile.TemporaryDirectory() as tmp:
-        path = export(model, inputs[0], f"{tmp}/m.onnx")
-        g, secs, mib = _timed(lambda: gp.trace(path, verify=False), repeat)
-        row = {"groups": len(g.groups), "grouped": g.grouped_params / max(1, g.total_params), "seconds": secs,
-               "peak_mib": mib, "barriers": sorted({b.op for b in g.barriers})}
-        try:
-            withdrawn = g.verify()
-            row["verify"] = "ok" if not withdrawn else f"{len(withdrawn)} withdrawn: {withdrawn[0][0].name}: {withdrawn[0][1]}"
-        except Exception as exc:
-            row["verify"] = _reason(exc)
-        try:
-            check_onnx(path, inputs[0])
-            row["property"] = "ok"
-        except Exception as exc:
-            row["property"] = _reason(exc)
+        path = f"{tmp}/m.onnx"
+        exporter = export_onnx_file(name, model, inputs, path)
+        file_mib = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2 ** 20
+        del model
+        proto = onnx.load(path)  # with its external data, if any: the model in memory, not counted
+        g, secs, mib, runs = _timed(lambda: gp.trace(proto, inputs, verify=False), repeat)
+    row = {"exporter": exporter, "file_mib": file_mib, "groups": len(g.groups),
+           "grouped": g.grouped_params / max(1, g.total_params), "seconds": secs, "runs": runs, "peak_mib": mib,
+           "barriers": sorted({b.op for b in g.barriers})}
+    row["verify"] = _verify_cell(g)
+    try:
+        row["property"] = _property_onnx(g, inputs)
+    except Exception as exc:
+        row["property"] = _reason(exc)
     return row
 
 
-TOOLS: dict[str, Callable[[torch.nn.Module, tuple, int], dict]] = {
+TOOLS: dict[str, Callable[[str, torch.nn.Module, tuple, int], dict]] = {
     "graphprune": run_graphprune,
     "graphprune-onnx": run_graphprune_onnx,
     "torch-pruning": run_torch_pruning,
@@ -218,123 +382,259 @@ PEERS = ("torch-pruning", "oto")
 # ---------------------------------------------------------------------------- driver
 def worker(name: str, tool: str, size: int, repeat: int) -> None:
     """Run one (model, tool) cell and print its row as the last line of stdout."""
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(1)
     try:
         model, inputs = build(name, size)
-        row = {"status": "ok", **TOOLS[tool](model, inputs, repeat)}
+        box: Any = [model] if tool == "graphprune-onnx" else model
+        del model
+        row = {"status": "ok", "memory_method": MEMORY_METHOD, **TOOLS[tool](name, box, inputs, repeat)}
     except Exception as exc:
-        row = {"status": "fail", "reason": _reason(exc), "trace": traceback.format_exc(limit=3)[-800:]}
-    print(json.dumps(row))
+        row = {"status": "fail", "reason": _reason(exc), "trace": traceback.format_exc(limit=4)[-1200:]}
+    print(json.dumps(row, default=str), flush=True)
+
+
+def _rss_of(pid: int) -> int:
+    """Resident bytes of ``pid`` and its children (best effort)."""
+    total = 0
+    try:
+        pids = [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
 
 
 def run_cell(name: str, tool: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--tool", tool, "--size", str(args.size),
            "--repeat", str(args.repeat)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"status": "fail", "reason": f"timeout after {args.timeout}s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cap = int(args.mem_cap_gib * 2 ** 30)
+    limit = args.peer_timeout if tool in PEERS else args.timeout
+    start, peak, killed = time.monotonic(), 0, None
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT, env=env)
+        while proc.poll() is None:
+            rss = _rss_of(proc.pid)
+            peak = max(peak, rss)
+            if rss > cap:
+                killed = f"killed: resident size passed the {args.mem_cap_gib:g} GiB cap of this run"
+            elif time.monotonic() - start > limit:
+                killed = f"timeout after {limit}s"
+            if killed:
+                proc.kill()
+                proc.wait()
+                break
+            time.sleep(0.5)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    wall = time.monotonic() - start
+    extra = {"wall_s": round(wall, 1), "process_peak_mib": round(peak / 2 ** 20)}
+    if killed:
+        return {"status": "fail", "reason": killed, **extra}
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"status": "fail", "reason": f"crashed (exit {proc.returncode}): {tail[:160]}"}
-    return json.loads(lines[-1])
+        tail = (stderr.strip().splitlines() or ["no output"])[-1]
+        return {"status": "fail", "reason": f"crashed (exit {proc.returncode}): {tail[:240]}", **extra}
+    return {**json.loads(lines[-1]), **extra}
+
+
+def read_results(path: Path) -> dict[tuple[str, str], dict]:
+    """The newest line of every (model, tool) cell; a torn (unparsable) line is ignored."""
+    cells: dict[tuple[str, str], dict] = {}
+    if not path.exists():
+        return cells
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            cells[(row["model"], row["tool"])] = row
+        except (ValueError, KeyError, TypeError):
+            continue
+    return cells
+
+
+def append_result(path: Path, row: dict) -> None:
+    """One ``write`` of one whole line with O_APPEND: a kill leaves whole lines (or at
+    worst a torn last line, which ``read_results`` skips)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = ("\n" + json.dumps(row, default=str) + "\n").encode()  # leading newline ends a torn line
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ok(r: dict) -> bool:
+    return r.get("status") == "ok"
+
+
+def _failed(row: dict) -> bool:
+    """A cell to run again under ``--retry-failed``: it crashed, a graphprune check failed
+    (verify, property, 2 GiB), or its memory was measured before the peak counter was reset."""
+    if row.get("status") == "n/a":
+        return False
+    if row["tool"] in PEERS:  # their code does not change between runs: a failure is the finding
+        return _ok(row) and row.get("memory_method") != MEMORY_METHOD
+    return not _ok(row) or row.get("memory_method") != MEMORY_METHOD or (
+        row["tool"].startswith("graphprune") and not (row.get("verify") == "ok" and row.get("property") == "ok"
+                                                      and row.get("peak_mib", 0) < 2048))
 
 
 def _cell(row: dict, key: str, fmt: str = "{}") -> str:
-    if row.get("status") != "ok":
-        return "fail"
+    if not row:
+        return "."
+    if not _ok(row):
+        return row.get("status", "fail")
     v = row.get(key)
     return "-" if v is None else fmt.format(v)
 
 
-def _short(v: str) -> str:
-    return "ok" if v == "ok" else "FAIL"
+def _flag(row: dict, key: str) -> str:
+    if not row:
+        return "."
+    if not _ok(row):
+        return row.get("status", "fail")
+    return "ok" if row.get(key) == "ok" else "FAIL"
 
 
-def print_table(results: dict[str, dict[str, dict]], tools: list[str]) -> None:
-    head = f"{'model':28} {'gp groups':>9} {'in grp':>7} {'gp s':>7} {'gp MiB':>7} {'verify':>6} {'prop':>5}"
+def _ordered(cells: dict[tuple[str, str], dict]) -> list[str]:
+    seen = list(dict.fromkeys(m for m, _ in cells))
+    return sorted(seen, key=lambda n: (_num_params(n), n))
+
+
+def print_table(cells: dict[tuple[str, str], dict], tools: list[str]) -> None:
+    print("memory (MiB): growth of the cell subprocess's peak resident size over its resident size just before "
+          "the analysis (peak counter reset there), with the model already built (PyTorch) or exported and loaded "
+          "as a ModelProto (ONNX): what trace + analysis allocate; '.' = not run yet")
+    head = f"{'model':22}"
+    for tool, short in (("graphprune", "gp"), ("graphprune-onnx", "onnx")):
+        if tool in tools:
+            head += f" | {short + ' grp':>8} {'in grp':>6} {'s':>6} {'MiB':>6} {'verify':>6} {'prop':>5}"
     if "torch-pruning" in tools:
-        head += f" | {'tp groups':>9} {'tp s':>7} {'tp MiB':>7} {'runs':>5}"
+        head += f" | {'tp grp':>6} {'s':>6} {'MiB':>6} {'runs':>5}"
     if "oto" in tools:
-        head += f" | {'oto groups':>10} {'oto s':>7} {'runs':>5}"
+        head += f" | {'oto':>4}"
     print(head)
-    for name, cells in results.items():
-        g = cells.get("graphprune", {})
-        line = (f"{name[:28]:28} {_cell(g, 'groups'):>9} {_cell(g, 'grouped', '{:.1%}'):>7} "
-                f"{_cell(g, 'seconds', '{:.2f}'):>7} {_cell(g, 'peak_mib', '{:.0f}'):>7} "
-                f"{_short(g.get('verify', '')) if g.get('status') == 'ok' else 'fail':>6} "
-                f"{_short(g.get('property', '')) if g.get('status') == 'ok' else 'fail':>5}")
+    for name in _ordered(cells):
+        line = f"{name[:22]:22}"
+        for tool in ("graphprune", "graphprune-onnx"):
+            if tool in tools:
+                r = cells.get((name, tool), {})
+                line += (f" | {_cell(r, 'groups'):>8} {_cell(r, 'grouped', '{:.0%}'):>6} {_cell(r, 'seconds', '{:.2f}'):>6} "
+                         f"{_cell(r, 'peak_mib', '{:.0f}'):>6} {_flag(r, 'verify'):>6} {_flag(r, 'property'):>5}")
         if "torch-pruning" in tools:
-            t = cells.get("torch-pruning", {})
-            line += (f" | {_cell(t, 'groups'):>9} {_cell(t, 'seconds', '{:.2f}'):>7} {_cell(t, 'peak_mib', '{:.0f}'):>7} "
-                     f"{_short(t.get('runs', '')) if t.get('status') == 'ok' else 'fail':>5}")
+            t = cells.get((name, "torch-pruning"), {})
+            line += (f" | {_cell(t, 'groups'):>6} {_cell(t, 'seconds', '{:.2f}'):>6} {_cell(t, 'peak_mib', '{:.0f}'):>6} "
+                     f"{_flag(t, 'pruned_runs'):>5}")
         if "oto" in tools:
-            o = cells.get("oto", {})
-            line += (f" | {_cell(o, 'groups'):>10} {_cell(o, 'seconds', '{:.2f}'):>7} "
-                     f"{_short(o.get('runs', '')) if o.get('status') == 'ok' else 'fail':>5}")
+            o = cells.get((name, "oto"), {})
+            line += f" | {(_cell(o, 'groups') if _ok(o) else o.get('status', '.')):>4}"
         print(line)
 
 
-def print_totals(results: dict[str, dict[str, dict]], tools: list[str]) -> None:
-    n = len(results)
-    print(f"\ntotals over {n} models")
+def print_totals(cells: dict[tuple[str, str], dict], tools: list[str], expected: int) -> None:
+    models = _ordered(cells)
+    print(f"\ntotals ({len(models)} models with results, {expected} expected)")
     for tool in tools:
-        rows = [cells[tool] for cells in results.values() if tool in cells]
-        ok = [r for r in rows if r.get("status") == "ok"]
-        line = f"  {tool:14} analysed {len(ok)}/{n}, groups {sum(r.get('groups', 0) for r in ok)}, " \
-               f"seconds {sum(r.get('seconds', 0.0) for r in ok):.1f}"
-        if tool == "graphprune" and ok:
-            line += (f", mean share in groups {statistics.mean(r['grouped'] for r in ok):.1%}, "
-                     f"verify ok {sum(r.get('verify') == 'ok' for r in ok)}, "
-                     f"property ok {sum(r.get('property') == 'ok' for r in ok)}")
+        rows = [cells[(m, tool)] for m in models if (m, tool) in cells]
+        ok = [r for r in rows if _ok(r)]
+        line = f"  {tool:16} cells {len(rows)}/{expected}, analysed {len(ok)}"
+        if ok:
+            line += f", max peak {max(r.get('peak_mib', 0.0) for r in ok):.0f} MiB" \
+                    f" (under 2 GiB: {sum(r.get('peak_mib', 0.0) < 2048 for r in ok)})"
+        if tool.startswith("graphprune") and ok:
+            line += (f", verify ok {sum(r.get('verify') == 'ok' for r in ok)}, "
+                     f"property ok {sum(r.get('property') == 'ok' for r in ok)}, "
+                     f"all three {sum(r.get('verify') == 'ok' and r.get('property') == 'ok' for r in ok)}, "
+                     f"mean share in groups {statistics.mean(r['grouped'] for r in ok):.1%}")
         elif ok:
-            line += f", pruned model runs {sum(r.get('runs') == 'ok' for r in ok)}"
+            line += f", pruned model runs {sum(r.get('pruned_runs') == 'ok' for r in ok)}"
+        na = [r for r in rows if r.get("status") == "n/a"]
+        if na:
+            line += f", n/a {len(na)} ({na[0].get('reason')})"
         print(line)
     print("\nfailures")
-    for name, cells in results.items():
-        for tool, r in cells.items():
-            problems = [r.get("reason")] if r.get("status") != "ok" else \
-                [f"{k}: {r[k]}" for k in ("verify", "property", "runs") if k in r and r[k] != "ok"]
+    for m in models:
+        for tool in tools:
+            r = cells.get((m, tool))
+            if r is None or r.get("status") == "n/a":
+                continue
+            problems = [r.get("reason")] if not _ok(r) else \
+                [f"{k}: {r[k]}" for k in ("verify", "property", "pruned_runs") if k in r and r[k] != "ok"]
+            if _ok(r) and tool.startswith("graphprune") and r.get("peak_mib", 0) >= 2048:
+                problems.append(f"memory: {r['peak_mib']:.0f} MiB >= 2 GiB")
             for p in problems:
-                print(f"  {name:28} {tool:14} {p}")
-    perf = [m for m in PERF_MODELS if m in results and "torch-pruning" in results[m]]
-    if perf:
-        print("\ntrace+analysis vs Torch-Pruning build_dependency (median seconds)")
-        for m in perf:
-            g, t = results[m].get("graphprune", {}), results[m]["torch-pruning"]
-            if g.get("status") == "ok" and t.get("status") == "ok":
-                print(f"  {m:12} graphprune {g['seconds']:.2f}  torch-pruning {t['seconds']:.2f}  "
-                      f"ratio {g['seconds'] / t['seconds']:.2f}")
+                print(f"  {m:22} {tool:16} {p}")
+    print("\ntrace+analysis vs Torch-Pruning build_dependency (median seconds)")
+    for m in PERF_MODELS:
+        g, t = cells.get((m, "graphprune"), {}), cells.get((m, "torch-pruning"), {})
+        if _ok(g) and _ok(t):
+            print(f"  {m:12} graphprune {g['seconds']:.2f}  torch-pruning {t['seconds']:.2f}  "
+                  f"ratio {g['seconds'] / t['seconds']:.2f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", help="comma-separated names (default: every torchvision classifier + hf_*)")
+    ap.add_argument("--first", help="comma-separated models to run (and with --retry-failed, retry) before the others")
+    ap.add_argument("--tools", help=f"comma-separated, from {','.join(TOOLS)} (default: all)")
     ap.add_argument("--skip-peers", action="store_true", help="graphprune columns only")
-    ap.add_argument("--size", type=int, default=224, help="input side for models that take any size")
+    ap.add_argument("--size", type=int, default=64, help="input side for models that take any size")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per cell; the median is reported")
-    ap.add_argument("--timeout", type=int, default=600, help="seconds per (model, tool) cell")
-    ap.add_argument("--out", help="write every cell (with failure reasons) as JSON")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per graphprune cell (build, export, "
+                    "timed analysis, verify and property together)")
+    ap.add_argument("--peer-timeout", type=int, default=300, help="seconds per peer cell")
+    ap.add_argument("--mem-cap-gib", type=float, default=8.0, help="kill a cell whose process passes this")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file of finished cells")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="run failed cells again (crashed, or a graphprune verify/property failure)")
+    ap.add_argument("--report", action="store_true", help="only print the table from the results file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--tool", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker, args.tool, args.size, args.repeat)
     names = args.models.split(",") if args.models else model_names()
-    tools = ["graphprune", "graphprune-onnx"] + ([] if args.skip_peers else list(PEERS))
-    results: dict[str, dict[str, dict]] = {}
-    for name in names:
-        results[name] = {}
-        for tool in tools:  # the same order for every model
-            results[name][tool] = run_cell(name, tool, args)
-            r = results[name][tool]
+    if args.first:  # e.g. the architectures a change is about, before the long tail
+        first = [n for n in args.first.split(",") if n in names]
+        names = first + [n for n in names if n not in first]
+    tools = args.tools.split(",") if args.tools else \
+        ["graphprune", "graphprune-onnx"] + ([] if args.skip_peers else list(PEERS))
+    if not args.report:
+        oto_error = None
+        if "oto" in tools:  # one import attempt for the whole run
+            probe = subprocess.run([sys.executable, "-c", "import only_train_once"], capture_output=True, text=True)
+            if probe.returncode:
+                last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+                oto_error = f"n/a: does not import on torch {torch.__version__.split('+')[0]}: {last[:200]}"
+        # cells never run first (smallest models first), then, with --retry-failed, the failed ones
+        passes = [False, True] if args.retry_failed else [False]
+        first = set(args.first.split(",")) if args.first else set()
+        for retry, name, tool in [(r, n, t) for r in passes for n in names for t in tools]:
+            done = read_results(args.results).get((name, tool))
+            if done and not ((retry or (args.retry_failed and name in first)) and _failed(done)):
+                continue
+            if tool == "oto" and oto_error:
+                r = {"status": "n/a", "reason": oto_error}
+            else:
+                r = run_cell(name, tool, args)
+            r = {"model": name, "tool": tool, "side": side_for(name, args.size), **r,
+                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            append_result(args.results, r)
             print(f"[{name} / {tool}] {r.get('status')} {r.get('reason', '')}"
-                  f"{'' if r.get('status') != 'ok' else ' %.2fs' % r.get('seconds', 0)}", file=sys.stderr, flush=True)
-        if args.out:  # after every model, so a long run can be read while it goes
-            Path(args.out).write_text(json.dumps(results, indent=1))
-    print_table(results, tools)
-    print_totals(results, tools)
+                  f"{'' if not _ok(r) else ' %.2fs %.0fMiB' % (r.get('seconds', 0), r.get('peak_mib', 0))}",
+                  file=sys.stderr, flush=True)
+    cells = {k: v for k, v in read_results(args.results).items() if k[0] in names and k[1] in tools}
+    print_table(cells, tools)
+    print_totals(cells, tools, len(names))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from onnx import helper, numpy_helper
 
 from ..ir.graph import Graph
 from ..passes.emit_onnx import emit_onnx
@@ -14,13 +15,19 @@ from ..passes.shrink import Shrink
 
 
 def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """One onnxruntime run on the CPU."""
+    """One onnxruntime run on the CPU (a model over 2 GiB runs with its weights fed)."""
     import onnxruntime as ort
+
+    from .onnx_import import session
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    sess, weights = session(model, opts)
+    return sess.run(None, {**feeds, **weights})
+
+
+def _np_dtype(elem_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
 
 
 class OnnxBackend:
@@ -29,16 +36,34 @@ class OnnxBackend:
 
     @staticmethod
     def initial_params(ir: Graph) -> dict[str, torch.Tensor]:
-        """The float initializers as torch tensors that optimizers and scorers edit."""
-        return {name: v.data.clone() for name, v in ir.values.items() if v.kind == "param"}
+        """The float initializers as torch tensors that optimizers and scorers edit: the
+        IR's own tensors (read from the file once, as the PyTorch side's are the module's
+        parameters), not another copy of every weight."""
+        return {name: v.data for name, v in ir.values.items() if v.kind == "param"}
 
     def emit(self, pg: Any, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None) -> onnx.ModelProto:
         units = pg.removed_units(tensors) if removed is None else removed
         return emit_onnx(pg.ir, self.proto, Shrink(pg.labels, pg.comp, units), tensors)
 
     def full(self, pg: Any, tensors: dict[str, torch.Tensor]) -> onnx.ModelProto:
-        """The full model with ``tensors`` as initializers (nothing removed)."""
-        return self.emit(pg, tensors, torch.zeros(0, dtype=torch.long))
+        """The full model with ``tensors`` as initializers (nothing removed).  A model over
+        2 GiB cannot go through the emitter's shape inference and checker (they serialise
+        it), so its initializers are replaced directly: nothing else changes."""
+        from .onnx_import import is_large
+        if not is_large(self.proto):
+            return self.emit(pg, tensors, torch.zeros(0, dtype=torch.long))
+        model = onnx.ModelProto()
+        model.CopyFrom(self.proto)
+        for init in model.graph.initializer:
+            if init.name in tensors:
+                arr = tensors[init.name].detach().cpu().numpy().astype(_np_dtype(init.data_type), copy=False)
+                init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), init.name))
+        for n in list(model.graph.node):  # weights the importer untied from a shared initializer
+            if n.op_type == "Identity" and n.output[0] in tensors:
+                arr = tensors[n.output[0]].detach().cpu().numpy()
+                model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), n.output[0]))
+                model.graph.node.remove(n)
+        return model
 
     def compare(self, pg: Any, tensors: dict[str, torch.Tensor]) -> float:
         """Relative error of the compact model against the zeroed full model (onnxruntime)."""

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BadOnnxError
 from ..ir.graph import Graph, Node, Ref, Value
@@ -39,6 +39,98 @@ for _r in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "R
     INPUT_NAMES[_r] = ("data", "axes")
 INT_ARGS = {"shape", "split", "starts", "ends", "axes", "steps", "pads", "repeats"}
 _BIG = 1 << 16  # integer intermediates larger than this are not kept
+PROTOBUF_LIMIT = (1 << 31) - (1 << 26)  # a serialised ModelProto cannot pass 2 GiB (some room for the graph)
+_FEED_MIN = 1024  # float initializers with at least this many elements are fed, not embedded, by ``skeleton``
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+
+
+def data_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers, from their dims (reading ``raw_data`` would copy it)."""
+    total = 0
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        try:
+            total += n * _elem_dtype(t.data_type).itemsize
+        except Exception:  # strings
+            total += n * 8
+    return total
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether the model (weights in memory) is too big to serialise: onnx.checker,
+    shape inference and onnxruntime then only see its ``skeleton``."""
+    return data_bytes(model) > PROTOBUF_LIMIT
+
+
+def skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """The model without its float weight initializers, which become graph inputs of the
+    same type and shape (fed at run time), and those initializers by name.  Small
+    initializers (shape constants, scales) stay, so shape inference still sees them.
+    Nothing big is copied: the skeleton of a 2.5 GB model is a few hundred kB."""
+    g = model.graph
+    sk = onnx.ModelProto()
+    sk.ir_version = model.ir_version
+    sk.opset_import.extend(model.opset_import)
+    sk.functions.extend(model.functions)
+    sk.producer_name, sk.producer_version, sk.domain = model.producer_name, model.producer_version, model.domain
+    sg = sk.graph
+    sg.name = g.name
+    sg.node.extend(g.node)
+    sg.input.extend(g.input)
+    sg.output.extend(g.output)
+    sg.value_info.extend(g.value_info)
+    sg.sparse_initializer.extend(g.sparse_initializer)
+    declared = {i.name for i in g.input}
+    moved: dict[str, onnx.TensorProto] = {}
+    for t in g.initializer:
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        if t.data_type in _FLOAT_TYPES and n >= _FEED_MIN:
+            moved[t.name] = t
+            if t.name not in declared:
+                sg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            sg.initializer.append(t)
+    return sk, moved
+
+
+def check_model(model: Any) -> None:
+    """``onnx.checker.check_model`` for a path (external data included) or a ModelProto of
+    any size (a model over 2 GiB is checked as its ``skeleton``)."""
+    if isinstance(model, (str, os.PathLike)):
+        onnx.checker.check_model(os.fspath(model))
+    elif is_large(model):
+        onnx.checker.check_model(skeleton(model)[0])
+    else:
+        onnx.checker.check_model(model)
+
+
+def infer_shapes(model: onnx.ModelProto, *, inplace: bool = False, **kwargs: Any) -> onnx.ModelProto:
+    """``onnx.shape_inference.infer_shapes`` run on the ``skeleton`` (no weights are
+    serialised, so any size works and nothing big is copied); the inferred value_info and
+    outputs are written into ``model`` (``inplace``) or into a copy of it."""
+    sk, moved = skeleton(model)
+    inferred = onnx.shape_inference.infer_shapes(sk, **kwargs)
+    out = model
+    if not inplace:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in moved)
+    del out.graph.output[:]
+    out.graph.output.extend(inferred.graph.output)
+    return out
+
+
+def session(model: onnx.ModelProto, options: Any = None) -> tuple[Any, dict[str, np.ndarray]]:
+    """An onnxruntime CPU session of ``model`` and the weight feeds it needs: a model over
+    2 GiB cannot be serialised, so it runs as its ``skeleton`` with the weights fed."""
+    import onnxruntime as ort
+
+    weights: dict[str, np.ndarray] = {}
+    if is_large(model):
+        model, moved = skeleton(model)
+        weights = {k: numpy_helper.to_array(t) for k, t in moved.items()}
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), weights
 
 
 def read_model(model: Any) -> tuple[onnx.ModelProto, str]:
@@ -49,15 +141,16 @@ def read_model(model: Any) -> tuple[onnx.ModelProto, str]:
         if not os.path.isfile(source):
             raise BadOnnxError(f"no such ONNX file: {source}", source=source, hint="check the path")
         try:
-            model = onnx.load(source)
+            model = onnx.load(source)  # external data (next to the file) is read too
         except Exception as exc:
             raise BadOnnxError(f"cannot parse ONNX file: {type(exc).__name__}: {str(exc)[:200]}", source=source,
                                hint="the file is truncated or not an ONNX model") from exc
     if not isinstance(model, onnx.ModelProto):
         raise BadOnnxError(f"expected an ONNX ModelProto or path, got {type(model).__name__}", source=source)
     try:
-        onnx.checker.check_model(model)
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        check_model(source if source != "<ModelProto>" else model)
+        # a file's proto is ours to annotate; a caller's ModelProto is copied, never changed
+        model = infer_shapes(model, inplace=source != "<ModelProto>", strict_mode=False, data_prop=True)
     except Exception as exc:
         raise BadOnnxError(f"invalid ONNX model: {str(exc).strip()[:400]}", source=source,
                            hint="fix the model so that onnx.checker.check_model passes") from exc
@@ -96,28 +189,59 @@ def example_feeds(model: onnx.ModelProto, example: tuple) -> dict[str, np.ndarra
     return feeds
 
 
-def capture(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """Every node output's value on ``feeds`` (one onnxruntime run)."""
+def capture(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str,
+            weights: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Every node output's value on ``feeds`` (one onnxruntime run).  The model runs as
+    its ``skeleton`` with the float weights fed from ``weights`` (arrays by initializer
+    name, shared, not copied), so nothing is serialised but the graph: any size works.
+
+    Only the analysis's needs come back whole: integer and boolean tensors (shape
+    arithmetic, indices, masks), Constant outputs and the graph outputs.  A float
+    intermediate comes back as its ``Shape`` (a node added right after its producer), and
+    is returned as a zero-memory stand-in of that shape and dtype (``np.broadcast_to``):
+    holding every activation at once took 2.4 GB on swin_t."""
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe, moved = skeleton(model)
+    if weights is None:
+        weights = {k: numpy_helper.to_array(t) for k, t in moved.items()}
+    feeds = {**feeds, **{k: weights[k] for k in moved}}
+    elem = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)
+            if v.type.HasField("tensor_type")}
     known = {o.name for o in probe.graph.output}
+    shape_of: dict[str, str] = {}  # float value -> the output holding its shape
+    nodes = []
     for n in probe.graph.node:
+        nodes.append(n)
         for o in n.output:
-            if o and o not in known:
+            if not o or o in known:
+                continue
+            known.add(o)
+            if n.op_type != "Constant" and elem.get(o) in _FLOAT_TYPES:
+                shape_of[o] = f"{o}__gp_shape"
+                nodes.append(helper.make_node("Shape", [o], [shape_of[o]], name=f"{o}__gp_shape"))
+                probe.graph.output.append(helper.ValueInfoProto(name=shape_of[o]))
+            else:
                 probe.graph.output.append(helper.ValueInfoProto(name=o))
-                known.add(o)
+    del probe.graph.node[:]
+    probe.graph.node.extend(nodes)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False  # activations go back to the system as they die
+    opts.enable_mem_pattern = False
+    # run each added Shape as soon as its input exists, so the activation dies at once (the
+    # default order ran them last and held them all: 1.8 GB instead of 0.4 on maxvit_t)
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     try:
         sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        outs = sess.run(None, feeds)
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     except Exception as exc:
         raise BadOnnxError(f"onnxruntime cannot run the model: {str(exc).strip()[:400]}", source=source,
                            hint="check input shapes/dtypes of the example inputs") from exc
-    return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
+    for o, sh in shape_of.items():
+        outs[o] = np.broadcast_to(np.zeros((), _elem_dtype(elem[o])), tuple(int(d) for d in outs.pop(sh)))
+    return {k: v for k, v in outs.items() if k not in moved}
 
 
 def _second_batch(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
@@ -157,15 +281,20 @@ def load_onnx(model: Any, example: tuple = ()) -> tuple[Graph, onnx.ModelProto, 
     """The IR of an ONNX model, the (validated, named) proto, and the example feeds."""
     proto, source = read_model(model)
     feeds = example_feeds(proto, example)
-    captured = capture(proto, feeds, source)
-    alt = _second_batch(proto, feeds)
-    alt_captured = capture(proto, alt, source) if alt is not None else {}
     values: dict[str, Value] = {}
+    arrays: dict[str, np.ndarray] = {}
     for init in proto.graph.initializer:
         arr = numpy_helper.to_array(init)
+        if not arr.flags.writeable or not arr.flags.c_contiguous:  # a view of the proto's bytes
+            arr = np.array(arr, order="C")
+        arrays[init.name] = arr
         kind = "param" if np.issubdtype(arr.dtype, np.floating) and arr.ndim >= 1 else "const"
-        values[init.name] = Value(init.name, tuple(arr.shape), torch.from_numpy(arr.copy()).dtype, kind,
-                                  torch.from_numpy(arr.copy()), init.name)
+        data = torch.from_numpy(arr)  # one copy of the weights; capture feeds the same memory
+        values[init.name] = Value(init.name, tuple(arr.shape), data.dtype, kind, data, init.name)
+    captured = capture(proto, feeds, source, arrays)
+    alt = _second_batch(proto, feeds)
+    alt_captured = capture(proto, alt, source, arrays) if alt is not None else {}
+    del arrays
     inputs = []
     for i in proto.graph.input:
         if i.name in values:
@@ -192,7 +321,7 @@ def load_onnx(model: Any, example: tuple = ()) -> tuple[Graph, onnx.ModelProto, 
         for o in outs:
             arr = captured[o]
             keep = n.op_type == "Constant" or (not np.issubdtype(arr.dtype, np.floating) and arr.size <= _BIG)
-            values[o] = Value(o, tuple(arr.shape), torch.from_numpy(np.array(arr, order="C")).dtype,
+            values[o] = Value(o, tuple(arr.shape), torch.from_numpy(np.empty(0, arr.dtype)).dtype,
                               "const" if n.op_type == "Constant" else "act",
                               torch.from_numpy(np.array(arr, order="C")) if keep else None, o,
                               tuple(alt_captured[o].shape) if o in alt_captured else None)
