@@ -8,10 +8,12 @@ from typing import Callable
 
 import numpy as np
 import onnx
+import onnx.inliner
 import torch
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from graphprune.errors import BadOnnxError
+from graphprune.frontends.onnx_import import check_model, infer_shapes
 from graphprune.ir.graph import Graph
 from graphprune.ops.registry import rule_for
 
@@ -46,6 +48,24 @@ def _erase(graph: onnx.GraphProto, er: Erasure) -> None:
         for k, i in enumerate(n.input):
             if i in er.constants:
                 n.input[k] = f"{i}__erased"
+
+
+def _inline_functions(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Inline the model-local functions the rules called (:meth:`Shrink.call_onnx_function`,
+    e.g. a layer norm over pruned columns) and drop them with their domains: the compact
+    model holds standard ops only, for onnxruntime and TVM's frontend alike."""
+    ours = {(f.domain, f.name) for f in model.functions} - {(f.domain, f.name) for f in original.functions}
+    if not ours:
+        return model
+    model = onnx.inliner.inline_selected_functions(model, sorted(ours))
+    kept = [f for f in model.functions if (f.domain, f.name) not in ours]
+    del model.functions[:]
+    model.functions.extend(kept)
+    gone = {d for d, _ in ours} - {f.domain for f in kept} - {n.domain for n in model.graph.node}
+    opsets = [o for o in model.opset_import if o.domain not in gone]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
+    return model
 
 
 def _evaluator(ir: Graph, proto: onnx.ModelProto, tensors: dict[str, torch.Tensor]) -> Evaluate:
@@ -106,7 +126,7 @@ def emit_onnx(ir: Graph, proto: onnx.ModelProto, shrink: Shrink, tensors: dict[s
             continue
         src = tensors.get(name, v.data)
         t = shrink.slice_tensor(name, src.detach().cpu())
-        arr = t.numpy().astype(numpy_helper.to_array(model.graph.initializer[k]).dtype, copy=False)
+        arr = t.numpy().astype(helper.tensor_dtype_to_np_dtype(model.graph.initializer[k].data_type), copy=False)
         model.graph.initializer[k].CopyFrom(numpy_helper.from_array(np.array(arr, order="C"), name))
     # weights the importer untied (Identity of a shared initializer) and constants that
     # shrink (Constant nodes feeding a norm's scale) become initializers of their own
@@ -126,10 +146,11 @@ def emit_onnx(ir: Graph, proto: onnx.ModelProto, shrink: Shrink, tensors: dict[s
             rule_for(node.op).rewrite_onnx(node, by_name[node.name], shrink)
     _erase(model.graph, er)
     _drop_unused(model.graph)
+    model = _inline_functions(model, proto)
     del model.graph.value_info[:]
     try:
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        onnx.checker.check_model(model)
+        model = infer_shapes(model, inplace=True, strict_mode=False)  # any size: weights are not serialised
+        check_model(model)
     except Exception as exc:
         raise BadOnnxError(f"compact ONNX model is invalid: {str(exc)[:300]}", source=ir.source,
                            hint="this is a graphprune bug; please report it with the model") from exc

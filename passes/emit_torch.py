@@ -76,6 +76,8 @@ def emit_module(graph: Graph, exported: torch.export.ExportedProgram, shrink: Sh
     fx_nodes = {n.name: n for n in gm.graph.nodes}
     er = erase(shrink, tensors, _dynamic_axes(graph, fx_nodes))
     shrink = er.shrink
+    sig = exported.graph_signature
+    paths = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}  # a tied weight's paths differ from its name
     for name, v in graph.values.items():
         if v.kind not in ("param", "buffer", "const") or v.source_name is None:
             continue
@@ -84,7 +86,7 @@ def emit_module(graph: Graph, exported: torch.export.ExportedProgram, shrink: Sh
             continue
         t = shrink.slice_tensor(name, src.detach()).clone()
         try:
-            _set_tensor(gm, v.source_name, t, v.kind == "param")
+            _set_tensor(gm, paths.get(name, v.source_name), t, v.kind == "param")
         except AttributeError:
             continue  # lifted constants that the unlifted module inlines
     for node in graph.nodes:

@@ -143,6 +143,22 @@ class Shrink:
             proto_node.input.append("")
         proto_node.input[index] = name
 
+    def call_onnx_function(self, proto_node: Any, fn: Any, **attrs: Any) -> None:
+        """Turn the node into a call of the model-local function ``fn`` (a FunctionProto,
+        added to the model once, its domain imported) with ``attrs``; inputs and outputs
+        stay, trailing ones beyond the function's are dropped.  The emitter inlines the
+        call, so the written model holds standard ops only."""
+        from onnx import helper
+        if not any(f.domain == fn.domain and f.name == fn.name for f in self.onnx.functions):
+            self.onnx.functions.append(fn)
+        if not any(o.domain == fn.domain for o in self.onnx.opset_import):
+            self.onnx.opset_import.append(helper.make_opsetid(fn.domain, 1))
+        proto_node.op_type, proto_node.domain = fn.name, fn.domain
+        del proto_node.attribute[:]
+        proto_node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+        del proto_node.input[len(fn.input):]
+        del proto_node.output[len(fn.output):]
+
     def set_onnx_split(self, proto_node: Any, sizes: list[int]) -> None:
         """Split sizes live in an input from opset 13 on, in an attribute before."""
         opset = next((o.version for o in self.onnx.opset_import if o.domain in ("", "ai.onnx")), 13)

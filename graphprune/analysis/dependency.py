@@ -19,13 +19,17 @@ from .labels import PIN, Labels
 
 
 def propagate(graph: Graph) -> Labels:
-    """Apply each node's rule in topological order; pin graph inputs and outputs."""
+    """Apply each node's rule in topological order (recording the values that are zero
+    where removed, for the rules after it); pin graph inputs and outputs."""
     lab = Labels(graph)
     for name in graph.inputs:
         lab.fields[name] = None
     for node in graph.nodes:
+        rule = rule_for(node.op)
         try:
-            rule_for(node.op).propagate(node, lab)
+            rule.propagate(node, lab)
+            if rule.keeps_zero(node, lab):  # only labelled outputs: an unlabelled one has nothing removed
+                lab.zero.update(o for o in node.outputs if lab.fields.get(o) is not None)
         except Exception as exc:  # an input form the rule does not handle: keep its channels
             lab.barrier(node, f"rule failed: {type(exc).__name__}: {str(exc)[:160]}")
         for o in node.outputs:

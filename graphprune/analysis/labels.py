@@ -6,6 +6,11 @@ to along the axes where atoms vary; elements of one atom are removed together.  
 couple atoms (``union``), forbid their removal (``pin``) and give parameter axes their
 labels (``param_axis``).  Atom 0 is the pin: anything connected to it stays.
 
+Rules also record which values are *zero where removed* (:meth:`Labels.is_zero`): the
+entries that removed units take are exactly zero in the zeroed model.  A reduction
+over a prunable axis (a layer norm's statistics, a sum) is exact on the compact model
+only then, with the original count as divisor.
+
 Data-movement ops need no hand-written index maps: their rule *runs the op on label
 tensors* (see :meth:`Labels.run_on_labels`), so concat offsets, channel shuffles, pixel
 shuffles, flatten-into-linear and head reshapes come out exact.
@@ -64,6 +69,7 @@ class Labels:
     barriers: list[Barrier] = field(default_factory=list)
     head_atoms: list[torch.Tensor] = field(default_factory=list)
     deferred: list[Deferred] = field(default_factory=list)
+    zero: set[str] = field(default_factory=set)  # activations zero where removed (see is_zero)
     _edges: list[np.ndarray] = field(default_factory=list)
     _collapsed: dict = field(default_factory=dict)  # (id(labels), axis) -> (labels, per-index atoms)
 
@@ -122,6 +128,13 @@ class Labels:
         """Attribute ``macs`` evenly to ``atoms`` (for FLOPs-targeted budgets)."""
         if atoms is not None and atoms.numel():
             self.costs.append((atoms.reshape(-1), macs / atoms.numel()))
+
+    def is_zero(self, name: str) -> bool:
+        """Whether the entries of ``name`` whose atoms are removed are exactly zero in the
+        zeroed model: parameters (a removed unit's slices are zero by definition) and the
+        outputs of ops whose rule says so (:meth:`Rule.keeps_zero`).  Buffers, constants
+        and inputs are not."""
+        return name in self.zero or self.graph.values[name].kind == "param"
 
     # ---- fields --------------------------------------------------------------------
     def shape(self, name: str) -> tuple[int, ...]:

@@ -81,6 +81,10 @@ def from_exported(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> G
     to_params, to_buffers = sig.inputs_to_parameters, sig.inputs_to_buffers
     to_consts = sig.inputs_to_lifted_tensor_constants
     state = dict(model.named_parameters(remove_duplicate=False))
+    # a tied weight (GPT-2's lm_head and wte) is one tensor: report it by its first name,
+    # the one ``named_parameters()`` gives (the emitter writes each placeholder's own path)
+    first: dict[int, str] = {}
+    canonical = {n: first.setdefault(id(p), n) for n, p in state.items()}
     state.update(dict(model.named_buffers(remove_duplicate=False)))
     values: dict[str, Value] = {}
     nodes: list[Node] = []
@@ -94,7 +98,8 @@ def from_exported(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> G
         name = ph.name
         if name in to_params:
             fqn = to_params[name]
-            values[name] = Value(name, _shape(val), val.dtype, "param", state.get(fqn, ep.state_dict.get(fqn)), fqn)
+            values[name] = Value(name, _shape(val), val.dtype, "param", state.get(fqn, ep.state_dict.get(fqn)),
+                                 canonical.get(fqn, fqn))
         elif name in to_buffers:
             fqn = to_buffers[name]
             data = state.get(fqn, ep.state_dict.get(fqn, ep.constants.get(fqn)))

@@ -5,7 +5,8 @@ columns) and *consume* their input's atoms (input channels/columns of the weight
 one unit spans a layer's filters, everything elementwise after them, and the next
 layers' input slices.  Grouped convolutions tie a whole group of input and output
 channels into one unit; attention ties each head (or each key/value group under
-grouped-query attention) into one unit.
+grouped-query attention) into one unit.  A removed unit's filters (or columns) are
+zero, so what they produce is zero where removed (``keeps_zero``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ def _param(lab: Labels, node: Node, key: str) -> str | None:
     if name is not None and lab.graph.values[name].kind not in ("param", "buffer", "const"):
         return None
     return name
+
+
+def _trained(lab: Labels, node: Node, *keys: str) -> bool:
+    """Whether the weights under ``keys`` (absent ones aside) are parameters, so a removed
+    unit's entries of them are zero: the rows they produce are then zero too."""
+    names = [ref_name(node.attrs.get(k)) for k in keys]
+    return all(n is None or lab.graph.values[n].kind == "param" for n in names)
 
 
 @register("conv", aten=("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
@@ -61,6 +69,9 @@ class Conv(Rule):
         lab.cost(outs, macs)
         lab.cost(ins, macs)
         lab.set_field(out, Field((1,), outs))
+
+    def keeps_zero(self, node, lab) -> bool:
+        return _trained(lab, node, "weight", "bias")
 
     def rewrite_fx(self, node, fx_node, shrink) -> None:
         g = int(node.attrs.get("groups", 1) or 1)
@@ -102,6 +113,9 @@ class Linear(Rule):
             return lab.barrier(node, "linear whose weight is computed, not a parameter")
         _linear(lab, node, x, w, _param(lab, node, "bias"), 1)
 
+    def keeps_zero(self, node, lab) -> bool:
+        return _trained(lab, node, "weight", "bias")
+
 
 @register("addmm", aten=("addmm",))
 class Addmm(Rule):
@@ -113,6 +127,9 @@ class Addmm(Rule):
             return lab.barrier(node, "addmm of two activations")
         _linear(lab, node, x, w, _param(lab, node, "input"), 0)
 
+    def keeps_zero(self, node, lab) -> bool:
+        return _trained(lab, node, "mat2", "input")
+
 
 @register("gemm", onnx=("Gemm",))
 class Gemm(Rule):
@@ -123,6 +140,9 @@ class Gemm(Rule):
         if w is None or x is None or node.attrs.get("transA", 0):
             return lab.barrier(node, "Gemm without a constant B or with transA")
         _linear(lab, node, x, w, _param(lab, node, "C"), 1 if node.attrs.get("transB", 0) else 0)
+
+    def keeps_zero(self, node, lab) -> bool:
+        return _trained(lab, node, "B", "C")
 
 
 @register("matmul", aten=("matmul", "mm", "bmm"), onnx=("MatMul",))
@@ -160,6 +180,15 @@ class MatMul(Rule):
         if f is not None and min(f.axes) < len(lab.shape(out)) - 2:  # atoms on a batch axis: heads
             lab.head_atoms.append(f.labels.reshape(-1))
 
+    def keeps_zero(self, node, lab) -> bool:
+        """A linear layer's output, or a product whose removed entries meet a zero-where-
+        removed operand (each removed output entry sums products with a removed, so zero,
+        entry of every labelled operand: the rule couples them)."""
+        b = node.inputs[-1]
+        if len(lab.shape(b)) == 2 and lab.graph.values[b].kind == "param":
+            return True
+        return any(lab.fields.get(i) is not None and lab.is_zero(i) for i in node.inputs[:1] + node.inputs[-1:])
+
 
 @register("sdpa", aten=("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
                         "_scaled_dot_product_attention_math"))
@@ -195,6 +224,12 @@ class ScaledDotProductAttention(Rule):
         lab.cost(q0[0, :, 0], macs)
         lab.head_atoms.append(q0[0, :, 0])
 
+    def keeps_zero(self, node, lab) -> bool:
+        """A removed head's output averages its value rows: zero if they are (not if only
+        its queries are: zero scores still average the values)."""
+        v = ref_name(node.attrs.get("value"))
+        return v is not None and lab.is_zero(v)
+
 
 @register("embedding", aten=("embedding",))
 class Embedding(Rule):
@@ -208,3 +243,6 @@ class Embedding(Rule):
         cols = lab.fresh(lab.shape(w)[1], node)
         lab.param_axis(w, 1, cols)
         lab.set_field(out, Field((len(lab.shape(out)) - 1,), cols))
+
+    def keeps_zero(self, node, lab) -> bool:
+        return _trained(lab, node, "weight")

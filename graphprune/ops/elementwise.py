@@ -6,10 +6,11 @@ trunk, a learned position embedding ties its columns to the hidden channels.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..analysis.labels import Field, Labels
-from ..ir.graph import Node
+from ..ir.graph import Node, Ref
 from .registry import Rule, register
 
 UNARY = (
@@ -38,6 +39,17 @@ ONNX_UNARY = ("Relu", "Sigmoid", "Tanh", "Gelu", "HardSwish", "HardSigmoid", "Le
               "Softplus", "Mish", "Clip", "Neg", "Exp", "Log", "Sqrt", "Abs", "Sin", "Cos", "Erf",
               "Reciprocal", "Sign", "Floor", "Ceil", "Round", "Not", "IsNaN", "IsInf", "Dropout",
               "Identity", "Cast", "CastLike", "Celu", "ThresholdedRelu", "Softsign")
+ZERO_PRESERVING = (  # f(0) == 0: a removed (zero) entry stays zero
+    "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "tanh", "tanh_", "hardswish", "hardswish_",
+    "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu", "mish", "mish_", "neg", "log1p", "sqrt", "abs",
+    "sin", "erf", "square", "sign", "floor", "ceil", "round", "trunc", "dropout", "dropout_", "feature_dropout",
+    "clone", "contiguous", "alias", "detach", "detach_", "to", "_to_copy", "type_as", "float", "half", "bfloat16",
+    "nan_to_num", "lift_fresh_copy", "prelu_scalar",
+    "onnx::Relu", "onnx::Tanh", "onnx::Gelu", "onnx::HardSwish", "onnx::LeakyRelu", "onnx::Elu", "onnx::Selu",
+    "onnx::Mish", "onnx::Neg", "onnx::Sqrt", "onnx::Abs", "onnx::Sin", "onnx::Erf", "onnx::Sign", "onnx::Floor",
+    "onnx::Ceil", "onnx::Round", "onnx::Dropout", "onnx::Identity", "onnx::Cast", "onnx::CastLike", "onnx::Celu",
+    "onnx::ThresholdedRelu", "onnx::Softsign",
+)
 ONNX_NARY = ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Where", "Equal", "Less", "Greater",
              "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "PRelu", "Sum", "Mean")
 
@@ -54,13 +66,27 @@ class Unary(Rule):
             else:
                 lab.fields[o] = None  # e.g. native_dropout's mask of another dtype is still same shape
 
+    def keeps_zero(self, node: Node, lab: Labels) -> bool:
+        """Zero-preserving activations and casts of a zero-where-removed input; a clamp
+        whose range holds 0."""
+        if not node.inputs or not lab.is_zero(node.inputs[0]):
+            return False
+        kind = _kind(node)
+        if kind in ("clamp", "clamp_", "clamp_min", "clamp_max", "hardtanh", "hardtanh_"):
+            lo = node.attrs.get("min", node.attrs.get("min_val", -1.0 if "hardtanh" in kind else None))
+            hi = node.attrs.get("max", node.attrs.get("max_val", 1.0 if "hardtanh" in kind else None))
+            return all(isinstance(v, (int, float, type(None))) for v in (lo, hi)) \
+                and (lo is None or lo <= 0) and (hi is None or hi >= 0)
+        return kind in ZERO_PRESERVING
+
 
 @register("elementwise", aten=NARY, onnx=ONNX_NARY)
 class Elementwise(Rule):
     """Broadcasting n-ary op: operands' atoms are coupled element by element.
 
     An unlabelled operand that spans a labelled axis (size > 1 there) pins those atoms:
-    its entries cannot be removed, so neither can the ones they meet.
+    its entries cannot be removed, so neither can the ones they meet; where the field has
+    other axes too, only whole fibres along the spanned ones go instead.
     """
 
     def propagate(self, node: Node, lab: Labels) -> None:
@@ -82,8 +108,15 @@ class Elementwise(Rule):
             if name == rep[0]:
                 continue
             if f is None:
-                if any(a - off >= 0 and shape[a - off] > 1 for a in rep_axes):
+                spanned = [j for j, a in enumerate(rep_axes) if a - off >= 0 and shape[a - off] > 1]
+                if len(spanned) == len(rep_axes):
                     lab.pin(rep[3].labels)
+                elif spanned:
+                    # whole fibres along the spanned axes go together, the other axes keep
+                    # their units (a per-token RMS scaling a stream with learned positions)
+                    t = rep[3].labels.permute(*[j for j in range(len(rep_axes)) if j not in spanned], *spanned)
+                    rows = t.reshape(-1, int(np.prod(t.shape[len(rep_axes) - len(spanned):])))
+                    lab.union(rows[:, :1], rows)
                 continue
             axes = tuple(a + off for a in f.axes)
             if not set(axes) <= set(rep_axes) and lab.graph.values[name].kind in ("param", "buffer", "const"):
@@ -106,6 +139,45 @@ class Elementwise(Rule):
         for o in node.outputs[1:]:
             lab.fields[o] = None
 
+    def keeps_zero(self, node: Node, lab: Labels) -> bool:
+        """A sum of zero-where-removed operands (a residual add; a scalar added must be
+        0); a product with one; a quotient of one; a positive power of one.  Only an
+        operand whose atoms are coupled with the output's at every position counts: an
+        unlabelled one broadcast onto removed positions puts its entries there, and a
+        product's smaller factor may be pinned instead (``union_unless_whole``)."""
+        kind, ins, out = _kind(node), list(dict.fromkeys(node.inputs)), node.outputs[0]
+        if kind in ADDITIVE:  # every operand is coupled elementwise (propagate's plain union)
+            scalars = [node.attrs.get(k) for k in ("input", "other") if k in node.attrs]
+            return all(_zero_operand(lab, i, out, broadcast=True) for i in ins) \
+                and all(v == 0 for v in scalars if isinstance(v, (int, float)))
+        if kind in PRODUCT:
+            return any(_zero_operand(lab, i, out) for i in ins)
+        first = node.args[0] if node.args else None
+        if not (isinstance(first, Ref) and _zero_operand(lab, first.name, out)):
+            return False
+        if kind in ("div", "div_", "onnx::Div", "prelu", "_prelu_kernel", "onnx::PRelu"):
+            return True
+        if kind in ("pow", "pow_", "onnx::Pow"):
+            e = node.attrs.get("exponent", node.args[1] if len(node.args) > 1 else None)
+            if isinstance(e, Ref):
+                v = lab.graph.values[e.name]
+                return v.kind in ("buffer", "const") and v.data is not None and bool((v.data > 0).all())
+            return isinstance(e, (int, float)) and e > 0
+        if kind in ("masked_fill", "masked_fill_"):
+            return node.attrs.get("value") == 0
+        return False
+
+
+def _zero_operand(lab: Labels, name: str, out: str, broadcast: bool = False) -> bool:
+    """Whether operand ``name`` is zero where removed and labelled on the output's
+    labelled axes (with ``broadcast``, on some of them: it was coupled with every
+    position it is broadcast to), so each removed output position reads a removed entry."""
+    f, fo = lab.fields.get(name), lab.fields.get(out)
+    if f is None or fo is None or not lab.is_zero(name):
+        return False
+    axes = {a + len(lab.shape(out)) - len(lab.shape(name)) for a in f.axes}
+    return axes <= set(fo.axes) if broadcast else axes == set(fo.axes)
+
 
 def _collapse(lab: Labels, f: Field, axes: tuple[int, ...], keep: tuple[int, ...]) -> tuple[Field | None, tuple[int, ...]]:
     """``f`` (on output ``axes``) reduced to the axes it shares with ``keep``: its atoms
@@ -126,6 +198,9 @@ def _kind(node: Node) -> str:
     return node.source_op.split(".")[1] if node.source_op.startswith("aten.") else node.source_op
 
 
+ADDITIVE = ("add", "add_", "sub", "sub_", "maximum", "minimum", "onnx::Add", "onnx::Sub", "onnx::Sum",
+            "onnx::Mean", "onnx::Max", "onnx::Min")
+PRODUCT = ("mul", "mul_", "onnx::Mul")
 ARITHMETIC = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",
               "onnx::Add", "onnx::Sub", "onnx::Mul", "onnx::Div")
 
@@ -166,6 +241,9 @@ class Triangular(Rule):
             lab.pin(f.labels)
             f = None
         lab.set_field(out, f)
+
+    def keeps_zero(self, node: Node, lab: Labels) -> bool:
+        return lab.is_zero(node.inputs[0])
 
 
 @register("creation", aten=CREATION, onnx=("ConstantOfShape", "Constant", "Range", "Shape", "Size",

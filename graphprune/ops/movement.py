@@ -12,7 +12,7 @@ import torch
 
 from ..analysis.labels import Field, Labels
 from ..errors import UnprunableTargetError
-from ..ir.graph import Node
+from ..ir.graph import Node, Ref
 from .common import as_list, ref_name
 from .registry import Rule, register
 
@@ -50,6 +50,11 @@ class Movement(Rule):
         for o, t in zip(node.outputs, outs):
             lab.set_from_tensor(o, t)
         self.check(node, lab, data)
+
+    def keeps_zero(self, node: Node, lab: Labels) -> bool:
+        """Moving entries keeps them zero: removed entries come from labelled data inputs."""
+        data = [i for i in self.data_inputs(node) if lab.fields.get(i) is not None]
+        return bool(data) and all(lab.is_zero(i) for i in data)
 
     def check(self, node: Node, lab: Labels, data: list[str]) -> None:
         """Pin atoms the op cannot handle once units go (overridden per op)."""
@@ -129,6 +134,21 @@ def _onnx_reshape_shape(x, out, shrink) -> list[int]:
     return shape
 
 
+def _onnx_expand_shape(node, x, out, shrink) -> list[int]:
+    """An Expand target for the compact graph: 1 wherever the input already has the
+    output's size (Expand keeps it: pruned axes and the batch, whose size the traced
+    constant would otherwise fix), else the output's (possibly pruned) size."""
+    old = list(node.attrs.get("shape", []))
+    new_i, new_o = shrink.new_shape(x), shrink.new_shape(out)
+    off, off_i = len(new_o) - len(old), len(new_o) - len(new_i)
+    shape = []
+    for k, v in enumerate(old):
+        j = k + off
+        in_dim = new_i[j - off_i] if j >= off_i else 1
+        shape.append(1 if in_dim == new_o[j] else (new_o[j] if v != 1 else v))
+    return shape
+
+
 @register("reshape", aten=("view", "reshape", "_unsafe_view", "view_copy", "expand", "expand_copy",
                            "unflatten", "flatten", "squeeze", "unsqueeze", "squeeze_copy", "unsqueeze_copy"),
           onnx=("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand"))
@@ -160,12 +180,46 @@ class Reshape(Movement):
         if old_o == new_o:
             return
         if node.source_op == "onnx::Reshape":
-            shrink.set_onnx_const_input(proto, 1, _onnx_reshape_shape(x, out, shrink))
+            shape = _onnx_reshape_shape(x, out, shrink)
+            if 0 in shape:  # 0 copies the input's dim, which allowzero=1 (dynamo exporter) would forbid
+                for a in proto.attribute:
+                    if a.name == "allowzero":
+                        a.i = 0  # no target dim is a literal 0: pruning never empties an axis
+            shrink.set_onnx_const_input(proto, 1, shape)
+        elif node.source_op == "onnx::Expand" and proto.input[1] not in {i.name for i in shrink.onnx.graph.initializer}:
+            # a shape computed at run time (the batch): keep its entries where the output did
+            # not shrink, set the shrunk ones (ViT's class token expanded to a pruned width)
+            fixed = _onnx_expand_shape(node, x, out, shrink)
+            keep = [int(o == n) for o, n in zip(old_o[len(old_o) - len(fixed):], new_o[len(new_o) - len(fixed):])]
+            opset = next((o.version for o in shrink.onnx.opset_import if o.domain in ("", "ai.onnx")), 13)
+            shrink.call_onnx_function(proto, expand_onnx_function(opset), keep=_int64(keep),
+                                      fixed=_int64([0 if k else f for k, f in zip(keep, fixed)]))
         elif node.source_op == "onnx::Expand":
-            old = list(node.attrs.get("shape", []))
-            off = len(old_o) - len(old)
-            shrink.set_onnx_const_input(proto, 1, [1 if old_o[k + off] != new_o[k + off] else v
-                                                   for k, v in enumerate(old)])
+            shrink.set_onnx_const_input(proto, 1, _onnx_expand_shape(node, x, out, shrink))
+
+
+def _int64(values: list[int]):
+    import numpy as np
+    from onnx import numpy_helper
+    return numpy_helper.from_array(np.asarray(values, dtype=np.int64))
+
+
+def expand_onnx_function(opset: int):
+    """ONNX ``Expand(input, shape·keep + fixed)`` as a FunctionProto (``graphprune`` domain,
+    inlined by the emitter): a run-time shape with the shrunk entries replaced."""
+    from onnx import AttributeProto, helper
+
+    from .normalization import DOMAIN
+
+    body = []
+    for name in ("keep", "fixed"):
+        c = helper.make_node("Constant", [], [name + "_"])
+        c.attribute.append(AttributeProto(name="value", ref_attr_name=name, type=AttributeProto.TENSOR))
+        body.append(c)
+    body += [helper.make_node("Mul", ["shape", "keep_"], ["kept"]), helper.make_node("Add", ["kept", "fixed_"], ["new"]),
+             helper.make_node("Expand", ["input", "new"], ["output"])]
+    return helper.make_function(DOMAIN, "ExpandShrunk", ["input", "shape"], ["output"], body,
+                                [helper.make_opsetid("", opset)], attributes=["keep", "fixed"])
 
 
 @register("permute", aten=("permute", "transpose", "t", "movedim", "swapaxes", "numpy_T", "mT", "flip",
@@ -343,6 +397,19 @@ class Pad(Rule):
                 pads = [0, 0] * (labels.dim() - 1 - i) + [before, after]
                 labels = torch.nn.functional.pad(labels, pads, value=-1)
         lab.set_field(out, Field(f.axes, labels))
+
+    def keeps_zero(self, node: Node, lab: Labels) -> bool:
+        """Padding a zero channel along other axes keeps it zero only with the value 0."""
+        if not lab.is_zero(node.inputs[0]):
+            return False
+        if "reflection" in node.source_op or "replication" in node.source_op \
+                or node.attrs.get("mode", "constant") != "constant":
+            return True
+        value = node.attrs.get("value", node.attrs.get("constant_value"))
+        if isinstance(value, Ref):
+            data = lab.graph.values[value.name].data
+            return data is not None and bool((data == 0).all())
+        return value is None or value == 0
 
 
 def _pad_of(node: Node, rank: int, axis: int) -> tuple[int, int]:

@@ -2,16 +2,30 @@
 
 Batch and instance norm are per channel (identity; their affine parameters and
 running statistics are sliced with the channel).  Group norm normalises over groups
-of channels, so a unit is a whole group.  Layer and RMS norm reduce over their
-normalised axes: removing an entry there changes the statistics, so those atoms are
-pinned.
+of channels, so a unit is a whole group.
+
+Layer and RMS norm reduce over their normalised axes.  Over one trailing axis (a
+transformer's hidden columns) they are exact on the compact graph when the removed
+input entries are exactly zero (:meth:`Labels.is_zero`) and the statistics keep the
+original count ``N``: mean = Σx/N, var = (Σ(x-mean)² + (N-N')·mean²)/N, RMS² = Σx²/N
+(:func:`phantom_layer_norm`, :func:`phantom_rms_norm`; on ONNX the same body as a
+model-local function the emitter inlines).  A removed output column is then zero iff
+its weight and bias entries are (an RMS norm's always is), so input columns, output
+columns and the affine entries form one unit.  A layer norm without a trained weight
+(its removed outputs are -mean/σ), an input that is not zero where removed (after a
+sigmoid) and normalisation over several axes keep those atoms pinned.
 """
 from __future__ import annotations
+
+import numpy as np
+import torch
 
 from ..analysis.labels import Field, Labels
 from ..ir.graph import Node
 from .common import ref_name
 from .registry import Rule, register
+
+DOMAIN = "graphprune"  # the model-local ONNX functions' domain (inlined before the model is written)
 
 
 @register("batch_norm", aten=("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm",
@@ -29,6 +43,116 @@ class BatchNorm(Rule):
         for o in node.outputs[1:]:
             lab.fields[o] = None
 
+    def keeps_zero(self, node: Node, lab: Labels) -> bool:
+        """A removed channel's output is its bias, after a zero scale."""
+        return _trained(lab, node, ("weight", "scale"), ("bias", "B"))
+
+
+def _trained(lab: Labels, node: Node, weight: tuple[str, ...], bias: tuple[str, ...]) -> bool:
+    """:func:`_zero_affine` for the scale under one of the ``weight`` keys and the shift
+    under one of the ``bias`` keys."""
+    w = next((ref_name(node.attrs.get(k)) for k in weight if ref_name(node.attrs.get(k))), None)
+    b = next((ref_name(node.attrs.get(k)) for k in bias if ref_name(node.attrs.get(k))), None)
+    return _zero_affine(lab, w, b)
+
+
+def _zero_affine(lab: Labels, scale: str | None, shift: str | None) -> bool:
+    """Whether the scale is a parameter and the shift one or absent: a removed unit's
+    output, scale·(...) + shift, is then zero (its entries of both are)."""
+    param = lambda n: lab.graph.values[n].kind == "param"  # noqa: E731
+    return scale is not None and param(scale) and (shift is None or param(shift))
+
+
+def phantom_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                       n: int, stats: bool = False, upcast: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``layer_norm`` over the last axis of ``x`` as if it had ``n`` entries, the missing
+    ones zero: the compact graph's layer norm where hidden columns were removed
+    (``upcast``: statistics in float32 for a half-precision ``x``).  No control flow on
+    tensors, so fx traces through it (unpickling a GraphModule does).
+
+    >>> x = torch.randn(2, 5); full = torch.cat([x, torch.zeros(2, 3)], -1)
+    >>> torch.allclose(phantom_layer_norm(x, None, None, 1e-5, 8), torch.layer_norm(full, (8,))[:, :5], atol=1e-6)
+    True
+    """
+    xf = x.float() if upcast else x
+    mean = xf.sum(-1, keepdim=True) / n
+    d = xf - mean
+    var = (d.square().sum(-1, keepdim=True) + (n - x.shape[-1]) * mean.square()) / n
+    rstd = torch.rsqrt(var + eps)
+    y = d * rstd
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    y = y.type_as(x) if upcast else y
+    return (y, mean, rstd) if stats else y
+
+
+def phantom_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, n: int, stats: bool = False,
+                     upcast: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``rms_norm`` over the last axis of ``x`` as if it had ``n`` entries, the missing ones
+    zero (mean square = Σx²/n)."""
+    xf = x.float() if upcast else x
+    rstd = torch.rsqrt(xf.square().sum(-1, keepdim=True) / n + eps)
+    y = xf * rstd
+    if weight is not None:
+        y = y * weight
+    y = y.type_as(x) if upcast else y
+    return (y, rstd) if stats else y
+
+
+def phantom_onnx_function(rms: bool, bias: bool, opset: int):
+    """The ONNX body of :func:`phantom_layer_norm` (``rms``: :func:`phantom_rms_norm`) as a
+    FunctionProto in the ``graphprune`` domain.  Attributes: ``N`` (the original count),
+    ``missing`` (N - N', the removed entries: known when emitting, so no shape arithmetic
+    for TVM's frontend to fold) and ``epsilon``, float scalar tensors (every Constant holds
+    a ``value`` tensor, in any opset), and ``to`` (X's element type); statistics in float,
+    as ``stash_type``.  Inputs X, Scale[, B]; outputs Y, Mean, InvStdDev (Y, InvStdDev
+    for RMS)."""
+    from onnx import AttributeProto, helper, numpy_helper
+
+    node = helper.make_node
+
+    def given(out: str, attr: str):  # a Constant holding the call's tensor attribute
+        n = node("Constant", [], [out])
+        n.attribute.append(AttributeProto(name="value", ref_attr_name=attr, type=AttributeProto.TENSOR))
+        return n
+
+    axes = node("Constant", [], ["axes"], value=numpy_helper.from_array(np.array([-1], dtype=np.int64)))
+    body = [axes, node("Cast", ["X"], ["Xf"], to=1), given("N_", "N"), given("eps", "epsilon")]
+
+    def reduce_sum(x: str, out: str) -> None:
+        if opset >= 13:
+            body.append(node("ReduceSum", [x, "axes"], [out], keepdims=1))
+        else:
+            body.append(node("ReduceSum", [x], [out], axes=[-1], keepdims=1))
+
+    if rms:
+        body.append(node("Mul", ["Xf", "Xf"], ["X2"]))
+        reduce_sum("X2", "S2")
+        body += [node("Div", ["S2", "N_"], ["MS"]), node("Add", ["MS", "eps"], ["Veps"]),
+                 node("Sqrt", ["Veps"], ["Std"]), node("Reciprocal", ["Std"], ["InvStdDev"]),
+                 node("Mul", ["Xf", "InvStdDev"], ["Yf"])]
+    else:
+        reduce_sum("Xf", "S")
+        body += [node("Div", ["S", "N_"], ["Mean"]), node("Sub", ["Xf", "Mean"], ["D"]),
+                 node("Mul", ["D", "D"], ["D2"])]
+        reduce_sum("D2", "SS")
+        body += [given("Missing", "missing"), node("Mul", ["Mean", "Mean"], ["M2"]),
+                 node("Mul", ["Missing", "M2"], ["Phantom"]), node("Add", ["SS", "Phantom"], ["SSn"]),
+                 node("Div", ["SSn", "N_"], ["Var"]), node("Add", ["Var", "eps"], ["Veps"]),
+                 node("Sqrt", ["Veps"], ["Std"]), node("Reciprocal", ["Std"], ["InvStdDev"]),
+                 node("Mul", ["D", "InvStdDev"], ["Yf"])]
+    cast = node("Cast", ["Yf"], ["Yn"])
+    cast.attribute.append(AttributeProto(name="to", ref_attr_name="to", type=AttributeProto.INT))
+    body += [cast, node("Mul", ["Yn", "Scale"], ["Ys" if bias else "Y"])]
+    if bias:
+        body.append(node("Add", ["Ys", "B"], ["Y"]))
+    name = "PhantomRMSNorm" if rms else ("PhantomLayerNorm" if bias else "PhantomLayerNormNoBias")
+    return helper.make_function(DOMAIN, name, ["X", "Scale"] + (["B"] if bias else []),
+                                ["Y", "InvStdDev"] if rms else ["Y", "Mean", "InvStdDev"], body,
+                                [helper.make_opsetid("", opset)], attributes=["N", "missing", "epsilon", "to"])
+
 
 @register("layer_norm", aten=("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"),
           onnx=("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"))
@@ -36,18 +160,103 @@ class LayerNorm(Rule):
     def propagate(self, node: Node, lab: Labels) -> None:
         x = node.inputs[0]
         rank = len(lab.shape(x))
-        shape = node.attrs.get("normalized_shape")
-        k = len(shape) if shape is not None else rank - (node.attrs.get("axis", -1) % rank)
         f = lab.field(x)
-        if f is not None and any(a >= rank - k for a in f.axes):
-            lab.pin(f.labels)
-        for affine in node.inputs[1:]:  # scale/bias live on the normalised (pinned) axes
-            fa = lab.field(affine)
-            if fa is not None:
-                lab.pin(fa.labels)
-        lab.set_field(node.outputs[0], f)
+        if self._exact(node, lab):  # one unit: an input column, its output column, its scale and shift
+            cols = lab.axis_labels(x, rank - 1)
+            for p in _affine(node):
+                if p is not None and lab.field(p) is not None:
+                    pl = lab.axis_labels(p, -1)
+                    lab.union(cols, pl) if pl is not None else lab.pin(cols)
+            lab.set_field(node.outputs[0], Field((rank - 1,), cols))
+        else:
+            k = _normalised_axes(node, rank)
+            if f is not None and any(a >= rank - k for a in f.axes):
+                lab.pin(f.labels)
+            for affine in node.inputs[1:]:  # scale/bias live on the normalised (pinned) axes
+                fa = lab.field(affine)
+                if fa is not None:
+                    lab.pin(fa.labels)
+            lab.set_field(node.outputs[0], f)
         for o in node.outputs[1:]:
             lab.fields[o] = None
+
+    @staticmethod
+    def _exact(node: Node, lab: Labels) -> bool:
+        """Whether the compact norm can keep the original statistics: one normalised axis
+        carrying atoms, input zero where removed, and a removed output column zero
+        (always for RMS; for a layer norm only with a trained scale and shift, or none)."""
+        x = node.inputs[0]
+        rank = len(lab.shape(x))
+        f = lab.fields.get(x)
+        if f is None or _normalised_axes(node, rank) != 1 or rank - 1 not in f.axes or not lab.is_zero(x):
+            return False
+        return _is_rms(node) or _zero_affine(lab, *_affine(node))
+
+    def keeps_zero(self, node: Node, lab: Labels) -> bool:
+        return self._exact(node, lab)
+
+    def rewrite_fx(self, node, fx_node, shrink) -> None:
+        """A norm over a shrunk axis computes its statistics with the original count."""
+        x = node.inputs[0]
+        n, kept = shrink.old_shape(x)[-1], shrink.new_shape(x)[-1]
+        if n == kept:
+            return
+        packet = node.source_op.split(".")[1]
+        arg = lambda k: _fx_arg(shrink, fx_node, k)  # noqa: E731
+        dtype = shrink.graph.values[x].dtype
+        upcast = dtype in (torch.float16, torch.bfloat16)
+        eps = node.attrs.get("eps")
+        if _is_rms(node):
+            eps = torch.finfo(dtype).eps if eps is None else float(eps)  # rms_norm's default
+            args = (fx_node.args[0], arg("weight"), eps, n, packet == "_fused_rms_norm", upcast)
+            fx_node.target = phantom_rms_norm
+        else:
+            args = (fx_node.args[0], arg("weight"), arg("bias"), 1e-5 if eps is None else float(eps), n,
+                    packet == "native_layer_norm", upcast)
+            fx_node.target = phantom_layer_norm
+        fx_node.args, fx_node.kwargs = args, {}
+
+    def rewrite_onnx(self, node, proto, shrink) -> None:
+        """The same, as a call of a model-local function (inlined by the emitter)."""
+        from onnx import helper, numpy_helper
+        x = node.inputs[0]
+        n, kept = shrink.old_shape(x)[-1], shrink.new_shape(x)[-1]
+        if n == kept:
+            return
+        rms = _is_rms(node)
+        bias = not rms and len(proto.input) > 2 and bool(proto.input[2])
+        opset = next((o.version for o in shrink.onnx.opset_import if o.domain in ("", "ai.onnx")), 17)
+        to = helper.np_dtype_to_tensor_dtype(torch.empty(0, dtype=shrink.graph.values[x].dtype).numpy().dtype)
+        scalar = lambda v: numpy_helper.from_array(np.array(v, dtype=np.float32))  # noqa: E731
+        shrink.call_onnx_function(proto, phantom_onnx_function(rms, bias, opset), N=scalar(n),
+                                  missing=scalar(n - kept), epsilon=scalar(node.attrs.get("epsilon", 1e-5)), to=to)
+
+
+def _is_rms(node: Node) -> bool:
+    return "rms" in node.source_op.lower() or node.source_op == "onnx::SimplifiedLayerNormalization"
+
+
+def _normalised_axes(node: Node, rank: int) -> int:
+    shape = node.attrs.get("normalized_shape")
+    return len(shape) if shape is not None else rank - (node.attrs.get("axis", -1) % rank)
+
+
+def _affine(node: Node) -> tuple[str | None, str | None]:
+    """The scale and shift values (None where absent)."""
+    if node.source_op.startswith("onnx::"):
+        args = list(node.args) + [None, None]
+        w, b = args[1], (None if _is_rms(node) else args[2])
+    else:
+        w, b = node.attrs.get("weight"), node.attrs.get("bias")
+    return ref_name(w), ref_name(b)
+
+
+def _fx_arg(shrink, fx_node, name: str):
+    """An fx node's schema argument, None where it was left to its default."""
+    try:
+        return shrink.get_fx_arg(fx_node, name)
+    except (IndexError, ValueError):
+        return None
 
 
 @register("group_norm", aten=("group_norm", "native_group_norm"), onnx=("GroupNormalization",))
@@ -66,6 +275,9 @@ class GroupNorm(Rule):
         lab.set_field(node.outputs[0], Field((1,), ch) if ch is not None else None)
         for o in node.outputs[1:]:
             lab.fields[o] = None
+
+    def keeps_zero(self, node: Node, lab: Labels) -> bool:
+        return _trained(lab, node, ("weight", "scale"), ("bias",))
 
     def rewrite_fx(self, node, fx_node, shrink) -> None:
         old_c, new_c = shrink.old_shape(node.outputs[0])[1], shrink.new_shape(node.outputs[0])[1]

@@ -1,10 +1,16 @@
 """Reductions, softmax and spatial ops.
 
 Reducing over an axis mixes its entries (a mean divides by their count, a max compares
-them), so atoms on reduced axes are pinned; atoms on other axes pass through.
+them), so atoms on reduced axes are pinned; atoms on other axes pass through.  Sums
+are the exception when the removed entries are exactly zero (:meth:`Labels.is_zero`):
+a sum over the kept entries is then the sum over all, and a mean is that sum over the
+original count (the compact graph divides by it: :func:`mean_of_original`), which is
+what makes a hand-written RMS norm (``x.pow(2).mean(-1)``) prunable along its axis.
 Pooling and resizing act on spatial axes only and keep channel atoms.
 """
 from __future__ import annotations
+
+import torch
 
 from ..analysis.labels import Field, Labels
 from ..ir.graph import Node
@@ -32,6 +38,51 @@ def _reduced_dims(node: Node, rank: int) -> list[int]:
     return sorted({d % rank for d in dims}) if dims else list(range(rank))
 
 
+ZERO_PRESERVING = ("sum", "mean", "amax", "amin", "max", "min", "norm", "linalg_vector_norm", "prod", "cumsum",
+                   "cumprod", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+                   "ReduceL2", "ReduceSumSquare", "GlobalAveragePool", "GlobalMaxPool")  # of zeros: zero
+SUMS = ("sum", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2")  # exact over kept entries when the rest are 0
+MEANS = ("mean", "ReduceMean")  # exact as a sum over the original count (rewritten below)
+
+
+def _kind(node: Node) -> str:
+    """``sum`` for ``aten.sum.dim_IntList``, ``ReduceSum`` for ``onnx::ReduceSum``."""
+    return node.source_op.split(".")[1] if node.source_op.startswith("aten.") else node.source_op[len("onnx::"):]
+
+
+def mean_of_original(x: torch.Tensor, dim: list[int] | None, keepdim: bool, n: int,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x.mean(dim)`` as if the reduced axes still had ``n`` entries in all, the missing
+    ones zero: the compact graph's mean over a pruned axis."""
+    s = torch.sum(x, dim=dim, keepdim=keepdim, dtype=dtype) if dim else torch.sum(x, dtype=dtype)
+    return s / n
+
+
+def mean_onnx_function(opset: int):
+    """:func:`mean_of_original` as an ONNX FunctionProto (``graphprune`` domain, inlined by
+    the emitter): ``ReduceSum(data, axes) / count`` with attributes ``count`` (the original
+    count, a scalar tensor of the data's type: valid in every opset), ``keepdims``, and
+    before opset 13 ``axes`` (an attribute of ReduceSum then, an input from 13 on)."""
+    from onnx import AttributeProto, helper
+
+    from .normalization import DOMAIN
+
+    def ref(attr: str, kind: int, name: str | None = None) -> AttributeProto:
+        return AttributeProto(name=attr, ref_attr_name=name or attr, type=kind)
+
+    inputs = ["data", "axes"] if opset >= 13 else ["data"]
+    total = helper.make_node("ReduceSum", inputs, ["S"])
+    total.attribute.append(ref("keepdims", AttributeProto.INT))
+    if opset < 13:
+        total.attribute.append(ref("axes", AttributeProto.INTS))
+    count = helper.make_node("Constant", [], ["count_"])
+    count.attribute.append(ref("value", AttributeProto.TENSOR, "count"))
+    body = [total, count, helper.make_node("Div", ["S", "count_"], ["reduced"])]
+    return helper.make_function(DOMAIN, "MeanOfOriginal", inputs, ["reduced"], body,
+                                [helper.make_opsetid("", opset)],
+                                attributes=["count", "keepdims"] + (["axes"] if opset < 13 else []))
+
+
 @register("reduce", aten=REDUCE, onnx=ONNX_REDUCE)
 class Reduce(Rule):
     def propagate(self, node: Node, lab: Labels) -> None:
@@ -45,13 +96,72 @@ class Reduce(Rule):
             ("onnx::Global", "aten.cumsum", "aten.cumprod"))
         out_f = None
         if f is not None:
-            if any(a in dims for a in f.axes):
+            if self._over_removed(node, lab, dims):  # a sum of the kept entries (the rest are zero)
+                reduced = [a for a in f.axes if a in dims]
+                if len(reduced) < len(f.axes):  # atoms also on kept axes: one unit per reduced index
+                    lab.axis_labels(x, reduced[0])
+            elif any(a in dims for a in f.axes):
                 lab.pin(f.labels)
             else:
                 axes = f.axes if keep else tuple(a - sum(d < a for d in dims) for a in f.axes)
                 out_f = Field(axes, f.labels)
         for o in node.outputs:
             lab.set_field(o, out_f if len(lab.shape(o)) == (rank if keep else rank - len(dims)) else None)
+
+    @staticmethod
+    def _over_removed(node: Node, lab: Labels, dims: list[int]) -> bool:
+        """Whether the reduction is a sum (or a mean) of an input that is zero where removed,
+        over all its labelled axes or over one of them (whose hyperplanes then become its
+        units): then no atom is pinned and none reaches the output."""
+        x = node.inputs[0]
+        f = lab.field(x)
+        reduced = [a for a in f.axes if a in dims]
+        return _kind(node) in SUMS + MEANS and len(node.outputs) == 1 and lab.is_zero(x) \
+            and (len(reduced) == len(f.axes) or len(reduced) == 1)
+
+    def keeps_zero(self, node: Node, lab: Labels) -> bool:
+        return _kind(node) in ZERO_PRESERVING and lab.is_zero(node.inputs[0])
+
+    def rewrite_fx(self, node, fx_node, shrink) -> None:
+        """A mean over a shrunk axis divides by the original count."""
+        if _kind(node) not in MEANS:
+            return
+        x = node.inputs[0]
+        old, new = shrink.old_shape(x), shrink.new_shape(x)
+        rank = len(old)
+        dims = _reduced_dims(node, rank)
+        if all(old[d] == new[d] for d in dims):
+            return
+        n = 1
+        for d in dims:
+            n *= old[d]
+        dim = node.attrs.get("dim")
+        fx_node.target = mean_of_original
+        fx_node.args = (fx_node.args[0], list(dim) if dim else None, bool(node.attrs.get("keepdim", False)), n)
+        fx_node.kwargs = {"dtype": node.attrs.get("dtype")}
+
+    def rewrite_onnx(self, node, proto, shrink) -> None:
+        """The same as a call of a model-local function (inlined by the emitter)."""
+        if _kind(node) not in MEANS:
+            return
+        import numpy as np
+        from onnx import numpy_helper
+        x = node.inputs[0]
+        old, new = shrink.old_shape(x), shrink.new_shape(x)
+        dims = _reduced_dims(node, len(old))
+        if all(old[d] == new[d] for d in dims):
+            return
+        n = 1
+        for d in dims:
+            n *= old[d]
+        opset = next((o.version for o in shrink.onnx.opset_import if o.domain in ("", "ai.onnx")), 13)
+        count = numpy_helper.from_array(np.array(n, dtype=torch.empty(0, dtype=shrink.graph.values[x].dtype).numpy().dtype))
+        keep = int(node.attrs.get("keepdims", 1))
+        if opset >= 13:
+            shrink.call_onnx_function(proto, mean_onnx_function(opset), count=count, keepdims=keep)
+            shrink.set_onnx_const_input(proto, 1, dims)
+        else:
+            shrink.call_onnx_function(proto, mean_onnx_function(opset), count=count, keepdims=keep, axes=dims)
 
 
 @register("diff", aten=("diff",))
@@ -70,6 +180,9 @@ class Diff(Rule):
             if lab.field(extra) is not None:
                 lab.pin(lab.field(extra).labels)
         lab.set_field(node.outputs[0], f)
+
+    def keeps_zero(self, node: Node, lab: Labels) -> bool:
+        return lab.is_zero(node.inputs[0])
 
 
 @register("softmax", aten=("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax"),
@@ -96,3 +209,6 @@ class Spatial(Rule):
             f = None
         for o in node.outputs:
             lab.set_field(o, f)
+
+    def keeps_zero(self, node: Node, lab: Labels) -> bool:
+        return lab.is_zero(node.inputs[0])

@@ -4,7 +4,10 @@ Each canonical op has one :class:`Rule` registered under the ATen and ONNX names
 map to it.  A rule says how channels flow (``propagate``: read input fields, write
 output fields, couple/pin atoms, label parameter axes, report FLOPs) and how the op
 is rewritten once units go (``rewrite_fx`` for the compact PyTorch graph,
-``rewrite_onnx`` for the compact ONNX graph).  An op with no rule is a barrier.
+``rewrite_onnx`` for the compact ONNX graph).  ``keeps_zero`` says whether the entries
+of its outputs that removed units take are exactly zero in the zeroed model, which is
+what lets a layer norm or a sum reduce over a prunable axis.  An op with no rule is a
+barrier.
 """
 from __future__ import annotations
 
@@ -27,6 +30,13 @@ class Rule:
 
     def propagate(self, node: "Node", lab: "Labels") -> None:
         lab.barrier(node, f"no channel rule for {node.source_op or node.op}")
+
+    def keeps_zero(self, node: "Node", lab: "Labels") -> bool:
+        """Whether every entry of the node's outputs whose atom is removed is exactly zero
+        once the removed units' parameters are (a zeroed filter's channel is; a sigmoid of
+        it is not).  Read through :meth:`Labels.is_zero`; default: not known, which is
+        always sound."""
+        return False
 
     def rewrite_fx(self, node: "Node", fx_node: Any, shrink: "Shrink") -> None:
         """Update the fx node's constant arguments for the compact shapes (default: none)."""
