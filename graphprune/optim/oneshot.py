@@ -22,15 +22,18 @@ removes.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 
 from graphprune.analysis.groups import Group
 from graphprune.errors import GraphPruneError, UnprunableTargetError
-from graphprune.optim.scoring import Activation, Normalize, compensate, input_moments, normalize, score
+from graphprune.frontends.onnx_program import GraphProgram
+from graphprune.optim.obspa import Activation, GraphRoutes, compensate, consumer_moments
+from graphprune.optim.scoring import Normalize, normalize, score
 from graphprune.target import Target, achieved, select_units
 
 Scope = Literal["global", "layer"]
@@ -129,28 +132,39 @@ def select(groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Targ
 
 
 def prune(g: Any, criterion: str = "obspa", target: Target | float = 0.4, *, data: Iterable | None = None,
-          loss_fn: Callable | None = None, normalize: Normalize = "mean", scope: Scope = "global",
+          loss_fn: Callable | None = None, normalize: Normalize | None = None, scope: Scope = "global",
           compensate_consumers: bool | None = None, batches: int = 4, damping: float = 0.1,
-          activation: Activation = "relu") -> PruneReport:
+          activation: Activation | None = None, rescale: float = 2.0) -> PruneReport:
     """Score, select and zero units of the traced graph ``g`` in place; returns a report.
 
     ``target`` is a :class:`~graphprune.target.Target` or a float (fraction of FLOPs to
     remove).  ``data``/``loss_fn``/``batches`` feed the gradient criteria (``taylor``,
     ``hessian``).  ``compensate_consumers`` applies the OBS consumer update after
     selection; it defaults to on for ``obspa`` and can be combined with any criterion.
+    ``normalize`` makes scores comparable across groups before the global ranking
+    (:func:`~graphprune.optim.scoring.normalize`); by default ``max`` for ``obspa`` (each
+    group's most damaging unit is 1: OBS errors are heavy-tailed, and a group of four
+    heads has a mean dominated by one head) and ``mean`` for the others.
     ``damping`` and ``activation`` tune OBSPA's data-free Hessian proxy (see
-    :func:`~graphprune.optim.scoring.input_moments`).
+    :func:`~graphprune.optim.obspa.input_moments`): by default the activation between
+    each group and each of its consumers is read from the traced graph (relu, relu6,
+    gelu, silu, attention values, identity); ``activation=`` forces one everywhere.
     Call ``g.construct_subnet()`` afterwards for the compact model.
     """
     target = Target.coerce(target)
     model, params, groups = getattr(g, "model", None), g.params, list(g.groups)
+    ir = getattr(g, "ir", None)
+    routes = GraphRoutes(ir, params) if ir is not None else None
     totals = _totals(g)
-    raw = score(groups, params, criterion, model=model, data=data, loss_fn=loss_fn, batches=batches,
-                damping=damping, activation=activation)
+    with _differentiable(g, model, criterion) as program:
+        raw = score(groups, params, criterion, model=program, data=data, loss_fn=loss_fn, batches=batches,
+                    damping=damping, activation=activation, graph=routes)
+    if normalize is None:
+        normalize = "max" if criterion == "obspa" else "mean"
     masks = select(groups, _normalize(raw, normalize), target, scope, **totals)
     do_comp = criterion == "obspa" if compensate_consumers is None else compensate_consumers
     if do_comp:
-        _compensate_all(groups, masks, params, model, damping, activation)
+        _compensate_all(groups, masks, params, model, damping, activation, routes, rescale)
     for grp, m in zip(groups, masks):
         grp.scatter_(params, m)
     return PruneReport(criterion, scope, target, do_comp, groups, masks, achieved(groups, masks, **totals))
@@ -159,17 +173,37 @@ def prune(g: Any, criterion: str = "obspa", target: Target | float = 0.4, *, dat
 _normalize = normalize  # `prune`'s keyword shadows the function's name
 
 
+@contextlib.contextmanager
+def _differentiable(g: Any, model: nn.Module | None, criterion: str) -> Iterator[nn.Module | None]:
+    """The model gradient criteria run: the user's module, or for an ONNX graph its
+    :class:`GraphProgram` with the initializers made to require grad meanwhile."""
+    ir = getattr(g, "ir", None)
+    if model is not None or criterion not in ("taylor", "hessian") or getattr(ir, "frontend", None) != "onnx":
+        yield model
+        return
+    flags = {n: p.requires_grad for n, p in g.params.items()}
+    try:
+        for p in g.params.values():
+            if p.is_floating_point():
+                p.requires_grad_(True)
+        yield GraphProgram(ir, g.params)
+    finally:
+        for n, p in g.params.items():
+            p.requires_grad_(flags[n])
+
+
 def _compensate_all(groups: Sequence[Group], masks: Sequence[torch.Tensor], params: dict[str, torch.Tensor],
-                    model: nn.Module | None, damping: float, activation: Activation) -> None:
+                    model: nn.Module | None, damping: float, activation: Activation | None,
+                    routes: GraphRoutes | None = None, rescale: float = 2.0) -> None:
     """OBS updates for every group, all estimated from the weights as they were before any update.
 
     Estimating first keeps the result independent of the group order: one group's
     update rewrites consumer columns that another group reads as producer rows.
     """
     active = [(grp, m) for grp, m in zip(groups, masks) if m.any()]
-    moments = [input_moments(grp, params, model, activation) for grp, _ in active]
+    moments = [consumer_moments(grp, params, model, activation, routes) for grp, _ in active]
     for (grp, m), mom in zip(active, moments):
-        compensate(grp, m, params, model, mom, damping)
+        compensate(grp, m, params, model, mom, damping, graph=routes, rescale=rescale)
 
 
 def finetune(model: nn.Module, data: Iterable, loss_fn: Callable, epochs: int = 1, lr: float = 0.01,

@@ -33,7 +33,10 @@ def test_obspa_compacts_and_leaves_the_user_model_alone(cnn, example):
     assert 0.4 < r.flops_removed < 0.7
     assert r.verify_error < 1e-4
     assert [w.before for w in r.widths] == [8, 16]
-    assert all(1 <= w.after < w.before for w in r.widths)
+    # the report's widths are the compact model's (OBSPA may leave a layer whole)
+    state = result.model.state_dict()
+    assert [w.after for w in r.widths] == [state[f"gm.features.{i}.weight"].shape[0] for i in (0, 3)]
+    assert any(w.after < w.before for w in r.widths)
     assert result.model(*example).shape == (2, 4)
     assert set(r.seconds) == {"trace", "obspa", "emit", "verify", "measure"}
 

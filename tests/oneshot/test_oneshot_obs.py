@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from graphprune.analysis.groups import Group, Slice
-from graphprune.optim.scoring import InputMoments, compensate, consumer_rows, obs_compensate, obs_hessian, \
+from graphprune.optim.obspa import InputMoments, compensate, consumer_rows, obs_compensate, obs_hessian, \
     obs_saliency
 
 SETTINGS = settings(max_examples=30, deadline=None)

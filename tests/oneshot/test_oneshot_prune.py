@@ -9,7 +9,7 @@ import torch
 from torch.nn.functional import cross_entropy
 
 from tests.oneshot.conftest import EXAMPLE_BATCH, MLP, ConvNet, accuracy, batches, conv_flops, conv_groups, mlp_flops, mlp_groups, standin, \
-    zero_units
+    randomize_norms, zero_units
 from graphprune.errors import GraphPruneError, UnprunableTargetError
 from graphprune.optim.oneshot import PruneReport, finetune, prune
 from graphprune.optim.scoring import CRITERIA
@@ -159,20 +159,28 @@ def _run_onnx(proto, params: dict[str, torch.Tensor], x: torch.Tensor):
     return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
 
 
-@pytest.mark.parametrize("criterion", ["obspa", "l2"])
-def test_onnx_compact_matches_zeroed(tmp_path, criterion: str) -> None:
-    """ONNX in, ONNX out: the compact model (onnxruntime) equals the zeroed full model."""
-    import onnx
-
+def _onnx_convnet(tmp_path, train: bool = False):
+    """A ConvNet exported in training mode (BatchNormalization stays a node) and traced from ONNX."""
     import graphprune as gp
 
     torch.manual_seed(0)
-    model = ConvNet().eval()
+    model = randomize_norms(ConvNet())
     path = tmp_path / "convnet.onnx"
-    torch.onnx.export(model, (X,), str(path), input_names=["x"], output_names=["y"], dynamo=False)
-    g = gp.trace(str(path))
+    torch.onnx.export(model, (X,), str(path), input_names=["x"], output_names=["y"], dynamo=False,
+                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+    return model, path, gp.trace(str(path))
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_onnx_compact_matches_zeroed(tmp_path, criterion: str) -> None:
+    """ONNX in, ONNX out, for every criterion (taylor/hessian differentiate the graph's own
+    torch program): the compact model (onnxruntime) equals the zeroed full model."""
+    import onnx
+
+    _, path, g = _onnx_convnet(tmp_path)
     assert g.model is None and g.groups
-    report = prune(g, criterion, 0.3)
+    report = prune(g, criterion, 0.3, data=_data(), loss_fn=cross_entropy)
+    assert all(not p.requires_grad for p in g.params.values()), "initializers are left as they were"
     assert report.achieved["flops"] >= 0.3
     compact = g.construct_subnet()
     onnx.checker.check_model(compact)
@@ -181,3 +189,35 @@ def test_onnx_compact_matches_zeroed(tmp_path, criterion: str) -> None:
     want = _run_onnx(onnx.load(str(path)), g.params, X)
     got = _run_onnx(compact, {}, X)
     torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_graph_program_matches_onnxruntime(tmp_path) -> None:
+    """The torch program that gradient criteria differentiate computes what onnxruntime computes."""
+    from graphprune.frontends.onnx_program import GraphProgram
+
+    model, path, g = _onnx_convnet(tmp_path)
+    import onnx
+
+    want = _run_onnx(onnx.load(str(path)), {}, X)
+    with torch.no_grad():
+        got = GraphProgram(g.ir, g.params)(X)
+        torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got, model(X), rtol=1e-4, atol=1e-4)
+    assert any(n.source_op == "onnx::BatchNormalization" for n in g.ir.nodes)
+
+
+def test_onnx_gradient_scores_match_pytorch(tmp_path) -> None:
+    """taylor on the ONNX graph equals taylor on the PyTorch model it was exported from."""
+    import graphprune as gp
+    from graphprune.optim.scoring import score
+    from graphprune.optim.oneshot import _differentiable
+
+    model, _, g = _onnx_convnet(tmp_path)
+    pt = gp.trace(model, (X,))
+    kw = dict(data=_data(), loss_fn=cross_entropy)
+    with _differentiable(g, None, "taylor") as program:
+        onnx_scores = score(g.groups, g.params, "taylor", model=program, **kw)
+    torch_scores = score(pt.groups, pt.params, "taylor", model=model, **kw)
+    assert sorted(map(len, onnx_scores)) == sorted(map(len, torch_scores))
+    for a in onnx_scores:
+        assert any(len(a) == len(b) and torch.allclose(a, b, rtol=1e-3, atol=1e-6) for b in torch_scores)
