@@ -134,7 +134,7 @@ def test_pre_norm_statistics_reach_the_producer(tiny) -> None:
     model, g, routes = tiny
     with torch.no_grad():
         model.ln2.weight.uniform_(0.5, 2.0), model.ln2.bias.normal_(0, 0.5)
-    grp = next(x for x in g.groups if any(s.param == "fc2.weight" for s in x.slices))
+    grp = next(x for x in g.groups if any(s.param == "fc2.weight" and s.dim == 1 for s in x.slices))
     mom = consumer_moments(grp, g.params, model, activation="identity", graph=routes)[0]
     w, b = model.fc1.weight.detach().double(), model.fc1.bias.detach().double()
     gamma, beta = model.ln2.weight.detach().double(), model.ln2.bias.detach().double()
@@ -144,7 +144,7 @@ def test_pre_norm_statistics_reach_the_producer(tiny) -> None:
 
 def test_activation_override(tiny) -> None:
     model, g, routes = tiny
-    grp = next(x for x in g.groups if any(s.param == "fc2.weight" for s in x.slices))
+    grp = next(x for x in g.groups if any(s.param == "fc2.weight" and s.dim == 1 for s in x.slices))
     auto = consumer_moments(grp, g.params, model, graph=routes)[0]
     forced = consumer_moments(grp, g.params, model, activation="gelu", graph=routes)[0]
     relu = consumer_moments(grp, g.params, model, activation="relu", graph=routes)[0]
