@@ -14,6 +14,7 @@ row says why.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -36,10 +37,23 @@ def measure(name: str, compact: nn.Module, dense_flops: float, dense_params: int
     return 1 - g.total_flops / dense_flops, 1 - g.total_params / dense_params
 
 
+LR = 0.05
+
+
+def lr_at(t: int, steps: int) -> float:
+    """The one learning-rate schedule every method follows: cosine from ``LR`` to 0."""
+    return LR * 0.5 * (1 + math.cos(math.pi * t / steps))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def train(model: nn.Module, opt: torch.optim.Optimizer, data, steps: int, seed: int) -> None:
-    """Cross-entropy SGD with a cosine schedule; graphprune optimizers also log the loss."""
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for xb, yb in batches(data[0], data[1], steps, 64, seed):
+    """Cross-entropy SGD on the shared schedule; graphprune optimizers also log the loss."""
+    for t, (xb, yb) in enumerate(batches(data[0], data[1], steps, 64, seed)):
+        set_lr(opt, lr_at(t, steps))
         model.train()
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad()
@@ -47,13 +61,12 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data, steps: int, seed: 
         if hasattr(opt, "record_loss"):
             opt.record_loss(loss)
         opt.step()
-        sched.step()
 
 
 def run_dense(name: str, seed: int, data, steps: int, target: float | None):
     torch.manual_seed(seed)
     model = MODELS[name][0]()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
     train(model, opt, data, steps, seed)
     return model, 0.0, 0.0
 
@@ -69,14 +82,16 @@ def run_oto(cls) -> Callable:
         if cls is HESSO_CRIC:
             xh, yh = data[0][:256], data[1][:256]
             kw["loss_fn"] = lambda: F.cross_entropy(model(xh), yh)
-        opt = cls(g, lr=0.05, target=Target(flops=target), **kw)
+        opt = cls(g, lr=LR, target=Target(flops=target), **kw)
         train(model, opt, data, steps, seed)
         return g.construct_subnet(), None, None
     return run
 
 
 def run_torch_pruning(name: str, seed: int, data, steps: int, target: float):
-    """Group-norm sparse training, then prune in small steps to the FLOPs target, then fine-tune."""
+    """Group-norm sparse training, then prune in small steps to the FLOPs target, then fine-tune;
+    on the same learning-rate schedule as every other method (pruning replaces the
+    parameters, so the optimizer is rebuilt there and continues the schedule)."""
     import torch_pruning as tp
 
     torch.manual_seed(seed)
@@ -87,7 +102,7 @@ def run_torch_pruning(name: str, seed: int, data, steps: int, target: float):
                                        pruning_ratio=0.9, iterative_steps=90, global_pruning=True,
                                        ignored_layers=[head_layer(model)], **kwargs)
     dense_macs, _ = tp.utils.count_ops_and_params(model, ex)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
     sparse_steps = steps * 6 // 10
     stream = batches(data[0], data[1], steps, 64, seed)
     for t, (xb, yb) in enumerate(stream):
@@ -100,7 +115,8 @@ def run_torch_pruning(name: str, seed: int, data, steps: int, target: float):
                     break
                 pruner.step()
             pruner.update_regularizer()
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+            opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
+        set_lr(opt, lr_at(t, steps))
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()
