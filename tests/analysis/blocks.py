@@ -178,19 +178,14 @@ class GroupedQueryAttention(nn.Module):
         return x + self.o(y.transpose(1, 2).reshape(b, t, -1))
 
 
-class RotaryTableGQA(nn.Module):
+class RotaryTableGQA(GroupedQueryAttention):
     """GQA as the dynamo ONNX exporter leaves Llama: rotary cos/sin tables folded into
     constants ``[1, 1, seq, head_dim]`` (they vary along the sequence, which is never
     pruned) and key/value heads repeated with ``expand`` + ``reshape``.  The tables must
     not pin the heads."""
 
     def __init__(self, d: int = 32, hq: int = 4, hkv: int = 2, t: int = 6) -> None:
-        super().__init__()
-        self.hq, self.hkv, self.hd = hq, hkv, d // hq
-        self.q = nn.Linear(d, hq * self.hd, bias=False)
-        self.k = nn.Linear(d, hkv * self.hd, bias=False)
-        self.v = nn.Linear(d, hkv * self.hd, bias=False)
-        self.o = nn.Linear(hq * self.hd, d, bias=False)
+        super().__init__(d, hq, hkv)
         angle = torch.arange(t)[:, None] * torch.rand(self.hd // 2).repeat(2)[None]
         self.register_buffer("cos", angle.cos()[None, None])
         self.register_buffer("sin", angle.sin()[None, None])
