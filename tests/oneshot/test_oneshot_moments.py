@@ -43,7 +43,9 @@ def test_smooth_moments_match_monte_carlo(seed: int, n: int, act: str) -> None:
     torch.testing.assert_close(got.cov.diagonal().sqrt(), scale, rtol=0.03, atol=1e-3)
     mc = torch.cov(y.T)
     off = ~torch.eye(n, dtype=torch.bool)
-    norm = torch.outer(scale, scale)[off]
+    # Correlation error; a unit that is (almost) never active has no meaningful correlation,
+    # so the normaliser is floored at a small fraction of the largest variance.
+    norm = torch.outer(scale, scale)[off].clamp_min(1e-3 * float(scale.max()) ** 2)
     assert float(((got.cov[off] - mc[off]).abs() / norm).max()) < 0.15
     assert float(torch.linalg.eigvalsh(got.cov).min()) > -1e-9
 
