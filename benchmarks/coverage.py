@@ -3,7 +3,7 @@
 Not run in CI.  ``python benchmarks/coverage.py [--models resnet50,vit_b_16,hf_llama_gqa]
 [--tools graphprune,graphprune-onnx] [--skip-peers] [--size 64] [--repeat 3] [--timeout 1800]
 [--peer-timeout 300]
-[--mem-cap-gib 8] [--results benchmarks/results/coverage.jsonl] [--retry-failed] [--report]``
+[--mem-cap-gib 8] [--results benchmarks/results/coverage.jsonl] [--retry-failed] [--stale] [--report]``
 
 One row per torchvision classification model (``torchvision.models.list_models``) plus
 the small random-config Hugging Face models of the tests (``hf_*``), run smallest first
@@ -459,6 +459,20 @@ def read_results(path: Path) -> dict[tuple[str, str], dict]:
     return cells
 
 
+def _commit() -> str:
+    """The code a row was measured on (``+dirty`` with uncommitted changes): rows from
+    different commits are not comparable, and ``--stale`` reruns the others."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "graphprune", "passes"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def append_result(path: Path, row: dict) -> None:
     """One ``write`` of one whole line with O_APPEND: a kill leaves whole lines (or at
     worst a torn last line, which ``read_results`` skips)."""
@@ -596,6 +610,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file of finished cells")
     ap.add_argument("--retry-failed", action="store_true",
                     help="run failed cells again (crashed, or a graphprune verify/property failure)")
+    ap.add_argument("--stale", action="store_true",
+                    help="run graphprune cells measured on another commit again (the peers' do not depend on it)")
     ap.add_argument("--report", action="store_true", help="only print the table from the results file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--tool", help=argparse.SUPPRESS)
@@ -615,19 +631,21 @@ def main() -> None:
             if probe.returncode:
                 last = (probe.stderr.strip().splitlines() or ["?"])[-1]
                 oto_error = f"n/a: does not import on torch {torch.__version__.split('+')[0]}: {last[:200]}"
+        commit = _commit()
         # cells never run first (smallest models first), then, with --retry-failed, the failed ones
         passes = [False, True] if args.retry_failed else [False]
         first = set(args.first.split(",")) if args.first else set()
         for retry, name, tool in [(r, n, t) for r in passes for n in names for t in tools]:
             done = read_results(args.results).get((name, tool))
-            if done and not ((retry or (args.retry_failed and name in first)) and _failed(done)):
+            stale = args.stale and tool.startswith("graphprune") and done and done.get("commit") != commit
+            if done and not stale and not ((retry or (args.retry_failed and name in first)) and _failed(done)):
                 continue
             if tool == "oto" and oto_error:
                 r = {"status": "n/a", "reason": oto_error}
             else:
                 r = run_cell(name, tool, args)
             r = {"model": name, "tool": tool, "side": side_for(name, args.size), **r,
-                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit}
             append_result(args.results, r)
             print(f"[{name} / {tool}] {r.get('status')} {r.get('reason', '')}"
                   f"{'' if not _ok(r) else ' %.2fs %.0fMiB' % (r.get('seconds', 0), r.get('peak_mib', 0))}",

@@ -43,3 +43,9 @@ class TuningError(GraphPruneError):
 
 class NumericalError(GraphPruneError):
     """NaN/Inf met in weights or gradients during optimisation."""
+
+
+class RecorderMismatchWarning(UserWarning):
+    """The fast recorder and torch.export analysed a model differently; export's groups
+    were taken.  The test suite turns this into an error: every traced model is a check
+    that the recorder sees what export sees."""

@@ -1,15 +1,21 @@
 """``gp.trace``: any supported model -> a :class:`PrunableGraph`."""
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from .analysis.dependency import propagate, solve
 from .analysis.grouping import build_groups
-from .errors import UnsupportedModelError
+from .analysis.groups import Group
+from .analysis.labels import Labels
+from .frontends.torch_backend import TorchBackend
+from .ir.graph import Graph
 from .prunable import PrunableGraph
+
+log = logging.getLogger(__name__)
 
 
 def _as_args(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
@@ -22,8 +28,34 @@ def _as_args(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, d
     return (example_inputs,), dict(example_kwargs or {})
 
 
+def analyse(ir: Graph) -> tuple[Labels, torch.Tensor, list[Group]]:
+    """Labels, unit components and groups of a graph: the whole dependency analysis."""
+    lab = propagate(ir)
+    comp = solve(lab)
+    return lab, comp, build_groups(lab, comp)
+
+
+def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
+                 recorder: bool) -> tuple[Graph, TorchBackend]:
+    from .frontends.torch_export import export_model, from_exported
+    from .frontends.torch_record import RecordingFailed, record
+
+    export = functools.partial(export_model, model, args, kwargs, dynamic_shapes)
+    if recorder and dynamic_shapes is None:
+        was_training = model.training
+        model.eval()
+        try:
+            return record(model, args, kwargs), TorchBackend(export)
+        except RecordingFailed as exc:
+            log.info("recording %s failed (%s): using torch.export", type(model).__name__, exc)
+        finally:
+            model.train(was_training)
+    backend = TorchBackend(export, settled=True)
+    return from_exported(backend.exported, model), backend
+
+
 def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None = None,
-          verify: bool = True, dynamic_shapes: Any = None) -> PrunableGraph:
+          verify: bool = True, dynamic_shapes: Any = None, recorder: bool = True) -> PrunableGraph:
     """Trace a PyTorch model (with example inputs: a tensor, a tuple, or a dict of keyword
     inputs) or an ONNX model (a path or ``onnx.ModelProto``, with optional example inputs in
     graph-input order) and find its groups.  For ONNX, ``construct_subnet()`` returns a
@@ -31,43 +63,28 @@ def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None
 
     With ``verify`` each group is checked to be zero-invariant on the example input and
     withdrawn (see ``summary()``) if it is not.
-    """
-    if isinstance(model, torch.nn.Module):
-        from .frontends.torch_backend import TorchBackend
-        from .frontends.torch_export import batch_dynamic_shapes, export_program, from_exported
 
-        args, kwargs = _as_args(example_inputs, example_kwargs)
-        was_training = model.training
-        model.eval()
-        try:
-            ep = None
-            batched = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
-            # a batch of 1 is specialised by torch.export anyway: don't pay for a failing attempt
-            if dynamic_shapes is None and not (args and kwargs) and any(t.shape[0] > 1 for t in batched):
-                try:  # any batch size in the compact model; static shapes if the model forbids it
-                    ep = export_program(model, args, kwargs, batch_dynamic_shapes(args, kwargs))
-                except UnsupportedModelError:
-                    ep = None
-            if ep is None:
-                ep = export_program(model, args, kwargs, dynamic_shapes)
-        finally:
-            model.train(was_training)
-        ir = from_exported(ep, model)
+    A PyTorch model is analysed from a recording of its ATen ops on meta tensors (fast, see
+    :mod:`.frontends.torch_record`) and exported with ``torch.export`` when a compact model
+    is first needed; ``recorder=False`` (or a model the recorder cannot run) exports at once.
+    ``dynamic_shapes`` (torch.export's) also exports at once.
+    """
+    args, kwargs = _as_args(example_inputs, example_kwargs)
+    if isinstance(model, torch.nn.Module):
+        ir, backend = _trace_torch(model, args, kwargs, dynamic_shapes, recorder)
         params = dict(model.named_parameters())
-        backend: Any = TorchBackend(ep)
     else:
         from .frontends.onnx_backend import OnnxBackend
         from .frontends.onnx_import import load_onnx
 
-        args, kwargs = _as_args(example_inputs, example_kwargs)
         ir, proto, feeds = load_onnx(model, args)
         backend = OnnxBackend(proto, feeds)
         params = backend.initial_params(ir)
         model = None
-    lab = propagate(ir)
-    comp = solve(lab)
-    groups = build_groups(lab, comp)
+    lab, comp, groups = analyse(ir)
     pg = PrunableGraph(ir, lab, comp, groups, params=params, model=model, example=(args, kwargs), backend=backend)
     if verify:
+        if isinstance(backend, TorchBackend):
+            backend.settle(pg, adopt_groups=True)  # nobody holds the groups yet
         pg.verify()
     return pg

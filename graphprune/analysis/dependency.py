@@ -51,18 +51,24 @@ def _components(n: int, e: np.ndarray) -> torch.Tensor:
 def solve(lab: Labels, max_rounds: int = 8) -> torch.Tensor:
     """Component id of every atom, with every multi-axis field made rectangular and every
     deferred coupling settled (each settles at most twice, so rounds are added for them)."""
+    # a field that is rectangular stays so when later rounds merge more components, so
+    # each (distinct) field is checked until it is, not in every round
+    rects = list({id(r): r for r in lab.rects}.values())
     for _ in range(max_rounds + 2 * len(lab.deferred)):
         comp = _components(lab.n_atoms, lab.edges())
         pinned = comp[PIN]
         changed = False
-        for labels in lab.rects:
+        pending = []
+        for labels in rects:
             c = torch.where(labels >= 0, comp[labels.clamp(min=0)], pinned)
             if _uniform_axis(c) is not None:
                 continue
+            pending.append(labels)
             j = int(np.argmax(labels.shape))
             rows = labels.movedim(j, 0).reshape(labels.shape[j], -1)
             lab.union(rows[:, :1], rows)
             changed = True
+        rects = pending
         changed |= _settle_deferred(lab, comp)
         if not changed:
             return comp

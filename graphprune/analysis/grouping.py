@@ -6,7 +6,6 @@ filters of one conv and everything coupled to them, the heads of one attention l
 """
 from __future__ import annotations
 
-from collections import defaultdict
 
 import numpy as np
 import torch
@@ -66,10 +65,7 @@ def build_groups(lab: Labels, comp: torch.Tensor) -> list[Group]:
     for start, n, _, role in lab.origins:
         if role != "free":
             produced[comp_np[start:start + n]] = True
-    by_sig: dict[bytes, list[int]] = defaultdict(list)
-    for u in np.flatnonzero(produced[unit_comp]).tolist():
-        s, e = unit_start[u], unit_end[u]
-        by_sig[run_key[s:e].tobytes() + b"|" + run_count[s:e].tobytes()].append(u)
+    by_sig = _units_by_signature(np.flatnonzero(produced[unit_comp]), unit_start, unit_end, run_key, run_count)
 
     flops = _flops_per_comp(lab, comp)
     origin = _origin_lookup(lab)
@@ -79,8 +75,7 @@ def build_groups(lab: Labels, comp: torch.Tensor) -> list[Group]:
 
     _, first_atom = np.unique(comp_np, return_index=True)  # comp ids are 0..n-1
     groups = []
-    for members in by_sig.values():
-        units = np.asarray(members)
+    for units in by_sig:
         units = units[np.lexsort((unit_comp[units], unit_first[units]))]
         slices, ppu = [], 0
         for j in range(unit_end[units[0]] - unit_start[units[0]]):
@@ -104,11 +99,48 @@ def build_groups(lab: Labels, comp: torch.Tensor) -> list[Group]:
     return groups
 
 
+def _units_by_signature(units: np.ndarray, start: np.ndarray, end: np.ndarray, key: np.ndarray,
+                        count: np.ndarray) -> list[np.ndarray]:
+    """Units with the same (parameter dim, index count) runs, as arrays of unit ids.
+
+    A hidden unit of a transformer has a run in every layer, so the runs are hashed per
+    unit (position-dependent, vectorised) and the grouping by hash is then checked run by
+    run against each bucket's first unit; a collision falls back to exact keys."""
+    if not len(units):
+        return []
+    n = end[units] - start[units]
+    owner = np.repeat(np.arange(len(units)), n)
+    pos = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    runs = start[units][owner] + pos
+    with np.errstate(over="ignore"):
+        h = (key[runs].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+             ^ count[runs].astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+             ^ (pos.astype(np.uint64) + np.uint64(1)) * np.uint64(0x165667B19E3779F9))
+        h = (h ^ (h >> np.uint64(31))) * np.uint64(0x94D049BB133111EB)
+        unit_hash = np.add.reduceat(h, np.cumsum(n) - n) ^ n.astype(np.uint64)
+    _, first, inverse = np.unique(unit_hash, return_index=True, return_inverse=True)
+    rep = first[inverse.reshape(-1)]
+    rep_runs = start[units][rep][owner] + pos
+    exact = bool((n == n[rep]).all() and (key[runs] == key[np.minimum(rep_runs, len(key) - 1)]).all()
+                 and (count[runs] == count[np.minimum(rep_runs, len(count) - 1)]).all())
+    if not exact:  # a hash collision: exact keys, one Python step per unit
+        buckets: dict[bytes, list[int]] = {}
+        for i, u in enumerate(units.tolist()):
+            sig = key[start[u]:end[u]].tobytes() + b"|" + count[start[u]:end[u]].tobytes()
+            buckets.setdefault(sig, []).append(i)
+        return [units[np.asarray(b)] for b in buckets.values()]
+    order = np.argsort(inverse.reshape(-1), kind="stable")
+    bounds = np.flatnonzero(np.r_[True, np.diff(inverse.reshape(-1)[order]) != 0, True])
+    return [units[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def _flops_per_comp(lab: Labels, comp: torch.Tensor) -> torch.Tensor:
     total = torch.zeros(int(comp.max()) + 1, dtype=torch.float64)
-    for atoms, macs in lab.costs:
-        a = atoms[atoms >= 0]
-        total.index_add_(0, comp[a], torch.full((a.numel(),), macs, dtype=torch.float64))
+    if lab.costs:  # one scatter for all layers
+        atoms = torch.cat([a for a, _ in lab.costs])
+        macs = torch.cat([torch.full((a.numel(),), m, dtype=torch.float64) for a, m in lab.costs])
+        keep = atoms >= 0
+        total.index_add_(0, comp[atoms[keep]], macs[keep])
     return total
 
 

@@ -84,7 +84,7 @@ class Labels:
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Couple atoms elementwise; an atom coupled with an unlabelled (-1) element is pinned."""
         a, b = torch.broadcast_tensors(a, b)
-        a, b = a.reshape(-1).numpy(), b.reshape(-1).numpy()  # numpy: far faster on int64 here
+        a, b = _drop_constant_axes(a.numpy(), b.numpy())  # numpy: far faster on int64 here
         if np.array_equal(a, b):
             return
         self._pin_np(b[(a < 0) & (b >= 0)])
@@ -115,14 +115,18 @@ class Labels:
         return np.concatenate(self._edges) if self._edges else np.zeros((0, 2), dtype=np.int64)
 
     def barrier(self, node: Node, reason: str) -> None:
-        """Keep every channel touching ``node`` and report it."""
+        """Keep every channel touching ``node`` and report it (when it touches any: an op on
+        unlabelled tensors, e.g. mask arithmetic, keeps nothing and is not reported)."""
+        touched = False
         for i in node.inputs:
             f = self.field(i)
             if f is not None:
                 self.pin(f.labels)
+                touched = True
         for o in node.outputs:
             self.fields[o] = None
-        self.barriers.append(Barrier(node.name, node.source_op or node.op, node.module, reason))
+        if touched:
+            self.barriers.append(Barrier(node.name, node.source_op or node.op, node.module, reason))
 
     def cost(self, atoms: torch.Tensor | None, macs: float) -> None:
         """Attribute ``macs`` evenly to ``atoms`` (for FLOPs-targeted budgets)."""
@@ -161,15 +165,16 @@ class Labels:
         return f
 
     def full(self, name: str) -> torch.Tensor:
-        """Labels broadcast to the value's whole shape (-1 where unlabelled)."""
+        """Labels broadcast to the value's whole shape (-1 where unlabelled): a broadcast view,
+        never copied (label tensors of activations are large; ops rarely need them dense)."""
         shape = self.shape(name)
         f = self.field(name)
         if f is None:
-            return torch.full(shape, -1, dtype=torch.long)
+            return unlabelled(shape)
         view = [1] * len(shape)
         for a in f.axes:
             view[a] = shape[a]
-        return f.labels.reshape(view).expand(shape).contiguous()
+        return f.labels.reshape(view).expand(shape)
 
     def set_field(self, name: str, f: Field | None) -> None:
         """Store a value's field.  A field over several axes must be pruned as a product
@@ -231,9 +236,12 @@ class Labels:
         merged: list[torch.Tensor] | None = None
         for d in labelled:
             for other in data:
-                env[other] = self.full(other) if other == d else torch.full(self.shape(other), -1, dtype=torch.long)
-            out = node.call(env)
-            outs = [o.contiguous() for o in (out if isinstance(out, (list, tuple)) else [out])]
+                env[other] = self.full(other) if other == d else unlabelled(self.shape(other))
+            try:
+                out = node.call(env)
+            except RuntimeError:  # a view or in-place op that needs dense memory
+                out = node.call({k: v.contiguous() for k, v in env.items()})
+            outs = list(out) if isinstance(out, (list, tuple)) else [out]
             if merged is None:
                 merged = outs
                 continue
@@ -243,6 +251,23 @@ class Labels:
                     self.union(m[both], o[both])
                 merged[k] = torch.where(m >= 0, m, o)
         return merged
+
+
+def unlabelled(shape: tuple[int, ...]) -> torch.Tensor:
+    """-1 labels of ``shape`` as a broadcast view (no memory)."""
+    return torch.full((), -1, dtype=torch.long).expand(shape)
+
+
+def _drop_constant_axes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` and ``b`` (same shape) flattened, keeping one position along every axis on
+    which both are constant: a coupling of a [tokens, channels] activation repeats the
+    same channel pairs for every token, and hashing them all dominated the analysis."""
+    for axis in range(a.ndim):
+        if a.shape[axis] > 1:
+            first = (slice(None),) * axis + (slice(0, 1),)
+            if (a == a[first]).all() and (b == b[first]).all():
+                a, b = a[first], b[first]
+    return a.reshape(-1), b.reshape(-1)
 
 
 def field_from_tensor(t: torch.Tensor) -> Field | None:

@@ -1,22 +1,65 @@
 """The PyTorch side of a PrunableGraph: emitting and checking compact modules."""
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 from torch.utils import _pytree as pytree
 
+from ..errors import RecorderMismatchWarning, UnsupportedModelError
 from ..passes.emit_torch import CompactModule, emit_module
 from ..passes.shrink import Shrink
 
 
 class TorchBackend:
-    def __init__(self, exported: torch.export.ExportedProgram) -> None:
-        self.exported = exported
+    """Emits compact modules from the model's ExportedProgram, exported on first need.
+
+    The analysis a PrunableGraph starts with may come from the fast recorder
+    (:mod:`.torch_record`), whose node names are not export's.  Before the first emission
+    :meth:`settle` exports the model, analyses export's graph the same way and adopts that
+    analysis, so the emitter matches export's nodes.  The two must find the same groups:
+    they differ only if the recorder saw other ops than export, and then the groups a user
+    or an optimizer already holds would be wrong, which is an error (before anyone holds
+    them, during ``gp.trace``'s own verification, export's groups are simply taken).
+    """
+
+    def __init__(self, export: Callable[[], torch.export.ExportedProgram], *, settled: bool = False) -> None:
+        self._export = export
+        self._exported: torch.export.ExportedProgram | None = None
+        self.settled = settled
+
+    @property
+    def exported(self) -> torch.export.ExportedProgram:
+        if self._exported is None:
+            self._exported = self._export()
+        return self._exported
+
+    def settle(self, pg: Any, adopt_groups: bool = False) -> None:
+        """Replace ``pg``'s recorded analysis by export's (see the class docstring)."""
+        if self.settled:
+            return
+        from ..trace import analyse
+        from .torch_export import from_exported
+
+        ir = from_exported(self.exported, pg.model)
+        labels, comp, groups = analyse(ir)
+        if not same_groups(pg.groups, groups, pg.comp, comp):
+            if not adopt_groups:
+                raise UnsupportedModelError(
+                    "the recorded graph and torch.export's graph give different groups; trace again "
+                    "with gp.trace(..., recorder=False)", source=pg.ir.source)
+            warnings.warn(f"{pg.ir.source}: the recorder found {len(pg.groups)} groups, torch.export "
+                          f"{len(groups)}; using export's", RecorderMismatchWarning, stacklevel=3)
+            pg.groups = groups
+        pg.ir, pg.labels, pg.comp = ir, labels, comp
+        pg.__dict__.pop("liveness", None)  # cached on the old analysis
+        self.settled = True
 
     def emit(self, pg: Any, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None) -> CompactModule:
         """The compact module for ``tensors`` (buffers from the user's model); ``removed``
         overrides which units go (default: every all-zero unit)."""
+        self.settle(pg)
         units = pg.removed_units(tensors) if removed is None else removed
         state = dict(tensors)
         for k, v in pg.model.named_buffers(remove_duplicate=False):
@@ -44,3 +87,17 @@ def max_rel_error(ref: Any, out: Any) -> float:
                 return float("inf")
             worst = max(worst, float((a - b).abs().max() / (a.abs().max() + 1e-12)))
     return worst
+
+
+def same_groups(a: list[Any], b: list[Any], comp_a: torch.Tensor, comp_b: torch.Tensor) -> bool:
+    """Whether two analyses found the same groups over the same unit numbering."""
+    if len(a) != len(b) or not torch.equal(comp_a, comp_b):
+        return False
+    for g, h in zip(a, b):
+        if (g.size, g.kind) != (h.size, h.kind) or not torch.equal(g.atoms, h.atoms):
+            return False
+        mine = {(s.param, s.dim, s.dim2): s for s in g.slices}  # slice order follows value names
+        theirs = {(s.param, s.dim, s.dim2): s for s in h.slices}
+        if mine.keys() != theirs.keys() or not all(torch.equal(s.index, theirs[k].index) for k, s in mine.items()):
+            return False
+    return True

@@ -32,6 +32,26 @@ def export_program(model: torch.nn.Module, args: tuple, kwargs: dict | None = No
                  "or export it to ONNX and pass the file") from exc
 
 
+def export_model(model: torch.nn.Module, args: tuple, kwargs: dict,
+                 dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
+    """Export ``model`` in eval mode, with a dynamic batch dimension when the example has a
+    batch over 1 (so the compact model takes any batch size), static shapes if the model
+    forbids a dynamic batch or when ``dynamic_shapes`` is given."""
+    was_training = model.training
+    model.eval()
+    try:
+        batched = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+        # a batch of 1 is specialised by torch.export anyway: don't pay for a failing attempt
+        if dynamic_shapes is None and not (args and kwargs) and any(t.shape[0] > 1 for t in batched):
+            try:
+                return export_program(model, args, kwargs, batch_dynamic_shapes(args, kwargs))
+            except UnsupportedModelError:
+                pass
+        return export_program(model, args, kwargs, dynamic_shapes)
+    finally:
+        model.train(was_training)
+
+
 def _module_path(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -55,7 +75,7 @@ def batch_dynamic_shapes(args: tuple, kwargs: dict) -> Any:
     return pytree.tree_map(dyn, kwargs) if kwargs else pytree.tree_map(dyn, args)
 
 
-def _named_args(target: torch._ops.OpOverload, args: tuple, kwargs: dict) -> dict[str, Any]:
+def named_args(target: torch._ops.OpOverload, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Arguments by schema name, defaults filled in: what the rules read.  Binding by the
     schema directly is ~10x faster than ``normalize_function`` on large graphs."""
     out: dict[str, Any] = {}
@@ -143,7 +163,7 @@ def from_exported(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> G
         if isinstance(target, torch._ops.OpOverload):
             packet = target.overloadpacket.__name__
             source_op = f"aten.{packet}.{target._overloadname}"
-            attrs = _named_args(target, args, kwargs)
+            attrs = named_args(target, args, kwargs)
         else:
             packet = getattr(target, "__name__", str(target))
             source_op = packet

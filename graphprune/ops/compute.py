@@ -174,7 +174,7 @@ class MatMul(Rule):
         else:
             lab.union(a0[..., :1], a0)
             res = a0[..., :1].unsqueeze(-1)
-        lab.set_from_tensor(out, res.expand(lab.shape(out)).contiguous())
+        lab.set_from_tensor(out, res.expand(lab.shape(out)))
         f = lab.fields.get(out)
         lab.cost(f.labels if f is not None else None, macs)
         if f is not None and min(f.axes) < len(lab.shape(out)) - 2:  # atoms on a batch axis: heads
@@ -217,7 +217,7 @@ class ScaledDotProductAttention(Rule):
             if lab.field(mask) is not None or (len(ms) == 4 and ms[1] > 1):
                 lab.pin(q0)
         out = node.outputs[0]
-        lab.set_from_tensor(out, v0.unsqueeze(2).expand(lab.shape(out)).contiguous())
+        lab.set_from_tensor(out, v0.unsqueeze(2).expand(lab.shape(out)))
         b, _, l_, e = lab.shape(q)
         macs = b * hq * l_ * lab.shape(k)[2] * (e + lab.shape(v)[3])
         lab.total_macs += macs

@@ -1,0 +1,227 @@
+"""Fast PyTorch frontend: record the model's ATen ops on meta tensors, for the analysis.
+
+``torch.export`` spends 80-95% of a trace on machinery the analysis does not need (fake
+tensors, guards, graph-module code generation).  The analysis needs only what export's
+graph holds: each ATen op at the pre-dispatch level (``conv2d``, ``linear``,
+``batch_norm``, ``scaled_dot_product_attention``... the op set of export's training IR), its
+arguments and output shapes, and the user's module path.  This module records exactly
+that by running the model once on meta copies of its inputs and weights under a
+dispatch mode installed at the PreDispatch key, which is where export's own tracer sits,
+so the recorded op sequence is export's.
+
+The ExportedProgram is still what the compact model is emitted from: it is built later,
+on first need (see :class:`.torch_backend.TorchBackend`), and its analysis must agree with
+the recorded one.  The recorder leans on private dispatcher hooks; whenever it cannot
+record a model (data-dependent Python control flow, ops without meta kernels, a torch
+whose internals moved) it raises :class:`RecordingFailed` and ``gp.trace`` uses
+``torch.export`` directly.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Any, Iterator
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..ir.graph import Graph, Node, Ref, Value
+from ..ops.registry import canonical_aten
+from .torch_export import named_args
+
+aten = torch.ops.aten
+
+# Ops whose output has their first input's shape and dtype: answered without running the
+# meta kernel, several of which go through slow Python decompositions (batch_norm alone
+# was 80% of recording a ResNet).
+_SAME_SHAPE = {aten.batch_norm.default, aten.layer_norm.default, aten.group_norm.default,
+               aten.instance_norm.default, aten.gelu.default, aten.relu.default, aten.silu.default,
+               aten.dropout.default, aten.hardswish.default, aten.sigmoid.default}
+
+
+class RecordingFailed(RuntimeError):
+    """The recorder could not run this model; the caller falls back to ``torch.export``."""
+
+
+def _mode_base() -> type:
+    """The pre-dispatch mode stack accepts only a few mode classes; the schema-check mode's
+    slot is the one a plain recording mode can occupy."""
+    try:
+        from torch._subclasses.schema_check_mode import SchemaCheckMode
+    except ImportError as exc:  # pragma: no cover - a torch without it
+        raise RecordingFailed("torch has no pre-dispatch schema-check mode") from exc
+    return SchemaCheckMode
+
+
+class _Recorder(_mode_base()):  # type: ignore[misc]
+    """Runs each op (shape only, on meta tensors) and appends an IR node for it."""
+
+    def __init__(self, names: dict[int, str], values: dict[str, Value], modules: list[str]) -> None:
+        TorchDispatchMode.__init__(self, _dispatch_key=torch._C.DispatchKey.PreDispatch)
+        self.names, self.values, self.modules = names, values, modules
+        self.nodes: list[Node] = []
+        self.keep: list[Any] = []      # every recorded tensor stays alive: ids are never reused
+        self.counts: dict[str, Iterator[int]] = {}
+
+    def _name(self, packet: str) -> str:
+        k = next(self.counts.setdefault(packet, itertools.count()))
+        return packet if k == 0 else f"{packet}_{k}"
+
+    def _ref(self, a: Any) -> Any:
+        if not isinstance(a, torch.Tensor):
+            return a
+        name = self.names.get(id(a))
+        if name is None:
+            # a tensor the module holds outside its parameters and buffers (export lifts
+            # these as constants); without real contents it cannot be a recorded constant
+            raise RecordingFailed(f"tensor of shape {tuple(a.shape)} is neither an input, a weight nor an op output")
+        return Ref(name)
+
+    def _constant(self, a: Any) -> Any:
+        """A real tensor met inside the forward (a plain tensor attribute, a closure): a
+        constant, moved to meta for the op."""
+        if isinstance(a, torch.Tensor) and a.device.type != "meta" and id(a) not in self.names:
+            name = self._name("c_lifted_tensor")
+            self.values[name] = Value(name, tuple(a.shape), a.dtype, "const", a, name)
+            meta = a.to("meta")
+            self.names[id(meta)] = name
+            self.keep += [a, meta]
+            return meta
+        return a
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        args, kwargs = pytree.tree_map(self._constant, (args, kwargs))
+        run_kwargs = kwargs
+        if "device" in kwargs and not any(isinstance(a, torch.Tensor) for a in pytree.tree_leaves(args)):
+            run_kwargs = {**kwargs, "device": torch.device("meta")}  # a factory: its output joins the others
+        if func in _SAME_SHAPE:
+            out = torch.empty_like(args[0])
+        else:
+            try:
+                out = func(*args, **run_kwargs)
+            except Exception as exc:  # no meta kernel, data-dependent value...
+                raise RecordingFailed(f"{func} on meta tensors: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        if not isinstance(func, torch._ops.OpOverload):
+            return out
+        packet = func.overloadpacket.__name__
+        ref_args, ref_kwargs = pytree.tree_map(self._ref, (args, kwargs))
+        name = self._name(packet)
+        if isinstance(out, (list, tuple)):
+            outs = [(f"{name}.{i}", v) for i, v in enumerate(out) if isinstance(v, torch.Tensor)]
+        elif isinstance(out, torch.Tensor):
+            outs = [(name, out)]
+        else:
+            return out  # sizes, scalars: nothing to analyse
+        if not outs:
+            return out
+        for vname, v in outs:
+            self.values[vname] = Value(vname, tuple(v.shape), v.dtype)
+            self.names[id(v)] = vname  # an in-place op's result is its input: later uses see the new value
+            self.keep.append(v)
+        self.nodes.append(Node(name, canonical_aten(packet), func, tuple(ref_args), dict(ref_kwargs),
+                               [n for n, _ in outs], named_args(func, ref_args, ref_kwargs),
+                               self.modules[-1] if self.modules else "", f"aten.{packet}.{func._overloadname}"))
+        return out
+
+
+def _as_if_exporting() -> contextlib.AbstractContextManager:
+    """Model code that branches on ``torch.compiler.is_exporting()`` (transformers builds its
+    attention masks differently then) must take export's branch, or the two graphs differ."""
+    try:
+        from torch._export.utils import _compiling_state_context
+    except ImportError:  # pragma: no cover - a torch that moved it
+        return contextlib.nullcontext()
+    return _compiling_state_context()
+
+
+class _FactoryAliases(TorchFunctionMode):
+    """Python-level factory functions (``torch.arange``, ``torch.zeros``) hand back a shallow
+    copy of the tensor the dispatcher produced (autograd's ``make_variable``), so the
+    recorder would not know the tensor the model holds.  Seen from the Python call, the
+    copy is the output of the last op recorded during the call if that op took no tensor."""
+
+    def __init__(self, rec: _Recorder) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        before = len(self.rec.nodes)
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and id(out) not in self.rec.names and len(self.rec.nodes) > before:
+            last = self.rec.nodes[-1]
+            if not last.inputs and len(last.outputs) == 1 and self.rec.values[last.outputs[0]].shape == tuple(out.shape):
+                self.rec.names[id(out)] = last.outputs[0]
+                self.rec.keep.append(out)
+        return out
+
+
+@contextlib.contextmanager
+def _module_stack(model: torch.nn.Module, stack: list[str]) -> Iterator[None]:
+    """Keep ``stack`` equal to the module paths being executed (export's nn_module_stack)."""
+    paths = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+
+    def pre(mod: torch.nn.Module, _: Any) -> None:
+        stack.append(paths.get(id(mod), stack[-1] if stack else ""))
+
+    def post(mod: torch.nn.Module, _: Any, __: Any) -> None:
+        stack.pop()
+
+    handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
+               torch.nn.modules.module.register_module_forward_hook(post, always_call=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def record(model: torch.nn.Module, args: tuple, kwargs: dict) -> Graph:
+    """The IR of ``model`` at these inputs, recorded on meta tensors (model in eval mode)."""
+    from torch._dispatch.python import enable_python_dispatcher
+
+    names: dict[int, str] = {}
+    values: dict[str, Value] = {}
+    metas: dict[str, torch.Tensor] = {}
+    first: dict[int, str] = {}
+    for kind, prefix, items in (("param", "p", model.named_parameters(remove_duplicate=False)),
+                                ("buffer", "b", model.named_buffers(remove_duplicate=False))):
+        for fqn, t in items:
+            canonical = first.setdefault(id(t), fqn)  # tied weights: one tensor, its first name
+            if canonical != fqn:
+                metas[fqn] = metas[canonical]
+                continue
+            name = f"{prefix}_{fqn.replace('.', '_')}"
+            values[name] = Value(name, tuple(t.shape), t.dtype, kind, t, fqn)
+            metas[fqn] = torch.empty_like(t, device="meta")
+            names[id(metas[fqn])] = name
+
+    inputs: list[str] = []
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    meta_leaves = []
+    for path, leaf in zip(pytree.tree_flatten_with_path((args, kwargs))[0], leaves):
+        if isinstance(leaf, torch.Tensor):
+            name = "_".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path[0][1:]) or "input"
+            name = f"input_{name}" if name[0].isdigit() else name
+            meta = torch.empty_like(leaf, device="meta")
+            values[name] = Value(name, tuple(leaf.shape), leaf.dtype, "input", None, name)
+            names[id(meta)] = name
+            inputs.append(name)
+            meta_leaves.append(meta)
+        else:
+            meta_leaves.append(leaf)
+    margs, mkwargs = pytree.tree_unflatten(meta_leaves, spec)
+
+    stack: list[str] = []
+    rec = _Recorder(names, values, stack)
+    try:
+        with _as_if_exporting(), enable_python_dispatcher(), _module_stack(model, stack), rec, _FactoryAliases(rec):
+            out = torch.func.functional_call(model, metas, margs, mkwargs, tie_weights=False, strict=False)
+    except RecordingFailed:
+        raise
+    except Exception as exc:  # anything the meta run cannot do: export will say it properly
+        raise RecordingFailed(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    outputs = [names[id(t)] for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and id(t) in names]
+    return Graph(rec.nodes, values, inputs, outputs, "torch", type(model).__module__ + "." + type(model).__name__)

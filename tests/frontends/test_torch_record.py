@@ -1,0 +1,121 @@
+"""The fast recorder (ATen ops on meta tensors) against torch.export: the same groups over
+the same unit numbering, export deferred until a compact model is emitted, a fallback
+when the recorder cannot run a model, and an error (not a silent mis-prune) when the two
+disagree after a user already holds the groups.
+
+Every ``gp.trace(..., verify=True)`` in the suite is a further agreement check: a
+disagreement warns with RecorderMismatchWarning, which pytest.ini makes an error."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import graphprune as gp
+from graphprune.errors import UnsupportedModelError
+from graphprune.frontends import torch_record
+from graphprune.frontends.torch_backend import same_groups
+from graphprune.frontends.torch_export import export_model, from_exported
+from graphprune.trace import analyse
+from tests.analysis.test_zero_invariance import BLOCKS
+from tests.helpers import check_zero_invariance, zero_random_half
+
+
+def _agree(model: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+    model.eval()
+    kwargs = kwargs or {}
+    recorded = analyse(torch_record.record(model, args, kwargs))
+    exported = analyse(from_exported(export_model(model, args, kwargs), model))
+    assert recorded[2], "no groups"
+    assert same_groups(recorded[2], exported[2], recorded[1], exported[1])
+    assert sorted(b.op for b in recorded[0].barriers) == sorted(b.op for b in exported[0].barriers)
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_blocks_agree_with_export(name: str) -> None:
+    cls, make = BLOCKS[name]
+    inputs = make()
+    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (inputs if isinstance(inputs, tuple) else (inputs,), {})
+    _agree(cls(), args, kwargs)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "efficientnet_b0",
+                                  "convnext_tiny", "swin_t"])
+def test_torchvision_agrees_with_export(name: str) -> None:
+    _agree(getattr(torchvision.models, name)(num_classes=10), (torch.randn(2, 3, 64, 64),))
+
+
+class Constants(nn.Module):
+    """A plain tensor attribute (export lifts it as a constant) and factory calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 12), nn.Linear(12, 3)
+        self.scale = torch.linspace(0.5, 1.5, 12)  # neither parameter nor buffer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1], dtype=x.dtype)[None, :, None]
+        h = torch.relu(self.a(x + pos)) * self.scale * torch.ones(1)
+        return self.b(h)
+
+
+def test_constants_and_factories() -> None:
+    _agree(Constants(), (torch.randn(2, 5, 6),))
+    check_zero_invariance(Constants(), torch.randn(2, 5, 6))
+
+
+def test_export_is_deferred_until_a_compact_model_is_built() -> None:
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    g = gp.trace(model, x, verify=False)
+    assert not g.backend.settled and g.backend._exported is None
+    zero_random_half(g)
+    with torch.no_grad():
+        ref = model(x)
+        out = g.construct_subnet()(x)
+    assert g.backend.settled
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_falls_back_to_export_when_recording_fails(monkeypatch) -> None:
+    def fail(*_: object) -> None:
+        raise torch_record.RecordingFailed("test")
+    monkeypatch.setattr(torch_record, "record", fail)
+    g = gp.trace(BLOCKS["se"][0](), BLOCKS["se"][1](), verify=False)
+    assert g.backend.settled and g.groups
+
+
+def test_disagreement_after_groups_are_handed_out_is_an_error() -> None:
+    g = gp.trace(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), verify=False)
+    g.groups = g.groups[1:]  # what an analysis that saw other ops would hold
+    with pytest.raises(UnsupportedModelError, match="different groups"):
+        g.construct_subnet()
+
+
+@torch.library.custom_op("gptest::shuffle_rows", mutates_args=())
+def _shuffle_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-1).clone()
+
+
+@_shuffle_rows.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class CustomOp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(_shuffle_rows(torch.relu(self.a(x))))))
+
+
+def test_unregistered_custom_op_keeps_its_channels_and_is_named() -> None:
+    g = gp.trace(CustomOp(), torch.randn(2, 8))
+    assert any("shuffle_rows" in b.op for b in g.barriers)
+    assert "shuffle_rows" in g.summary()
+    touched = {s.param for grp in g.groups for s in grp.slices}
+    assert "a.weight" not in touched and "b.weight" in touched
+    check_zero_invariance(CustomOp(), torch.randn(2, 8))
