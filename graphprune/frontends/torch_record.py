@@ -66,8 +66,13 @@ class _Recorder(_mode_base()):  # type: ignore[misc]
         self.counts: dict[str, Iterator[int]] = {}
 
     def _name(self, packet: str) -> str:
-        k = next(self.counts.setdefault(packet, itertools.count()))
-        return packet if k == 0 else f"{packet}_{k}"
+        """fx-style names (``linear``, ``linear_1``), never one an input or weight holds."""
+        counter = self.counts.setdefault(packet, itertools.count())
+        while True:
+            k = next(counter)
+            name = packet if k == 0 else f"{packet}_{k}"
+            if name not in self.values:
+                return name
 
     def _ref(self, a: Any) -> Any:
         if not isinstance(a, torch.Tensor):
