@@ -246,7 +246,7 @@ class Triangular(Rule):
         return lab.is_zero(node.inputs[0])
 
 
-@register("creation", aten=CREATION, onnx=("ConstantOfShape", "Constant", "Range", "Shape", "Size",
+@register("creation", aten=CREATION, onnx=("ConstantOfShape", "Constant", "Range",
                                            "RandomNormalLike", "RandomUniformLike", "EyeLike"))
 class Creation(Rule):
     """Tensors made from sizes or constants carry no channel identity."""

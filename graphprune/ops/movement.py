@@ -4,7 +4,10 @@ Reshape/view (hidden = heads × head_dim, flatten into a linear), permute, conca
 split on any axis (a token-axis concat is not a channel concat: the labels say so),
 slicing, pixel shuffle, channel shuffle, repeat/expand (grouped-query attention)...
 need no hand-written index maps: :meth:`Labels.run_on_labels` executes the op itself.
-What is op-specific is how constant arguments change when units go (``rewrite_*``).
+What is op-specific is how constant arguments change when units go (``rewrite_*``); sizes
+an ONNX model computes at run time (``Shape -> Gather -> Concat``) hold the full model's
+values in the compact model too (:class:`ShapeOf`), and only the entries of axes that shrank
+are replaced where they are used (:func:`_rewrite_runtime_shape`).
 """
 from __future__ import annotations
 
@@ -112,19 +115,21 @@ def _resize(old: list, old_shape: tuple[int, ...], new_shape: tuple[int, ...]) -
     return [o if os_ == ns else n for o, os_, ns, n in zip(old, old_shape, new_shape, new_shape)]
 
 
-def _onnx_reshape_shape(x, out, shrink) -> list[int]:
+def _onnx_reshape_shape(x, out, shrink, keep: list[int] | None = None) -> list[int]:
     """A Reshape target that stays valid for other batch sizes.  Dims that follow the
     batch (seen to change between the importer's two captures) are copied with 0 when
     the input has the same dim at the same position, else become the one -1; every
-    other dim gets its (possibly pruned) size."""
+    other dim gets its (possibly pruned) size.  Entries flagged in ``keep`` are left to a
+    run-time target (:func:`_rewrite_runtime_shape`) and get no -1 of their own."""
     vx, vo = shrink.graph.values[x], shrink.graph.values[out]
-    old_i, old_o, new_o = vx.shape, vo.shape, shrink.new_shape(out)
+    old_i, old_o, new_i, new_o = vx.shape, vo.shape, shrink.new_shape(x), shrink.new_shape(out)
     alt_i, alt_o = vx.alt_shape or old_i, vo.alt_shape or old_o
+    keep = keep or [0] * len(new_o)
     shape: list[int] = []
     for k, n in enumerate(new_o):
-        if alt_o[k] == old_o[k]:
+        if alt_o[k] == old_o[k] or keep[k]:
             shape.append(n)
-        elif k < len(old_i) and old_i[k] == old_o[k] and alt_i[k] == alt_o[k]:
+        elif k < len(old_i) and old_i[k] == old_o[k] and alt_i[k] == alt_o[k] and new_i[k] == n:
             shape.append(0)
         else:
             shape.append(-1)
@@ -177,6 +182,9 @@ class Reshape(Movement):
     def rewrite_onnx(self, node, proto, shrink) -> None:
         out, x = node.outputs[0], node.inputs[0]
         old_o, new_o = shrink.old_shape(out), shrink.new_shape(out)
+        if node.source_op in ("onnx::Reshape", "onnx::Expand") and _computed_shape(node, shrink):
+            _rewrite_runtime_shape(node, proto, shrink)
+            return
         if old_o == new_o:
             return
         if node.source_op == "onnx::Reshape":
@@ -186,16 +194,77 @@ class Reshape(Movement):
                     if a.name == "allowzero":
                         a.i = 0  # no target dim is a literal 0: pruning never empties an axis
             shrink.set_onnx_const_input(proto, 1, shape)
-        elif node.source_op == "onnx::Expand" and proto.input[1] not in {i.name for i in shrink.onnx.graph.initializer}:
-            # a shape computed at run time (the batch): keep its entries where the output did
-            # not shrink, set the shrunk ones (ViT's class token expanded to a pruned width)
-            fixed = _onnx_expand_shape(node, x, out, shrink)
-            keep = [int(o == n) for o, n in zip(old_o[len(old_o) - len(fixed):], new_o[len(new_o) - len(fixed):])]
-            opset = next((o.version for o in shrink.onnx.opset_import if o.domain in ("", "ai.onnx")), 13)
-            shrink.call_onnx_function(proto, expand_onnx_function(opset), keep=_int64(keep),
-                                      fixed=_int64([0 if k else f for k, f in zip(keep, fixed)]))
         elif node.source_op == "onnx::Expand":
             shrink.set_onnx_const_input(proto, 1, _onnx_expand_shape(node, x, out, shrink))
+
+
+def _computed_shape(node: Node, shrink) -> bool:
+    """Whether a Reshape's or Expand's target is computed at run time (``Shape -> Gather
+    -> Concat``), not a constant (an initializer or a Constant node)."""
+    return len(node.inputs) > 1 and shrink.graph.values[node.inputs[1]].kind != "const"
+
+
+def _rewrite_runtime_shape(node: Node, proto, shrink) -> None:
+    """A target computed at run time becomes ``shape·keep + fixed`` (:func:`shape_onnx_function`):
+    its entries are kept where the output kept its size (the batch, and any size the
+    exporter computes; a Reshape's 0 entry also needs the input to have kept its dim).
+    Run-time shapes hold the full model's sizes in the compact model too (:class:`ShapeOf`),
+    so kept entries stay right, -1 included.  The others are replaced as a constant target
+    would be: the compact size, or for Reshape 0 or the one -1 where the axis also follows
+    the batch (``bsz * heads`` with heads pruned: a kept -1 then gets its size instead),
+    and for Expand 1 where the input already has the size (:func:`_onnx_expand_shape`)."""
+    out, x = node.outputs[0], node.inputs[0]
+    old_o, new_o, new_i = shrink.old_shape(out), shrink.new_shape(out), shrink.new_shape(x)
+    shape = list(node.attrs["shape"])
+    off = len(old_o) - len(shape)  # Expand's target may be shorter than its output
+    reshape = node.source_op == "onnx::Reshape"
+    copies = reshape and not int(node.attrs.get("allowzero", 0))
+    keep = [int(old_o[k + off] == new_o[k + off]
+                and not (copies and s == 0 and (k >= len(new_i) or new_i[k] != new_o[k]))) for k, s in enumerate(shape)]
+    if all(keep):
+        return
+    if reshape:
+        fixed = _onnx_reshape_shape(x, out, shrink, keep)
+        if -1 in fixed:  # a run-time -1 would be a second one
+            keep = [int(k and s != -1) for k, s in zip(keep, shape)]
+            fixed = _onnx_reshape_shape(x, out, shrink, keep)
+    else:
+        fixed = _onnx_expand_shape(node, x, out, shrink)
+    opset = next((o.version for o in shrink.onnx.opset_import if o.domain in ("", "ai.onnx")), 13)
+    zero = any(f == 0 and not k for k, f in zip(keep, fixed))  # 0 copies only without allowzero
+    forward = {"allowzero": 0 if zero else int(node.attrs.get("allowzero", 0))} if reshape and opset >= 14 else {}
+    shrink.call_onnx_function(proto, shape_onnx_function(proto.op_type, opset, tuple(forward)), keep=_int64(keep),
+                              fixed=_int64([0 if k else f for k, f in zip(keep, fixed)]), **forward)
+
+
+@register("shape", onnx=("Shape", "Size"))
+class ShapeOf(Rule):
+    """Sizes carry no channel identity.  In the compact model ``Shape`` of a pruned value
+    reads its full model's sizes on the pruned axes (``shape·keep + fixed``), so every
+    integer computed from shapes is what the full model computed: swin's attention scale
+    ``(C // heads) ** -0.5`` and its ``reshape(x.size(0), x.size(1), C)`` read ``C`` off
+    the pruned input; the ops whose outputs shrink set their own sizes
+    (:func:`_rewrite_runtime_shape`, Slice, Split)."""
+
+    def propagate(self, node: Node, lab: Labels) -> None:
+        for o in node.outputs:
+            lab.fields[o] = None
+
+    def rewrite_onnx(self, node, proto, shrink) -> None:
+        x = node.inputs[0]
+        old, new = shrink.old_shape(x), shrink.new_shape(x)
+        if old == new:
+            return
+        opset = next((o.version for o in shrink.onnx.opset_import if o.domain in ("", "ai.onnx")), 13)
+        size = node.source_op == "onnx::Size"
+        forward = {}
+        if not size and opset >= 15:  # Shape reads dims start:end only
+            lo, hi = int(node.attrs.get("start", 0)), int(node.attrs.get("end", len(old)))
+            forward = {"start": lo, "end": hi}
+            old, new = old[lo:hi], new[lo:hi]
+        keep = [int(o == n) for o, n in zip(old, new)]
+        shrink.call_onnx_function(proto, shape_of_onnx_function(opset, size, tuple(forward)), keep=_int64(keep),
+                                  fixed=_int64([0 if k else o for k, o in zip(keep, old)]), **forward)
 
 
 def _int64(values: list[int]):
@@ -204,22 +273,50 @@ def _int64(values: list[int]):
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64))
 
 
-def expand_onnx_function(opset: int):
-    """ONNX ``Expand(input, shape·keep + fixed)`` as a FunctionProto (``graphprune`` domain,
-    inlined by the emitter): a run-time shape with the shrunk entries replaced."""
+def _keep_fixed(shape: str, new: str) -> list:
+    """``new = shape·keep + fixed`` with ``keep`` and ``fixed`` the function's tensor
+    attributes: a run-time shape whose entries on pruned axes are replaced."""
     from onnx import AttributeProto, helper
-
-    from .normalization import DOMAIN
-
     body = []
     for name in ("keep", "fixed"):
         c = helper.make_node("Constant", [], [name + "_"])
         c.attribute.append(AttributeProto(name="value", ref_attr_name=name, type=AttributeProto.TENSOR))
         body.append(c)
-    body += [helper.make_node("Mul", ["shape", "keep_"], ["kept"]), helper.make_node("Add", ["kept", "fixed_"], ["new"]),
-             helper.make_node("Expand", ["input", "new"], ["output"])]
-    return helper.make_function(DOMAIN, "ExpandShrunk", ["input", "shape"], ["output"], body,
-                                [helper.make_opsetid("", opset)], attributes=["keep", "fixed"])
+    return body + [helper.make_node("Mul", [shape, "keep_"], ["kept"]),
+                   helper.make_node("Add", ["kept", "fixed_"], [new])]
+
+
+def _forwarding(op: str, inputs: list[str], outputs: list[str], forwarded: tuple[str, ...]):
+    """``op`` with the function's INT attributes ``forwarded`` passed through."""
+    from onnx import AttributeProto, helper
+    node = helper.make_node(op, inputs, outputs)
+    node.attribute.extend(AttributeProto(name=a, ref_attr_name=a, type=AttributeProto.INT) for a in forwarded)
+    return node
+
+
+def shape_onnx_function(op: str, opset: int, forwarded: tuple[str, ...] = ()):
+    """ONNX ``op(input, shape·keep + fixed)`` (Expand, Reshape with its ``allowzero``
+    forwarded) as a FunctionProto (``graphprune`` domain, inlined by the emitter): a
+    run-time target with the entries of the axes that shrank replaced."""
+    from onnx import helper
+
+    from .normalization import DOMAIN
+    body = _keep_fixed("shape", "new") + [_forwarding(op, ["input", "new"], ["output"], forwarded)]
+    return helper.make_function(DOMAIN, f"{op}Shrunk", ["input", "shape"], ["output"], body,
+                                [helper.make_opsetid("", opset)], attributes=["keep", "fixed", *forwarded])
+
+
+def shape_of_onnx_function(opset: int, size: bool, forwarded: tuple[str, ...] = ()):
+    """``Shape(input)·keep + fixed`` (its ``start``/``end`` forwarded), or for ``size`` the
+    product of that (``Size``), as a FunctionProto: the full model's sizes of a pruned value."""
+    from onnx import helper
+
+    from .normalization import DOMAIN
+    body = [_forwarding("Shape", ["input"], ["shape"], forwarded)] + _keep_fixed("shape", "full" if size else "output")
+    if size:
+        body.append(helper.make_node("ReduceProd", ["full"], ["output"], keepdims=0))
+    return helper.make_function(DOMAIN, "SizeOfFull" if size else "ShapeOfFull", ["input"], ["output"], body,
+                                [helper.make_opsetid("", opset)], attributes=["keep", "fixed", *forwarded])
 
 
 @register("permute", aten=("permute", "transpose", "t", "movedim", "swapaxes", "numpy_T", "mT", "flip",

@@ -207,3 +207,93 @@ def test_capture_returns_shapes_of_float_activations():
     assert cap["f"].shape == (2, 6) and not any(cap["f"].strides)
     assert np.allclose(cap["y"], run_onnx(hand_written(), feeds)[0])
     assert not {"w1", "c1__gp_shape"} & set(cap)
+
+
+NUMBER_CASES = ("scale_read_off_pruned", "size_of_pruned", "shape_start")
+
+
+def runtime_shape_model(case: str) -> onnx.ModelProto:
+    """``y = h @ w2 + b @ w3`` with ``h = relu(x @ w1 + b1)`` (a group of 8 hidden columns)
+    and a branch ``b`` that uses sizes computed at run time from Shape nodes, as exporters
+    write ``reshape(x.size(0), x.size(1), C)``: a Reshape or Expand target (each ``case`` puts
+    the shrinking axis, -1 and 0 entries, a traced constant and a size read off ``h``
+    elsewhere) or, for the ``NUMBER_CASES``, a scale computed from a size of ``h``."""
+    rng = np.random.default_rng(0)
+    w = lambda name, *s: numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), name)  # noqa: E731
+    ints = lambda name, *s: numpy_helper.from_array(np.array(s, dtype=np.int64), name)  # noqa: E731
+    inits = [w("w1", 8, 8), w("b1", 8), w("w2", 8, 5), w("w3", 8, 5), ints("heads", 0, 0, 2, 4)]
+    inits += [ints(f"i{k}", k) for k in range(3)] + [ints("minus1", -1), ints("zero", 0), ints("three", 3),
+                                                     ints("eight", 8)]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h"])]
+
+    def dim(t: str, k: int) -> str:  # Shape -> Gather, as the exporters write x.size(k)
+        nodes.extend([helper.make_node("Shape", [t], [f"{t}_shape{k}"]),
+                      helper.make_node("Gather", [f"{t}_shape{k}", f"i{k}"], [f"{t}_dim{k}"], axis=0)])
+        return f"{t}_dim{k}"
+
+    def concat(*entries: str) -> str:
+        nodes.append(helper.make_node("Concat", list(entries), ["target"], axis=0))
+        return "target"
+
+    op, src = "Reshape", "h"
+    if case == "kept_width_read_off_pruned":  # swin's attention: x.size(0), x.size(1) and C of the pruned input
+        nodes.append(helper.make_node("Reshape", ["x", "heads"], ["a"]))
+        src, target = "a", concat(dim("a", 0), dim("a", 1), dim("h", 2))
+    elif case == "expand_read_off_pruned":  # an unpruned [batch, 1, 8] expanded to h's shape
+        nodes.append(helper.make_node("ReduceMean", ["x"], ["a"], axes=[1], keepdims=1))
+        op, src, target = "Expand", "a", concat(dim("h", 0), dim("h", 1), dim("h", 2))
+    elif case == "pruned_last_traced_constant":  # the old width held in a constant of the run-time shape
+        target = concat(dim("h", 0), "three", "eight")
+    elif case == "pruned_middle_minus_one":  # [batch, C, 3] with the pruned C as -1
+        nodes.append(helper.make_node("Transpose", ["h", ], ["ht"], perm=[0, 2, 1]))
+        src, target = "ht", concat(dim("ht", 0), "minus1", dim("ht", 2))
+    elif case == "zero_entries":  # 0 copies the (pruned) input dim; the batch as 0 too
+        target = concat("zero", dim("h", 1), "zero")
+    elif case == "minus_one_batch":  # -1 for the batch, the width read off the pruned h
+        target = concat("minus1", "three", dim("h", 2))
+    elif case in NUMBER_CASES:
+        if case == "scale_read_off_pruned":  # swin's q * (C // heads) ** -0.5
+            nodes.append(helper.make_node("Div", [dim("h", 2), "three"], ["n"]))
+        elif case == "size_of_pruned":  # the batch times the pruned width
+            nodes.append(helper.make_node("Size", ["h"], ["n"]))
+        else:  # opset 15: Shape(h, start=2) holds the pruned width alone
+            nodes.append(helper.make_node("Shape", ["h"], ["n"], start=2))
+        nodes += [helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+                  helper.make_node("Sqrt", ["nf"], ["root"]), helper.make_node("Div", ["x", "root"], ["b"])]
+    else:
+        raise ValueError(case)
+    if case not in NUMBER_CASES:
+        nodes.append(helper.make_node(op, [src, target], ["b"]))
+    if case == "pruned_middle_minus_one":
+        nodes.append(helper.make_node("Transpose", ["b"], ["bt"], perm=[0, 2, 1]))
+    else:
+        nodes.append(helper.make_node("Identity", ["b"], ["bt"]))
+    nodes += [helper.make_node("MatMul", ["h", "w2"], ["y2"]), helper.make_node("MatMul", ["bt", "w3"], ["y3"]),
+              helper.make_node("Add", ["y2", "y3"], ["y"])]
+    for k, n in enumerate(nodes):
+        n.name = f"n{k}_{n.op_type}"
+    graph = helper.make_graph(nodes, case, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+RUNTIME_SHAPE_CASES = ["kept_width_read_off_pruned", "expand_read_off_pruned", "pruned_last_traced_constant",
+                       "pruned_middle_minus_one", "zero_entries", "minus_one_batch", *NUMBER_CASES]
+
+
+@pytest.mark.parametrize("case", RUNTIME_SHAPE_CASES)
+def test_runtime_shape_of_pruned_value(case, tmp_path):
+    """Sizes computed at run time from the shape of a pruned value: a Shape or Size of it
+    reads the full model's sizes in the compact model (so a scale computed from them keeps
+    its value), and a Reshape or Expand target keeps its entries where the output kept its
+    size and gets the compact size on the axes that shrank.  swin_t/s/b and swin_v2_s from
+    the TorchScript exporter lost their last hidden group: 'features.7.0/attn/Reshape_5'
+    reshaped the attention's unpruned width to the C read off the pruned input, and
+    q * (C // heads) ** -0.5 used that C."""
+    path = str(tmp_path / "m.onnx")
+    onnx.save(runtime_shape_model(case), path)
+    g = gp.trace(path, (torch.randn(2, 3, 8),))  # verify=True: a failing group would be withdrawn
+    assert not g.withdrawn
+    assert any({"w1", "b1", "w2"} <= {s.param for s in grp.slices} for grp in g.groups)
+    check_onnx(path, torch.randn(1, 3, 8))  # traced on another batch, compared on a third
