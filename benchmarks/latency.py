@@ -1,13 +1,27 @@
-"""Inference latency: torch eager vs onnxruntime vs TVM (default schedules) vs TVM (tuned), and BSR.
+"""Inference latency, dense and pruned: torch eager vs onnxruntime vs TVM (default schedules) vs TVM (tuned), and BSR.
 
 Not run in CI (tuning takes minutes per model).  ``python benchmarks/latency.py
-[--models resnet18,mobilenet_v2,vit,bert] [--threads 1] [--rounds 7] [--trials-per-task 16]
-[--out runs/latency] [--bsr-only | --no-bsr]``
+[--models resnet18,mobilenet_v2,vit,bert] [--runtimes torch,onnxruntime,tvm-default,tvm-tuned]
+[--flops 0.5] [--multiple 8] [--criterion l2] [--threads 1] [--rounds 7] [--number 5] [--trials-per-task 16]
+[--out runs/latency] [--results benchmarks/results/latency.txt] [--bsr-only | --no-bsr]``
+
+Every model is timed in two forms: dense, and pruned by graphprune's one-shot API
+(``gp.prune(g, criterion, Target(flops=...))`` on its random weights, then
+``g.construct_subnet()``; latency depends on the widths, not on the weights).  Both forms take
+the same path to every runtime: the ``torch.export`` program run eagerly for torch (so the
+torch speedup is pruning's alone, not nn.Module against exported graph), the ONNX that
+``gp.export_onnx`` writes for onnxruntime, and ``graphprune.codegen.build`` for TVM, tuned
+per form with the same trials per task.  MACs are ``gp.trace(...).total_flops`` of the model
+and of the compact model: the FLOPs ratio is measured, not the target.  Per model the table
+has a dense row, a pruned row and a row of pruned speedup / FLOPs ratio per runtime (1.0:
+latency fell exactly with FLOPs), and a tuned TVM / onnxruntime column; below it the issue's
+two checks.  The tables go to stdout and, atomically, to ``--results`` with the command line
+and the tuning budget in the header; the numbers also go to ``<out>/latency.json``.
 
 Each measurement runs in its own subprocess with one runtime and explicit thread counts
 (OMP/MKL/torch/ORT/``TVM_NUM_THREADS``): two thread pools in one process distort the
-numbers. Rounds are interleaved (round r runs every runtime once) and each cell is the
-median over rounds of a per-process median, so a busy neighbour hits all runtimes alike.
+numbers. Rounds are interleaved (round r runs every runtime on both forms once) and each cell
+is the median over rounds of a per-process median, so a busy neighbour hits all cells alike.
 TVM models are compiled once into shared libraries that the workers load. The BSR table
 times a 512x512 linear layer at 80%/90% block sparsity, batch 1 and 128, against the dense
 kernel graphprune builds (tuned with the same trials per task, or from ``--tuning-db``).
@@ -18,19 +32,43 @@ tuning records, so a layer BSR does not win keeps the tuned dense kernel.
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.metadata
 import json
 import os
+import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 MODELS = ["resnet18", "mobilenet_v2", "vit", "bert"]
 RUNTIMES = ["torch", "onnxruntime", "tvm-default", "tvm-tuned"]
+RESULTS = Path(__file__).resolve().parent / "results" / "latency.txt"
+SPEEDUP_FLOOR = 0.8   # done when: pruned speedup >= 0.8 x the FLOPs ratio
+TVM_WINS_NEEDED = 3   # done when: tuned TVM at least as fast as onnxruntime on 3 of the 4 pruned models
+
+
+@dataclass
+class Variant:
+    """One form of one model, ready to time: its MACs, its example inputs and one artefact per runtime."""
+
+    model: str
+    form: str                      # "dense" or "pruned"
+    macs: float                    # multiply-accumulates at the example shape (gp.trace's count)
+    inputs: str                    # JSON {"shapes", "dtypes"}: every worker builds the same inputs from it
+    artifacts: dict[str, str] = field(default_factory=dict)   # runtime -> file its worker loads
+    tuning: dict[str, int] | None = None                      # tvm-tuned's budget: tasks, trials
+    pruning: str | None = None                                # the PruneReport, for the record
+    ms: dict[str, float] = field(default_factory=dict)        # runtime -> median latency
 
 
 def make_model(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]] | None:
@@ -74,33 +112,48 @@ def thread_env(threads: int) -> dict[str, str]:
 # ----------------------------------------------------------------------------- workers
 def worker(args: argparse.Namespace) -> None:
     """Time one runtime on one artefact; print {"ms": median} as the last line."""
-    runs = []
-    if args.worker == "torch":
-        torch.set_num_threads(args.threads)
-        model, inputs = make_model(args.model)
+    spec = json.loads(Path(args.inputs).read_text())
+    arrays = [_example(s, d) for s, d in zip(spec["shapes"], spec["dtypes"])]
+    call = LOADERS[args.worker](args.artifact, arrays, args.threads)
+    call()  # warm-up: lazy initialisation and first allocations stay out of the numbers
+    print(json.dumps({"ms": statistics.median(_time(call, args.number))}))
+
+
+def _load_torch(artifact: str, arrays: list[np.ndarray], threads: int) -> Callable[[], object]:
+    """The saved ``torch.export`` program, run eagerly (ATen op by op, nothing compiled)."""
+    torch.set_num_threads(threads)
+    module = torch.export.load(artifact).module()
+    inputs = [torch.from_numpy(a) for a in arrays]
+
+    def call() -> object:
         with torch.no_grad():
-            call = lambda: model(*inputs)  # noqa: E731
-            call()
-            runs = _time(call, args.number)
-    elif args.worker == "onnxruntime":
-        import onnxruntime as ort
+            return module(*inputs)
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
-        session = ort.InferenceSession(args.artifact, options, providers=["CPUExecutionProvider"])
-        feeds = {i.name: _example(i.shape, i.type) for i in session.get_inputs()}
-        session.run(None, feeds)
-        runs = _time(lambda: session.run(None, feeds), args.number)
-    else:
-        import tvm
-        from tvm import relax
+    return call
 
-        spec = json.loads(Path(args.artifact + ".json").read_text())
-        vm = relax.VirtualMachine(tvm.runtime.load_module(args.artifact), tvm.cpu())
-        inputs = [tvm.runtime.tensor(_example(s, d)) for s, d in zip(spec["shapes"], spec["dtypes"])]
-        vm["main"](*inputs)
-        runs = _time(lambda: vm["main"](*inputs), args.number)
-    print(json.dumps({"ms": statistics.median(runs)}))
+
+def _load_onnxruntime(artifact: str, arrays: list[np.ndarray], threads: int) -> Callable[[], object]:
+    """An onnxruntime CPU session with ``threads`` intra-op threads and no inter-op pool."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(artifact, options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: a for i, a in zip(session.get_inputs(), arrays)}
+    return lambda: session.run(None, feeds)
+
+
+def _load_tvm(artifact: str, arrays: list[np.ndarray], threads: int) -> Callable[[], object]:
+    """A compiled library in the Relax VM; its pool size comes from ``TVM_NUM_THREADS`` (:func:`thread_env`)."""
+    import tvm
+    from tvm import relax
+
+    main = relax.VirtualMachine(tvm.runtime.load_module(artifact), tvm.cpu())["main"]
+    inputs = [tvm.runtime.tensor(a) for a in arrays]
+    return lambda: main(*inputs)
+
+
+LOADERS = {"torch": _load_torch, "onnxruntime": _load_onnxruntime, "tvm-default": _load_tvm, "tvm-tuned": _load_tvm}
 
 
 def _example(shape, dtype) -> np.ndarray:
@@ -174,35 +227,95 @@ def bsr_model_worker(args: argparse.Namespace) -> None:
     print(json.dumps(rows))
 
 
-# ----------------------------------------------------------------------------- driver
-def prepare(name: str, out: Path, trials_per_task: int) -> dict[str, str]:
-    """Export ONNX and TVM libraries for one model; returns runtime -> artefact path."""
-    import graphprune.codegen as codegen
+# ----------------------------------------------------------------------------- preparation
+def prepare(name: str, out: Path, runtimes: list[str], trials_per_task: int, flops: float,
+            criterion: str, multiple: int) -> list[Variant]:
+    """Both forms of one model, with their artefacts built; [] when the model is unavailable.
+
+    The pruned form is what a user gets from graphprune's one-shot API; its MACs come from
+    tracing the compact model again, so the FLOPs ratio in the table is exact.
+    """
+    import graphprune as gp
 
     made = make_model(name)
     if made is None:
-        return {}
+        return []
     model, inputs = made
     out.mkdir(parents=True, exist_ok=True)
-    artifacts = {"torch": ""}
-    onnx_path = out / f"{name}.onnx"
-    torch.onnx.export(model, inputs, str(onnx_path), dynamo=False, opset_version=17)
-    artifacts["onnxruntime"] = str(onnx_path)
-    variants = {"tvm-default": None}
-    if trials_per_task > 0:
-        report = codegen.tune(model, inputs, "x86", out / f"tuning-{name}", trials_per_task=trials_per_task)
-        print(report.summary(), file=sys.stderr)
-        variants["tvm-tuned"] = report.work_dir
-    for runtime, database in variants.items():
-        compiled = codegen.build(model, inputs, "x86", tuning_db=database)
-        library = out / f"{name}-{runtime}.so"
-        compiled.export(library)
-        spec = {"shapes": compiled.program.input_shapes, "dtypes": compiled.program.input_dtypes}
-        Path(str(library) + ".json").write_text(json.dumps(spec))
-        artifacts[runtime] = str(library)
-    return artifacts
+    spec = write_input_spec(out / f"{name}.inputs.json", inputs)
+    g = gp.trace(copy.deepcopy(model), inputs)  # prune zeroes the traced model's weights: `model` stays dense
+    dense = Variant(name, "dense", g.total_flops, spec)
+    report = gp.prune(g, criterion, gp.Target(flops=flops, multiple=multiple))
+    compact = g.construct_subnet()
+    pruned = Variant(name, "pruned", gp.trace(compact, inputs, verify=False).total_flops, spec, pruning=repr(report))
+    print(f"{name}: {report!r}; MMACs {dense.macs / 1e6:,.1f} -> {pruned.macs / 1e6:,.1f}", file=sys.stderr)
+    for variant, module in ((dense, model), (pruned, compact)):
+        variant.artifacts, variant.tuning = build_artifacts(f"{name}-{variant.form}", module, inputs, out, runtimes,
+                                                            trials_per_task)
+    return [dense, pruned]
 
 
+def write_input_spec(path: Path, inputs: tuple[torch.Tensor, ...]) -> str:
+    """The example inputs' shapes and dtypes, so every worker feeds its runtime the same arrays."""
+    from graphprune.atomic import atomic_write_text
+
+    spec = {"shapes": [list(x.shape) for x in inputs], "dtypes": [str(x.dtype).removeprefix("torch.") for x in inputs]}
+    return str(atomic_write_text(path, json.dumps(spec)))
+
+
+def build_artifacts(stem: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: Path,
+                    runtimes: list[str], trials_per_task: int) -> tuple[dict[str, str], dict[str, int] | None]:
+    """One artefact per runtime for ``module``; returns runtime -> path and tvm-tuned's tuning budget."""
+    artifacts: dict[str, str] = {}
+    if "torch" in runtimes:
+        artifacts["torch"] = save_program(module, inputs, out / f"{stem}.pt2")
+    if "onnxruntime" in runtimes:
+        import graphprune as gp
+
+        # static shapes, as TVM compiles them: neither runtime gets a symbolic batch dimension
+        gp.export_onnx(module, inputs, out / f"{stem}.onnx", dynamic_batch=False)
+        artifacts["onnxruntime"] = str(out / f"{stem}.onnx")
+    databases: dict[str, str | None] = {"tvm-default": None}
+    tuning = None
+    if "tvm-tuned" in runtimes:
+        databases["tvm-tuned"], tuning = tune(module, inputs, out / f"tuning-{stem}", trials_per_task)
+    for runtime, database in databases.items():
+        if runtime in runtimes:
+            artifacts[runtime] = build_library(module, inputs, database, out / f"{stem}-{runtime}.so")
+    return artifacts, tuning
+
+
+def save_program(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> str:
+    """``torch.export`` the module to ``path``: the compact model cannot be pickled, and the dense
+    one goes the same way so both are timed as the same kind of graph."""
+    from graphprune.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.export.save(torch.export.export(module, inputs), tmp)
+    return str(path)
+
+
+def tune(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], work_dir: Path,
+         trials_per_task: int) -> tuple[str, dict[str, int]]:
+    """Tune into ``work_dir`` (a rerun resumes it); returns the database and the budget for the header."""
+    import graphprune.codegen as codegen
+
+    report = codegen.tune(module, inputs, "x86", work_dir, trials_per_task=trials_per_task)
+    print(report.summary(), file=sys.stderr)
+    return report.work_dir, {"tasks": report.tasks_total, "trials_per_task": trials_per_task,
+                             "trials_run": report.trials_run, "tasks_reused": len(report.tasks_reused)}
+
+
+def build_library(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], database: str | None,
+                  library: Path) -> str:
+    """Compile with TVM (tuning records first, default schedules for the rest) into a shared library."""
+    import graphprune.codegen as codegen
+
+    codegen.build(module, inputs, "x86", tuning_db=database).export(library)
+    return str(library)
+
+
+# ----------------------------------------------------------------------------- timing
 def run_worker(extra: list[str], threads: int) -> dict | list:
     command = [sys.executable, __file__, "--threads", str(threads), *extra]
     result = subprocess.run(command, capture_output=True, text=True, env=thread_env(threads))
@@ -211,21 +324,188 @@ def run_worker(extra: list[str], threads: int) -> dict | list:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def time_interleaved(variants: list[Variant], rounds: int, number: int, threads: int) -> None:
+    """Fill each variant's ``ms``.  Round r runs every (form, runtime) once, each in a fresh
+    process, so drift on a shared machine hits every cell alike; a cell is the median over rounds."""
+    samples: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for _ in range(rounds):
+        for v in variants:
+            for runtime, artifact in v.artifacts.items():
+                extra = ["--worker", runtime, "--artifact", artifact, "--inputs", v.inputs, "--number", str(number)]
+                samples[(v.form, runtime)].append(run_worker(extra, threads)["ms"])
+    for v in variants:
+        v.ms = {r: statistics.median(samples[(v.form, r)]) for r in v.artifacts}
+
+
+# ----------------------------------------------------------------------------- tables
+def speedup_per_flops(dense: Variant, pruned: Variant, runtime: str) -> float | None:
+    """Pruned speedup over dense divided by the FLOPs ratio: 1.0 when latency fell exactly with
+    FLOPs, below when overheads that pruning does not shrink dominate; None if not timed."""
+    if runtime not in dense.ms or runtime not in pruned.ms:
+        return None
+    return (dense.ms[runtime] / pruned.ms[runtime]) / (dense.macs / pruned.macs)
+
+
+def tuned_over_ort(v: Variant) -> float | None:
+    """Tuned TVM latency / onnxruntime latency on the same form (<= 1: TVM at least as fast)."""
+    if "tvm-tuned" not in v.ms or "onnxruntime" not in v.ms:
+        return None
+    return v.ms["tvm-tuned"] / v.ms["onnxruntime"]
+
+
+def _cell(x: float | None, spec: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def model_rows(dense: Variant, pruned: Variant, runtimes: list[str]) -> list[str]:
+    """Three rows for one model: dense ms, pruned ms, and pruned speedup / FLOPs ratio per runtime."""
+    rows = [f"| {v.model} | {v.form} | {v.macs / 1e6:,.1f} | " + " | ".join(_cell(v.ms.get(r)) for r in runtimes)
+            + f" | {_cell(tuned_over_ort(v))} |" for v in (dense, pruned)]
+    ratio = dense.macs / pruned.macs
+    rows.append(f"| {dense.model} | speedup / FLOPs ratio ({ratio:.2f}x) | | "
+                + " | ".join(_cell(speedup_per_flops(dense, pruned, r)) for r in runtimes) + " | |")
+    return rows
+
+
+def latency_table(pairs: list[tuple[Variant, Variant]], runtimes: list[str], threads: int, rounds: int) -> list[str]:
+    """The dense/pruned table for every model, then the issue's two checks."""
+    lines = ["", f"### Latency, dense and pruned, {threads} thread(s), ms (median of {rounds} interleaved rounds)", "",
+             "| model | form | MMACs | " + " | ".join(runtimes) + " | tvm-tuned / onnxruntime |",
+             "|---|---|---|" + "---|" * (len(runtimes) + 1)]
+    for dense, pruned in pairs:
+        lines += model_rows(dense, pruned, runtimes)
+    return lines + ["", *done_when(pairs, runtimes)]
+
+
+def done_when(pairs: list[tuple[Variant, Variant]], runtimes: list[str]) -> list[str]:
+    """The issue's criteria against these numbers: (a) tuned TVM at least as fast as onnxruntime on
+    the pruned form of >= 3 models, (b) pruned speedup >= 0.8 x the FLOPs ratio (per runtime)."""
+    def models(ok: Callable[[Variant, Variant], bool]) -> str:
+        hits = [d.model for d, p in pairs if ok(d, p)]
+        return f"{len(hits)} of {len(pairs)} models ({', '.join(hits) or 'none'})"
+
+    lines = []
+    if "tvm-tuned" in runtimes and "onnxruntime" in runtimes:
+        lines.append(f"- (a) pruned, tuned TVM <= onnxruntime: "
+                     f"{models(lambda d, p: (tuned_over_ort(p) or float('inf')) <= 1.0)}; needs {TVM_WINS_NEEDED}")
+    for r in runtimes:
+        lines.append(f"- (b) {r}: speedup >= {SPEEDUP_FLOOR} x FLOPs ratio on "
+                     f"{models(lambda d, p: (speedup_per_flops(d, p, r) or 0.0) >= SPEEDUP_FLOOR)}")
+    return lines
+
+
+def header(args: argparse.Namespace, variants: list[Variant]) -> list[str]:
+    """The results file's header: the command line, the machine, and how every number was made."""
+    versions = ", ".join(f"{p} {_version(p)}" for p in ("torch", "onnxruntime", "apache-tvm"))
+    lines = [f"# {shlex.join(['python', *sys.argv])}",
+             f"# {_cpu_name()}, {args.threads} thread(s) per runtime, one runtime per process; {versions}"]
+    if variants:
+        lines += [f"# cells: median over {args.rounds} interleaved rounds of a per-process median of "
+                  f"{args.number} runs",
+                  f"# pruned: gp.prune(g, {args.criterion!r}, Target(flops={args.flops}, multiple={args.multiple})) "
+                  "on random weights, "
+                  "then construct_subnet(); MMACs: gp.trace(...).total_flops",
+                  "# torch: the torch.export program run eagerly; onnxruntime: gp.export_onnx (static shapes); "
+                  "TVM: graphprune.codegen.build for x86"]
+        tuned = (f"meta-schedule, {args.trials_per_task} trials per task, each form into its own database"
+                 if any(v.tuning for v in variants) else "not run (--trials-per-task 0 or not in --runtimes)")
+        lines.append(f"# tvm-tuned: {tuned}")
+        lines += [f"# tvm-tuned budget, {v.model} {v.form}: {t['tasks']} tasks x {t['trials_per_task']} trials = "
+                  f"{t['tasks'] * t['trials_per_task']} ({t['trials_run']} run now, {t['tasks_reused']} tasks "
+                  "reused from the database)" for v in variants if (t := v.tuning)]
+    return lines
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bsr_tables(args: argparse.Namespace, out: Path) -> tuple[list[str], list[dict], list[dict]]:
+    """The two BSR tables (each from one TVM-only process) and their rows."""
+    bsr_args = ["--worker", "bsr", "--out", str(out), "--trials-per-task", str(args.trials_per_task)]
+    db_args = ["--tuning-db", args.tuning_db] if args.tuning_db else []
+    bsr = run_worker(bsr_args + db_args, args.threads)
+    bsr_model = run_worker(["--worker", "bsr-model"] + bsr_args[2:] + db_args, args.threads)
+    dense = "tuned dense" if args.trials_per_task > 0 or args.tuning_db else "default dense"
+    lines = ["", f"### BSR 512x512 linear vs {dense}, {args.threads} thread(s), ms", "",
+             "| sparsity | block | batch | dense | BSR | form | chosen |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['sparsity']:.0%} | {r['block']} | {r['batch']} | {r['dense_ms']:.4f} | {r['bsr_ms']:.4f} "
+              f"| {r['form']} | {r['chosen']} |" for r in bsr]
+    lines += ["", f"### BSR whole model: MLP 512-2048-512, 16x1 blocks, {dense} vs sparse=\"auto\", "
+                  f"{args.threads} thread(s), ms", "",
+              "| sparsity | batch | dense | sparse build | BSR layers |", "|---|---|---|---|---|"]
+    lines += [f"| {r['sparsity']:.0%} | {r['batch']} | {r['dense_ms']:.4f} | {r['sparse_ms']:.4f} "
+              f"| {r['bsr_layers']} |" for r in bsr_model]
+    return lines, bsr, bsr_model
+
+
+# ----------------------------------------------------------------------------- driver
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES),
+                        help="comma-separated subset of " + ",".join(RUNTIMES))
+    parser.add_argument("--flops", type=float, default=0.5, help="fraction of FLOPs the pruned form removes")
+    parser.add_argument("--multiple", type=int, default=8,
+                        help="kept widths rounded to this multiple (vector-friendly; 1: any width)")
+    parser.add_argument("--criterion", default="l2", help="gp.prune criterion (data-free: l1, l2, obspa)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--number", type=int, default=5, help="runs per worker process")
-    parser.add_argument("--trials-per-task", type=int, default=16)
-    parser.add_argument("--out", default="runs/latency")
+    parser.add_argument("--trials-per-task", type=int, default=16, help="0: no tuning, no tvm-tuned column")
+    parser.add_argument("--out", default="runs/latency", help="artefacts, tuning databases and latency.json")
+    parser.add_argument("--results", default=str(RESULTS), help="the tables, with the command in the header")
     parser.add_argument("--tuning-db", default=None, help="BSR table: dense kernel from this database")
     parser.add_argument("--bsr-only", action="store_true")
     parser.add_argument("--no-bsr", action="store_true")
     parser.add_argument("--worker", choices=RUNTIMES + ["bsr", "bsr-model"], help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--artifact", help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = set(args.runtimes.split(",")) - set(RUNTIMES)
+    if unknown:
+        parser.error(f"unknown runtime(s) {', '.join(sorted(unknown))}; choose from {', '.join(RUNTIMES)}")
+    return args
+
+
+def selected_runtimes(args: argparse.Namespace) -> list[str]:
+    """The runtimes asked for, in table order; tvm-tuned only with a tuning budget."""
+    asked = set(args.runtimes.split(","))
+    if "tvm-tuned" in asked and args.trials_per_task <= 0:
+        print("--trials-per-task 0: no tvm-tuned column", file=sys.stderr)
+        asked.discard("tvm-tuned")
+    return [r for r in RUNTIMES if r in asked]
+
+
+def measure_models(args: argparse.Namespace, out: Path, runtimes: list[str]) -> list[tuple[Variant, Variant]]:
+    """(dense, pruned) for every model, artefacts built and timed."""
+    pairs = []
+    for name in args.models.split(","):
+        variants = prepare(name, out, runtimes, args.trials_per_task, args.flops, args.criterion, args.multiple)
+        if not variants:
+            print(f"{name}: skipped (transformers not installed)", file=sys.stderr)
+            continue
+        time_interleaved(variants, args.rounds, args.number, args.threads)
+        print(name, json.dumps({v.form: v.ms for v in variants}), file=sys.stderr)
+        pairs.append((variants[0], variants[1]))
+    return pairs
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker == "bsr":
         return bsr_worker(args)
     if args.worker == "bsr-model":
@@ -233,49 +513,22 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    out, results, lines = Path(args.out), {}, []
-    if not args.bsr_only:
-        for name in args.models.split(","):
-            artifacts = prepare(name, out, args.trials_per_task)
-            if not artifacts:
-                print(f"{name}: skipped (transformers not installed)", file=sys.stderr)
-                continue
-            samples: dict[str, list[float]] = {r: [] for r in artifacts}
-            for _ in range(args.rounds):
-                for runtime, artifact in artifacts.items():
-                    extra = ["--worker", runtime, "--model", name, "--artifact", artifact, "--number", str(args.number)]
-                    samples[runtime].append(run_worker(extra, args.threads)["ms"])
-            results[name] = {r: statistics.median(v) for r, v in samples.items()}
-            print(name, json.dumps(results[name]), file=sys.stderr)
-        lines += [f"### Latency, {args.threads} thread(s), ms (median of {args.rounds} interleaved rounds)", "",
-                  "| model | " + " | ".join(RUNTIMES) + " |", "|---|" + "---|" * len(RUNTIMES)]
-        lines += [f"| {name} | " + " | ".join(f"{row[r]:.2f}" if r in row else "n/a" for r in RUNTIMES) + " |"
-                  for name, row in results.items()]
-    bsr_args = ["--worker", "bsr", "--out", str(out), "--trials-per-task", str(args.trials_per_task)]
-    db_args = ["--tuning-db", args.tuning_db] if args.tuning_db else []
-    bsr = [] if args.no_bsr else run_worker(bsr_args + db_args, args.threads)
-    bsr_model = [] if args.no_bsr else run_worker(["--worker", "bsr-model"] + bsr_args[2:] + db_args, args.threads)
-    if bsr:
-        dense = "tuned dense" if args.trials_per_task > 0 or args.tuning_db else "default dense"
-        lines += ["", f"### BSR 512x512 linear vs {dense}, {args.threads} thread(s), ms", "",
-                  "| sparsity | block | batch | dense | BSR | form | chosen |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['sparsity']:.0%} | {r['block']} | {r['batch']} | {r['dense_ms']:.4f} | {r['bsr_ms']:.4f} "
-                  f"| {r['form']} | {r['chosen']} |" for r in bsr]
-    if bsr_model:
-        dense = "tuned dense" if args.trials_per_task > 0 or args.tuning_db else "default dense"
-        lines += ["", f"### BSR whole model: MLP 512-2048-512, 16x1 blocks, {dense} vs sparse=\"auto\", "
-                      f"{args.threads} thread(s), ms", "",
-                  "| sparsity | batch | dense | sparse build | BSR layers |", "|---|---|---|---|---|"]
-        lines += [f"| {r['sparsity']:.0%} | {r['batch']} | {r['dense_ms']:.4f} | {r['sparse_ms']:.4f} "
-                  f"| {r['bsr_layers']} |" for r in bsr_model]
-    # meta-schedule prints its task tables to stdout while tuning: the tables also go to a file
-    print("\n" + "\n".join(lines))
-    out.mkdir(parents=True, exist_ok=True)
     from graphprune.atomic import atomic_write_text
 
-    atomic_write_text(out / "latency.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / "latency.json", json.dumps({"threads": args.threads, "models": results, "bsr": bsr,
-                                                              "bsr_model": bsr_model}, indent=1))
+    out, runtimes = Path(args.out), selected_runtimes(args)
+    pairs = [] if args.bsr_only else measure_models(args, out, runtimes)
+    lines = latency_table(pairs, runtimes, args.threads, args.rounds) if pairs else []
+    bsr_lines, bsr, bsr_model = ([], [], []) if args.no_bsr else bsr_tables(args, out)
+    variants = [v for pair in pairs for v in pair]
+    text = "\n".join(header(args, variants) + lines + bsr_lines) + "\n"
+    # meta-schedule prints its task tables to stdout while tuning: the tables also go to a file
+    print("\n" + text)
+    out.mkdir(parents=True, exist_ok=True)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.results, text)
+    atomic_write_text(out / "latency.json", json.dumps({"command": sys.argv, "threads": args.threads,
+                                                         "models": [asdict(v) for v in variants], "bsr": bsr,
+                                                         "bsr_model": bsr_model}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""The latency benchmark's derived numbers (``benchmarks/latency.py``): pruned speedup over the
+FLOPs ratio, tuned TVM over onnxruntime, and the issue's two checks, on made-up timings.
+
+These are the cells the issue is decided by; a ratio inverted by mistake would read as
+a pass.  Nothing is built or timed here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "_latency_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "latency.py")
+latency = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = latency  # dataclasses look their module up
+_spec.loader.exec_module(latency)
+Variant = latency.Variant
+RUNTIMES = ["onnxruntime", "tvm-tuned"]
+
+
+def pair(model: str, dense_ms: dict[str, float], pruned_ms: dict[str, float]) -> tuple:
+    """A model whose pruned form has half the MACs."""
+    return (Variant(model, "dense", 2e9, "", ms=dense_ms), Variant(model, "pruned", 1e9, "", ms=pruned_ms))
+
+
+def test_speedup_per_flops_is_one_when_latency_halves_with_flops():
+    dense, pruned = pair("m", {"onnxruntime": 10.0}, {"onnxruntime": 5.0})
+    assert latency.speedup_per_flops(dense, pruned, "onnxruntime") == pytest.approx(1.0)
+    dense, pruned = pair("m", {"onnxruntime": 10.0}, {"onnxruntime": 8.0})
+    assert latency.speedup_per_flops(dense, pruned, "onnxruntime") == pytest.approx(0.625)
+    assert latency.speedup_per_flops(dense, pruned, "tvm-tuned") is None  # not timed
+
+
+def test_done_when_counts_models_that_meet_each_check():
+    pairs = [pair("fast", {"onnxruntime": 10.0, "tvm-tuned": 9.0}, {"onnxruntime": 5.0, "tvm-tuned": 4.5}),
+             pair("slow", {"onnxruntime": 10.0, "tvm-tuned": 20.0}, {"onnxruntime": 9.0, "tvm-tuned": 12.0})]
+    lines = latency.done_when(pairs, RUNTIMES)
+    assert lines[0].startswith("- (a)") and "1 of 2 models (fast)" in lines[0]
+    assert "onnxruntime" in lines[1] and "1 of 2 models (fast)" in lines[1]   # slow: 1.11x of 2x = 0.56
+    assert "tvm-tuned" in lines[2] and "2 of 2 models (fast, slow)" in lines[2]  # slow: 1.67x of 2x = 0.83
+
+
+def test_model_rows_show_both_forms_and_the_ratios():
+    dense, pruned = pair("m", {"onnxruntime": 10.0, "tvm-tuned": 8.0}, {"onnxruntime": 5.0})
+    rows = latency.model_rows(dense, pruned, RUNTIMES)
+    assert rows[0] == "| m | dense | 2,000.0 | 10.00 | 8.00 | 0.80 |"
+    assert rows[1] == "| m | pruned | 1,000.0 | 5.00 | n/a | n/a |"
+    assert rows[2] == "| m | speedup / FLOPs ratio (2.00x) | | 1.00 | n/a | |"
