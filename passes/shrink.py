@@ -143,6 +143,15 @@ class Shrink:
             proto_node.input.append("")
         proto_node.input[index] = name
 
+    def set_onnx_constant(self, proto_node: Any, values: list[int] | int) -> None:
+        """Make the node an Identity of a new int64 initializer holding ``values``: a size
+        that is known when the model is written (TVM's ONNX frontend, for one, cannot
+        do arithmetic on run-time shapes)."""
+        del proto_node.attribute[:]
+        del proto_node.input[:]
+        proto_node.op_type, proto_node.domain = "Identity", ""
+        self.set_onnx_const_input(proto_node, 0, values)
+
     def call_onnx_function(self, proto_node: Any, fn: Any, **attrs: Any) -> None:
         """Turn the node into a call of the model-local function ``fn`` (a FunctionProto,
         added to the model once, its domain imported) with ``attrs``; inputs and outputs

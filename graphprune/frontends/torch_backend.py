@@ -71,11 +71,18 @@ class TorchBackend:
         return self.emit(pg, tensors, torch.zeros(0, dtype=torch.long))
 
     def compare(self, pg: Any, tensors: dict[str, torch.Tensor]) -> float:
-        """Relative error between the compact and the zeroed full model on the example."""
+        """Relative error between the compact and the zeroed full model on the example.
+        The reference is the user's own model run on ``tensors`` (in eval mode, as traced):
+        no second full-size module is built."""
         args, kwargs = pg.example
-        with torch.no_grad():
-            ref = self.full(pg, tensors)(*args, **kwargs)
-            out = self.emit(pg, tensors)(*args, **kwargs)
+        was_training = pg.model.training
+        pg.model.eval()
+        try:
+            with torch.no_grad():
+                ref = torch.func.functional_call(pg.model, tensors, args, kwargs, strict=False)
+                out = self.emit(pg, tensors)(*args, **kwargs)
+        finally:
+            pg.model.train(was_training)
         return max_rel_error(ref, out)
 
 

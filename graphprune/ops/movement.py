@@ -11,6 +11,8 @@ are replaced where they are used (:func:`_rewrite_runtime_shape`).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..analysis.labels import Field, Labels
@@ -182,7 +184,8 @@ class Reshape(Movement):
     def rewrite_onnx(self, node, proto, shrink) -> None:
         out, x = node.outputs[0], node.inputs[0]
         old_o, new_o = shrink.old_shape(out), shrink.new_shape(out)
-        if node.source_op in ("onnx::Reshape", "onnx::Expand") and _computed_shape(node, shrink):
+        if node.source_op in ("onnx::Reshape", "onnx::Expand") and _computed_shape(node, shrink) \
+                and _batch_dependent(shrink.graph.values[out]):
             _rewrite_runtime_shape(node, proto, shrink)
             return
         if old_o == new_o:
@@ -198,6 +201,12 @@ class Reshape(Movement):
             shrink.set_onnx_const_input(proto, 1, _onnx_expand_shape(node, x, out, shrink))
 
 
+def _batch_dependent(v) -> bool:
+    """Whether a value's shape changed between the importer's two captures (a dynamic
+    batch): only then must sizes stay computed at run time in the compact model."""
+    return v.alt_shape is not None and tuple(v.alt_shape) != tuple(v.shape)
+
+
 def _computed_shape(node: Node, shrink) -> bool:
     """Whether a Reshape's or Expand's target is computed at run time (``Shape -> Gather
     -> Concat``), not a constant (an initializer or a Constant node)."""
@@ -205,7 +214,8 @@ def _computed_shape(node: Node, shrink) -> bool:
 
 
 def _rewrite_runtime_shape(node: Node, proto, shrink) -> None:
-    """A target computed at run time becomes ``shape·keep + fixed`` (:func:`shape_onnx_function`):
+    """A target computed at run time keeps its entries where ``keep`` says and takes ``fixed``
+    elsewhere (:func:`shape_onnx_function`):
     its entries are kept where the output kept its size (the batch, and any size the
     exporter computes; a Reshape's 0 entry also needs the input to have kept its dim).
     Run-time shapes hold the full model's sizes in the compact model too (:class:`ShapeOf`),
@@ -233,14 +243,15 @@ def _rewrite_runtime_shape(node: Node, proto, shrink) -> None:
     opset = next((o.version for o in shrink.onnx.opset_import if o.domain in ("", "ai.onnx")), 13)
     zero = any(f == 0 and not k for k, f in zip(keep, fixed))  # 0 copies only without allowzero
     forward = {"allowzero": 0 if zero else int(node.attrs.get("allowzero", 0))} if reshape and opset >= 14 else {}
-    shrink.call_onnx_function(proto, shape_onnx_function(proto.op_type, opset, tuple(forward)), keep=_int64(keep),
+    shrink.call_onnx_function(proto, shape_onnx_function(proto.op_type, opset, tuple(keep), tuple(forward)),
                               fixed=_int64([0 if k else f for k, f in zip(keep, fixed)]), **forward)
 
 
 @register("shape", onnx=("Shape", "Size"))
 class ShapeOf(Rule):
     """Sizes carry no channel identity.  In the compact model ``Shape`` of a pruned value
-    reads its full model's sizes on the pruned axes (``shape·keep + fixed``), so every
+    reads its full model's sizes on the pruned axes (written as constants when no size
+    depends on the batch, else as run-time entries with the pruned ones replaced), so every
     integer computed from shapes is what the full model computed: swin's attention scale
     ``(C // heads) ** -0.5`` and its ``reshape(x.size(0), x.size(1), C)`` read ``C`` off
     the pruned input; the ops whose outputs shrink set their own sizes
@@ -262,28 +273,35 @@ class ShapeOf(Rule):
             lo, hi = int(node.attrs.get("start", 0)), int(node.attrs.get("end", len(old)))
             forward = {"start": lo, "end": hi}
             old, new = old[lo:hi], new[lo:hi]
+        if not _batch_dependent(shrink.graph.values[x]):  # every size known: write the full model's
+            shrink.set_onnx_constant(proto, math.prod(old) if size else list(old))
+            return
         keep = [int(o == n) for o, n in zip(old, new)]
-        shrink.call_onnx_function(proto, shape_of_onnx_function(opset, size, tuple(forward)), keep=_int64(keep),
+        shrink.call_onnx_function(proto, shape_of_onnx_function(opset, size, tuple(keep), tuple(forward)),
                                   fixed=_int64([0 if k else o for k, o in zip(keep, old)]), **forward)
 
 
-def _int64(values: list[int]):
+def _int64(values: list[int] | int):
     import numpy as np
     from onnx import numpy_helper
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64))
 
 
-def _keep_fixed(shape: str, new: str) -> list:
-    """``new = shape·keep + fixed`` with ``keep`` and ``fixed`` the function's tensor
-    attributes: a run-time shape whose entries on pruned axes are replaced."""
+def _keep_fixed(shape: str, new: str, keep: tuple[int, ...]) -> list:
+    """``new[k] = shape[k] if keep[k] else fixed[k]`` with ``fixed`` the function's tensor
+    attribute: a run-time shape whose entries on pruned axes are replaced.  Written as
+    Gather -> Unsqueeze -> Concat, the pattern exporters emit for shapes, which every
+    consumer (TVM's ONNX frontend included) reads as shape arithmetic; the pattern of
+    ``keep`` is part of the function's name, so each pattern is its own function."""
     from onnx import AttributeProto, helper
-    body = []
-    for name in ("keep", "fixed"):
-        c = helper.make_node("Constant", [], [name + "_"])
-        c.attribute.append(AttributeProto(name="value", ref_attr_name=name, type=AttributeProto.TENSOR))
-        body.append(c)
-    return body + [helper.make_node("Mul", [shape, "keep_"], ["kept"]),
-                   helper.make_node("Add", ["kept", "fixed_"], [new])]
+    fixed = helper.make_node("Constant", [], ["fixed_"])
+    fixed.attribute.append(AttributeProto(name="value", ref_attr_name="fixed", type=AttributeProto.TENSOR))
+    body = [fixed, helper.make_node("Constant", [], ["axis0_"], value=_int64([0]))]
+    for k, kept in enumerate(keep):
+        body += [helper.make_node("Constant", [], [f"i{k}_"], value=_int64(k)),
+                 helper.make_node("Gather", [shape if kept else "fixed_", f"i{k}_"], [f"e{k}_"], axis=0),
+                 helper.make_node("Unsqueeze", [f"e{k}_", "axis0_"], [f"u{k}_"])]
+    return body + [helper.make_node("Concat", [f"u{k}_" for k in range(len(keep))], [new], axis=0)]
 
 
 def _forwarding(op: str, inputs: list[str], outputs: list[str], forwarded: tuple[str, ...]):
@@ -294,29 +312,30 @@ def _forwarding(op: str, inputs: list[str], outputs: list[str], forwarded: tuple
     return node
 
 
-def shape_onnx_function(op: str, opset: int, forwarded: tuple[str, ...] = ()):
-    """ONNX ``op(input, shape·keep + fixed)`` (Expand, Reshape with its ``allowzero``
+def shape_onnx_function(op: str, opset: int, keep: tuple[int, ...], forwarded: tuple[str, ...] = ()):
+    """ONNX ``op(input, shape with its pruned entries replaced)`` (Expand, Reshape with its ``allowzero``
     forwarded) as a FunctionProto (``graphprune`` domain, inlined by the emitter): a
     run-time target with the entries of the axes that shrank replaced."""
     from onnx import helper
 
     from .normalization import DOMAIN
-    body = _keep_fixed("shape", "new") + [_forwarding(op, ["input", "new"], ["output"], forwarded)]
-    return helper.make_function(DOMAIN, f"{op}Shrunk", ["input", "shape"], ["output"], body,
-                                [helper.make_opsetid("", opset)], attributes=["keep", "fixed", *forwarded])
+    body = _keep_fixed("shape", "new", keep) + [_forwarding(op, ["input", "new"], ["output"], forwarded)]
+    return helper.make_function(DOMAIN, f"{op}Shrunk_{''.join(map(str, keep))}", ["input", "shape"], ["output"],
+                                body, [helper.make_opsetid("", opset)], attributes=["fixed", *forwarded])
 
 
-def shape_of_onnx_function(opset: int, size: bool, forwarded: tuple[str, ...] = ()):
+def shape_of_onnx_function(opset: int, size: bool, keep: tuple[int, ...], forwarded: tuple[str, ...] = ()):
     """``Shape(input)·keep + fixed`` (its ``start``/``end`` forwarded), or for ``size`` the
     product of that (``Size``), as a FunctionProto: the full model's sizes of a pruned value."""
     from onnx import helper
 
     from .normalization import DOMAIN
-    body = [_forwarding("Shape", ["input"], ["shape"], forwarded)] + _keep_fixed("shape", "full" if size else "output")
+    body = [_forwarding("Shape", ["input"], ["shape"], forwarded)] + _keep_fixed("shape", "full" if size else "output", keep)
     if size:
         body.append(helper.make_node("ReduceProd", ["full"], ["output"], keepdims=0))
-    return helper.make_function(DOMAIN, "SizeOfFull" if size else "ShapeOfFull", ["input"], ["output"], body,
-                                [helper.make_opsetid("", opset)], attributes=["keep", "fixed", *forwarded])
+    name = f"{'SizeOfFull' if size else 'ShapeOfFull'}_{''.join(map(str, keep))}"
+    return helper.make_function(DOMAIN, name, ["input"], ["output"], body,
+                                [helper.make_opsetid("", opset)], attributes=["fixed", *forwarded])
 
 
 @register("permute", aten=("permute", "transpose", "t", "movedim", "swapaxes", "numpy_T", "mT", "flip",
