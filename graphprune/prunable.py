@@ -11,6 +11,7 @@ from .analysis.labels import Barrier, Labels
 from .analysis.liveness import Liveness
 from .errors import ZeroInvarianceError
 from .ir.graph import Graph
+from .memory import release
 
 
 class PrunableGraph:
@@ -73,7 +74,7 @@ class PrunableGraph:
         """Per group, which units are entirely zero now."""
         tensors = self.params if tensors is None else tensors
         with torch.no_grad():
-            return [g.gather(tensors).abs().amax(dim=1) == 0 for g in self.groups]
+            return [g.zero_mask(tensors) for g in self.groups]
 
     def removed_units(self, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Unit ids to remove: every all-zero unit, whole groups included.  The emitters
@@ -145,6 +146,7 @@ class PrunableGraph:
 
         def bisect(groups: list[Group]) -> None:
             reason = ok(groups)
+            release()  # the copy of the weights and the runs' buffers stay resident otherwise
             if reason is None:
                 return
             if len(groups) == 1:

@@ -1,7 +1,12 @@
 """Emit a compact ONNX model: sliced initializers, rewritten shape constants, fresh
 shape inference, ``onnx.checker`` passed; operators that removed groups leave without
 input are erased (:mod:`.erase`) and dead nodes dropped.  Graph inputs, outputs and
-their dynamic axes are untouched (their channels are never pruned)."""
+their dynamic axes are untouched (their channels are never pruned).
+
+The weights are written last: until then the big ones are stubs (type and dims, see
+:func:`graphprune.frontends.onnx_import.stub`), so copying the traced structure, dropping
+dead initializers, inlining functions, shape inference and the checker never copy or
+serialise them."""
 from __future__ import annotations
 
 from typing import Callable
@@ -13,7 +18,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from graphprune.errors import BadOnnxError
-from graphprune.frontends.onnx_import import check_model, infer_shapes
+from graphprune.frontends.onnx_import import check_model, fill, infer_shapes, put_weight
 from graphprune.ir.graph import Graph
 from graphprune.ops.registry import rule_for
 
@@ -113,12 +118,18 @@ def _dynamic_axes(ir: Graph) -> Callable[[str], set[int]]:
     return axes
 
 
-def emit_onnx(ir: Graph, proto: onnx.ModelProto, shrink: Shrink, tensors: dict[str, torch.Tensor]) -> onnx.ModelProto:
+def emit_onnx(ir: Graph, proto: onnx.ModelProto, shrink: Shrink, tensors: dict[str, torch.Tensor],
+              weights: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """The compact model of ``proto`` (the traced structure, its fed weights stubs) with
+    ``tensors`` (the IR's data where absent) sliced into it.  With ``weights`` (a dict)
+    the fed weights stay stubs and their arrays, views of ``tensors`` where nothing is
+    sliced, go into it: what ``run_onnx(model, feeds, weights)`` runs without any copy."""
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     er = erase(shrink, tensors, _dynamic_axes(ir), _evaluator(ir, proto, tensors))
     shrink = er.shrink
     shrink.onnx = model
+    fed: dict[str, np.ndarray] = {}
     inits = {i.name: k for k, i in enumerate(model.graph.initializer)}
     for name, k in inits.items():
         v = ir.values.get(name)
@@ -127,7 +138,7 @@ def emit_onnx(ir: Graph, proto: onnx.ModelProto, shrink: Shrink, tensors: dict[s
         src = tensors.get(name, v.data)
         t = shrink.slice_tensor(name, src.detach().cpu())
         arr = t.numpy().astype(helper.tensor_dtype_to_np_dtype(model.graph.initializer[k].data_type), copy=False)
-        model.graph.initializer[k].CopyFrom(numpy_helper.from_array(np.array(arr, order="C"), name))
+        put_weight(model.graph.initializer[k], name, arr, fed)
     # weights the importer untied (Identity of a shared initializer) and constants that
     # shrink (Constant nodes feeding a norm's scale) become initializers of their own
     for n in list(model.graph.node):
@@ -138,7 +149,7 @@ def emit_onnx(ir: Graph, proto: onnx.ModelProto, shrink: Shrink, tensors: dict[s
         if not (v.kind == "param" or (v.kind == "const" and shrink.param_index(name))):
             continue
         t = shrink.slice_tensor(name, tensors.get(name, v.data).detach().cpu())
-        model.graph.initializer.append(numpy_helper.from_array(np.array(t.numpy(), order="C"), name))
+        put_weight(model.graph.initializer.add(), name, t.numpy(), fed)
         model.graph.node.remove(n)
     by_name = {n.name: n for n in model.graph.node}
     for node in ir.nodes:
@@ -154,4 +165,9 @@ def emit_onnx(ir: Graph, proto: onnx.ModelProto, shrink: Shrink, tensors: dict[s
     except Exception as exc:
         raise BadOnnxError(f"compact ONNX model is invalid: {str(exc)[:300]}", source=ir.source,
                            hint="this is a graphprune bug; please report it with the model") from exc
+    if weights is None:
+        fill(model, fed)
+    else:
+        kept = {i.name for i in model.graph.initializer}
+        weights.update((k, a) for k, a in fed.items() if k in kept)
     return model

@@ -14,6 +14,7 @@ import torch
 from scipy.sparse.csgraph import connected_components
 
 from ..ir.graph import Graph
+from ..memory import Trimmer
 from ..ops.registry import rule_for
 from .labels import PIN, Labels
 
@@ -24,7 +25,9 @@ def propagate(graph: Graph) -> Labels:
     lab = Labels(graph)
     for name in graph.inputs:
         lab.fields[name] = None
+    trim = Trimmer()  # the label tensors' freed heap stays resident otherwise (370 MiB on vit_b_16)
     for node in graph.nodes:
+        trim.tick()
         rule = rule_for(node.op)
         try:
             rule.propagate(node, lab)

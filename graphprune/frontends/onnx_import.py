@@ -41,6 +41,10 @@ INT_ARGS = {"shape", "split", "starts", "ends", "axes", "steps", "pads", "repeat
 _BIG = 1 << 16  # integer intermediates larger than this are not kept
 PROTOBUF_LIMIT = (1 << 31) - (1 << 26)  # a serialised ModelProto cannot pass 2 GiB (some room for the graph)
 _FEED_MIN = 1024  # float initializers with at least this many elements are fed, not embedded, by ``skeleton``
+# weights over this many bytes make onnxruntime run a model as its ``skeleton`` with the weights
+# fed (used as they are): a session of the serialised model took three times its weights more
+# (the bytes, onnxruntime's parse of them and its own tensors: +3.4 GB on vit_l_16)
+_FEED_BYTES = 1 << 28
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
 
@@ -62,29 +66,101 @@ def is_large(model: onnx.ModelProto) -> bool:
     return data_bytes(model) > PROTOBUF_LIMIT
 
 
+def is_fed(t: onnx.TensorProto) -> bool:
+    """Whether ``skeleton`` moves the initializer out: a float weight of at least
+    ``_FEED_MIN`` elements (read from its dims, not its data)."""
+    return t.data_type in _FLOAT_TYPES and (int(np.prod(t.dims)) if len(t.dims) else 1) >= _FEED_MIN
+
+
+def runs_fed(model: onnx.ModelProto) -> bool:
+    """Whether onnxruntime runs ``model`` as its ``skeleton`` with the weights fed (see
+    :func:`session`): it cannot be serialised, or its weights are big enough that an
+    embedded copy would cost several more of them."""
+    return is_large(model) or data_bytes(model) >= _FEED_BYTES
+
+
+def _copy_fields(src: Any, dst: Any, skip: str) -> None:
+    """Every set field of the message ``src`` but ``skip`` into ``dst`` (nothing of ``skip``
+    is read, so a graph's weights are not copied)."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        field = getattr(dst, fd.name)
+        if hasattr(field, "extend"):
+            field.extend(value)
+        elif hasattr(field, "CopyFrom"):
+            field.CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` (metadata, functions, graph fields) with no initializer."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, "graph")
+    _copy_fields(model.graph, out.graph, "initializer")
+    return out
+
+
+def stub(t: onnx.TensorProto, out: onnx.TensorProto | None = None) -> onnx.TensorProto:
+    """The initializer without its data: name, type, dims (and doc and metadata) only.  A
+    model holds its fed weights (:func:`is_fed`) as stubs wherever the data lives elsewhere
+    (the IR's tensors): ``skeleton`` moves them out, so the checker, shape inference and
+    onnxruntime never see a stub, and nothing reads the data they lack."""
+    out = onnx.TensorProto() if out is None else out
+    out.name, out.data_type, out.doc_string = t.name, t.data_type, t.doc_string
+    out.dims.extend(t.dims)
+    if hasattr(t, "metadata_props"):
+        out.metadata_props.extend(t.metadata_props)
+    return out
+
+
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose fed weights (:func:`is_fed`) are stubs: the structure the
+    importer keeps (the weights themselves become the IR's tensors), without a second copy
+    of every weight.  ``model`` is not changed."""
+    out = _without_initializers(model)
+    for t in model.graph.initializer:
+        if is_fed(t):
+            stub(t, out.graph.initializer.add())
+        else:
+            out.graph.initializer.add().CopyFrom(t)
+    return out
+
+
+def put_weight(init: onnx.TensorProto, name: str, arr: np.ndarray, fed: dict[str, np.ndarray]) -> None:
+    """Make ``init`` the initializer ``name`` of ``arr``'s type and shape: a fed one
+    (:func:`is_fed`) stays a stub and ``arr`` goes into ``fed`` (for :func:`fill` or to be
+    fed to onnxruntime as it is); any other holds ``arr``."""
+    init.Clear()
+    init.name, init.data_type = name, helper.np_dtype_to_tensor_dtype(arr.dtype)
+    init.dims.extend(arr.shape)
+    if is_fed(init):
+        fed[name] = arr
+    else:
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+
+
+def fill(model: onnx.ModelProto, fed: dict[str, np.ndarray]) -> None:
+    """Write each array of ``fed`` into its stub in ``model`` (those still there)."""
+    for init in model.graph.initializer:
+        arr = fed.get(init.name)
+        if arr is not None:
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), init.name))
+
+
 def skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
     """The model without its float weight initializers, which become graph inputs of the
     same type and shape (fed at run time), and those initializers by name.  Small
     initializers (shape constants, scales) stay, so shape inference still sees them.
     Nothing big is copied: the skeleton of a 2.5 GB model is a few hundred kB."""
     g = model.graph
-    sk = onnx.ModelProto()
-    sk.ir_version = model.ir_version
-    sk.opset_import.extend(model.opset_import)
-    sk.functions.extend(model.functions)
-    sk.producer_name, sk.producer_version, sk.domain = model.producer_name, model.producer_version, model.domain
+    sk = _without_initializers(model)
     sg = sk.graph
-    sg.name = g.name
-    sg.node.extend(g.node)
-    sg.input.extend(g.input)
-    sg.output.extend(g.output)
-    sg.value_info.extend(g.value_info)
-    sg.sparse_initializer.extend(g.sparse_initializer)
     declared = {i.name for i in g.input}
     moved: dict[str, onnx.TensorProto] = {}
     for t in g.initializer:
-        n = int(np.prod(t.dims)) if len(t.dims) else 1
-        if t.data_type in _FLOAT_TYPES and n >= _FEED_MIN:
+        if is_fed(t):
             moved[t.name] = t
             if t.name not in declared:
                 sg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
@@ -95,13 +171,13 @@ def skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.Te
 
 def check_model(model: Any) -> None:
     """``onnx.checker.check_model`` for a path (external data included) or a ModelProto of
-    any size (a model over 2 GiB is checked as its ``skeleton``)."""
+    any size, checked as its ``skeleton``: serialising the weights for the checker cost
+    twice their size (2.3 GB on vit_l_16) and fails past 2 GiB.  The fed weights' data is
+    validated where it is read (:func:`load_onnx` converts every initializer)."""
     if isinstance(model, (str, os.PathLike)):
         onnx.checker.check_model(os.fspath(model))
-    elif is_large(model):
-        onnx.checker.check_model(skeleton(model)[0])
     else:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(skeleton(model)[0])
 
 
 def infer_shapes(model: onnx.ModelProto, *, inplace: bool = False, **kwargs: Any) -> onnx.ModelProto:
@@ -121,20 +197,25 @@ def infer_shapes(model: onnx.ModelProto, *, inplace: bool = False, **kwargs: Any
     return out
 
 
-def session(model: onnx.ModelProto, options: Any = None) -> tuple[Any, dict[str, np.ndarray]]:
-    """An onnxruntime CPU session of ``model`` and the weight feeds it needs: a model over
-    2 GiB cannot be serialised, so it runs as its ``skeleton`` with the weights fed."""
+def session(model: onnx.ModelProto, options: Any = None,
+            weights: dict[str, np.ndarray] | None = None) -> tuple[Any, dict[str, np.ndarray]]:
+    """An onnxruntime CPU session of ``model`` and the weight feeds it needs.  A model that
+    :func:`runs_fed` (over 2 GiB it cannot even be serialised), or one given ``weights``
+    (arrays for the stubs of an emitted model, see :func:`stub`), runs as its ``skeleton``
+    with the weights fed: onnxruntime uses a fed array's memory as it is."""
     import onnxruntime as ort
 
-    weights: dict[str, np.ndarray] = {}
-    if is_large(model):
+    feeds: dict[str, np.ndarray] = {}
+    if weights is not None or runs_fed(model):
         model, moved = skeleton(model)
-        weights = {k: numpy_helper.to_array(t) for k, t in moved.items()}
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), weights
+        given = weights or {}
+        feeds = {k: np.ascontiguousarray(given[k]) if k in given else numpy_helper.to_array(t)
+                 for k, t in moved.items()}
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), feeds
 
 
-def read_model(model: Any) -> tuple[onnx.ModelProto, str]:
-    """Load and validate; errors name the file and say what is wrong."""
+def _parse(model: Any) -> tuple[onnx.ModelProto, str]:
+    """The ModelProto of a path (loaded, external data included) or of the caller."""
     source = "<ModelProto>"
     if isinstance(model, (str, os.PathLike)):
         source = os.fspath(model)
@@ -147,10 +228,15 @@ def read_model(model: Any) -> tuple[onnx.ModelProto, str]:
                                hint="the file is truncated or not an ONNX model") from exc
     if not isinstance(model, onnx.ModelProto):
         raise BadOnnxError(f"expected an ONNX ModelProto or path, got {type(model).__name__}", source=source)
+    return model, source
+
+
+def _annotate(model: onnx.ModelProto, source: str) -> None:
+    """Check ``model`` (as its ``skeleton``), shape-infer it in place and name its nodes
+    uniquely; errors say what is wrong."""
     try:
-        check_model(source if source != "<ModelProto>" else model)
-        # a file's proto is ours to annotate; a caller's ModelProto is copied, never changed
-        model = infer_shapes(model, inplace=source != "<ModelProto>", strict_mode=False, data_prop=True)
+        check_model(model)
+        infer_shapes(model, inplace=True, strict_mode=False, data_prop=True)
     except Exception as exc:
         raise BadOnnxError(f"invalid ONNX model: {str(exc).strip()[:400]}", source=source,
                            hint="fix the model so that onnx.checker.check_model passes") from exc
@@ -160,7 +246,32 @@ def read_model(model: Any) -> tuple[onnx.ModelProto, str]:
     if len({n.name for n in model.graph.node}) != len(model.graph.node):
         for i, n in enumerate(model.graph.node):
             n.name = f"{n.name}__{i}"
-    return model, source
+
+
+def read_model(model: Any) -> tuple[onnx.ModelProto, str]:
+    """Load and validate; errors name the file and say what is wrong.  A file's proto is
+    annotated in place; a caller's ModelProto is copied, never changed."""
+    proto, source = _parse(model)
+    if source == "<ModelProto>":
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        proto = copy
+    _annotate(proto, source)
+    return proto, source
+
+
+def _weight(t: onnx.TensorProto, source: str) -> np.ndarray:
+    """An initializer's contents as a writeable C-contiguous array of its own (the one copy
+    of a weight the importer makes; ``raw_data`` is read once, as a view)."""
+    try:
+        arr = numpy_helper.to_array(t)
+    except Exception as exc:
+        raise BadOnnxError(f"invalid ONNX model: initializer {t.name!r} cannot be read: "
+                           f"{type(exc).__name__}: {str(exc)[:200]}", source=source,
+                           hint="fix the model so that onnx.checker.check_model passes") from exc
+    if not arr.flags.writeable or not arr.flags.c_contiguous:  # a view of the proto's bytes
+        arr = np.array(arr, order="C")
+    return arr
 
 
 def _elem_dtype(elem_type: int) -> np.dtype:
@@ -278,16 +389,21 @@ def _normalise(op: str, attrs: dict[str, Any], outputs: list[str], captured: dic
 
 
 def load_onnx(model: Any, example: tuple = ()) -> tuple[Graph, onnx.ModelProto, dict[str, np.ndarray]]:
-    """The IR of an ONNX model, the (validated, named) proto, and the example feeds."""
-    proto, source = read_model(model)
+    """The IR of an ONNX model, the (validated, named) proto, and the example feeds.
+
+    The proto kept is the model's structure with its fed weights as stubs
+    (:func:`without_weights`): the IR's tensors, read from the given proto or file once, are
+    the one copy of the weights (a caller's ModelProto is neither changed nor copied whole;
+    a file's is dropped once read)."""
+    given, source = _parse(model)
+    proto = without_weights(given)
+    _annotate(proto, source)  # the checker sees the same skeleton as for ``given``
+    arrays = {t.name: _weight(t, source) for t in given.graph.initializer}
+    del given
     feeds = example_feeds(proto, example)
     values: dict[str, Value] = {}
-    arrays: dict[str, np.ndarray] = {}
     for init in proto.graph.initializer:
-        arr = numpy_helper.to_array(init)
-        if not arr.flags.writeable or not arr.flags.c_contiguous:  # a view of the proto's bytes
-            arr = np.array(arr, order="C")
-        arrays[init.name] = arr
+        arr = arrays[init.name]
         kind = "param" if np.issubdtype(arr.dtype, np.floating) and arr.ndim >= 1 else "const"
         data = torch.from_numpy(arr)  # one copy of the weights; capture feeds the same memory
         values[init.name] = Value(init.name, tuple(arr.shape), data.dtype, kind, data, init.name)

@@ -133,3 +133,32 @@ def test_constant_table_does_not_pin_heads():
     the sequence go together, so the heads stay prunable (they were all pinned before)."""
     g = check_zero_invariance(blocks.RotaryTableGQA(), torch.randn(2, 6, 32))
     assert [(grp.kind, grp.size) for grp in g.groups] == [("head", 2)]
+
+
+def test_zero_mask_is_the_gathered_units_zero_test():
+    """``Group.zero_mask`` reduces slice by slice (gathering a hidden-column group copied
+    the model three times); it must say exactly what ``gather(...).abs().amax(1) == 0``
+    said, NaN (not zero) and -0.0 (zero) included."""
+    import graphprune as gp
+    from tests.helpers import zero_random_half
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32).eval()
+    g = gp.trace(model, (torch.randn(2, 3, 16, 16),), verify=False)
+    zero_random_half(g)
+    params = {k: v.detach().clone() for k, v in g.params.items()}
+
+    def same() -> None:
+        for grp in g.groups:
+            assert torch.equal(grp.zero_mask(params), grp.gather(params).abs().amax(dim=1) == 0)
+    same()
+    for v in params.values():
+        v[v == 0] = -0.0
+    same()
+    grp = g.groups[0]
+    unit = int(grp.zero_mask(params).nonzero()[0])
+    s = grp.slices[0]
+    row = [slice(None)] * params[s.param].dim()
+    row[s.dim] = int(s.index[unit, 0])
+    params[s.param][tuple(row)] = float("nan")  # a zeroed unit with a NaN is not zero
+    assert not grp.zero_mask(params)[unit]
+    same()
