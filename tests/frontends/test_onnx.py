@@ -201,11 +201,12 @@ def test_capture_returns_shapes_of_float_activations():
     activation of swin_t at once took 2.4 GB)."""
     from graphprune.frontends.onnx_import import capture, example_feeds, read_model
     proto, source = read_model(hand_written())
-    feeds = example_feeds(proto, (torch.randn(2, 3, 8, 8),))
+    feeds = example_feeds(proto, (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),))
     cap = capture(proto, feeds, source)
     assert cap["c1"].shape == (2, 8, 8, 8) and cap["c1"].dtype == np.float32 and not any(cap["c1"].strides)
     assert cap["f"].shape == (2, 6) and not any(cap["f"].strides)
-    assert np.allclose(cap["y"], run_onnx(hand_written(), feeds)[0])
+    ref = run_onnx(hand_written(), feeds)[0]  # another session: equal up to float rounding
+    assert np.abs(cap["y"] - ref).max() <= 1e-5 * np.abs(ref).max()
     assert not {"w1", "c1__gp_shape"} & set(cap)
 
 
