@@ -84,7 +84,7 @@ class Labels:
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Couple atoms elementwise; an atom coupled with an unlabelled (-1) element is pinned."""
         a, b = torch.broadcast_tensors(a, b)
-        a, b = _drop_constant_axes(a.numpy(), b.numpy())  # numpy: far faster on int64 here
+        a, b = _drop_repeated_slices(a.numpy(), b.numpy())  # numpy: far faster on int64 here
         if np.array_equal(a, b):
             return
         self._pin_np(b[(a < 0) & (b >= 0)])
@@ -258,15 +258,28 @@ def unlabelled(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.full((), -1, dtype=torch.long).expand(shape)
 
 
-def _drop_constant_axes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``a`` and ``b`` (same shape) flattened, keeping one position along every axis on
-    which both are constant: a coupling of a [tokens, channels] activation repeats the
-    same channel pairs for every token, and hashing them all dominated the analysis."""
-    for axis in range(a.ndim):
-        if a.shape[axis] > 1:
-            first = (slice(None),) * axis + (slice(0, 1),)
-            if (a == a[first]).all() and (b == b[first]).all():
-                a, b = a[first], b[first]
+_SLICE_HASH = np.random.default_rng(0).integers(1, 2 ** 62, size=1 << 16, dtype=np.int64)
+
+
+def _drop_repeated_slices(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` and ``b`` (same shape) flattened, keeping along every axis only the first of
+    identical slices (same pairs in both): a coupling of a [tokens, channels] activation
+    repeats the same channel pairs for every token (or for all but the class token), and
+    hashing all of them dominated the analysis.  Slices are grouped by a random-projection
+    hash and then compared exactly, so a hash collision only costs the saving."""
+    key = a.astype(np.int64) * (1 << 31) + b  # a pair per element: labels are below 2**31
+    for axis in range(key.ndim):
+        n = key.shape[axis]
+        if n < 2:
+            continue
+        rows = np.moveaxis(key, axis, 0).reshape(n, -1)
+        with np.errstate(over="ignore"):
+            h = (rows * _SLICE_HASH[np.arange(rows.shape[1]) % len(_SLICE_HASH)]).sum(axis=1)
+        _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+        if len(first) == n or not (rows == rows[first[inverse.reshape(-1)]]).all():
+            continue
+        keep = np.sort(first)
+        key, a, b = (np.take(t, keep, axis=axis) for t in (key, a, b))
     return a.reshape(-1), b.reshape(-1)
 
 
@@ -277,7 +290,7 @@ def field_from_tensor(t: torch.Tensor) -> Field | None:
         return None
     axes = []
     for i in range(a.ndim):
-        if a.shape[i] > 1:
+        if a.shape[i] > 1 and a.strides[i] != 0:  # a broadcast (stride 0) axis is constant
             first = a[(slice(None),) * i + (slice(0, 1),)]
             if not (a == first).all():
                 axes.append(i)

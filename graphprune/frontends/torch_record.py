@@ -41,6 +41,42 @@ _SAME_SHAPE = {aten.batch_norm.default, aten.layer_norm.default, aten.group_norm
                aten.dropout.default, aten.hardswish.default, aten.sigmoid.default}
 
 
+# Broadcasting binary ops: the output's shape and dtype follow from broadcasting and type
+# promotion, which the meta kernels compute through slow Python references.
+_BROADCAST = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+              aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar}
+# In-place ops whose result is their first argument, shape and all.
+_IN_PLACE = {aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor, aten.relu_.default,
+             aten.add_.Scalar, aten.mul_.Scalar, aten.hardtanh_.default, aten.silu_.default,
+             aten.hardswish_.default, aten.sigmoid_.default}
+
+
+def _shape_only(func: Any, args: tuple, kwargs: dict) -> Any:
+    """The op's meta output without running its meta kernel (for the ops above, linear and
+    attention: 80% of recording a ViT went to their Python meta decompositions); None
+    where the kernel must run (an in-place op that would broadcast its first argument)."""
+    if func in _SAME_SHAPE:
+        return torch.empty_like(args[0])
+    if func in _IN_PLACE:
+        other = args[1] if len(args) > 1 else None
+        if isinstance(other, torch.Tensor) and torch.broadcast_shapes(args[0].shape, other.shape) != args[0].shape:
+            return None
+        return args[0]
+    if func is aten.linear.default and args[1].dim() == 2:
+        return torch.empty((*args[0].shape[:-1], args[1].shape[0]), dtype=args[0].dtype, device="meta")
+    if func is aten.scaled_dot_product_attention.default:  # [..., L, E] x [..., S, Ev] -> [..., L, Ev]
+        q, v = args[0], args[2]
+        return torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device="meta")
+    if func in _BROADCAST and not kwargs:
+        a, b = args[0], args[1]
+        shape = torch.broadcast_shapes(a.shape, b.shape) if isinstance(b, torch.Tensor) else a.shape
+        dtype = torch.result_type(a, b)
+        if func in (aten.div.Tensor, aten.div.Scalar) and not dtype.is_floating_point and not dtype.is_complex:
+            dtype = torch.get_default_dtype()  # true division of integers
+        return torch.empty(shape, dtype=dtype, device="meta")
+    return None
+
+
 class RecordingFailed(RuntimeError):
     """The recorder could not run this model; the caller falls back to ``torch.export``."""
 
@@ -102,9 +138,8 @@ class _Recorder(_mode_base()):  # type: ignore[misc]
         run_kwargs = kwargs
         if "device" in kwargs and not any(isinstance(a, torch.Tensor) for a in pytree.tree_leaves(args)):
             run_kwargs = {**kwargs, "device": torch.device("meta")}  # a factory: its output joins the others
-        if func in _SAME_SHAPE:
-            out = torch.empty_like(args[0])
-        else:
+        out = _shape_only(func, args, kwargs)
+        if out is None:
             try:
                 out = func(*args, **run_kwargs)
             except Exception as exc:  # no meta kernel, data-dependent value...
