@@ -40,15 +40,18 @@ def build_groups(lab: Labels, comp: torch.Tensor) -> list[Group]:
     pinned = int(comp_np[PIN])
     by_dim = {k: v for k, v in param_dim_labels(lab, comp).items() if graph.values[k[0]].kind == "param"}
     keys = sorted(by_dim)  # buffers (running statistics) are sliced by the emitters, not trained
-    parts = []
-    for k, pd in enumerate(keys):
-        labels = by_dim[pd].numpy()
-        c = np.where(labels >= 0, comp_np[np.clip(labels, 0, None)], pinned)
-        pos = np.flatnonzero(c != pinned)
-        parts.append((c[pos], np.full(len(pos), k), pos))
-    if not parts or not sum(len(p[0]) for p in parts):
+    if not keys:
         return []
-    c, k, ix = (np.concatenate(col) for col in zip(*parts))
+    # every (parameter dim, index) at once: its atom, which key it belongs to, its index
+    sizes = np.array([by_dim[pd].numel() for pd in keys])
+    labels = np.concatenate([by_dim[pd].numpy().reshape(-1) for pd in keys])
+    k = np.repeat(np.arange(len(keys)), sizes)
+    ix = np.arange(len(labels)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    c = np.where(labels >= 0, comp_np[np.clip(labels, 0, None)], pinned)
+    pos = np.flatnonzero(c != pinned)
+    if not len(pos):
+        return []
+    c, k, ix = c[pos], k[pos], ix[pos]
     order = np.lexsort((ix, k, c))
     c, k, ix = c[order], k[order], ix[order]
     # one run per (unit, parameter dim): its indices are ix[start:start + count]

@@ -72,6 +72,7 @@ class Labels:
     zero: set[str] = field(default_factory=set)  # activations zero where removed (see is_zero)
     _edges: list[np.ndarray] = field(default_factory=list)
     _collapsed: dict = field(default_factory=dict)  # (id(labels), axis) -> (labels, per-index atoms)
+    _pinned: dict = field(default_factory=dict)     # id(labels) -> labels already pinned whole
 
     # ---- atoms and couplings -------------------------------------------------------
     def fresh(self, n: int, node: Node, role: str = "out") -> torch.Tensor:
@@ -91,7 +92,11 @@ class Labels:
         self._pin_np(a[(b < 0) & (a >= 0)])
         both = (a >= 0) & (b >= 0) & (a != b)
         if both.any():
-            key = np.unique(a[both] * (1 << 31) + b[both])
+            a, b = a[both], b[both]
+            if _consecutive(a) or _consecutive(b):  # fresh atoms (a weight's elements): pairs are distinct
+                self._edges.append(np.stack([a, b], 1))
+                return
+            key = np.unique(a * (1 << 31) + b)
             self._edges.append(np.stack([key >> 31, key & ((1 << 31) - 1)], 1))
 
     def union_unless_whole(self, a: torch.Tensor, b: torch.Tensor, axes: tuple[int, ...]) -> None:
@@ -103,6 +108,9 @@ class Labels:
         self.deferred.append(Deferred(a, b, axes))
 
     def pin(self, a: torch.Tensor) -> None:
+        if id(a) in self._pinned:  # a field flows through many ops as one tensor: pin it once
+            return
+        self._pinned[id(a)] = a    # held, so the id is not reused
         self._pin_np(a.reshape(-1).numpy())
 
     def _pin_np(self, a: np.ndarray) -> None:
@@ -208,7 +216,13 @@ class Labels:
             if rows.shape[1] > 1:
                 self.union(rows[:, :1], rows)
             self._collapsed[key] = (f.labels, rows[:, 0].clone())
-        return self._collapsed[key][1]
+        collapsed = self._collapsed[key][1]
+        if len(f.axes) > 1:
+            # every hyperplane is one unit now: later uses of the value see the collapsed
+            # field, not per-element atoms (a ViT's stream with learned positions was
+            # coupled again, element by element, by every norm and residual add)
+            self.fields[name] = Field((axis,), collapsed)
+        return collapsed
 
     def param_axis(self, name: str, dim: int, labels: torch.Tensor | None) -> None:
         """Give dim ``dim`` of parameter ``name`` its atoms (shared weights are coupled)."""
@@ -261,12 +275,20 @@ def unlabelled(shape: tuple[int, ...]) -> torch.Tensor:
 _SLICE_HASH = np.random.default_rng(0).integers(1, 2 ** 62, size=1 << 16, dtype=np.int64)
 
 
+def _consecutive(x: np.ndarray) -> bool:
+    """Whether ``x`` is a run of consecutive atoms (so all distinct): how a weight's own
+    per-element atoms arrive, checked in one pass instead of hashing them."""
+    return x.size > 1 and bool((np.diff(x) == 1).all())
+
+
 def _drop_repeated_slices(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``a`` and ``b`` (same shape) flattened, keeping along every axis only the first of
     identical slices (same pairs in both): a coupling of a [tokens, channels] activation
     repeats the same channel pairs for every token (or for all but the class token), and
     hashing all of them dominated the analysis.  Slices are grouped by a random-projection
     hash and then compared exactly, so a hash collision only costs the saving."""
+    if _consecutive(a.reshape(-1)) or _consecutive(b.reshape(-1)):  # no slice repeats
+        return a.reshape(-1), b.reshape(-1)
     key = a.astype(np.int64) * (1 << 31) + b  # a pair per element: labels are below 2**31
     for axis in range(key.ndim):
         n = key.shape[axis]

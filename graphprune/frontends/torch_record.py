@@ -51,9 +51,42 @@ _IN_PLACE = {aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Ten
              aten.hardswish_.default, aten.sigmoid_.default}
 
 
+def _map(fn: Any, obj: Any) -> Any:
+    """``fn`` over the leaves of an op's arguments (tuples, lists, dicts of tensors and
+    scalars): what pytree does, without its generality, which cost a third of recording."""
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map(fn, o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map(fn, v) for k, v in obj.items()}
+    return fn(obj)
+
+
+def _any_tensor(obj: Any) -> bool:
+    if isinstance(obj, (tuple, list)):
+        return any(_any_tensor(o) for o in obj)
+    return isinstance(obj, torch.Tensor)
+
+
+def _conv_out(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _conv2d_shape(args: tuple) -> tuple[int, ...] | None:
+    """conv2d's output shape from the usual formula (its meta kernel is Python)."""
+    x, w = args[0], args[1]
+    if x.dim() != 4 or w.dim() != 4:
+        return None
+    def pair(k: int, default: int) -> list[int]:  # stride, padding, dilation: one int or two
+        a = list(args[k]) if len(args) > k else [default]
+        return a * 2 if len(a) == 1 else a
+    stride, pad, dil = pair(3, 1), pair(4, 0), pair(5, 1)
+    h, wd = (_conv_out(x.shape[2 + i], w.shape[2 + i], stride[i], pad[i], dil[i]) for i in range(2))
+    return (x.shape[0], w.shape[0], h, wd)
+
+
 def _shape_only(func: Any, args: tuple, kwargs: dict) -> Any:
-    """The op's meta output without running its meta kernel (for the ops above, linear and
-    attention: 80% of recording a ViT went to their Python meta decompositions); None
+    """The op's meta output without running its meta kernel (for the ops above, conv2d,
+    linear and attention: 80% of recording a ViT went to their Python meta kernels); None
     where the kernel must run (an in-place op that would broadcast its first argument)."""
     if func in _SAME_SHAPE:
         return torch.empty_like(args[0])
@@ -62,6 +95,8 @@ def _shape_only(func: Any, args: tuple, kwargs: dict) -> Any:
         if isinstance(other, torch.Tensor) and torch.broadcast_shapes(args[0].shape, other.shape) != args[0].shape:
             return None
         return args[0]
+    if func is aten.conv2d.default and not kwargs and (shape := _conv2d_shape(args)) is not None:
+        return torch.empty(shape, dtype=args[0].dtype, device="meta")
     if func is aten.linear.default and args[1].dim() == 2:
         return torch.empty((*args[0].shape[:-1], args[1].shape[0]), dtype=args[0].dtype, device="meta")
     if func is aten.scaled_dot_product_attention.default:  # [..., L, E] x [..., S, Ev] -> [..., L, Ev]
@@ -134,9 +169,9 @@ class _Recorder(_mode_base()):  # type: ignore[misc]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        args, kwargs = pytree.tree_map(self._constant, (args, kwargs))
+        args, kwargs = _map(self._constant, args), _map(self._constant, kwargs)
         run_kwargs = kwargs
-        if "device" in kwargs and not any(isinstance(a, torch.Tensor) for a in pytree.tree_leaves(args)):
+        if "device" in kwargs and not _any_tensor(args):
             run_kwargs = {**kwargs, "device": torch.device("meta")}  # a factory: its output joins the others
         out = _shape_only(func, args, kwargs)
         if out is None:
@@ -147,7 +182,7 @@ class _Recorder(_mode_base()):  # type: ignore[misc]
         if not isinstance(func, torch._ops.OpOverload):
             return out
         packet = func.overloadpacket.__name__
-        ref_args, ref_kwargs = pytree.tree_map(self._ref, (args, kwargs))
+        ref_args, ref_kwargs = _map(self._ref, args), _map(self._ref, kwargs)
         name = self._name(packet)
         if isinstance(out, (list, tuple)):
             outs = [(f"{name}.{i}", v) for i, v in enumerate(out) if isinstance(v, torch.Tensor)]

@@ -9,6 +9,7 @@ canonical op name the registry is keyed by, whichever frontend the node came fro
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -51,8 +52,9 @@ class Node:
     module: str = ""              # the user's module path / ONNX node name
     source_op: str = ""           # "aten.conv2d.default", "onnx::Conv", ...
 
-    @property
+    @functools.cached_property
     def inputs(self) -> list[str]:
+        """Names of the tensor arguments (a node's arguments never change once built)."""
         leaves = pytree.tree_leaves((self.args, self.kwargs))
         return [a.name for a in leaves if isinstance(a, Ref)]
 
