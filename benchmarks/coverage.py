@@ -645,7 +645,7 @@ def main() -> None:
             else:
                 r = run_cell(name, tool, args)
             r = {"model": name, "tool": tool, "side": side_for(name, args.size), **r,
-                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit}
+                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": _commit()}  # each cell imports anew
             append_result(args.results, r)
             print(f"[{name} / {tool}] {r.get('status')} {r.get('reason', '')}"
                   f"{'' if not _ok(r) else ' %.2fs %.0fMiB' % (r.get('seconds', 0), r.get('peak_mib', 0))}",
