@@ -112,10 +112,7 @@ def _evaluator(ir: Graph, proto: onnx.ModelProto, tensors: dict[str, torch.Tenso
 
 def _dynamic_axes(ir: Graph) -> Callable[[str], set[int]]:
     """Axes whose size changed when the importer ran a second batch size."""
-    def axes(name: str) -> set[int]:
-        v = ir.values[name]
-        return set() if v.alt_shape is None else {i for i, (a, b) in enumerate(zip(v.shape, v.alt_shape)) if a != b}
-    return axes
+    return lambda name: ir.values[name].dynamic_axes
 
 
 def emit_onnx(ir: Graph, proto: onnx.ModelProto, shrink: Shrink, tensors: dict[str, torch.Tensor],

@@ -168,10 +168,13 @@ class Shrink:
         del proto_node.input[len(fn.input):]
         del proto_node.output[len(fn.output):]
 
+    def onnx_opset(self, default: int = 13) -> int:
+        """The model's default-domain opset (``default`` if it declares none)."""
+        return next((o.version for o in self.onnx.opset_import if o.domain in ("", "ai.onnx")), default)
+
     def set_onnx_split(self, proto_node: Any, sizes: list[int]) -> None:
         """Split sizes live in an input from opset 13 on, in an attribute before."""
-        opset = next((o.version for o in self.onnx.opset_import if o.domain in ("", "ai.onnx")), 13)
-        if opset >= 13:
+        if self.onnx_opset() >= 13:
             for i, a in enumerate(proto_node.attribute):
                 if a.name == "num_outputs":
                     del proto_node.attribute[i]

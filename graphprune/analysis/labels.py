@@ -85,7 +85,7 @@ class Labels:
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Couple atoms elementwise; an atom coupled with an unlabelled (-1) element is pinned."""
         a, b = torch.broadcast_tensors(a, b)
-        a, b = _drop_repeated_slices(a.numpy(), b.numpy())  # numpy: far faster on int64 here
+        a, b, distinct = _drop_repeated_slices(a.numpy(), b.numpy())  # numpy: far faster on int64 here
         if np.array_equal(a, b):
             return
         self._pin_np(b[(a < 0) & (b >= 0)])
@@ -93,7 +93,7 @@ class Labels:
         both = (a >= 0) & (b >= 0) & (a != b)
         if both.any():
             a, b = a[both], b[both]
-            if _consecutive(a) or _consecutive(b):  # fresh atoms (a weight's elements): pairs are distinct
+            if distinct:  # a subset of distinct pairs: nothing to deduplicate
                 self._edges.append(np.stack([a, b], 1))
                 return
             key = np.unique(a * (1 << 31) + b)
@@ -281,14 +281,15 @@ def _consecutive(x: np.ndarray) -> bool:
     return x.size > 1 and bool((np.diff(x) == 1).all())
 
 
-def _drop_repeated_slices(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _drop_repeated_slices(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     """``a`` and ``b`` (same shape) flattened, keeping along every axis only the first of
     identical slices (same pairs in both): a coupling of a [tokens, channels] activation
     repeats the same channel pairs for every token (or for all but the class token), and
     hashing all of them dominated the analysis.  Slices are grouped by a random-projection
-    hash and then compared exactly, so a hash collision only costs the saving."""
-    if _consecutive(a.reshape(-1)) or _consecutive(b.reshape(-1)):  # no slice repeats
-        return a.reshape(-1), b.reshape(-1)
+    hash and then compared exactly, so a hash collision only costs the saving.  The flag
+    says the pairs are known to be distinct (one side is a weight's fresh atoms)."""
+    if _consecutive(a.reshape(-1)) or _consecutive(b.reshape(-1)):  # no pair, so no slice, repeats
+        return a.reshape(-1), b.reshape(-1), True
     key = a.astype(np.int64) * (1 << 31) + b  # a pair per element: labels are below 2**31
     for axis in range(key.ndim):
         n = key.shape[axis]
@@ -302,7 +303,7 @@ def _drop_repeated_slices(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.
             continue
         keep = np.sort(first)
         key, a, b = (np.take(t, keep, axis=axis) for t in (key, a, b))
-    return a.reshape(-1), b.reshape(-1)
+    return a.reshape(-1), b.reshape(-1), False
 
 
 def field_from_tensor(t: torch.Tensor) -> Field | None:

@@ -37,6 +37,13 @@ class Value:
     source_name: str | None = None    # the user's name (parameter FQN, initializer name)
     alt_shape: tuple[int, ...] | None = None  # shape at a second batch size: its differing dims are dynamic
 
+    @property
+    def dynamic_axes(self) -> set[int]:
+        """Axes whose size changed at the second batch size (ONNX import); none if unknown."""
+        if self.alt_shape is None:
+            return set()
+        return {i for i, (a, b) in enumerate(zip(self.shape, self.alt_shape)) if a != b}
+
 
 @dataclass
 class Node:

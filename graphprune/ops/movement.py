@@ -185,7 +185,7 @@ class Reshape(Movement):
         out, x = node.outputs[0], node.inputs[0]
         old_o, new_o = shrink.old_shape(out), shrink.new_shape(out)
         if node.source_op in ("onnx::Reshape", "onnx::Expand") and _computed_shape(node, shrink) \
-                and _batch_dependent(shrink.graph.values[out]):
+                and shrink.graph.values[out].dynamic_axes:  # sizes that follow the batch stay computed
             _rewrite_runtime_shape(node, proto, shrink)
             return
         if old_o == new_o:
@@ -199,12 +199,6 @@ class Reshape(Movement):
             shrink.set_onnx_const_input(proto, 1, shape)
         elif node.source_op == "onnx::Expand":
             shrink.set_onnx_const_input(proto, 1, _onnx_expand_shape(node, x, out, shrink))
-
-
-def _batch_dependent(v) -> bool:
-    """Whether a value's shape changed between the importer's two captures (a dynamic
-    batch): only then must sizes stay computed at run time in the compact model."""
-    return v.alt_shape is not None and tuple(v.alt_shape) != tuple(v.shape)
 
 
 def _computed_shape(node: Node, shrink) -> bool:
@@ -240,7 +234,7 @@ def _rewrite_runtime_shape(node: Node, proto, shrink) -> None:
             fixed = _onnx_reshape_shape(x, out, shrink, keep)
     else:
         fixed = _onnx_expand_shape(node, x, out, shrink)
-    opset = next((o.version for o in shrink.onnx.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = shrink.onnx_opset()
     zero = any(f == 0 and not k for k, f in zip(keep, fixed))  # 0 copies only without allowzero
     forward = {"allowzero": 0 if zero else int(node.attrs.get("allowzero", 0))} if reshape and opset >= 14 else {}
     shrink.call_onnx_function(proto, shape_onnx_function(proto.op_type, opset, tuple(keep), tuple(forward)),
@@ -266,14 +260,14 @@ class ShapeOf(Rule):
         old, new = shrink.old_shape(x), shrink.new_shape(x)
         if old == new:
             return
-        opset = next((o.version for o in shrink.onnx.opset_import if o.domain in ("", "ai.onnx")), 13)
+        opset = shrink.onnx_opset()
         size = node.source_op == "onnx::Size"
         forward = {}
         if not size and opset >= 15:  # Shape reads dims start:end only
             lo, hi = int(node.attrs.get("start", 0)), int(node.attrs.get("end", len(old)))
             forward = {"start": lo, "end": hi}
             old, new = old[lo:hi], new[lo:hi]
-        if not _batch_dependent(shrink.graph.values[x]):  # every size known: write the full model's
+        if not shrink.graph.values[x].dynamic_axes:  # every size known: write the full model's
             shrink.set_onnx_constant(proto, math.prod(old) if size else list(old))
             return
         keep = [int(o == n) for o, n in zip(old, new)]

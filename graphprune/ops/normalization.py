@@ -225,7 +225,7 @@ class LayerNorm(Rule):
             return
         rms = _is_rms(node)
         bias = not rms and len(proto.input) > 2 and bool(proto.input[2])
-        opset = next((o.version for o in shrink.onnx.opset_import if o.domain in ("", "ai.onnx")), 17)
+        opset = shrink.onnx_opset(default=17)
         to = helper.np_dtype_to_tensor_dtype(torch.empty(0, dtype=shrink.graph.values[x].dtype).numpy().dtype)
         scalar = lambda v: numpy_helper.from_array(np.array(v, dtype=np.float32))  # noqa: E731
         shrink.call_onnx_function(proto, phantom_onnx_function(rms, bias, opset), N=scalar(n),

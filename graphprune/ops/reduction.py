@@ -154,7 +154,7 @@ class Reduce(Rule):
         n = 1
         for d in dims:
             n *= old[d]
-        opset = next((o.version for o in shrink.onnx.opset_import if o.domain in ("", "ai.onnx")), 13)
+        opset = shrink.onnx_opset()
         count = numpy_helper.from_array(np.array(n, dtype=torch.empty(0, dtype=shrink.graph.values[x].dtype).numpy().dtype))
         keep = int(node.attrs.get("keepdims", 1))
         if opset >= 13:

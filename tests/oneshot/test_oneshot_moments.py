@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
+from benchmarks.digits import Attention  # the digits ViT's attention: q/k/v/out linears around SDPA
 import graphprune as gp
 from graphprune.optim.obspa import GraphRoutes, InputMoments, _consumers, _mean_sink, compensate, \
     consumer_moments, consumer_rows, smooth_activation
@@ -60,18 +61,6 @@ def test_gelu_moments_of_a_known_case() -> None:
 
 
 # ---------------------------------------------------------------------------- routes from the graph
-class Attention(nn.Module):
-    def __init__(self, dim: int = 16, heads: int = 2) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = (f(x).reshape(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
-        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
-
-
 class Tiny(nn.Module):
     """A pre-norm transformer block (GELU MLP, 2 heads) after a conv stem with BN-ReLU, BN-ReLU6
     and a linear bottleneck, so every route kind appears."""
@@ -82,7 +71,7 @@ class Tiny(nn.Module):
         self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
         self.c3, self.b3 = nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6)
         self.c4 = nn.Conv2d(6, 16, 1)
-        self.ln1, self.attn, self.ln2 = nn.LayerNorm(16), Attention(), nn.LayerNorm(16)
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(16), Attention(16, 2), nn.LayerNorm(16)
         self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
