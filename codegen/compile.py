@@ -71,7 +71,7 @@ class CompiledModel:
                               f"({', '.join(self.program.input_names)}), got {len(inputs)}")
         device = self._device()
         arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]
-        return [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]
+        return [tvm.runtime.tensor(np.require(a, requirements="C"), device) for a in arrays]
 
     def run(self, *inputs: Any) -> np.ndarray | list[np.ndarray]:
         """Run on numpy arrays or torch tensors; one output comes back as an array, several as a list."""

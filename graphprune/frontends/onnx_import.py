@@ -32,6 +32,7 @@ INPUT_NAMES: dict[str, tuple[str, ...]] = {
     "Split": ("input", "split"), "Slice": ("data", "starts", "ends", "axes", "steps"),
     "Squeeze": ("data", "axes"), "Unsqueeze": ("data", "axes"), "Pad": ("data", "pads", "constant_value", "axes"),
     "Tile": ("input", "repeats"), "Gather": ("data", "indices"), "GatherElements": ("data", "indices"),
+    "GatherND": ("data", "indices"),
     "Resize": ("X", "roi", "scales", "sizes"),
 }
 for _r in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
@@ -138,7 +139,7 @@ def put_weight(init: onnx.TensorProto, name: str, arr: np.ndarray, fed: dict[str
     if is_fed(init):
         fed[name] = arr
     else:
-        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        init.CopyFrom(numpy_helper.from_array(np.require(arr, requirements="C"), name))
 
 
 def fill(model: onnx.ModelProto, fed: dict[str, np.ndarray]) -> None:
@@ -146,7 +147,7 @@ def fill(model: onnx.ModelProto, fed: dict[str, np.ndarray]) -> None:
     for init in model.graph.initializer:
         arr = fed.get(init.name)
         if arr is not None:
-            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), init.name))
+            init.CopyFrom(numpy_helper.from_array(np.require(arr, requirements="C"), init.name))
 
 
 def skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
@@ -209,7 +210,7 @@ def session(model: onnx.ModelProto, options: Any = None,
     if weights is not None or runs_fed(model):
         model, moved = skeleton(model)
         given = weights or {}
-        feeds = {k: np.ascontiguousarray(given[k]) if k in given else numpy_helper.to_array(t)
+        feeds = {k: np.require(given[k], requirements="C") if k in given else numpy_helper.to_array(t)
                  for k, t in moved.items()}
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), feeds
 

@@ -78,6 +78,20 @@ def _gather_elements(x: torch.Tensor, indices: torch.Tensor, *_: object, axis: i
     return torch.gather(x, axis, indices.long() % x.shape[axis])
 
 
+def _gather_nd(x: torch.Tensor, indices: torch.Tensor, *_: object, batch_dims: int = 0, **__: object) -> torch.Tensor:
+    """ONNX GatherND: the last axis of ``indices`` addresses the ``k`` axes of ``x`` after
+    its ``batch_dims`` leading ones; the remaining axes of ``x`` ride along."""
+    b, k = batch_dims, indices.shape[-1]
+    lead = x.shape[:b]
+    xs = x.reshape(-1, *x.shape[b:])                      # batch axes merged
+    idx = indices.long().reshape(xs.shape[0], -1, k)      # per batch entry, a list of k-tuples
+    sizes = torch.tensor(x.shape[b:b + k])
+    idx = idx % sizes
+    rows = torch.arange(xs.shape[0]).unsqueeze(1).expand(-1, idx.shape[1])
+    out = xs[(rows, *idx.unbind(-1))]                     # (batch, n, *x.shape[b + k:])
+    return out.reshape(*lead, *indices.shape[b:-1], *x.shape[b + k:])
+
+
 def _depth_to_space(x: torch.Tensor, *_: object, blocksize: int, mode: str = "DCR", **__: object) -> torch.Tensor:
     b, c, h, w = x.shape
     r = blocksize
@@ -99,6 +113,7 @@ def _tile(x: torch.Tensor, *_: object, repeats: list[int], **__: object) -> torc
 ONNX_IMPLS: dict[str, Impl] = {
     "Reshape": _reshape, "Flatten": _flatten, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Expand": _expand,
     "Transpose": _transpose, "Concat": _concat, "Split": _split, "Slice": _slice, "Gather": _gather,
-    "GatherElements": _gather_elements, "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth,
+    "GatherElements": _gather_elements, "GatherND": _gather_nd, "DepthToSpace": _depth_to_space,
+    "SpaceToDepth": _space_to_depth,
     "Tile": _tile,
 }

@@ -102,11 +102,22 @@ class Elementwise(Rule):
         if not labelled:
             lab.fields[out] = None
             return
-        rep = max(labelled, key=lambda o: len(o[3].axes))
+        rep = _representative(labelled, lab)
         rep_axes = tuple(a + rep[2] for a in rep[3].axes)
         for name, shape, off, f in ops:
             if name == rep[0]:
                 continue
+            axes = tuple(a + off for a in f.axes) if f is not None else ()
+            if f is not None and not set(axes) <= set(rep_axes) and _is_constant(lab, name):
+                # a constant table that also varies along axes the data keeps whole (a
+                # constant-folded rotary cos/sin table [1, 1, seq, head_dim] against
+                # q [b, heads, seq, head_dim]): its entries along those axes go together;
+                # one that varies along none of the data's labelled axes (a pooling's
+                # divisor counts [7, 7] against [b, c, 7, 7]) is a fixed table: kept whole
+                table = f
+                f, axes = _collapse(lab, f, axes, rep_axes)
+                if f is None:
+                    lab.pin(table.labels)
             if f is None:
                 spanned = [j for j, a in enumerate(rep_axes) if a - off >= 0 and shape[a - off] > 1]
                 if len(spanned) == len(rep_axes):
@@ -118,13 +129,7 @@ class Elementwise(Rule):
                     rows = t.reshape(-1, int(np.prod(t.shape[len(rep_axes) - len(spanned):])))
                     lab.union(rows[:, :1], rows)
                 continue
-            axes = tuple(a + off for a in f.axes)
-            if not set(axes) <= set(rep_axes) and lab.graph.values[name].kind in ("param", "buffer", "const"):
-                # a constant table that also varies along axes the data keeps whole (a
-                # constant-folded rotary cos/sin table [1, 1, seq, head_dim] against
-                # q [b, heads, seq, head_dim]): its entries along those axes go together
-                f, axes = _collapse(lab, f, axes, rep_axes)
-            if f is not None and set(axes) <= set(rep_axes):
+            if set(axes) <= set(rep_axes):
                 grid = _expand_to(f.labels, axes, rep_axes, lab.shape(out))
                 if set(axes) < set(rep_axes) and _zero_preserving(node, rep[0]):
                     lab.union_unless_whole(rep[3].labels, grid,
@@ -133,8 +138,7 @@ class Elementwise(Rule):
                     lab.union(rep[3].labels, grid)
             else:
                 lab.pin(rep[3].labels)
-                if f is not None:
-                    lab.pin(f.labels)
+                lab.pin(f.labels)
         lab.set_field(out, Field(rep_axes, rep[3].labels))
         for o in node.outputs[1:]:
             lab.fields[o] = None
@@ -166,6 +170,25 @@ class Elementwise(Rule):
         if kind in ("masked_fill", "masked_fill_"):
             return node.attrs.get("value") == 0
         return False
+
+
+def _is_constant(lab: Labels, name: str) -> bool:
+    return lab.graph.values[name].kind in ("param", "buffer", "const")
+
+
+def _representative(labelled: list, lab: Labels) -> tuple:
+    """The operand whose field the output takes: the one labelled on most axes, unless
+    that is a constant and a computed operand is labelled on an axis it lacks (ONNX
+    initializers are all labelled: a pooling's divisor table [7, 7] must not displace the
+    channels of the [b, c, 7, 7] data it divides); then the computed operand."""
+    rep = max(labelled, key=lambda o: len(o[3].axes))
+    if _is_constant(lab, rep[0]):
+        reach = {a + rep[2] for a in rep[3].axes}
+        computed = [o for o in labelled if not _is_constant(lab, o[0])
+                    and not {a + o[2] for a in o[3].axes} <= reach]
+        if computed:
+            rep = max(computed, key=lambda o: len(o[3].axes))
+    return rep
 
 
 def _zero_operand(lab: Labels, name: str, out: str, broadcast: bool = False) -> bool:

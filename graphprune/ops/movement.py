@@ -443,7 +443,7 @@ class Slice(Movement):
 
 
 @register("gather", aten=("index_select", "index", "gather", "_unsafe_index", "take_along_dim"),
-          onnx=("Gather", "GatherElements"))
+          onnx=("Gather", "GatherElements", "GatherND"))
 class Gather(Movement):
     """Indexing with constant indices runs exactly on labels.  The indexed axis itself
     must keep its length (the indices are not rewritten): its entries are coupled
@@ -459,6 +459,9 @@ class Gather(Movement):
         rank = len(lab.shape(data[0]))
         if "indices" in node.attrs and isinstance(node.attrs["indices"], (list, tuple)):
             dims = [i for i, ix in enumerate(node.attrs["indices"]) if ix is not None]
+        elif node.source_op == "onnx::GatherND":  # the indices' last axis addresses that many axes
+            b = int(node.attrs.get("batch_dims", 0))
+            dims = list(range(b, b + lab.shape(ref_name(node.attrs["indices"]))[-1]))
         else:
             dims = [int(node.attrs.get("dim", node.attrs.get("axis", 0))) % rank]
         hit = [d for d in dims if d in f.axes]

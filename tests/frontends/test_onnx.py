@@ -331,3 +331,67 @@ def test_weights_are_read_once_and_written_last(monkeypatch):
     feeds = {"x": x.numpy()}
     assert np.allclose(run_onnx(fed, feeds, weights)[0], run_onnx(compact, feeds)[0], atol=1e-5)
     assert g.backend.compare(g, g.params) < 1e-5
+
+
+def pooled_head() -> onnx.ModelProto:
+    """The adaptive average pooling the dynamo exporter writes for VGG (a 2x2 map pooled
+    to 3x3 here): Transpose -> GatherND with constant indices -> Transpose -> two Gathers
+    with scalar indices -> Div by a [3, 3] table of window sizes -> Reshape -> Gemm.  The
+    conv's channels must be prunable through it (GatherND moves data; the divisor table
+    is a constant, not a unit to couple), and the scalar indices must stay scalars."""
+    rng = np.random.default_rng(0)
+    arr = lambda name, a: numpy_helper.from_array(np.asarray(a), name)  # noqa: E731
+    windows = rng.integers(0, 2, (3, 2, 3, 2, 2))
+    inits = [arr("w1", rng.standard_normal((8, 3, 3, 3)).astype(np.float32)),
+             arr("b1", rng.standard_normal(8).astype(np.float32)),
+             arr("windows", windows.astype(np.int64)), arr("zero", np.array(0, np.int64)),
+             arr("one", np.array(1, np.int64)),
+             arr("counts", rng.integers(1, 3, (3, 3)).astype(np.float32)),
+             arr("flat", np.array([-1, 72], np.int64)),
+             arr("fc_w", rng.standard_normal((4, 72)).astype(np.float32)),
+             arr("fc_b", rng.standard_normal(4).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("MaxPool", ["r1"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Transpose", ["p"], ["t"], perm=[2, 3, 0, 1]),
+             helper.make_node("GatherND", ["t", "windows"], ["g"]),
+             helper.make_node("Transpose", ["g"], ["u"], perm=[4, 5, 0, 1, 2, 3]),
+             helper.make_node("Gather", ["u", "zero"], ["s1"], axis=3),
+             helper.make_node("Gather", ["s1", "one"], ["s2"], axis=4),
+             helper.make_node("Div", ["s2", "counts"], ["d"]),
+             helper.make_node("Reshape", ["d", "flat"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1)]
+    for k, n in enumerate(nodes):
+        n.name = f"{n.op_type.lower()}_{k}"
+    graph = helper.make_graph(nodes, "pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_gather_nd_pooling_head(tmp_path):
+    path = tmp_path / "pooled.onnx"
+    onnx.save(pooled_head(), str(path))
+    g = check_onnx(str(path), torch.randn(1, 3, 4, 4))
+    assert [(grp.name, grp.size) for grp in g.groups] == [("conv_0", 8)] and not g.barriers
+    compact = {i.name: numpy_helper.to_array(i) for i in g.construct_subnet().graph.initializer}
+    assert compact["zero"].shape == () and compact["one"].shape == ()
+
+
+def test_dynamo_adaptive_pool_head(tmp_path):
+    """The same pattern as the dynamo exporter really writes it (VGG's classifier head)."""
+    pytest.importorskip("onnxscript")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(7),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 49, 5)).eval()
+    x = torch.randn(2, 3, 2, 2)
+    path = str(tmp_path / "m.onnx")
+    torch.onnx.export(model, (x,), path, dynamo=True, input_names=["x"], opset_version=18, verbose=False,
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    assert "GatherND" in {n.op_type for n in onnx.load(path).graph.node}
+    g = gp.trace(path, (x,))
+    assert [grp.size for grp in g.groups] == [8] and not g.withdrawn and not g.barriers
+    zero_random_half(g)
+    full, compact = g.backend.full(g, g.params), g.construct_subnet()
+    feeds = {"x": torch.randn(3, 3, 2, 2).numpy()}
+    ref, out = run_onnx(full, feeds)[0], run_onnx(compact, feeds)[0]
+    assert np.abs(ref - out).max() <= 1e-4 * np.abs(ref).max()
+    assert n_weights(compact) < n_weights(full)
