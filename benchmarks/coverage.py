@@ -15,8 +15,9 @@ the small random-config Hugging Face models of the tests (``hf_*``), run smalles
   ``g.verify()``) and ``property`` (zero a random half of every group's units: the compact
   model must equal the zeroed model within 1e-4 relative error, with fewer parameters);
 * **graphprune-onnx**: the same columns through the ONNX door: the model is exported
-  (TorchScript exporter, dynamic batch; the dynamo exporter where TorchScript cannot), the
-  file is loaded, and ``gp.trace(proto)`` is timed; ``property`` runs the compact
+  (TorchScript exporter, dynamic batch; the dynamo exporter where TorchScript cannot) and
+  ``gp.trace(path)`` is timed (external weights are memory-mapped; resident pages of the
+  file count once touched); ``property`` runs the compact
   ModelProto and the zeroed full one with onnxruntime on another batch size than traced;
 * **torch-pruning**: groups from ``DependencyGraph.get_all_groups`` (the output layer
   ignored), seconds of ``build_dependency`` (median), peak memory, and whether pruning
@@ -27,8 +28,7 @@ the small random-config Hugging Face models of the tests (``hf_*``), run smalles
   imports at all (``n/a`` with the import's exception otherwise).
 
 **How memory is measured.** Every (model, tool) cell runs in its own subprocess (one
-thread).  The model is built (and, for ONNX, exported, freed as a module and loaded as a
-ModelProto) first; then the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``),
+thread).  The model is built (and, for ONNX, exported and freed as a module) first; then the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``),
 the resident size is read from ``/proc/self/statm``, and the cell's number is the growth
 of the process's peak resident size (``ru_maxrss``) over it during the timed analysis
 alone.  So the model's own weights and the imports are not counted; everything
@@ -344,9 +344,8 @@ def _property_onnx(g: Any, inputs: tuple) -> str:
 
 def run_graphprune_onnx(name: str, model: torch.nn.Module | list, inputs: tuple, repeat: int) -> dict:
     """``model`` may come in a one-element list, which is emptied: the module is freed
-    once exported, so only the ModelProto holds weights during the analysis."""
-    import onnx
-
+    once exported.  The file is traced as a user hands it over (``gp.trace(path)``, what
+    the CLI does): its external weights are memory-mapped, and the analysis reads none."""
     import graphprune as gp
     if isinstance(model, list):
         model = model.pop()
@@ -357,8 +356,7 @@ def run_graphprune_onnx(name: str, model: torch.nn.Module | list, inputs: tuple,
         exporter = export_onnx_file(name, model, inputs, path)
         file_mib = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2 ** 20
         del model
-        proto = onnx.load(path)  # with its external data, if any: the model in memory, not counted
-        g, secs, mib, runs = _timed(lambda: gp.trace(proto, inputs, verify=False), repeat)
+        g, secs, mib, runs = _timed(lambda: gp.trace(path, inputs, verify=False), repeat)
     row = {"exporter": exporter, "file_mib": file_mib, "groups": len(g.groups),
            "grouped": g.grouped_params / max(1, g.total_params), "seconds": secs, "runs": runs, "peak_mib": mib,
            "barriers": sorted({b.op for b in g.barriers})}

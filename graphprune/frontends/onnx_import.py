@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from ..errors import BadOnnxError
 from ..ir.graph import Graph, Node, Ref, Value
@@ -232,6 +232,53 @@ def _parse(model: Any) -> tuple[onnx.ModelProto, str]:
     return model, source
 
 
+def _open(model: Any) -> tuple[onnx.ModelProto, str, dict[str, np.ndarray]]:
+    """Like :func:`_parse`, but a file's fed weights (:func:`is_fed`) kept in external data
+    are memory-mapped, not read: ``(proto, source, mapped)`` with those initializers as
+    stubs in ``proto`` and their arrays in ``mapped``.  The mapping is private
+    (copy-on-write): writing to an array never changes the file, and a later atomic
+    replacement of the file (emitters write a temp file, then rename) leaves it intact."""
+    if not isinstance(model, (str, os.PathLike)):
+        proto, source = _parse(model)
+        return proto, source, {}
+    source = os.fspath(model)
+    if not os.path.isfile(source):
+        raise BadOnnxError(f"no such ONNX file: {source}", source=source, hint="check the path")
+    try:
+        proto = onnx.load(source, load_external_data=False)
+    except Exception as exc:
+        raise BadOnnxError(f"cannot parse ONNX file: {type(exc).__name__}: {str(exc)[:200]}", source=source,
+                           hint="the file is truncated or not an ONNX model") from exc
+    base, mapped = os.path.dirname(source), {}
+    for t in proto.graph.initializer:
+        if external_data_helper.uses_external_data(t) and is_fed(t):
+            mapped[t.name] = _map_external(t, base, source)
+            t.CopyFrom(stub(t))
+    try:
+        external_data_helper.load_external_data_for_model(proto, base)  # the small rest
+    except Exception as exc:
+        raise BadOnnxError(f"cannot read the external data of {source}: {type(exc).__name__}: {str(exc)[:200]}",
+                           source=source, hint="keep the data file(s) next to the model") from exc
+    return proto, source, mapped
+
+
+def _map_external(t: onnx.TensorProto, base: str, source: str) -> np.ndarray:
+    """The external data of initializer ``t`` as a private memory map of its file."""
+    info = external_data_helper.ExternalDataInfo(t)
+    path = os.path.join(base, info.location)
+    dtype = _elem_dtype(t.data_type)
+    shape = tuple(int(d) for d in t.dims)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    offset = int(info.offset or 0)
+    if (info.length and int(info.length) != nbytes) or not os.path.isfile(path) \
+            or os.path.getsize(path) < offset + nbytes:
+        raise BadOnnxError(f"invalid ONNX model: initializer {t.name!r} needs {nbytes} bytes at offset {offset} "
+                           f"of {path}, which does not hold them", source=source,
+                           hint="keep the data file next to the model, as the exporter wrote it")
+    arr = np.memmap(path, dtype=dtype.newbyteorder("<"), mode="c", offset=offset, shape=shape)
+    return arr if arr.flags.aligned else np.array(arr, order="C")  # torch needs aligned data
+
+
 def _annotate(model: onnx.ModelProto, source: str) -> None:
     """Check ``model`` (as its ``skeleton``), shape-infer it in place and name its nodes
     uniquely; errors say what is wrong."""
@@ -301,11 +348,20 @@ def example_feeds(model: onnx.ModelProto, example: tuple) -> dict[str, np.ndarra
     return feeds
 
 
-def capture(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str,
-            weights: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def _zero_weights(moved: dict[str, onnx.TensorProto]) -> dict[str, np.ndarray]:
+    """Zeros in the type and shape of each fed weight, all views of one buffer (as big as
+    the largest weight; onnxruntime only reads its inputs).  Shapes and shape arithmetic
+    never read a weight's values, so a capture needs none: the weights of a model given
+    as a file are not even read (a 2.5 GB model is analysed in a few hundred MB)."""
+    sizes = {k: (int(np.prod(t.dims)) if len(t.dims) else 1, _elem_dtype(t.data_type)) for k, t in moved.items()}
+    buf = np.zeros(max((n * dt.itemsize for n, dt in sizes.values()), default=0), np.uint8)
+    return {k: np.frombuffer(buf, dt, n).reshape(tuple(moved[k].dims)) for k, (n, dt) in sizes.items()}
+
+
+def capture(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
     """Every node output's value on ``feeds`` (one onnxruntime run).  The model runs as
-    its ``skeleton`` with the float weights fed from ``weights`` (arrays by initializer
-    name, shared, not copied), so nothing is serialised but the graph: any size works.
+    its ``skeleton`` with zeros fed for the float weights (:func:`_zero_weights`), so
+    nothing is serialised but the graph: any size works.
 
     Only the analysis's needs come back whole: integer and boolean tensors (shape
     arithmetic, indices, masks), Constant outputs and the graph outputs.  A float
@@ -315,9 +371,7 @@ def capture(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str,
     import onnxruntime as ort
 
     probe, moved = skeleton(model)
-    if weights is None:
-        weights = {k: numpy_helper.to_array(t) for k, t in moved.items()}
-    feeds = {**feeds, **{k: weights[k] for k in moved}}
+    feeds = {**feeds, **_zero_weights(moved)}
     elem = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)
             if v.type.HasField("tensor_type")}
     known = {o.name for o in probe.graph.output}
@@ -395,11 +449,12 @@ def load_onnx(model: Any, example: tuple = ()) -> tuple[Graph, onnx.ModelProto, 
     The proto kept is the model's structure with its fed weights as stubs
     (:func:`without_weights`): the IR's tensors, read from the given proto or file once, are
     the one copy of the weights (a caller's ModelProto is neither changed nor copied whole;
-    a file's is dropped once read)."""
-    given, source = _parse(model)
+    a file's is dropped once read, and its external weights are memory-mapped, not read:
+    :func:`_open`)."""
+    given, source, mapped = _open(model)
     proto = without_weights(given)
     _annotate(proto, source)  # the checker sees the same skeleton as for ``given``
-    arrays = {t.name: _weight(t, source) for t in given.graph.initializer}
+    arrays = {t.name: mapped[t.name] if t.name in mapped else _weight(t, source) for t in given.graph.initializer}
     del given
     feeds = example_feeds(proto, example)
     values: dict[str, Value] = {}
@@ -408,9 +463,9 @@ def load_onnx(model: Any, example: tuple = ()) -> tuple[Graph, onnx.ModelProto, 
         kind = "param" if np.issubdtype(arr.dtype, np.floating) and arr.ndim >= 1 else "const"
         data = torch.from_numpy(arr)  # one copy of the weights; capture feeds the same memory
         values[init.name] = Value(init.name, tuple(arr.shape), data.dtype, kind, data, init.name)
-    captured = capture(proto, feeds, source, arrays)
+    captured = capture(proto, feeds, source)
     alt = _second_batch(proto, feeds)
-    alt_captured = capture(proto, alt, source, arrays) if alt is not None else {}
+    alt_captured = capture(proto, alt, source) if alt is not None else {}
     del arrays
     inputs = []
     for i in proto.graph.input:

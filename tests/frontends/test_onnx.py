@@ -2,6 +2,8 @@
 models exported from PyTorch and on a model written by hand with onnx.helper."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -146,6 +148,47 @@ def test_external_data_file(tmp_path):
     assert (tmp_path / "ext.onnx.data").stat().st_size > 0
     g = check_onnx(str(path), torch.randn(1, 3, 8, 8))
     assert len(g.groups) == 2 and not g.verify()
+
+
+def test_external_weights_are_mapped_not_read(tmp_path, monkeypatch):
+    """A file's external weights are memory-mapped, privately: the analysis reads none of
+    them (vit_h_14's 2.5 GB stay on disk), zeroing a group writes private copies of the
+    touched pages, never the file, and the file replaced afterwards (an emitter's temp
+    file and rename onto the same path) leaves the traced graph's weights intact."""
+    from graphprune.frontends import onnx_import
+    monkeypatch.setattr(onnx_import, "_FEED_MIN", 1)  # every float weight is mapped, as a big one is
+    path, data = tmp_path / "ext.onnx", tmp_path / "ext.onnx.data"
+    onnx.save(hand_written(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=data.name, size_threshold=0)
+    before = data.read_bytes()
+    x = torch.randn(2, 3, 8, 8)
+    g = gp.trace(str(path), (x,), verify=False)
+    with open("/proc/self/maps") as f:
+        assert str(data) in f.read()
+    fresh = tmp_path / "fresh.data"
+    fresh.write_bytes(bytes(len(before)))
+    os.replace(fresh, data)  # all-zero weights under the same name
+    ref = run_onnx(hand_written(), {"x": x.numpy()})[0]
+    assert np.allclose(run_onnx(g.backend.full(g, g.params), {"x": x.numpy()})[0], ref, atol=1e-5)
+    data.write_bytes(before)
+    g = gp.trace(str(path), (x,), verify=False)
+    zero_random_half(g)
+    assert data.read_bytes() == before
+    assert not g.verify()
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_truncated_external_data_names_the_file(tmp_path, monkeypatch, mapped):
+    from graphprune.frontends import onnx_import
+    if mapped:
+        monkeypatch.setattr(onnx_import, "_FEED_MIN", 1)
+    path, data = tmp_path / "ext.onnx", tmp_path / "ext.onnx.data"
+    onnx.save(hand_written(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=data.name, size_threshold=0)
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(BadOnnxError, match="'w1' needs 864 bytes" if mapped else "external data of") as err:
+        gp.trace(str(path), (torch.randn(1, 3, 8, 8),))
+    assert str(path) in str(err.value)
 
 
 def test_large_model_path(monkeypatch):
