@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
-from ..ir.graph import Graph
+from ..ir.graph import Graph, Node
 from ..memory import Trimmer
 from ..ops.registry import rule_for
 from .labels import PIN, Labels
@@ -28,6 +28,7 @@ def propagate(graph: Graph) -> Labels:
     trim = Trimmer()  # the label tensors' freed heap stays resident otherwise (370 MiB on vit_b_16)
     for node in graph.nodes:
         trim.tick()
+        _fold(node, graph)
         rule = rule_for(node.op)
         try:
             rule.propagate(node, lab)
@@ -42,6 +43,34 @@ def propagate(graph: Graph) -> Labels:
         if f is not None:
             lab.pin(f.labels)
     return lab
+
+
+_FOLD_MAX = 1 << 16  # elements: indices and masks, never activations
+
+
+def _fold(node: Node, graph: Graph) -> None:
+    """Give ``node``'s small integer or boolean outputs their contents when every input's
+    is known (constants, or outputs folded before): an index copied from a constant
+    (Falcon's ``qkv[..., [-2]]`` reads ``lift_fresh_copy`` of one) is then a constant
+    index for the rules, not one computed from data.  Weights are never inputs here, so
+    nothing big is computed."""
+    outs = [graph.values[o] for o in node.outputs]
+    if node.target is None or not node.inputs or not outs \
+            or any(v.data is not None or v.dtype.is_floating_point or v.dtype.is_complex
+                   or int(np.prod(v.shape)) > _FOLD_MAX for v in outs):
+        return
+    ins = [graph.values[i] for i in node.inputs]
+    if any(v.data is None or v.kind == "param" or v.data.device.type == "meta" for v in ins):
+        return
+    try:
+        out = node.call({v.name: v.data for v in ins})
+    except Exception:  # an op that needs more than its inputs: left unknown, as before
+        return
+    res = list(out) if isinstance(out, (list, tuple)) else [out]
+    if len(res) == len(outs) and all(isinstance(t, torch.Tensor) and tuple(t.shape) == v.shape
+                                     and t.device.type != "meta" for t, v in zip(res, outs)):
+        for t, v in zip(res, outs):
+            v.data = t
 
 
 def _components(n: int, e: np.ndarray) -> torch.Tensor:

@@ -73,6 +73,7 @@ class Labels:
     _edges: list[np.ndarray] = field(default_factory=list)
     _collapsed: dict = field(default_factory=dict)  # (id(labels), axis) -> (labels, per-index atoms)
     _pinned: dict = field(default_factory=dict)     # id(labels) -> labels already pinned whole
+    _producers: dict | None = None                  # value -> the node computing it, built on first use
 
     # ---- atoms and couplings -------------------------------------------------------
     def fresh(self, n: int, node: Node, role: str = "out") -> torch.Tensor:
@@ -106,6 +107,12 @@ class Labels:
         every head): if only whole heads go, the shared factor never loses entries, and
         coupling it would merge all heads into one unit.  Settled by :func:`.dependency.solve`."""
         self.deferred.append(Deferred(a, b, axes))
+
+    def producer(self, name: str) -> Node | None:
+        """The node whose output ``name`` is (None for inputs, parameters, constants)."""
+        if self._producers is None:
+            self._producers = {o: n for n in self.graph.nodes for o in n.outputs}
+        return self._producers.get(name)
 
     def pin(self, a: torch.Tensor) -> None:
         if id(a) in self._pinned:  # a field flows through many ops as one tensor: pin it once

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..analysis.labels import Field, Labels
+from ..analysis.labels import Field, Labels, unlabelled
 from ..ir.graph import Node
 from .common import numel, ref_name
 from .registry import Rule, register
@@ -145,6 +145,56 @@ class Gemm(Rule):
         return _trained(lab, node, "B", "C")
 
 
+def _transposed_param(lab: Labels, name: str) -> str | None:
+    """The 2-d parameter W when ``name`` is W transposed (Falcon's linear layers compute
+    ``x @ self.weight.T``): the product is then a linear layer over W's rows and columns,
+    not a product of two activations whose operand's every element is an atom.  Checked
+    by running the producer on an index grid, so any op that transposes counts."""
+    node = lab.producer(name)
+    if node is None or node.op != "permute" or len(node.inputs) != 1:
+        return None
+    w = lab.graph.values[node.inputs[0]]
+    if w.kind != "param" or len(w.shape) != 2:
+        return None
+    grid = torch.arange(numel(w.shape)).reshape(w.shape)
+    try:
+        out = node.call({w.name: grid})
+    except Exception:
+        return None
+    return w.name if isinstance(out, torch.Tensor) and torch.equal(out, grid.T) else None
+
+
+def _contract(lab: Labels, la: torch.Tensor, lb: torch.Tensor, fa: Field | None, a_rows: bool,
+              b_cols: bool) -> torch.Tensor:
+    """Couplings and output labels of ``A @ B`` for two activations, from their labels
+    broadcast to ``[..., M, K]`` and ``[..., K, N]``: A's contraction atoms are paired
+    with B's (a removed k is zero in both, so its products vanish), and the product
+    carries B's column atoms or else A's contraction atoms.  Rows of A that carry atoms
+    (``a_rows``) are pinned: with B's columns they would meet in every output entry.
+    Returns labels that broadcast to the output ``[..., M, N]``."""
+    if a_rows:
+        lab.pin(fa.labels)
+        la = unlabelled(la.shape)
+    a0 = la.select(-2, 0)                        # [...a, K]
+    lab.union(a0.unsqueeze(-1), lb)              # pair A[., k] with B[., k, n]
+    if b_cols:
+        rows = lb.movedim(-2, 0).reshape(lb.shape[-2], -1)
+        lab.union(rows[:1], rows)
+        return lb.select(-2, 0).unsqueeze(-2)
+    lab.union(a0[..., :1], a0)
+    return a0[..., :1].unsqueeze(-1)
+
+
+def _product_cost(lab: Labels, out: str, macs: float) -> None:
+    """Count a product's MACs, attribute them to its output's atoms, and record atoms on a
+    batch axis (attention heads) as heads."""
+    lab.total_macs += macs
+    f = lab.fields.get(out)
+    lab.cost(f.labels if f is not None else None, macs)
+    if f is not None and min(f.axes) < len(lab.shape(out)) - 2:
+        lab.head_atoms.append(f.labels.reshape(-1))
+
+
 @register("matmul", aten=("matmul", "mm", "bmm"), onnx=("MatMul",))
 class MatMul(Rule):
     """A parameter operand makes it a linear layer; two activations (attention scores,
@@ -155,30 +205,16 @@ class MatMul(Rule):
         sa, sb, out = lab.shape(a_name), lab.shape(b_name), node.outputs[0]
         if len(sb) == 2 and lab.graph.values[b_name].kind == "param":
             return _linear(lab, node, a_name, b_name, None, 0)
+        w = _transposed_param(lab, b_name)
+        if w is not None:  # x @ W.T: a linear layer over W [out, in]
+            return _linear(lab, node, a_name, w, None, 1)
         if len(sa) < 2 or len(sb) < 2:
             return lab.barrier(node, "matmul with a vector operand")
-        la, lb = lab.full(a_name), lab.full(b_name)
         fa, fb = lab.field(a_name), lab.field(b_name)
-        if fa is not None and (len(sa) - 2) in fa.axes:  # rows of A carry atoms: ambiguous identity
-            lab.pin(fa.labels)
-            la = torch.full(sa, -1, dtype=torch.long)
-        b_carries = fb is not None and (len(sb) - 1) in fb.axes
-        a0 = la.select(-2, 0)                        # [...a, K]
-        lab.union(a0.unsqueeze(-1), lb)              # pair A[., k] with B[., k, n]
-        macs = numel(lab.shape(out)) * sa[-1]
-        lab.total_macs += macs
-        if b_carries:
-            rows = lb.movedim(-2, 0).reshape(sb[-2], -1)
-            lab.union(rows[:1], rows)
-            res = lb.select(-2, 0).unsqueeze(-2)
-        else:
-            lab.union(a0[..., :1], a0)
-            res = a0[..., :1].unsqueeze(-1)
+        res = _contract(lab, lab.full(a_name), lab.full(b_name), fa,
+                        fa is not None and (len(sa) - 2) in fa.axes, fb is not None and (len(sb) - 1) in fb.axes)
         lab.set_from_tensor(out, res.expand(lab.shape(out)))
-        f = lab.fields.get(out)
-        lab.cost(f.labels if f is not None else None, macs)
-        if f is not None and min(f.axes) < len(lab.shape(out)) - 2:  # atoms on a batch axis: heads
-            lab.head_atoms.append(f.labels.reshape(-1))
+        _product_cost(lab, out, numel(lab.shape(out)) * sa[-1])
 
     def keeps_zero(self, node, lab) -> bool:
         """A linear layer's output, or a product whose removed entries meet a zero-where-
@@ -188,6 +224,71 @@ class MatMul(Rule):
         if len(lab.shape(b)) == 2 and lab.graph.values[b].kind == "param":
             return True
         return any(lab.fields.get(i) is not None and lab.is_zero(i) for i in node.inputs[:1] + node.inputs[-1:])
+
+
+@register("einsum", aten=("einsum",), onnx=("Einsum",))
+class Einsum(Rule):
+    """A two-operand einsum is a batched matmul of its letters: batch letters (in both
+    operands and the output), M (A's own), N (B's own) and K (contracted).  The operands'
+    labels are permuted and reshaped into ``[batch, M, K] @ [batch, K, N]``, contracted as
+    :class:`MatMul` does, and put back in the output's order.  Other forms (one or three
+    operands, a letter repeated in an operand, a letter summed out of one operand alone)
+    keep their channels."""
+
+    def propagate(self, node: Node, lab: Labels) -> None:
+        ops = node.inputs
+        form = _einsum_form(str(node.attrs.get("equation", "")), [len(lab.shape(o)) for o in ops])
+        if form is None or len(ops) != 2:
+            return lab.barrier(node, "einsum other than a two-operand contraction")
+        (sa, sb), so = form
+        size = {c: n for sub, o in zip((sa, sb), ops) for c, n in zip(sub, lab.shape(o))}
+        batch = [c for c in so if c in sa and c in sb]
+        m, n = [c for c in so if c in sa and c not in sb], [c for c in so if c in sb and c not in sa]
+        k = [c for c in sa if c in sb and c not in so]
+
+        def arranged(sub: str, name: str, rows: list[str], cols: list[str]) -> torch.Tensor:
+            t = lab.full(name).permute(*[sub.index(c) for c in batch + rows + cols])
+            return t.reshape(*[size[c] for c in batch], numel([size[c] for c in rows]), numel([size[c] for c in cols]))
+
+        fa, fb = lab.field(ops[0]), lab.field(ops[1])
+        res = _contract(lab, arranged(sa, ops[0], m, k), arranged(sb, ops[1], k, n), fa,
+                        fa is not None and any(sa.index(c) in fa.axes for c in m),
+                        fb is not None and any(sb.index(c) in fb.axes for c in n))
+        grid = res.expand(*[size[c] for c in batch], numel([size[c] for c in m]), numel([size[c] for c in n]))
+        grid = grid.reshape(*[size[c] for c in batch + m + n])
+        out = node.outputs[0]
+        lab.set_from_tensor(out, grid.permute(*[(batch + m + n).index(c) for c in so]))
+        _product_cost(lab, out, numel(lab.shape(out)) * numel([size[c] for c in k]))
+
+    def keeps_zero(self, node, lab) -> bool:
+        """Each removed output entry sums products with a removed entry of a labelled
+        operand (the rule couples them): zero if that operand is zero where removed."""
+        return any(lab.fields.get(i) is not None and lab.is_zero(i) for i in node.inputs)
+
+
+def _einsum_form(equation: str, ranks: list[int]) -> tuple[list[str], str] | None:
+    """(operand subscripts, output subscripts) with ``...`` spelled out as fresh letters
+    (and an implicit output made explicit); None for forms the rule does not handle: a
+    letter repeated inside an operand or output, or summed out of one operand alone."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    subs = lhs.split(",")
+    if len(subs) != len(ranks):
+        return None
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
+    dots = max((r - len(sub.replace("...", "")) for sub, r in zip(subs, ranks) if "..." in sub), default=0)
+    fill = "".join(spare[:dots])
+    subs = [sub.replace("...", fill[len(fill) - (r - len(sub.replace("...", ""))):] if r - len(sub.replace("...", "")) else "")
+            for sub, r in zip(subs, ranks)]
+    if not arrow:  # implicit output: the ellipsis, then letters used once, in order
+        once = sorted(c for c in set("".join(subs)) if "".join(subs).count(c) == 1 and c not in fill)
+        rhs = fill + "".join(once)
+    rhs = rhs.replace("...", fill)
+    if any(len(set(s)) != len(s) or len(s) != r for s, r in zip(subs, ranks)) or len(set(rhs)) != len(rhs):
+        return None
+    if any(sum(c in s for s in subs) == 1 and c not in rhs for c in "".join(subs)):
+        return None
+    return subs, rhs
 
 
 @register("sdpa", aten=("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -213,8 +314,15 @@ class ScaledDotProductAttention(Rule):
         lab.union(q0[..., :1], v0)
         mask = ref_name(node.attrs.get("attn_mask"))
         if mask is not None:
-            ms = lab.shape(mask)
-            if lab.field(mask) is not None or (len(ms) == 4 and ms[1] > 1):
+            ms, mf = lab.shape(mask), lab.field(mask)
+            if mf is not None and len(ms) == 4 and mf.axes == (1,) and ms[1] == hq:
+                # a learned per-head bias (T5's relative positions, shared by every layer):
+                # a head's bias entries go with the head
+                lab.union(q0[..., :1], mf.labels.reshape(1, hq, 1))
+            elif mf is not None:
+                lab.pin(q0)
+                lab.pin(mf.labels)
+            elif len(ms) == 4 and ms[1] > 1:  # a fixed per-head mask cannot lose a head
                 lab.pin(q0)
         out = node.outputs[0]
         lab.set_from_tensor(out, v0.unsqueeze(2).expand(lab.shape(out)))

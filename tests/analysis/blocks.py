@@ -207,6 +207,25 @@ class RotaryTableGQA(GroupedQueryAttention):
         return x + self.o((att @ v).transpose(1, 2).reshape(b, t, -1))
 
 
+class EinsumAttention(GroupedQueryAttention):
+    """Attention written with einsum (as MaxViT and many research codes do): scores
+    ``bhqd,bhkd->bhqk``, values ``...ij,...jk`` (ellipsis, implicit output), and an MLP
+    whose hidden units are scaled by a learned per-unit gate ``btf,f->btf``."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__(d, heads, heads)
+        self.up, self.down = nn.Linear(d, 48), nn.Linear(48, d)
+        self.gate = nn.Parameter(torch.rand(48) + 0.5)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, self.hq, self.hd).transpose(1, 2) for f in (self.q, self.k, self.v))
+        att = torch.einsum("bhqd,bhkd->bhqk", q, k).softmax(-1)
+        y = torch.einsum("...ij,...jk", att, v).transpose(1, 2).reshape(b, t, -1)
+        x = x + self.o(y)
+        return x + self.down(torch.einsum("btf,f->btf", F.gelu(self.up(x)), self.gate))
+
+
 class DictInputs(nn.Module):
     """Two inputs given as keyword arguments, two outputs in a dict."""
 

@@ -25,6 +25,7 @@ BLOCKS = {
     "mha": (blocks.Attention, lambda: torch.randn(2, 6, 32)),
     "gqa": (blocks.GroupedQueryAttention, lambda: torch.randn(2, 6, 32)),
     "rotary_table_gqa": (blocks.RotaryTableGQA, lambda: torch.randn(2, 6, 32)),
+    "einsum_attention": (blocks.EinsumAttention, lambda: torch.randn(2, 6, 32)),
 }
 
 
