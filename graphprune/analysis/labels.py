@@ -316,13 +316,22 @@ def _drop_repeated_slices(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.
 def field_from_tensor(t: torch.Tensor) -> Field | None:
     """The smallest set of axes along which ``t``'s labels vary (None if all -1)."""
     a = t.numpy()
-    if a.size == 0 or bool((a < 0).all()):
+    if a.size == 0:
         return None
     axes = []
-    for i in range(a.ndim):
-        if a.shape[i] > 1 and a.strides[i] != 0:  # a broadcast (stride 0) axis is constant
-            first = a[(slice(None),) * i + (slice(0, 1),)]
-            if not (a == first).all():
-                axes.append(i)
+    # longest axes first, each found constant cut to its first entry: later checks (and
+    # the result) read a smaller array; an attention map's [b, h, q, k] labels, which
+    # vary along h alone, cost one full pass instead of four
+    for i in sorted(range(a.ndim), key=lambda i: -a.shape[i]):
+        if a.shape[i] < 2:
+            continue
+        first = a[(slice(None),) * i + (slice(0, 1),)]
+        if a.strides[i] == 0 or (a == first).all():  # a broadcast (stride 0) axis is constant
+            a = first
+        else:
+            axes.append(i)
+    axes.sort()
     reduced = a[tuple(slice(None) if i in axes else 0 for i in range(a.ndim))]
+    if bool((reduced < 0).all()):
+        return None
     return Field(tuple(axes), torch.from_numpy(np.array(reduced, order="C")))
