@@ -85,7 +85,12 @@ def hand_written() -> onnx.ModelProto:
              helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="pool"),
              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
              helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1, name="fc")]
-    graph = helper.make_graph(nodes, "hand", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+    return _classifier(nodes, "hand", 8, inits)
+
+
+def _classifier(nodes: list, name: str, side: int, inits: list) -> onnx.ModelProto:
+    """An opset-17 model of ``nodes`` from images ``x [batch, 3, side, side]`` to ``y [batch, 4]``."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, side, side])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -406,9 +411,7 @@ def pooled_head() -> onnx.ModelProto:
              helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1)]
     for k, n in enumerate(nodes):
         n.name = f"{n.op_type.lower()}_{k}"
-    graph = helper.make_graph(nodes, "pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _classifier(nodes, "pooled", 4, inits)
 
 
 def test_gather_nd_pooling_head(tmp_path):
