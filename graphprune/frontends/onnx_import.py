@@ -21,6 +21,7 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 from ..errors import BadOnnxError
 from ..ir.graph import Graph, Node, Ref, Value
 from ..ops.registry import canonical_onnx
+from .onnx_mapped import read_structure
 from .onnx_ops import ONNX_IMPLS
 
 # input names per op type, in ONNX order (what the rules read from ``node.attrs``)
@@ -233,9 +234,9 @@ def _parse(model: Any) -> tuple[onnx.ModelProto, str]:
 
 
 def _open(model: Any) -> tuple[onnx.ModelProto, str, dict[str, np.ndarray]]:
-    """Like :func:`_parse`, but a file's fed weights (:func:`is_fed`) kept in external data
-    are memory-mapped, not read: ``(proto, source, mapped)`` with those initializers as
-    stubs in ``proto`` and their arrays in ``mapped``.  The mapping is private
+    """Like :func:`_parse`, but a file's fed weights (:func:`is_fed`), embedded or in external
+    data, are memory-mapped, not read: ``(proto, source, mapped)`` with those initializers
+    as stubs in ``proto`` and their arrays in ``mapped`` (:mod:`.onnx_mapped`).  The mapping is private
     (copy-on-write): writing to an array never changes the file, and a later atomic
     replacement of the file (emitters write a temp file, then rename) leaves it intact."""
     if not isinstance(model, (str, os.PathLike)):
@@ -245,11 +246,14 @@ def _open(model: Any) -> tuple[onnx.ModelProto, str, dict[str, np.ndarray]]:
     if not os.path.isfile(source):
         raise BadOnnxError(f"no such ONNX file: {source}", source=source, hint="check the path")
     try:
-        proto = onnx.load(source, load_external_data=False)
-    except Exception as exc:
-        raise BadOnnxError(f"cannot parse ONNX file: {type(exc).__name__}: {str(exc)[:200]}", source=source,
-                           hint="the file is truncated or not an ONNX model") from exc
-    base, mapped = os.path.dirname(source), {}
+        proto, mapped = read_structure(source, is_fed)  # weights embedded in the file: mapped in place
+    except Exception:  # a file the wire reader cannot walk: onnx.load reads it, or says what is wrong
+        try:
+            proto, mapped = onnx.load(source, load_external_data=False), {}
+        except Exception as exc:
+            raise BadOnnxError(f"cannot parse ONNX file: {type(exc).__name__}: {str(exc)[:200]}", source=source,
+                               hint="the file is truncated or not an ONNX model") from exc
+    base = os.path.dirname(source)
     for t in proto.graph.initializer:
         if external_data_helper.uses_external_data(t) and is_fed(t):
             mapped[t.name] = _map_external(t, base, source)

@@ -182,6 +182,25 @@ def test_external_weights_are_mapped_not_read(tmp_path, monkeypatch):
     assert not g.verify()
 
 
+def test_embedded_weights_are_read_in_place(tmp_path):
+    """The wire-format reader gives what ``onnx.load`` gives, but with the fed weights as
+    stubs and their values mapped from the file (copied only where protobuf left them
+    unaligned): a file's weights are in memory once, not twice."""
+    from graphprune.frontends.onnx_import import is_fed
+    from graphprune.frontends.onnx_mapped import read_structure
+    x = torch.randn(1, 3, 32, 32)
+    path = export(torchvision.models.get_model("resnet18", num_classes=10), x, tmp_path / "m.onnx")
+    full = onnx.load(path)
+    structure, mapped = read_structure(path, is_fed)
+    assert set(mapped) == {t.name for t in full.graph.initializer if is_fed(t)}
+    for t in full.graph.initializer:
+        if t.name in mapped:
+            assert np.array_equal(numpy_helper.to_array(t), mapped[t.name])
+            t.ClearField("raw_data")
+    assert structure.SerializeToString() == full.SerializeToString()
+    assert any(isinstance(a, np.memmap) for a in mapped.values())
+
+
 @pytest.mark.parametrize("mapped", [True, False])
 def test_truncated_external_data_names_the_file(tmp_path, monkeypatch, mapped):
     from graphprune.frontends import onnx_import
