@@ -238,7 +238,8 @@ def _open(model: Any) -> tuple[onnx.ModelProto, str, dict[str, np.ndarray]]:
     data, are memory-mapped, not read: ``(proto, source, mapped)`` with those initializers
     as stubs in ``proto`` and their arrays in ``mapped`` (:mod:`.onnx_mapped`).  The mapping is private
     (copy-on-write): writing to an array never changes the file, and a later atomic
-    replacement of the file (emitters write a temp file, then rename) leaves it intact."""
+    replacement of the file (emitters write a temp file, then rename) leaves it intact;
+    only rewriting the same file in place while the graph is in use would show through."""
     if not isinstance(model, (str, os.PathLike)):
         proto, source = _parse(model)
         return proto, source, {}

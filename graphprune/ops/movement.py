@@ -267,12 +267,17 @@ class ShapeOf(Rule):
             lo, hi = int(node.attrs.get("start", 0)), int(node.attrs.get("end", len(old)))
             forward = {"start": lo, "end": hi}
             old, new = old[lo:hi], new[lo:hi]
-        if not shrink.graph.values[x].dynamic_axes:  # every size known: write the full model's
+        dynamic = {a - int(forward.get("start", 0)) for a in shrink.graph.values[x].dynamic_axes}
+        if not dynamic:  # every size known: write the full model's
             shrink.set_onnx_constant(proto, math.prod(old) if size else list(old))
             return
-        keep = [int(o == n) for o, n in zip(old, new)]
-        shrink.call_onnx_function(proto, shape_of_onnx_function(opset, size, tuple(keep), tuple(forward)),
-                                  fixed=_int64([0 if k else o for k, o in zip(keep, old)]), **forward)
+        # kept sizes read at run time; a pruned axis that also follows the batch (``bsz *
+        # heads`` with heads pruned, BLOOM) scaled back to the full model's at run time
+        keep = [1 if o == n else (SCALED if k in dynamic else 0) for k, (o, n) in enumerate(zip(old, new))]
+        attrs = dict(fixed=_int64([0 if k == 1 else o for k, o in zip(keep, old)]), **forward)
+        if SCALED in keep:
+            attrs["den"] = _int64([n if k == SCALED else 1 for k, n in zip(keep, new)])
+        shrink.call_onnx_function(proto, shape_of_onnx_function(opset, size, tuple(keep), tuple(forward)), **attrs)
 
 
 def _int64(values: list[int] | int):
@@ -281,20 +286,35 @@ def _int64(values: list[int] | int):
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64))
 
 
+SCALED = 2  # a ``keep`` code: the run-time size times ``fixed`` over ``den``
+
+
 def _keep_fixed(shape: str, new: str, keep: tuple[int, ...]) -> list:
-    """``new[k] = shape[k] if keep[k] else fixed[k]`` with ``fixed`` the function's tensor
-    attribute: a run-time shape whose entries on pruned axes are replaced.  Written as
-    Gather -> Unsqueeze -> Concat, the pattern exporters emit for shapes, which every
-    consumer (TVM's ONNX frontend included) reads as shape arithmetic; the pattern of
-    ``keep`` is part of the function's name, so each pattern is its own function."""
+    """``new[k] = shape[k]`` where ``keep[k]`` is 1, ``fixed[k]`` where it is 0, and
+    ``shape[k] * fixed[k] / den[k]`` where it is :data:`SCALED` (``fixed`` and ``den`` the
+    function's tensor attributes): a run-time shape whose entries on pruned axes are
+    replaced.  Written as Gather -> Unsqueeze -> Concat, the pattern exporters emit for
+    shapes, which every consumer (TVM's ONNX frontend included) reads as shape
+    arithmetic; the pattern of ``keep`` is part of the function's name, so each pattern
+    is its own function."""
     from onnx import AttributeProto, helper
-    fixed = helper.make_node("Constant", [], ["fixed_"])
-    fixed.attribute.append(AttributeProto(name="value", ref_attr_name="fixed", type=AttributeProto.TENSOR))
-    body = [fixed, helper.make_node("Constant", [], ["axis0_"], value=_int64([0]))]
-    for k, kept in enumerate(keep):
+
+    def attribute(name: str):
+        node = helper.make_node("Constant", [], [f"{name}_"])
+        node.attribute.append(AttributeProto(name="value", ref_attr_name=name, type=AttributeProto.TENSOR))
+        return node
+    body = [attribute("fixed"), helper.make_node("Constant", [], ["axis0_"], value=_int64([0]))]
+    if SCALED in keep:
+        body.append(attribute("den"))
+    for k, code in enumerate(keep):
         body += [helper.make_node("Constant", [], [f"i{k}_"], value=_int64(k)),
-                 helper.make_node("Gather", [shape if kept else "fixed_", f"i{k}_"], [f"e{k}_"], axis=0),
-                 helper.make_node("Unsqueeze", [f"e{k}_", "axis0_"], [f"u{k}_"])]
+                 helper.make_node("Gather", [shape if code else "fixed_", f"i{k}_"], [f"e{k}_"], axis=0)]
+        if code == SCALED:  # multiply first: the quotient is exact
+            body += [helper.make_node("Gather", ["fixed_", f"i{k}_"], [f"f{k}_"], axis=0),
+                     helper.make_node("Gather", ["den_", f"i{k}_"], [f"d{k}_"], axis=0),
+                     helper.make_node("Mul", [f"e{k}_", f"f{k}_"], [f"m{k}_"]),
+                     helper.make_node("Div", [f"m{k}_", f"d{k}_"], [f"s{k}_"])]
+        body.append(helper.make_node("Unsqueeze", [f"s{k}_" if code == SCALED else f"e{k}_", "axis0_"], [f"u{k}_"]))
     return body + [helper.make_node("Concat", [f"u{k}_" for k in range(len(keep))], [new], axis=0)]
 
 
@@ -319,8 +339,9 @@ def shape_onnx_function(op: str, opset: int, keep: tuple[int, ...], forwarded: t
 
 
 def shape_of_onnx_function(opset: int, size: bool, keep: tuple[int, ...], forwarded: tuple[str, ...] = ()):
-    """``Shape(input)·keep + fixed`` (its ``start``/``end`` forwarded), or for ``size`` the
-    product of that (``Size``), as a FunctionProto: the full model's sizes of a pruned value."""
+    """``Shape(input)`` with its entries kept, fixed or scaled as ``keep`` says
+    (:func:`_keep_fixed`; its ``start``/``end`` forwarded), or for ``size`` the product of
+    that (``Size``), as a FunctionProto: the full model's sizes of a pruned value."""
     from onnx import helper
 
     from .normalization import DOMAIN
@@ -328,8 +349,9 @@ def shape_of_onnx_function(opset: int, size: bool, keep: tuple[int, ...], forwar
     if size:
         body.append(helper.make_node("ReduceProd", ["full"], ["output"], keepdims=0))
     name = f"{'SizeOfFull' if size else 'ShapeOfFull'}_{''.join(map(str, keep))}"
+    scaled = ["den"] if SCALED in keep else []
     return helper.make_function(DOMAIN, name, ["input"], ["output"], body,
-                                [helper.make_opsetid("", opset)], attributes=["fixed", *forwarded])
+                                [helper.make_opsetid("", opset)], attributes=["fixed", *scaled, *forwarded])
 
 
 @register("permute", aten=("permute", "transpose", "t", "movedim", "swapaxes", "numpy_T", "mT", "flip",

@@ -277,7 +277,7 @@ def test_capture_returns_shapes_of_float_activations():
     assert not {"w1", "c1__gp_shape"} & set(cap)
 
 
-NUMBER_CASES = ("scale_read_off_pruned", "size_of_pruned", "shape_start")
+NUMBER_CASES = ("scale_read_off_pruned", "size_of_pruned", "shape_start", "batch_read_off_merged_pruned")
 
 
 def runtime_shape_model(case: str) -> onnx.ModelProto:
@@ -291,7 +291,7 @@ def runtime_shape_model(case: str) -> onnx.ModelProto:
     ints = lambda name, *s: numpy_helper.from_array(np.array(s, dtype=np.int64), name)  # noqa: E731
     inits = [w("w1", 8, 8), w("b1", 8), w("w2", 8, 5), w("w3", 8, 5), ints("heads", 0, 0, 2, 4)]
     inits += [ints(f"i{k}", k) for k in range(3)] + [ints("minus1", -1), ints("zero", 0), ints("three", 3),
-                                                     ints("eight", 8)]
+                                                     ints("eight", 8), ints("flat", -1, 3)]
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h1"]),
              helper.make_node("Relu", ["h1"], ["h"])]
 
@@ -325,6 +325,10 @@ def runtime_shape_model(case: str) -> onnx.ModelProto:
             nodes.append(helper.make_node("Div", [dim("h", 2), "three"], ["n"]))
         elif case == "size_of_pruned":  # the batch times the pruned width
             nodes.append(helper.make_node("Size", ["h"], ["n"]))
+        elif case == "batch_read_off_merged_pruned":  # BLOOM: the batch read back off [batch * C, 3], C pruned
+            nodes += [helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1]),
+                      helper.make_node("Reshape", ["ht", "flat"], ["m"])]
+            nodes.append(helper.make_node("Div", [dim("m", 0), "eight"], ["n"]))
         else:  # opset 15: Shape(h, start=2) holds the pruned width alone
             nodes.append(helper.make_node("Shape", ["h"], ["n"], start=2))
         nodes += [helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
