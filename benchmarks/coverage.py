@@ -645,13 +645,13 @@ def main() -> None:
             if probe.returncode:
                 last = (probe.stderr.strip().splitlines() or ["?"])[-1]
                 oto_error = f"n/a: does not import on torch {torch.__version__.split('+')[0]}: {last[:200]}"
-        commit = _commit()
         # cells never run first (smallest models first), then, with --retry-failed, the failed ones
         passes = [False, True] if args.retry_failed else [False]
         first = set(args.first.split(",")) if args.first else set()
         for retry, name, tool in [(r, n, t) for r in passes for n in names for t in tools]:
             done = read_results(args.results).get((name, tool))
-            stale = args.stale and tool.startswith("graphprune") and done and done.get("commit") != commit
+            # the checkout may move during a long run: a cell is stale against the code a new run would use
+            stale = args.stale and tool.startswith("graphprune") and done and done.get("commit") != _commit()
             if done and not stale and not ((retry or (args.retry_failed and name in first)) and _failed(done)):
                 continue
             if tool == "oto" and oto_error:

@@ -54,13 +54,14 @@ def _fold(node: Node, graph: Graph) -> None:
     (Falcon's ``qkv[..., [-2]]`` reads ``lift_fresh_copy`` of one) is then a constant
     index for the rules, not one computed from data.  Weights are never inputs here, so
     nothing big is computed."""
-    outs = [graph.values[o] for o in node.outputs]
-    if node.target is None or not node.inputs or not outs \
-            or any(v.data is not None or v.dtype.is_floating_point or v.dtype.is_complex
-                   or int(np.prod(v.shape)) > _FOLD_MAX for v in outs):
+    if node.target is None or not node.inputs:
         return
     ins = [graph.values[i] for i in node.inputs]
     if any(v.data is None or v.kind == "param" or v.data.device.type == "meta" for v in ins):
+        return  # the common case, decided at the first input: an activation
+    outs = [graph.values[o] for o in node.outputs]
+    if not outs or any(v.data is not None or v.dtype.is_floating_point or v.dtype.is_complex
+                       or int(np.prod(v.shape)) > _FOLD_MAX for v in outs):
         return
     try:
         out = node.call({v.name: v.data for v in ins})
