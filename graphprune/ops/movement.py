@@ -338,6 +338,24 @@ def shape_onnx_function(op: str, opset: int, keep: tuple[int, ...], forwarded: t
                                 body, [helper.make_opsetid("", opset)], attributes=["fixed", *forwarded])
 
 
+def shrink_runtime_sizes(proto, index: int, old: tuple[int, ...], new: tuple[int, ...], shrink) -> None:
+    """Feed input ``index`` of ``proto`` (sizes computed at run time, e.g. a Resize's
+    ``sizes`` built from ``Shape``, which reads the full model's sizes) through a new node
+    that replaces the entries of the axes that shrank with their compact sizes."""
+    from onnx import helper
+
+    from .normalization import DOMAIN
+    keep = tuple(int(o == n) for o, n in zip(old, new))
+    fn = helper.make_function(DOMAIN, f"SizesShrunk_{''.join(map(str, keep))}", ["shape"], ["new"],
+                              _keep_fixed("shape", "new", keep), [helper.make_opsetid("", shrink.onnx_opset())],
+                              attributes=["fixed"])
+    graph = shrink.onnx.graph
+    call = helper.make_node("Identity", [proto.input[index]], [f"{proto.name}__sizes"], name=f"{proto.name}__sizes")
+    shrink.call_onnx_function(call, fn, fixed=_int64([0 if k else n for k, n in zip(keep, new)]))
+    graph.node.insert(list(graph.node).index(proto), call)  # a copy goes in: ``call`` is complete first
+    proto.input[index] = call.output[0]
+
+
 def shape_of_onnx_function(opset: int, size: bool, keep: tuple[int, ...], forwarded: tuple[str, ...] = ()):
     """``Shape(input)`` with its entries kept, fixed or scaled as ``keep`` says
     (:func:`_keep_fixed`; its ``start``/``end`` forwarded), or for ``size`` the product of

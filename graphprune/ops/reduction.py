@@ -212,3 +212,19 @@ class Spatial(Rule):
 
     def keeps_zero(self, node: Node, lab: Labels) -> bool:
         return lab.is_zero(node.inputs[0])
+
+    def rewrite_onnx(self, node, proto, shrink) -> None:
+        """A Resize to explicit ``sizes``: the channel entry follows the compact output
+        (a constant target is rewritten, a run-time one fed through a fix-up node)."""
+        if node.source_op != "onnx::Resize" or len(proto.input) < 4 or not proto.input[3]:
+            return
+        out = node.outputs[0]
+        old, new = shrink.old_shape(out), shrink.new_shape(out)
+        if old == new:
+            return
+        from .movement import _resize, shrink_runtime_sizes
+        sizes = shrink.graph.values.get(proto.input[3])
+        if sizes is not None and sizes.kind == "const" and sizes.data is not None:
+            shrink.set_onnx_const_input(proto, 3, _resize(sizes.data.tolist(), old, new))
+        else:
+            shrink_runtime_sizes(proto, 3, old, new, shrink)

@@ -226,6 +226,19 @@ class EinsumAttention(GroupedQueryAttention):
         return x + self.down(torch.einsum("btf,f->btf", F.gelu(self.up(x)), self.gate))
 
 
+class ResizeToSize(nn.Module):
+    """Bilinear upsampling to a size computed from the input's shape (MobileViT's unfold):
+    as ONNX, a Resize whose ``sizes`` are built at run time from ``Shape``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        return self.b(F.interpolate(y, size=(y.shape[-2] * 2, y.shape[-1] * 2), mode="bilinear"))
+
+
 class DictInputs(nn.Module):
     """Two inputs given as keyword arguments, two outputs in a dict."""
 

@@ -26,6 +26,7 @@ BLOCKS = {
     "gqa": (blocks.GroupedQueryAttention, lambda: torch.randn(2, 6, 32)),
     "rotary_table_gqa": (blocks.RotaryTableGQA, lambda: torch.randn(2, 6, 32)),
     "einsum_attention": (blocks.EinsumAttention, lambda: torch.randn(2, 6, 32)),
+    "resize_to_size": (blocks.ResizeToSize, lambda: torch.randn(2, 3, 6, 6)),
 }
 
 

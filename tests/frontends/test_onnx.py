@@ -62,6 +62,7 @@ ONNX_BLOCKS = {
     "flatten_linear": (blocks.FlattenLinear, (1, 3, 6, 6)), "group_norm": (blocks.GroupNormNet, (1, 3, 8, 8)),
     "mha": (blocks.Attention, (1, 6, 32)), "gqa": (blocks.GroupedQueryAttention, (1, 6, 32)),
     "rotary_table_gqa": (blocks.RotaryTableGQA, (1, 6, 32)), "einsum_attention": (blocks.EinsumAttention, (1, 6, 32)),
+    "resize_to_size": (blocks.ResizeToSize, (1, 3, 6, 6)),
 }
 
 
