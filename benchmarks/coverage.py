@@ -540,8 +540,8 @@ def _ordered(cells: dict[tuple[str, str], dict]) -> list[str]:
 
 def print_table(cells: dict[tuple[str, str], dict], tools: list[str]) -> None:
     print("memory (MiB): growth of the cell subprocess's peak resident size over its resident size just before "
-          "the analysis (peak counter reset there), with the model already built (PyTorch) or exported and loaded "
-          "as a ModelProto (ONNX): what trace + analysis allocate; '.' = not run yet")
+          "the analysis (free heap trimmed, peak counter reset there), with the model already built (PyTorch) or "
+          "exported to a file (ONNX, traced from its path): what trace + analysis allocate; '.' = not run yet")
     head = f"{'model':22}"
     for tool, short in (("graphprune", "gp"), ("graphprune-onnx", "onnx")):
         if tool in tools:
