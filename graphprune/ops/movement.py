@@ -209,7 +209,7 @@ def _computed_shape(node: Node, shrink) -> bool:
 
 def _rewrite_runtime_shape(node: Node, proto, shrink) -> None:
     """A target computed at run time keeps its entries where ``keep`` says and takes ``fixed``
-    elsewhere (:func:`shape_onnx_function`):
+    elsewhere (:func:`shrink_runtime_shape`):
     its entries are kept where the output kept its size (the batch, and any size the
     exporter computes; a Reshape's 0 entry also needs the input to have kept its dim).
     Run-time shapes hold the full model's sizes in the compact model too (:class:`ShapeOf`),
@@ -234,11 +234,9 @@ def _rewrite_runtime_shape(node: Node, proto, shrink) -> None:
             fixed = _onnx_reshape_shape(x, out, shrink, keep)
     else:
         fixed = _onnx_expand_shape(node, x, out, shrink)
-    opset = shrink.onnx_opset()
-    zero = any(f == 0 and not k for k, f in zip(keep, fixed))  # 0 copies only without allowzero
-    forward = {"allowzero": 0 if zero else int(node.attrs.get("allowzero", 0))} if reshape and opset >= 14 else {}
-    shrink.call_onnx_function(proto, shape_onnx_function(proto.op_type, opset, tuple(keep), tuple(forward)),
-                              fixed=_int64([0 if k else f for k, f in zip(keep, fixed)]), **forward)
+    if reshape and shrink.onnx_opset() >= 14 and any(f == 0 and not k for k, f in zip(keep, fixed)):
+        shrink.set_onnx_attr(proto, "allowzero", 0)  # a fixed 0 copies the input's dim only without it
+    shrink_runtime_shape(proto, 1, keep, fixed, shrink)
 
 
 @register("shape", onnx=("Shape", "Size"))
@@ -326,34 +324,23 @@ def _forwarding(op: str, inputs: list[str], outputs: list[str], forwarded: tuple
     return node
 
 
-def shape_onnx_function(op: str, opset: int, keep: tuple[int, ...], forwarded: tuple[str, ...] = ()):
-    """ONNX ``op(input, shape with its pruned entries replaced)`` (Expand, Reshape with its ``allowzero``
-    forwarded) as a FunctionProto (``graphprune`` domain, inlined by the emitter): a
-    run-time target with the entries of the axes that shrank replaced."""
+def shrink_runtime_shape(proto, index: int, keep: list[int], fixed: list[int], shrink) -> None:
+    """Feed input ``index`` of ``proto``, a shape computed at run time (a Reshape or Expand
+    target, a Resize's ``sizes``: built from ``Shape``, which reads the full model's sizes),
+    through a new node that keeps entry ``k`` where ``keep[k]`` and takes ``fixed[k]``
+    elsewhere (:func:`_keep_fixed`; a model-local function the emitter inlines)."""
     from onnx import helper
 
     from .normalization import DOMAIN
-    body = _keep_fixed("shape", "new", keep) + [_forwarding(op, ["input", "new"], ["output"], forwarded)]
-    return helper.make_function(DOMAIN, f"{op}Shrunk_{''.join(map(str, keep))}", ["input", "shape"], ["output"],
-                                body, [helper.make_opsetid("", opset)], attributes=["fixed", *forwarded])
-
-
-def shrink_runtime_sizes(proto, index: int, old: tuple[int, ...], new: tuple[int, ...], shrink) -> None:
-    """Feed input ``index`` of ``proto`` (sizes computed at run time, e.g. a Resize's
-    ``sizes`` built from ``Shape``, which reads the full model's sizes) through a new node
-    that replaces the entries of the axes that shrank with their compact sizes."""
-    from onnx import helper
-
-    from .normalization import DOMAIN
-    keep = tuple(int(o == n) for o, n in zip(old, new))
-    fn = helper.make_function(DOMAIN, f"SizesShrunk_{''.join(map(str, keep))}", ["shape"], ["new"],
-                              _keep_fixed("shape", "new", keep), [helper.make_opsetid("", shrink.onnx_opset())],
-                              attributes=["fixed"])
+    pattern = "".join(map(str, keep))
+    fn = helper.make_function(DOMAIN, f"ShapeShrunk_{pattern}", ["shape"], ["new"], _keep_fixed("shape", "new", keep),
+                              [helper.make_opsetid("", shrink.onnx_opset())], attributes=["fixed"])
+    name = f"{proto.name}__pruned_in{index}"
+    call = helper.make_node("Identity", [proto.input[index]], [name], name=name)
+    shrink.call_onnx_function(call, fn, fixed=_int64([0 if k else f for k, f in zip(keep, fixed)]))
     graph = shrink.onnx.graph
-    call = helper.make_node("Identity", [proto.input[index]], [f"{proto.name}__sizes"], name=f"{proto.name}__sizes")
-    shrink.call_onnx_function(call, fn, fixed=_int64([0 if k else n for k, n in zip(keep, new)]))
     graph.node.insert(list(graph.node).index(proto), call)  # a copy goes in: ``call`` is complete first
-    proto.input[index] = call.output[0]
+    proto.input[index] = name
 
 
 def shape_of_onnx_function(opset: int, size: bool, keep: tuple[int, ...], forwarded: tuple[str, ...] = ()):

@@ -222,9 +222,9 @@ class Spatial(Rule):
         old, new = shrink.old_shape(out), shrink.new_shape(out)
         if old == new:
             return
-        from .movement import _resize, shrink_runtime_sizes
+        from .movement import _resize, shrink_runtime_shape
         sizes = shrink.graph.values.get(proto.input[3])
         if sizes is not None and sizes.kind == "const" and sizes.data is not None:
             shrink.set_onnx_const_input(proto, 3, _resize(sizes.data.tolist(), old, new))
         else:
-            shrink_runtime_sizes(proto, 3, old, new, shrink)
+            shrink_runtime_shape(proto, 3, [int(o == n) for o, n in zip(old, new)], list(new), shrink)
