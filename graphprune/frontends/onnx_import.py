@@ -11,7 +11,7 @@ so one rule serves every opset.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -21,7 +21,7 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 from ..errors import BadOnnxError
 from ..ir.graph import Graph, Node, Ref, Value
 from ..ops.registry import canonical_onnx
-from .onnx_mapped import read_structure
+from .onnx_mapped import map_tensor, read_structure, tensor_bytes
 from .onnx_ops import ONNX_IMPLS
 
 # input names per op type, in ONNX order (what the rules read from ``node.attrs``)
@@ -216,15 +216,16 @@ def session(model: onnx.ModelProto, options: Any = None,
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), feeds
 
 
-def _parse(model: Any) -> tuple[onnx.ModelProto, str]:
-    """The ModelProto of a path (loaded, external data included) or of the caller."""
+def _parse(model: Any, load: Callable[[str], onnx.ModelProto] = onnx.load) -> tuple[onnx.ModelProto, str]:
+    """The ModelProto of a path (read by ``load``: by default with its external data) or
+    of the caller."""
     source = "<ModelProto>"
     if isinstance(model, (str, os.PathLike)):
         source = os.fspath(model)
         if not os.path.isfile(source):
             raise BadOnnxError(f"no such ONNX file: {source}", source=source, hint="check the path")
         try:
-            model = onnx.load(source)  # external data (next to the file) is read too
+            model = load(source)
         except Exception as exc:
             raise BadOnnxError(f"cannot parse ONNX file: {type(exc).__name__}: {str(exc)[:200]}", source=source,
                                hint="the file is truncated or not an ONNX model") from exc
@@ -240,20 +241,19 @@ def _open(model: Any) -> tuple[onnx.ModelProto, str, dict[str, np.ndarray]]:
     (copy-on-write): writing to an array never changes the file, and a later atomic
     replacement of the file (emitters write a temp file, then rename) leaves it intact;
     only rewriting the same file in place while the graph is in use would show through."""
-    if not isinstance(model, (str, os.PathLike)):
-        proto, source = _parse(model)
-        return proto, source, {}
-    source = os.fspath(model)
-    if not os.path.isfile(source):
-        raise BadOnnxError(f"no such ONNX file: {source}", source=source, hint="check the path")
-    try:
-        proto, mapped = read_structure(source, is_fed)  # weights embedded in the file: mapped in place
-    except Exception:  # a file the wire reader cannot walk: onnx.load reads it, or says what is wrong
+    mapped: dict[str, np.ndarray] = {}
+
+    def load(source: str) -> onnx.ModelProto:
         try:
-            proto, mapped = onnx.load(source, load_external_data=False), {}
-        except Exception as exc:
-            raise BadOnnxError(f"cannot parse ONNX file: {type(exc).__name__}: {str(exc)[:200]}", source=source,
-                               hint="the file is truncated or not an ONNX model") from exc
+            proto, embedded = read_structure(source, is_fed)  # weights embedded in the file: mapped in place
+        except Exception:  # a file the wire reader cannot walk: onnx.load reads it, or says what is wrong
+            return onnx.load(source, load_external_data=False)
+        mapped.update(embedded)
+        return proto
+
+    proto, source = _parse(model, load)
+    if source == "<ModelProto>":
+        return proto, source, mapped
     base = os.path.dirname(source)
     for t in proto.graph.initializer:
         if external_data_helper.uses_external_data(t) and is_fed(t):
@@ -271,17 +271,14 @@ def _map_external(t: onnx.TensorProto, base: str, source: str) -> np.ndarray:
     """The external data of initializer ``t`` as a private memory map of its file."""
     info = external_data_helper.ExternalDataInfo(t)
     path = os.path.join(base, info.location)
-    dtype = _elem_dtype(t.data_type)
-    shape = tuple(int(d) for d in t.dims)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+    nbytes = tensor_bytes(t)
     offset = int(info.offset or 0)
     if (info.length and int(info.length) != nbytes) or not os.path.isfile(path) \
             or os.path.getsize(path) < offset + nbytes:
         raise BadOnnxError(f"invalid ONNX model: initializer {t.name!r} needs {nbytes} bytes at offset {offset} "
                            f"of {path}, which does not hold them", source=source,
                            hint="keep the data file next to the model, as the exporter wrote it")
-    arr = np.memmap(path, dtype=dtype.newbyteorder("<"), mode="c", offset=offset, shape=shape)
-    return arr if arr.flags.aligned else np.array(arr, order="C")  # torch needs aligned data
+    return map_tensor(path, offset, t)
 
 
 def _annotate(model: onnx.ModelProto, source: str) -> None:

@@ -81,12 +81,21 @@ def read_structure(path: str, mapped_if: Callable[[onnx.TensorProto], bool]) \
         model.graph.MergeFrom(graph)
     finally:
         buf.close()
-    mapped = {}
-    for t, offset in spots:
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
-        arr = np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=tuple(t.dims))
-        mapped[t.name] = arr if arr.flags.aligned else np.array(arr, order="C")
-    return model, mapped
+    return model, {t.name: map_tensor(path, offset, t) for t, offset in spots}
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """The bytes of ``t``'s data, from its type and dims."""
+    return int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+def map_tensor(path: str, offset: int, t: onnx.TensorProto) -> np.ndarray:
+    """``t``'s data at ``offset`` in the file ``path``, little-endian, as a private
+    (copy-on-write) memory map; copied where the offset is unaligned for the type, since
+    torch needs aligned data."""
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+    arr = np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=tuple(int(d) for d in t.dims))
+    return arr if arr.flags.aligned else np.array(arr, order="C")
 
 
 def _read_graph(buf: mmap.mmap, graph_field: _Field, graph: onnx.GraphProto,
@@ -106,7 +115,7 @@ def _read_graph(buf: mmap.mmap, graph_field: _Field, graph: onnx.GraphProto,
                 stub.MergeFromString(buf[sub.start:sub.end])
         if raw is None or not mapped_if(stub):
             continue
-        expected = int(np.prod(stub.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(stub.data_type)).itemsize
+        expected = tensor_bytes(stub)
         if raw.end - raw.payload != expected:
             raise ValueError(f"initializer {stub.name!r} holds {raw.end - raw.payload} bytes, its type and dims "
                              f"say {expected}")
