@@ -79,7 +79,7 @@ def emit_module(graph: Graph, exported: torch.export.ExportedProgram, shrink: Sh
     sig = exported.graph_signature
     paths = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}  # a tied weight's paths differ from its name
     for name, v in graph.values.items():
-        if v.kind not in ("param", "buffer", "const") or v.source_name is None:
+        if not v.fixed or v.source_name is None:
             continue
         src = tensors.get(v.source_name, v.data)
         if src is None:

@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from graphprune.analysis.liveness import FIXED, Liveness
+from graphprune.analysis.liveness import Liveness
 from graphprune.errors import ZeroInvarianceError
 from graphprune.ir.graph import Graph, Node
 from graphprune.ops.elementwise import is_arithmetic
@@ -146,7 +146,7 @@ def _evaluate(graph: Graph, wanted: set[str], empty: set[str],
             continue
         if name in empty:
             env[name] = torch.zeros(v.shape, dtype=v.dtype, device=device)
-        elif v.kind in FIXED:
+        elif v.fixed:
             env[name] = tensors.get(v.source_name or name, v.data).detach().to(device)
         else:
             need.add(name)

@@ -23,7 +23,7 @@ def param_dim_labels(lab: Labels, comp: torch.Tensor) -> dict[tuple[str, int], t
             out[(p, d)] = labels
     for name, v in lab.graph.values.items():
         f = lab.fields.get(name)
-        if v.kind not in ("param", "buffer", "const") or f is None or name in lab.param_axes:
+        if not v.fixed or f is None or name in lab.param_axes:
             continue
         j = uniform_axis(f.labels, comp) if len(f.axes) > 1 else 0
         if j is None:

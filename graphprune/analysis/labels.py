@@ -166,7 +166,7 @@ class Labels:
             return self.fields[name]
         v = self.graph.values[name]
         f = None
-        if v.kind in ("param", "buffer", "const") and v.dtype.is_floating_point:  # not indices or masks
+        if v.fixed and v.dtype.is_floating_point:  # not indices or masks
             axes = tuple(i for i, s in enumerate(v.shape) if s > 1)
             if axes:
                 sizes = [v.shape[i] for i in axes]

@@ -18,9 +18,6 @@ import torch
 from ..ir.graph import Graph
 from .labels import Labels
 
-FIXED = ("param", "buffer", "const")
-"""Value kinds whose contents do not depend on the model's inputs."""
-
 
 class Liveness:
     """Per activation, the components of its entries (precomputed once), so that finding
@@ -50,7 +47,7 @@ class Liveness:
         if not empty:
             return set()
         dead = set(empty)
-        fixed = {n for n, v in self.graph.values.items() if v.kind in FIXED}
+        fixed = {n for n, v in self.graph.values.items() if v.fixed}
         for node in self.graph.nodes:
             ins = node.inputs
             if all(i in dead or i in fixed for i in ins):

@@ -38,6 +38,11 @@ class Value:
     alt_shape: tuple[int, ...] | None = None  # shape at a second batch size: its differing dims are dynamic
 
     @property
+    def fixed(self) -> bool:
+        """Whether the contents are known before the model runs: a parameter, buffer or constant."""
+        return self.kind in ("param", "buffer", "const")
+
+    @property
     def dynamic_axes(self) -> set[int]:
         """Axes whose size changed at the second batch size (ONNX import); none if unknown."""
         if self.alt_shape is None:

@@ -20,7 +20,7 @@ from .registry import Rule, register
 
 def _param(lab: Labels, node: Node, key: str) -> str | None:
     name = ref_name(node.attrs.get(key))
-    if name is not None and lab.graph.values[name].kind not in ("param", "buffer", "const"):
+    if name is not None and not lab.graph.values[name].fixed:
         return None
     return name
 

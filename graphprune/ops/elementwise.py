@@ -108,7 +108,7 @@ class Elementwise(Rule):
             if name == rep[0]:
                 continue
             axes = tuple(a + off for a in f.axes) if f is not None else ()
-            if f is not None and not set(axes) <= set(rep_axes) and _is_constant(lab, name):
+            if f is not None and not set(axes) <= set(rep_axes) and lab.graph.values[name].fixed:
                 # a constant table that also varies along axes the data keeps whole (a
                 # constant-folded rotary cos/sin table [1, 1, seq, head_dim] against
                 # q [b, heads, seq, head_dim]): its entries along those axes go together;
@@ -172,19 +172,15 @@ class Elementwise(Rule):
         return False
 
 
-def _is_constant(lab: Labels, name: str) -> bool:
-    return lab.graph.values[name].kind in ("param", "buffer", "const")
-
-
 def _representative(labelled: list, lab: Labels) -> tuple:
     """The operand whose field the output takes: the one labelled on most axes, unless
     that is a constant and a computed operand is labelled on an axis it lacks (ONNX
     initializers are all labelled: a pooling's divisor table [7, 7] must not displace the
     channels of the [b, c, 7, 7] data it divides); then the computed operand."""
     rep = max(labelled, key=lambda o: len(o[3].axes))
-    if _is_constant(lab, rep[0]):
+    if lab.graph.values[rep[0]].fixed:
         reach = {a + rep[2] for a in rep[3].axes}
-        computed = [o for o in labelled if not _is_constant(lab, o[0])
+        computed = [o for o in labelled if not lab.graph.values[o[0]].fixed
                     and not {a + o[2] for a in o[3].axes} <= reach]
         if computed:
             rep = max(computed, key=lambda o: len(o[3].axes))
