@@ -10,8 +10,10 @@ Every model is timed in two forms: dense, and pruned by graphprune's one-shot AP
 ``g.construct_subnet()``; latency depends on the widths, not on the weights).  Both forms take
 the same path to every runtime: the ``torch.export`` program run eagerly for torch (so the
 torch speedup is pruning's alone, not nn.Module against exported graph), the ONNX that
-``gp.export_onnx`` writes for onnxruntime, and ``graphprune.codegen.build`` for TVM, tuned
-per form with the same trials per task.  MACs are ``gp.trace(...).total_flops`` of the model
+``gp.export_onnx`` writes for onnxruntime, and ``graphprune.codegen.build`` of that same
+ONNX file for TVM (the issue's comparison: the same compact ONNX), tuned per form with the
+same trials per task, measured at the thread count every runtime is timed with; the pruned
+form's tuning starts from a copy of the dense form's database (incremental re-tuning).  MACs are ``gp.trace(...).total_flops`` of the model
 and of the compact model: the FLOPs ratio is measured, not the target.  Per model the table
 has a dense row, a pruned row and a row of pruned speedup / FLOPs ratio per runtime (1.0:
 latency fell exactly with FLOPs), and a tuned TVM / onnxruntime column; below it the issue's
@@ -38,6 +40,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,7 +48,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -83,6 +86,7 @@ def make_model(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]] | 
     if name == "vit":  # ViT-Tiny-like: 96x96 images, 6 layers of width 192
         model = torchvision.models.VisionTransformer(image_size=96, patch_size=16, num_layers=6, num_heads=3,
                                                      hidden_dim=192, mlp_dim=768, num_classes=100)
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-initialises it: outputs all 0
         return model.eval(), (torch.randn(1, 3, 96, 96),)
     if name == "bert":
         try:
@@ -229,11 +233,13 @@ def bsr_model_worker(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- preparation
 def prepare(name: str, out: Path, runtimes: list[str], trials_per_task: int, flops: float,
-            criterion: str, multiple: int) -> list[Variant]:
+            criterion: str, multiple: int, threads: int) -> list[Variant]:
     """Both forms of one model, with their artefacts built; [] when the model is unavailable.
 
     The pruned form is what a user gets from graphprune's one-shot API; its MACs come from
-    tracing the compact model again, so the FLOPs ratio in the table is exact.
+    tracing the compact model again, so the FLOPs ratio in the table is exact. Its tuning
+    starts from a copy of the dense form's database, as a user re-tunes after pruning: the
+    tasks whose shapes pruning left alone are reused (the header says how many trials that saved).
     """
     import graphprune as gp
 
@@ -249,9 +255,11 @@ def prepare(name: str, out: Path, runtimes: list[str], trials_per_task: int, flo
     compact = g.construct_subnet()
     pruned = Variant(name, "pruned", gp.trace(compact, inputs, verify=False).total_flops, spec, pruning=repr(report))
     print(f"{name}: {report!r}; MMACs {dense.macs / 1e6:,.1f} -> {pruned.macs / 1e6:,.1f}", file=sys.stderr)
+    seed = None
     for variant, module in ((dense, model), (pruned, compact)):
         variant.artifacts, variant.tuning = build_artifacts(f"{name}-{variant.form}", module, inputs, out, runtimes,
-                                                            trials_per_task)
+                                                            trials_per_task, threads, seed)
+        seed = out / f"tuning-{name}-dense"
     return [dense, pruned]
 
 
@@ -264,24 +272,40 @@ def write_input_spec(path: Path, inputs: tuple[torch.Tensor, ...]) -> str:
 
 
 def build_artifacts(stem: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: Path,
-                    runtimes: list[str], trials_per_task: int) -> tuple[dict[str, str], dict[str, int] | None]:
-    """One artefact per runtime for ``module``; returns runtime -> path and tvm-tuned's tuning budget."""
+                    runtimes: list[str], trials_per_task: int, threads: int,
+                    seed_db: Path | None = None) -> tuple[dict[str, str], dict[str, int] | None]:
+    """One artefact per runtime for ``module``; returns runtime -> path and tvm-tuned's tuning budget.
+
+    TVM compiles for this CPU with ``threads`` cores, the thread count every runtime is timed with.
+    """
+    from graphprune.codegen.targets import host_cpu_target
+
+    target = host_cpu_target(threads)
     artifacts: dict[str, str] = {}
     if "torch" in runtimes:
         artifacts["torch"] = save_program(module, inputs, out / f"{stem}.pt2")
-    if "onnxruntime" in runtimes:
+    onnx_path = out / f"{stem}.onnx"
+    if {"onnxruntime", "tvm-default", "tvm-tuned"} & set(runtimes):
         import graphprune as gp
 
         # static shapes, as TVM compiles them: neither runtime gets a symbolic batch dimension
-        gp.export_onnx(module, inputs, out / f"{stem}.onnx", dynamic_batch=False)
-        artifacts["onnxruntime"] = str(out / f"{stem}.onnx")
+        gp.export_onnx(module, inputs, onnx_path, dynamic_batch=False)
+    if "onnxruntime" in runtimes:
+        artifacts["onnxruntime"] = str(onnx_path)
     databases: dict[str, str | None] = {"tvm-default": None}
     tuning = None
     if "tvm-tuned" in runtimes:
-        databases["tvm-tuned"], tuning = tune(module, inputs, out / f"tuning-{stem}", trials_per_task)
+        work_dir = out / f"tuning-{stem}"
+        if seed_db is not None and seed_db.is_dir() and not work_dir.exists():
+            from graphprune.codegen.tuning import DATABASE_FILES
+
+            work_dir.mkdir(parents=True)
+            for table in DATABASE_FILES:
+                shutil.copy(seed_db / table, work_dir / table)
+        databases["tvm-tuned"], tuning = tune(onnx_path, work_dir, trials_per_task, target)
     for runtime, database in databases.items():
         if runtime in runtimes:
-            artifacts[runtime] = build_library(module, inputs, database, out / f"{stem}-{runtime}.so")
+            artifacts[runtime] = build_library(onnx_path, database, target, out / f"{stem}-{runtime}.so")
     return artifacts, tuning
 
 
@@ -295,23 +319,23 @@ def save_program(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path
     return str(path)
 
 
-def tune(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], work_dir: Path,
-         trials_per_task: int) -> tuple[str, dict[str, int]]:
+def tune(onnx_path: Path, work_dir: Path, trials_per_task: int, target: object) -> tuple[str, dict[str, int]]:
     """Tune into ``work_dir`` (a rerun resumes it); returns the database and the budget for the header."""
     import graphprune.codegen as codegen
 
-    report = codegen.tune(module, inputs, "x86", work_dir, trials_per_task=trials_per_task)
+    report = codegen.tune(onnx_path, None, target, work_dir, trials_per_task=trials_per_task)
     print(report.summary(), file=sys.stderr)
     return report.work_dir, {"tasks": report.tasks_total, "trials_per_task": trials_per_task,
-                             "trials_run": report.trials_run, "tasks_reused": len(report.tasks_reused)}
+                             "trials_budget": report.trials_budget, "trials_run": report.trials_run,
+                             "tasks_reused": len(report.tasks_reused), "trials_saved": report.trials_saved,
+                             "seconds": round(report.seconds)}
 
 
-def build_library(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], database: str | None,
-                  library: Path) -> str:
+def build_library(onnx_path: Path, database: str | None, target: object, library: Path) -> str:
     """Compile with TVM (tuning records first, default schedules for the rest) into a shared library."""
     import graphprune.codegen as codegen
 
-    codegen.build(module, inputs, "x86", tuning_db=database).export(library)
+    codegen.build(onnx_path, None, target, tuning_db=database).export(library)
     return str(library)
 
 
@@ -396,6 +420,8 @@ def done_when(pairs: list[tuple[Variant, Variant]], runtimes: list[str]) -> list
 
 def header(args: argparse.Namespace, variants: list[Variant]) -> list[str]:
     """The results file's header: the command line, the machine, and how every number was made."""
+    from graphprune.codegen.tuning import LIGHT_SHARE, LIGHT_TRIALS
+
     versions = ", ".join(f"{p} {_version(p)}" for p in ("torch", "onnxruntime", "apache-tvm"))
     lines = [f"# {shlex.join(['python', *sys.argv])}",
              f"# {_cpu_name()}, {args.threads} thread(s) per runtime, one runtime per process; {versions}"]
@@ -406,13 +432,15 @@ def header(args: argparse.Namespace, variants: list[Variant]) -> list[str]:
                   "on random weights, "
                   "then construct_subnet(); MMACs: gp.trace(...).total_flops",
                   "# torch: the torch.export program run eagerly; onnxruntime: gp.export_onnx (static shapes); "
-                  "TVM: graphprune.codegen.build for x86"]
-        tuned = (f"meta-schedule, {args.trials_per_task} trials per task, each form into its own database"
+                  "TVM: graphprune.codegen.build of that same ONNX file for this CPU"]
+        tuned = (f"meta-schedule, {args.trials_per_task} trials per task (at most {LIGHT_TRIALS} for tasks "
+                 f"under {LIGHT_SHARE:.0%} of the FLOPs), measured at {args.threads} thread(s); "
+                 "pruned starts from a copy of the dense database"
                  if any(v.tuning for v in variants) else "not run (--trials-per-task 0 or not in --runtimes)")
         lines.append(f"# tvm-tuned: {tuned}")
-        lines += [f"# tvm-tuned budget, {v.model} {v.form}: {t['tasks']} tasks x {t['trials_per_task']} trials = "
-                  f"{t['tasks'] * t['trials_per_task']} ({t['trials_run']} run now, {t['tasks_reused']} tasks "
-                  "reused from the database)" for v in variants if (t := v.tuning)]
+        lines += [f"# tvm-tuned budget, {v.model} {v.form}: {t['tasks']} tasks, {t['trials_budget']} trials "
+                  f"({t['trials_run']} run in {t['seconds']} s; {t['tasks_reused']} tasks reused from the database, "
+                  f"{t['trials_saved']} trials saved)" for v in variants if (t := v.tuning)]
     return lines
 
 
@@ -491,17 +519,37 @@ def selected_runtimes(args: argparse.Namespace) -> list[str]:
 
 
 def measure_models(args: argparse.Namespace, out: Path, runtimes: list[str]) -> list[tuple[Variant, Variant]]:
-    """(dense, pruned) for every model, artefacts built and timed."""
+    """(dense, pruned) for every model, artefacts built and timed; the tables so far are written
+    after each model, so a run stopped half-way keeps what it measured."""
     pairs = []
     for name in args.models.split(","):
-        variants = prepare(name, out, runtimes, args.trials_per_task, args.flops, args.criterion, args.multiple)
+        variants = prepare(name, out, runtimes, args.trials_per_task, args.flops, args.criterion, args.multiple,
+                           args.threads)
         if not variants:
             print(f"{name}: skipped (transformers not installed)", file=sys.stderr)
             continue
         time_interleaved(variants, args.rounds, args.number, args.threads)
         print(name, json.dumps({v.form: v.ms for v in variants}), file=sys.stderr)
         pairs.append((variants[0], variants[1]))
+        write_results(args, out, pairs, runtimes)
     return pairs
+
+
+def write_results(args: argparse.Namespace, out: Path, pairs: list[tuple[Variant, Variant]], runtimes: list[str],
+                  bsr_lines: Sequence[str] = (), bsr: Sequence[dict] = (), bsr_model: Sequence[dict] = ()) -> str:
+    """The tables to ``--results`` and the numbers to ``<out>/latency.json``, each atomically."""
+    from graphprune.atomic import atomic_write_text
+
+    lines = latency_table(pairs, runtimes, args.threads, args.rounds) if pairs else []
+    variants = [v for pair in pairs for v in pair]
+    text = "\n".join(header(args, variants) + lines + list(bsr_lines)) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.results, text)
+    atomic_write_text(out / "latency.json", json.dumps({"command": sys.argv, "threads": args.threads,
+                                                         "models": [asdict(v) for v in variants], "bsr": list(bsr),
+                                                         "bsr_model": list(bsr_model)}, indent=1))
+    return text
 
 
 def main() -> None:
@@ -513,22 +561,14 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from graphprune.atomic import atomic_write_text
-
+    # tuning measures in this process's children: at the thread count every runtime is timed with
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
     out, runtimes = Path(args.out), selected_runtimes(args)
     pairs = [] if args.bsr_only else measure_models(args, out, runtimes)
-    lines = latency_table(pairs, runtimes, args.threads, args.rounds) if pairs else []
     bsr_lines, bsr, bsr_model = ([], [], []) if args.no_bsr else bsr_tables(args, out)
-    variants = [v for pair in pairs for v in pair]
-    text = "\n".join(header(args, variants) + lines + bsr_lines) + "\n"
+    text = write_results(args, out, pairs, runtimes, bsr_lines, bsr, bsr_model)
     # meta-schedule prints its task tables to stdout while tuning: the tables also go to a file
     print("\n" + text)
-    out.mkdir(parents=True, exist_ok=True)
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.results, text)
-    atomic_write_text(out / "latency.json", json.dumps({"command": sys.argv, "threads": args.threads,
-                                                         "models": [asdict(v) for v in variants], "bsr": bsr,
-                                                         "bsr_model": bsr_model}, indent=1))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 import tvm
-from tvm import relax
+from tvm import relax, te, tirx, topi
 from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
@@ -23,24 +23,57 @@ def _backend(target: Target):
     return importlib.import_module(f"tvm.relax.backend.{name}.pipeline")
 
 
+def _fast_gelu(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """GELU with TVM's vectorisable ``fast_erf`` instead of ``erf``, which LLVM leaves as one scalar
+    libm call per element (a third of a small ViT's MLP layer, measured)."""
+    def gelu(x: te.Tensor) -> te.Tensor:
+        half = tirx.const(0.5, x.dtype)
+        return x * (half + topi.fast_erf(x * tirx.const(0.5 ** 0.5, x.dtype)) * half)
+
+    return bb.call_te(gelu, call.args[0], primfunc_name_hint="gelu")
+
+
+def _cpu_passes(target: Target) -> tuple[list[tvm.transform.Pass], dict]:
+    """CPU only: convolutions in NHWC, fast math and GELU on ``fast_erf``.
+
+    - NHWC puts channels innermost, where the tuned loops vectorise; meta-schedule finds twice
+      as fast convolutions at the same trials as in NCHW (two 3x3 layers, 48-64 channels at
+      28x28, 32 trials: 0.83 vs 1.64 ms, 1 thread). Layout transforms are inserted only where
+      a layout-agnostic chain of ops begins and ends.
+    - Fast math: erf, exp, tanh and softmax as TVM's polynomial approximations (float32
+      accurate), which vectorise; onnxruntime does the same.
+    """
+    if target.kind.name != "llvm":
+        return [], {}
+    return ([relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
+             relax.transform.FastMathTransform()], {"relax.nn.gelu": _fast_gelu})
+
+
 def fuse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     """Legalise and fuse: the functions tuning tasks are extracted from.
 
     The passes are listed here rather than taken from the backend's ``legalize_passes``,
     because CUDA's also applies dlight schedules, which would hide functions from the database.
+    On CPU the weights of each fused function are marked layout-free, so tuned schedules may
+    store them pre-packed in the tiles their loops read (``RewriteLayout``); the packing itself
+    is split off and folded into the constants at compile time (:func:`compile_pipeline`).
     """
+    cpu, legalize = _cpu_passes(target)
     passes = [
+        *cpu,
         # batch norm as elementwise ops, which fuse into the convolution before it (resnet18:
         # 19 functions to tune instead of 27, each conv with its norm and activation)
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         *_backend(target).library_dispatch_passes(target),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(customize_legalize_map=legalize),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
     ]
+    if target.kind.name == "llvm":
+        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
     with target:
         return tvm.transform.Sequential(passes)(mod)
 
@@ -59,6 +92,10 @@ def compile_pipeline(target: Target, database: ms.Database | None,
                     mod = relax.transform.MetaScheduleApplyDatabase()(mod)
             if default_schedules:
                 mod = default_schedule_pass(target)(mod)
+            # weights pre-packed by tuned schedules: the packing becomes its own function on
+            # constants, which FoldConstant runs once here instead of in every inference
+            mod = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
+                                            relax.transform.FoldConstant()])(mod)
             return tvm.transform.Sequential(backend.dataflow_lower_passes(target)
                                             + backend.finalize_passes(target))(mod)
 

@@ -24,7 +24,12 @@ from typing import Any, Sequence
 
 import tvm
 from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir import Schedule
+from tvm.s_tir.analysis import estimate_tir_flops
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.meta_schedule.builder import PyBuilder
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 from tvm.ir.utils import derived_object
 from tvm.target import Target
 
@@ -124,6 +129,58 @@ def build_candidate(mod: tvm.IRModule, target: Target, _params: Any) -> tvm.runt
     return tir_build(mod, target=target)
 
 
+def _build_and_export(mod: tvm.IRModule, target: Target) -> str:
+    """One candidate, in a builder worker: compiled and saved where the runner will load it."""
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_export
+
+    return default_export(build_candidate(mod, target, None))
+
+
+@derived_object
+class PooledBuilder(PyBuilder):
+    """meta-schedule's ``LocalBuilder`` with worker processes that live for ``recycle_after`` batches.
+
+    ``LocalBuilder`` starts a fresh process pool for every batch of candidates (a workaround
+    for a slow leak in long-lived workers), and every fresh worker imports TVM and this package
+    before it builds anything: ~9 s per batch on 2 cores, more than the builds themselves at
+    8-16 candidates per batch. Recycling the pool every ``recycle_after`` batches keeps the
+    leak bounded and pays the start-up once per recycle instead of once per batch.
+    """
+
+    def __init__(self, max_workers: int | None = None, timeout_sec: float = 30.0, recycle_after: int = 32) -> None:
+        self.max_workers = max_workers or os.cpu_count() or 1
+        self.timeout_sec = timeout_sec
+        self.recycle_after = recycle_after
+        self._pool: PopenPoolExecutor | None = None
+        self._batches = 0
+
+    def _fresh_pool(self) -> PopenPoolExecutor:
+        if self._pool is None or self._batches >= self.recycle_after:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._pool, self._batches = PopenPoolExecutor(max_workers=self.max_workers, timeout=self.timeout_sec), 0
+        self._batches += 1
+        return self._pool
+
+    def build(self, build_inputs: list[ms.builder.BuilderInput]) -> list[ms.builder.BuilderResult]:
+        jobs = [(b.mod, b.target) for b in build_inputs]
+        results = []
+        for done in self._fresh_pool().map_with_error_catching(lambda job: _build_and_export(*job), jobs):
+            if done.status == StatusKind.COMPLETE:
+                results.append(ms.builder.BuilderResult(done.value, None))
+            elif done.status == StatusKind.TIMEOUT:
+                results.append(ms.builder.BuilderResult(None, f"build timed out after {self.timeout_sec} s"))
+            else:
+                results.append(ms.builder.BuilderResult(None, f"build failed:\n{done.value}"))
+        return results
+
+    def close(self) -> None:
+        """Stop the worker processes (the tuning run is over)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
 @derived_object
 class CurveRecorder(PyMeasureCallback):
     """Measure callback that records every trial: task, time, and the estimated latency of the
@@ -133,9 +190,12 @@ class CurveRecorder(PyMeasureCallback):
         self.names, self.weights = list(names), list(weights)
         self.best = [math.inf] * len(self.names)
         self.rows: list[dict[str, Any]] = []
+        #: the current ``tune_tasks`` call's task ids -> indices into ``names`` (set per phase)
+        self.phase: list[int] = list(range(len(self.names)))
 
     def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any,
               builder_results: Any, runner_results: Any) -> None:
+        task_id = self.phase[task_id]
         for runner_result in runner_results:
             secs = [float(s) for s in (runner_result.run_secs or [])]
             ok = runner_result.error_msg is None and secs and min(secs) < _FAILED_RUN_SECS
@@ -161,6 +221,7 @@ class TuningReport:
     tasks_tuned: list[str]
     tasks_reused: list[str]
     trials_per_task: int
+    trials_budget: int        # the sum of every task's budget (light tasks get fewer, see task_budgets)
     trials_run: int
     trials_saved: int
     seconds: float
@@ -172,7 +233,8 @@ class TuningReport:
         return (f"tuning for {self.target} in {where}\n"
                 f"  tasks: {self.tasks_total}, tuned now {len(self.tasks_tuned)}, "
                 f"reused from the database {len(self.tasks_reused)}\n"
-                f"  trials run: {self.trials_run}, saved by reuse: {self.trials_saved}, "
+                f"  trials: budget {self.trials_budget} ({self.trials_per_task} per task, at most "
+                f"{LIGHT_TRIALS} per light task), run {self.trials_run}, saved by reuse {self.trials_saved}, "
                 f"time: {self.seconds:.0f} s")
 
 
@@ -224,6 +286,36 @@ def make_runner(rpc_tracker: str | None = None, rpc_key: str | None = None) -> m
     return ms.runner.RPCRunner(rpc_config=config, max_workers=boards)
 
 
+#: Trials for a light task (see :func:`task_budgets`).
+LIGHT_TRIALS = 4
+#: A task is light when its share of the model's weighted FLOPs is below this.
+LIGHT_SHARE = 0.01
+
+
+def task_budgets(tasks: Sequence[ms.ExtractedTask], trials_per_task: int) -> list[int]:
+    """Trials per task: ``trials_per_task`` for the tasks that carry the model's arithmetic (a
+    reduction, such as a matmul or convolution, with at least :data:`LIGHT_SHARE` of the weighted
+    FLOPs), at most :data:`LIGHT_TRIALS` for the light rest (reshapes, gathers, activations,
+    small norms).
+
+    A light task's design space is nearly one schedule (parallel outer loop, vector inner
+    loop), yet meta-schedule's scheduler keeps picking it until it has used its trials, each
+    pick paying a search, a build and a run: on a small ViT (47 tasks, 30 of them light)
+    that was most of a run's time for no measurable gain. FLOPs alone do not tell: GELU on
+    ``fast_erf`` counts a polynomial per element, more than some matmuls.
+    """
+    flops = [max(float(estimate_tir_flops(t.dispatched[0])), 1.0) * t.weight for t in tasks]
+    total = sum(flops)
+    return [trials_per_task if f >= LIGHT_SHARE * total and _has_reduction(t.dispatched[0])
+            else min(LIGHT_TRIALS, trials_per_task) for t, f in zip(tasks, flops)]
+
+
+def _has_reduction(mod: tvm.IRModule) -> bool:
+    """Whether the task's function reduces (sums over) some axis: where tiling pays."""
+    infos = normalize_prim_func(Schedule(mod))
+    return infos is None or any(info.is_reduction() for info in infos)  # unanalysable: assume it does
+
+
 def _search_strategy(trials_per_task: int) -> ms.search_strategy.EvolutionarySearch:
     """Evolutionary search sized to the budget: the default population (512, 50 unmeasured seeds)
     costs 25-50 s of search per task on 2 cores before the first candidate is built, which
@@ -242,6 +334,7 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     >>> report = tune(model, (x,), "x86", "runs/tuning/cnn-x86", trials_per_task=16)
     >>> build(model, (x,), "x86", tuning_db=report.work_dir)
 
+    Every task gets ``trials_per_task`` trials, light ones fewer (:func:`task_budgets`).
     With ``incremental`` only functions without a measured record are tuned; the report says
     how many trials that saved. Targets this machine cannot run are measured through
     ``rpc_tracker``/``rpc_key``; without one the run goes to a temporary folder (its records
@@ -253,24 +346,31 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     register_intrinsics(resolved.target)
     database = open_database(work_dir)
     tasks = extract_tasks(fuse(program.bound(), resolved.target), resolved.target)
+    budgets = task_budgets(tasks, trials_per_task)
     todo = [i for i, task in enumerate(tasks)
             if not incremental or _best_seconds(database, task, resolved.target) is None]
     recorder = CurveRecorder([tasks[i].task_name for i in todo], [tasks[i].weight for i in todo])
     start = time.perf_counter()
-    if todo:
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            [tasks[i] for i in todo], str(work_dir), strategy=_search_strategy(trials_per_task), seed=seed)
-        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
-                      max_trials_global=len(todo) * trials_per_task, max_trials_per_task=trials_per_task,
-                      num_trials_per_iter=min(64, trials_per_task),
-                      builder=ms.builder.LocalBuilder(f_build=build_candidate),
-                      runner=make_runner(rpc_tracker, rpc_key), database=database,
-                      measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [recorder])
-    reused = [t.task_name for i, t in enumerate(tasks) if i not in set(todo)]
+    builder = PooledBuilder()
+    try:
+        for budget in sorted({budgets[i] for i in todo}, reverse=True):  # heavy tasks first
+            recorder.phase = [k for k, i in enumerate(todo) if budgets[i] == budget]
+            phase = [tasks[todo[k]] for k in recorder.phase]
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                phase, str(work_dir), strategy=_search_strategy(budget), seed=seed)
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+                          max_trials_global=len(phase) * budget, max_trials_per_task=budget,
+                          num_trials_per_iter=min(64, budget), builder=builder,
+                          runner=make_runner(rpc_tracker, rpc_key), database=database,
+                          measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [recorder])
+    finally:
+        builder.close()
+    reused = [i for i in range(len(tasks)) if i not in set(todo)]
     report = TuningReport(work_dir=str(work_dir), target=resolved.name, tasks_total=len(tasks),
-                          tasks_tuned=[tasks[i].task_name for i in todo], tasks_reused=reused,
-                          trials_per_task=trials_per_task, trials_run=len(recorder.rows),
-                          trials_saved=len(reused) * trials_per_task,
+                          tasks_tuned=[tasks[i].task_name for i in todo],
+                          tasks_reused=[tasks[i].task_name for i in reused],
+                          trials_per_task=trials_per_task, trials_budget=sum(budgets),
+                          trials_run=len(recorder.rows), trials_saved=sum(budgets[i] for i in reused),
                           seconds=time.perf_counter() - start, temporary=temporary, curve=recorder.rows)
     write_report(report)
     return report

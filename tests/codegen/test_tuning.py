@@ -6,9 +6,11 @@ import torch
 
 import graphprune.codegen as codegen
 from graphprune.codegen.targets import resolve_target
-from graphprune.codegen.tuning import open_database, tuning_dir
+from graphprune.codegen.pipeline import fuse
+from graphprune.codegen.tuning import (LIGHT_TRIALS, PooledBuilder, extract_tasks, open_database, task_budgets,
+                                       tuning_dir)
 
-from .models import mlp, rel_err
+from .models import TinyTransformerBlock, mlp, rel_err, seeded
 
 X = torch.randn(1, 16)
 TRIALS = 2
@@ -38,12 +40,63 @@ def test_build_applies_every_record(tuned):
     assert rel_err(compiled.run(X), mlp(32)(X)) < 1e-4
 
 
+def test_tuned_weights_are_prepacked_at_compile_time(tuned):
+    """Tuned schedules read weights in the tiles they were packed into (RewriteLayout); the packing
+    was folded into the constants, so no packing function is left to run per inference."""
+    work_dir, _ = tuned
+    text = codegen.build(mlp(32), (X,), "x86", tuning_db=work_dir).executable.as_text()
+    assert "_prepacked" in text
+    assert "layout_rewrite_preproc" not in text and "te_layout_transform" not in text
+
+
+def test_light_tasks_get_few_trials():
+    """Reshapes, norms and softmax get at most LIGHT_TRIALS; the matmuls get the full budget."""
+    model, x = seeded(TinyTransformerBlock()), torch.randn(2, 8, 32)
+    target = resolve_target("x86").target
+    tasks = extract_tasks(fuse(codegen.import_model(model, (x,)).bound(), target), target)
+    budgets = dict(zip((t.task_name for t in tasks), task_budgets(tasks, 16)))
+    heavy = {name for name, budget in budgets.items() if budget == 16}
+    assert heavy and all("matmul" in name for name in heavy)
+    assert set(budgets.values()) == {16, LIGHT_TRIALS}
+    assert any("layer_norm" in name or "softmax" in name for name, b in budgets.items() if b == LIGHT_TRIALS)
+
+
+def test_pooled_builder_keeps_its_workers_between_batches():
+    """One pool serves ``recycle_after`` batches (LocalBuilder starts one per batch); a failed
+    build comes back as an error message, not an exception."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def add_one(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):
+        for i in range(64):
+            with T.sblock("b"):
+                vi = T.axis.spatial(64, i)
+                b[vi] = a[vi] + T.float32(1)
+
+    job = ms.builder.BuilderInput(tvm.IRModule({"main": add_one}), resolve_target("x86").target)
+    builder = PooledBuilder(max_workers=1, recycle_after=2)
+    pools = []
+    try:
+        for _ in range(3):
+            (result,) = builder.build([job])
+            assert result.error_msg is None and result.artifact_path
+            pools.append(builder._pool)
+        assert pools[0] is pools[1] and pools[2] is not pools[1]
+        bad = ms.builder.BuilderInput(tvm.IRModule({"main": add_one}), tvm.target.Target({"kind": "cuda"}))
+        (failed,) = builder.build([bad])
+        assert failed.artifact_path is None and "build failed" in failed.error_msg
+    finally:
+        builder.close()
+
+
 def test_second_run_resumes_from_existing_records(tuned):
     work_dir, first = tuned
     records = len(open_database(work_dir).get_all_tuning_records())
     again = codegen.tune(mlp(32), (X,), "x86", work_dir, trials_per_task=TRIALS)
     assert again.tasks_tuned == [] and len(again.tasks_reused) == first.tasks_total
-    assert again.trials_run == 0 and again.trials_saved == first.tasks_total * TRIALS
+    assert again.trials_run == 0 and again.trials_saved == first.trials_budget
     assert len(open_database(work_dir).get_all_tuning_records()) == records
 
 
@@ -54,7 +107,7 @@ def test_incremental_retune_only_tunes_changed_layers(tuned):
     pruned = codegen.tune(mlp(24), (X,), "x86", work_dir, trials_per_task=TRIALS)
     assert pruned.tasks_reused and pruned.tasks_tuned
     assert len(pruned.tasks_reused) + len(pruned.tasks_tuned) == pruned.tasks_total
-    assert pruned.trials_saved == len(pruned.tasks_reused) * TRIALS
+    assert pruned.trials_saved == len(pruned.tasks_reused) * TRIALS  # TRIALS < LIGHT_TRIALS: one budget for all
     assert len(open_database(work_dir).get_all_tuning_records()) > records  # appended, not rewritten
     compiled = codegen.build(mlp(24), (X,), "x86", tuning_db=work_dir)
     assert compiled.tuned_functions == compiled.total_functions
