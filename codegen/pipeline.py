@@ -7,13 +7,16 @@ database keys are exactly the functions this pipeline looks up.
 from __future__ import annotations
 
 import importlib
+import logging
 
 import tvm
 from tvm import relax, te, tirx, topi
-from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir import SBlockRealize, meta_schedule as ms
 from tvm.target import Target
 
 from .schedules import default_schedule_pass
+
+_LOG = logging.getLogger("graphprune.codegen")
 
 
 def _backend(target: Target):
@@ -45,8 +48,30 @@ def _cpu_passes(target: Target) -> tuple[list[tvm.transform.Pass], dict]:
     """
     if target.kind.name != "llvm":
         return [], {}
-    return ([relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
-             relax.transform.FastMathTransform()], {"relax.nn.gelu": _fast_gelu})
+    return [_convolutions_to_nhwc, relax.transform.FastMathTransform()], {"relax.nn.gelu": _fast_gelu}
+
+
+def _calls(mod: tvm.IRModule, op_name: str) -> bool:
+    found: list[bool] = []
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, lambda e: found.append(
+                isinstance(e, relax.Call) and getattr(e.op, "name", None) == op_name))
+    return any(found)
+
+
+@tvm.transform.module_pass(opt_level=0, name="ConvolutionsToNHWC")
+def _convolutions_to_nhwc(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """``ConvertLayout`` to NHWC for models with 2-d convolutions. TVM 0.27's pass fails
+    (``std::bad_alloc``) on some graphs, e.g. torch's ``nn.MultiheadAttention`` exported
+    through torch.export; the layout is only a speed choice, so those keep NCHW."""
+    if not _calls(mod, "relax.nn.conv2d"):
+        return mod
+    try:
+        return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+    except tvm.error.InternalError as exc:
+        _LOG.info("convolutions stay NCHW: TVM's ConvertLayout failed on this graph (%s)", exc)
+        return mod
 
 
 def fuse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
@@ -78,6 +103,23 @@ def fuse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
         return tvm.transform.Sequential(passes)(mod)
 
 
+@tvm.transform.module_pass(opt_level=0, name="PrepackWeights")
+def _prepack_weights(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Split the weight packing off the tuned functions and fold it into the constants, once.
+
+    TVM's split pass parses every PrimFunc as a root block; hand-written kernels in plain loops
+    (the BSR kernels of :mod:`.sparse`) have none and pack nothing, so they are set aside for it.
+    """
+    aside = {gv: f for gv, f in mod.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and not isinstance(f.body, SBlockRealize)}
+    rest = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in aside}, attrs=mod.attrs)
+    rest = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
+                                     relax.transform.FoldConstant()])(rest)
+    for gv, func in aside.items():
+        rest[gv] = func
+    return rest
+
+
 def compile_pipeline(target: Target, database: ms.Database | None,
                      default_schedules: bool = True) -> tvm.transform.Pass:
     """A Relax pipeline for ``tvm.compile`` of a :func:`fuse`-d module: records from ``database``
@@ -92,10 +134,7 @@ def compile_pipeline(target: Target, database: ms.Database | None,
                     mod = relax.transform.MetaScheduleApplyDatabase()(mod)
             if default_schedules:
                 mod = default_schedule_pass(target)(mod)
-            # weights pre-packed by tuned schedules: the packing becomes its own function on
-            # constants, which FoldConstant runs once here instead of in every inference
-            mod = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
-                                            relax.transform.FoldConstant()])(mod)
+            mod = _prepack_weights(mod)
             return tvm.transform.Sequential(backend.dataflow_lower_passes(target)
                                             + backend.finalize_passes(target))(mod)
 

@@ -68,15 +68,16 @@ def build_driver() -> Path:
 
 def run_under_qemu(library: str | os.PathLike, inputs: Sequence[np.ndarray], timeout: float = 600) -> list[np.ndarray]:
     """Run ``main`` of an aarch64 library exported by :meth:`CompiledModel.export` under qemu
-    (float32 inputs and outputs)."""
+    (float32 or int64 inputs, float32 outputs)."""
     driver = build_driver()
     env = dict(os.environ, QEMU_LD_PREFIX=SYSROOT, LD_LIBRARY_PATH=str(runtime_dir()))
     with tempfile.TemporaryDirectory(prefix="graphprune-qemu-") as tmp:
         specs = []
         for i, array in enumerate(inputs):
             path = Path(tmp) / f"in{i}.bin"
-            np.ascontiguousarray(array, dtype="float32").tofile(path)
-            specs.append(f"{path}:{','.join(str(d) for d in np.shape(array))}")
+            integer = np.issubdtype(np.asarray(array).dtype, np.integer)
+            np.ascontiguousarray(array, dtype="int64" if integer else "float32").tofile(path)
+            specs.append(f"{path}:{','.join(str(d) for d in np.shape(array))}" + (":int64" if integer else ""))
         prefix = str(Path(tmp) / "out")
         result = subprocess.run([QEMU, str(driver), str(library), prefix, *specs],
                                 capture_output=True, text=True, env=env, timeout=timeout)

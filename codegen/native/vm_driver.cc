@@ -1,8 +1,9 @@
-// Runs `main` of a Relax library exported by graphprune, on float32 inputs read from files.
+// Runs `main` of a Relax library exported by graphprune, on float32 or int64 inputs read from files.
 // Cross-compiled for aarch64 and run under qemu-aarch64, it checks ARM builds for correctness
 // on an x86 machine (timing under emulation means nothing).
 //
-//   vm_driver LIB.so OUT_PREFIX IN0.bin:D0,D1,... [IN1.bin:...]
+//   vm_driver LIB.so OUT_PREFIX IN0.bin:D0,D1,...[:int64] [IN1.bin:...]
+// (inputs are float32 unless their spec ends in ":int64", e.g. token ids)
 // prints one line per output, "output <i> <d0,d1,...>", and writes OUT_PREFIX<i>.bin (float32).
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
@@ -28,14 +29,21 @@ struct HostAlloc {
 
 constexpr DLDevice kCPU{kDLCPU, 0};
 constexpr DLDataType kFloat32{kDLFloat, 32, 1};
+constexpr DLDataType kInt64{kDLInt, 64, 1};
 constexpr int kPooledAllocator = 2;  // tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
 
-ffi::Tensor ReadInput(const std::string& spec) {
+ffi::Tensor ReadInput(std::string spec) {
+  DLDataType dtype = kFloat32;
   size_t colon = spec.rfind(':');
+  if (spec.substr(colon + 1) == "int64") {
+    dtype = kInt64;
+    spec = spec.substr(0, colon);
+    colon = spec.rfind(':');
+  }
   std::vector<int64_t> shape;
   std::stringstream dims(spec.substr(colon + 1));
   for (std::string d; std::getline(dims, d, ',');) shape.push_back(std::stoll(d));
-  ffi::Tensor tensor = ffi::Tensor::FromNDAlloc(HostAlloc(), ffi::Shape(shape), kFloat32, kCPU);
+  ffi::Tensor tensor = ffi::Tensor::FromNDAlloc(HostAlloc(), ffi::Shape(shape), dtype, kCPU);
   std::ifstream in(spec.substr(0, colon), std::ios::binary);
   in.read(static_cast<char*>(tensor.data_ptr()), ffi::GetDataSize(tensor));
   if (!in) throw std::runtime_error("cannot read input " + spec);

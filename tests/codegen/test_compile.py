@@ -48,6 +48,8 @@ def test_transformer_block_matches_torch():
 def test_cpu_fusion_uses_fast_math_and_marks_weights_layout_free():
     """No scalar erf/exp calls are left for LLVM (they do not vectorise), and every fused function
     that reads a weight lists it as layout-free, so tuned schedules may pre-pack it."""
+    import tvm
+
     from graphprune.codegen.pipeline import fuse
     from graphprune.codegen.targets import resolve_target
 
@@ -55,10 +57,23 @@ def test_cpu_fusion_uses_fast_math_and_marks_weights_layout_free():
     program = codegen.import_model(model, (x,))
     cpu = fuse(program.bound(), resolve_target("x86").target)
     assert "T.erf(" not in cpu.script() and "T.exp(" not in cpu.script()
-    matmuls = [f for gv, f in cpu.functions_items() if "matmul" in gv.name_hint and hasattr(f, "buffer_map")]
-    assert matmuls and all(f.attrs and f.attrs.get("layout_free_buffers") for f in matmuls)
+    linear = [f for gv, f in cpu.functions_items()  # matmul + bias: a weight (attention's matmuls have none)
+              if "matmul" in gv.name_hint and "add" in gv.name_hint and isinstance(f, tvm.tirx.PrimFunc)]
+    assert linear and all(f.attrs and f.attrs.get("layout_free_buffers") for f in linear)
     gpu = fuse(program.bound(), resolve_target("cuda").target)
     assert "T.erf(" in gpu.script() or "T.exp(" in gpu.script()  # GPUs keep their own intrinsics
+
+
+def test_cpu_convolutions_run_in_nhwc():
+    """Channels innermost, where tuned loops vectorise: the first convolution reads a (1, 16, 16, 3) image."""
+    from graphprune.codegen.pipeline import fuse
+    from graphprune.codegen.targets import resolve_target
+
+    model, x = seeded(SmallCNN()), torch.randn(1, 3, 16, 16)
+    fused = fuse(codegen.import_model(model, (x,)).bound(), resolve_target("x86").target)
+    scripts = [f.script().replace("T.int64(", "(") for gv, f in fused.functions_items() if "conv2d" in gv.name_hint]
+    assert any("((1), (16), (16), (3))" in text for text in scripts)
+    assert not any("((1), (3), (16), (16))" in text for text in scripts)
 
 
 def test_onnx_path_matches_torch(tmp_path):

@@ -50,15 +50,16 @@ def test_tuned_weights_are_prepacked_at_compile_time(tuned):
 
 
 def test_light_tasks_get_few_trials():
-    """Reshapes, norms and softmax get at most LIGHT_TRIALS; the matmuls get the full budget."""
+    """Every matmul gets the full budget; functions that reduce nothing (reshapes, transposes)
+    get at most LIGHT_TRIALS."""
     model, x = seeded(TinyTransformerBlock()), torch.randn(2, 8, 32)
     target = resolve_target("x86").target
     tasks = extract_tasks(fuse(codegen.import_model(model, (x,)).bound(), target), target)
     budgets = dict(zip((t.task_name for t in tasks), task_budgets(tasks, 16)))
-    heavy = {name for name, budget in budgets.items() if budget == 16}
-    assert heavy and all("matmul" in name for name in heavy)
     assert set(budgets.values()) == {16, LIGHT_TRIALS}
-    assert any("layer_norm" in name or "softmax" in name for name, b in budgets.items() if b == LIGHT_TRIALS)
+    assert all(budgets[name] == 16 for name in budgets if "matmul" in name)
+    light = [name for name, budget in budgets.items() if budget == LIGHT_TRIALS]
+    assert any("reshape" in name or "transpose" in name for name in light)
 
 
 def test_pooled_builder_keeps_its_workers_between_batches():
@@ -71,9 +72,7 @@ def test_pooled_builder_keeps_its_workers_between_batches():
     @T.prim_func
     def add_one(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):
         for i in range(64):
-            with T.sblock("b"):
-                vi = T.axis.spatial(64, i)
-                b[vi] = a[vi] + T.float32(1)
+            b[i] = a[i] + T.float32(1)
 
     job = ms.builder.BuilderInput(tvm.IRModule({"main": add_one}), resolve_target("x86").target)
     builder = PooledBuilder(max_workers=1, recycle_after=2)
@@ -84,7 +83,8 @@ def test_pooled_builder_keeps_its_workers_between_batches():
             assert result.error_msg is None and result.artifact_path
             pools.append(builder._pool)
         assert pools[0] is pools[1] and pools[2] is not pools[1]
-        bad = ms.builder.BuilderInput(tvm.IRModule({"main": add_one}), tvm.target.Target({"kind": "cuda"}))
+        no_such_cpu = tvm.target.Target({"kind": "llvm", "mtriple": "nonesuch-unknown-none"})
+        bad = ms.builder.BuilderInput(tvm.IRModule({"main": add_one}), no_such_cpu)
         (failed,) = builder.build([bad])
         assert failed.artifact_path is None and "build failed" in failed.error_msg
     finally:
