@@ -134,7 +134,8 @@ def compile_pipeline(target: Target, database: ms.Database | None,
                     mod = relax.transform.MetaScheduleApplyDatabase()(mod)
             if default_schedules:
                 mod = default_schedule_pass(target)(mod)
-            mod = _prepack_weights(mod)
+            if target.kind.name == "llvm":  # only CPU schedules re-lay weights out (fuse marks them)
+                mod = _prepack_weights(mod)
             return tvm.transform.Sequential(backend.dataflow_lower_passes(target)
                                             + backend.finalize_passes(target))(mod)
 
