@@ -4,7 +4,7 @@ compiles for x86 and matches PyTorch, runs for aarch64 under qemu, and compiles 
 
 The x86 check of the pruned forms (what graphprune ships) is in the default set. Dense x86,
 the qemu runs (emulated: seconds to a minute per inference) and the CUDA builds are marked
-slow; CI runs the pruned forms of them as its codegen sample.
+slow; CI runs all of them after the default set.
 """
 from __future__ import annotations
 
