@@ -257,10 +257,16 @@ def prepare(name: str, out: Path, runtimes: list[str], trials_per_task: int, flo
     print(f"{name}: {report!r}; MMACs {dense.macs / 1e6:,.1f} -> {pruned.macs / 1e6:,.1f}", file=sys.stderr)
     seed = None
     for variant, module in ((dense, model), (pruned, compact)):
-        variant.artifacts, variant.tuning = build_artifacts(f"{name}-{variant.form}", module, inputs, out, runtimes,
-                                                            trials_per_task, threads, seed)
-        seed = out / f"tuning-{name}-dense"
+        stem = f"{name}-{variant.form}"
+        variant.artifacts, variant.tuning = build_artifacts(stem, module, inputs, out, runtimes, trials_per_task,
+                                                            threads, seed)
+        seed = tuning_folder(out, stem)
     return [dense, pruned]
+
+
+def tuning_folder(out: Path, stem: str) -> Path:
+    """The tuning database of one form of one model."""
+    return out / f"tuning-{stem}"
 
 
 def write_input_spec(path: Path, inputs: tuple[torch.Tensor, ...]) -> str:
@@ -295,7 +301,7 @@ def build_artifacts(stem: str, module: torch.nn.Module, inputs: tuple[torch.Tens
     databases: dict[str, str | None] = {"tvm-default": None}
     tuning = None
     if "tvm-tuned" in runtimes:
-        work_dir = out / f"tuning-{stem}"
+        work_dir = tuning_folder(out, stem)
         if seed_db is not None and seed_db.is_dir() and not work_dir.exists():
             from graphprune.codegen.tuning import DATABASE_FILES
 

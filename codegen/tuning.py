@@ -117,11 +117,11 @@ def database_coverage(database: ms.Database | None, fused: tvm.IRModule, target:
     return sum(_best_seconds(database, t, target) is not None for t in tasks), len(tasks)
 
 
-def build_candidate(mod: tvm.IRModule, target: Target, _params: Any) -> tvm.runtime.Module:
-    """Builder function for meta-schedule's workers: its default one, minus the import of every
-    tensor intrinsic (~45 s per worker, past the builder's 30 s timeout). Candidates arrive
-    already tensorised; intrinsics are only needed where schedules are generated, in the
-    tuning process (:func:`register_intrinsics`)."""
+def build_candidate(mod: tvm.IRModule, target: Target) -> tvm.runtime.Module:
+    """meta-schedule's default build of a candidate, minus the import of every tensor intrinsic
+    (~45 s per worker, past the builder's 30 s timeout). Candidates arrive already
+    tensorised; intrinsics are only needed where schedules are generated, in the tuning
+    process (:func:`register_intrinsics`)."""
     from tvm.driver import build as tir_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
@@ -133,7 +133,7 @@ def _build_and_export(mod: tvm.IRModule, target: Target) -> str:
     """One candidate, in a builder worker: compiled and saved where the runner will load it."""
     from tvm.s_tir.meta_schedule.builder.local_builder import default_export
 
-    return default_export(build_candidate(mod, target, None))
+    return default_export(build_candidate(mod, target))
 
 
 @derived_object
@@ -351,7 +351,7 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
             if not incremental or _best_seconds(database, task, resolved.target) is None]
     recorder = CurveRecorder([tasks[i].task_name for i in todo], [tasks[i].weight for i in todo])
     start = time.perf_counter()
-    builder = PooledBuilder()
+    builder, runner = PooledBuilder(), make_runner(rpc_tracker, rpc_key) if todo else None
     try:
         for budget in sorted({budgets[i] for i in todo}, reverse=True):  # heavy tasks first
             recorder.phase = [k for k, i in enumerate(todo) if budgets[i] == budget]
@@ -361,11 +361,11 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
                           max_trials_global=len(phase) * budget, max_trials_per_task=budget,
                           num_trials_per_iter=min(64, budget), builder=builder,
-                          runner=make_runner(rpc_tracker, rpc_key), database=database,
+                          runner=runner, database=database,
                           measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [recorder])
     finally:
         builder.close()
-    reused = [i for i in range(len(tasks)) if i not in set(todo)]
+    reused = sorted(set(range(len(tasks))) - set(todo))
     report = TuningReport(work_dir=str(work_dir), target=resolved.name, tasks_total=len(tasks),
                           tasks_tuned=[tasks[i].task_name for i in todo],
                           tasks_reused=[tasks[i].task_name for i in reused],

@@ -1,7 +1,12 @@
-"""Shared test machinery: the zero-invariance property every group must satisfy."""
+"""Shared test machinery: the zero-invariance property every group must satisfy, and the
+benchmark scripts loaded as modules."""
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -21,6 +26,18 @@ def zero_random_half(g: gp.PrunableGraph, seed: int = 0) -> int:
         grp.scatter_(g.params, mask)
         removed += int(mask.sum())
     return removed
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (``benchmarks/`` is scripts, not a package), loaded
+    once per session; registered in ``sys.modules`` because dataclasses look their module up."""
+    key = f"_benchmark_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
 
 
 def n_params(m: torch.nn.Module) -> int:

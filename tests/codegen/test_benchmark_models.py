@@ -9,9 +9,6 @@ slow; CI runs all of them after the default set.
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,13 +18,11 @@ import graphprune as gp
 import graphprune.codegen as codegen
 from graphprune.codegen.qemu import run_under_qemu, toolchain_missing
 
+from tests.helpers import load_benchmark
+
 from .models import rel_err
 
-_spec = importlib.util.spec_from_file_location(
-    "_latency_models", Path(__file__).resolve().parents[2] / "benchmarks" / "latency.py")
-latency = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = latency
-_spec.loader.exec_module(latency)
+latency = load_benchmark("latency")
 
 FORMS: dict[str, tuple[dict[str, torch.nn.Module], tuple[torch.Tensor, ...]]] = {}
 

@@ -6,17 +6,11 @@ a pass.  Nothing is built or timed here.
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "_latency_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "latency.py")
-latency = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = latency  # dataclasses look their module up
-_spec.loader.exec_module(latency)
+from tests.helpers import load_benchmark
+
+latency = load_benchmark("latency")
 Variant = latency.Variant
 RUNTIMES = ["onnxruntime", "tvm-tuned"]
 

@@ -10,9 +10,6 @@ about accuracy (``benchmarks/optimizers.py`` measures that).
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,11 +17,9 @@ import torch.nn.functional as F
 import graphprune as gp
 from graphprune.optim import DHSPG, H2SPG, HESSO, HESSO_CRIC
 from graphprune.target import Target
+from tests.helpers import load_benchmark
 
-_spec = importlib.util.spec_from_file_location(
-    "_digits_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "digits.py")
-digits = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(digits)
+digits = load_benchmark("digits")
 
 TOLERANCE = 0.02  # the issue's ±2%
 
