@@ -351,7 +351,7 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
             if not incremental or _best_seconds(database, task, resolved.target) is None]
     recorder = CurveRecorder([tasks[i].task_name for i in todo], [tasks[i].weight for i in todo])
     start = time.perf_counter()
-    builder, runner = PooledBuilder(), make_runner(rpc_tracker, rpc_key) if todo else None
+    builder = PooledBuilder()
     try:
         for budget in sorted({budgets[i] for i in todo}, reverse=True):  # heavy tasks first
             recorder.phase = [k for k, i in enumerate(todo) if budgets[i] == budget]
@@ -361,7 +361,9 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
                           max_trials_global=len(phase) * budget, max_trials_per_task=budget,
                           num_trials_per_iter=min(64, budget), builder=builder,
-                          runner=runner, database=database,
+                          # a runner per phase: made before the phase's log is set up, it would
+                          # log its board count nowhere
+                          runner=make_runner(rpc_tracker, rpc_key), database=database,
                           measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [recorder])
     finally:
         builder.close()
