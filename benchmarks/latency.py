@@ -2,7 +2,7 @@
 
 Not run in CI (tuning takes minutes per model).  ``python benchmarks/latency.py
 [--models resnet18,mobilenet_v2,vit,bert] [--runtimes torch,onnxruntime,tvm-default,tvm-tuned]
-[--flops 0.5] [--multiple 8] [--criterion l2] [--threads 1] [--rounds 7] [--number 5] [--trials-per-task 16]
+[--flops 0.5] [--multiple LANES] [--criterion l2] [--threads 1] [--rounds 7] [--number 5] [--trials-per-task 16]
 [--out runs/latency] [--results benchmarks/results/latency.txt] [--bsr-only | --no-bsr]``
 
 Every model is timed in two forms: dense, and pruned by graphprune's one-shot API
@@ -493,8 +493,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runtimes", default=",".join(RUNTIMES),
                         help="comma-separated subset of " + ",".join(RUNTIMES))
     parser.add_argument("--flops", type=float, default=0.5, help="fraction of FLOPs the pruned form removes")
-    parser.add_argument("--multiple", type=int, default=8,
-                        help="kept widths rounded to this multiple (vector-friendly; 1: any width)")
+    parser.add_argument("--multiple", type=int, default=None,
+                        help="kept widths rounded to this multiple (default: this CPU's float32 vector "
+                             "lanes, 16 with AVX-512; 1: any width)")
     parser.add_argument("--criterion", default="l2", help="gp.prune criterion (data-free: l1, l2, obspa)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
@@ -509,6 +510,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--artifact", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.multiple is None:
+        from graphprune.codegen.targets import host_cpu_target, vector_lanes
+
+        args.multiple = vector_lanes(host_cpu_target(args.threads))
     unknown = set(args.runtimes.split(",")) - set(RUNTIMES)
     if unknown:
         parser.error(f"unknown runtime(s) {', '.join(sorted(unknown))}; choose from {', '.join(RUNTIMES)}")

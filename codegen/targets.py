@@ -62,6 +62,20 @@ def host_cpu_target(num_cores: int | None = None) -> Target:
     return Target(attrs)
 
 
+def vector_lanes(spec: str | dict | Target | CodegenTarget = "x86", element_bits: int = 32) -> int:
+    """Elements per vector register of a CPU target (float32: 16 with AVX-512, 8 with AVX2, 4 on
+    NEON): the ``multiple`` to prune widths to for it.
+
+    Tuned CPU loops vectorise the channel axis, and meta-schedule splits it only by exact
+    divisors: a pruned width of 8 x 53 = 424 holds no 16-lane vector, and its convolution was
+    tuned to 4-lane ones (resnet18 pruned to multiples of 8 on AVX-512, measured).
+    """
+    resolved = resolve_target(spec)
+    if resolved.kind != "llvm":
+        raise TuningError(f"vector_lanes is for CPU targets, not {resolved.kind!r}")
+    return max(1, tvm.target.codegen.llvm_get_vector_width(resolved.target) // element_bits)
+
+
 def _llvm_arch(target: Target) -> str:
     triple = str(target.attrs.get("mtriple", "")) or platform.machine().lower()
     arch = triple.split("-")[0]

@@ -38,6 +38,7 @@ from graphprune.errors import TuningError
 from graphprune.atomic import atomic_path, atomic_write_text
 from .frontend import import_model
 from .intrinsics import register_intrinsics
+from .padding import cpu_schedule_rules
 from .pipeline import fuse
 from .targets import CodegenTarget, resolve_target
 
@@ -316,6 +317,51 @@ def _has_reduction(mod: tvm.IRModule) -> bool:
     return infos is None or any(info.is_reduction() for info in infos)  # unanalysable: assume it does
 
 
+def _space_generator(target: Target) -> ms.space_generator.SpaceGenerator | str:
+    """meta-schedule's default design space; on CPU, awkward matmul axes padded first
+    (:mod:`.padding`). The CPU rules are the generic LLVM ones: the x86/ARM extras TVM adds
+    for a target only tensorise int8 dot products, and graphprune compiles float32."""
+    if target.kind.name != "llvm":
+        return "post-order-apply"
+    return ms.space_generator.PostOrderApply(sch_rules=cpu_schedule_rules(), postprocs="llvm",
+                                             mutator_probs="llvm")
+
+
+def warm_cost_model(database: ms.Database, target: Target) -> ms.cost_model.XGBModel:
+    """meta-schedule's XGBoost cost model, first trained on the measured records already in
+    ``database``.
+
+    A fresh model guesses at random until it has seen ``num_warmup_samples`` (100) measurements,
+    and at 32 trials per task every task is searched in a single round: the first tasks of each
+    run were picked blind. When the database already holds records (the dense form's, which a
+    pruned form's tuning starts from; an interrupted run's), the model starts from them. Its
+    targets are relative within each function, so what it learns transfers across shapes.
+    """
+    model = ms.cost_model.XGBModel(num_tuning_cores=_cores(target), tree_method="auto")
+    by_workload: dict[ms.database.Workload, list[ms.database.TuningRecord]] = {}
+    for record in database.get_all_tuning_records():
+        seconds = [float(s) for s in record.run_secs or []]
+        if seconds and max(seconds) < _FAILED_RUN_SECS and record.args_info is not None:
+            by_workload.setdefault(record.workload, []).append(record)
+    for workload, records in by_workload.items():
+        context = ms.TuneContext(mod=workload.mod, target=target, num_threads=_cores(target))
+        candidates, results = [], []
+        for record in records:
+            schedule = Schedule(workload.mod)
+            try:
+                record.trace.apply_to_schedule(schedule, remove_postproc=False)
+            except RuntimeError:  # a record this TVM cannot replay teaches nothing
+                continue
+            candidates.append(ms.MeasureCandidate(schedule, record.args_info))
+            results.append(ms.runner.RunnerResult(run_secs=record.run_secs, error_msg=None))
+        model.update(context, candidates, results)
+    return model
+
+
+def _cores(target: Target) -> int:
+    return int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1)
+
+
 def _search_strategy(trials_per_task: int) -> ms.search_strategy.EvolutionarySearch:
     """Evolutionary search sized to the budget: the default population (512, 50 unmeasured seeds)
     costs 25-50 s of search per task on 2 cores before the first candidate is built, which
@@ -352,18 +398,20 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     recorder = CurveRecorder([tasks[i].task_name for i in todo], [tasks[i].weight for i in todo])
     start = time.perf_counter()
     builder = PooledBuilder()
+    cost_model = warm_cost_model(database, resolved.target) if todo else None
     try:
         for budget in sorted({budgets[i] for i in todo}, reverse=True):  # heavy tasks first
             recorder.phase = [k for k, i in enumerate(todo) if budgets[i] == budget]
             phase = [tasks[todo[k]] for k in recorder.phase]
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                phase, str(work_dir), strategy=_search_strategy(budget), seed=seed)
+                phase, str(work_dir), space=_space_generator(resolved.target),
+                strategy=_search_strategy(budget), seed=seed)
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
                           max_trials_global=len(phase) * budget, max_trials_per_task=budget,
                           num_trials_per_iter=min(64, budget), builder=builder,
                           # a runner per phase: made before the phase's log is set up, it would
                           # log its board count nowhere
-                          runner=make_runner(rpc_tracker, rpc_key), database=database,
+                          runner=make_runner(rpc_tracker, rpc_key), database=database, cost_model=cost_model,
                           measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [recorder])
     finally:
         builder.close()

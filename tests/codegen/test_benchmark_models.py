@@ -17,6 +17,7 @@ import torch
 import graphprune as gp
 import graphprune.codegen as codegen
 from graphprune.codegen.qemu import run_under_qemu, toolchain_missing
+from graphprune.codegen.targets import vector_lanes
 
 from tests.helpers import load_benchmark
 
@@ -35,7 +36,7 @@ def forms(name: str) -> tuple[dict[str, torch.nn.Module], tuple[torch.Tensor, ..
             pytest.skip(f"{name}: transformers is not installed")
         model, inputs = made
         g = gp.trace(copy.deepcopy(model), inputs)
-        gp.prune(g, "l2", gp.Target(flops=0.5, multiple=8))
+        gp.prune(g, "l2", gp.Target(flops=0.5, multiple=vector_lanes("x86")))  # as latency.py
         FORMS[name] = {"dense": model, "pruned": g.construct_subnet()}, inputs
     return FORMS[name]
 

@@ -2,7 +2,7 @@ import platform
 
 import pytest
 
-from graphprune.codegen.targets import resolve_target
+from graphprune.codegen.targets import resolve_target, vector_lanes
 from graphprune.errors import TuningError
 
 on_x86 = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 host only")
@@ -37,3 +37,12 @@ def test_tvm_target_and_unknown_names():
     assert resolve_target(tvm.target.Target({"kind": "llvm"})).kind == "llvm"
     with pytest.raises(TuningError, match="unknown target"):
         resolve_target("tpu")
+
+
+def test_vector_lanes_follow_the_cpu():
+    """float32 lanes: NEON's 128 bits hold 4; this x86 host has at least SSE's 4 and at most
+    AVX-512's 16; a GPU has no CPU vector width."""
+    assert vector_lanes("arm") == 4 and vector_lanes("arm", element_bits=8) == 16
+    assert vector_lanes("x86") in (4, 8, 16)
+    with pytest.raises(TuningError, match="CPU targets"):
+        vector_lanes("cuda")

@@ -8,7 +8,7 @@ import graphprune.codegen as codegen
 from graphprune.codegen.targets import resolve_target
 from graphprune.codegen.pipeline import fuse
 from graphprune.codegen.tuning import (LIGHT_TRIALS, PooledBuilder, extract_tasks, open_database, task_budgets,
-                                       tuning_dir)
+                                       tuning_dir, warm_cost_model)
 
 from .models import TinyTransformerBlock, mlp, rel_err, seeded
 
@@ -98,6 +98,18 @@ def test_second_run_resumes_from_existing_records(tuned):
     assert again.tasks_tuned == [] and len(again.tasks_reused) == first.tasks_total
     assert again.trials_run == 0 and again.trials_saved == first.trials_budget
     assert len(open_database(work_dir).get_all_tuning_records()) == records
+
+
+def test_cost_model_starts_from_the_records_in_the_database(tuned):
+    """A run on a folder that has records (resumed, or seeded with the dense form's) trains its
+    cost model on every measured one before searching, instead of guessing blind."""
+    work_dir, _ = tuned
+    database = open_database(work_dir)
+    measured = [r for r in database.get_all_tuning_records()
+                if r.run_secs and max(float(s) for s in r.run_secs) < 1e9]
+    model = warm_cost_model(database, resolve_target("x86").target)
+    assert measured and model.data_size == len(measured)
+    assert warm_cost_model(open_database(work_dir / "empty"), resolve_target("x86").target).data_size == 0
 
 
 def test_incremental_retune_only_tunes_changed_layers(tuned):
