@@ -67,7 +67,7 @@ class PadAwkwardEinsum(PyScheduleRule):
 
     def apply(self, sch: Schedule, block: tvm.s_tir.schedule.SBlockRV) -> list[Schedule]:
         func = sch.mod["main"]
-        layout_free = {func.params[int(i)] for i in func.attrs.get("layout_free_buffers", [])}
+        layout_free = {func.params[int(i)] for i in (func.attrs or {}).get("layout_free_buffers", [])}
         padding = einsum_padding(sch.get(block), layout_free)
         if padding is None:
             return [sch]

@@ -14,6 +14,7 @@ from tvm import relax, te, tirx, topi
 from tvm.s_tir import SBlockRealize, meta_schedule as ms
 from tvm.target import Target
 
+from .phantom_norm import fuse_phantom_layer_norm
 from .schedules import default_schedule_pass
 
 _LOG = logging.getLogger("graphprune.codegen")
@@ -85,6 +86,7 @@ def fuse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     """
     cpu, legalize = _cpu_passes(target)
     passes = [
+        fuse_phantom_layer_norm,  # pruned-width layer norms: one kernel each, not five
         *cpu,
         # batch norm as elementwise ops, which fuse into the convolution before it (resnet18:
         # 19 functions to tune instead of 27, each conv with its norm and activation)

@@ -1,0 +1,119 @@
+"""graphprune's width-corrected layer norm compiled as one kernel instead of five.
+
+Where pruning removes hidden columns that a LayerNorm normalises, the compact model keeps
+the statistics over the original width N (``graphprune.ops.normalization``:
+mean = Σx/N, var = (Σ(x-mean)² + (N-N')·mean²)/N). No framework op says that, so it
+reaches TVM as elementwise ops around two sums, and ``FuseOps`` cannot join a reduction
+to a later one: every such norm became five kernels (a small ViT pruned to half its
+FLOPs: 65 kernel calls for 13 norms, about an eighth of its run time). This pass finds the
+pattern in the Relax graph, from the ONNX frontend (``Reciprocal(Sqrt)``) or torch.export
+(``rsqrt``), and replaces it with one TE function; the affine scale and shift after it fuse
+into that kernel as usual.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import relax, te, tirx
+from tvm.relax.dpl import is_op, wildcard
+
+
+def _pattern() -> tuple[relax.dpl.DFPattern, dict[str, relax.dpl.DFPattern]]:
+    # the numbers are checked to be scalar constants after matching: a frontend may give a
+    # tensor constant or a scalar (TVM's ONNX frontend turns some Mul operands into T.float32)
+    x, n1, n2, missing, eps, two1, two2 = (wildcard() for _ in range(7))
+
+    def squared(p: relax.dpl.DFPattern, two: relax.dpl.DFPattern) -> relax.dpl.DFPattern:
+        return is_op("relax.multiply")(p, p) | is_op("relax.square")(p) | is_op("relax.power")(p, two)
+
+    total = is_op("relax.sum")(x)
+    mean = is_op("relax.divide")(total, n1)
+    d = is_op("relax.subtract")(x, mean)
+    squares = is_op("relax.sum")(squared(d, two1))
+    var = is_op("relax.divide")(is_op("relax.add")(squares, is_op("relax.multiply")(missing, squared(mean, two2))), n2)
+    shifted = is_op("relax.add")(var, eps)
+    rstd = is_op("relax.divide")(wildcard(), is_op("relax.sqrt")(shifted)) | is_op("relax.rsqrt")(shifted)
+    y = is_op("relax.multiply")(d, rstd)
+    return y, {"x": x, "total": total, "squares": squares, "n1": n1, "n2": n2, "missing": missing, "eps": eps,
+               "two1": two1, "two2": two2, "rstd": rstd}
+
+
+def _scalar(expr: relax.Expr) -> float | None:
+    """The value of a one-element constant tensor or a constant scalar; None for anything else."""
+    if isinstance(expr, (tirx.FloatImm, tirx.IntImm)):
+        return float(expr.value)
+    if isinstance(expr, tvm.ir.expr.GenericConst):
+        value = expr.value.numpy()
+        return float(value.reshape(-1)[0]) if value.size == 1 else None
+    return None
+
+
+def _unit_numerator(rstd: relax.Call) -> bool:
+    """``1 / sqrt(...)`` (ONNX's Reciprocal) or ``rsqrt``: not some other constant over it."""
+    return rstd.op.name == "relax.rsqrt" or _scalar(rstd.args[0]) == 1.0
+
+
+def _last_axis_sum(call: relax.Call) -> bool:
+    axes = call.attrs.axis
+    return bool(call.attrs.keepdims) and axes is not None and len(axes) == 1 and int(axes[0]) in (-1, call.args[0].ty.ndim - 1)
+
+
+def phantom_layer_norm_te(x: te.Tensor, n: float, missing: float, eps: float) -> te.Tensor:
+    """(x - mean) / sqrt(var + eps) over the last axis, as if it had ``n`` entries of which
+    ``missing`` are zero: two reductions and the normalisation in one function."""
+    *rows, width = x.shape
+    dtype = x.dtype
+    k = te.reduce_axis((0, width), name="k")
+    total = te.compute(rows, lambda *i: te.sum(x[(*i, k)], axis=k), name="phantom_sum")
+    j = te.reduce_axis((0, width), name="j")
+    inv_n = tirx.const(1.0 / n, dtype)
+
+    def centred(*i):
+        return x[i] - total[i[:-1]] * inv_n
+
+    squares = te.compute(rows, lambda *i: te.sum(centred(*i, j) * centred(*i, j), axis=j), name="phantom_squares")
+
+    def normalised(*i):
+        mean = total[i[:-1]] * inv_n
+        var = (squares[i[:-1]] + tirx.const(missing, dtype) * mean * mean) * inv_n
+        return (x[i] - mean) / tirx.sqrt(var + tirx.const(eps, dtype))
+
+    return te.compute(x.shape, normalised, name="phantom_layer_norm")
+
+
+@relax.expr_functor.mutator
+class _PhantomNorms(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.pattern, self.parts = _pattern()
+        self.var2val: dict = {}
+        self.replaced = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        matched = self.pattern.extract_matched_expr(call, self.var2val)
+        if matched is not None:
+            got = {name: matched[p] for name, p in self.parts.items() if p in matched}
+            numbers = [_scalar(got[k]) for k in ("n1", "n2", "missing", "eps")]
+            exponents = [_scalar(got[k]) for k in ("two1", "two2") if k in got]
+            if (None not in numbers and numbers[0] == numbers[1] and all(e == 2.0 for e in exponents)
+                    and _unit_numerator(got["rstd"])
+                    and _last_axis_sum(got["total"]) and _last_axis_sum(got["squares"])):
+                self.replaced += 1
+                n, _, missing, eps = numbers
+                return self.builder_.call_te(phantom_layer_norm_te, self.visit_expr(got["x"]), n, missing, eps,
+                                             primfunc_name_hint="phantom_layer_norm")
+        return super().visit_call_(call)
+
+    def rewrite(self) -> tvm.IRModule:
+        for gv, func in self.builder_.get().functions_items():
+            if isinstance(func, relax.Function):
+                self.var2val = relax.analysis.get_var2val(func)
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get()
+
+
+@tvm.transform.module_pass(opt_level=0, name="FusePhantomLayerNorm")
+def fuse_phantom_layer_norm(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Replace each width-corrected layer norm with one TE function; the ops it leaves
+    unused go with dead-code elimination."""
+    rewritten = _PhantomNorms(mod).rewrite()
+    return relax.transform.DeadCodeElimination()(rewritten)

@@ -1,0 +1,75 @@
+"""A layer norm over pruned hidden columns (statistics kept over the original width) compiles
+to one kernel, from the compact PyTorch module and from its ONNX file (codegen/phantom_norm.py)."""
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import graphprune as gp
+import graphprune.codegen as codegen
+from graphprune.codegen.pipeline import fuse
+from graphprune.codegen.targets import resolve_target
+from graphprune.ops.normalization import phantom_layer_norm
+
+from tests.analysis.test_hidden_groups import PreNorm, _randomised
+from tests.helpers import zero_random_half
+
+from .models import rel_err
+
+
+def _kernels(source, inputs) -> list[str]:
+    """The kernel called by each call_tir of the fused program, in order, repeats included."""
+    target = resolve_target("x86").target
+    fused = fuse(codegen.import_model(source, inputs).bound(), target)
+    return re.findall(r"R\.call_tir\((\w+),", fused["main"].script())
+
+
+@pytest.fixture(scope="module")
+def compact():
+    """PreNorm blocks with half of every group removed, the residual stream's columns too."""
+    model, x = _randomised(PreNorm(norm=nn.LayerNorm)), torch.randn(2, 5, 12)
+    g = gp.trace(model, (x,))
+    zero_random_half(g)
+    return model, g.construct_subnet(), x
+
+
+@pytest.mark.parametrize("form", ["torch", "onnx"])
+def test_pruned_layer_norms_are_one_kernel_each(compact, form, tmp_path):
+    model, small, x = compact
+    source = small if form == "torch" else str(gp.export_onnx(small, (x,), tmp_path / "c.onnx") and tmp_path / "c.onnx")
+    kernels = _kernels(source, (x,))
+    norms = [k for k in kernels if "phantom_layer_norm" in k]
+    assert len(norms) == 5, kernels  # two per block, the final one
+    assert not [k for k in kernels if k.startswith("sum") or "_sum" in k], kernels
+    compiled = codegen.build(source, (x,), "x86")
+    with torch.no_grad():
+        assert rel_err(compiled.run(x), model(x)) < 1e-5
+
+
+class _Shaped(nn.Module):
+    """A look-alike that must not be rewritten: the variance over a different count than the mean."""
+
+    def forward(self, x):
+        mean = x.sum(-1, keepdim=True) / 24
+        d = x - mean
+        var = ((d * d).sum(-1, keepdim=True) + 8 * (mean * mean)) / 20
+        return d * torch.rsqrt(var + 1e-5)
+
+
+def test_look_alikes_are_left_alone():
+    x = torch.randn(3, 16)
+    assert not [k for k in _kernels(_Shaped(), (x,)) if "phantom" in k]
+    compiled = codegen.build(_Shaped(), (x,), "x86")
+    assert rel_err(compiled.run(x), _Shaped()(x)) < 1e-5
+
+
+def test_te_kernel_matches_the_reference():
+    """The TE kernel alone against graphprune's reference (no weight, no bias)."""
+    class Norm(nn.Module):
+        def forward(self, x):
+            return phantom_layer_norm(x, None, None, 1e-5, 24)
+
+    x = torch.randn(4, 7, 16) * 3 + 1
+    assert [k for k in _kernels(Norm(), (x,)) if "phantom" in k]
+    assert rel_err(codegen.build(Norm(), (x,), "x86").run(x), Norm()(x)) < 1e-5
