@@ -504,6 +504,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="runs/latency", help="artefacts, tuning databases and latency.json")
     parser.add_argument("--results", default=str(RESULTS), help="the tables, with the command in the header")
     parser.add_argument("--tuning-db", default=None, help="BSR table: dense kernel from this database")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of <out>/latency.json for models not in --models (the header "
+                             "names the run each row is from)")
     parser.add_argument("--bsr-only", action="store_true")
     parser.add_argument("--no-bsr", action="store_true")
     parser.add_argument("--worker", choices=RUNTIMES + ["bsr", "bsr-model"], help=argparse.SUPPRESS)
@@ -529,10 +532,13 @@ def selected_runtimes(args: argparse.Namespace) -> list[str]:
     return [r for r in RUNTIMES if r in asked]
 
 
-def measure_models(args: argparse.Namespace, out: Path, runtimes: list[str]) -> list[tuple[Variant, Variant]]:
-    """(dense, pruned) for every model, artefacts built and timed; the tables so far are written
-    after each model, so a run stopped half-way keeps what it measured."""
-    pairs = []
+def measure_models(args: argparse.Namespace, out: Path, runtimes: list[str],
+                   kept: Sequence[tuple[Variant, Variant]] = (), runs: Sequence[dict] = ()
+                   ) -> list[tuple[Variant, Variant]]:
+    """(dense, pruned) for every model, artefacts built and timed, after the ``kept`` rows of an
+    earlier run (``--merge``); the tables so far are written after each model, so a run stopped
+    half-way keeps what it measured."""
+    pairs = list(kept)
     for name in args.models.split(","):
         variants = prepare(name, out, runtimes, args.trials_per_task, args.flops, args.criterion, args.multiple,
                            args.threads)
@@ -542,22 +548,47 @@ def measure_models(args: argparse.Namespace, out: Path, runtimes: list[str]) -> 
         time_interleaved(variants, args.rounds, args.number, args.threads)
         print(name, json.dumps({v.form: v.ms for v in variants}), file=sys.stderr)
         pairs.append((variants[0], variants[1]))
-        write_results(args, out, pairs, runtimes)
-    return pairs
+        write_results(args, out, in_model_order(pairs), runtimes, runs=runs)
+    return in_model_order(pairs)
+
+
+def in_model_order(pairs: list[tuple[Variant, Variant]]) -> list[tuple[Variant, Variant]]:
+    order = {name: i for i, name in enumerate(MODELS)}
+    return sorted(pairs, key=lambda pair: order.get(pair[0].model, len(order)))
+
+
+def earlier_rows(out: Path, remeasured: set[str]) -> tuple[list[tuple[Variant, Variant]], list[dict]]:
+    """``--merge``: the rows of ``<out>/latency.json`` for models this run does not re-measure,
+    and the runs (command, models) that measured them, so the header says where each row is from."""
+    path = out / "latency.json"
+    if not path.exists():
+        return [], []
+    saved = json.loads(path.read_text())
+    variants = [Variant(**v) for v in saved["models"] if v["model"] not in remeasured]
+    command = saved["command"]  # sys.argv in files written before runs were recorded
+    command = command if isinstance(command, str) else shlex.join(["python", *command])
+    runs = saved.get("runs") or [{"command": command, "models": sorted({v["model"] for v in saved["models"]})}]
+    runs = [{"command": r["command"], "models": [m for m in r["models"] if m not in remeasured]} for r in runs]
+    return list(zip(variants[::2], variants[1::2])), [r for r in runs if r["models"]]
 
 
 def write_results(args: argparse.Namespace, out: Path, pairs: list[tuple[Variant, Variant]], runtimes: list[str],
-                  bsr_lines: Sequence[str] = (), bsr: Sequence[dict] = (), bsr_model: Sequence[dict] = ()) -> str:
-    """The tables to ``--results`` and the numbers to ``<out>/latency.json``, each atomically."""
+                  bsr_lines: Sequence[str] = (), bsr: Sequence[dict] = (), bsr_model: Sequence[dict] = (),
+                  runs: Sequence[dict] = ()) -> str:
+    """The tables to ``--results`` and the numbers to ``<out>/latency.json``, each atomically;
+    ``runs``: the earlier runs whose rows ``--merge`` kept."""
     from graphprune.atomic import atomic_write_text
 
     lines = latency_table(pairs, runtimes, args.threads, args.rounds) if pairs else []
     variants = [v for pair in pairs for v in pair]
-    text = "\n".join(header(args, variants) + lines + list(bsr_lines)) + "\n"
+    this_run = {"command": shlex.join(["python", *sys.argv]), "models": args.models.split(",")}
+    runs = [*runs, this_run]
+    provenance = [f"# rows for {', '.join(r['models'])} from an earlier run: {r['command']}" for r in runs[:-1]]
+    text = "\n".join(header(args, variants) + provenance + lines + list(bsr_lines)) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.results, text)
-    atomic_write_text(out / "latency.json", json.dumps({"command": sys.argv, "threads": args.threads,
+    atomic_write_text(out / "latency.json", json.dumps({"command": sys.argv, "runs": runs, "threads": args.threads,
                                                          "models": [asdict(v) for v in variants], "bsr": list(bsr),
                                                          "bsr_model": list(bsr_model)}, indent=1))
     return text
@@ -575,9 +606,10 @@ def main() -> None:
     # tuning measures in this process's children: at the thread count every runtime is timed with
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     out, runtimes = Path(args.out), selected_runtimes(args)
-    pairs = [] if args.bsr_only else measure_models(args, out, runtimes)
+    kept, runs = earlier_rows(out, set(args.models.split(","))) if args.merge else ([], [])
+    pairs = [] if args.bsr_only else measure_models(args, out, runtimes, kept, runs)
     bsr_lines, bsr, bsr_model = ([], [], []) if args.no_bsr else bsr_tables(args, out)
-    text = write_results(args, out, pairs, runtimes, bsr_lines, bsr, bsr_model)
+    text = write_results(args, out, pairs, runtimes, bsr_lines, bsr, bsr_model, runs)
     # meta-schedule prints its task tables to stdout while tuning: the tables also go to a file
     print("\n" + text)
 

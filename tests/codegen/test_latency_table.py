@@ -6,6 +6,9 @@ a pass.  Nothing is built or timed here.
 """
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import pytest
 
 from tests.helpers import load_benchmark
@@ -43,3 +46,19 @@ def test_model_rows_show_both_forms_and_the_ratios():
     assert rows[0] == "| m | dense | 2,000.0 | 10.00 | 8.00 | 0.80 |"
     assert rows[1] == "| m | pruned | 1,000.0 | 5.00 | n/a | n/a |"
     assert rows[2] == "| m | speedup / FLOPs ratio (2.00x) | | 1.00 | n/a | |"
+
+
+def test_merge_keeps_the_rows_of_models_not_remeasured(tmp_path):
+    """``--merge``: a re-run of one model keeps the other rows, and the header can say which run
+    measured them (files written before runs were recorded hold only sys.argv)."""
+    vit = pair("vit", {"onnxruntime": 2.0}, {"onnxruntime": 1.0})
+    bert = pair("bert", {"onnxruntime": 8.0}, {"onnxruntime": 5.0})
+    saved = {"command": ["benchmarks/latency.py", "--models", "vit,bert"],
+             "models": [asdict(v) for v in (*vit, *bert)]}
+    (tmp_path / "latency.json").write_text(json.dumps(saved))
+    kept, runs = latency.earlier_rows(tmp_path, {"vit"})
+    assert [(dense.model, dense.form, pruned.form) for dense, pruned in kept] == [("bert", "dense", "pruned")]
+    assert kept[0][1].ms == {"onnxruntime": 5.0}
+    assert runs == [{"command": "python benchmarks/latency.py --models vit,bert", "models": ["bert"]}]
+    assert latency.earlier_rows(tmp_path / "none", {"vit"}) == ([], [])
+    assert [p[0].model for p in latency.in_model_order([*kept, vit])] == ["vit", "bert"]  # the MODELS order
