@@ -101,7 +101,12 @@ def _best_seconds(database: ms.Database | None, task: ms.ExtractedTask, target: 
     if database is None:
         return None
     record = database.query_tuning_record(task.dispatched[0], target, task.task_name)
-    if record is None or not record.run_secs:
+    return None if record is None else _measured_seconds(record)
+
+
+def _measured_seconds(record: ms.database.TuningRecord) -> float | None:
+    """Mean run time of a record; None when it failed or was never run."""
+    if not record.run_secs:
         return None
     seconds = sum(float(s) for s in record.run_secs) / len(record.run_secs)
     return seconds if seconds < _FAILED_RUN_SECS else None
@@ -340,8 +345,7 @@ def warm_cost_model(database: ms.Database, target: Target) -> ms.cost_model.XGBM
     model = ms.cost_model.XGBModel(num_tuning_cores=_cores(target), tree_method="auto")
     by_workload: dict[ms.database.Workload, list[ms.database.TuningRecord]] = {}
     for record in database.get_all_tuning_records():
-        seconds = [float(s) for s in record.run_secs or []]
-        if seconds and max(seconds) < _FAILED_RUN_SECS and record.args_info is not None:
+        if _measured_seconds(record) is not None and record.args_info is not None:
             by_workload.setdefault(record.workload, []).append(record)
     for workload, records in by_workload.items():
         context = ms.TuneContext(mod=workload.mod, target=target, num_threads=_cores(target))
