@@ -86,7 +86,6 @@ class _PhantomNorms(relax.PyExprMutator):
         super().__init__(mod)
         self.pattern, self.parts = _pattern()
         self.var2val: dict = {}
-        self.replaced = 0
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         matched = self.pattern.extract_matched_expr(call, self.var2val)
@@ -97,7 +96,6 @@ class _PhantomNorms(relax.PyExprMutator):
             if (None not in numbers and numbers[0] == numbers[1] and all(e == 2.0 for e in exponents)
                     and _unit_numerator(got["rstd"])
                     and _last_axis_sum(got["total"]) and _last_axis_sum(got["squares"])):
-                self.replaced += 1
                 n, _, missing, eps = numbers
                 return self.builder_.call_te(phantom_layer_norm_te, self.visit_expr(got["x"]), n, missing, eps,
                                              primfunc_name_hint="phantom_layer_norm")
