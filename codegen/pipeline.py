@@ -14,6 +14,7 @@ from tvm import relax, te, tirx, topi
 from tvm.s_tir import SBlockRealize, meta_schedule as ms
 from tvm.target import Target
 
+from .clip import clips_as_max_min
 from .phantom_norm import fuse_phantom_layer_norm
 from .schedules import default_schedule_pass
 
@@ -38,7 +39,8 @@ def _fast_gelu(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 
 def _cpu_passes(target: Target) -> tuple[list[tvm.transform.Pass], dict]:
-    """CPU only: convolutions in NHWC, fast math and GELU on ``fast_erf``.
+    """CPU only: convolutions in NHWC (clips first made ops it can pass, :mod:`.clip`), fast math
+    and GELU on ``fast_erf``.
 
     - NHWC puts channels innermost, where the tuned loops vectorise; meta-schedule finds twice
       as fast convolutions at the same trials as in NCHW (two 3x3 layers, 48-64 channels at
@@ -49,7 +51,7 @@ def _cpu_passes(target: Target) -> tuple[list[tvm.transform.Pass], dict]:
     """
     if target.kind.name != "llvm":
         return [], {}
-    return [_convolutions_to_nhwc, relax.transform.FastMathTransform()], {"relax.nn.gelu": _fast_gelu}
+    return [clips_as_max_min, _convolutions_to_nhwc, relax.transform.FastMathTransform()], {"relax.nn.gelu": _fast_gelu}
 
 
 def _calls(mod: tvm.IRModule, op_name: str) -> bool:
