@@ -86,6 +86,7 @@ class _PhantomNorms(relax.PyExprMutator):
         super().__init__(mod)
         self.pattern, self.parts = _pattern()
         self.var2val: dict = {}
+        self.bound_to: dict = {}   # value -> the variable bound to it
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         matched = self.pattern.extract_matched_expr(call, self.var2val)
@@ -97,7 +98,10 @@ class _PhantomNorms(relax.PyExprMutator):
                     and _unit_numerator(got["rstd"])
                     and _last_axis_sum(got["total"]) and _last_axis_sum(got["squares"])):
                 n, _, missing, eps = numbers
-                return self.builder_.call_te(phantom_layer_norm_te, self.visit_expr(got["x"]), n, missing, eps,
+                # the matcher sees through bindings, so x is the value that computes the norm's
+                # input; its variable is used, or that value (a residual add) would be emitted twice
+                x = self.bound_to.get(got["x"], got["x"])
+                return self.builder_.call_te(phantom_layer_norm_te, self.visit_expr(x), n, missing, eps,
                                              primfunc_name_hint="phantom_layer_norm")
         return super().visit_call_(call)
 
@@ -105,6 +109,7 @@ class _PhantomNorms(relax.PyExprMutator):
         for gv, func in self.builder_.get().functions_items():
             if isinstance(func, relax.Function):
                 self.var2val = relax.analysis.get_var2val(func)
+                self.bound_to = {value: var for var, value in self.var2val.items()}
                 self.builder_.update_func(gv, self.visit_expr(func))
         return self.builder_.get()
 

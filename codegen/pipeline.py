@@ -14,7 +14,7 @@ from tvm import relax, te, tirx, topi
 from tvm.s_tir import SBlockRealize, meta_schedule as ms
 from tvm.target import Target
 
-from .clip import clips_as_max_min
+from .fusible import fusible_forms
 from .phantom_norm import fuse_phantom_layer_norm
 from .schedules import default_schedule_pass
 
@@ -39,8 +39,7 @@ def _fast_gelu(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 
 def _cpu_passes(target: Target) -> tuple[list[tvm.transform.Pass], dict]:
-    """CPU only: convolutions in NHWC (clips first made ops it can pass, :mod:`.clip`), fast math
-    and GELU on ``fast_erf``.
+    """CPU only: convolutions in NHWC, fast math and GELU on ``fast_erf``.
 
     - NHWC puts channels innermost, where the tuned loops vectorise; meta-schedule finds twice
       as fast convolutions at the same trials as in NCHW (two 3x3 layers, 48-64 channels at
@@ -51,7 +50,7 @@ def _cpu_passes(target: Target) -> tuple[list[tvm.transform.Pass], dict]:
     """
     if target.kind.name != "llvm":
         return [], {}
-    return [clips_as_max_min, _convolutions_to_nhwc, relax.transform.FastMathTransform()], {"relax.nn.gelu": _fast_gelu}
+    return [_convolutions_to_nhwc, relax.transform.FastMathTransform()], {"relax.nn.gelu": _fast_gelu}
 
 
 def _calls(mod: tvm.IRModule, op_name: str) -> bool:
@@ -89,6 +88,7 @@ def fuse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     cpu, legalize = _cpu_passes(target)
     passes = [
         fuse_phantom_layer_norm,  # pruned-width layer norms: one kernel each, not five
+        fusible_forms,  # clips and constant-index takes as ops layout conversion and FuseOps see through
         *cpu,
         # batch norm as elementwise ops, which fuse into the convolution before it (resnet18:
         # 19 functions to tune instead of 27, each conv with its norm and activation)

@@ -18,11 +18,15 @@ from tests.helpers import zero_random_half
 from .models import rel_err
 
 
-def _kernels(source, inputs) -> list[str]:
-    """The kernel called by each call_tir of the fused program, in order, repeats included."""
+def _calls(source, inputs) -> list[tuple[str, str]]:
+    """(kernel, arguments) of each call_tir of the fused program, in order, repeats included."""
     target = resolve_target("x86").target
     fused = fuse(codegen.import_model(source, inputs).bound(), target)
-    return re.findall(r"R\.call_tir\((\w+),", fused["main"].script())
+    return re.findall(r"R\.call_tir\((\w+), \(([^)]*)\)", fused["main"].script())
+
+
+def _kernels(source, inputs) -> list[str]:
+    return [kernel for kernel, _ in _calls(source, inputs)]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +42,12 @@ def compact():
 def test_pruned_layer_norms_are_one_kernel_each(compact, form, tmp_path):
     model, small, x = compact
     source = small if form == "torch" else str(gp.export_onnx(small, (x,), tmp_path / "c.onnx") and tmp_path / "c.onnx")
-    kernels = _kernels(source, (x,))
+    calls = _calls(source, (x,))
+    kernels = [kernel for kernel, _ in calls]
     norms = [k for k in kernels if "phantom_layer_norm" in k]
     assert len(norms) == 5, kernels  # two per block, the final one
+    # the norm's input (a residual add) is computed once, not again for the norm
+    assert len(set(calls)) == len(calls), calls
     assert not [k for k in kernels if k.startswith("sum") or "_sum" in k], kernels
     compiled = codegen.build(source, (x,), "x86")
     with torch.no_grad():

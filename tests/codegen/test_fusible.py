@@ -1,4 +1,5 @@
-"""Clips (ReLU6, Hardtanh, clamp) become Relax maximum/minimum, so CPU convolutions stay NHWC (codegen/clip.py)."""
+"""Rewrites into fusible Relax ops (codegen/fusible.py): clips as maximum/minimum, so CPU
+convolutions stay NHWC; constant-index takes as slices."""
 import pytest
 import torch
 import tvm
@@ -6,7 +7,7 @@ from torch import nn
 from tvm import relax, te
 
 import graphprune.codegen as codegen
-from graphprune.codegen.clip import clips_as_max_min
+from graphprune.codegen.fusible import fusible_forms
 from graphprune.codegen.pipeline import fuse
 from graphprune.codegen.targets import resolve_target
 
@@ -81,7 +82,53 @@ def _call_tir_module(body: str) -> tvm.IRModule:
 def test_only_true_elementwise_bounds_are_replaced():
     """The check is on the PrimFunc's body, not its block's name: a max that also adds, or reads
     x at other indices, stays a call_tir."""
-    assert "R.maximum" in clips_as_max_min(_call_tir_module("max"))["main"].script()
+    assert "R.maximum" in fusible_forms(_call_tir_module("max"))["main"].script()
     for body in ("max_plus_one", "permuted"):
-        rewritten = clips_as_max_min(_call_tir_module(body))["main"].script()
+        rewritten = fusible_forms(_call_tir_module(body))["main"].script()
         assert "call_tir" in rewritten and "R.maximum" not in rewritten, body
+
+
+class SplitHeads(nn.Module):
+    """Attention's ``q, k, v = qkv[0], qkv[1], qkv[-1]`` (ONNX: Gather with a constant index,
+    negative for the last), followed by the reshapes a slice fuses with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x).reshape(x.shape[0], 3, 2, 8).permute(1, 0, 2, 3)
+        q, k, v = qkv[0], qkv[1], qkv[-1]
+        return (q * k).sum(-1, keepdim=True) * v.transpose(1, 2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("form", ["torch", "onnx"])
+def test_constant_index_takes_become_slices(form, tmp_path):
+    """No take kernel is left; each slice fuses with what follows it; the outputs still match."""
+    torch.manual_seed(0)
+    model, x = SplitHeads().eval(), torch.randn(5, 16)
+    source = model
+    if form == "onnx":
+        source = tmp_path / "split.onnx"
+        torch.onnx.export(model, (x,), str(source), dynamo=False, opset_version=17)
+    fused = fuse(codegen.import_model(source, (x,)).bound(), resolve_target("x86").target)
+    kernels = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert not [k for k in kernels if "take" in k], kernels
+    compiled = codegen.build(source, (x,), target="x86")
+    assert rel_err(compiled.run(x), model(x)) < 1e-5
+
+
+def test_takes_out_of_range_or_by_tensor_stay():
+    """Only a 0-d constant index inside the axis becomes a slice: an index tensor stays a take,
+    and so does an index past the end, whose meaning depends on the take's mode (wrap, clip)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((3, 4), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            rows = bb.emit(relax.op.take(x, relax.const([0, 2], "int64"), axis=0))
+            column = bb.emit(relax.op.take(x, relax.const(1, "int64"), axis=1))
+            wrapped = bb.emit(relax.op.take(x, relax.const(7, "int64"), axis=0, mode="wrap"))
+            out = bb.emit_output(relax.Tuple([rows, column, wrapped]))
+        bb.emit_func_output(out)
+    script = fusible_forms(bb.get())["main"].script()
+    assert script.count("R.take") == 2 and script.count("R.strided_slice") == 1, script
