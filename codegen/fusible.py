@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import tvm
 from tvm import relax, tirx
@@ -23,6 +24,25 @@ from tvm.s_tir import Schedule
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _BINARY = {tirx.Max: relax.op.maximum, tirx.Min: relax.op.minimum}
+
+
+def _clip_as_bounds(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """``relax.clip(x, lo, hi)`` -> ``minimum(maximum(x, lo), hi)``, infinite bounds dropped.
+
+    The last op is returned unbound, so the clip's own variable binds it: a variable-to-variable
+    binding would look layout-unaware to ``ConvertLayout``.
+    """
+    x = call.args[0]
+    out: relax.Expr | None = None
+    for op, bound in ((relax.op.maximum, call.args[1]), (relax.op.minimum, call.args[2])):
+        value = float(getattr(bound.value, "value", bound.value))  # PrimValue of a FloatImm or a float
+        if math.isfinite(value):
+            out = op(x if out is None else bb.emit(out), relax.const(value, str(x.ty.dtype)))
+    return x if out is None else out
+
+
+def _same_indices(p: Sequence[tirx.PrimExpr], q: Sequence[tirx.PrimExpr]) -> bool:
+    return len(p) == len(q) and all(i.same_as(j) for i, j in zip(p, q))
 
 
 def _scalar_bound_op(func: tirx.PrimFunc, call: relax.Call) -> relax.Expr | None:
@@ -43,8 +63,8 @@ def _scalar_bound_op(func: tirx.PrimFunc, call: relax.Call) -> relax.Expr | None
     if not isinstance(store, tirx.BufferStore) or type(store.value) not in _BINARY:
         return None
     a, b = store.value.a, store.value.b
-    same = lambda p, q: len(p) == len(q) and all(i.same_as(j) for i, j in zip(p, q))  # noqa: E731
-    if not (hasattr(a, "indices") and hasattr(b, "indices") and same(a.indices, store.indices) and len(b.indices) == 0):
+    if not (hasattr(a, "indices") and hasattr(b, "indices") and _same_indices(a.indices, store.indices)
+            and len(b.indices) == 0):
         return None
     return _BINARY[type(store.value)](x, bound)
 
@@ -72,25 +92,17 @@ class _Rewriter(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if getattr(call.op, "name", None) == "relax.clip":
-            x = call.args[0]
-            out: relax.Expr | None = None
-            for op, bound in ((relax.op.maximum, call.args[1]), (relax.op.minimum, call.args[2])):
-                value = float(getattr(bound.value, "value", bound.value))  # PrimValue of a FloatImm or a float
-                if math.isfinite(value):
-                    # the last op is returned unbound, so the clip's own variable binds it: a
-                    # variable-to-variable binding would look layout-unaware to ConvertLayout
-                    out = op(x if out is None else self.builder_.emit(out), relax.const(value, str(x.ty.dtype)))
-            return x if out is None else out
-        if getattr(call.op, "name", None) == "relax.take":
+        op = getattr(call.op, "name", None)
+        replaced = None
+        if op == "relax.clip":
+            replaced = _clip_as_bounds(self.builder_, call)
+        elif op == "relax.take":
             replaced = _constant_take_as_slice(self.builder_, call)
-            return call if replaced is None else replaced
-        if call.op.same_as(_CALL_TIR) and len(call.args[1].fields) == 2:
+        elif call.op.same_as(_CALL_TIR) and len(call.args[1].fields) == 2:
             callee = self.mod[call.args[0]]
             if isinstance(callee, tirx.PrimFunc):
                 replaced = _scalar_bound_op(callee, call)
-                return call if replaced is None else replaced
-        return call
+        return call if replaced is None else replaced
 
     def rewrite(self) -> tvm.IRModule:
         for gv, func in self.mod.functions_items():
