@@ -426,7 +426,7 @@ def done_when(pairs: list[tuple[Variant, Variant]], runtimes: list[str]) -> list
 
 def header(args: argparse.Namespace, variants: list[Variant]) -> list[str]:
     """The results file's header: the command line, the machine, and how every number was made."""
-    from graphprune.codegen.tuning import LIGHT_SHARE, LIGHT_TRIALS
+    from graphprune.codegen.tuning import LIGHT_TRIALS
 
     versions = ", ".join(f"{p} {_version(p)}" for p in ("torch", "onnxruntime", "apache-tvm"))
     lines = [f"# {shlex.join(['python', *sys.argv])}",
@@ -440,7 +440,7 @@ def header(args: argparse.Namespace, variants: list[Variant]) -> list[str]:
                   "# torch: the torch.export program run eagerly; onnxruntime: gp.export_onnx (static shapes); "
                   "TVM: graphprune.codegen.build of that same ONNX file for this CPU"]
         tuned = (f"meta-schedule, {args.trials_per_task} trials per task (at most {LIGHT_TRIALS} for tasks "
-                 f"under {LIGHT_SHARE:.0%} of the FLOPs), measured at {args.threads} thread(s); "
+                 f"that reduce nothing), measured at {args.threads} thread(s); "
                  "pruned starts from a copy of the dense database"
                  if any(v.tuning for v in variants) else "not run (--trials-per-task 0 or not in --runtimes)")
         lines.append(f"# tvm-tuned: {tuned}")

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import graphprune.codegen as codegen
 from graphprune.codegen.targets import resolve_target
@@ -50,8 +51,8 @@ def test_tuned_weights_are_prepacked_at_compile_time(tuned):
 
 
 def test_light_tasks_get_few_trials():
-    """Every matmul gets the full budget; functions that reduce nothing (reshapes, transposes)
-    get at most LIGHT_TRIALS."""
+    """Every matmul, norm and softmax gets the full budget, however few its FLOPs (a norm runs
+    once per layer); functions that reduce nothing (reshapes, transposes) get at most LIGHT_TRIALS."""
     model, x = seeded(TinyTransformerBlock()), torch.randn(2, 8, 32)
     target = resolve_target("x86").target
     tasks = extract_tasks(fuse(codegen.import_model(model, (x,)).bound(), target), target)
@@ -60,6 +61,18 @@ def test_light_tasks_get_few_trials():
     assert all(budgets[name] == 16 for name in budgets if "matmul" in name)
     light = [name for name, budget in budgets.items() if budget == LIGHT_TRIALS]
     assert any("reshape" in name or "transpose" in name for name in light)
+
+
+def test_norms_get_the_full_budget_however_few_their_flops():
+    """A layer norm and a softmax between wide matmuls have well under 1% of the FLOPs, yet run
+    once per layer; an earlier FLOPs-share rule left them 4 trials and a noisy kernel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.LayerNorm(512), nn.Linear(512, 512), nn.Softmax(-1)).eval()
+    target = resolve_target("x86").target
+    tasks = extract_tasks(fuse(codegen.import_model(model, (torch.randn(4, 512),)).bound(), target), target)
+    budgets = dict(zip((t.task_name for t in tasks), task_budgets(tasks, 16)))
+    norms = [name for name in budgets if "layer_norm" in name or "softmax" in name]
+    assert len(norms) == 2 and all(budgets[name] == 16 for name in norms), budgets
 
 
 def test_pooled_builder_keeps_its_workers_between_batches():
