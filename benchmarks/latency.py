@@ -58,6 +58,7 @@ RUNTIMES = ["torch", "onnxruntime", "tvm-default", "tvm-tuned"]
 RESULTS = Path(__file__).resolve().parent / "results" / "latency.txt"
 SPEEDUP_FLOOR = 0.8   # done when: pruned speedup >= 0.8 x the FLOPs ratio
 TVM_WINS_NEEDED = 3   # done when: tuned TVM at least as fast as onnxruntime on 3 of the 4 pruned models
+EARLIER_LIGHT_RULE = "tasks under 1% of the FLOPs (task_budgets before b656b26)"  # rows saved without the field
 
 
 @dataclass
@@ -328,13 +329,14 @@ def save_program(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path
 def tune(onnx_path: Path, work_dir: Path, trials_per_task: int, target: object) -> tuple[str, dict[str, int]]:
     """Tune into ``work_dir`` (a rerun resumes it); returns the database and the budget for the header."""
     import graphprune.codegen as codegen
+    from graphprune.codegen.tuning import LIGHT_RULE
 
     report = codegen.tune(onnx_path, None, target, work_dir, trials_per_task=trials_per_task)
     print(report.summary(), file=sys.stderr)
     return report.work_dir, {"tasks": report.tasks_total, "trials_per_task": trials_per_task,
                              "trials_budget": report.trials_budget, "trials_run": report.trials_run,
                              "tasks_reused": len(report.tasks_reused), "trials_saved": report.trials_saved,
-                             "seconds": round(report.seconds)}
+                             "seconds": round(report.seconds), "light": LIGHT_RULE}  # recorded with the row
 
 
 def build_library(onnx_path: Path, database: str | None, target: object, library: Path) -> str:
@@ -439,14 +441,15 @@ def header(args: argparse.Namespace, variants: list[Variant]) -> list[str]:
                   "then construct_subnet(); MMACs: gp.trace(...).total_flops",
                   "# torch: the torch.export program run eagerly; onnxruntime: gp.export_onnx (static shapes); "
                   "TVM: graphprune.codegen.build of that same ONNX file for this CPU"]
-        tuned = (f"meta-schedule, {args.trials_per_task} trials per task (at most {LIGHT_TRIALS} for tasks "
-                 f"that reduce nothing), measured at {args.threads} thread(s); "
+        tuned = (f"meta-schedule, {args.trials_per_task} trials per task (at most {LIGHT_TRIALS} for light tasks, "
+                 f"see the budget lines), measured at {args.threads} thread(s); "
                  "pruned starts from a copy of the dense database"
                  if any(v.tuning for v in variants) else "not run (--trials-per-task 0 or not in --runtimes)")
         lines.append(f"# tvm-tuned: {tuned}")
         lines += [f"# tvm-tuned budget, {v.model} {v.form}: {t['tasks']} tasks, {t['trials_budget']} trials "
                   f"({t['trials_run']} run in {t['seconds']} s; {t['tasks_reused']} tasks reused from the database, "
-                  f"{t['trials_saved']} trials saved)" for v in variants if (t := v.tuning)]
+                  f"{t['trials_saved']} trials saved; light: {t.get('light', EARLIER_LIGHT_RULE)})"
+                  for v in variants if (t := v.tuning)]
     return lines
 
 

@@ -293,6 +293,8 @@ def make_runner(rpc_tracker: str | None = None, rpc_key: str | None = None) -> m
 
 #: Trials for a light task, one that reduces nothing (see :func:`task_budgets`).
 LIGHT_TRIALS = 4
+#: Which tasks :func:`task_budgets` counts as light, in words (benchmark headers record it).
+LIGHT_RULE = "tasks that reduce nothing"
 
 
 def task_budgets(tasks: Sequence[ms.ExtractedTask], trials_per_task: int) -> list[int]:
