@@ -70,7 +70,7 @@ class Variant:
     macs: float                    # multiply-accumulates at the example shape (gp.trace's count)
     inputs: str                    # JSON {"shapes", "dtypes"}: every worker builds the same inputs from it
     artifacts: dict[str, str] = field(default_factory=dict)   # runtime -> file its worker loads
-    tuning: dict[str, int] | None = None                      # tvm-tuned's budget: tasks, trials
+    tuning: dict[str, int | str] | None = None                # tvm-tuned's budget: tasks, trials, light rule
     pruning: str | None = None                                # the PruneReport, for the record
     ms: dict[str, float] = field(default_factory=dict)        # runtime -> median latency
 
@@ -280,7 +280,7 @@ def write_input_spec(path: Path, inputs: tuple[torch.Tensor, ...]) -> str:
 
 def build_artifacts(stem: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: Path,
                     runtimes: list[str], trials_per_task: int, threads: int,
-                    seed_db: Path | None = None) -> tuple[dict[str, str], dict[str, int] | None]:
+                    seed_db: Path | None = None) -> tuple[dict[str, str], dict[str, int | str] | None]:
     """One artefact per runtime for ``module``; returns runtime -> path and tvm-tuned's tuning budget.
 
     TVM compiles for this CPU with ``threads`` cores, the thread count every runtime is timed with.
@@ -326,7 +326,7 @@ def save_program(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path
     return str(path)
 
 
-def tune(onnx_path: Path, work_dir: Path, trials_per_task: int, target: object) -> tuple[str, dict[str, int]]:
+def tune(onnx_path: Path, work_dir: Path, trials_per_task: int, target: object) -> tuple[str, dict[str, int | str]]:
     """Tune into ``work_dir`` (a rerun resumes it); returns the database and the budget for the header."""
     import graphprune.codegen as codegen
     from graphprune.codegen.tuning import LIGHT_RULE
