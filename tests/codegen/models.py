@@ -1,5 +1,7 @@
-"""Tiny models for the codegen tests: small enough to compile and tune in seconds."""
+"""Tiny models for the codegen tests (small enough to compile and tune in seconds) and the checks they share."""
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -54,3 +56,18 @@ def seeded(model: nn.Module) -> nn.Module:
 def rel_err(actual, expected) -> float:
     expected = expected.detach().numpy() if isinstance(expected, torch.Tensor) else expected
     return float(abs(actual - expected).max() / max(abs(expected).max(), 1e-12))
+
+
+def fused_calls(source, inputs, target: str = "x86") -> list[tuple[str, str]]:
+    """(kernel, arguments) of each call_tir in the fused program's main, in order, repeats included."""
+    import graphprune.codegen as codegen
+    from graphprune.codegen.pipeline import fuse
+    from graphprune.codegen.targets import resolve_target
+
+    fused = fuse(codegen.import_model(source, inputs).bound(), resolve_target(target).target)
+    return re.findall(r"R\.call_tir\((\w+), \(([^)]*)\)", fused["main"].script())
+
+
+def fused_kernels(source, inputs, target: str = "x86") -> list[str]:
+    """The kernel of each call_tir in the fused program's main, in order, repeats included."""
+    return [kernel for kernel, _ in fused_calls(source, inputs, target)]

@@ -8,10 +8,8 @@ from tvm import relax, te
 
 import graphprune.codegen as codegen
 from graphprune.codegen.fusible import fusible_forms
-from graphprune.codegen.pipeline import fuse
-from graphprune.codegen.targets import resolve_target
 
-from .models import rel_err
+from .models import fused_kernels, rel_err
 
 
 class Clipped(nn.Module):
@@ -51,8 +49,7 @@ def test_clips_fuse_into_nhwc_convolutions(form, tmp_path):
     and every clip lands in its convolution's kernel. Before, each clip was wrapped in two
     transposes: 7 kernels instead of 3."""
     model, source = _source(form, tmp_path)
-    fused = fuse(codegen.import_model(source, _inputs()).bound(), resolve_target("x86").target)
-    kernels = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    kernels = fused_kernels(source, _inputs())
     convs = [k for k in kernels if "conv2d" in k]
     assert len(convs) == 3 and all("maximum" in k for k in convs), kernels
     assert sum("minimum" in k for k in convs) == 2, kernels          # clamp(min=0.1) has no upper bound
@@ -111,8 +108,7 @@ def test_constant_index_takes_become_slices(form, tmp_path):
     if form == "onnx":
         source = tmp_path / "split.onnx"
         torch.onnx.export(model, (x,), str(source), dynamo=False, opset_version=17)
-    fused = fuse(codegen.import_model(source, (x,)).bound(), resolve_target("x86").target)
-    kernels = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    kernels = fused_kernels(source, (x,))
     assert not [k for k in kernels if "take" in k], kernels
     compiled = codegen.build(source, (x,), target="x86")
     assert rel_err(compiled.run(x), model(x)) < 1e-5

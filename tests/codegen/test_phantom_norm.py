@@ -1,6 +1,5 @@
 """A layer norm over pruned hidden columns (statistics kept over the original width) compiles
 to one kernel, from the compact PyTorch module and from its ONNX file (codegen/phantom_norm.py)."""
-import re
 
 import pytest
 import torch
@@ -8,25 +7,12 @@ from torch import nn
 
 import graphprune as gp
 import graphprune.codegen as codegen
-from graphprune.codegen.pipeline import fuse
-from graphprune.codegen.targets import resolve_target
 from graphprune.ops.normalization import phantom_layer_norm
 
 from tests.analysis.test_hidden_groups import PreNorm, _randomised
 from tests.helpers import zero_random_half
 
-from .models import rel_err
-
-
-def _calls(source, inputs) -> list[tuple[str, str]]:
-    """(kernel, arguments) of each call_tir of the fused program, in order, repeats included."""
-    target = resolve_target("x86").target
-    fused = fuse(codegen.import_model(source, inputs).bound(), target)
-    return re.findall(r"R\.call_tir\((\w+), \(([^)]*)\)", fused["main"].script())
-
-
-def _kernels(source, inputs) -> list[str]:
-    return [kernel for kernel, _ in _calls(source, inputs)]
+from .models import fused_calls, fused_kernels, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +28,7 @@ def compact():
 def test_pruned_layer_norms_are_one_kernel_each(compact, form, tmp_path):
     model, small, x = compact
     source = small if form == "torch" else str(gp.export_onnx(small, (x,), tmp_path / "c.onnx") and tmp_path / "c.onnx")
-    calls = _calls(source, (x,))
+    calls = fused_calls(source, (x,))
     kernels = [kernel for kernel, _ in calls]
     norms = [k for k in kernels if "phantom_layer_norm" in k]
     assert len(norms) == 5, kernels  # two per block, the final one
@@ -66,7 +52,7 @@ class _Shaped(nn.Module):
 
 def test_look_alikes_are_left_alone():
     x = torch.randn(3, 16)
-    assert not [k for k in _kernels(_Shaped(), (x,)) if "phantom" in k]
+    assert not [k for k in fused_kernels(_Shaped(), (x,)) if "phantom" in k]
     compiled = codegen.build(_Shaped(), (x,), "x86")
     assert rel_err(compiled.run(x), _Shaped()(x)) < 1e-5
 
@@ -78,5 +64,5 @@ def test_te_kernel_matches_the_reference():
             return phantom_layer_norm(x, None, None, 1e-5, 24)
 
     x = torch.randn(4, 7, 16) * 3 + 1
-    assert [k for k in _kernels(Norm(), (x,)) if "phantom" in k]
+    assert [k for k in fused_kernels(Norm(), (x,)) if "phantom" in k]
     assert rel_err(codegen.build(Norm(), (x,), "x86").run(x), Norm()(x)) < 1e-5

@@ -50,13 +50,17 @@ def test_tuned_weights_are_prepacked_at_compile_time(tuned):
     assert "layout_rewrite_preproc" not in text and "te_layout_transform" not in text
 
 
-def test_light_tasks_get_few_trials():
-    """Every matmul, norm and softmax gets the full budget, however few its FLOPs (a norm runs
-    once per layer); functions that reduce nothing (reshapes, transposes) get at most LIGHT_TRIALS."""
-    model, x = seeded(TinyTransformerBlock()), torch.randn(2, 8, 32)
+def _budgets(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Task name -> trials that task_budgets gives it at 16 trials per task, on x86."""
     target = resolve_target("x86").target
     tasks = extract_tasks(fuse(codegen.import_model(model, (x,)).bound(), target), target)
-    budgets = dict(zip((t.task_name for t in tasks), task_budgets(tasks, 16)))
+    return dict(zip((t.task_name for t in tasks), task_budgets(tasks, 16)))
+
+
+def test_light_tasks_get_few_trials():
+    """Every matmul gets the full budget; functions that reduce nothing (reshapes, transposes)
+    get at most LIGHT_TRIALS."""
+    budgets = _budgets(seeded(TinyTransformerBlock()), torch.randn(2, 8, 32))
     assert set(budgets.values()) == {16, LIGHT_TRIALS}
     assert all(budgets[name] == 16 for name in budgets if "matmul" in name)
     light = [name for name, budget in budgets.items() if budget == LIGHT_TRIALS]
@@ -68,9 +72,7 @@ def test_norms_get_the_full_budget_however_few_their_flops():
     once per layer; an earlier FLOPs-share rule left them 4 trials and a noisy kernel."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 512), nn.LayerNorm(512), nn.Linear(512, 512), nn.Softmax(-1)).eval()
-    target = resolve_target("x86").target
-    tasks = extract_tasks(fuse(codegen.import_model(model, (torch.randn(4, 512),)).bound(), target), target)
-    budgets = dict(zip((t.task_name for t in tasks), task_budgets(tasks, 16)))
+    budgets = _budgets(model, torch.randn(4, 512))
     norms = [name for name in budgets if "layer_norm" in name or "softmax" in name]
     assert len(norms) == 2 and all(budgets[name] == 16 for name in norms), budgets
 
