@@ -1,8 +1,9 @@
 """Meta-schedule tuning into an on-disk JSON database, one per (model, target), resumable.
 
 A run extracts the fused functions of the model (the same ones :mod:`.pipeline` compiles),
-skips those the database already has a measured record for (incremental re-tuning after
-pruning changes a few layers), and tunes the rest with a budget that reaches every task.
+counts the trials the database already holds for each (incremental re-tuning after pruning
+changes a few layers; a larger budget on an old folder tops each task up), and runs only the
+trials each task still lacks, with a budget that reaches every task.
 Records are appended to ``database_workload.json``/``database_tuning_record.json`` by
 meta-schedule itself, so a second run on the same folder resumes from them, also after a
 kill (:func:`open_database` repairs a line torn by it). Each run leaves
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import tvm
+import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir import Schedule
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -109,6 +111,20 @@ def _measured_seconds(record: ms.database.TuningRecord) -> float | None:
         return None
     seconds = sum(float(s) for s in record.run_secs) / len(record.run_secs)
     return seconds if seconds < _FAILED_RUN_SECS else None
+
+
+def trials_done(database: ms.Database, tasks: Sequence[ms.ExtractedTask], target: Target) -> list[int]:
+    """How many trials ``database`` holds for each task, failed ones included.
+
+    A task without a single successful record counts none: its trials bought no schedule, so
+    it is tuned afresh (as a run on a device-less folder would need).
+    """
+    counts: dict[int, int] = {}
+    for record in database.get_all_tuning_records():
+        key = tvm_ffi.structural_hash(record.workload.mod)
+        counts[key] = counts.get(key, 0) + 1
+    return [counts.get(tvm_ffi.structural_hash(task.dispatched[0]), 0)
+            if _best_seconds(database, task, target) is not None else 0 for task in tasks]
 
 
 def extract_tasks(fused: tvm.IRModule, target: Target) -> list[ms.ExtractedTask]:
@@ -383,7 +399,9 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     >>> build(model, (x,), "x86", tuning_db=report.work_dir)
 
     Every task gets ``trials_per_task`` trials, light ones fewer (:func:`task_budgets`).
-    With ``incremental`` only functions without a measured record are tuned; the report says
+    With ``incremental`` the trials already in the database count towards each task's budget
+    (:func:`trials_done`): a run killed mid-task, or an old folder given a larger budget, runs
+    only what is missing, and tasks shared with an earlier pruning run nothing; the report says
     how many trials that saved. Targets this machine cannot run are measured through
     ``rpc_tracker``/``rpc_key``; without one the run goes to a temporary folder (its records
     are all failures, 1e10 s, and must never poison a real database).
@@ -395,15 +413,16 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     database = open_database(work_dir)
     tasks = extract_tasks(fuse(program.bound(), resolved.target), resolved.target)
     budgets = task_budgets(tasks, trials_per_task)
-    todo = [i for i, task in enumerate(tasks)
-            if not incremental or _best_seconds(database, task, resolved.target) is None]
+    done = trials_done(database, tasks, resolved.target) if incremental else [0] * len(tasks)
+    left = [max(0, budget - have) for budget, have in zip(budgets, done)]
+    todo = [i for i, n in enumerate(left) if n]
     recorder = CurveRecorder([tasks[i].task_name for i in todo], [tasks[i].weight for i in todo])
     start = time.perf_counter()
     builder = PooledBuilder()
     cost_model = warm_cost_model(database, resolved.target) if todo else None
     try:
-        for budget in sorted({budgets[i] for i in todo}, reverse=True):  # heavy tasks first
-            recorder.phase = [k for k, i in enumerate(todo) if budgets[i] == budget]
+        for budget in sorted({left[i] for i in todo}, reverse=True):  # most trials first
+            recorder.phase = [k for k, i in enumerate(todo) if left[i] == budget]
             phase = [tasks[todo[k]] for k in recorder.phase]
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 phase, str(work_dir), space=_space_generator(resolved.target),
@@ -417,12 +436,13 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
                           measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [recorder])
     finally:
         builder.close()
-    reused = sorted(set(range(len(tasks))) - set(todo))
+    reused = [i for i, n in enumerate(left) if not n]
     report = TuningReport(work_dir=str(work_dir), target=resolved.name, tasks_total=len(tasks),
                           tasks_tuned=[tasks[i].task_name for i in todo],
                           tasks_reused=[tasks[i].task_name for i in reused],
                           trials_per_task=trials_per_task, trials_budget=sum(budgets),
-                          trials_run=len(recorder.rows), trials_saved=sum(budgets[i] for i in reused),
+                          trials_run=len(recorder.rows),
+                          trials_saved=sum(min(have, budget) for budget, have in zip(budgets, done)),
                           seconds=time.perf_counter() - start, temporary=temporary, curve=recorder.rows)
     write_report(report)
     return report

@@ -1,5 +1,6 @@
 """Tuning database: resumable, incremental re-tuning, curve files, no real DB without a device."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import graphprune.codegen as codegen
 from graphprune.codegen.targets import resolve_target
 from graphprune.codegen.pipeline import fuse
 from graphprune.codegen.tuning import (LIGHT_TRIALS, PooledBuilder, extract_tasks, open_database, task_budgets,
-                                       tuning_dir, warm_cost_model)
+                                       trials_done, tuning_dir, warm_cost_model)
 
 from .models import TinyTransformerBlock, mlp, rel_err, seeded
 
@@ -50,10 +51,15 @@ def test_tuned_weights_are_prepacked_at_compile_time(tuned):
     assert "layout_rewrite_preproc" not in text and "te_layout_transform" not in text
 
 
+def _tasks(model: nn.Module, x: torch.Tensor = X) -> list:
+    """The tuning tasks of ``model`` on x86, as :func:`codegen.tune` extracts them."""
+    target = resolve_target("x86").target
+    return extract_tasks(fuse(codegen.import_model(model, (x,)).bound(), target), target)
+
+
 def _budgets(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     """Task name -> trials that task_budgets gives it at 16 trials per task, on x86."""
-    target = resolve_target("x86").target
-    tasks = extract_tasks(fuse(codegen.import_model(model, (x,)).bound(), target), target)
+    tasks = _tasks(model, x)
     return dict(zip((t.task_name for t in tasks), task_budgets(tasks, 16)))
 
 
@@ -113,6 +119,21 @@ def test_second_run_resumes_from_existing_records(tuned):
     assert again.tasks_tuned == [] and len(again.tasks_reused) == first.tasks_total
     assert again.trials_run == 0 and again.trials_saved == first.trials_budget
     assert len(open_database(work_dir).get_all_tuning_records()) == records
+
+
+def test_a_larger_budget_runs_only_the_missing_trials(tuned, tmp_path):
+    """A folder tuned at TRIALS, rerun at TRIALS + 2 (a larger budget, or a run killed after
+    TRIALS), runs two more trials per task: the ones in the database count."""
+    work_dir, first = tuned
+    resumed = tmp_path / "mlp-x86"
+    shutil.copytree(work_dir, resumed)
+    records = len(open_database(resumed).get_all_tuning_records())
+    assert trials_done(open_database(resumed), _tasks(mlp(32)), resolve_target("x86").target) == \
+        [TRIALS] * first.tasks_total
+    more = codegen.tune(mlp(32), (X,), "x86", resumed, trials_per_task=TRIALS + 2)
+    assert more.trials_saved == TRIALS * first.tasks_total
+    assert 0 < more.trials_run <= 2 * first.tasks_total
+    assert len(open_database(resumed).get_all_tuning_records()) == records + more.trials_run
 
 
 def test_cost_model_starts_from_the_records_in_the_database(tuned):
