@@ -441,14 +441,14 @@ def header(args: argparse.Namespace, variants: list[Variant]) -> list[str]:
                   "then construct_subnet(); MMACs: gp.trace(...).total_flops",
                   "# torch: the torch.export program run eagerly; onnxruntime: gp.export_onnx (static shapes); "
                   "TVM: graphprune.codegen.build of that same ONNX file for this CPU"]
-        tuned = (f"meta-schedule, {args.trials_per_task} trials per task (at most {LIGHT_TRIALS} for light tasks, "
-                 f"see the budget lines), measured at {args.threads} thread(s); "
+        tuned = (f"meta-schedule, {args.trials_per_task} trials per task in this run (each budget line gives its "
+                 f"row's; at most {LIGHT_TRIALS} for light tasks), measured at {args.threads} thread(s); "
                  "pruned starts from a copy of the dense database"
                  if any(v.tuning for v in variants) else "not run (--trials-per-task 0 or not in --runtimes)")
         lines.append(f"# tvm-tuned: {tuned}")
-        lines += [f"# tvm-tuned budget, {v.model} {v.form}: {t['tasks']} tasks, {t['trials_budget']} trials "
-                  f"({t['trials_run']} run in {t['seconds']} s; {t['tasks_reused']} tasks reused from the database, "
-                  f"{t['trials_saved']} trials saved; light: {t.get('light', EARLIER_LIGHT_RULE)})"
+        lines += [f"# tvm-tuned budget, {v.model} {v.form}: {t['tasks']} tasks, {t['trials_per_task']} trials per task, "
+                  f"{t['trials_budget']} in all ({t['trials_run']} run in {t['seconds']} s; {t['tasks_reused']} tasks "
+                  f"reused, {t['trials_saved']} trials taken from the database; light: {t.get('light', EARLIER_LIGHT_RULE)})"
                   for v in variants if (t := v.tuning)]
     return lines
 
