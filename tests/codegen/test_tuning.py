@@ -136,6 +136,20 @@ def test_a_larger_budget_runs_only_the_missing_trials(tuned, tmp_path):
     assert len(open_database(resumed).get_all_tuning_records()) == records + more.trials_run
 
 
+def test_a_task_whose_trials_all_failed_counts_none(tuned, tmp_path):
+    """Failed trials (1e10 s) bought no schedule: such a task is tuned afresh, not topped up."""
+    work_dir, first = tuned
+    failed = tmp_path / "mlp-x86"
+    shutil.copytree(work_dir, failed)
+    records = failed / "database_tuning_record.json"
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    for _, (_, run_secs, _, _) in lines:
+        run_secs[:] = [1e10] * len(run_secs)
+    records.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert trials_done(open_database(failed), _tasks(mlp(32)), resolve_target("x86").target) == \
+        [0] * first.tasks_total
+
+
 def test_cost_model_starts_from_the_records_in_the_database(tuned):
     """A run on a folder that has records (resumed, or seeded with the dense form's) trains its
     cost model on every measured one before searching, instead of guessing blind."""
