@@ -63,7 +63,45 @@ def open_database(work_dir: str | os.PathLike) -> ms.database.JSONDatabase:
         action = repair_table(Path(work_dir) / name)
         if action:
             warnings.warn(f"{Path(work_dir) / name}: {action} (left by an interrupted tuning run)", stacklevel=2)
-    return ms.database.JSONDatabase(work_dir=str(work_dir), allow_missing=True)
+    try:
+        return ms.database.JSONDatabase(work_dir=str(work_dir), allow_missing=True)
+    except RuntimeError:  # TVM's loader raises a bare RuntimeError for any bad record
+        rejected = reject_unreplayable(Path(work_dir))
+        if not rejected:
+            raise
+        warnings.warn(f"{Path(work_dir) / DATABASE_FILES[1]}: {rejected} record(s) whose schedule no longer "
+                      f"replays on its workload moved to {REJECTED_RECORDS}", stacklevel=2)
+        return ms.database.JSONDatabase(work_dir=str(work_dir), allow_missing=True)
+
+
+#: Where :func:`reject_unreplayable` keeps the records it takes out of a database, for inspection.
+REJECTED_RECORDS = "database_tuning_record.rejected.json"
+
+
+def reject_unreplayable(work_dir: Path) -> int:
+    """Move the records TVM cannot replay on their workload out of the table; returns how many.
+
+    TVM's loader replays every record's schedule trace and fails the whole database on the
+    first that raises (seen: a batch of 60 layer-norm records of one tuning run, measured fine,
+    whose traces raise ScheduleError on reload). One bad batch must not cost the thousands of
+    good records beside it; the rejected lines are appended to :data:`REJECTED_RECORDS`.
+    """
+    table = work_dir / DATABASE_FILES[1]
+    workloads = [ms.database.Workload.from_json(json.loads(line))
+                 for line in (work_dir / DATABASE_FILES[0]).read_text().splitlines() if line.strip()]
+    kept, rejected = [], []
+    for line in table.read_text().splitlines():
+        index, record = json.loads(line)
+        try:
+            ms.database.TuningRecord.from_json(record, workloads[index])
+            kept.append(line)
+        except RuntimeError:  # ScheduleError and its kin
+            rejected.append(line)
+    if rejected:
+        with open(work_dir / REJECTED_RECORDS, "a") as f:
+            f.write("".join(line + "\n" for line in rejected))
+        atomic_write_text(table, "".join(line + "\n" for line in kept))
+    return len(rejected)
 
 
 def repair_table(path: Path) -> str | None:
