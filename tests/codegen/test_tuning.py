@@ -9,8 +9,8 @@ from torch import nn
 import graphprune.codegen as codegen
 from graphprune.codegen.targets import resolve_target
 from graphprune.codegen.pipeline import fuse
-from graphprune.codegen.tuning import (LIGHT_TRIALS, PooledBuilder, extract_tasks, open_database, task_budgets,
-                                       trials_done, tuning_dir, warm_cost_model)
+from graphprune.codegen.tuning import (LIGHT_TRIALS, REJECTED_RECORDS, PooledBuilder, extract_tasks, open_database,
+                                       task_budgets, trials_done, tuning_dir, warm_cost_model)
 
 from .models import TinyTransformerBlock, mlp, rel_err, seeded
 
@@ -148,6 +148,25 @@ def test_a_task_whose_trials_all_failed_counts_none(tuned, tmp_path):
     records.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert trials_done(open_database(failed), _tasks(mlp(32)), resolve_target("x86").target) == \
         [0] * first.tasks_total
+
+
+def test_records_that_no_longer_replay_are_set_aside_not_fatal(tuned, tmp_path):
+    """TVM's loader fails a whole database on one record whose trace raises on replay; the
+    database opens with that record moved to REJECTED_RECORDS and every other one kept."""
+    work_dir, _ = tuned
+    damaged = tmp_path / "mlp-x86"
+    shutil.copytree(work_dir, damaged)
+    table = damaged / "database_tuning_record.json"
+    lines = table.read_text().splitlines()
+    index, (trace, *rest) = json.loads(lines[0])
+    first_block = next(inst for inst in trace[0] if inst[0] == "GetSBlock")
+    first_block[2][0] = "no_such_block"
+    lines[0] = json.dumps([index, [trace, *rest]])
+    table.write_text("".join(line + "\n" for line in lines))
+    with pytest.warns(UserWarning, match="1 record"):
+        database = open_database(damaged)
+    assert len(database.get_all_tuning_records()) == len(lines) - 1
+    assert (damaged / REJECTED_RECORDS).read_text() == lines[0] + "\n"
 
 
 def test_cost_model_starts_from_the_records_in_the_database(tuned):
