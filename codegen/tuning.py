@@ -151,18 +151,21 @@ def _measured_seconds(record: ms.database.TuningRecord) -> float | None:
     return seconds if seconds < _FAILED_RUN_SECS else None
 
 
-def trials_done(database: ms.Database, tasks: Sequence[ms.ExtractedTask], target: Target) -> list[int]:
+def trials_done(database: ms.Database, tasks: Sequence[ms.ExtractedTask]) -> list[int]:
     """How many trials ``database`` holds for each task, failed ones included.
 
     A task without a single successful record counts none: its trials bought no schedule, so
     it is tuned afresh (as a run on a device-less folder would need).
     """
     counts: dict[int, int] = {}
+    succeeded: set[int] = set()
     for record in database.get_all_tuning_records():
         key = tvm_ffi.structural_hash(record.workload.mod)
         counts[key] = counts.get(key, 0) + 1
-    return [counts.get(tvm_ffi.structural_hash(task.dispatched[0]), 0)
-            if _best_seconds(database, task, target) is not None else 0 for task in tasks]
+        if _measured_seconds(record) is not None:
+            succeeded.add(key)
+    keys = [tvm_ffi.structural_hash(task.dispatched[0]) for task in tasks]
+    return [counts[key] if key in succeeded else 0 for key in keys]
 
 
 def extract_tasks(fused: tvm.IRModule, target: Target) -> list[ms.ExtractedTask]:
@@ -451,7 +454,7 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     database = open_database(work_dir)
     tasks = extract_tasks(fuse(program.bound(), resolved.target), resolved.target)
     budgets = task_budgets(tasks, trials_per_task)
-    done = trials_done(database, tasks, resolved.target) if incremental else [0] * len(tasks)
+    done = trials_done(database, tasks) if incremental else [0] * len(tasks)
     left = [max(0, budget - have) for budget, have in zip(budgets, done)]
     todo = [i for i, n in enumerate(left) if n]
     recorder = CurveRecorder([tasks[i].task_name for i in todo], [tasks[i].weight for i in todo])

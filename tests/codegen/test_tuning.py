@@ -128,7 +128,7 @@ def test_a_larger_budget_runs_only_the_missing_trials(tuned, tmp_path):
     resumed = tmp_path / "mlp-x86"
     shutil.copytree(work_dir, resumed)
     records = len(open_database(resumed).get_all_tuning_records())
-    assert trials_done(open_database(resumed), _tasks(mlp(32)), resolve_target("x86").target) == \
+    assert trials_done(open_database(resumed), _tasks(mlp(32))) == \
         [TRIALS] * first.tasks_total
     more = codegen.tune(mlp(32), (X,), "x86", resumed, trials_per_task=TRIALS + 2)
     assert more.trials_saved == TRIALS * first.tasks_total
@@ -146,7 +146,7 @@ def test_a_task_whose_trials_all_failed_counts_none(tuned, tmp_path):
     for _, (_, run_secs, _, _) in lines:
         run_secs[:] = [1e10] * len(run_secs)
     records.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert trials_done(open_database(failed), _tasks(mlp(32)), resolve_target("x86").target) == \
+    assert trials_done(open_database(failed), _tasks(mlp(32))) == \
         [0] * first.tasks_total
 
 
