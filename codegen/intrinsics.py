@@ -5,6 +5,12 @@ whose package ``__init__`` registers every intrinsic set (CUDA's alone takes ~30
 builder pays it again in every worker, hitting its timeout). Placing a bare package object
 in ``sys.modules`` first makes that import a no-op; the submodule the target needs is then
 imported on its own (x86: 0.2 s, arm: 1.2 s).
+
+The same goes for the custom schedule rules meta-schedule looks up by name: TOPI annotates
+pooling blocks with ``schedule_rule = "meta_schedule.pool_max"`` (and avg, adaptive), which
+no TVM build registers for CPU or GPU, so every pooling function logs a C++ warning the user
+can do nothing about, then drops the annotation and schedules the block like any other.
+:func:`register_pool_rules` registers rules that do exactly that, without the warning.
 """
 from __future__ import annotations
 
@@ -13,9 +19,11 @@ import importlib.util
 import sys
 import types
 
+import tvm_ffi
 from tvm.target import Target
 
 _PACKAGE = "tvm.s_tir.tensor_intrin"
+_POOL_RULES = ("pool_max", "pool_avg", "adaptive_pool_max", "adaptive_pool_avg")
 
 
 def _intrinsic_modules(target: Target) -> list[str]:
@@ -37,3 +45,18 @@ def register_intrinsics(target: Target) -> None:
         sys.modules[_PACKAGE] = package
     for name in _intrinsic_modules(target):
         importlib.import_module(f"{_PACKAGE}.{name}")
+    register_pool_rules()
+
+
+def _drop_rule_annotation(sch, block):  # noqa: ANN001 (TVM's Schedule and BlockRV)
+    sch.unannotate(block, "schedule_rule")
+    return [sch]
+
+
+def register_pool_rules() -> None:
+    """Schedule annotated pooling blocks like any other block (see the module docstring)."""
+    for key in ("cpu", "gpu"):
+        for rule in _POOL_RULES:
+            name = f"s_tir.meta_schedule.{key}.meta_schedule.{rule}"
+            if tvm_ffi.get_global_func(name, allow_missing=True) is None:
+                tvm_ffi.register_global_func(name, _drop_rule_annotation)

@@ -19,9 +19,11 @@ from tvm.target import Target
 
 from .intrinsics import register_intrinsics
 
-# meta-schedule logs an INFO line per schedule rule that does not apply; not news here.
-_QUIET = logging.getLogger("graphprune.codegen.schedules")
-_QUIET.setLevel(logging.WARNING)
+# meta-schedule logs an INFO line per schedule rule that does not apply; not news here. A logger
+# of our own at WARNING, made without the logging registry (so importing this module sets no
+# level anywhere), that still hands its warnings up to graphprune.codegen's handlers.
+_QUIET = logging.Logger("graphprune.codegen.schedules", logging.WARNING)
+_QUIET.parent = logging.getLogger("graphprune.codegen")
 
 
 class SampledSketch(dl.ScheduleRule):

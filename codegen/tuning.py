@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -30,13 +31,16 @@ from tvm.s_tir import Schedule
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.meta_schedule.builder import PyBuilder
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.s_tir.meta_schedule.utils import fork_seed
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 from tvm.ir.utils import derived_object
 from tvm.target import Target
 
 from graphprune.errors import TuningError
 
-from graphprune.atomic import atomic_path, atomic_write_text
+from graphprune.atomic import atomic_write_bytes, atomic_write_text
+from graphprune.figures import png_bytes
+from graphprune.report import plot_tuning
 from .frontend import import_model
 from .intrinsics import register_intrinsics
 from .padding import cpu_schedule_rules
@@ -417,6 +421,81 @@ def warm_cost_model(database: ms.Database, target: Target) -> ms.cost_model.XGBM
     return model
 
 
+class TaskLoggers:
+    """Where a tuning run's logs go: one file per task and ``task_scheduler.log`` in ``folder``.
+
+    meta-schedule's own ``get_loggers_from_work_dir`` runs ``logging.config.dictConfig`` over
+    the process: it closes every handler in it, replaces the handlers of the
+    ``tvm.s_tir.meta_schedule`` logger, and crashes on any handler there without a name (test
+    runners and applications attach such handlers). Here each task logs to a logger of
+    graphprune's own, and meta-schedule's loggers (scheduler, runners, builders) get one file
+    handler for the run; their warnings still go up to the caller's handlers, their per-round
+    detail only to the file. :meth:`close` puts every logger back as it was.
+    """
+
+    #: the logger every meta-schedule module logs under
+    META_SCHEDULE = "tvm.s_tir.meta_schedule"
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        #: (logger, the handlers added to it, its level and propagate flag before) to undo on close
+        self._changed: list[tuple[logging.Logger, list[logging.Handler], int, bool]] = []
+        scheduler = logging.getLogger(self.META_SCHEDULE)
+        self._redirect(scheduler, "task_scheduler", _Upward(scheduler.parent))
+
+    def get(self, index: int, task_name: str) -> logging.Logger:
+        """The logger of the run's ``index``-th task, writing ``task_<index>_<name>.log``."""
+        logger = logging.getLogger(f"graphprune.codegen.tuning.task_{index:03d}")
+        self._redirect(logger, f"task_{index:03d}_{task_name[:100]}")
+        return logger
+
+    def _redirect(self, logger: logging.Logger, file_stem: str, *extra: logging.Handler) -> None:
+        handler = logging.FileHandler(self.folder / f"{file_stem}.log", mode="a", delay=True)
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+        self._changed.append((logger, [handler, *extra], logger.level, logger.propagate))
+        for h in (handler, *extra):
+            logger.addHandler(h)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+
+    def close(self) -> None:
+        """Remove and close every handler added; restore each logger's level and propagation."""
+        for logger, handlers, level, propagate in reversed(self._changed):
+            for handler in handlers:
+                logger.removeHandler(handler)
+                handler.close()
+            logger.setLevel(level)
+            logger.propagate = propagate
+        self._changed.clear()
+
+
+class _Upward(logging.Handler):
+    """Hands WARNING and above to ``parent`` (and so to the caller's handlers) from a logger
+    that no longer propagates."""
+
+    def __init__(self, parent: logging.Logger | None) -> None:
+        super().__init__(logging.WARNING)
+        self.parent = parent
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.parent is not None:
+            self.parent.handle(record)
+
+
+def tune_contexts(tasks: Sequence[ms.ExtractedTask], loggers: TaskLoggers, *, space: Any, strategy: Any,
+                  seed: int) -> tuple[list[ms.TuneContext], list[float]]:
+    """meta-schedule tune contexts for ``tasks``, logging through ``loggers`` (see :class:`TaskLoggers`)."""
+    contexts, weights = [], []
+    for index, (task, rand_state) in enumerate(zip(tasks, fork_seed(seed, n=len(tasks)))):
+        contexts.append(ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator=space,
+                                       search_strategy=strategy, task_name=task.task_name,
+                                       logger=loggers.get(index, task.task_name), rand_state=rand_state,
+                                       num_threads="physical").clone())
+        weights.append(task.weight)
+    return contexts, weights
+
+
 def _cores(target: Target) -> int:
     return int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1)
 
@@ -461,13 +540,13 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     start = time.perf_counter()
     builder = PooledBuilder()
     cost_model = warm_cost_model(database, resolved.target) if todo else None
+    loggers = TaskLoggers(work_dir / "logs")
     try:
         for budget in sorted({left[i] for i in todo}, reverse=True):  # most trials first
             recorder.phase = [k for k, i in enumerate(todo) if left[i] == budget]
             phase = [tasks[todo[k]] for k in recorder.phase]
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                phase, str(work_dir), space=_space_generator(resolved.target),
-                strategy=_search_strategy(budget), seed=seed)
+            contexts, weights = tune_contexts(phase, loggers, space=_space_generator(resolved.target),
+                                              strategy=_search_strategy(budget), seed=seed)
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
                           max_trials_global=len(phase) * budget, max_trials_per_task=budget,
                           num_trials_per_iter=min(64, budget), builder=builder,
@@ -477,6 +556,7 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
                           measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [recorder])
     finally:
         builder.close()
+        loggers.close()
     reused = [i for i, n in enumerate(left) if not n]
     report = TuningReport(work_dir=str(work_dir), target=resolved.name, tasks_total=len(tasks),
                           tasks_tuned=[tasks[i].task_name for i in todo],
@@ -504,21 +584,5 @@ def write_report(report: TuningReport) -> None:
 
 
 def _plot_curve(report: TuningReport, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    points = [(r["trial"], r["model_estimate_ms"]) for r in report.curve if r["model_estimate_ms"] is not None]
-    if points:
-        ax.plot(*zip(*points), drawstyle="steps-post", label="tuned tasks, weighted best")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("estimated latency of tuned tasks (ms)")
-    ax.set_title(f"{Path(report.work_dir).name}: {len(report.tasks_tuned)} tasks tuned, "
-                 f"{len(report.tasks_reused)} reused")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    title = f"{Path(report.work_dir).name}: {len(report.tasks_tuned)} tasks tuned, {len(report.tasks_reused)} reused"
+    atomic_write_bytes(path, png_bytes(plot_tuning(report.curve, title), dpi=100))

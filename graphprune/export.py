@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import onnx
@@ -26,7 +27,12 @@ def export_onnx(module: torch.nn.Module, example_inputs: Any, path: str | os.Pat
     names_out = [f"output_{i}" for i in range(n_out)]
     axes = {n: {0: "batch"} for n in names_in + names_out} if dynamic_batch else None
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, warnings.catch_warnings():
+            # A compact module's shape assertions (torch._assert in torch's own code) hold for every
+            # batch by construction; the tracer's warning about them says nothing to act on.
+            # Conditions in the user's own code keep their warning: it names their module.
+            warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", torch.jit.TracerWarning,
+                                    module=r"torch$")
             torch.onnx.export(module, args, str(tmp), dynamo=False, input_names=names_in, output_names=names_out,
                               dynamic_axes=axes, opset_version=opset)
             proto = onnx.load(str(tmp))

@@ -2,7 +2,8 @@
 
 :class:`Report` is plain data (numbers, names, lists), filled in by
 :func:`graphprune.compile` and never holding a model, so it serialises as is and can be
-compared between runs.  Plots use matplotlib's Agg backend (headless machines, CI); every
+compared between runs.  Plots are plain matplotlib figures (:mod:`graphprune.figures`: headless,
+no pyplot state); every
 file is written atomically (:mod:`graphprune.atomic`), so a report folder never holds a
 half-written file.
 
@@ -13,20 +14,18 @@ half-written file.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import matplotlib
+from graphprune.atomic import atomic_write_bytes, atomic_write_text
+from graphprune.figures import figure, png_bytes
+from graphprune.optim.plots import plot_history
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
-from graphprune.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
-from graphprune.optim.plots import plot_history  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -163,7 +162,7 @@ class Report:
                                                f"{self.method}: accuracy over training")
         if self.tuning and self.tuning.get("curve"):
             figures["tuning.png"] = plot_tuning(self.tuning["curve"], f"tuning for {self.codegen}")
-        return {name: _png(fig) for name, fig in figures.items()}
+        return {name: png_bytes(fig) for name, fig in figures.items()}
 
     def write(self, folder: str | Path) -> list[Path]:
         """Write report.md, report.json and the plots into ``folder`` (which must exist)."""
@@ -201,17 +200,10 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def _png(fig: plt.Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def plot_widths(widths: Sequence[LayerWidth]) -> plt.Figure:
+def plot_widths(widths: Sequence[LayerWidth]) -> "Figure":
     """Horizontal bars: each group's width before (light) and after (dark) pruning."""
     height = max(2.5, 0.28 * len(widths) + 1.2)
-    fig, ax = plt.subplots(figsize=(7, height))
+    fig, ax = figure(7, height)
     ys = range(len(widths))
     ax.barh(ys, [w.before for w in widths], color="#c6dbef", label="before")
     ax.barh(ys, [w.after for w in widths], color="#2171b5", label="after")
@@ -224,10 +216,10 @@ def plot_widths(widths: Sequence[LayerWidth]) -> plt.Figure:
     return fig
 
 
-def plot_tuning(curve: Sequence[dict[str, Any]], title: str) -> plt.Figure:
+def plot_tuning(curve: Sequence[dict[str, Any]], title: str) -> "Figure":
     """The tuning curve: the model's estimated latency once every tuned task has a measurement,
     and each trial's own time (a task that never ran leaves the estimate undefined)."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = figure(6, 3.5)
     trials = [(r["trial"], r["run_ms"]) for r in curve if r.get("run_ms") is not None]
     if trials:
         ax.plot(*zip(*trials), "o", markersize=3, alpha=0.5, label="trial")
@@ -244,8 +236,8 @@ def plot_tuning(curve: Sequence[dict[str, Any]], title: str) -> plt.Figure:
     return fig
 
 
-def _plot_xy(points: Sequence[tuple[float, float]], xlabel: str, ylabel: str, title: str) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def _plot_xy(points: Sequence[tuple[float, float]], xlabel: str, ylabel: str, title: str) -> "Figure":
+    fig, ax = figure(6, 3.5)
     ax.plot(*zip(*points), marker="o")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

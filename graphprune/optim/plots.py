@@ -1,6 +1,6 @@
 """Plot an optimizer's ``history``: how sparsity, reductions and loss moved over training.
 
-Uses matplotlib's Agg backend, so it works on headless machines and in CI.
+A plain matplotlib figure (:mod:`graphprune.figures`): works headless, touches no pyplot state.
 
 >>> from graphprune.optim.plots import plot_history
 >>> plot_history(opt.history, "hesso.png")
@@ -8,27 +8,27 @@ Uses matplotlib's Agg backend, so it works on headless machines and in CI.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import matplotlib
+from graphprune.figures import figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _SERIES = (("group_sparsity", "units removed"), ("params_reduction", "params removed"),
            ("flops_reduction", "FLOPs removed"))
 
 
 def plot_history(history: Sequence[dict[str, Any]], path: str | Path | None = None,
-                 title: str | None = None) -> plt.Figure:
+                 title: str | None = None) -> "Figure":
     """Reductions (left axis) and the recorded loss (right axis) against the step.
 
-    Saves to ``path`` when given; returns the figure either way (close it when done).
+    Saves to ``path`` when given; returns the figure either way.
     """
     if not history:
         raise ValueError("empty history: nothing was logged yet (no pruning period has ended)")
     steps = [row["step"] for row in history]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = figure(7, 4)
     for key, label in _SERIES:
         ax.plot(steps, [row[key] for row in history], marker="o", label=label)
     ax.set_xlabel("step")

@@ -211,3 +211,26 @@ def test_rpc_tracker_must_be_host_port_with_key():
         make_runner("no-port", "rpi4")
     with pytest.raises(TuningError, match="RPC tracker"):
         make_runner("board:9190", None)
+
+
+def test_tuning_leaves_foreign_log_handlers_alone(tmp_path):
+    """Handlers without a name (test runners and applications add them) on meta-schedule's logger
+    and its parents: two tuning runs in a row both work, and every logger is left as it was."""
+    import logging
+
+    names = ["tvm.s_tir.meta_schedule", "tvm.s_tir", "tvm", ""]
+    loggers = [logging.getLogger(n) for n in names]
+    foreign = [logging.StreamHandler() for _ in loggers]
+    for logger, handler in zip(loggers, foreign):
+        logger.addHandler(handler)
+    before = [(logger.level, logger.propagate, list(logger.handlers)) for logger in loggers]
+    try:
+        for run in ("first", "second"):
+            report = codegen.tune(mlp(32), (X,), "x86", tmp_path / run, trials_per_task=1)
+            assert report.trials_run > 0, run
+            assert any((tmp_path / run / "logs").glob("task_*.log")), run
+        assert [(logger.level, logger.propagate, list(logger.handlers)) for logger in loggers] == before
+        assert all(handler.stream is not None for handler in foreign)  # not closed by the tuning runs
+    finally:
+        for logger, handler in zip(loggers, foreign):
+            logger.removeHandler(handler)

@@ -40,3 +40,26 @@ def test_compact_module_trains_and_evals():
     compact.eval()
     with torch.no_grad():
         assert torch.equal(compact(x), compact(x))
+
+
+def test_export_warns_only_about_the_users_own_conditions(tmp_path):
+    """The compact module's shape assertions raise no TracerWarning on export; a condition on
+    tensor values in the user's own module still does (the trace really may not generalise)."""
+    import warnings
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.LazyLinear(4)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    model(x)
+    compact = gp.trace(model, x).construct_subnet()
+
+    class ValueBranch(torch.nn.Module):
+        def forward(self, t):
+            return t * 2 if t.sum() > 0 else t
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        gp.export_onnx(compact, (x,), tmp_path / "compact.onnx")
+        assert not [w for w in seen if issubclass(w.category, torch.jit.TracerWarning)]
+        gp.export_onnx(ValueBranch(), (x,), tmp_path / "branch.onnx")
+        assert [w for w in seen if issubclass(w.category, torch.jit.TracerWarning)]
