@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from graphprune.atomic import atomic_path
 from graphprune.errors import GraphPruneError, TuningError, UnsupportedModelError, ZeroInvarianceError
 from graphprune.export import export_onnx
+from graphprune.reference import onnxruntime_latency
 from graphprune.optim import DHSPG, H2SPG, HESSO, HESSO_CRIC
 from graphprune.optim.oneshot import prune
 from graphprune.prunable import PrunableGraph
@@ -447,4 +448,6 @@ def _run_codegen(result: CompileResult, target: str, tune_trials: int, tuning_db
         latency = result.runtime.benchmark()
     except TuningError:  # a cross target (ARM from x86, CUDA without a GPU) builds but cannot run here
         latency = None
+    if latency is not None:
+        result.report.reference = onnxruntime_latency(result.onnx, result.example_inputs, int(latency["threads"]))
     result.report.codegen, result.report.latency, result.report.tuning = target, latency, tuning_report

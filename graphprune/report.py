@@ -45,7 +45,8 @@ class Report:
     ``flops`` are multiply-accumulates at the example input's shape.  ``verify_error``
     is the largest relative difference between the compact model and the zeroed full
     model on the example input (the zero-invariance check).  ``latency`` is the
-    codegen runtime's ``benchmark()`` of the compact model; ``tuning`` the tuning run's
+    codegen runtime's ``benchmark()`` of the compact model, ``reference`` onnxruntime's
+    latency on the same compact ONNX at the same thread count; ``tuning`` the tuning run's
     summary, with its ``curve`` of trials.
     """
 
@@ -66,6 +67,7 @@ class Report:
     accuracy_on: str | None = None
     codegen: str | None = None
     latency: dict[str, Any] | None = None
+    reference: dict[str, Any] | None = None
     tuning: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     accuracy_curve: list[tuple[int, float]] = field(default_factory=list)
@@ -82,12 +84,33 @@ class Report:
         """Fraction of the FLOPs (MACs) removed."""
         return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
 
+    @property
+    def latency_ratio(self) -> float | None:
+        """TVM's latency over onnxruntime's on the same compact ONNX (above 1: TVM is slower)."""
+        if self.latency is None or self.reference is None:
+            return None
+        return self.latency["median_ms"] / self.reference["median_ms"]
+
+    @property
+    def versus_reference(self) -> str | None:
+        """One sentence setting the compiled latency beside onnxruntime's, plain when it lost."""
+        ratio = self.latency_ratio
+        if ratio is None:
+            return None
+        line = (f"onnxruntime on the same compact ONNX: {self.reference['median_ms']:.3f} ms, "
+                f"{self.reference['threads']} threads")
+        if ratio > 1:
+            return (f"{line}: the TVM build is {ratio:.2f}x SLOWER; tune it longer (--tune-trials, tune_trials=) "
+                    f"or deploy the compact ONNX with onnxruntime")
+        return f"{line}: the TVM build is {1 / ratio:.2f}x faster"
+
     # ---- machine-readable ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data, with the derived fractions added."""
         out = _jsonable(asdict(self))
         out["params_removed"] = self.params_removed
         out["flops_removed"] = self.flops_removed
+        out["latency_ratio"] = self.latency_ratio
         return out
 
     def to_json(self) -> str:
@@ -111,7 +134,10 @@ class Report:
         if self.accuracy_after is not None:
             lines.append(f"  accuracy {self.accuracy_before:.4f} -> {self.accuracy_after:.4f} (on {self.accuracy_on})")
         if self.latency is not None:
-            lines.append(f"  latency ({self.codegen}, TVM) {self.latency['median_ms']:.3f} ms median")
+            lines.append(f"  latency ({self.codegen}, TVM) {self.latency['median_ms']:.3f} ms median, "
+                         f"{self.latency.get('threads', '?')} threads")
+        if self.versus_reference:
+            lines.append(f"  {self.versus_reference}")
         if self.verify_error is not None:
             lines.append(f"  compact == zeroed model: max rel. error {self.verify_error:.1e}")
         return "\n".join(lines)
@@ -142,6 +168,8 @@ class Report:
                            f"repeats, {self.latency.get('threads', '?')} threads")
             else:
                 out.append("- latency: not measured (the target does not run on this machine)")
+            if self.versus_reference:
+                out.append(f"- {self.versus_reference}")
             if self.tuning is not None:
                 t = self.tuning
                 out.append(f"- tuning: {t['tasks_total']} tasks, {len(t['tasks_tuned'])} tuned now, "

@@ -142,6 +142,29 @@ def test_codegen_x86_times_the_compact_model(cnn, example, tmp_path):
     assert "x86" in repr(result) and "latency (x86" in result.summary()
     assert (tmp_path / "model.x86.so").stat().st_size > 0
     assert "## Code generation (x86)" in (tmp_path / "report.md").read_text()
+    reference = result.report.reference  # onnxruntime on the same compact ONNX, same threads
+    assert reference["runtime"] == "onnxruntime" and reference["median_ms"] > 0
+    assert reference["threads"] == result.report.latency["threads"]
+    ratio = result.report.latency["median_ms"] / reference["median_ms"]
+    assert result.report.latency_ratio == pytest.approx(ratio)
+    assert "onnxruntime on the same compact ONNX" in result.summary()
+    assert "onnxruntime on the same compact ONNX" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["latency_ratio"] == pytest.approx(ratio)
+
+
+def test_report_says_plainly_when_the_build_is_slower_than_onnxruntime():
+    from graphprune.report import Report
+
+    report = Report(source="m", frontend="torch", method="obspa", target="0.5", params_before=10, params_after=5,
+                    flops_before=10.0, flops_after=5.0, codegen="x86",
+                    latency={"median_ms": 3.0, "repeat": 7, "threads": 2},
+                    reference={"runtime": "onnxruntime", "median_ms": 2.0, "repeat": 7, "threads": 2})
+    assert report.latency_ratio == pytest.approx(1.5)
+    assert "1.50x SLOWER" in report.summary() and "1.50x SLOWER" in report.to_markdown()
+    report.reference["median_ms"] = 6.0
+    assert "2.00x faster" in report.summary() and "SLOWER" not in report.summary()
+    report.reference = None
+    assert report.latency_ratio is None and "onnxruntime" not in report.summary()
 
 
 def test_onnx_input_gives_onnx_output():

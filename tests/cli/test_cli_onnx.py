@@ -87,6 +87,16 @@ def test_compile_writes_folder(tmp_path, onnx_dir, capsys):
                                  "before": 16, "after": 12}]
 
 
+def test_compile_with_codegen_prints_the_onnxruntime_reference(tmp_path, onnx_dir, capsys):
+    pytest.importorskip("tvm")
+    out = tmp_path / "out"
+    code, text, err = run_main(capsys, "compile", onnx_dir / "cnn.onnx", "-o", out, "--codegen", "x86")
+    assert code == 0, err
+    assert "latency (x86, TVM)" in text and "onnxruntime on the same compact ONNX" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["reference"]["runtime"] == "onnxruntime" and report["latency_ratio"] > 0
+
+
 @pytest.mark.slow
 def test_tune_resumes(tmp_path, onnx_dir):
     pytest.importorskip("tvm")
