@@ -27,7 +27,7 @@ from .pipeline import compile_fused, fuse
 from .sparse import KernelChoice
 from .sparsify import sparsify
 from .targets import CodegenTarget, resolve_target
-from .tuning import database_coverage, open_database
+from .tuning import database_coverage, has_records, open_database, shared_database_dir
 
 #: Cross compilers for targets that do not run here, by LLVM triple prefix.
 CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++"}
@@ -149,7 +149,9 @@ def build(model_or_onnx: torch.nn.Module | onnx.ModelProto | str | os.PathLike |
     >>> compiled.benchmark()["median_ms"]
 
     ``tuning_db`` is a meta-schedule work directory written by :func:`graphprune.codegen.tune`
-    (or a ``Database``); functions without a record get default schedules. Turning
+    (or a ``Database``); by default, the machine's shared database for the target
+    (:func:`~graphprune.codegen.tuning.shared_database_dir`) once it exists. Functions without a
+    record get default schedules. Turning
     ``default_schedules`` off leaves them naive (30-150x slower on CPU): for tests only.
 
     ``sparse="auto"`` compiles linear and 1x1-convolution layers whose weights have at least
@@ -160,6 +162,8 @@ def build(model_or_onnx: torch.nn.Module | onnx.ModelProto | str | os.PathLike |
     """
     resolved = resolve_target(target)
     program = import_model(model_or_onnx, example_inputs)
+    if tuning_db is None and has_records(shared_database_dir(resolved)):
+        tuning_db = shared_database_dir(resolved)
     choices: list[KernelChoice] = []
     if sparse:
         db_path = os.fspath(tuning_db) if isinstance(tuning_db, (str, os.PathLike)) else None

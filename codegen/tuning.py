@@ -12,11 +12,13 @@ a tuning curve (CSV, JSON, PNG) and a ``tuning_report.json`` next to the databas
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
 import math
 import os
+import platform
 import tempfile
 import time
 import warnings
@@ -76,6 +78,12 @@ def open_database(work_dir: str | os.PathLike) -> ms.database.JSONDatabase:
         warnings.warn(f"{Path(work_dir) / DATABASE_FILES[1]}: {rejected} record(s) whose schedule no longer "
                       f"replays on its workload moved to {REJECTED_RECORDS}", stacklevel=2)
         return ms.database.JSONDatabase(work_dir=str(work_dir), allow_missing=True)
+
+
+def has_records(work_dir: str | os.PathLike) -> bool:
+    """Whether ``work_dir`` holds a tuning-record table with anything in it."""
+    table = Path(work_dir) / DATABASE_FILES[1]
+    return table.is_file() and table.stat().st_size > 0
 
 
 #: Where :func:`reject_unreplayable` keeps the records it takes out of a database, for inspection.
@@ -304,9 +312,37 @@ class TuningReport:
                 f"time: {self.seconds:.0f} s")
 
 
-def default_work_dir(model_name: str, target: CodegenTarget, root: str | os.PathLike = "runs/tuning") -> Path:
-    """One database folder per (model, target)."""
-    return Path(root) / f"{model_name}-{target.name}"
+#: overrides the shared database's folder (one folder for every target: name one per target)
+SHARED_DB_ENV = "GRAPHPRUNE_TUNING_DB"
+
+
+def shared_database_dir(target: CodegenTarget) -> Path:
+    """The tuning database every compile and tune on this machine shares for ``target``.
+
+    A convolution or matmul of one shape gets the same records whichever model it comes from,
+    so one database per (target, machine) lets the next model reuse what the last one tuned.
+    It lives in the user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``), under a key of the
+    target (with its ``mcpu``, features and core count) and, for targets that run here, this
+    CPU's feature flags, so records measured on another CPU are never mixed in.
+    ``$GRAPHPRUNE_TUNING_DB`` overrides the folder.
+    """
+    if os.environ.get(SHARED_DB_ENV):
+        return Path(os.environ[SHARED_DB_ENV])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = json.dumps(target.target.export(), sort_keys=True, default=str)
+    if target.runs_here:
+        key += _cpu_flags()
+    return cache / "graphprune" / "tuning" / f"{target.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _cpu_flags() -> str:
+    """This CPU's feature flags (Linux), or its platform name where /proc/cpuinfo is absent."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    return " ".join(sorted(flags.split(":", 1)[-1].split()))
 
 
 def tuning_dir(target: CodegenTarget, work_dir: str | os.PathLike,
@@ -515,8 +551,11 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
          seed: int = 0) -> TuningReport:
     """Tune a model's functions for ``target`` into the database in ``work_dir``.
 
-    >>> report = tune(model, (x,), "x86", "runs/tuning/cnn-x86", trials_per_task=16)
-    >>> build(model, (x,), "x86", tuning_db=report.work_dir)
+    >>> report = tune(model, (x,), "x86", trials_per_task=16)   # into the machine's shared database
+    >>> build(model, (x,), "x86")                               # which build reads by default
+
+    ``work_dir`` defaults to :func:`shared_database_dir`, so tasks another model already tuned on
+    this machine are reused (``tasks_reused``); name a folder to keep a run apart.
 
     Every task gets ``trials_per_task`` trials, light ones fewer (:func:`task_budgets`).
     With ``incremental`` the trials already in the database count towards each task's budget
@@ -528,7 +567,7 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     """
     resolved = resolve_target(target)
     program = import_model(model_or_program, example_inputs)
-    work_dir, temporary = tuning_dir(resolved, work_dir or default_work_dir(program.name, resolved), rpc_tracker)
+    work_dir, temporary = tuning_dir(resolved, work_dir or shared_database_dir(resolved), rpc_tracker)
     register_intrinsics(resolved.target)
     database = open_database(work_dir)
     tasks = extract_tasks(fuse(program.bound(), resolved.target), resolved.target)

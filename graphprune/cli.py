@@ -32,8 +32,8 @@ examples:
   graphprune inspect model.onnx                        groups, barriers, params and MACs
   graphprune inspect model.onnx --html graph.html      ... and a page with the graph drawn
   graphprune prune model.onnx -o model.small.onnx --flops 0.5 --criterion obspa
-  graphprune compile model.onnx --codegen x86 --tune-trials 200 --tuning-db runs/db -o out/
-  graphprune tune model.onnx --target x86 --trials 64 --db runs/db    (run again to resume)
+  graphprune compile model.onnx --codegen x86 --tune-trials 200 -o out/   (tunes into the shared database)
+  graphprune tune model.onnx --target x86 --trials 64 --db runs/db    (a private database; run again to resume)
 
 exit codes:
   0 ok   1 internal error   2 usage   3 bad input file   4 target cannot be met
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one-shot method (training methods need the PyTorch model: use gp.compile)")
     p.add_argument("--codegen", choices=["x86", "arm", "cuda"], help="build the compact model with TVM for this target")
     p.add_argument("--tune-trials", type=_positive, default=0, help="tuning trials per task before building (0: none)")
-    p.add_argument("--tuning-db", metavar="DIR", help="tuning database folder (reused and extended)")
+    p.add_argument("--tuning-db", metavar="DIR", help="tuning database folder, reused and extended (default: this "
+                   "machine's shared database for the target, in ~/.cache/graphprune/tuning)")
     p.set_defaults(run=cmd_compile)
 
     p = sub.add_parser("tune", parents=[common], help="autotune a model with TVM into a resumable database",
@@ -117,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="ONNX file")
     p.add_argument("--target", default="x86", choices=["x86", "arm", "cuda"], help="TVM target (default x86)")
     p.add_argument("--trials", type=_positive, default=16, help="trials per tuning task (default 16)")
-    p.add_argument("--db", metavar="DIR", help="database folder (default: runs/tuning/<model>-<target>)")
+    p.add_argument("--db", "--tuning-db", metavar="DIR", dest="db",
+                   help="database folder (default: this machine's shared database for the target, "
+                        "in ~/.cache/graphprune/tuning; $GRAPHPRUNE_TUNING_DB overrides it)")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on remote boards through a TVM RPC tracker")
     p.add_argument("--rpc-key", help="device key registered with the RPC tracker")
     p.set_defaults(run=cmd_tune)

@@ -234,3 +234,24 @@ def test_tuning_leaves_foreign_log_handlers_alone(tmp_path):
     finally:
         for logger, handler in zip(loggers, foreign):
             logger.removeHandler(handler)
+
+
+def test_shared_database_is_reused_by_the_next_model_and_read_by_build(tmp_path, monkeypatch):
+    """With no folder named, tune writes the machine's shared database for the target, a second
+    model sharing a layer shape reuses that layer's task, and build applies the records."""
+    from graphprune.codegen.tuning import shared_database_dir
+
+    monkeypatch.setenv("GRAPHPRUNE_TUNING_DB", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    shared = shared_database_dir(resolve_target("x86"))
+    assert shared.is_relative_to(tmp_path / "graphprune" / "tuning") and shared.name.startswith("x86-")
+    first = codegen.tune(mlp(32), (X,), "x86", trials_per_task=1)
+    assert first.work_dir == str(shared) and not first.tasks_reused
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 8))
+    second = codegen.tune(other, (X,), "x86", trials_per_task=1)
+    assert second.work_dir == str(shared) and second.tasks_reused  # the 16->32 linear + relu was tuned
+    assert len(second.tasks_tuned) < second.tasks_total
+    compiled = codegen.build(other, (X,), "x86")
+    assert compiled.tuned_functions == compiled.total_functions
+    assert rel_err(compiled.run(X), other(X)) < 1e-4
