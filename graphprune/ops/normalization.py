@@ -23,22 +23,56 @@ import torch
 from ..analysis.labels import Field, Labels
 from ..ir.graph import Node
 from .common import ref_name
-from .registry import Rule, register
+from .registry import OnnxOp, Rule, register
 
 DOMAIN = "graphprune"  # the model-local ONNX functions' domain (inlined before the model is written)
+F = torch.nn.functional
+
+
+def _onnx_batch_norm(x, scale, bias, mean, var, *, epsilon=1e-5, **_):
+    """Inference mode, as the traced graph runs it (running statistics are not updated)."""
+    return F.batch_norm(x, mean.detach(), var.detach(), scale, bias, False, 0.0, epsilon)
+
+
+def _onnx_layer_norm(x, scale, bias=None, *, axis=-1, epsilon=1e-5, **_):
+    """Y, Mean, InvStdDev over the axes from ``axis`` on (statistics keep those axes as 1)."""
+    axis %= x.dim()
+    axes = tuple(range(axis, x.dim()))
+    y = F.layer_norm(x, x.shape[axis:], scale, bias, epsilon)
+    mean = x.mean(axes, keepdim=True)
+    return y, mean, torch.rsqrt(x.var(axes, unbiased=False, keepdim=True) + epsilon)
+
+
+def _onnx_rms_norm(x, scale, *_, axis=-1, epsilon=1e-5, **__):
+    """Y, InvStdDev: ``x / sqrt(mean(x²) + eps) * scale`` over the axes from ``axis`` on."""
+    axes = tuple(range(axis % x.dim(), x.dim()))
+    rstd = torch.rsqrt(x.square().mean(axes, keepdim=True) + epsilon)
+    return x * rstd * scale, rstd
+
+
+def _onnx_group_norm(x, scale, bias, *, num_groups, epsilon=1e-5, **_):
+    """Scale and bias per channel (opset 21) or per group (opset 18)."""
+    c = x.shape[1]
+    if scale.numel() != c:
+        scale, bias = scale.repeat_interleave(c // num_groups), bias.repeat_interleave(c // num_groups)
+    return F.group_norm(x, num_groups, scale, bias, epsilon)
 
 
 @register("batch_norm", aten=("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm",
                               "_native_batch_norm_legit", "instance_norm"),
-          onnx=("BatchNormalization", "InstanceNormalization"))
+          onnx={"BatchNormalization": OnnxOp(_onnx_batch_norm, ("input", "scale", "B", "input_mean", "input_var")),
+                "InstanceNormalization": OnnxOp(lambda x, scale, b, *, epsilon=1e-5, **_:
+                                                F.instance_norm(x, weight=scale, bias=b, eps=epsilon),
+                                                ("input", "scale", "B"))})
 class BatchNorm(Rule):
     def propagate(self, node: Node, lab: Labels) -> None:
         x = ref_name(node.attrs.get("input"))
         ch = lab.axis_labels(x, 1) if x else None
+        shift = ref_name(node.attrs.get("bias", node.attrs.get("B")))
         for key in ("weight", "bias", "running_mean", "running_var", "scale", "B", "input_mean", "input_var"):
             p = ref_name(node.attrs.get(key))
             if p is not None and lab.graph.values[p].kind != "act":
-                lab.param_axis(p, 0, ch)
+                lab.param_axis(p, 0, ch, *(("norm", shift) if key in ("weight", "scale") else ()))
         lab.set_field(node.outputs[0], Field((1,), ch) if ch is not None else None)
         for o in node.outputs[1:]:
             lab.fields[o] = None
@@ -155,7 +189,8 @@ def phantom_onnx_function(rms: bool, bias: bool, opset: int):
 
 
 @register("layer_norm", aten=("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"),
-          onnx=("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"))
+          onnx={"LayerNormalization": OnnxOp(_onnx_layer_norm, ("input", "scale", "B")),
+                "RMSNormalization": OnnxOp(_onnx_rms_norm), "SimplifiedLayerNormalization": OnnxOp(_onnx_rms_norm)})
 class LayerNorm(Rule):
     def propagate(self, node: Node, lab: Labels) -> None:
         x = node.inputs[0]
@@ -167,6 +202,9 @@ class LayerNorm(Rule):
                 if p is not None and lab.field(p) is not None:
                     pl = lab.axis_labels(p, -1)
                     lab.union(cols, pl) if pl is not None else lab.pin(cols)
+            scale, shift = _affine(node)
+            if scale is not None and lab.graph.values[scale].kind == "param":
+                lab.param_role(scale, -1, "norm", shift)
             lab.set_field(node.outputs[0], Field((rank - 1,), cols))
         else:
             k = _normalised_axes(node, rank)
@@ -259,7 +297,8 @@ def _fx_arg(shrink, fx_node, name: str):
         return None
 
 
-@register("group_norm", aten=("group_norm", "native_group_norm"), onnx=("GroupNormalization",))
+@register("group_norm", aten=("group_norm", "native_group_norm"),
+          onnx={"GroupNormalization": OnnxOp(_onnx_group_norm, ("input", "scale", "bias"))})
 class GroupNorm(Rule):
     def propagate(self, node: Node, lab: Labels) -> None:
         x = ref_name(node.attrs.get("input")) or node.inputs[0]
@@ -268,10 +307,11 @@ class GroupNorm(Rule):
         if ch is not None:
             rows = ch.reshape(g, -1)
             lab.union(rows[:, :1], rows)
+        shift = ref_name(node.attrs.get("bias"))
         for key in ("weight", "bias", "scale"):
             p = ref_name(node.attrs.get(key))
             if p is not None:
-                lab.param_axis(p, 0, ch)
+                lab.param_axis(p, 0, ch, *(("norm", shift) if key != "bias" else ()))
         lab.set_field(node.outputs[0], Field((1,), ch) if ch is not None else None)
         for o in node.outputs[1:]:
             lab.fields[o] = None

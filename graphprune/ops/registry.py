@@ -8,10 +8,15 @@ is rewritten once units go (``rewrite_fx`` for the compact PyTorch graph,
 of its outputs that removed units take are exactly zero in the zeroed model, which is
 what lets a layer norm or a sum reduce over a prunable axis.  An op with no rule is a
 barrier.
+
+An entry also carries what the frontends need to know of the op: for each ONNX op type it
+maps, an :class:`OnnxOp` (input names, attribute normalisation and one torch
+implementation, so every ONNX node the registry knows runs in torch).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
     from ..analysis.labels import Labels
@@ -21,6 +26,26 @@ if TYPE_CHECKING:
 _RULES: dict[str, "Rule"] = {}
 _ATEN: dict[str, str] = {}
 _ONNX: dict[str, str] = {}
+_ONNX_OPS: dict[str, "OnnxOp"] = {}
+
+
+@dataclass(frozen=True)
+class OnnxOp:
+    """One ONNX op type as the importer reads it and torch runs it.
+
+    ``torch`` takes the node's inputs positionally (None for an omitted optional input)
+    and its normalised attributes as keywords, and returns the outputs in ONNX order (a
+    tensor, or a tuple when the op has several).  ``inputs`` names the inputs in ONNX
+    order: rules read them from ``node.attrs`` under these names.  Those also in ``lists``
+    are integer constants (shapes, axes, pads) that the importer resolves into Python
+    lists, so one rule and one implementation serve every opset.  ``normalise(attrs,
+    out_shapes)`` fills defaults and renames attributes in place so rules see one
+    vocabulary (``group`` -> ``groups``)."""
+
+    torch: Callable[..., Any]
+    inputs: tuple[str, ...] = ()
+    lists: tuple[str, ...] = ()
+    normalise: Callable[[dict[str, Any], list[tuple[int, ...]]], None] | None = None
 
 
 class Rule:
@@ -38,6 +63,11 @@ class Rule:
         always sound."""
         return False
 
+    def activation(self, node: "Node") -> str | None:
+        """The nonlinearity the node applies elementwise, as the optimizers model a unit's
+        statistics through it (``relu``, ``relu6``, ``gelu``, ``silu``); None for none."""
+        return None
+
     def rewrite_fx(self, node: "Node", fx_node: Any, shrink: "Shrink") -> None:
         """Update the fx node's constant arguments for the compact shapes (default: none)."""
 
@@ -45,16 +75,18 @@ class Rule:
         """Update the ONNX node's attributes/constant inputs for the compact shapes."""
 
 
-def register(op: str, *, aten: tuple[str, ...] = (), onnx: tuple[str, ...] = ()) -> Callable[[type], type]:
-    """Class decorator: register a rule for canonical ``op`` under ATen/ONNX names."""
+def register(op: str, *, aten: tuple[str, ...] = (), onnx: Mapping[str, OnnxOp] | None = None) -> Callable[[type], type]:
+    """Class decorator: register a rule for canonical ``op`` under ATen names and ONNX op
+    types (each with how it is imported and run in torch)."""
     def deco(cls: type) -> type:
         rule = cls()
         rule.op = op
         _RULES[op] = rule
         for a in aten:
             _ATEN[a] = op
-        for o in onnx:
+        for o, spec in (onnx or {}).items():
             _ONNX[o] = op
+            _ONNX_OPS[o] = spec
         return cls
     return deco
 
@@ -67,6 +99,12 @@ def canonical_aten(packet: str) -> str:
 def canonical_onnx(op_type: str) -> str:
     _load()
     return _ONNX.get(op_type, f"onnx::{op_type}")
+
+
+def onnx_op(op_type: str) -> OnnxOp | None:
+    """How the ONNX op type is imported and run in torch (None: no entry maps it)."""
+    _load()
+    return _ONNX_OPS.get(op_type)
 
 
 def rule_for(op: str) -> Rule:
