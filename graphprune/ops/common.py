@@ -56,3 +56,35 @@ def same_pads(size: list[int], kernel: list[int], strides: list[int], dilations:
     if auto_pad == "VALID" or not pads:
         return [0] * n, [0] * n
     return list(pads[:n]), list(pads[n:])
+
+
+# ---- outputs from shapes alone, for the recorder (see ``register(shape_only=...)``)
+
+def same_shape(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The first input's shape and dtype (activations, dropout, normalisations)."""
+    return torch.empty_like(args[0])
+
+
+def in_place(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The first argument itself, unless the op would broadcast it (then the kernel runs)."""
+    other = args[1] if len(args) > 1 else None
+    if isinstance(other, torch.Tensor) and torch.broadcast_shapes(args[0].shape, other.shape) != args[0].shape:
+        return None
+    return args[0]
+
+
+def broadcast(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A broadcasting binary op: broadcast shape, promoted dtype (true division of integers
+    gives the default float type)."""
+    if kwargs:
+        return None
+    a, b = args[0], args[1]
+    shape = torch.broadcast_shapes(a.shape, b.shape) if isinstance(b, torch.Tensor) else a.shape
+    return torch.empty(shape, dtype=torch.result_type(a, b), device="meta")
+
+
+def true_division(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    out = broadcast(args, kwargs)
+    if out is not None and not out.dtype.is_floating_point and not out.dtype.is_complex:
+        return torch.empty(out.shape, dtype=torch.get_default_dtype(), device="meta")
+    return out

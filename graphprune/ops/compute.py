@@ -69,6 +69,32 @@ def _onnx_conv_transpose(x, w, b=None, *, strides=None, dilations=None, groups=1
     return y[(slice(None), slice(None), *(slice(bg, f - e) for bg, e, f in zip(begin, end, full)))]
 
 
+def _conv2d_shape(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """conv2d's output from the usual formula (its meta kernel is Python, slow to record)."""
+    x, w = args[0], args[1]
+    if kwargs or x.dim() != 4 or w.dim() != 4:
+        return None
+
+    def pair(k: int, default: int) -> list[int]:  # stride, padding, dilation: one int or two
+        a = list(args[k]) if len(args) > k else [default]
+        return a * 2 if len(a) == 1 else a
+    stride, pad, dil = pair(3, 1), pair(4, 0), pair(5, 1)
+    h, wd = ((x.shape[2 + i] + 2 * pad[i] - dil[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1 for i in range(2))
+    return torch.empty((x.shape[0], w.shape[0], h, wd), dtype=x.dtype, device="meta")
+
+
+def _linear_shape(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args[1].dim() != 2:
+        return None
+    return torch.empty((*args[0].shape[:-1], args[1].shape[0]), dtype=args[0].dtype, device="meta")
+
+
+def _sdpa_shape(args: tuple, kwargs: dict) -> torch.Tensor:
+    """[..., L, E] x [..., S, Ev] -> [..., L, Ev]."""
+    q, v = args[0], args[2]
+    return torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device="meta")
+
+
 def _groups(attrs: dict, _: list) -> None:
     attrs["groups"] = attrs.pop("group", 1)
 
@@ -76,7 +102,8 @@ def _groups(attrs: dict, _: list) -> None:
 @register("conv", aten=("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
                         "conv_transpose2d", "conv_transpose3d"),
           onnx={"Conv": OnnxOp(_onnx_conv, ("input", "weight", "bias"), normalise=_groups),
-                "ConvTranspose": OnnxOp(_onnx_conv_transpose, ("input", "weight", "bias"), normalise=_groups)})
+                "ConvTranspose": OnnxOp(_onnx_conv_transpose, ("input", "weight", "bias"), normalise=_groups)},
+          shape_only={"conv2d.default": _conv2d_shape})
 class Conv(Rule):
     """Output channels are new atoms; input channels become the weight's input slices."""
 
@@ -147,7 +174,7 @@ def _linear(lab: Labels, node: Node, x: str, w: str, b: str | None, w_in_dim: in
     lab.set_field(out, Field((len(lab.shape(out)) - 1,), outs))
 
 
-@register("linear", aten=("linear",))
+@register("linear", aten=("linear",), shape_only={"linear.default": _linear_shape})
 class Linear(Rule):
     """``y = x Wᵀ + b``: output features are new atoms, input features are W's columns."""
 
@@ -341,7 +368,8 @@ def _einsum_form(equation: str, ranks: list[int]) -> tuple[list[str], str] | Non
 
 
 @register("sdpa", aten=("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                        "_scaled_dot_product_attention_math"))
+                        "_scaled_dot_product_attention_math"),
+          shape_only={"scaled_dot_product_attention.default": _sdpa_shape})
 class ScaledDotProductAttention(Rule):
     """Heads are units: a query head, its key/value head (shared under GQA) and its
     output columns go together; the head dimension itself stays uniform."""

@@ -11,7 +11,7 @@ import torch
 
 from ..analysis.labels import Field, Labels
 from ..ir.graph import Node, Ref
-from .common import tensor_attr, torch_dtype
+from .common import broadcast, in_place, same_shape, tensor_attr, torch_dtype, true_division
 from .registry import OnnxOp, Rule, register
 
 F = torch.nn.functional
@@ -132,7 +132,11 @@ ACTIVATIONS = {
 }
 
 
-@register("unary", aten=UNARY, onnx=ONNX_UNARY)
+@register("unary", aten=UNARY, onnx=ONNX_UNARY, shape_only={
+    **dict.fromkeys(("gelu.default", "relu.default", "silu.default", "dropout.default", "hardswish.default",
+                     "sigmoid.default"), same_shape),
+    **dict.fromkeys(("relu_.default", "hardtanh_.default", "silu_.default", "hardswish_.default", "sigmoid_.default"),
+                    in_place)})
 class Unary(Rule):
     """Channel identity: the output element is the input element, transformed."""
 
@@ -161,7 +165,11 @@ class Unary(Rule):
         return ACTIVATIONS.get(_kind(node))
 
 
-@register("elementwise", aten=NARY, onnx=ONNX_NARY)
+@register("elementwise", aten=NARY, onnx=ONNX_NARY, shape_only={
+    **dict.fromkeys(("add.Tensor", "sub.Tensor", "mul.Tensor", "add.Scalar", "sub.Scalar", "mul.Scalar"), broadcast),
+    **dict.fromkeys(("div.Tensor", "div.Scalar"), true_division),
+    **dict.fromkeys(("add_.Tensor", "sub_.Tensor", "mul_.Tensor", "div_.Tensor", "add_.Scalar", "mul_.Scalar"),
+                    in_place)})
 class Elementwise(Rule):
     """Broadcasting n-ary op: operands' atoms are coupled element by element.
 

@@ -22,7 +22,7 @@ import torch
 
 from ..analysis.labels import Field, Labels
 from ..ir.graph import Node
-from .common import ref_name
+from .common import ref_name, same_shape
 from .registry import OnnxOp, Rule, register
 
 DOMAIN = "graphprune"  # the model-local ONNX functions' domain (inlined before the model is written)
@@ -63,7 +63,8 @@ def _onnx_group_norm(x, scale, bias, *, num_groups, epsilon=1e-5, **_):
           onnx={"BatchNormalization": OnnxOp(_onnx_batch_norm, ("input", "scale", "B", "input_mean", "input_var")),
                 "InstanceNormalization": OnnxOp(lambda x, scale, b, *, epsilon=1e-5, **_:
                                                 F.instance_norm(x, weight=scale, bias=b, eps=epsilon),
-                                                ("input", "scale", "B"))})
+                                                ("input", "scale", "B"))},
+          shape_only={"batch_norm.default": same_shape, "instance_norm.default": same_shape})
 class BatchNorm(Rule):
     def propagate(self, node: Node, lab: Labels) -> None:
         x = ref_name(node.attrs.get("input"))
@@ -190,7 +191,8 @@ def phantom_onnx_function(rms: bool, bias: bool, opset: int):
 
 @register("layer_norm", aten=("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"),
           onnx={"LayerNormalization": OnnxOp(_onnx_layer_norm, ("input", "scale", "B")),
-                "RMSNormalization": OnnxOp(_onnx_rms_norm), "SimplifiedLayerNormalization": OnnxOp(_onnx_rms_norm)})
+                "RMSNormalization": OnnxOp(_onnx_rms_norm), "SimplifiedLayerNormalization": OnnxOp(_onnx_rms_norm)},
+          shape_only={"layer_norm.default": same_shape})
 class LayerNorm(Rule):
     def propagate(self, node: Node, lab: Labels) -> None:
         x = node.inputs[0]
@@ -298,7 +300,8 @@ def _fx_arg(shrink, fx_node, name: str):
 
 
 @register("group_norm", aten=("group_norm", "native_group_norm"),
-          onnx={"GroupNormalization": OnnxOp(_onnx_group_norm, ("input", "scale", "bias"))})
+          onnx={"GroupNormalization": OnnxOp(_onnx_group_norm, ("input", "scale", "bias"))},
+          shape_only={"group_norm.default": same_shape})
 class GroupNorm(Rule):
     def propagate(self, node: Node, lab: Labels) -> None:
         x = ref_name(node.attrs.get("input")) or node.inputs[0]

@@ -11,7 +11,9 @@ barrier.
 
 An entry also carries what the frontends need to know of the op: for each ONNX op type it
 maps, an :class:`OnnxOp` (input names, attribute normalisation and one torch
-implementation, so every ONNX node the registry knows runs in torch).
+implementation, so every ONNX node the registry knows runs in torch), and for ATen
+overloads whose output shape follows from their inputs' (``relu``, a broadcasting
+``add``, an in-place op), how the recorder computes it without running the meta kernel.
 """
 from __future__ import annotations
 
@@ -27,6 +29,11 @@ _RULES: dict[str, "Rule"] = {}
 _ATEN: dict[str, str] = {}
 _ONNX: dict[str, str] = {}
 _ONNX_OPS: dict[str, "OnnxOp"] = {}
+_SHAPE_ONLY: dict[str, "ShapeOnly"] = {}
+
+# (args, kwargs) of an ATen call on meta tensors -> its meta output, or None where the
+# meta kernel must run after all (an in-place op that would broadcast its first argument)
+ShapeOnly = Callable[[tuple, dict], Any]
 
 
 @dataclass(frozen=True)
@@ -75,13 +82,16 @@ class Rule:
         """Update the ONNX node's attributes/constant inputs for the compact shapes."""
 
 
-def register(op: str, *, aten: tuple[str, ...] = (), onnx: Mapping[str, OnnxOp] | None = None) -> Callable[[type], type]:
+def register(op: str, *, aten: tuple[str, ...] = (), onnx: Mapping[str, OnnxOp] | None = None,
+             shape_only: Mapping[str, ShapeOnly] | None = None) -> Callable[[type], type]:
     """Class decorator: register a rule for canonical ``op`` under ATen names and ONNX op
-    types (each with how it is imported and run in torch)."""
+    types (each with how it is imported and run in torch); ``shape_only`` maps ATen
+    overloads (``"relu.default"``) to how their output is computed from shapes alone."""
     def deco(cls: type) -> type:
         rule = cls()
         rule.op = op
         _RULES[op] = rule
+        _SHAPE_ONLY.update(shape_only or {})
         for a in aten:
             _ATEN[a] = op
         for o, spec in (onnx or {}).items():
@@ -105,6 +115,12 @@ def onnx_op(op_type: str) -> OnnxOp | None:
     """How the ONNX op type is imported and run in torch (None: no entry maps it)."""
     _load()
     return _ONNX_OPS.get(op_type)
+
+
+def shape_only() -> dict[str, ShapeOnly]:
+    """ATen overload (``"add.Tensor"``) -> its output from its inputs' shapes (see ``register``)."""
+    _load()
+    return dict(_SHAPE_ONLY)
 
 
 def rule_for(op: str) -> Rule:
