@@ -330,6 +330,37 @@ class Reshape(Movement):
             shrink.set_onnx_const_input(proto, 1, _onnx_expand_shape(node, x, out, shrink))
 
 
+@register("reshape_as", aten=("reshape_as",))
+class ReshapeAs(Movement):
+    """``x.reshape_as(other)``: a reshape of ``x`` to ``other``'s shape; ``other`` gives
+    only its shape.  The compact model reads that shape off the compact ``other``, so
+    along every axis the output and ``other`` must lose the same entries: their atoms are
+    coupled index by index, and an axis only one of them is labelled on is kept whole."""
+
+    index_args = ("other",)
+
+    def propagate(self, node: Node, lab: Labels) -> None:
+        x, other, out = node.inputs[0], node.inputs[-1], node.outputs[0]
+        f = lab.field(x)
+        if f is not None:
+            axes = _reshape_axes(lab.shape(x), lab.shape(out), f.axes)
+            if axes is not None:
+                lab.set_field(out, Field(axes, f.labels))
+            else:
+                lab.set_from_tensor(out, lab.full(x).reshape(lab.shape(out)))
+        else:
+            lab.fields[out] = None
+        fo, fy = lab.field(out), lab.field(other)
+        for a in sorted(set(fo.axes if fo else ()) | set(fy.axes if fy else ())):
+            mine, theirs = lab.axis_labels(out, a), lab.axis_labels(other, a)
+            if mine is not None and theirs is not None:
+                lab.union(mine, theirs)
+            else:
+                for labels in (mine, theirs):
+                    if labels is not None:
+                        lab.pin(labels)
+
+
 def _computed_shape(node: Node, shrink) -> bool:
     """Whether a Reshape's or Expand's target is computed at run time (``Shape -> Gather
     -> Concat``), not a constant (an initializer or a Constant node)."""
