@@ -14,7 +14,7 @@ import torch
 
 from ..analysis.labels import Field, Labels, unlabelled
 from ..ir.graph import Node
-from .common import numel, ref_name, same_pads
+from .common import as_list, numel, ref_name, same_pads
 from .registry import OnnxOp, Rule, register
 
 F = torch.nn.functional
@@ -143,6 +143,23 @@ class Conv(Rule):
     def keeps_zero(self, node, lab) -> bool:
         return _trained(lab, node, "weight", "bias")
 
+    def block_sparse_weight(self, node: Node, graph) -> str | None:
+        """A pointwise convolution (1x1, stride 1, unpadded, ungrouped, not transposed) is a
+        matmul of its weight over every pixel."""
+        a = node.attrs
+        w = ref_name(a.get("weight"))
+        if w is None or graph.values[w].kind != "param":
+            return None
+        shape = graph.values[w].shape
+        pads = a.get("padding", a.get("pads", 0))
+        flat = [pads] if isinstance(pads, (int, str)) else list(pads)
+        if len(shape) != 4 or tuple(shape[2:]) != (1, 1) or int(a.get("groups", 1) or 1) != 1 \
+                or a.get("transposed") or node.source_op in ("onnx::ConvTranspose",) or "transpose" in node.source_op \
+                or any(int(s) != 1 for s in as_list(a.get("stride", a.get("strides", 1)))) \
+                or any(p not in (0, "valid", "VALID") for p in flat) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return None
+        return w
+
     def rewrite_fx(self, node, fx_node, shrink) -> None:
         g = int(node.attrs.get("groups", 1) or 1)
         if g > 1:
@@ -186,6 +203,11 @@ class Linear(Rule):
 
     def keeps_zero(self, node, lab) -> bool:
         return _trained(lab, node, "weight", "bias")
+
+    def block_sparse_weight(self, node: Node, graph) -> str | None:
+        """``x Wᵀ`` with W [out, in] a parameter."""
+        w = ref_name(node.attrs.get("weight"))
+        return w if w is not None and graph.values[w].kind == "param" and len(graph.values[w].shape) == 2 else None
 
 
 @register("addmm", aten=("addmm",))

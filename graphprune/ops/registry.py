@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
     from ..analysis.labels import Labels
-    from ..ir.graph import Node
+    from ..ir.graph import Graph, Node
     from ..passes.shrink import Shrink
 
 _RULES: dict[str, "Rule"] = {}
@@ -73,6 +73,12 @@ class Rule:
     def activation(self, node: "Node") -> str | None:
         """The nonlinearity the node applies elementwise, as the optimizers model a unit's
         statistics through it (``relu``, ``relu6``, ``gelu``, ``silu``); None for none."""
+        return None
+
+    def block_sparse_weight(self, node: "Node", graph: "Graph") -> str | None:
+        """The parameter a block-sparse (BSR) matmul computes ``node`` with exactly, seen as
+        an ``[out, in]`` matrix (a linear layer's weight, an ungrouped 1x1 convolution's),
+        for in-layer block sparsity; None when there is none."""
         return None
 
     def rewrite_fx(self, node: "Node", fx_node: Any, shrink: "Shrink") -> None:
