@@ -98,29 +98,52 @@ def _zero_affine(lab: Labels, scale: str | None, shift: str | None) -> bool:
     return scale is not None and param(scale) and (shift is None or param(shift))
 
 
+# The width-corrected layer norm as data: (value, op, operands) over the inputs ``x``, ``n``
+# (the original width), ``missing`` (n minus the kept width) and ``eps``; "sum" is over the
+# last axis, keeping it.  :func:`phantom_layer_norm` computes it in torch and
+# :func:`phantom_onnx_function` writes it as ONNX; codegen's FusePhantomLayerNorm
+# (codegen/phantom_norm.py) builds its Relax pattern from it, so the sequence the
+# emitters produce and the one codegen fuses into one kernel cannot drift apart.
+PHANTOM_LAYER_NORM: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("total", "sum", ("x",)),
+    ("mean", "divide", ("total", "n")),
+    ("d", "subtract", ("x", "mean")),
+    ("d2", "square", ("d",)),
+    ("squares", "sum", ("d2",)),
+    ("m2", "square", ("mean",)),
+    ("phantom", "multiply", ("missing", "m2")),
+    ("ss", "add", ("squares", "phantom")),
+    ("var", "divide", ("ss", "n")),
+    ("shifted", "add", ("var", "eps")),
+    ("rstd", "rsqrt", ("shifted",)),
+    ("y", "multiply", ("d", "rstd")),
+)
+_TORCH_OPS = {"sum": lambda a: a.sum(-1, keepdim=True), "divide": lambda a, b: a / b, "subtract": lambda a, b: a - b,
+              "square": lambda a: a.square(), "multiply": lambda a, b: a * b, "add": lambda a, b: a + b,
+              "rsqrt": torch.rsqrt}
+
+
 def phantom_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                        n: int, stats: bool = False, upcast: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``layer_norm`` over the last axis of ``x`` as if it had ``n`` entries, the missing
-    ones zero: the compact graph's layer norm where hidden columns were removed
-    (``upcast``: statistics in float32 for a half-precision ``x``).  No control flow on
-    tensors, so fx traces through it (unpickling a GraphModule does).
+    ones zero (:data:`PHANTOM_LAYER_NORM`): the compact graph's layer norm where hidden
+    columns were removed (``upcast``: statistics in float32 for a half-precision ``x``).
+    No control flow on tensors, so fx traces through it (unpickling a GraphModule does).
 
     >>> x = torch.randn(2, 5); full = torch.cat([x, torch.zeros(2, 3)], -1)
     >>> torch.allclose(phantom_layer_norm(x, None, None, 1e-5, 8), torch.layer_norm(full, (8,))[:, :5], atol=1e-6)
     True
     """
-    xf = x.float() if upcast else x
-    mean = xf.sum(-1, keepdim=True) / n
-    d = xf - mean
-    var = (d.square().sum(-1, keepdim=True) + (n - x.shape[-1]) * mean.square()) / n
-    rstd = torch.rsqrt(var + eps)
-    y = d * rstd
+    env = {"x": x.float() if upcast else x, "n": n, "missing": n - x.shape[-1], "eps": eps}
+    for out, op, args in PHANTOM_LAYER_NORM:
+        env[out] = _TORCH_OPS[op](*(env[a] for a in args))
+    y = env["y"]
     if weight is not None:
         y = y * weight
     if bias is not None:
         y = y + bias
     y = y.type_as(x) if upcast else y
-    return (y, mean, rstd) if stats else y
+    return (y, env["mean"], env["rstd"]) if stats else y
 
 
 def phantom_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, n: int, stats: bool = False,
@@ -168,16 +191,21 @@ def phantom_onnx_function(rms: bool, bias: bool, opset: int):
         body += [node("Div", ["S2", "N_"], ["MS"]), node("Add", ["MS", "eps"], ["Veps"]),
                  node("Sqrt", ["Veps"], ["Std"]), node("Reciprocal", ["Std"], ["InvStdDev"]),
                  node("Mul", ["Xf", "InvStdDev"], ["Yf"])]
-    else:
-        reduce_sum("Xf", "S")
-        body += [node("Div", ["S", "N_"], ["Mean"]), node("Sub", ["Xf", "Mean"], ["D"]),
-                 node("Mul", ["D", "D"], ["D2"])]
-        reduce_sum("D2", "SS")
-        body += [given("Missing", "missing"), node("Mul", ["Mean", "Mean"], ["M2"]),
-                 node("Mul", ["Missing", "M2"], ["Phantom"]), node("Add", ["SS", "Phantom"], ["SSn"]),
-                 node("Div", ["SSn", "N_"], ["Var"]), node("Add", ["Var", "eps"], ["Veps"]),
-                 node("Sqrt", ["Veps"], ["Std"]), node("Reciprocal", ["Std"], ["InvStdDev"]),
-                 node("Mul", ["D", "InvStdDev"], ["Yf"])]
+    else:  # PHANTOM_LAYER_NORM, op by op
+        body.append(given("Missing", "missing"))
+        names = {"x": "Xf", "n": "N_", "missing": "Missing", "eps": "eps", "mean": "Mean", "rstd": "InvStdDev",
+                 "y": "Yf"}
+        binary = {"divide": "Div", "subtract": "Sub", "multiply": "Mul", "add": "Add"}
+        for out, op, args in PHANTOM_LAYER_NORM:
+            o, a = names.get(out, out), [names.get(v, v) for v in args]
+            if op == "sum":
+                reduce_sum(a[0], o)
+            elif op == "square":
+                body.append(node("Mul", [a[0], a[0]], [o]))
+            elif op == "rsqrt":
+                body += [node("Sqrt", a, [f"{o}_sqrt"]), node("Reciprocal", [f"{o}_sqrt"], [o])]
+            else:
+                body.append(node(binary[op], a, [o]))
     cast = node("Cast", ["Yf"], ["Yn"])
     cast.attribute.append(AttributeProto(name="to", ref_attr_name="to", type=AttributeProto.INT))
     body += [cast, node("Mul", ["Yn", "Scale"], ["Ys" if bias else "Y"])]
