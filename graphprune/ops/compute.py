@@ -63,7 +63,7 @@ def _onnx_conv_transpose(x, w, b=None, *, strides=None, dilations=None, groups=1
         begin = [t // 2 if upper else t - t // 2 for t in totals]
         end = [t - t // 2 if upper else t // 2 for t in totals]
     else:
-        begin, end = same_pads([], [0] * spatial, [], [], auto_pad, pads)
+        begin, end = (list(pads[:spatial]), list(pads[spatial:])) if pads else ([0] * spatial, [0] * spatial)
     conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[spatial - 1]
     y = conv(x, w, b, stride=strides, padding=0, output_padding=extra, groups=groups, dilation=dilations)
     return y[(slice(None), slice(None), *(slice(bg, f - e) for bg, e, f in zip(begin, end, full)))]

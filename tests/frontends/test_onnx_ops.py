@@ -142,6 +142,12 @@ CASES["Resize_nearest"] = Case({"x": X}, dict(mode="nearest", coordinate_transfo
                                               nearest_mode="floor"),
                                {"roi": np.zeros(0, np.float32), "sc": np.zeros(0, np.float32),
                                 "sz": i64(2, 4, 7, 13)})
+CASES["Conv_same"] = Case({"x": X}, dict(auto_pad="SAME_LOWER", strides=[2, 2]), {"w": f32(3, 4, 3, 2)})
+CASES["ConvTranspose_same"] = Case({"x": X}, dict(auto_pad="SAME_UPPER", strides=[2, 3]), {"w": f32(4, 2, 3, 3)})
+CASES["ConvTranspose_shape"] = Case({"x": X}, dict(output_shape=[10, 13], strides=[2, 2]), {"w": f32(4, 2, 3, 3)})
+CASES["MaxPool_same"] = Case({"x": X}, dict(kernel_shape=[3, 3], auto_pad="SAME_UPPER", strides=[2, 2]), outputs=2)
+CASES["AveragePool_counted"] = Case({"x": X}, dict(kernel_shape=[3, 2], pads=[1, 1, 0, 1], count_include_pad=1))
+CASES["Pad_constant"] = Case({"x": X}, consts={"p": i64(0, 1, -1, 2, 0, 0, 1, 1), "v": np.array(0.5, np.float32)})
 CASES["Resize_cubic"] = Case({"x": X}, dict(mode="cubic", coordinate_transformation_mode="align_corners"),
                              {"roi": np.zeros(0, np.float32), "sc": np.array([1, 1, 1.6, 2.0], np.float32)})
 
