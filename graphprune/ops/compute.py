@@ -51,7 +51,8 @@ def _onnx_conv_transpose(x, w, b=None, *, strides=None, dilations=None, groups=1
     spatial = w.dim() - 2
     strides, dilations = strides or [1] * spatial, dilations or [1] * spatial
     extra = list(output_padding or [0] * spatial)
-    full = [st * (s - 1) + e + (k - 1) * d + 1 for s, k, st, d, e in zip(x.shape[2:], w.shape[2:], strides, dilations, extra)]
+    full = [st * (s - 1) + e + (k - 1) * d + 1
+            for s, k, st, d, e in zip(x.shape[2:], w.shape[2:], strides, dilations, extra)]
     if output_shape:
         totals = [f - o for f, o in zip(full, output_shape[-spatial:])]
         upper = auto_pad == "SAME_UPPER"
@@ -152,13 +153,13 @@ class Conv(Rule):
             return None
         shape = graph.values[w].shape
         pads = a.get("padding", a.get("pads", 0))
-        flat = [pads] if isinstance(pads, (int, str)) else list(pads)
-        if len(shape) != 4 or tuple(shape[2:]) != (1, 1) or int(a.get("groups", 1) or 1) != 1 \
-                or a.get("transposed") or node.source_op in ("onnx::ConvTranspose",) or "transpose" in node.source_op \
-                or any(int(s) != 1 for s in as_list(a.get("stride", a.get("strides", 1)))) \
-                or any(p not in (0, "valid", "VALID") for p in flat) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            return None
-        return w
+        pads = [pads] if isinstance(pads, (int, str)) else list(pads)
+        pointwise = len(shape) == 4 and tuple(shape[2:]) == (1, 1) and int(a.get("groups", 1) or 1) == 1
+        transposed = bool(a.get("transposed")) or "transpose" in node.source_op.lower()
+        strided = any(int(s) != 1 for s in as_list(a.get("stride", a.get("strides", 1))))
+        padded = any(p not in (0, "valid", "VALID") for p in pads) or a.get("auto_pad", "NOTSET") not in ("NOTSET",
+                                                                                                         "VALID")
+        return w if pointwise and not (transposed or strided or padded) else None
 
     def rewrite_fx(self, node, fx_node, shrink) -> None:
         g = int(node.attrs.get("groups", 1) or 1)

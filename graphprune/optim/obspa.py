@@ -264,8 +264,8 @@ def _block_of(consumer: Slice | None, route: Route | None) -> int:
     return k if k > 1 and all(s.index.shape[1] == k for s in route.producers) else 1
 
 
-def input_moments(g: Group, params: dict[str, torch.Tensor], activation: Activation | None = None, *, graph: Any = None,
-                  consumer: Slice | None = None) -> InputMoments:
+def input_moments(g: Group, params: dict[str, torch.Tensor], activation: Activation | None = None, *,
+                  graph: Any = None, consumer: Slice | None = None) -> InputMoments:
     """Estimate what one consumer of the group reads, from weights alone.
 
     * **Which slices.**  With the traced graph (``graph``, the IR) and a ``consumer``, the
@@ -477,7 +477,7 @@ def _bias_of(s: Slice, params: dict[str, torch.Tensor]) -> str | None:
     """The bias of the layer whose weight ``s`` slices, if it has one along its outputs."""
     b = params.get(s.bias) if s.bias is not None else None
     w = params[s.param]
-    out = w.shape[1] if s.role == "producer" and s.dim == 1 else w.shape[0]
+    out = w.shape[s.dim if s.role == "producer" else 1 - s.dim]  # a consumer's outputs: its weight's other dim
     return s.bias if b is not None and b.dim() == 1 and b.numel() == out else None
 
 

@@ -59,12 +59,14 @@ def conv_groups(m: ConvNet) -> list[Group]:
     hw, classes = SIDE * SIDE, m.fc.out_features
     return [
         Group(0, "conv1", "channel", c1,
-              [Slice("conv1.weight", 0, _rows(c1), role="producer", bias="conv1.bias"), Slice("conv1.bias", 0, _rows(c1)),
+              [Slice("conv1.weight", 0, _rows(c1), role="producer", bias="conv1.bias"),
+               Slice("conv1.bias", 0, _rows(c1)),
                Slice("bn1.weight", 0, _rows(c1), role="norm", bias="bn1.bias"), Slice("bn1.bias", 0, _rows(c1)),
                Slice("conv2.weight", 1, _rows(c1), role="consumer", bias="conv2.bias")],
               params_per_unit=9 + 1 + 2 + 9 * c2, flops_per_unit=float(hw * (9 + 9 * c2))),
         Group(1, "conv2", "channel", c2,
-              [Slice("conv2.weight", 0, _rows(c2), role="producer", bias="conv2.bias"), Slice("conv2.bias", 0, _rows(c2)),
+              [Slice("conv2.weight", 0, _rows(c2), role="producer", bias="conv2.bias"),
+               Slice("conv2.bias", 0, _rows(c2)),
                Slice("bn2.weight", 0, _rows(c2), role="norm", bias="bn2.bias"), Slice("bn2.bias", 0, _rows(c2)),
                Slice("fc.weight", 1, torch.arange(c2 * 16).reshape(c2, 16), role="consumer", bias="fc.bias")],
               params_per_unit=9 * c1 + 3 + 16 * classes, flops_per_unit=float(hw * 9 * c1 + 16 * classes)),

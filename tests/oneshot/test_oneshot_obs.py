@@ -99,7 +99,8 @@ def test_bias_absorbs_the_mean() -> None:
     remove = torch.zeros(size, dtype=torch.bool)
     remove[:5] = True
     params = {"l.weight": lin.weight.detach().clone(), "l.bias": lin.bias.detach().clone()}
-    group = Group(0, "x", "feature", size, [Slice("l.weight", 1, torch.arange(size).reshape(-1, 1), role="consumer", bias="l.bias")])
+    consumer = Slice("l.weight", 1, torch.arange(size).reshape(-1, 1), role="consumer", bias="l.bias")
+    group = Group(0, "x", "feature", size, [consumer])
     compensate(group, remove, params, mom=InputMoments((a @ a.T).double(), mean.double()), damping=1e-3)
     compensated = x @ params["l.weight"].T + params["l.bias"]
     zeroed = x @ lin.weight.detach().masked_fill(remove, 0).T + lin.bias.detach()
