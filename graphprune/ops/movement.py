@@ -330,12 +330,13 @@ class Reshape(Movement):
             shrink.set_onnx_const_input(proto, 1, _onnx_expand_shape(node, x, out, shrink))
 
 
-@register("reshape_as", aten=("reshape_as",))
+@register("reshape_as", aten=("reshape_as", "view_as"))
 class ReshapeAs(Movement):
-    """``x.reshape_as(other)``: a reshape of ``x`` to ``other``'s shape; ``other`` gives
-    only its shape.  The compact model reads that shape off the compact ``other``, so
-    along every axis the output and ``other`` must lose the same entries: their atoms are
-    coupled index by index, and an axis only one of them is labelled on is kept whole."""
+    """``x.reshape_as(other)`` (or ``view_as``): a reshape of ``x`` to ``other``'s shape;
+    ``other`` gives only its shape.  The compact model reads that shape off the compact
+    ``other``, so along every axis the output and ``other`` must lose the same entries:
+    their atoms are coupled index by index, and an axis only one of them is labelled on
+    is kept whole."""
 
     index_args = ("other",)
 
