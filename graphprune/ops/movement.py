@@ -341,7 +341,7 @@ class ReshapeAs(Movement):
     index_args = ("other",)
 
     def propagate(self, node: Node, lab: Labels) -> None:
-        x, other, out = node.inputs[0], node.inputs[-1], node.outputs[0]
+        x, out = node.inputs[0], node.outputs[0]
         f = lab.field(x)
         if f is not None:
             axes = _reshape_axes(lab.shape(x), lab.shape(out), f.axes)
@@ -351,15 +351,43 @@ class ReshapeAs(Movement):
                 lab.set_from_tensor(out, lab.full(x).reshape(lab.shape(out)))
         else:
             lab.fields[out] = None
-        fo, fy = lab.field(out), lab.field(other)
-        for a in sorted(set(fo.axes if fo else ()) | set(fy.axes if fy else ())):
-            mine, theirs = lab.axis_labels(out, a), lab.axis_labels(other, a)
-            if mine is not None and theirs is not None:
-                lab.union(mine, theirs)
-            else:
-                for labels in (mine, theirs):
-                    if labels is not None:
-                        lab.pin(labels)
+        _same_sizes_as_other(node, lab, range(len(lab.shape(out))))
+
+
+def _same_sizes_as_other(node: Node, lab: Labels, axes) -> None:
+    """Along ``axes``, the output of ``node`` and its last input (whose shape it takes) lose
+    the same entries: coupled index by index where both carry atoms, kept whole where
+    only one does."""
+    out, other = node.outputs[0], node.inputs[-1]
+    fo, fy = lab.field(out), lab.field(other)
+    labelled = set(fo.axes if fo else ()) | set(fy.axes if fy else ())
+    for a in sorted(labelled.intersection(axes)):
+        mine, theirs = lab.axis_labels(out, a), lab.axis_labels(other, a)
+        if mine is not None and theirs is not None:
+            lab.union(mine, theirs)
+        else:
+            for labels in (mine, theirs):
+                if labels is not None:
+                    lab.pin(labels)
+
+
+@register("expand_as", aten=("expand_as",))
+class ExpandAs(Movement):
+    """``x.expand_as(other)``: ``x`` broadcast to ``other``'s shape, which the compact model
+    reads off the compact ``other``.  Where ``x`` has size 1 the output follows ``other``
+    freely; along every other axis the two lose the same entries (as for ``reshape_as``)."""
+
+    index_args = ("other",)
+
+    def propagate(self, node: Node, lab: Labels) -> None:
+        x, out = node.inputs[0], node.outputs[0]
+        shape_x, shape_o = lab.shape(x), lab.shape(out)
+        if lab.field(x) is not None:
+            lab.set_from_tensor(out, lab.full(x).expand(shape_o))
+        else:
+            lab.fields[out] = None
+        lead = len(shape_o) - len(shape_x)
+        _same_sizes_as_other(node, lab, [a for a in range(lead, len(shape_o)) if shape_x[a - lead] != 1])
 
 
 def _computed_shape(node: Node, shrink) -> bool:

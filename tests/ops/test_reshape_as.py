@@ -1,5 +1,6 @@
-"""``aten.reshape_as``: a reshape to another tensor's shape, added as one registry entry
-(:class:`graphprune.ops.movement.ReshapeAs`).  Without it the op was a barrier that kept
+"""``aten.reshape_as`` (and ``view_as``): a reshape to another tensor's shape, added as one
+registry entry (:class:`graphprune.ops.movement.ReshapeAs`); ``expand_as`` likewise
+(:class:`~graphprune.ops.movement.ExpandAs`).  Without them each was a barrier that kept
 every channel of the block around it (library code writes ``x.reshape_as(shortcut)``)."""
 from __future__ import annotations
 
@@ -83,3 +84,24 @@ def test_reshape_as_couples_the_output_with_the_shape_giver() -> None:
     g = gp.trace(LinearBlock().eval(), (torch.randn(3, 8),))
     (group,) = g.groups
     assert {"fc1.weight", "fc2.weight", "fc3.weight"} <= set(group.param_names) and group.size == 16
+
+
+class Broadcast(nn.Module):
+    """``expand_as``: a per-channel gate [b, 16, 1] broadcast to the tokens of [b, 16, 5]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.value, self.out = nn.Linear(8, 16), nn.Conv1d(8, 16, 1), nn.Conv1d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.value(x)                                   # [b, 16, 5]
+        g = torch.relu(self.gate(x.mean(-1))).unsqueeze(-1)  # [b, 16, 1]
+        return self.out(g.expand_as(v) + v)
+
+
+def test_expand_as_is_no_barrier_and_compact_equals_zeroed() -> None:
+    torch.manual_seed(0)
+    g = check_zero_invariance(Broadcast().eval(), (torch.randn(2, 8, 5),))
+    assert not g.barriers and any(n.op == "expand_as" for n in g.ir.nodes)
+    (group,) = g.groups
+    assert {"gate.weight", "value.weight", "out.weight"} <= set(group.param_names) and group.size == 16
