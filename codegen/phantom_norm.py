@@ -6,8 +6,9 @@ mean = Σx/N, var = (Σ(x-mean)² + (N-N')·mean²)/N). No framework op says tha
 reaches TVM as elementwise ops around two sums, and ``FuseOps`` cannot join a reduction
 to a later one: every such norm became five kernels (a small ViT pruned to half its
 FLOPs: 65 kernel calls for 13 norms, about an eighth of its run time). This pass finds the
-pattern in the Relax graph, from the ONNX frontend (``Reciprocal(Sqrt)``) or torch.export
-(``rsqrt``), and replaces it with one TE function; the affine scale and shift after it fuse
+sequence the emitters write (``PHANTOM_LAYER_NORM``, defined with them) in the Relax
+graph, from the ONNX frontend (``Reciprocal(Sqrt)``) or torch.export (``rsqrt``), and
+replaces it with one TE function; the affine scale and shift after it fuse
 into that kernel as usual.
 """
 from __future__ import annotations
@@ -16,25 +17,40 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.dpl import is_op, wildcard
 
+from graphprune.ops.normalization import PHANTOM_LAYER_NORM
 
-def _pattern() -> tuple[relax.dpl.DFPattern, dict[str, relax.dpl.DFPattern]]:
-    # the numbers are checked to be scalar constants after matching: a frontend may give a
-    # tensor constant or a scalar (TVM's ONNX frontend turns some Mul operands into T.float32)
-    x, n1, n2, missing, eps, two1, two2 = (wildcard() for _ in range(7))
 
-    def squared(p: relax.dpl.DFPattern, two: relax.dpl.DFPattern) -> relax.dpl.DFPattern:
-        return is_op("relax.multiply")(p, p) | is_op("relax.square")(p) | is_op("relax.power")(p, two)
+def _pattern() -> tuple[relax.dpl.DFPattern, dict[str, relax.dpl.DFPattern | list[relax.dpl.DFPattern]]]:
+    """The Relax pattern of :data:`PHANTOM_LAYER_NORM` (the sequence graphprune's emitters
+    write), and its parts by value name; the numbers ``n``, ``missing`` and ``eps`` are a
+    fresh wildcard at each use (a list of them), checked to be equal scalar constants after
+    matching: a frontend may give a tensor constant or a scalar (TVM's ONNX frontend turns
+    some Mul operands into T.float32), and each use may be its own constant."""
+    x = wildcard()
+    parts: dict[str, relax.dpl.DFPattern | list[relax.dpl.DFPattern]] = {"x": x, "two": []}
 
-    total = is_op("relax.sum")(x)
-    mean = is_op("relax.divide")(total, n1)
-    d = is_op("relax.subtract")(x, mean)
-    squares = is_op("relax.sum")(squared(d, two1))
-    var = is_op("relax.divide")(is_op("relax.add")(squares, is_op("relax.multiply")(missing, squared(mean, two2))), n2)
-    shifted = is_op("relax.add")(var, eps)
-    rstd = is_op("relax.divide")(wildcard(), is_op("relax.sqrt")(shifted)) | is_op("relax.rsqrt")(shifted)
-    y = is_op("relax.multiply")(d, rstd)
-    return y, {"x": x, "total": total, "squares": squares, "n1": n1, "n2": n2, "missing": missing, "eps": eps,
-               "two1": two1, "two2": two2, "rstd": rstd}
+    def operand(name: str) -> relax.dpl.DFPattern:
+        if name in ("n", "missing", "eps"):
+            parts.setdefault(name, []).append(wildcard())
+            return parts[name][-1]
+        return parts[name]
+
+    def squared(p: relax.dpl.DFPattern) -> relax.dpl.DFPattern:
+        parts["two"].append(wildcard())
+        return is_op("relax.multiply")(p, p) | is_op("relax.square")(p) | is_op("relax.power")(p, parts["two"][-1])
+
+    binary = {"divide": "relax.divide", "subtract": "relax.subtract", "multiply": "relax.multiply", "add": "relax.add"}
+    for out, op, args in PHANTOM_LAYER_NORM:
+        a = [operand(v) for v in args]
+        if op == "sum":
+            parts[out] = is_op("relax.sum")(a[0])
+        elif op == "square":
+            parts[out] = squared(a[0])
+        elif op == "rsqrt":  # ONNX's Reciprocal(Sqrt) or torch's rsqrt
+            parts[out] = is_op("relax.divide")(wildcard(), is_op("relax.sqrt")(a[0])) | is_op("relax.rsqrt")(a[0])
+        else:
+            parts[out] = is_op(binary[op])(*a)
+    return parts["y"], parts
 
 
 def _scalar(expr: relax.Expr) -> float | None:
@@ -91,13 +107,14 @@ class _PhantomNorms(relax.PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         matched = self.pattern.extract_matched_expr(call, self.var2val)
         if matched is not None:
-            got = {name: matched[p] for name, p in self.parts.items() if p in matched}
-            numbers = [_scalar(got[k]) for k in ("n1", "n2", "missing", "eps")]
-            exponents = [_scalar(got[k]) for k in ("two1", "two2") if k in got]
-            if (None not in numbers and numbers[0] == numbers[1] and all(e == 2.0 for e in exponents)
-                    and _unit_numerator(got["rstd"])
-                    and _last_axis_sum(got["total"]) and _last_axis_sum(got["squares"])):
-                n, _, missing, eps = numbers
+            got = {name: matched[p] for name, p in self.parts.items() if not isinstance(p, list) and p in matched}
+            numbers = {k: [_scalar(matched[p]) for p in self.parts[k] if p in matched] for k in ("n", "missing", "eps",
+                                                                                                  "two")}
+            sums = [got[out] for out, op, _ in PHANTOM_LAYER_NORM if op == "sum"]
+            if (all(None not in v and len(set(v)) == 1 for k, v in numbers.items() if k != "two")
+                    and all(e == 2.0 for e in numbers["two"]) and _unit_numerator(got["rstd"])
+                    and all(_last_axis_sum(t) for t in sums)):
+                n, missing, eps = (numbers[k][0] for k in ("n", "missing", "eps"))
                 # the matcher sees through bindings, so x is the value that computes the norm's
                 # input; its variable is used, or that value (a residual add) would be emitted twice
                 x = self.bound_to.get(got["x"], got["x"])

@@ -342,10 +342,18 @@ def _outputs(model: nn.Module | onnx.ModelProto, inputs: Sequence[Any]) -> list[
 
 
 def _with_params(proto: onnx.ModelProto, params: dict[str, torch.Tensor]) -> onnx.ModelProto:
-    """A copy of ``proto`` whose initializers hold ``params`` (the zeroed input model)."""
+    """A copy of ``proto`` whose initializers hold ``params`` (the zeroed input model).  An
+    initializer shared through Identity nodes is one weight per use in the IR (the
+    optimizers may write each differently): each such Identity becomes an initializer."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    for init in out.graph.initializer:
+    graph = out.graph
+    inits = {init.name: init for init in graph.initializer}
+    split = [n for n in graph.node if n.op_type == "Identity" and n.input[0] in inits and n.output[0] in params]
+    for n in split:
+        graph.initializer.add(name=n.output[0], data_type=inits[n.input[0]].data_type)
+        graph.node.remove(n)
+    for init in graph.initializer:
         if init.name in params:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
             array = params[init.name].detach().cpu().numpy().astype(dtype)

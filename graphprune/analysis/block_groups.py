@@ -27,19 +27,22 @@ import torch
 from torch import nn
 
 from graphprune.errors import UnsupportedModelError
+from graphprune.ops.registry import rule_for
 
 from .groups import Group, Slice
 
 
-def _candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear layers and ungrouped 1x1 convolutions (stride 1, no padding): the layers a BSR
-    matmul computes exactly, by module name."""
+def _candidate_layers(g: Any) -> dict[str, str]:
+    """Module name -> its ``weight``, for every layer whose registry entry says a BSR matmul
+    computes it exactly (:meth:`Rule.block_sparse_weight`: linear layers, pointwise
+    convolutions).  Block groups are addressed by module, so a weight that is not its
+    module's ``weight`` (a fused attention in-projection) is not among them."""
     out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or (
-                isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
-                and module.stride == (1, 1) and module.padding in ((0, 0), "valid")):
-            out[name] = module
+    for node in g.ir.nodes:
+        w = rule_for(node.op).block_sparse_weight(node, g.ir)
+        name = g.ir.values[w].source_name if w is not None else None
+        if name is not None and (name == "weight" or name.endswith(".weight")):
+            out[name[: -len("weight")].rstrip(".")] = name
     return out
 
 
@@ -53,12 +56,12 @@ def block_groups(g: Any, block: tuple[int, int] = (16, 1), layers: Iterable[str]
     """
     model = getattr(g, "model", None)
     if not isinstance(model, nn.Module):
-        raise UnsupportedModelError("block groups need a traced nn.Module (its layers give the weights)",
+        raise UnsupportedModelError("block groups need a traced nn.Module (they are named by its layers)",
                                     hint="trace the PyTorch model rather than its ONNX export")
     r, c = block
     if r < 1 or c < 1:
         raise ValueError(f"block must be positive, got {block}")
-    candidates = _candidate_layers(model)
+    candidates = _candidate_layers(g)
     wanted = list(candidates) if layers is None else list(layers)
     unknown = [n for n in wanted if n not in candidates]
     if unknown:
@@ -67,7 +70,7 @@ def block_groups(g: Any, block: tuple[int, int] = (16, 1), layers: Iterable[str]
     next_id = max((grp.id for grp in g.groups), default=-1) + 1
     groups: list[Group] = []
     for name in wanted:
-        param = f"{name}.weight" if name else "weight"
+        param = candidates[name]
         weight = g.params[param]
         n, k = weight.shape[:2]
         if n % r or k % c:

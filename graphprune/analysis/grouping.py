@@ -87,7 +87,10 @@ def build_groups(lab: Labels, comp: torch.Tensor) -> list[Group]:
             cnt = int(run_count[r0])
             starts = run[unit_start[units] + j]
             rows = ix[starts[:, None] + np.arange(cnt)]
-            slices.append(Slice(graph.values[p].source_name or p, d, torch.from_numpy(rows)))
+            role, bias = lab.roles.get((p, d), ("other", None))
+            if bias is not None:
+                bias = graph.values[bias].source_name or bias
+            slices.append(Slice(graph.values[p].source_name or p, d, torch.from_numpy(rows), role=role, bias=bias))
             v = graph.values[p]
             if v.data is not None:
                 ppu += cnt * v.data.numel() // max(1, v.shape[d])

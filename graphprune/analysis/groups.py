@@ -27,6 +27,11 @@ class Slice:
     A *block* slice also sets ``dim2``/``index2``: unit ``u`` then owns only the elements
     at ``index[u]`` along ``dim`` crossed with ``index2[u]`` along ``dim2`` (a weight block),
     not whole rows. Channels need one dim, blocks need two; nothing needs more.
+
+    ``role`` is what ``dim`` is to the layer, as its op rule labelled it: ``producer``
+    (the layer writes the units: output rows), ``consumer`` (it reads them: input columns),
+    ``norm`` (a normalisation's scale) or ``other``; ``bias`` names the layer's bias (a
+    norm's shift) that goes with this weight, if it has one.
     """
 
     param: str
@@ -34,6 +39,8 @@ class Slice:
     index: torch.Tensor  # LongTensor [size, count]
     dim2: int | None = None
     index2: torch.Tensor | None = None  # LongTensor [size, count2], block slices only
+    role: str = "other"
+    bias: str | None = None
 
     @property
     def is_block(self) -> bool:

@@ -61,6 +61,7 @@ class Labels:
     n_atoms: int = 1
     fields: dict[str, Field | None] = field(default_factory=dict)
     param_axes: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    roles: dict[tuple[str, int], tuple[str, str | None]] = field(default_factory=dict)  # see param_role
     rects: list[torch.Tensor] = field(default_factory=list)
     origins: list[tuple[int, int, str, str]] = field(default_factory=list)
     costs: list[tuple[torch.Tensor, float]] = field(default_factory=list)
@@ -231,15 +232,27 @@ class Labels:
             self.fields[name] = Field((axis,), collapsed)
         return collapsed
 
-    def param_axis(self, name: str, dim: int, labels: torch.Tensor | None) -> None:
-        """Give dim ``dim`` of parameter ``name`` its atoms (shared weights are coupled)."""
+    def param_axis(self, name: str, dim: int, labels: torch.Tensor | None, role: str = "other",
+                   bias: str | None = None) -> None:
+        """Give dim ``dim`` of parameter ``name`` its atoms (shared weights are coupled), and
+        say which role that dim plays in its layer (:meth:`param_role`)."""
         if labels is None:
             return
+        self.param_role(name, dim, role, bias)
         axes = self.param_axes.setdefault(name, {})
         if dim in axes:
             self.union(axes[dim], labels)
         else:
             axes[dim] = labels
+
+    def param_role(self, name: str, dim: int, role: str, bias: str | None = None) -> None:
+        """Record what dim ``dim`` of parameter ``name`` is to its layer, for the optimizers:
+        ``producer`` (it indexes the units the layer writes: a weight's output rows),
+        ``consumer`` (units the layer reads: input columns), ``norm`` (a normalisation's
+        scale), ``other`` (anything else: biases, embeddings, grouped convolutions), and
+        ``bias``, the layer's bias (a norm's shift) that goes with it.  A weight shared by
+        several layers keeps the role its first layer gave it."""
+        self.roles.setdefault((name, dim % max(1, len(self.shape(name)))), (role, bias))
 
     def run_on_labels(self, node: Node, data: list[str]) -> list[torch.Tensor] | None:
         """Execute ``node`` on label tensors of its ``data`` inputs; other inputs get their

@@ -20,26 +20,9 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from ..errors import BadOnnxError
 from ..ir.graph import Graph, Node, Ref, Value
-from ..ops.registry import canonical_onnx
+from ..ops.registry import OnnxOp, canonical_onnx, onnx_op
 from .onnx_mapped import map_tensor, read_structure, tensor_bytes
-from .onnx_ops import ONNX_IMPLS
 
-# input names per op type, in ONNX order (what the rules read from ``node.attrs``)
-INPUT_NAMES: dict[str, tuple[str, ...]] = {
-    "Conv": ("input", "weight", "bias"), "ConvTranspose": ("input", "weight", "bias"), "Gemm": ("A", "B", "C"),
-    "BatchNormalization": ("input", "scale", "B", "input_mean", "input_var"),
-    "InstanceNormalization": ("input", "scale", "B"), "LayerNormalization": ("input", "scale", "B"),
-    "GroupNormalization": ("input", "scale", "bias"), "Reshape": ("data", "shape"), "Expand": ("input", "shape"),
-    "Split": ("input", "split"), "Slice": ("data", "starts", "ends", "axes", "steps"),
-    "Squeeze": ("data", "axes"), "Unsqueeze": ("data", "axes"), "Pad": ("data", "pads", "constant_value", "axes"),
-    "Tile": ("input", "repeats"), "Gather": ("data", "indices"), "GatherElements": ("data", "indices"),
-    "GatherND": ("data", "indices"),
-    "Resize": ("X", "roi", "scales", "sizes"),
-}
-for _r in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-           "ReduceLogSumExp", "ReduceSumSquare"):
-    INPUT_NAMES[_r] = ("data", "axes")
-INT_ARGS = {"shape", "split", "starts", "ends", "axes", "steps", "pads", "repeats"}
 _BIG = 1 << 16  # integer intermediates larger than this are not kept
 PROTOBUF_LIMIT = (1 << 31) - (1 << 26)  # a serialised ModelProto cannot pass 2 GiB (some room for the graph)
 _FEED_MIN = 1024  # float initializers with at least this many elements are fed, not embedded, by ``skeleton``
@@ -430,19 +413,19 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return out
 
 
-def _normalise(op: str, attrs: dict[str, Any], outputs: list[str], captured: dict[str, np.ndarray]) -> None:
-    """Defaults and renames so rules see one vocabulary."""
-    if op in ("Conv", "ConvTranspose"):
-        attrs["groups"] = attrs.pop("group", 1)
-    if op.startswith("Reduce") or op in ("ArgMax", "ArgMin"):
-        attrs.setdefault("keepdims", 1)
-        if "axis" in attrs:
-            attrs["axes"] = [attrs["axis"]]
-    if op == "Split":
-        axis = attrs.get("axis", 0)
-        attrs["split"] = [int(captured[o].shape[axis]) for o in outputs]
-    if op == "Softmax" or op == "LogSoftmax":
-        attrs.setdefault("axis", -1)
+def _in_torch(spec: OnnxOp, attrs: dict[str, Any], outputs: list[str]) -> Callable[..., Any]:
+    """The node as a torch callable of its inputs: the entry's implementation with the
+    node's attributes bound, returning the outputs the node uses (its empty optional
+    outputs dropped), one tensor or a tuple."""
+    used = [k for k, o in enumerate(outputs) if o]
+
+    def run(*inputs: Any) -> Any:
+        out = spec.torch(*inputs, **{k: v for k, v in attrs.items() if not isinstance(v, Ref)})
+        if not isinstance(out, (tuple, list)):
+            return out
+        picked = tuple(out[k] for k in used)
+        return picked[0] if len(picked) == 1 else picked
+    return run
 
 
 def load_onnx(model: Any, example: tuple = ()) -> tuple[Graph, onnx.ModelProto, dict[str, np.ndarray]]:
@@ -506,24 +489,24 @@ def load_onnx(model: Any, example: tuple = ()) -> tuple[Graph, onnx.ModelProto, 
                 raise BadOnnxError(f"input {i!r} of node {n.name} is not produced by any node", node=n.name,
                                    op=n.op_type, source=source)
         attrs = _attrs(n)
-        names = INPUT_NAMES.get(n.op_type, ())
+        spec = onnx_op(n.op_type)
+        names = spec.inputs if spec is not None else ()
         for k, i in enumerate(n_inputs):
             if not i or k >= len(names):
                 continue
             key = names[k]
             v = values[i]
-            if key in INT_ARGS and v.data is not None and not v.data.is_floating_point():
+            if key in spec.lists and v.data is not None and not v.data.is_floating_point():
                 attrs[key] = [int(x) for x in v.data.reshape(-1).tolist()]
             else:
                 attrs[key] = Ref(i)
-        _normalise(n.op_type, attrs, outs, captured)
+        if spec is not None and spec.normalise is not None:
+            spec.normalise(attrs, [tuple(captured[o].shape) for o in outs])
         op = canonical_onnx(n.op_type)
         if n.op_type == "Gather" and values[n_inputs[0]].kind == "param" and len(values[n_inputs[0]].shape) == 2 \
                 and attrs.get("axis", 0) == 0:
             op, attrs["weight"] = "embedding", Ref(n_inputs[0])
-        impl = ONNX_IMPLS.get(n.op_type)
-        target = (lambda *xs, _f=impl, _a=attrs: _f(*xs, **{k: v for k, v in _a.items() if not isinstance(v, Ref)})) \
-            if impl else None
+        target = _in_torch(spec, attrs, list(n.output)) if spec is not None else None
         args = tuple(Ref(i) if i else None for i in n_inputs)
         nodes.append(Node(n.name, op, target, args, {}, outs, attrs, n.name, f"onnx::{n.op_type}"))
     outputs = [alias.get(o.name, o.name) for o in proto.graph.output]

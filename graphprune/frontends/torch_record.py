@@ -19,6 +19,7 @@ whose internals moved) it raises :class:`RecordingFailed` and ``gp.trace`` uses
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from typing import Any, Iterator
 
@@ -28,28 +29,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..ir.graph import Graph, Node, Ref, Value
-from ..ops.registry import canonical_aten
+from ..ops.registry import canonical_aten, shape_only
 from .torch_export import named_args
 
 aten = torch.ops.aten
-
-# Ops whose output has their first input's shape and dtype: answered without running the
-# meta kernel, several of which go through slow Python decompositions (batch_norm alone
-# was 80% of recording a ResNet).
-_SAME_SHAPE = {aten.batch_norm.default, aten.layer_norm.default, aten.group_norm.default,
-               aten.instance_norm.default, aten.gelu.default, aten.relu.default, aten.silu.default,
-               aten.dropout.default, aten.hardswish.default, aten.sigmoid.default}
-
-
-# Broadcasting binary ops: the output's shape and dtype follow from broadcasting and type
-# promotion, which the meta kernels compute through slow Python references.
-_BROADCAST = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
-              aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar}
-# In-place ops whose result is their first argument, shape and all.
-_IN_PLACE = {aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor, aten.relu_.default,
-             aten.add_.Scalar, aten.mul_.Scalar, aten.hardtanh_.default, aten.silu_.default,
-             aten.hardswish_.default, aten.sigmoid_.default}
-
 
 def _map(fn: Any, obj: Any) -> Any:
     """``fn`` over the leaves of an op's arguments (tuples, lists, dicts of tensors and
@@ -67,49 +50,24 @@ def _any_tensor(obj: Any) -> bool:
     return isinstance(obj, torch.Tensor)
 
 
-def _conv_out(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
-    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def _conv2d_shape(args: tuple) -> tuple[int, ...] | None:
-    """conv2d's output shape from the usual formula (its meta kernel is Python)."""
-    x, w = args[0], args[1]
-    if x.dim() != 4 or w.dim() != 4:
-        return None
-    def pair(k: int, default: int) -> list[int]:  # stride, padding, dilation: one int or two
-        a = list(args[k]) if len(args) > k else [default]
-        return a * 2 if len(a) == 1 else a
-    stride, pad, dil = pair(3, 1), pair(4, 0), pair(5, 1)
-    h, wd = (_conv_out(x.shape[2 + i], w.shape[2 + i], stride[i], pad[i], dil[i]) for i in range(2))
-    return (x.shape[0], w.shape[0], h, wd)
+@functools.cache
+def _shape_only_table() -> dict[Any, Any]:
+    """OpOverload -> how its registry entry computes its output from shapes alone
+    (:func:`graphprune.ops.registry.shape_only`)."""
+    table = {}
+    for name, fn in shape_only().items():
+        packet, overload = name.split(".")
+        table[getattr(getattr(aten, packet), overload)] = fn
+    return table
 
 
 def _shape_only(func: Any, args: tuple, kwargs: dict) -> Any:
-    """The op's meta output without running its meta kernel (for the ops above, conv2d,
-    linear and attention: 80% of recording a ViT went to their Python meta kernels); None
-    where the kernel must run (an in-place op that would broadcast its first argument)."""
-    if func in _SAME_SHAPE:
-        return torch.empty_like(args[0])
-    if func in _IN_PLACE:
-        other = args[1] if len(args) > 1 else None
-        if isinstance(other, torch.Tensor) and torch.broadcast_shapes(args[0].shape, other.shape) != args[0].shape:
-            return None
-        return args[0]
-    if func is aten.conv2d.default and not kwargs and (shape := _conv2d_shape(args)) is not None:
-        return torch.empty(shape, dtype=args[0].dtype, device="meta")
-    if func is aten.linear.default and args[1].dim() == 2:
-        return torch.empty((*args[0].shape[:-1], args[1].shape[0]), dtype=args[0].dtype, device="meta")
-    if func is aten.scaled_dot_product_attention.default:  # [..., L, E] x [..., S, Ev] -> [..., L, Ev]
-        q, v = args[0], args[2]
-        return torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device="meta")
-    if func in _BROADCAST and not kwargs:
-        a, b = args[0], args[1]
-        shape = torch.broadcast_shapes(a.shape, b.shape) if isinstance(b, torch.Tensor) else a.shape
-        dtype = torch.result_type(a, b)
-        if func in (aten.div.Tensor, aten.div.Scalar) and not dtype.is_floating_point and not dtype.is_complex:
-            dtype = torch.get_default_dtype()  # true division of integers
-        return torch.empty(shape, dtype=dtype, device="meta")
-    return None
+    """The op's meta output without running its meta kernel, where its registry entry says
+    how (several meta kernels go through slow Python: batch_norm alone was 80% of
+    recording a ResNet, conv2d, linear and attention 80% of recording a ViT); None where
+    the kernel must run."""
+    fn = _shape_only_table().get(func)
+    return fn(args, kwargs) if fn is not None else None
 
 
 class RecordingFailed(RuntimeError):

@@ -14,8 +14,10 @@ import torch
 
 from ..analysis.labels import Field, Labels, unlabelled
 from ..ir.graph import Node
-from .common import numel, ref_name
-from .registry import Rule, register
+from .common import as_list, numel, ref_name, same_pads
+from .registry import OnnxOp, Rule, register
+
+F = torch.nn.functional
 
 
 def _param(lab: Labels, node: Node, key: str) -> str | None:
@@ -32,8 +34,77 @@ def _trained(lab: Labels, node: Node, *keys: str) -> bool:
     return all(n is None or lab.graph.values[n].kind == "param" for n in names)
 
 
+def _onnx_conv(x, w, b=None, *, strides=None, dilations=None, groups=1, auto_pad="NOTSET", pads=None, **_):
+    spatial = w.dim() - 2
+    strides, dilations = strides or [1] * spatial, dilations or [1] * spatial
+    begin, end = same_pads(list(x.shape[2:]), list(w.shape[2:]), strides, dilations, auto_pad, pads)
+    if begin != end:
+        x = F.pad(x, [p for be in zip(reversed(begin), reversed(end)) for p in be])
+        begin = [0] * spatial
+    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
+    return conv(x, w, b, stride=strides, padding=begin, dilation=dilations, groups=groups)
+
+
+def _onnx_conv_transpose(x, w, b=None, *, strides=None, dilations=None, groups=1, auto_pad="NOTSET", pads=None,
+                         output_padding=None, output_shape=None, **_):
+    """Computed without padding, then cropped: ONNX pads may differ at the two ends."""
+    spatial = w.dim() - 2
+    strides, dilations = strides or [1] * spatial, dilations or [1] * spatial
+    extra = list(output_padding or [0] * spatial)
+    full = [st * (s - 1) + e + (k - 1) * d + 1
+            for s, k, st, d, e in zip(x.shape[2:], w.shape[2:], strides, dilations, extra)]
+    if output_shape:
+        totals = [f - o for f, o in zip(full, output_shape[-spatial:])]
+        upper = auto_pad == "SAME_UPPER"
+        begin = [t // 2 if upper else t - t // 2 for t in totals]
+        end = [t - t // 2 if upper else t // 2 for t in totals]
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        totals = [f - s * st for f, s, st in zip(full, x.shape[2:], strides)]
+        upper = auto_pad == "SAME_UPPER"
+        begin = [t // 2 if upper else t - t // 2 for t in totals]
+        end = [t - t // 2 if upper else t // 2 for t in totals]
+    else:
+        begin, end = (list(pads[:spatial]), list(pads[spatial:])) if pads else ([0] * spatial, [0] * spatial)
+    conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[spatial - 1]
+    y = conv(x, w, b, stride=strides, padding=0, output_padding=extra, groups=groups, dilation=dilations)
+    return y[(slice(None), slice(None), *(slice(bg, f - e) for bg, e, f in zip(begin, end, full)))]
+
+
+def _conv2d_shape(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """conv2d's output from the usual formula (its meta kernel is Python, slow to record)."""
+    x, w = args[0], args[1]
+    if kwargs or x.dim() != 4 or w.dim() != 4:
+        return None
+
+    def pair(k: int, default: int) -> list[int]:  # stride, padding, dilation: one int or two
+        a = list(args[k]) if len(args) > k else [default]
+        return a * 2 if len(a) == 1 else a
+    stride, pad, dil = pair(3, 1), pair(4, 0), pair(5, 1)
+    h, wd = ((x.shape[2 + i] + 2 * pad[i] - dil[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1 for i in range(2))
+    return torch.empty((x.shape[0], w.shape[0], h, wd), dtype=x.dtype, device="meta")
+
+
+def _linear_shape(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args[1].dim() != 2:
+        return None
+    return torch.empty((*args[0].shape[:-1], args[1].shape[0]), dtype=args[0].dtype, device="meta")
+
+
+def _sdpa_shape(args: tuple, kwargs: dict) -> torch.Tensor:
+    """[..., L, E] x [..., S, Ev] -> [..., L, Ev]."""
+    q, v = args[0], args[2]
+    return torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device="meta")
+
+
+def _groups(attrs: dict, _: list) -> None:
+    attrs["groups"] = attrs.pop("group", 1)
+
+
 @register("conv", aten=("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
-                        "conv_transpose2d", "conv_transpose3d"), onnx=("Conv", "ConvTranspose"))
+                        "conv_transpose2d", "conv_transpose3d"),
+          onnx={"Conv": OnnxOp(_onnx_conv, ("input", "weight", "bias"), normalise=_groups),
+                "ConvTranspose": OnnxOp(_onnx_conv_transpose, ("input", "weight", "bias"), normalise=_groups)},
+          shape_only={"conv2d.default": _conv2d_shape})
 class Conv(Rule):
     """Output channels are new atoms; input channels become the weight's input slices."""
 
@@ -49,16 +120,16 @@ class Conv(Rule):
         outs = lab.fresh(cout, node)
         ins = lab.axis_labels(x, 1)
         wshape = lab.shape(w)
-        if g > 1:
+        b = _param(lab, node, "bias")
+        if g > 1:  # a grouped filter reads its group's channels only: neither producer nor consumer
             per_group = outs.reshape(g, -1)
             lab.union(per_group[:, :1], per_group)
             if ins is not None:
                 lab.union(ins.reshape(g, -1), per_group[:, :1])
             lab.param_axis(w, 0, ins if transposed else outs)
         else:
-            lab.param_axis(w, 1 if transposed else 0, outs)
-            lab.param_axis(w, 0 if transposed else 1, ins)
-        b = _param(lab, node, "bias")
+            lab.param_axis(w, 1 if transposed else 0, outs, "producer", b)
+            lab.param_axis(w, 0 if transposed else 1, ins, "consumer", b)
         if b is not None:
             lab.param_axis(b, 0, outs)
         macs = numel(lab.shape(out)) * (cin // g) * numel(wshape[2:])
@@ -72,6 +143,23 @@ class Conv(Rule):
 
     def keeps_zero(self, node, lab) -> bool:
         return _trained(lab, node, "weight", "bias")
+
+    def block_sparse_weight(self, node: Node, graph) -> str | None:
+        """A pointwise convolution (1x1, stride 1, unpadded, ungrouped, not transposed) is a
+        matmul of its weight over every pixel."""
+        a = node.attrs
+        w = ref_name(a.get("weight"))
+        if w is None or graph.values[w].kind != "param":
+            return None
+        shape = graph.values[w].shape
+        pads = a.get("padding", a.get("pads", 0))
+        pads = [pads] if isinstance(pads, (int, str)) else list(pads)
+        pointwise = len(shape) == 4 and tuple(shape[2:]) == (1, 1) and int(a.get("groups", 1) or 1) == 1
+        transposed = bool(a.get("transposed")) or "transpose" in node.source_op.lower()
+        strided = any(int(s) != 1 for s in as_list(a.get("stride", a.get("strides", 1))))
+        padded = any(p not in (0, "valid", "VALID") for p in pads) or a.get("auto_pad", "NOTSET") not in ("NOTSET",
+                                                                                                         "VALID")
+        return w if pointwise and not (transposed or strided or padded) else None
 
     def rewrite_fx(self, node, fx_node, shrink) -> None:
         g = int(node.attrs.get("groups", 1) or 1)
@@ -91,8 +179,9 @@ def _linear(lab: Labels, node: Node, x: str, w: str, b: str | None, w_in_dim: in
     n_out = lab.shape(out)[-1]
     outs = lab.fresh(n_out, node)
     ins = lab.axis_labels(x, -1)
-    lab.param_axis(w, 1 - w_in_dim, outs)
-    lab.param_axis(w, w_in_dim, ins)
+    bias = b if b is not None and lab.shape(b) == (n_out,) else None
+    lab.param_axis(w, 1 - w_in_dim, outs, "producer", bias)
+    lab.param_axis(w, w_in_dim, ins, "consumer", bias)
     if b is not None and len(lab.shape(b)) >= 1 and lab.shape(b)[-1] == n_out:
         lab.param_axis(b, len(lab.shape(b)) - 1, outs)
     macs = numel(lab.shape(out)) * lab.shape(x)[-1]
@@ -103,7 +192,7 @@ def _linear(lab: Labels, node: Node, x: str, w: str, b: str | None, w_in_dim: in
     lab.set_field(out, Field((len(lab.shape(out)) - 1,), outs))
 
 
-@register("linear", aten=("linear",))
+@register("linear", aten=("linear",), shape_only={"linear.default": _linear_shape})
 class Linear(Rule):
     """``y = x Wᵀ + b``: output features are new atoms, input features are W's columns."""
 
@@ -115,6 +204,11 @@ class Linear(Rule):
 
     def keeps_zero(self, node, lab) -> bool:
         return _trained(lab, node, "weight", "bias")
+
+    def block_sparse_weight(self, node: Node, graph) -> str | None:
+        """``x Wᵀ`` with W [out, in] a parameter."""
+        w = ref_name(node.attrs.get("weight"))
+        return w if w is not None and graph.values[w].kind == "param" and len(graph.values[w].shape) == 2 else None
 
 
 @register("addmm", aten=("addmm",))
@@ -131,7 +225,12 @@ class Addmm(Rule):
         return _trained(lab, node, "mat2", "input")
 
 
-@register("gemm", onnx=("Gemm",))
+def _onnx_gemm(a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0, **_):
+    out = alpha * ((a.T if transA else a) @ (b.T if transB else b))
+    return out if c is None else out + beta * c
+
+
+@register("gemm", onnx={"Gemm": OnnxOp(_onnx_gemm, ("A", "B", "C"))})
 class Gemm(Rule):
     """ONNX Gemm ``alpha·A'·B' + beta·C`` with B an initializer."""
 
@@ -195,7 +294,7 @@ def _product_cost(lab: Labels, out: str, macs: float) -> None:
         lab.head_atoms.append(f.labels.reshape(-1))
 
 
-@register("matmul", aten=("matmul", "mm", "bmm"), onnx=("MatMul",))
+@register("matmul", aten=("matmul", "mm", "bmm"), onnx={"MatMul": OnnxOp(lambda a, b, **_: a @ b)})
 class MatMul(Rule):
     """A parameter operand makes it a linear layer; two activations (attention scores,
     attention × values) couple along the contraction and carry batch (head) atoms."""
@@ -226,7 +325,7 @@ class MatMul(Rule):
         return any(lab.fields.get(i) is not None and lab.is_zero(i) for i in node.inputs[:1] + node.inputs[-1:])
 
 
-@register("einsum", aten=("einsum",), onnx=("Einsum",))
+@register("einsum", aten=("einsum",), onnx={"Einsum": OnnxOp(lambda *xs, equation, **_: torch.einsum(equation, *xs))})
 class Einsum(Rule):
     """A two-operand einsum is a batched matmul of its letters: batch letters (in both
     operands and the output), M (A's own), N (B's own) and K (contracted).  The operands'
@@ -292,7 +391,8 @@ def _einsum_form(equation: str, ranks: list[int]) -> tuple[list[str], str] | Non
 
 
 @register("sdpa", aten=("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                        "_scaled_dot_product_attention_math"))
+                        "_scaled_dot_product_attention_math"),
+          shape_only={"scaled_dot_product_attention.default": _sdpa_shape})
 class ScaledDotProductAttention(Rule):
     """Heads are units: a query head, its key/value head (shared under GQA) and its
     output columns go together; the head dimension itself stays uniform."""

@@ -11,7 +11,43 @@ import torch
 
 from ..analysis.labels import Field, Labels
 from ..ir.graph import Node, Ref
-from .registry import Rule, register
+from .common import broadcast, in_place, same_shape, tensor_attr, torch_dtype, true_division
+from .registry import OnnxOp, Rule, register
+
+F = torch.nn.functional
+
+
+def _unary(fn) -> OnnxOp:
+    """An ONNX op that is ``fn`` of its one input, with no attributes."""
+    return OnnxOp(lambda x, *_, **__: fn(x))
+
+
+def _binary(fn) -> OnnxOp:
+    return OnnxOp(lambda a, b, **_: fn(a, b))
+
+
+def _variadic(fn) -> OnnxOp:
+    """``fn`` folded over any number of broadcasting inputs (ONNX Max, Min, Sum)."""
+    def run(*xs, **_):
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(out, x)
+        return out
+    return OnnxOp(run)
+
+
+def _div(a: torch.Tensor, b: torch.Tensor, **_) -> torch.Tensor:
+    """ONNX Div: integer division truncates (shape arithmetic), float division is exact."""
+    if not a.dtype.is_floating_point and not b.dtype.is_floating_point:
+        return torch.div(a, b, rounding_mode="trunc")
+    return a / b
+
+
+def _clip(x, lo=None, hi=None, *, min=None, max=None, **_):  # noqa: A002 - ONNX attribute names
+    """ONNX Clip: bounds as inputs (opset 11+) or attributes (before)."""
+    lo = lo if lo is not None else min
+    hi = hi if hi is not None else max
+    return x.clamp(None if lo is None else float(lo), None if hi is None else float(hi))
 
 UNARY = (
     "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_",
@@ -35,10 +71,6 @@ CREATION = (
     "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "scalar_tensor",
     "linspace", "eye", "fill", "fill_", "rand", "randn", "randint", "empty_strided", "tensor",
 )
-ONNX_UNARY = ("Relu", "Sigmoid", "Tanh", "Gelu", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu", "Selu",
-              "Softplus", "Mish", "Clip", "Neg", "Exp", "Log", "Sqrt", "Abs", "Sin", "Cos", "Erf",
-              "Reciprocal", "Sign", "Floor", "Ceil", "Round", "Not", "IsNaN", "IsInf", "Dropout",
-              "Identity", "Cast", "CastLike", "Celu", "ThresholdedRelu", "Softsign")
 ZERO_PRESERVING = (  # f(0) == 0: a removed (zero) entry stays zero
     "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "tanh", "tanh_", "hardswish", "hardswish_",
     "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu", "mish", "mish_", "neg", "log1p", "sqrt", "abs",
@@ -50,11 +82,61 @@ ZERO_PRESERVING = (  # f(0) == 0: a removed (zero) entry stays zero
     "onnx::Ceil", "onnx::Round", "onnx::Dropout", "onnx::Identity", "onnx::Cast", "onnx::CastLike", "onnx::Celu",
     "onnx::ThresholdedRelu", "onnx::Softsign",
 )
-ONNX_NARY = ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Where", "Equal", "Less", "Greater",
-             "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "PRelu", "Sum", "Mean")
+ONNX_UNARY = {
+    "Relu": _unary(torch.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),
+    "Gelu": OnnxOp(lambda x, *_, approximate="none", **__: F.gelu(x, approximate=approximate)),
+    "HardSwish": _unary(F.hardswish),
+    "HardSigmoid": OnnxOp(lambda x, *_, alpha=0.2, beta=0.5, **__: (alpha * x + beta).clamp(0, 1)),
+    "LeakyRelu": OnnxOp(lambda x, *_, alpha=0.01, **__: F.leaky_relu(x, alpha)),
+    "Elu": OnnxOp(lambda x, *_, alpha=1.0, **__: F.elu(x, alpha)),
+    "Selu": OnnxOp(lambda x, *_, alpha=1.67326319217681884765625, gamma=1.05070102214813232421875, **__:
+                   gamma * torch.where(x > 0, x, alpha * torch.expm1(x))),
+    "Celu": OnnxOp(lambda x, *_, alpha=1.0, **__: F.celu(x, alpha)),
+    "ThresholdedRelu": OnnxOp(lambda x, *_, alpha=1.0, **__: torch.where(x > alpha, x, torch.zeros_like(x))),
+    "Softplus": _unary(F.softplus), "Softsign": _unary(F.softsign), "Mish": _unary(F.mish),
+    "Clip": OnnxOp(_clip), "Neg": _unary(torch.neg), "Exp": _unary(torch.exp), "Log": _unary(torch.log),
+    "Sqrt": _unary(torch.sqrt), "Abs": _unary(torch.abs), "Sin": _unary(torch.sin), "Cos": _unary(torch.cos),
+    "Erf": _unary(torch.erf), "Reciprocal": _unary(torch.reciprocal), "Sign": _unary(torch.sign),
+    "Floor": _unary(torch.floor), "Ceil": _unary(torch.ceil), "Round": _unary(torch.round),
+    "Not": _unary(torch.logical_not), "IsNaN": _unary(torch.isnan),
+    "IsInf": OnnxOp(lambda x, *_, detect_negative=1, detect_positive=1, **__:
+                    (torch.isneginf(x) & bool(detect_negative)) | (torch.isposinf(x) & bool(detect_positive))),
+    "Dropout": OnnxOp(lambda x, *_, **__: (x, torch.ones_like(x, dtype=torch.bool))),  # inference: identity
+    "Identity": _unary(lambda x: x),
+    "Cast": OnnxOp(lambda x, *_, to, **__: x.to(torch_dtype(to))),
+    "CastLike": OnnxOp(lambda x, like, *_, **__: x.to(like.dtype)),
+}
+ONNX_NARY = {
+    "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": OnnxOp(_div),
+    "Pow": OnnxOp(lambda a, b, **_: torch.pow(a, b).to(a.dtype)),
+    "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum), "Sum": _variadic(torch.add),
+    "Mean": OnnxOp(lambda *xs, **_: _variadic(torch.add).torch(*xs) / len(xs)),
+    "Where": OnnxOp(lambda c, a, b, **_: torch.where(c, a, b)),
+    "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "Greater": _binary(torch.gt),
+    "LessOrEqual": _binary(torch.le), "GreaterOrEqual": _binary(torch.ge), "And": _binary(torch.logical_and),
+    "Or": _binary(torch.logical_or), "Xor": _binary(torch.logical_xor),
+    "Mod": OnnxOp(lambda a, b, *_, fmod=0, **__: torch.fmod(a, b) if fmod else torch.remainder(a, b)),
+    "PRelu": OnnxOp(lambda x, slope, **_: torch.where(x < 0, x * slope, x)),
+}
 
 
-@register("unary", aten=UNARY, onnx=ONNX_UNARY)
+# the nonlinearity each activation op applies, as the optimizers model it (leaky and
+# parametric ReLUs as ReLU, clamps and Clip as ReLU6, GELU's erf form as GELU)
+ACTIVATIONS = {
+    **dict.fromkeys(("relu", "relu_", "leaky_relu", "leaky_relu_", "prelu_scalar", "onnx::Relu", "onnx::LeakyRelu",
+                     "onnx::ThresholdedRelu", "prelu", "_prelu_kernel", "onnx::PRelu"), "relu"),
+    **dict.fromkeys(("relu6", "hardtanh", "hardtanh_", "clamp", "clamp_", "clamp_min", "clamp_max", "onnx::Clip"),
+                    "relu6"),
+    **dict.fromkeys(("gelu", "gelu_", "erf", "onnx::Gelu", "onnx::Erf"), "gelu"),
+    **dict.fromkeys(("silu", "silu_"), "silu"),
+}
+
+
+@register("unary", aten=UNARY, onnx=ONNX_UNARY, shape_only={
+    **dict.fromkeys(("gelu.default", "relu.default", "silu.default", "dropout.default", "hardswish.default",
+                     "sigmoid.default"), same_shape),
+    **dict.fromkeys(("relu_.default", "hardtanh_.default", "silu_.default", "hardswish_.default", "sigmoid_.default"),
+                    in_place)})
 class Unary(Rule):
     """Channel identity: the output element is the input element, transformed."""
 
@@ -79,8 +161,15 @@ class Unary(Rule):
                 and (lo is None or lo <= 0) and (hi is None or hi >= 0)
         return kind in ZERO_PRESERVING
 
+    def activation(self, node: Node) -> str | None:
+        return ACTIVATIONS.get(_kind(node))
 
-@register("elementwise", aten=NARY, onnx=ONNX_NARY)
+
+@register("elementwise", aten=NARY, onnx=ONNX_NARY, shape_only={
+    **dict.fromkeys(("add.Tensor", "sub.Tensor", "mul.Tensor", "add.Scalar", "sub.Scalar", "mul.Scalar"), broadcast),
+    **dict.fromkeys(("div.Tensor", "div.Scalar"), true_division),
+    **dict.fromkeys(("add_.Tensor", "sub_.Tensor", "mul_.Tensor", "div_.Tensor", "add_.Scalar", "mul_.Scalar"),
+                    in_place)})
 class Elementwise(Rule):
     """Broadcasting n-ary op: operands' atoms are coupled element by element.
 
@@ -171,6 +260,9 @@ class Elementwise(Rule):
             return node.attrs.get("value") == 0
         return False
 
+    def activation(self, node: Node) -> str | None:
+        return ACTIVATIONS.get(_kind(node))  # a parametric ReLU
+
 
 def _representative(labelled: list, lab: Labels) -> tuple:
     """The operand whose field the output takes: the one labelled on most axes, unless
@@ -248,7 +340,9 @@ def _expand_to(labels: torch.Tensor, axes: tuple[int, ...], target: tuple[int, .
     return labels.reshape(view).expand(full)
 
 
-@register("triangular", aten=("triu", "tril", "triu_", "tril_"), onnx=("Trilu",))
+@register("triangular", aten=("triu", "tril", "triu_", "tril_"),
+          onnx={"Trilu": OnnxOp(lambda x, k=None, *, upper=1, **_:
+                                (torch.triu if upper else torch.tril)(x, 0 if k is None else int(k)))})
 class Triangular(Rule):
     """Keeps entries by their (row, column) position: removing rows or columns would move
     the diagonal, so atoms on the last two axes are pinned; other atoms pass."""
@@ -265,8 +359,40 @@ class Triangular(Rule):
         return lab.is_zero(node.inputs[0])
 
 
-@register("creation", aten=CREATION, onnx=("ConstantOfShape", "Constant", "Range",
-                                           "RandomNormalLike", "RandomUniformLike", "EyeLike"))
+def _constant(*_, **attrs) -> torch.Tensor:
+    """ONNX Constant: whichever ``value*`` attribute it holds."""
+    if "value" in attrs:
+        return tensor_attr(attrs["value"])
+    for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32), ("value_int", torch.int64),
+                       ("value_ints", torch.int64)):
+        if key in attrs:
+            return torch.tensor(attrs[key], dtype=dtype)
+    raise NotImplementedError(f"Constant with {sorted(attrs)}")
+
+
+def _constant_of_shape(shape: torch.Tensor, *_, value=None, **__) -> torch.Tensor:
+    fill = tensor_attr(value).reshape(-1) if value is not None else torch.zeros(1)
+    return torch.full(tuple(int(s) for s in shape.tolist()), fill[0].item(), dtype=fill.dtype)
+
+
+def _like(x: torch.Tensor, dtype: int | None) -> torch.dtype:
+    return x.dtype if dtype is None else torch_dtype(dtype)
+
+
+def _eye_like(x: torch.Tensor, *_, dtype=None, k=0, **__) -> torch.Tensor:
+    rows, cols = torch.arange(x.shape[0])[:, None], torch.arange(x.shape[1])[None, :]
+    return (cols - rows == k).to(_like(x, dtype))
+
+
+@register("creation", aten=CREATION, onnx={
+    "ConstantOfShape": OnnxOp(_constant_of_shape), "Constant": OnnxOp(_constant),
+    "Range": OnnxOp(lambda start, limit, delta, **_: torch.arange(start.item(), limit.item(), delta.item(),
+                                                                  dtype=start.dtype)),
+    "RandomNormalLike": OnnxOp(lambda x, *_, dtype=None, mean=0.0, scale=1.0, **__:
+                               torch.randn(x.shape, dtype=_like(x, dtype)) * scale + mean),
+    "RandomUniformLike": OnnxOp(lambda x, *_, dtype=None, low=0.0, high=1.0, **__:
+                                torch.rand(x.shape, dtype=_like(x, dtype)) * (high - low) + low),
+    "EyeLike": OnnxOp(_eye_like)})
 class Creation(Rule):
     """Tensors made from sizes or constants carry no channel identity."""
 

@@ -19,9 +19,135 @@ from ..analysis.labels import Field, Labels
 from ..errors import UnprunableTargetError
 from ..ir.graph import Node, Ref
 from .common import as_list, ref_name
-from .registry import Rule, register
+from .registry import OnnxOp, Rule, register
 
 aten = torch.ops.aten
+F = torch.nn.functional
+
+
+# ---- ONNX data movement in torch: inputs positionally, normalised attributes (constant
+# inputs such as Reshape's shape already resolved into lists by the importer) as keywords
+
+def _reshape(x: torch.Tensor, *_, shape: list[int], allowzero: int = 0, **__) -> torch.Tensor:
+    dims = [x.shape[i] if (s == 0 and not allowzero) else s for i, s in enumerate(shape)]
+    return x.reshape(dims)
+
+
+def _flatten(x: torch.Tensor, *_, axis: int = 1, **__) -> torch.Tensor:
+    axis %= max(1, x.dim())
+    return x.reshape(int(torch.Size(x.shape[:axis]).numel()), -1)
+
+
+def _squeeze(x: torch.Tensor, *_, axes: list[int] | None = None, **__) -> torch.Tensor:
+    if not axes:
+        return x.squeeze()
+    for a in sorted((a % x.dim() for a in axes), reverse=True):
+        x = x.squeeze(a)
+    return x
+
+
+def _unsqueeze(x: torch.Tensor, *_, axes: list[int], **__) -> torch.Tensor:
+    rank = x.dim() + len(axes)
+    for a in sorted(a % rank for a in axes):
+        x = x.unsqueeze(a)
+    return x
+
+
+def _expand(x: torch.Tensor, *_, shape: list[int], **__) -> torch.Tensor:
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(shape)))
+
+
+def _transpose(x: torch.Tensor, *_, perm: list[int] | None = None, **__) -> torch.Tensor:
+    return x.permute(perm if perm else list(reversed(range(x.dim()))))
+
+
+def _concat(*xs: torch.Tensor, axis: int, **__) -> torch.Tensor:
+    return torch.cat([x for x in xs if x is not None], dim=axis)
+
+
+def _split(x: torch.Tensor, *_, axis: int = 0, split: list[int], **__) -> tuple[torch.Tensor, ...]:
+    return torch.split(x, split, dim=axis)
+
+
+def _slice(x: torch.Tensor, *_, starts: list[int], ends: list[int], axes: list[int] | None = None,
+           steps: list[int] | None = None, **__) -> torch.Tensor:
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps or [1] * len(starts)
+    index = [slice(None)] * x.dim()
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        if st < 0:
+            raise NotImplementedError("negative Slice steps")
+        index[a % x.dim()] = slice(s, e, st)
+    return x[tuple(index)]
+
+
+def _gather(x: torch.Tensor, indices: torch.Tensor, *_, axis: int = 0, **__) -> torch.Tensor:
+    axis %= x.dim()
+    idx = indices.long() % x.shape[axis]
+    out = x.index_select(axis, idx.reshape(-1))
+    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+
+
+def _gather_elements(x: torch.Tensor, indices: torch.Tensor, *_, axis: int = 0, **__) -> torch.Tensor:
+    return torch.gather(x, axis, indices.long() % x.shape[axis])
+
+
+def _gather_nd(x: torch.Tensor, indices: torch.Tensor, *_, batch_dims: int = 0, **__) -> torch.Tensor:
+    """ONNX GatherND: the last axis of ``indices`` addresses the ``k`` axes of ``x`` after
+    its ``batch_dims`` leading ones; the remaining axes of ``x`` ride along."""
+    b, k = batch_dims, indices.shape[-1]
+    lead = x.shape[:b]
+    xs = x.reshape(-1, *x.shape[b:])                      # batch axes merged
+    idx = indices.long().reshape(xs.shape[0], -1, k)      # per batch entry, a list of k-tuples
+    sizes = torch.tensor(x.shape[b:b + k])
+    idx = idx % sizes
+    rows = torch.arange(xs.shape[0]).unsqueeze(1).expand(-1, idx.shape[1])
+    out = xs[(rows, *idx.unbind(-1))]                     # (batch, n, *x.shape[b + k:])
+    return out.reshape(*lead, *indices.shape[b:-1], *x.shape[b + k:])
+
+
+def _depth_to_space(x: torch.Tensor, *_, blocksize: int, mode: str = "DCR", **__) -> torch.Tensor:
+    b, c, h, w = x.shape
+    r = blocksize
+    if mode == "CRD":
+        return x.reshape(b, c // (r * r), r, r, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // (r * r), h * r, w * r)
+    return x.reshape(b, r, r, c // (r * r), h, w).permute(0, 3, 4, 1, 5, 2).reshape(b, c // (r * r), h * r, w * r)
+
+
+def _space_to_depth(x: torch.Tensor, *_, blocksize: int, **__) -> torch.Tensor:
+    b, c, h, w = x.shape
+    r = blocksize
+    return x.reshape(b, c, h // r, r, w // r, r).permute(0, 3, 5, 1, 2, 4).reshape(b, c * r * r, h // r, w // r)
+
+
+def _tile(x: torch.Tensor, *_, repeats: list[int], **__) -> torch.Tensor:
+    return x.repeat(repeats)
+
+
+def _shape(x: torch.Tensor, *_, start: int = 0, end: int | None = None, **__) -> torch.Tensor:
+    return torch.tensor(x.shape[start:end], dtype=torch.int64)
+
+
+def _split_sizes(attrs: dict, out_shapes: list[tuple[int, ...]]) -> None:
+    """Split sizes from the outputs (``split`` may be an input, an attribute or absent)."""
+    axis = attrs.get("axis", 0)
+    attrs["split"] = [int(s[axis]) for s in out_shapes]
+
+
+def _onnx_pad(x: torch.Tensor, _pads=None, constant_value=None, _axes=None, *, pads: list[int],
+              axes: list[int] | None = None, mode: str = "constant", value: float = 0.0, **_) -> torch.Tensor:
+    """ONNX Pad: ``pads`` are all begins then all ends, over ``axes`` (default: every axis)."""
+    axes = [a % x.dim() for a in axes] if axes else list(range(x.dim()))
+    half = len(pads) // 2
+    per_axis = {a: (pads[k], pads[k + half]) for k, a in enumerate(axes)}
+    flat = [p for a in reversed(range(x.dim())) for p in per_axis.get(a, (0, 0))]
+    if mode == "constant":
+        fill = float(constant_value.reshape(-1)[0]) if isinstance(constant_value, torch.Tensor) \
+            and constant_value.numel() else value
+        return F.pad(x, flat, value=fill)
+    while flat[-2:] == [0, 0] and len(flat) > 2:  # torch pads the last axes only in these modes
+        flat = flat[:-2]
+    return F.pad(x, flat, mode={"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode])
 
 
 class Movement(Rule):
@@ -158,7 +284,10 @@ def _onnx_expand_shape(node, x, out, shrink) -> list[int]:
 
 @register("reshape", aten=("view", "reshape", "_unsafe_view", "view_copy", "expand", "expand_copy",
                            "unflatten", "flatten", "squeeze", "unsqueeze", "squeeze_copy", "unsqueeze_copy"),
-          onnx=("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand"))
+          onnx={"Reshape": OnnxOp(_reshape, ("data", "shape"), ("shape",)), "Flatten": OnnxOp(_flatten),
+                "Squeeze": OnnxOp(_squeeze, ("data", "axes"), ("axes",)),
+                "Unsqueeze": OnnxOp(_unsqueeze, ("data", "axes"), ("axes",)),
+                "Expand": OnnxOp(_expand, ("input", "shape"), ("shape",))})
 class Reshape(Movement):
     def fast_field(self, node, lab, data) -> Field | None:
         f = _single(node, lab, data)
@@ -201,6 +330,66 @@ class Reshape(Movement):
             shrink.set_onnx_const_input(proto, 1, _onnx_expand_shape(node, x, out, shrink))
 
 
+@register("reshape_as", aten=("reshape_as", "view_as"))
+class ReshapeAs(Movement):
+    """``x.reshape_as(other)`` (or ``view_as``): a reshape of ``x`` to ``other``'s shape;
+    ``other`` gives only its shape.  The compact model reads that shape off the compact
+    ``other``, so along every axis the output and ``other`` must lose the same entries:
+    their atoms are coupled index by index, and an axis only one of them is labelled on
+    is kept whole."""
+
+    index_args = ("other",)
+
+    def propagate(self, node: Node, lab: Labels) -> None:
+        x, out = node.inputs[0], node.outputs[0]
+        f = lab.field(x)
+        if f is not None:
+            axes = _reshape_axes(lab.shape(x), lab.shape(out), f.axes)
+            if axes is not None:
+                lab.set_field(out, Field(axes, f.labels))
+            else:
+                lab.set_from_tensor(out, lab.full(x).reshape(lab.shape(out)))
+        else:
+            lab.fields[out] = None
+        _same_sizes_as_other(node, lab, range(len(lab.shape(out))))
+
+
+def _same_sizes_as_other(node: Node, lab: Labels, axes) -> None:
+    """Along ``axes``, the output of ``node`` and its last input (whose shape it takes) lose
+    the same entries: coupled index by index where both carry atoms, kept whole where
+    only one does."""
+    out, other = node.outputs[0], node.inputs[-1]
+    fo, fy = lab.field(out), lab.field(other)
+    labelled = set(fo.axes if fo else ()) | set(fy.axes if fy else ())
+    for a in sorted(labelled.intersection(axes)):
+        mine, theirs = lab.axis_labels(out, a), lab.axis_labels(other, a)
+        if mine is not None and theirs is not None:
+            lab.union(mine, theirs)
+        else:
+            for labels in (mine, theirs):
+                if labels is not None:
+                    lab.pin(labels)
+
+
+@register("expand_as", aten=("expand_as",))
+class ExpandAs(Movement):
+    """``x.expand_as(other)``: ``x`` broadcast to ``other``'s shape, which the compact model
+    reads off the compact ``other``.  Where ``x`` has size 1 the output follows ``other``
+    freely; along every other axis the two lose the same entries (as for ``reshape_as``)."""
+
+    index_args = ("other",)
+
+    def propagate(self, node: Node, lab: Labels) -> None:
+        x, out = node.inputs[0], node.outputs[0]
+        shape_x, shape_o = lab.shape(x), lab.shape(out)
+        if lab.field(x) is not None:
+            lab.set_from_tensor(out, lab.full(x).expand(shape_o))
+        else:
+            lab.fields[out] = None
+        lead = len(shape_o) - len(shape_x)
+        _same_sizes_as_other(node, lab, [a for a in range(lead, len(shape_o)) if shape_x[a - lead] != 1])
+
+
 def _computed_shape(node: Node, shrink) -> bool:
     """Whether a Reshape's or Expand's target is computed at run time (``Shape -> Gather
     -> Concat``), not a constant (an initializer or a Constant node)."""
@@ -239,7 +428,8 @@ def _rewrite_runtime_shape(node: Node, proto, shrink) -> None:
     shrink_runtime_shape(proto, 1, keep, fixed, shrink)
 
 
-@register("shape", onnx=("Shape", "Size"))
+@register("shape", onnx={"Shape": OnnxOp(_shape),
+                         "Size": OnnxOp(lambda x, **_: torch.tensor(x.numel(), dtype=torch.int64))})
 class ShapeOf(Rule):
     """Sizes carry no channel identity.  In the compact model ``Shape`` of a pruned value
     reads its full model's sizes on the pruned axes (written as constants when no size
@@ -362,7 +552,8 @@ def shape_of_onnx_function(opset: int, size: bool, keep: tuple[int, ...], forwar
 @register("permute", aten=("permute", "transpose", "t", "movedim", "swapaxes", "numpy_T", "mT", "flip",
                            "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
                            "repeat", "tile", "stack", "cat", "concat", "unbind", "unfold", "diagonal"),
-          onnx=("Transpose", "Concat", "DepthToSpace", "SpaceToDepth", "Tile"))
+          onnx={"Transpose": OnnxOp(_transpose), "Concat": OnnxOp(_concat), "DepthToSpace": OnnxOp(_depth_to_space),
+                "SpaceToDepth": OnnxOp(_space_to_depth), "Tile": OnnxOp(_tile, ("input", "repeats"), ("repeats",))})
 class Permute(Movement):
     """Pure rearrangements whose constant arguments survive pruning unchanged."""
 
@@ -403,7 +594,8 @@ class Roll(Movement):
             lab.pin(f.labels)
 
 
-@register("split", aten=("split", "split_with_sizes", "chunk", "split_copy", "tensor_split"), onnx=("Split",))
+@register("split", aten=("split", "split_with_sizes", "chunk", "split_copy", "tensor_split"),
+          onnx={"Split": OnnxOp(_split, ("input", "split"), ("split",), _split_sizes)})
 class Split(Movement):
     def rewrite_fx(self, node, fx_node, shrink) -> None:
         x = node.inputs[0]
@@ -421,7 +613,8 @@ class Split(Movement):
             shrink.set_onnx_split(proto, [shrink.new_shape(o)[axis] for o in node.outputs])
 
 
-@register("slice", aten=("slice", "narrow", "select", "slice_copy", "select_copy"), onnx=("Slice",))
+@register("slice", aten=("slice", "narrow", "select", "slice_copy", "select_copy"),
+          onnx={"Slice": OnnxOp(_slice, ("data", "starts", "ends", "axes", "steps"), ("starts", "ends", "axes", "steps"))})
 class Slice(Movement):
     """Slicing a pruned axis: start/end/index shift to the kept positions before them."""
 
@@ -470,7 +663,9 @@ class Slice(Movement):
 
 
 @register("gather", aten=("index_select", "index", "gather", "_unsafe_index", "take_along_dim"),
-          onnx=("Gather", "GatherElements", "GatherND"))
+          onnx={"Gather": OnnxOp(_gather, ("data", "indices")),
+                "GatherElements": OnnxOp(_gather_elements, ("data", "indices")),
+                "GatherND": OnnxOp(_gather_nd, ("data", "indices"))})
 class Gather(Movement):
     """Indexing with constant indices runs exactly on labels.  The indexed axis itself
     must keep its length (the indices are not rewritten): its entries are coupled
@@ -512,7 +707,8 @@ class RepeatInterleave(Movement):
 
 
 @register("pad", aten=("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",
-                       "replication_pad2d", "replication_pad3d", "reflection_pad3d"), onnx=("Pad",))
+                       "replication_pad2d", "replication_pad3d", "reflection_pad3d"),
+          onnx={"Pad": OnnxOp(_onnx_pad, ("data", "pads", "constant_value", "axes"), ("pads", "axes"))})
 class Pad(Rule):
     """Padding along a labelled axis adds unlabelled entries; elsewhere labels are unchanged."""
 

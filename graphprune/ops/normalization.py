@@ -22,23 +22,58 @@ import torch
 
 from ..analysis.labels import Field, Labels
 from ..ir.graph import Node
-from .common import ref_name
-from .registry import Rule, register
+from .common import ref_name, same_shape
+from .registry import OnnxOp, Rule, register
 
 DOMAIN = "graphprune"  # the model-local ONNX functions' domain (inlined before the model is written)
+F = torch.nn.functional
+
+
+def _onnx_batch_norm(x, scale, bias, mean, var, *, epsilon=1e-5, **_):
+    """Inference mode, as the traced graph runs it (running statistics are not updated)."""
+    return F.batch_norm(x, mean.detach(), var.detach(), scale, bias, False, 0.0, epsilon)
+
+
+def _onnx_layer_norm(x, scale, bias=None, *, axis=-1, epsilon=1e-5, **_):
+    """Y, Mean, InvStdDev over the axes from ``axis`` on (statistics keep those axes as 1)."""
+    axis %= x.dim()
+    axes = tuple(range(axis, x.dim()))
+    y = F.layer_norm(x, x.shape[axis:], scale, bias, epsilon)
+    mean = x.mean(axes, keepdim=True)
+    return y, mean, torch.rsqrt(x.var(axes, unbiased=False, keepdim=True) + epsilon)
+
+
+def _onnx_rms_norm(x, scale, *_, axis=-1, epsilon=1e-5, **__):
+    """Y, InvStdDev: ``x / sqrt(mean(x²) + eps) * scale`` over the axes from ``axis`` on."""
+    axes = tuple(range(axis % x.dim(), x.dim()))
+    rstd = torch.rsqrt(x.square().mean(axes, keepdim=True) + epsilon)
+    return x * rstd * scale, rstd
+
+
+def _onnx_group_norm(x, scale, bias, *, num_groups, epsilon=1e-5, **_):
+    """Scale and bias per channel (opset 21) or per group (opset 18)."""
+    c = x.shape[1]
+    if scale.numel() != c:
+        scale, bias = scale.repeat_interleave(c // num_groups), bias.repeat_interleave(c // num_groups)
+    return F.group_norm(x, num_groups, scale, bias, epsilon)
 
 
 @register("batch_norm", aten=("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm",
                               "_native_batch_norm_legit", "instance_norm"),
-          onnx=("BatchNormalization", "InstanceNormalization"))
+          onnx={"BatchNormalization": OnnxOp(_onnx_batch_norm, ("input", "scale", "B", "input_mean", "input_var")),
+                "InstanceNormalization": OnnxOp(lambda x, scale, b, *, epsilon=1e-5, **_:
+                                                F.instance_norm(x, weight=scale, bias=b, eps=epsilon),
+                                                ("input", "scale", "B"))},
+          shape_only={"batch_norm.default": same_shape, "instance_norm.default": same_shape})
 class BatchNorm(Rule):
     def propagate(self, node: Node, lab: Labels) -> None:
         x = ref_name(node.attrs.get("input"))
         ch = lab.axis_labels(x, 1) if x else None
+        shift = ref_name(node.attrs.get("bias", node.attrs.get("B")))
         for key in ("weight", "bias", "running_mean", "running_var", "scale", "B", "input_mean", "input_var"):
             p = ref_name(node.attrs.get(key))
             if p is not None and lab.graph.values[p].kind != "act":
-                lab.param_axis(p, 0, ch)
+                lab.param_axis(p, 0, ch, *(("norm", shift) if key in ("weight", "scale") else ()))
         lab.set_field(node.outputs[0], Field((1,), ch) if ch is not None else None)
         for o in node.outputs[1:]:
             lab.fields[o] = None
@@ -63,29 +98,52 @@ def _zero_affine(lab: Labels, scale: str | None, shift: str | None) -> bool:
     return scale is not None and param(scale) and (shift is None or param(shift))
 
 
+# The width-corrected layer norm as data: (value, op, operands) over the inputs ``x``, ``n``
+# (the original width), ``missing`` (n minus the kept width) and ``eps``; "sum" is over the
+# last axis, keeping it.  :func:`phantom_layer_norm` computes it in torch and
+# :func:`phantom_onnx_function` writes it as ONNX; codegen's FusePhantomLayerNorm
+# (codegen/phantom_norm.py) builds its Relax pattern from it, so the sequence the
+# emitters produce and the one codegen fuses into one kernel cannot drift apart.
+PHANTOM_LAYER_NORM: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("total", "sum", ("x",)),
+    ("mean", "divide", ("total", "n")),
+    ("d", "subtract", ("x", "mean")),
+    ("d2", "square", ("d",)),
+    ("squares", "sum", ("d2",)),
+    ("m2", "square", ("mean",)),
+    ("phantom", "multiply", ("missing", "m2")),
+    ("ss", "add", ("squares", "phantom")),
+    ("var", "divide", ("ss", "n")),
+    ("shifted", "add", ("var", "eps")),
+    ("rstd", "rsqrt", ("shifted",)),
+    ("y", "multiply", ("d", "rstd")),
+)
+_TORCH_OPS = {"sum": lambda a: a.sum(-1, keepdim=True), "divide": lambda a, b: a / b, "subtract": lambda a, b: a - b,
+              "square": lambda a: a.square(), "multiply": lambda a, b: a * b, "add": lambda a, b: a + b,
+              "rsqrt": torch.rsqrt}
+
+
 def phantom_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                        n: int, stats: bool = False, upcast: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``layer_norm`` over the last axis of ``x`` as if it had ``n`` entries, the missing
-    ones zero: the compact graph's layer norm where hidden columns were removed
-    (``upcast``: statistics in float32 for a half-precision ``x``).  No control flow on
-    tensors, so fx traces through it (unpickling a GraphModule does).
+    ones zero (:data:`PHANTOM_LAYER_NORM`): the compact graph's layer norm where hidden
+    columns were removed (``upcast``: statistics in float32 for a half-precision ``x``).
+    No control flow on tensors, so fx traces through it (unpickling a GraphModule does).
 
     >>> x = torch.randn(2, 5); full = torch.cat([x, torch.zeros(2, 3)], -1)
     >>> torch.allclose(phantom_layer_norm(x, None, None, 1e-5, 8), torch.layer_norm(full, (8,))[:, :5], atol=1e-6)
     True
     """
-    xf = x.float() if upcast else x
-    mean = xf.sum(-1, keepdim=True) / n
-    d = xf - mean
-    var = (d.square().sum(-1, keepdim=True) + (n - x.shape[-1]) * mean.square()) / n
-    rstd = torch.rsqrt(var + eps)
-    y = d * rstd
+    env = {"x": x.float() if upcast else x, "n": n, "missing": n - x.shape[-1], "eps": eps}
+    for out, op, args in PHANTOM_LAYER_NORM:
+        env[out] = _TORCH_OPS[op](*(env[a] for a in args))
+    y = env["y"]
     if weight is not None:
         y = y * weight
     if bias is not None:
         y = y + bias
     y = y.type_as(x) if upcast else y
-    return (y, mean, rstd) if stats else y
+    return (y, env["mean"], env["rstd"]) if stats else y
 
 
 def phantom_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, n: int, stats: bool = False,
@@ -133,16 +191,21 @@ def phantom_onnx_function(rms: bool, bias: bool, opset: int):
         body += [node("Div", ["S2", "N_"], ["MS"]), node("Add", ["MS", "eps"], ["Veps"]),
                  node("Sqrt", ["Veps"], ["Std"]), node("Reciprocal", ["Std"], ["InvStdDev"]),
                  node("Mul", ["Xf", "InvStdDev"], ["Yf"])]
-    else:
-        reduce_sum("Xf", "S")
-        body += [node("Div", ["S", "N_"], ["Mean"]), node("Sub", ["Xf", "Mean"], ["D"]),
-                 node("Mul", ["D", "D"], ["D2"])]
-        reduce_sum("D2", "SS")
-        body += [given("Missing", "missing"), node("Mul", ["Mean", "Mean"], ["M2"]),
-                 node("Mul", ["Missing", "M2"], ["Phantom"]), node("Add", ["SS", "Phantom"], ["SSn"]),
-                 node("Div", ["SSn", "N_"], ["Var"]), node("Add", ["Var", "eps"], ["Veps"]),
-                 node("Sqrt", ["Veps"], ["Std"]), node("Reciprocal", ["Std"], ["InvStdDev"]),
-                 node("Mul", ["D", "InvStdDev"], ["Yf"])]
+    else:  # PHANTOM_LAYER_NORM, op by op
+        body.append(given("Missing", "missing"))
+        names = {"x": "Xf", "n": "N_", "missing": "Missing", "eps": "eps", "mean": "Mean", "rstd": "InvStdDev",
+                 "y": "Yf"}
+        binary = {"divide": "Div", "subtract": "Sub", "multiply": "Mul", "add": "Add"}
+        for out, op, args in PHANTOM_LAYER_NORM:
+            o, a = names.get(out, out), [names.get(v, v) for v in args]
+            if op == "sum":
+                reduce_sum(a[0], o)
+            elif op == "square":
+                body.append(node("Mul", [a[0], a[0]], [o]))
+            elif op == "rsqrt":
+                body += [node("Sqrt", a, [f"{o}_sqrt"]), node("Reciprocal", [f"{o}_sqrt"], [o])]
+            else:
+                body.append(node(binary[op], a, [o]))
     cast = node("Cast", ["Yf"], ["Yn"])
     cast.attribute.append(AttributeProto(name="to", ref_attr_name="to", type=AttributeProto.INT))
     body += [cast, node("Mul", ["Yn", "Scale"], ["Ys" if bias else "Y"])]
@@ -155,7 +218,9 @@ def phantom_onnx_function(rms: bool, bias: bool, opset: int):
 
 
 @register("layer_norm", aten=("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"),
-          onnx=("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"))
+          onnx={"LayerNormalization": OnnxOp(_onnx_layer_norm, ("input", "scale", "B")),
+                "RMSNormalization": OnnxOp(_onnx_rms_norm), "SimplifiedLayerNormalization": OnnxOp(_onnx_rms_norm)},
+          shape_only={"layer_norm.default": same_shape})
 class LayerNorm(Rule):
     def propagate(self, node: Node, lab: Labels) -> None:
         x = node.inputs[0]
@@ -167,6 +232,9 @@ class LayerNorm(Rule):
                 if p is not None and lab.field(p) is not None:
                     pl = lab.axis_labels(p, -1)
                     lab.union(cols, pl) if pl is not None else lab.pin(cols)
+            scale, shift = _affine(node)
+            if scale is not None and lab.graph.values[scale].kind == "param":
+                lab.param_role(scale, -1, "norm", shift)
             lab.set_field(node.outputs[0], Field((rank - 1,), cols))
         else:
             k = _normalised_axes(node, rank)
@@ -259,7 +327,9 @@ def _fx_arg(shrink, fx_node, name: str):
         return None
 
 
-@register("group_norm", aten=("group_norm", "native_group_norm"), onnx=("GroupNormalization",))
+@register("group_norm", aten=("group_norm", "native_group_norm"),
+          onnx={"GroupNormalization": OnnxOp(_onnx_group_norm, ("input", "scale", "bias"))},
+          shape_only={"group_norm.default": same_shape})
 class GroupNorm(Rule):
     def propagate(self, node: Node, lab: Labels) -> None:
         x = ref_name(node.attrs.get("input")) or node.inputs[0]
@@ -268,10 +338,11 @@ class GroupNorm(Rule):
         if ch is not None:
             rows = ch.reshape(g, -1)
             lab.union(rows[:, :1], rows)
+        shift = ref_name(node.attrs.get("bias"))
         for key in ("weight", "bias", "scale"):
             p = ref_name(node.attrs.get(key))
             if p is not None:
-                lab.param_axis(p, 0, ch)
+                lab.param_axis(p, 0, ch, *(("norm", shift) if key != "bias" else ()))
         lab.set_field(node.outputs[0], Field((1,), ch) if ch is not None else None)
         for o in node.outputs[1:]:
             lab.fields[o] = None

@@ -13,21 +13,220 @@ from __future__ import annotations
 import torch
 
 from ..analysis.labels import Field, Labels
+from ..errors import GraphPruneError
 from ..ir.graph import Node
-from .common import as_list
-from .registry import Rule, register
+from .common import as_list, same_pads
+from .registry import OnnxOp, Rule, register
+
+F = torch.nn.functional
+
+
+# ---- ONNX reductions, softmax and spatial ops in torch
+
+def _reduction(fn) -> OnnxOp:
+    """An ONNX Reduce* op as ``fn(x, dims, keepdim)``: axes from the attribute or the
+    input (resolved by the importer), none meaning all unless ``noop_with_empty_axes``."""
+    def run(x, *_, axes=None, keepdims=1, noop_with_empty_axes=0, **__):
+        if not axes and noop_with_empty_axes:
+            return x
+        dims = tuple(a % x.dim() for a in axes) if axes else tuple(range(x.dim()))
+        return fn(x, dims, bool(keepdims))
+    return OnnxOp(run, ("data", "axes"), ("axes",), _reduce_attrs)
+
+
+def _reduce_attrs(attrs: dict, _: list) -> None:
+    attrs.setdefault("keepdims", 1)
+    if "axis" in attrs:
+        attrs["axes"] = [attrs["axis"]]
+
+
+def _arg_extreme(fn) -> OnnxOp:
+    """ArgMax/ArgMin along ``axis``; ``select_last_index`` finds the last of equal extremes."""
+    def run(x, *_, axes, keepdims=1, select_last_index=0, **__):
+        axis = axes[0] % x.dim()
+        if not select_last_index:
+            return fn(x, axis, keepdim=bool(keepdims))
+        return x.shape[axis] - 1 - fn(x.flip(axis), axis, keepdim=bool(keepdims))
+    return OnnxOp(run, normalise=_reduce_attrs)
+
+
+def _pool_pads(x, kernel_shape, strides, dilations, auto_pad, pads) -> tuple[list[int], list[int]]:
+    return same_pads(list(x.shape[2:]), list(kernel_shape), list(strides), list(dilations), auto_pad, pads)
+
+
+def _padded(x: torch.Tensor, begin: list[int], end: list[int], value: float = 0.0) -> torch.Tensor:
+    return F.pad(x, [p for be in zip(reversed(begin), reversed(end)) for p in be], value=value)
+
+
+def _max_pool(x, *_, kernel_shape, strides=None, dilations=None, pads=None, auto_pad="NOTSET", ceil_mode=0,
+              storage_order=0, **__):
+    """Y and Indices (flat over the whole unpadded input, as ONNX numbers them)."""
+    n = len(kernel_shape)
+    strides, dilations = strides or [1] * n, dilations or [1] * n
+    begin, end = _pool_pads(x, kernel_shape, strides, dilations, auto_pad, pads)
+    sizes = list(x.shape[2:])
+    padded = begin != end
+    if padded:  # torch pads both ends alike: pad by hand, then map indices back
+        x = _padded(x, begin, end, float("-inf"))
+    fn = getattr(F, f"max_pool{n}d")
+    y, idx = fn(x, kernel_shape, strides, 0 if padded else begin, dilations, ceil_mode=bool(ceil_mode),
+                return_indices=True)
+    if padded:
+        flat, stride = torch.zeros_like(idx), 1
+        for a in reversed(range(n)):
+            size_p = x.shape[2 + a]
+            flat += (idx // int(torch.tensor(x.shape[3 + a:]).prod()) % size_p - begin[a]) * stride
+            stride *= sizes[a]
+        idx = flat
+    plane = int(torch.tensor(sizes).prod())
+    return y, idx + torch.arange(x.shape[0] * x.shape[1]).reshape(x.shape[0], x.shape[1], *[1] * n) * plane
+
+
+def _avg_pool(x, *_, kernel_shape, strides=None, pads=None, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0,
+              dilations=None, **__):
+    n = len(kernel_shape)
+    strides = strides or [1] * n
+    if dilations and any(d != 1 for d in dilations):
+        raise GraphPruneError("AveragePool with dilations has no torch implementation", op="AveragePool")
+    begin, end = _pool_pads(x, kernel_shape, strides, [1] * n, auto_pad, pads)
+    fn = getattr(F, f"avg_pool{n}d")
+    if begin == end:
+        return fn(x, kernel_shape, strides, begin, ceil_mode=bool(ceil_mode),
+                  count_include_pad=bool(count_include_pad))
+    # pads that differ at the two ends: window sums over the zero-padded input, divided by
+    # the window size or by how many of its entries are the input's
+    total = fn(_padded(x, begin, end), kernel_shape, strides, 0, ceil_mode=bool(ceil_mode), count_include_pad=True)
+    if count_include_pad:
+        return total
+    ones = _padded(torch.ones_like(x[:1, :1]), begin, end)
+    return total / fn(ones, kernel_shape, strides, 0, ceil_mode=bool(ceil_mode), count_include_pad=True)
+
+
+def _lp_pool(x, *_, kernel_shape, strides=None, pads=None, auto_pad="NOTSET", p=2, dilations=None, ceil_mode=0,
+             **__):
+    """``(Σ |x|^p)^(1/p)`` over each window, zero padding counted as zeros."""
+    n = len(kernel_shape)
+    strides = strides or [1] * n
+    begin, end = _pool_pads(x, kernel_shape, strides, dilations or [1] * n, auto_pad, pads)
+    xp = _padded(x.abs().pow(p), begin, end)
+    total = getattr(F, f"avg_pool{n}d")(xp, kernel_shape, strides, 0, ceil_mode=bool(ceil_mode)) \
+        * float(torch.tensor(kernel_shape).prod())
+    return total.pow(1.0 / p)
+
+
+def _source_coords(out: int, size: int, scale: float, mode: str) -> torch.Tensor:
+    """Where output index ``i`` of an axis samples the input, by ONNX's coordinate transform."""
+    i = torch.arange(out, dtype=torch.float64)
+    if mode == "half_pixel":
+        return (i + 0.5) / scale - 0.5
+    if mode == "pytorch_half_pixel":
+        return (i + 0.5) / scale - 0.5 if out > 1 else torch.zeros(out, dtype=torch.float64)
+    if mode == "align_corners":
+        return i * (size - 1) / (out - 1) if out > 1 else torch.zeros(out, dtype=torch.float64)
+    if mode == "asymmetric":
+        return i / scale
+    if mode == "tf_half_pixel_for_nn":
+        return (i + 0.5) / scale
+    raise GraphPruneError(f"Resize coordinate_transformation_mode={mode} has no torch implementation", op="Resize")
+
+
+def _nearest(x: torch.Tensor, axis: int, coords: torch.Tensor, rounding: str) -> torch.Tensor:
+    pick = {"round_prefer_floor": lambda c: torch.ceil(c - 0.5), "round_prefer_ceil": lambda c: torch.floor(c + 0.5),
+            "floor": torch.floor, "ceil": torch.ceil}[rounding](coords)
+    return x.index_select(axis, pick.long().clamp(0, x.shape[axis] - 1))
+
+
+def _taps(x: torch.Tensor, axis: int, coords: torch.Tensor, weights: list[torch.Tensor],
+          offsets: list[int]) -> torch.Tensor:
+    """Σ_k weights[k] · x[floor(c) + offsets[k]] along ``axis`` (indices clamped: edge values)."""
+    base = torch.floor(coords).long()
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    out = None
+    for w, o in zip(weights, offsets):
+        term = x.index_select(axis, (base + o).clamp(0, x.shape[axis] - 1)) * w.to(x.dtype).reshape(shape)
+        out = term if out is None else out + term
+    return out
+
+
+def _cubic_weights(t: torch.Tensor, a: float) -> list[torch.Tensor]:
+    def k(d):
+        d = d.abs()
+        return torch.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
+                           torch.where(d < 2, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a, torch.zeros_like(d)))
+    return [k(t + 1), k(t), k(1 - t), k(2 - t)]
+
+
+def _resize(x, roi=None, scales=None, sizes=None, *, mode="nearest", coordinate_transformation_mode="half_pixel",
+            nearest_mode="round_prefer_floor", cubic_coeff_a=-0.75, antialias=0, exclude_outside=0, axes=None, **__):
+    """ONNX Resize, one axis at a time (nearest, linear and cubic are separable)."""
+    if antialias or exclude_outside or axes:
+        raise GraphPruneError("Resize with antialias, exclude_outside or axes has no torch implementation", op="Resize")
+    if sizes is not None and sizes.numel():
+        out_sizes = [int(v) for v in sizes.tolist()]
+        factors = [o / s for o, s in zip(out_sizes, x.shape)]
+    else:
+        factors = [float(v) for v in scales.tolist()]
+        out_sizes = [int(s * f) for s, f in zip(x.shape, factors)]
+    for axis, (size, out, f) in enumerate(zip(x.shape, out_sizes, factors)):
+        if size == out and f == 1.0:
+            continue
+        c = _source_coords(out, size, f, coordinate_transformation_mode)
+        if mode == "nearest":
+            x = _nearest(x, axis, c, nearest_mode)
+        elif mode == "linear":
+            t = c - torch.floor(c)
+            x = _taps(x, axis, c, [1 - t, t], [0, 1])
+        elif mode == "cubic":
+            x = _taps(x, axis, c, _cubic_weights(c - torch.floor(c), cubic_coeff_a), [-1, 0, 1, 2])
+        else:
+            raise GraphPruneError(f"Resize mode={mode} has no torch implementation", op="Resize")
+    return x
+
+
+def _upsample(x, scales=None, *, mode="nearest", **attrs):
+    """ONNX Upsample (before opset 10): Resize with asymmetric coordinates, rounding down."""
+    if scales is None:
+        scales = torch.tensor(attrs["scales"])
+    return _resize(x, None, scales, None, mode=mode, coordinate_transformation_mode="asymmetric",
+                   nearest_mode="floor")
+
+
+def _softmax_axis(attrs: dict, _: list) -> None:
+    attrs.setdefault("axis", -1)
+
+
+ONNX_REDUCE = {
+    "ReduceMean": _reduction(lambda x, d, k: x.mean(d, keepdim=k)),
+    "ReduceSum": _reduction(lambda x, d, k: x.sum(d, keepdim=k)),
+    "ReduceMax": _reduction(lambda x, d, k: x.amax(d, keepdim=k)),
+    "ReduceMin": _reduction(lambda x, d, k: x.amin(d, keepdim=k)),
+    "ReduceProd": _reduction(lambda x, d, k: _prod(x, d, k)),
+    "ReduceL1": _reduction(lambda x, d, k: x.abs().sum(d, keepdim=k)),
+    "ReduceL2": _reduction(lambda x, d, k: x.square().sum(d, keepdim=k).sqrt()),
+    "ReduceLogSumExp": _reduction(lambda x, d, k: torch.logsumexp(x, d, keepdim=k)),
+    "ReduceSumSquare": _reduction(lambda x, d, k: x.square().sum(d, keepdim=k)),
+    "ArgMax": _arg_extreme(torch.argmax), "ArgMin": _arg_extreme(torch.argmin),
+    "GlobalAveragePool": OnnxOp(lambda x, **_: x.mean(dim=tuple(range(2, x.dim())), keepdim=True)),
+    "GlobalMaxPool": OnnxOp(lambda x, **_: x.amax(dim=tuple(range(2, x.dim())), keepdim=True)),
+}
+ONNX_SPATIAL = {"MaxPool": OnnxOp(_max_pool), "AveragePool": OnnxOp(_avg_pool), "LpPool": OnnxOp(_lp_pool),
+                "Resize": OnnxOp(_resize, ("X", "roi", "scales", "sizes")), "Upsample": OnnxOp(_upsample)}
+
+
+def _prod(x: torch.Tensor, dims: tuple[int, ...], keep: bool) -> torch.Tensor:
+    for d in sorted(dims, reverse=True):
+        x = x.prod(d, keepdim=keep)
+    return x
 
 REDUCE = ("mean", "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "logsumexp",
           "norm", "linalg_vector_norm", "prod", "argmax", "argmin", "any", "all", "cumsum", "cumprod")
-ONNX_REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-               "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin", "GlobalAveragePool", "GlobalMaxPool")
 SPATIAL = ("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
            "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
            "adaptive_max_pool1d", "adaptive_max_pool2d", "max_pool2d_with_indices", "upsample_nearest1d",
            "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d", "upsample_bicubic2d",
            "upsample_linear1d", "upsample_trilinear3d", "_upsample_nearest_exact2d", "_upsample_bilinear2d_aa",
            "lp_pool2d")
-ONNX_SPATIAL = ("MaxPool", "AveragePool", "Resize", "Upsample", "LpPool")
 
 
 def _reduced_dims(node: Node, rank: int) -> list[int]:
@@ -186,7 +385,8 @@ class Diff(Rule):
 
 
 @register("softmax", aten=("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax"),
-          onnx=("Softmax", "LogSoftmax"))
+          onnx={"Softmax": OnnxOp(lambda x, *, axis, **_: torch.softmax(x, axis), normalise=_softmax_axis),
+                "LogSoftmax": OnnxOp(lambda x, *, axis, **_: torch.log_softmax(x, axis), normalise=_softmax_axis)})
 class Softmax(Rule):
     def propagate(self, node: Node, lab: Labels) -> None:
         x = node.inputs[0]

@@ -8,19 +8,51 @@ is rewritten once units go (``rewrite_fx`` for the compact PyTorch graph,
 of its outputs that removed units take are exactly zero in the zeroed model, which is
 what lets a layer norm or a sum reduce over a prunable axis.  An op with no rule is a
 barrier.
+
+An entry also carries what the frontends need to know of the op: for each ONNX op type it
+maps, an :class:`OnnxOp` (input names, attribute normalisation and one torch
+implementation, so every ONNX node the registry knows runs in torch), and for ATen
+overloads whose output shape follows from their inputs' (``relu``, a broadcasting
+``add``, an in-place op), how the recorder computes it without running the meta kernel.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
     from ..analysis.labels import Labels
-    from ..ir.graph import Node
+    from ..ir.graph import Graph, Node
     from ..passes.shrink import Shrink
 
 _RULES: dict[str, "Rule"] = {}
 _ATEN: dict[str, str] = {}
 _ONNX: dict[str, str] = {}
+_ONNX_OPS: dict[str, "OnnxOp"] = {}
+_SHAPE_ONLY: dict[str, "ShapeOnly"] = {}
+
+# (args, kwargs) of an ATen call on meta tensors -> its meta output, or None where the
+# meta kernel must run after all (an in-place op that would broadcast its first argument)
+ShapeOnly = Callable[[tuple, dict], Any]
+
+
+@dataclass(frozen=True)
+class OnnxOp:
+    """One ONNX op type as the importer reads it and torch runs it.
+
+    ``torch`` takes the node's inputs positionally (None for an omitted optional input)
+    and its normalised attributes as keywords, and returns the outputs in ONNX order (a
+    tensor, or a tuple when the op has several).  ``inputs`` names the inputs in ONNX
+    order: rules read them from ``node.attrs`` under these names.  Those also in ``lists``
+    are integer constants (shapes, axes, pads) that the importer resolves into Python
+    lists, so one rule and one implementation serve every opset.  ``normalise(attrs,
+    out_shapes)`` fills defaults and renames attributes in place so rules see one
+    vocabulary (``group`` -> ``groups``)."""
+
+    torch: Callable[..., Any]
+    inputs: tuple[str, ...] = ()
+    lists: tuple[str, ...] = ()
+    normalise: Callable[[dict[str, Any], list[tuple[int, ...]]], None] | None = None
 
 
 class Rule:
@@ -38,6 +70,17 @@ class Rule:
         always sound."""
         return False
 
+    def activation(self, node: "Node") -> str | None:
+        """The nonlinearity the node applies elementwise, as the optimizers model a unit's
+        statistics through it (``relu``, ``relu6``, ``gelu``, ``silu``); None for none."""
+        return None
+
+    def block_sparse_weight(self, node: "Node", graph: "Graph") -> str | None:
+        """The parameter a block-sparse (BSR) matmul computes ``node`` with exactly, seen as
+        an ``[out, in]`` matrix (a linear layer's weight, an ungrouped 1x1 convolution's),
+        for in-layer block sparsity; None when there is none."""
+        return None
+
     def rewrite_fx(self, node: "Node", fx_node: Any, shrink: "Shrink") -> None:
         """Update the fx node's constant arguments for the compact shapes (default: none)."""
 
@@ -45,16 +88,21 @@ class Rule:
         """Update the ONNX node's attributes/constant inputs for the compact shapes."""
 
 
-def register(op: str, *, aten: tuple[str, ...] = (), onnx: tuple[str, ...] = ()) -> Callable[[type], type]:
-    """Class decorator: register a rule for canonical ``op`` under ATen/ONNX names."""
+def register(op: str, *, aten: tuple[str, ...] = (), onnx: Mapping[str, OnnxOp] | None = None,
+             shape_only: Mapping[str, ShapeOnly] | None = None) -> Callable[[type], type]:
+    """Class decorator: register a rule for canonical ``op`` under ATen names and ONNX op
+    types (each with how it is imported and run in torch); ``shape_only`` maps ATen
+    overloads (``"relu.default"``) to how their output is computed from shapes alone."""
     def deco(cls: type) -> type:
         rule = cls()
         rule.op = op
         _RULES[op] = rule
+        _SHAPE_ONLY.update(shape_only or {})
         for a in aten:
             _ATEN[a] = op
-        for o in onnx:
+        for o, spec in (onnx or {}).items():
             _ONNX[o] = op
+            _ONNX_OPS[o] = spec
         return cls
     return deco
 
@@ -67,6 +115,18 @@ def canonical_aten(packet: str) -> str:
 def canonical_onnx(op_type: str) -> str:
     _load()
     return _ONNX.get(op_type, f"onnx::{op_type}")
+
+
+def onnx_op(op_type: str) -> OnnxOp | None:
+    """How the ONNX op type is imported and run in torch (None: no entry maps it)."""
+    _load()
+    return _ONNX_OPS.get(op_type)
+
+
+def shape_only() -> dict[str, ShapeOnly]:
+    """ATen overload (``"add.Tensor"``) -> its output from its inputs' shapes (see ``register``)."""
+    _load()
+    return dict(_SHAPE_ONLY)
 
 
 def rule_for(op: str) -> Rule:

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 import torch
-from torch import nn
 
 from graphprune.analysis.groups import Group, Slice
 from graphprune.errors import GraphPruneError
-from graphprune.optim.roles import bias_of, norm_bias, slice_role
+from graphprune.ops.registry import rule_for
 
 Activation = Literal["relu", "relu6", "gelu", "silu", "identity"]
 
@@ -63,17 +62,11 @@ class Route:
 
 _NORM_OPS = ("batch_norm", "layer_norm", "group_norm")
 _MIXING_OPS = ("conv", "linear", "gemm", "matmul", "embedding") + _NORM_OPS
-_ACTIVATIONS = (("relu6", ("relu6", "hardtanh", "clip", "clamp")), ("relu", ("relu",)), ("gelu", ("gelu", "erf")),
-                ("silu", ("silu", "swish")))
 
 
 def _activation_of(node: Any) -> str | None:
-    """The activation a node applies (by its source op: ``aten.gelu.default``, ``onnx::Relu``), if any."""
-    name = (node.source_op or node.op).lower()
-    for act, keys in _ACTIVATIONS:
-        if any(k in name for k in keys):
-            return act
-    return None
+    """The activation a node applies, as its registry entry says (:meth:`Rule.activation`)."""
+    return rule_for(node.op).activation(node)
 
 
 class GraphRoutes:
@@ -109,7 +102,7 @@ class GraphRoutes:
     def _params(self, n: Any) -> list[str]:
         return [self.key[i] for i in n.inputs if i in self.key]
 
-    def route(self, g: Group, consumer: Slice, roles: dict[int, Role]) -> Route | None:
+    def route(self, g: Group, consumer: Slice) -> Route | None:
         """The route from ``g``'s units to ``consumer``; None when the graph does not say."""
         readers = self.readers.get(consumer.param)
         data = self._data(readers[0]) if readers else []
@@ -127,11 +120,11 @@ class GraphRoutes:
             seen.add(v)
             ps = self._params(n)
             own = [s for p in ps for s in mine.get(p, ()) if not s.is_block]
-            norms = [s for s in own if roles[id(s)] == "norm"]
-            prods = [s for s in own if roles[id(s)] == "producer"]
+            norms = [s for s in own if s.role == "norm"]
+            prods = [s for s in own if s.role == "producer"]
             if norms and n.op in _NORM_OPS:
                 r.norms += norms
-                r.feeders += self._feeding(n, mine, roles)
+                r.feeders += self._feeding(n, mine)
                 continue
             if prods:
                 r.producers += prods
@@ -153,7 +146,7 @@ class GraphRoutes:
             stack.extend(d)
         return r if (r.norms or r.producers) else None
 
-    def _feeding(self, norm: Any, mine: dict[str, list[Slice]], roles: dict[int, Role]) -> list[Slice]:
+    def _feeding(self, norm: Any, mine: dict[str, list[Slice]]) -> list[Slice]:
         """The group's producers whose output reaches ``norm`` through data movement alone."""
         d = self._data(norm)
         v = d[0] if d else None
@@ -161,7 +154,7 @@ class GraphRoutes:
             n = self.maker.get(v) if v is not None else None
             if n is None:
                 return []
-            prods = [s for p in self._params(n) for s in mine.get(p, ()) if roles[id(s)] == "producer"]
+            prods = [s for p in self._params(n) for s in mine.get(p, ()) if s.role == "producer"]
             if prods:
                 return prods
             d = self._data(n)
@@ -255,7 +248,7 @@ def _producer_moments(g: Group, s: Slice, params: dict[str, torch.Tensor], block
             mean = stats[1].repeat_interleave(taps).repeat(reps)
     cov = (rows * var) @ rows.T if var is not None else rows @ rows.T
     mu = rows @ mean if mean is not None else torch.zeros(rows.shape[0], dtype=torch.float64)
-    bias = bias_of(s.param, params, params[s.param].shape[s.dim]) if s.dim == 0 else None
+    bias = _bias_of(s, params)
     if bias:
         b = params[bias].detach().double().cpu()[s.index.reshape(-1)]
         mu = mu + (b if block > 1 else b.reshape(g.size, -1).sum(1))
@@ -271,9 +264,8 @@ def _block_of(consumer: Slice | None, route: Route | None) -> int:
     return k if k > 1 and all(s.index.shape[1] == k for s in route.producers) else 1
 
 
-def input_moments(g: Group, params: dict[str, torch.Tensor], model: nn.Module | None = None,
-                  activation: Activation | None = None, *, graph: Any = None,
-                  consumer: Slice | None = None) -> InputMoments:
+def input_moments(g: Group, params: dict[str, torch.Tensor], activation: Activation | None = None, *,
+                  graph: Any = None, consumer: Slice | None = None) -> InputMoments:
     """Estimate what one consumer of the group reads, from weights alone.
 
     * **Which slices.**  With the traced graph (``graph``, the IR) and a ``consumer``, the
@@ -296,12 +288,11 @@ def input_moments(g: Group, params: dict[str, torch.Tensor], model: nn.Module | 
       projection (averaging keeps the mean and shrinks the covariance by a factor that
       OBS does not see), with one feature per value dimension (``block``).
     """
-    roles = {id(s): slice_role(s, params, model) for s in g.slices}
     routes = _routes(graph, params)
-    route = routes.route(g, consumer, roles) if routes is not None and consumer is not None else None
+    route = routes.route(g, consumer) if routes is not None and consumer is not None else None
     block = _block_of(consumer, route)
-    all_norms = [s for s in g.slices if roles[id(s)] == "norm"]
-    all_prods = [s for s in g.slices if roles[id(s)] == "producer"]
+    all_norms = [s for s in g.slices if s.role == "norm"]
+    all_prods = [s for s in g.slices if s.role == "producer"]
     norms = route.norms if route is not None else all_norms
     if route is None:
         prods = all_prods
@@ -317,7 +308,7 @@ def input_moments(g: Group, params: dict[str, torch.Tensor], model: nn.Module | 
         gammas = [_rows(g, s, params).reshape(n, -1).pow(2).sum(1) for s in norms]
         betas = []
         for s in norms:
-            beta = norm_bias(s.param, params)
+            beta = s.bias if s.bias in params else None
             betas.append(_rows(g, Slice(beta, s.dim, s.index), params).reshape(n, -1).sum(1) if beta
                          else torch.zeros(n, dtype=torch.float64))
         std = torch.stack(gammas).sum(0).sqrt()
@@ -478,19 +469,26 @@ def obs_compensate(rows: torch.Tensor, h: torch.Tensor, remove: torch.Tensor) ->
     return out
 
 
-def _consumers(g: Group, params: dict[str, torch.Tensor], model: nn.Module | None) -> list[Slice]:
-    return [s for s in g.slices if not s.is_block and slice_role(s, params, model) == "consumer"]
+def _consumers(g: Group) -> list[Slice]:
+    return [s for s in g.slices if not s.is_block and s.role == "consumer"]
 
 
-def consumer_moments(g: Group, params: dict[str, torch.Tensor], model: nn.Module | None = None,
-                     activation: Activation | None = None, graph: Any = None) -> list[InputMoments]:
+def _bias_of(s: Slice, params: dict[str, torch.Tensor]) -> str | None:
+    """The bias of the layer whose weight ``s`` slices, if it has one along its outputs."""
+    b = params.get(s.bias) if s.bias is not None else None
+    w = params[s.param]
+    out = w.shape[s.dim if s.role == "producer" else 1 - s.dim]  # a consumer's outputs: its weight's other dim
+    return s.bias if b is not None and b.dim() == 1 and b.numel() == out else None
+
+
+def consumer_moments(g: Group, params: dict[str, torch.Tensor], activation: Activation | None = None,
+                     graph: Any = None) -> list[InputMoments]:
     """:func:`input_moments` for every consumer of ``g`` (in :func:`_consumers` order)."""
     routes = _routes(graph, params)
-    return [input_moments(g, params, model, activation, graph=routes, consumer=s)
-            for s in _consumers(g, params, model)]
+    return [input_moments(g, params, activation, graph=routes, consumer=s) for s in _consumers(g)]
 
 
-def obspa(groups: Sequence[Group], params: dict[str, torch.Tensor], *, model=None, damping: float = 0.1,
+def obspa(groups: Sequence[Group], params: dict[str, torch.Tensor], *, damping: float = 0.1,
           activation: Activation | None = None, graph: Any = None, **_: Any) -> list[torch.Tensor]:
     """Data-free Optimal-Brain-SPA: OBS error summed over every layer that reads the unit.
 
@@ -502,12 +500,12 @@ def obspa(groups: Sequence[Group], params: dict[str, torch.Tensor], *, model=Non
     routes = _routes(graph, params)
     out = []
     for g in groups:
-        consumers = _consumers(g, params, model)
+        consumers = _consumers(g)
         if not consumers:
             out.append(g.norms(params, p=2))
             continue
         score = torch.zeros(g.size, dtype=torch.float64)
-        for s, mom in zip(consumers, consumer_moments(g, params, model, activation, routes)):
+        for s, mom in zip(consumers, consumer_moments(g, params, activation, routes)):
             h = obs_hessian(mom.cov if _mean_sink(s, params, routes) else mom.second, damping)
             rows = consumer_rows(params[s.param], s, mom.block)
             score += obs_saliency(rows, h, mom.block)
@@ -515,7 +513,7 @@ def obspa(groups: Sequence[Group], params: dict[str, torch.Tensor], *, model=Non
     return out
 
 
-def compensate(g: Group, remove: torch.Tensor, params: dict[str, torch.Tensor], model: nn.Module | None = None,
+def compensate(g: Group, remove: torch.Tensor, params: dict[str, torch.Tensor],
                mom: InputMoments | Sequence[InputMoments] | None = None, damping: float = 0.1,
                activation: Activation | None = None, graph: Any = None, rescale: float = 2.0) -> None:
     """Apply the OBS update to every consumer of ``g`` for the units in ``remove`` (in place).
@@ -534,9 +532,9 @@ def compensate(g: Group, remove: torch.Tensor, params: dict[str, torch.Tensor], 
     ``rescale``; ``rescale <= 1`` turns this off), the data-free counterpart of
     re-estimating BatchNorm statistics after pruning.
     """
-    consumers = _consumers(g, params, model)
+    consumers = _consumers(g)
     if mom is None:
-        moms = consumer_moments(g, params, model, activation, graph)
+        moms = consumer_moments(g, params, activation, graph)
     elif isinstance(mom, InputMoments):
         moms = [mom] * len(consumers)
     else:
@@ -573,7 +571,7 @@ def _mean_sink(s: Slice, params: dict[str, torch.Tensor],
     if s.dim != 1:
         return None
     out = params[s.param].shape[0]
-    bias = bias_of(s.param, params, out)
+    bias = _bias_of(s, params)
     if bias is not None:
         return bias, 1.0
     bn = routes.following_norm(s.param) if routes is not None else None

@@ -164,7 +164,7 @@ def prune(g: Any, criterion: str = "obspa", target: Target | float = 0.4, *, dat
     masks = select(groups, _normalize(raw, normalize), target, scope, **totals)
     do_comp = criterion == "obspa" if compensate_consumers is None else compensate_consumers
     if do_comp:
-        _compensate_all(groups, masks, params, model, damping, activation, routes, rescale)
+        _compensate_all(groups, masks, params, damping, activation, routes, rescale)
     for grp, m in zip(groups, masks):
         grp.scatter_(params, m)
     return PruneReport(criterion, scope, target, do_comp, groups, masks, achieved(groups, masks, **totals))
@@ -193,7 +193,7 @@ def _differentiable(g: Any, model: nn.Module | None, criterion: str) -> Iterator
 
 
 def _compensate_all(groups: Sequence[Group], masks: Sequence[torch.Tensor], params: dict[str, torch.Tensor],
-                    model: nn.Module | None, damping: float, activation: Activation | None,
+                    damping: float, activation: Activation | None,
                     routes: GraphRoutes | None = None, rescale: float = 2.0) -> None:
     """OBS updates for every group, all estimated from the weights as they were before any update.
 
@@ -201,9 +201,9 @@ def _compensate_all(groups: Sequence[Group], masks: Sequence[torch.Tensor], para
     update rewrites consumer columns that another group reads as producer rows.
     """
     active = [(grp, m) for grp, m in zip(groups, masks) if m.any()]
-    moments = [consumer_moments(grp, params, model, activation, routes) for grp, _ in active]
+    moments = [consumer_moments(grp, params, activation, routes) for grp, _ in active]
     for (grp, m), mom in zip(active, moments):
-        compensate(grp, m, params, model, mom, damping, graph=routes, rescale=rescale)
+        compensate(grp, m, params, mom, damping, graph=routes, rescale=rescale)
 
 
 def finetune(model: nn.Module, data: Iterable, loss_fn: Callable, epochs: int = 1, lr: float = 0.01,

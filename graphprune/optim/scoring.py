@@ -16,8 +16,8 @@ hessian     mean over batches of sum (dL/dw)^2 w^2 / 2 (Fisher OBD)      yes
 obspa       OBS output error of every consuming layer, data-free         no
 ==========  ===========================================================  ==========
 
-Slices are read through their roles in the layer (:mod:`graphprune.optim.roles`:
-producer rows, consumer columns, norm entries); OBSPA, the data-free criterion with
+Slices are read through the roles their op rules gave them in the layer
+(:attr:`Slice.role`: producer rows, consumer columns, norm entries); OBSPA, the data-free criterion with
 consumer compensation, lives in :mod:`graphprune.optim.obspa`.
 """
 from __future__ import annotations
@@ -30,7 +30,6 @@ from torch import nn
 from graphprune.analysis.groups import Group
 from graphprune.errors import GraphPruneError
 from graphprune.optim.obspa import obspa
-from graphprune.optim.roles import norm_bias, slice_role
 
 Normalize = Literal["none", "mean", "max", "sum", "rank"]
 Criterion = Callable[..., list[torch.Tensor]]
@@ -47,8 +46,7 @@ def l2(groups: Sequence[Group], params: dict[str, torch.Tensor], **_: Any) -> li
     return [g.norms(params, p=2) for g in groups]
 
 
-def bn_scale(groups: Sequence[Group], params: dict[str, torch.Tensor], model: nn.Module | None = None,
-             **_: Any) -> list[torch.Tensor]:
+def bn_scale(groups: Sequence[Group], params: dict[str, torch.Tensor], **_: Any) -> list[torch.Tensor]:
     """|gamma| of the group's norm layers (Network Slimming); groups without a norm use l2.
 
     Mixing the two inside one global ranking is only fair after per-group normalisation,
@@ -56,7 +54,7 @@ def bn_scale(groups: Sequence[Group], params: dict[str, torch.Tensor], model: nn
     """
     out = []
     for g in groups:
-        norms = [s for s in g.slices if slice_role(s, params, model) == "norm"]
+        norms = [s for s in g.slices if s.role == "norm"]
         if not norms:
             out.append(g.norms(params, p=2))
             continue

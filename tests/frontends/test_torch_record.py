@@ -17,6 +17,7 @@ from graphprune.errors import UnsupportedModelError
 from graphprune.frontends import torch_record
 from graphprune.frontends.torch_backend import same_groups
 from graphprune.frontends.torch_export import export_model, from_exported
+from graphprune.ops.registry import shape_only
 from graphprune.trace import analyse
 from tests.analysis.test_zero_invariance import BLOCKS
 from tests.helpers import check_zero_invariance, zero_random_half
@@ -119,3 +120,48 @@ def test_unregistered_custom_op_keeps_its_channels_and_is_named() -> None:
     touched = {s.param for grp in g.groups for s in grp.slices}
     assert "a.weight" not in touched and "b.weight" in touched
     check_zero_invariance(CustomOp(), torch.randn(2, 8))
+
+
+def _meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+_X = _meta(2, 4, 6, 6)
+_I = _meta(2, 3, dtype=torch.int64)
+# one call per overload some registry entry computes from shapes alone
+_SHAPE_CALLS = {
+    **{f"{op}.default": (_X,) for op in ("relu", "gelu", "silu", "dropout", "hardswish", "sigmoid", "relu_",
+                                         "silu_", "hardswish_", "sigmoid_")},
+    "dropout.default": (_X, 0.1, False), "hardtanh_.default": (_X, 0.0, 6.0),
+    "add.Tensor": (_X, _meta(6)), "sub.Tensor": (_meta(6, 1), _X), "mul.Tensor": (_X, 2.0),
+    "div.Tensor": (_I, _meta(3, dtype=torch.int64)), "add.Scalar": (_I, 2), "sub.Scalar": (_X, 1),
+    "mul.Scalar": (_I, 1.5), "div.Scalar": (_I, 2),
+    "add_.Tensor": (_X, _meta(6)), "sub_.Tensor": (_X, _meta(2, 4, 6, 6)), "mul_.Tensor": (_X, 2.0),
+    "div_.Tensor": (_X, _meta(4, 1, 1)), "add_.Scalar": (_X, 1.0), "mul_.Scalar": (_X, 3.0),
+    "conv2d.default": (_X, _meta(8, 2, 3, 3), None, [2, 1], [1], [1, 2], 2),
+    "linear.default": (_meta(2, 5, 6), _meta(3, 6), _meta(3)),
+    "scaled_dot_product_attention.default": (_meta(2, 4, 5, 8), _meta(2, 4, 7, 8), _meta(2, 4, 7, 3)),
+    "batch_norm.default": (_X, _meta(4), _meta(4), _meta(4), _meta(4), False, 0.1, 1e-5, False),
+    "instance_norm.default": (_X, None, None, None, None, True, 0.1, 1e-5, False),
+    "layer_norm.default": (_X, [6, 6]), "group_norm.default": (_X, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(shape_only()))
+def test_shape_only_entries_match_the_meta_kernels(name: str) -> None:
+    """What a registry entry says an ATen overload outputs (shape and dtype, computed from
+    its inputs') is what the meta kernel computes; an entry without a call here fails."""
+    assert name in _SHAPE_CALLS, f"no sample call for {name}"
+    packet, overload = name.split(".")
+    func = getattr(getattr(torch.ops.aten, packet), overload)
+    args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in _SHAPE_CALLS[name])
+    fast = shape_only()[name](args, {})
+    if fast is None:
+        pytest.fail(f"{name} declined the sample call")
+    want = func(*args)
+    want = want[0] if isinstance(want, tuple) else want
+    assert (tuple(fast.shape), fast.dtype) == (tuple(want.shape), want.dtype)
+
+
+def test_in_place_shortcut_defers_a_broadcasting_first_argument() -> None:
+    assert shape_only()["add_.Tensor"]((_meta(6), _X), {}) is None

@@ -1,7 +1,7 @@
 """Stand-in traced graphs for the one-shot tests, and digits data.
 
 The tests run on two small models twice: traced by ``gp.trace`` and as stand-ins whose
-groups are written out by hand: a conv-bn-relu-conv-bn-linear net (the second group's consumer
+groups (slices with the roles the op rules would give them) are written out by hand: a conv-bn-relu-conv-bn-linear net (the second group's consumer
 is a linear layer after a flatten, so each unit owns 16 columns) and a 2-hidden-layer
 MLP.  ``construct_subnet`` slices the kept units out and loads them into a fresh model
 of the compact widths, as the real one will.
@@ -59,14 +59,16 @@ def conv_groups(m: ConvNet) -> list[Group]:
     hw, classes = SIDE * SIDE, m.fc.out_features
     return [
         Group(0, "conv1", "channel", c1,
-              [Slice("conv1.weight", 0, _rows(c1)), Slice("conv1.bias", 0, _rows(c1)),
-               Slice("bn1.weight", 0, _rows(c1)), Slice("bn1.bias", 0, _rows(c1)),
-               Slice("conv2.weight", 1, _rows(c1))],
+              [Slice("conv1.weight", 0, _rows(c1), role="producer", bias="conv1.bias"),
+               Slice("conv1.bias", 0, _rows(c1)),
+               Slice("bn1.weight", 0, _rows(c1), role="norm", bias="bn1.bias"), Slice("bn1.bias", 0, _rows(c1)),
+               Slice("conv2.weight", 1, _rows(c1), role="consumer", bias="conv2.bias")],
               params_per_unit=9 + 1 + 2 + 9 * c2, flops_per_unit=float(hw * (9 + 9 * c2))),
         Group(1, "conv2", "channel", c2,
-              [Slice("conv2.weight", 0, _rows(c2)), Slice("conv2.bias", 0, _rows(c2)),
-               Slice("bn2.weight", 0, _rows(c2)), Slice("bn2.bias", 0, _rows(c2)),
-               Slice("fc.weight", 1, torch.arange(c2 * 16).reshape(c2, 16))],
+              [Slice("conv2.weight", 0, _rows(c2), role="producer", bias="conv2.bias"),
+               Slice("conv2.bias", 0, _rows(c2)),
+               Slice("bn2.weight", 0, _rows(c2), role="norm", bias="bn2.bias"), Slice("bn2.bias", 0, _rows(c2)),
+               Slice("fc.weight", 1, torch.arange(c2 * 16).reshape(c2, 16), role="consumer", bias="fc.bias")],
               params_per_unit=9 * c1 + 3 + 16 * classes, flops_per_unit=float(hw * 9 * c1 + 16 * classes)),
     ]
 
@@ -76,10 +78,12 @@ def mlp_groups(m: MLP) -> list[Group]:
     n_in, classes = m.fc1.in_features, m.fc3.out_features
     return [
         Group(0, "fc1", "feature", h1,
-              [Slice("fc1.weight", 0, _rows(h1)), Slice("fc1.bias", 0, _rows(h1)), Slice("fc2.weight", 1, _rows(h1))],
+              [Slice("fc1.weight", 0, _rows(h1), role="producer", bias="fc1.bias"), Slice("fc1.bias", 0, _rows(h1)),
+               Slice("fc2.weight", 1, _rows(h1), role="consumer", bias="fc2.bias")],
               params_per_unit=n_in + 1 + h2, flops_per_unit=float(n_in + h2)),
         Group(1, "fc2", "feature", h2,
-              [Slice("fc2.weight", 0, _rows(h2)), Slice("fc2.bias", 0, _rows(h2)), Slice("fc3.weight", 1, _rows(h2))],
+              [Slice("fc2.weight", 0, _rows(h2), role="producer", bias="fc2.bias"), Slice("fc2.bias", 0, _rows(h2)),
+               Slice("fc3.weight", 1, _rows(h2), role="consumer", bias="fc3.bias")],
               params_per_unit=h1 + 1 + classes, flops_per_unit=float(h1 + classes)),
     ]
 

@@ -14,7 +14,6 @@ from benchmarks.digits import Attention  # the digits ViT's attention: q/k/v/out
 import graphprune as gp
 from graphprune.optim.obspa import GraphRoutes, InputMoments, _consumers, _mean_sink, compensate, \
     consumer_moments, consumer_rows, smooth_activation
-from graphprune.optim.roles import slice_role
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -97,18 +96,17 @@ def tiny():
     return model, g, GraphRoutes(g.ir, g.params)
 
 
-def _routes_by_consumer(model, g, routes):
+def _routes_by_consumer(g, routes):
     out = {}
     for grp in g.groups:
-        roles = {id(s): slice_role(s, g.params, model) for s in grp.slices}
-        for s, mom in zip(_consumers(grp, g.params, model), consumer_moments(grp, g.params, model, graph=routes)):
-            out[s.param] = (routes.route(grp, s, roles), mom)
+        for s, mom in zip(_consumers(grp), consumer_moments(grp, g.params, graph=routes)):
+            out[s.param] = (routes.route(grp, s), mom)
     return out
 
 
 def test_routes_pick_the_activation_per_consumer(tiny) -> None:
-    model, g, routes = tiny
-    got = _routes_by_consumer(model, g, routes)
+    _, g, routes = tiny
+    got = _routes_by_consumer(g, routes)
     assert got["c2.weight"][0].activation == "relu" and [s.param for s in got["c2.weight"][0].norms] == ["b1.weight"]
     assert got["c3.weight"][0].activation == "relu6"
     assert got["c4.weight"][0].activation == "identity"
@@ -126,7 +124,7 @@ def test_pre_norm_statistics_reach_the_producer(tiny) -> None:
     with torch.no_grad():
         model.ln2.weight.uniform_(0.5, 2.0), model.ln2.bias.normal_(0, 0.5)
     grp = next(x for x in g.groups if any(s.param == "fc2.weight" and s.dim == 1 for s in x.slices))
-    mom = consumer_moments(grp, g.params, model, activation="identity", graph=routes)[0]
+    mom = consumer_moments(grp, g.params, activation="identity", graph=routes)[0]
     w, b = model.fc1.weight.detach().double(), model.fc1.bias.detach().double()
     gamma, beta = model.ln2.weight.detach().double(), model.ln2.bias.detach().double()
     torch.testing.assert_close(mom.cov, (w * gamma.pow(2)) @ w.T)
@@ -136,9 +134,9 @@ def test_pre_norm_statistics_reach_the_producer(tiny) -> None:
 def test_activation_override(tiny) -> None:
     model, g, routes = tiny
     grp = next(x for x in g.groups if any(s.param == "fc2.weight" and s.dim == 1 for s in x.slices))
-    auto = consumer_moments(grp, g.params, model, graph=routes)[0]
-    forced = consumer_moments(grp, g.params, model, activation="gelu", graph=routes)[0]
-    relu = consumer_moments(grp, g.params, model, activation="relu", graph=routes)[0]
+    auto = consumer_moments(grp, g.params, graph=routes)[0]
+    forced = consumer_moments(grp, g.params, activation="gelu", graph=routes)[0]
+    relu = consumer_moments(grp, g.params, activation="relu", graph=routes)[0]
     torch.testing.assert_close(auto.cov, forced.cov)
     assert not torch.allclose(auto.mean, relu.mean)
 
@@ -155,12 +153,12 @@ def test_routed_compensation_never_beats_zeroing_in_reverse(tiny, seed: int) -> 
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if p.dim() == 1 and p.numel() in (6, 8) else 0))
     for grp in g.groups:
-        consumers = _consumers(grp, g.params, model)
-        moms = consumer_moments(grp, g.params, model, graph=routes)
+        consumers = _consumers(grp)
+        moms = consumer_moments(grp, g.params, graph=routes)
         remove = torch.rand(grp.size, generator=gen) < 0.5
         remove[0], remove[-1] = True, False
         before = {n: p.detach().clone() for n, p in g.params.items()}
-        compensate(grp, remove, g.params, model, moms, graph=routes, rescale=1.0)
+        compensate(grp, remove, g.params, moms, graph=routes, rescale=1.0)
         for s, mom in zip(consumers, moms):
             w0 = consumer_rows(before[s.param], s, mom.block)
             w1 = consumer_rows(g.params[s.param], s, mom.block)
@@ -192,7 +190,7 @@ def test_rescale_restores_the_modelled_spread(tiny) -> None:
     remove = torch.zeros(grp.size, dtype=torch.bool)
     remove[:3] = True
     state = {n: p.detach().clone() for n, p in g.params.items()}
-    compensate(grp, remove, g.params, model, graph=routes, rescale=1.5)
+    compensate(grp, remove, g.params, graph=routes, rescale=1.5)
     ratio = model.b2.weight.detach() / before
     assert torch.all(ratio >= 1 - 1e-6) and torch.all(ratio <= 1.5 + 1e-6) and torch.any(ratio > 1 + 1e-6)
     with torch.no_grad():

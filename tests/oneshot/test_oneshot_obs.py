@@ -71,7 +71,7 @@ def test_conv_compensation_beats_zeroing(seed: int, c_in: int, c_out: int, k: in
     conv = nn.Conv2d(c_in, c_out, k, bias=False).double()
     remove = torch.rand(c_in, generator=gen) < 0.5
     remove[0], remove[-1] = True, False
-    group = Group(0, "x", "channel", c_in, [Slice("w", 1, torch.arange(c_in).reshape(-1, 1))])
+    group = Group(0, "x", "channel", c_in, [Slice("w", 1, torch.arange(c_in).reshape(-1, 1), role="consumer")])
     w0 = conv.weight.detach().clone()
     params = {"w": conv.weight.detach().clone()}
     compensate(group, remove, params, mom=InputMoments(h, torch.zeros(c_in, dtype=h.dtype)), damping=0.1)
@@ -99,7 +99,8 @@ def test_bias_absorbs_the_mean() -> None:
     remove = torch.zeros(size, dtype=torch.bool)
     remove[:5] = True
     params = {"l.weight": lin.weight.detach().clone(), "l.bias": lin.bias.detach().clone()}
-    group = Group(0, "x", "feature", size, [Slice("l.weight", 1, torch.arange(size).reshape(-1, 1))])
+    consumer = Slice("l.weight", 1, torch.arange(size).reshape(-1, 1), role="consumer", bias="l.bias")
+    group = Group(0, "x", "feature", size, [consumer])
     compensate(group, remove, params, mom=InputMoments((a @ a.T).double(), mean.double()), damping=1e-3)
     compensated = x @ params["l.weight"].T + params["l.bias"]
     zeroed = x @ lin.weight.detach().masked_fill(remove, 0).T + lin.bias.detach()

@@ -7,10 +7,10 @@ from torch import nn
 from torch.nn.functional import cross_entropy
 
 from tests.oneshot.conftest import ConvNet, MLP, conv_groups, mlp_groups, randomize_norms, standin, conv_flops, mlp_flops
+import graphprune as gp
 from graphprune.analysis.groups import Group, Slice
 from graphprune.errors import GraphPruneError
 from graphprune.optim.obspa import input_moments
-from graphprune.optim.roles import slice_role
 from graphprune.optim.scoring import normalize, score
 
 
@@ -63,41 +63,69 @@ def test_batches_limit_the_passes(conv) -> None:
         score(conv.groups, conv.params, "taylor", data=[x], **kw)
 
 
-def test_roles_from_modules_and_from_shapes(conv) -> None:
-    by_module = {(s.param, s.dim): slice_role(s, conv.params, conv.model) for g in conv.groups for s in g.slices}
-    assert by_module[("conv1.weight", 0)] == "producer"
-    assert by_module[("conv2.weight", 1)] == "consumer"
-    assert by_module[("bn1.weight", 0)] == "norm"
-    assert by_module[("bn1.bias", 0)] == "other"
-    # ONNX-like: no modules, norms recognised by their running_var initializer
-    onnx_params = {**conv.params, **{k: v for k, v in conv.model.state_dict().items() if "running" in k}}
-    assert slice_role(Slice("bn2.weight", 0, torch.zeros(1, 1)), onnx_params) == "norm"
-    assert slice_role(Slice("fc.weight", 1, torch.zeros(1, 1)), onnx_params) == "consumer"
-    assert slice_role(Slice("conv2.weight", 0, torch.zeros(1, 1)), onnx_params) == "producer"
+def _roles(g) -> dict[tuple[str, int], str]:
+    return {(s.param, s.dim): s.role for grp in g.groups for s in grp.slices}
 
 
-def test_embeddings_and_depthwise_are_never_consumers() -> None:
-    model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "dw": nn.Conv2d(4, 4, 3, groups=4)})
-    params = dict(model.named_parameters())
-    assert slice_role(Slice("emb.weight", 1, torch.zeros(1, 1)), params, model) == "other"
-    assert slice_role(Slice("dw.weight", 0, torch.zeros(1, 1)), params, model) == "other"
-    assert slice_role(Slice("dw.weight", 0, torch.zeros(1, 1)), params) == "other"
+def _onnx_trace(model: nn.Module, x: torch.Tensor, tmp_path):
+    """``model`` exported with every layer kept as its own node (no folding), and traced."""
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["y"], dynamo=False,
+                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+    return gp.trace(str(path))
+
+
+def test_roles_from_the_op_rules(tmp_path) -> None:
+    """The conv, batch-norm and linear rules label which weight dim their layer writes
+    (producer), reads (consumer) or scales (norm), on PyTorch and on ONNX alike."""
+    torch.manual_seed(0)
+    model, x = randomize_norms(ConvNet()), torch.rand(2, 1, 8, 8)
+    by_rule = _roles(gp.trace(model, (x,)))
+    assert by_rule[("conv1.weight", 0)] == "producer"
+    assert by_rule[("conv2.weight", 1)] == "consumer"
+    assert by_rule[("bn1.weight", 0)] == "norm"
+    assert by_rule[("bn1.bias", 0)] == "other"
+    onnx_roles = _roles(_onnx_trace(model, x, tmp_path))
+    assert onnx_roles[("bn2.weight", 0)] == "norm"
+    assert onnx_roles[("fc.weight", 1)] == "consumer"
+    assert onnx_roles[("conv2.weight", 0)] == "producer"
+    biases = {(s.param, s.dim): s.bias for grp in gp.trace(model, (x,)).groups for s in grp.slices}
+    assert biases[("conv2.weight", 1)] == "conv2.bias" and biases[("bn1.weight", 0)] == "bn1.bias"
+
+
+class _EmbedDepthwise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(10, 4), nn.Linear(4, 4)
+        self.dw, self.out = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 2, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.lin(self.emb(ids))                       # [b, 16, 4]
+        return self.out(self.dw(h.transpose(1, 2).reshape(-1, 4, 4, 4)))
+
+
+def test_embeddings_and_depthwise_are_never_consumers(tmp_path) -> None:
+    model, ids = _EmbedDepthwise().eval(), torch.randint(0, 10, (2, 16))
+    roles = _roles(gp.trace(model, (ids,)))
+    assert roles[("emb.weight", 1)] == "other"
+    assert roles[("dw.weight", 0)] == "other"
+    assert _roles(_onnx_trace(model, ids, tmp_path))[("dw.weight", 0)] == "other"
 
 
 def test_moments_from_norms_and_producers(conv) -> None:
     g0 = conv.groups[0]
-    mom = input_moments(g0, conv.params, conv.model, activation="identity")
+    mom = input_moments(g0, conv.params, activation="identity")
     torch.testing.assert_close(mom.cov.diagonal().float(), conv.params["bn1.weight"].detach().pow(2))
     torch.testing.assert_close(mom.mean.float(), conv.params["bn1.bias"].detach())
     mlp = standin(MLP(), mlp_groups, mlp_flops)
     w, b = mlp.params["fc1.weight"].detach().double(), mlp.params["fc1.bias"].detach().double()
-    mom = input_moments(mlp.groups[0], mlp.params, mlp.model, activation="identity")
+    mom = input_moments(mlp.groups[0], mlp.params, activation="identity")
     torch.testing.assert_close(mom.cov, w @ w.T)
     torch.testing.assert_close(mom.mean, b)
-    relu = input_moments(mlp.groups[0], mlp.params, mlp.model)
+    relu = input_moments(mlp.groups[0], mlp.params)
     assert torch.all(relu.mean > 0) and torch.all(relu.cov.diagonal() < mom.cov.diagonal())
     with pytest.raises(GraphPruneError, match="activation"):
-        input_moments(g0, conv.params, conv.model, activation="tanh")
+        input_moments(g0, conv.params, activation="tanh")
 
 
 def test_obspa_without_consumers_is_l2() -> None:

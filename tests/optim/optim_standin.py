@@ -41,14 +41,16 @@ def graph(model: Net) -> types.SimpleNamespace:
     c1, c2, hw = model.conv1.out_channels, model.conv2.out_channels, SIDE * SIDE
     classes = model.fc.out_features
     g1 = Group(0, "conv1", "channel", c1,
-               [Slice("conv1.weight", 0, _rows(c1)), Slice("conv1.bias", 0, _rows(c1)),
-                Slice("bn1.weight", 0, _rows(c1)), Slice("bn1.bias", 0, _rows(c1)),
-                Slice("conv2.weight", 1, _rows(c1))],
+               [Slice("conv1.weight", 0, _rows(c1), role="producer", bias="conv1.bias"),
+                Slice("conv1.bias", 0, _rows(c1)),
+                Slice("bn1.weight", 0, _rows(c1), role="norm", bias="bn1.bias"), Slice("bn1.bias", 0, _rows(c1)),
+                Slice("conv2.weight", 1, _rows(c1), role="consumer", bias="conv2.bias")],
                params_per_unit=9 + 1 + 2 + c2 * 9, flops_per_unit=float(9 * hw + c2 * 9 * hw))
     g2 = Group(1, "conv2", "channel", c2,
-               [Slice("conv2.weight", 0, _rows(c2)), Slice("conv2.bias", 0, _rows(c2)),
-                Slice("bn2.weight", 0, _rows(c2)), Slice("bn2.bias", 0, _rows(c2)),
-                Slice("fc.weight", 1, _rows(c2))],
+               [Slice("conv2.weight", 0, _rows(c2), role="producer", bias="conv2.bias"),
+                Slice("conv2.bias", 0, _rows(c2)),
+                Slice("bn2.weight", 0, _rows(c2), role="norm", bias="bn2.bias"), Slice("bn2.bias", 0, _rows(c2)),
+                Slice("fc.weight", 1, _rows(c2), role="consumer", bias="fc.bias")],
                params_per_unit=c1 * 9 + 1 + 2 + classes, flops_per_unit=float(c1 * 9 * hw + classes))
     params = dict(model.named_parameters())
     return types.SimpleNamespace(

@@ -1,0 +1,107 @@
+"""``aten.reshape_as`` (and ``view_as``): a reshape to another tensor's shape, added as one
+registry entry (:class:`graphprune.ops.movement.ReshapeAs`); ``expand_as`` likewise
+(:class:`~graphprune.ops.movement.ExpandAs`).  Without them each was a barrier that kept
+every channel of the block around it (library code writes ``x.reshape_as(shortcut)``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import check_zero_invariance
+
+
+class LinearBlock(nn.Module):
+    """Two branches meet through ``reshape_as`` (or ``view_as``): [b, 16] to the other's [b, 1, 16]."""
+
+    def __init__(self, view: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 4)
+        self.view = view
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, h = self.fc2(x).unsqueeze(1), torch.relu(self.fc1(x))
+        return self.fc3((h.view_as(y) if self.view else h.reshape_as(y)) + y)
+
+
+class ConvBlock(nn.Module):
+    """A residual block whose branch is flattened and brought back with ``reshape_as``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.norm, self.head = nn.LayerNorm(8 * 6 * 6), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.stem(x))
+        h = self.norm(self.conv(s).flatten(1))
+        return self.head(torch.relu(h.reshape_as(s)) + s)
+
+
+class MergedHeads(nn.Module):
+    """``reshape_as`` merging the heads of [b, t, 2, 8] into the hidden axis of another
+    projection's [b, t, 16]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.out = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = self.q(x).reshape(*x.shape[:2], 2, 8), self.k(x)
+        return self.out((q * 2).reshape_as(k) + k)
+
+
+@pytest.mark.parametrize("model,x", [(LinearBlock(), torch.randn(3, 8)), (LinearBlock(view=True), torch.randn(3, 8)),
+                                     (MergedHeads(), torch.randn(2, 5, 16)), (ConvBlock(), torch.randn(2, 3, 6, 6))],
+                         ids=["linear", "view_as", "heads", "conv"])
+def test_reshape_as_is_no_barrier_and_compact_equals_zeroed(model: nn.Module, x: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    g = check_zero_invariance(model.eval(), (x,))
+    assert not g.barriers
+    assert any(n.op == "reshape_as" for n in g.ir.nodes)
+
+
+def test_reshape_as_onto_a_fixed_shape_keeps_its_channels() -> None:
+    """``other`` that cannot shrink (the model's input) keeps the output's axes whole."""
+    import graphprune as gp
+
+    class OntoInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x).reshape(*x.shape[:2], 2, 8).reshape_as(x) + x
+
+    g = gp.trace(OntoInput().eval(), (torch.randn(2, 5, 16),))
+    assert not g.groups and not g.barriers
+
+
+def test_reshape_as_couples_the_output_with_the_shape_giver() -> None:
+    """The output and ``other`` lose the same hidden entries: fc1's and fc2's units are one."""
+    import graphprune as gp
+
+    g = gp.trace(LinearBlock().eval(), (torch.randn(3, 8),))
+    (group,) = g.groups
+    assert {"fc1.weight", "fc2.weight", "fc3.weight"} <= set(group.param_names) and group.size == 16
+
+
+class Broadcast(nn.Module):
+    """``expand_as``: a per-channel gate [b, 16, 1] broadcast to the tokens of [b, 16, 5]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.value, self.out = nn.Linear(8, 16), nn.Conv1d(8, 16, 1), nn.Conv1d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.value(x)                                   # [b, 16, 5]
+        g = torch.relu(self.gate(x.mean(-1))).unsqueeze(-1)  # [b, 16, 1]
+        return self.out(g.expand_as(v) + v)
+
+
+def test_expand_as_is_no_barrier_and_compact_equals_zeroed() -> None:
+    torch.manual_seed(0)
+    g = check_zero_invariance(Broadcast().eval(), (torch.randn(2, 8, 5),))
+    assert not g.barriers and any(n.op == "expand_as" for n in g.ir.nodes)
+    (group,) = g.groups
+    assert {"gate.weight", "value.weight", "out.weight"} <= set(group.param_names) and group.size == 16
