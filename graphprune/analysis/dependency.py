@@ -15,7 +15,7 @@ from scipy.sparse.csgraph import connected_components
 
 from ..ir.graph import Graph, Node
 from ..memory import Trimmer
-from ..ops.registry import rule_for
+from ..ops.catalog import rule_for
 from .labels import PIN, Labels
 
 

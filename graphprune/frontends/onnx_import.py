@@ -20,7 +20,7 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from ..errors import BadOnnxError
 from ..ir.graph import Graph, Node, Ref, Value
-from ..ops.registry import canonical_onnx
+from ..ops.catalog import canonical_onnx
 from .onnx_mapped import map_tensor, read_structure, tensor_bytes
 from .onnx_ops import ONNX_IMPLS
 

@@ -8,6 +8,10 @@ is rewritten once units go (``rewrite_fx`` for the compact PyTorch graph,
 of its outputs that removed units take are exactly zero in the zeroed model, which is
 what lets a layer norm or a sum reduce over a prunable axis.  An op with no rule is a
 barrier.
+
+This module only defines what an entry is and holds the tables the entries register
+into; it imports none of them.  Look ops up through :mod:`.catalog`, which imports every
+entry module, so a lookup always sees the whole registry.
 """
 from __future__ import annotations
 
@@ -18,9 +22,9 @@ if TYPE_CHECKING:
     from ..ir.graph import Node
     from ..passes.shrink import Shrink
 
-_RULES: dict[str, "Rule"] = {}
-_ATEN: dict[str, str] = {}
-_ONNX: dict[str, str] = {}
+RULES: dict[str, "Rule"] = {}   # canonical op -> its rule
+ATEN: dict[str, str] = {}       # ATen packet name -> canonical op
+ONNX: dict[str, str] = {}       # ONNX op_type -> canonical op
 
 
 class Rule:
@@ -50,47 +54,10 @@ def register(op: str, *, aten: tuple[str, ...] = (), onnx: tuple[str, ...] = ())
     def deco(cls: type) -> type:
         rule = cls()
         rule.op = op
-        _RULES[op] = rule
+        RULES[op] = rule
         for a in aten:
-            _ATEN[a] = op
+            ATEN[a] = op
         for o in onnx:
-            _ONNX[o] = op
+            ONNX[o] = op
         return cls
     return deco
-
-
-def canonical_aten(packet: str) -> str:
-    _load()
-    return _ATEN.get(packet, f"aten::{packet}")
-
-
-def canonical_onnx(op_type: str) -> str:
-    _load()
-    return _ONNX.get(op_type, f"onnx::{op_type}")
-
-
-def rule_for(op: str) -> Rule:
-    _load()
-    return _RULES.get(op) or _UNKNOWN
-
-
-def known_ops() -> dict[str, list[str]]:
-    """Canonical op -> the ATen and ONNX names that map to it (for docs and tests)."""
-    _load()
-    out: dict[str, list[str]] = {k: [] for k in _RULES}
-    for a, op in _ATEN.items():
-        out[op].append(f"aten.{a}")
-    for o, op in _ONNX.items():
-        out[op].append(f"onnx::{o}")
-    return out
-
-
-_UNKNOWN = Rule()
-_loaded = False
-
-
-def _load() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from . import compute, elementwise, movement, normalization, reduction  # noqa: F401

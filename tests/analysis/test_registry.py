@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import graphprune as gp
-from graphprune.ops.registry import canonical_aten, canonical_onnx, known_ops, rule_for
+from graphprune.ops.catalog import canonical_aten, canonical_onnx, known_ops, rule_for
 
 
 def test_both_frontends_share_entries():
