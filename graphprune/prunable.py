@@ -9,7 +9,7 @@ from .analysis import Analysis, same_groups
 from .analysis.groups import Group
 from .analysis.labels import Barrier, Labels
 from .analysis.liveness import Liveness
-from .errors import ZeroInvarianceError
+from .errors import GraphPruneError, VerificationError, ZeroInvarianceError
 from .ir.graph import Graph
 from .memory import release
 
@@ -151,7 +151,8 @@ class PrunableGraph:
         """Zero a random ``fraction`` of every group's units (rounded down, so a group's
         last unit is never taken) on a copy of the weights and
         require the compact model to reproduce the zeroed full model.  Groups that fail
-        (found by bisection) are withdrawn with the reason; returns them."""
+        (found by bisection) are withdrawn with the reason; returns them.  A compact model
+        that cannot be built or run is a bug, raised as :class:`VerificationError`."""
         gen = torch.Generator().manual_seed(seed)
         picks = {}
         for g in self.groups:
@@ -168,8 +169,15 @@ class PrunableGraph:
                 g.scatter_(tensors, picks[g.id])
             try:
                 err = self.backend.compare(self, tensors)
-            except Exception as exc:  # a failing rewrite is a finding, not a crash
-                return f"{type(exc).__name__}: {str(exc)[:200]}"
+            except GraphPruneError:
+                raise  # names its node, op and file already
+            except Exception as exc:
+                # a rewrite or emitter that raises has a bug: withdrawing the groups would
+                # hide it as less pruning
+                names = ", ".join(g.name for g in groups[:4]) + (f" (+{len(groups) - 4})" if len(groups) > 4 else "")
+                raise VerificationError(f"emitting or running the compact model raised {type(exc).__name__}: "
+                                        f"{exc} (checking groups {names})", source=self.ir.source,
+                                        hint="this is a graphprune bug: please report it with the model") from exc
             return None if err < rtol else f"compact output differs (rel. error {err:.2e})"
 
         bad: list[tuple[Group, str]] = []

@@ -8,11 +8,15 @@ every such field is consistent.
 """
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
+from ..errors import GraphPruneError, RuleError
 from ..ir.graph import Graph, Node
 from ..memory import Trimmer
 from ..ops.catalog import rule_for
@@ -34,8 +38,15 @@ def propagate(graph: Graph) -> Labels:
             rule.propagate(node, lab)
             if rule.keeps_zero(node, lab):  # only labelled outputs: an unlabelled one has nothing removed
                 lab.zero.update(o for o in node.outputs if lab.fields.get(o) is not None)
-        except Exception as exc:  # an input form the rule does not handle: keep its channels
-            lab.barrier(node, f"rule failed: {type(exc).__name__}: {str(exc)[:160]}")
+        except GraphPruneError:
+            raise
+        except Exception as exc:
+            # a rule that raises has a bug: keeping the node's channels instead would hide
+            # it as less pruning (an input form a rule cannot handle is its lab.barrier)
+            raise RuleError(f"the {type(rule).__name__} rule raised {type(exc).__name__}: {exc}",
+                            node=node.name, op=node.source_op or node.op, source=graph.source,
+                            hint=f"fix the rule in {_rule_file(rule)}: handle this input or declare it "
+                                 "with lab.barrier(node, reason)") from exc
         for o in node.outputs:
             lab.fields.setdefault(o, None)
     for name in graph.outputs:
@@ -43,6 +54,13 @@ def propagate(graph: Graph) -> Labels:
         if f is not None:
             lab.pin(f.labels)
     return lab
+
+
+def _rule_file(rule: object) -> str:
+    """Where a rule is defined, relative to the package root (``graphprune/ops/movement.py``)."""
+    path = Path(inspect.getsourcefile(type(rule)) or type(rule).__module__)
+    root = Path(__file__).resolve().parents[2]
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 _FOLD_MAX = 1 << 16  # elements: indices and masks, never activations

@@ -22,10 +22,11 @@ class TorchBackend:
     The analysis a PrunableGraph starts with may come from the fast recorder
     (:mod:`.torch_record`), whose node names are not export's.  Before the first emission
     :meth:`settle` exports the model and analyses export's graph the same way, and the
-    PrunableGraph adopts that analysis, so the emitter matches export's nodes.  The two must find the same groups:
-    they differ only if the recorder saw other ops than export, and then the groups a user
-    or an optimizer already holds would be wrong, which is an error (before anyone holds
-    them, during ``gp.trace``'s own verification, export's groups are simply taken).
+    PrunableGraph adopts that analysis, so the emitter matches export's nodes.  The two
+    must find the same groups: they differ only if the recorder saw other ops than export,
+    and then the groups a user or an optimizer already holds would be wrong, which is an
+    error (before anyone holds them, during ``gp.trace``'s own verification, export's
+    groups are simply taken).  ``settled`` says the analysis already is export's.
     """
 
     def __init__(self, export: Callable[[], torch.export.ExportedProgram], *, settled: bool = False) -> None:
