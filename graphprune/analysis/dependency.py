@@ -32,7 +32,7 @@ def propagate(graph: Graph) -> Labels:
     trim = Trimmer()  # the label tensors' freed heap stays resident otherwise (370 MiB on vit_b_16)
     for node in graph.nodes:
         trim.tick()
-        _fold(node, graph)
+        _fold(node, lab)
         rule = rule_for(node.op)
         try:
             rule.propagate(node, lab)
@@ -66,30 +66,33 @@ def _rule_file(rule: object) -> str:
 _FOLD_MAX = 1 << 16  # elements: indices and masks, never activations
 
 
-def _fold(node: Node, graph: Graph) -> None:
-    """Give ``node``'s small integer or boolean outputs their contents when every input's
-    is known (constants, or outputs folded before): an index copied from a constant
-    (Falcon's ``qkv[..., [-2]]`` reads ``lift_fresh_copy`` of one) is then a constant
-    index for the rules, not one computed from data.  Weights are never inputs here, so
-    nothing big is computed."""
+def _fold(node: Node, lab: Labels) -> None:
+    """Record (in ``lab.folded``, see :meth:`Labels.data`) the contents of ``node``'s small
+    integer or boolean outputs when every input's is known (constants, or outputs folded
+    before): an index copied from a constant (Falcon's ``qkv[..., [-2]]`` reads
+    ``lift_fresh_copy`` of one) is then a constant index for the rules, not one computed
+    from data.  Weights are never inputs here, so nothing big is computed."""
     if node.target is None or not node.inputs:
         return
-    ins = [graph.values[i] for i in node.inputs]
-    if any(v.data is None or v.kind == "param" or v.data.device.type == "meta" for v in ins):
-        return  # the common case, decided at the first input: an activation
+    graph = lab.graph
+    ins = {}
+    for i in node.inputs:
+        data = lab.data(i)
+        if data is None or graph.values[i].kind == "param" or data.device.type == "meta":
+            return  # the common case, decided at the first input: an activation
+        ins[i] = data
     outs = [graph.values[o] for o in node.outputs]
-    if not outs or any(v.data is not None or v.dtype.is_floating_point or v.dtype.is_complex
+    if not outs or any(lab.data(v.name) is not None or v.dtype.is_floating_point or v.dtype.is_complex
                        or int(np.prod(v.shape)) > _FOLD_MAX for v in outs):
         return
     try:
-        out = node.call({v.name: v.data for v in ins})
-    except Exception:  # an op that needs more than its inputs: left unknown, as before
+        out = node.call(ins)
+    except Exception:  # an op that needs more than its inputs (a random op, a device): left unknown
         return
     res = list(out) if isinstance(out, (list, tuple)) else [out]
     if len(res) == len(outs) and all(isinstance(t, torch.Tensor) and tuple(t.shape) == v.shape
                                      and t.device.type != "meta" for t, v in zip(res, outs)):
-        for t, v in zip(res, outs):
-            v.data = t
+        lab.folded.update((v.name, t) for t, v in zip(res, outs))
 
 
 def _components(n: int, e: np.ndarray) -> torch.Tensor:

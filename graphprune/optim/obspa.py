@@ -91,7 +91,7 @@ class GraphRoutes:
 
     def __init__(self, ir: Graph, params: dict[str, torch.Tensor]) -> None:
         self.values, self.params = ir.values, params
-        self.maker = {o: n for n in ir.nodes for o in n.outputs}
+        self.maker = ir.producers()
         self.key: dict[str, str] = {}
         for v in ir.values.values():
             if v.kind == "param":
