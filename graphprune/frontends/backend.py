@@ -6,7 +6,7 @@ protocol; :class:`.torch_backend.TorchBackend` emits ``nn.Module`` s,
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Union
+from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
 
 import torch
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 CompactModel = Union[torch.nn.Module, "onnx.ModelProto"]
 
 
+@runtime_checkable
 class Backend(Protocol):
     def emit(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
              removed: torch.Tensor | None = None) -> CompactModel:
