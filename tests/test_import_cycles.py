@@ -5,6 +5,10 @@ function-level import is still a dependency, only a deferred one) is read with :
 and becomes an edge of a directed graph over graphprune's modules, ``graphprune.passes``
 and ``graphprune.codegen`` included.  A cycle means two modules know about each other, so
 neither can be read, tested or replaced alone.
+
+Only the imports written count: importing ``a.b.c`` also runs ``a/__init__.py`` and
+``a/b/__init__.py``, but a package's ``__init__`` re-exporting its modules is not a
+dependency of those modules on each other.
 """
 from __future__ import annotations
 
