@@ -177,7 +177,7 @@ def _time(call, number: int) -> list[float]:
 
 def bsr_worker(args: argparse.Namespace) -> None:
     """One process: the BSR table rows (TVM only, so one thread pool)."""
-    from graphprune.codegen.sparse import choose_linear_kernel
+    from graphprune.codegen.sparsify import choose_linear_kernel
 
     import graphprune.codegen as codegen
 

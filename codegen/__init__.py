@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "build": "compile", "CompiledModel": "compile",
+    "build": "compile", "CompiledModel": "compiled",
     "tune": "tuning", "TuningReport": "tuning",
     "resolve_target": "targets", "CodegenTarget": "targets",
     "import_model": "frontend", "RelaxProgram": "frontend",
-    "bsr_linear": "sparse", "choose_linear_kernel": "sparse",
+    "bsr_linear": "sparse", "choose_linear_kernel": "sparsify",
 }
 
 

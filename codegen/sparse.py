@@ -1,4 +1,4 @@
-"""Block-sparse (BSR) linear kernels in TIR, and a chooser that keeps them only where they win.
+"""Block-sparse (BSR) linear kernels in TIR (which layers get them is :mod:`.sparsify`'s choice).
 
 TVM 0.27 has no sparse operators (the old ``topi.nn.sparse_dense`` is gone), so the kernel
 is written here in TVMScript. ``y = x @ W.T (+ b)`` with ``W`` (N x K) stored as BSR blocks of
@@ -207,45 +207,3 @@ def bsr_linear(weight: np.ndarray | torch.Tensor, block: tuple[int, int] = (16, 
 
 def _numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
     return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
-
-
-@dataclass(frozen=True)
-class KernelChoice:
-    """The chooser's verdict for one layer, with both timings so the decision can be checked."""
-
-    layer: str
-    kernel: str
-    dense_ms: float
-    bsr_ms: float | None
-    block_density: float
-    form: str | None
-
-    def __str__(self) -> str:
-        bsr = "n/a" if self.bsr_ms is None else f"{self.bsr_ms:.4f} ms ({self.form})"
-        return (f"{self.layer}: {self.kernel}  dense {self.dense_ms:.4f} ms, bsr {bsr}, "
-                f"block density {self.block_density:.2f}")
-
-
-def choose_linear_kernel(linear: torch.nn.Linear, batch: int, block: tuple[int, int] = (16, 1),
-                         target: str | CodegenTarget = "x86", tuning_db: str | None = None, name: str = "linear") -> KernelChoice:
-    """Time a layer as BSR and as the dense kernel graphprune would build (tuned records from
-    ``tuning_db`` or default schedules); pick BSR only when it is faster."""
-    from .compile import build
-
-    weight = linear.weight.detach().cpu().numpy()
-    dense = build(linear, (torch.zeros(batch, weight.shape[1]),), target, tuning_db)
-    dense_ms = dense.benchmark()["median_ms"]
-    try:
-        sparse = bsr_linear(weight, block, batch, linear.bias, target)
-    except ShapeMismatchError:
-        return KernelChoice(name, "dense", dense_ms, None, 1.0, None)
-    bsr_ms = sparse.benchmark()
-    return KernelChoice(name, "bsr" if bsr_ms < dense_ms else "dense", dense_ms, bsr_ms,
-                        sparse.weight.block_density, sparse.form)
-
-
-def choose_kernels(model: torch.nn.Module, batch: int, block: tuple[int, int] = (16, 1),
-                   target: str = "x86", tuning_db: str | None = None) -> list[KernelChoice]:
-    """Run :func:`choose_linear_kernel` on every ``nn.Linear`` of ``model`` (by module name)."""
-    return [choose_linear_kernel(module, batch, block, target, tuning_db, name)
-            for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]

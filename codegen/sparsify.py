@@ -25,11 +25,12 @@ import torch
 import tvm
 from tvm import relax
 
-from graphprune.errors import TuningError
+from graphprune.errors import ShapeMismatchError, TuningError
 
-from .frontend import RelaxProgram
-from .sparse import BsrWeight, KernelChoice, bsr_prim_func, choose_linear_kernel, kernel_form
-from .targets import CodegenTarget
+from .compiled import compile_program
+from .frontend import RelaxProgram, import_model
+from .sparse import BsrWeight, bsr_linear, bsr_prim_func, kernel_form
+from .targets import CodegenTarget, resolve_target
 
 #: TVM's OpPatternKind.kOpaque: FuseOps never fuses into or out of such a function.
 _OPAQUE = 8
@@ -55,6 +56,47 @@ class DenseLayer:
         """The weight as an (out x in) matrix."""
         value = program.params[self.param]
         return np.ascontiguousarray(value.T if self.transposed else value.reshape(value.shape[:2]), "float32")
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The chooser's verdict for one layer, with both timings so the decision can be checked."""
+
+    layer: str
+    kernel: str
+    dense_ms: float
+    bsr_ms: float | None
+    block_density: float
+    form: str | None
+
+    def __str__(self) -> str:
+        bsr = "n/a" if self.bsr_ms is None else f"{self.bsr_ms:.4f} ms ({self.form})"
+        return (f"{self.layer}: {self.kernel}  dense {self.dense_ms:.4f} ms, bsr {bsr}, "
+                f"block density {self.block_density:.2f}")
+
+
+def choose_linear_kernel(linear: torch.nn.Linear, batch: int, block: tuple[int, int] = (16, 1),
+                         target: str | CodegenTarget = "x86", tuning_db: str | None = None, name: str = "linear") -> KernelChoice:
+    """Time a layer as BSR and as the dense kernel graphprune would build (tuned records from
+    ``tuning_db`` or default schedules); pick BSR only when it is faster."""
+    resolved = resolve_target(target)
+    weight = linear.weight.detach().cpu().numpy()
+    dense = compile_program(import_model(linear, (torch.zeros(batch, weight.shape[1]),)), resolved, tuning_db)
+    dense_ms = dense.benchmark()["median_ms"]
+    try:
+        sparse = bsr_linear(weight, block, batch, linear.bias, resolved)
+    except ShapeMismatchError:
+        return KernelChoice(name, "dense", dense_ms, None, 1.0, None)
+    bsr_ms = sparse.benchmark()
+    return KernelChoice(name, "bsr" if bsr_ms < dense_ms else "dense", dense_ms, bsr_ms,
+                        sparse.weight.block_density, sparse.form)
+
+
+def choose_kernels(model: torch.nn.Module, batch: int, block: tuple[int, int] = (16, 1),
+                   target: str = "x86", tuning_db: str | None = None) -> list[KernelChoice]:
+    """Run :func:`choose_linear_kernel` on every ``nn.Linear`` of ``model`` (by module name)."""
+    return [choose_linear_kernel(module, batch, block, target, tuning_db, name)
+            for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
 def _shape(expr: relax.Expr) -> tuple[int, ...] | None:

@@ -154,7 +154,7 @@ def _target(args: argparse.Namespace) -> Any:
 
 def cmd_inspect(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from graphprune.atomic import atomic_write_text
-    from graphprune.report import inspect_data, inspect_html
+    from graphprune.inspection import inspect_data, inspect_html
     from graphprune.trace import trace
 
     _check_model_path(args.model)

@@ -38,6 +38,7 @@ from graphprune.reference import onnxruntime_latency
 from graphprune.optim import DHSPG, H2SPG, HESSO, HESSO_CRIC
 from graphprune.optim.oneshot import prune
 from graphprune.prunable import PrunableGraph
+from graphprune.rel_error import max_rel_error
 from graphprune.report import LayerWidth, Report
 from graphprune.target import Target
 from graphprune.trace import trace
@@ -373,13 +374,7 @@ def _verify(g: PrunableGraph, reference: nn.Module | onnx.ModelProto, compact: A
     The reference is the user's own model with the pruned weights zeroed
     (:func:`_reference`), not a second emission, so an emitter bug cannot hide behind itself.
     """
-    expected, got = _outputs(reference, example), _outputs(compact, example)
-    worst = 0.0
-    for a, b in zip(expected, got):
-        if a.shape != b.shape:
-            worst = float("inf")
-        elif np.issubdtype(a.dtype, np.floating):
-            worst = max(worst, float(np.abs(a - b).max() / (np.abs(a).max() + 1e-12)))
+    worst = max_rel_error(_outputs(reference, example), _outputs(compact, example))
     if not worst <= VERIFY_RTOL:
         raise ZeroInvarianceError(f"the compact model differs from the zeroed model (max rel. error {worst:.2e})",
                                   source=g.ir.source, hint="this is a graphprune bug: please report it with the "

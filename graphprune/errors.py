@@ -33,6 +33,17 @@ class UnprunableTargetError(GraphPruneError):
     """A pruning target cannot be met without breaking the network (e.g. a layer would die)."""
 
 
+class RuleError(GraphPruneError):
+    """An op's registry rule raised while analysing a node: a bug in that rule (an input
+    form it does not handle must be declared with ``lab.barrier`` and a reason), not a
+    property of the model, so it is never turned into a barrier."""
+
+
+class VerificationError(GraphPruneError):
+    """Building or running a compact model to check groups raised: a bug in a rewrite or an
+    emitter, distinct from a group that fails the numeric check (which is withdrawn)."""
+
+
 class ZeroInvarianceError(GraphPruneError):
     """A compact model does not reproduce the zeroed full model: a bug, reported loudly."""
 

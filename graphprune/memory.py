@@ -61,7 +61,7 @@ class Trimmer:
         if not self.enabled:
             return
         self.ticks += 1
-        if self.ticks % self.every:  # reading /proc per op was 2% of a ResNet's analysis
+        if self.ticks % self.every:  # reading /proc at every op would cost 2% of a ResNet's analysis
             return
         rss = resident_bytes()
         if rss - self.mark > self.step:

@@ -1,17 +1,20 @@
 """The traced, analysed model that users and optimizers work with."""
 from __future__ import annotations
 
-import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .analysis import Analysis, same_groups
 from .analysis.groups import Group
 from .analysis.labels import Barrier, Labels
 from .analysis.liveness import Liveness
-from .errors import ZeroInvarianceError
+from .errors import GraphPruneError, VerificationError, ZeroInvarianceError
 from .ir.graph import Graph
 from .memory import release
+
+if TYPE_CHECKING:
+    from .frontends.backend import Backend, CompactModel
 
 
 class PrunableGraph:
@@ -20,18 +23,49 @@ class PrunableGraph:
     ``params`` are the user's live tensors (parameters of the ``nn.Module``, or the
     ONNX initializers as torch tensors): optimizers update them in place and
     :meth:`construct_subnet` reads them, removing every unit whose slices are all zero.
+
+    The graph, labels and units come from one immutable :class:`~.analysis.Analysis`;
+    ``groups`` are the groups still offered (those :meth:`verify` withdrew are gone).
     """
 
-    def __init__(self, ir: Graph, labels: Labels, comp: torch.Tensor, groups: list[Group], *,
-                 params: dict[str, torch.Tensor], model: Any, example: tuple[tuple, dict],
-                 backend: Any) -> None:
-        self.ir, self.labels, self.comp = ir, labels, comp
-        self.groups = groups
+    def __init__(self, analysis: Analysis, *, params: dict[str, torch.Tensor],
+                 model: torch.nn.Module | None, example: tuple[tuple, dict], backend: Backend) -> None:
+        self.analysis = analysis
+        self.groups: list[Group] = list(analysis.groups)
         self.params = params
         self.model = model
         self.example = example
         self.backend = backend          # frontend-specific emitter (see frontends)
         self.withdrawn: list[tuple[Group, str]] = []
+
+    # ---- the analysis -----------------------------------------------------------------
+    @property
+    def ir(self) -> Graph:
+        return self.analysis.ir
+
+    @property
+    def labels(self) -> Labels:
+        return self.analysis.labels
+
+    @property
+    def comp(self) -> torch.Tensor:
+        return self.analysis.comp
+
+    @property
+    def liveness(self) -> Liveness:
+        return self.analysis.liveness
+
+    def adopt(self, analysis: Analysis) -> None:
+        """Work on ``analysis`` (another analysis of the same model) from now on: the one
+        place the analysis changes, in one assignment, so what is derived from the old one
+        goes with it.  The groups held stay when ``analysis`` finds the same ones (users and
+        optimizers may hold them); otherwise its groups replace them, which the caller has
+        decided is allowed (see :meth:`.frontends.torch_backend.TorchBackend.settle`)."""
+        if analysis is self.analysis:
+            return
+        if not same_groups(self.groups, analysis.groups, self.comp, analysis.comp):
+            self.groups = list(analysis.groups)
+        self.analysis = analysis
 
     # ---- facts ----------------------------------------------------------------------
     @property
@@ -96,10 +130,6 @@ class PrunableGraph:
         empty = self.liveness.empty(removed)
         return not empty or not set(self.ir.outputs) & self.liveness.dead(empty)
 
-    @functools.cached_property
-    def liveness(self) -> Liveness:
-        return Liveness(self.ir, self.labels, self.comp)
-
     @property
     def hierarchy(self) -> list[int]:
         """Groups that can go entirely (erasing the operators they feed, e.g. a residual
@@ -112,7 +142,7 @@ class PrunableGraph:
                 out.append(i)
         return out
 
-    def construct_subnet(self) -> Any:
+    def construct_subnet(self) -> CompactModel:
         """The compact model: every all-zero unit removed.  Never changes the user's model."""
         return self.backend.emit(self, self.params)
 
@@ -121,7 +151,8 @@ class PrunableGraph:
         """Zero a random ``fraction`` of every group's units (rounded down, so a group's
         last unit is never taken) on a copy of the weights and
         require the compact model to reproduce the zeroed full model.  Groups that fail
-        (found by bisection) are withdrawn with the reason; returns them."""
+        (found by bisection) are withdrawn with the reason; returns them.  A compact model
+        that cannot be built or run is a bug, raised as :class:`VerificationError`."""
         gen = torch.Generator().manual_seed(seed)
         picks = {}
         for g in self.groups:
@@ -138,8 +169,15 @@ class PrunableGraph:
                 g.scatter_(tensors, picks[g.id])
             try:
                 err = self.backend.compare(self, tensors)
-            except Exception as exc:  # a failing rewrite is a finding, not a crash
-                return f"{type(exc).__name__}: {str(exc)[:200]}"
+            except GraphPruneError:
+                raise  # names its node, op and file already
+            except Exception as exc:
+                # a rewrite or emitter that raises has a bug: withdrawing the groups would
+                # hide it as less pruning
+                names = ", ".join(g.name for g in groups[:4]) + (f" (+{len(groups) - 4})" if len(groups) > 4 else "")
+                raise VerificationError(f"emitting or running the compact model raised {type(exc).__name__}: "
+                                        f"{exc} (checking groups {names})", source=self.ir.source,
+                                        hint="this is a graphprune bug: please report it with the model") from exc
             return None if err < rtol else f"compact output differs (rel. error {err:.2e})"
 
         bad: list[tuple[Group, str]] = []

@@ -7,10 +7,8 @@ from typing import Any
 
 import torch
 
-from .analysis.dependency import propagate, solve
-from .analysis.grouping import build_groups
-from .analysis.groups import Group
-from .analysis.labels import Labels
+from .analysis import analyse
+from .frontends.backend import Backend
 from .frontends.torch_backend import TorchBackend
 from .ir.graph import Graph
 from .prunable import PrunableGraph
@@ -26,13 +24,6 @@ def _as_args(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, d
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), dict(example_kwargs or {})
     return (example_inputs,), dict(example_kwargs or {})
-
-
-def analyse(ir: Graph) -> tuple[Labels, torch.Tensor, list[Group]]:
-    """Labels, unit components and groups of a graph: the whole dependency analysis."""
-    lab = propagate(ir)
-    comp = solve(lab)
-    return lab, comp, build_groups(lab, comp)
 
 
 def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
@@ -70,6 +61,7 @@ def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None
     ``dynamic_shapes`` (torch.export's) also exports at once.
     """
     args, kwargs = _as_args(example_inputs, example_kwargs)
+    backend: Backend
     if isinstance(model, torch.nn.Module):
         ir, backend = _trace_torch(model, args, kwargs, dynamic_shapes, recorder)
         params = dict(model.named_parameters())
@@ -81,10 +73,9 @@ def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None
         backend = OnnxBackend(proto, feeds)
         params = backend.initial_params(ir)
         model = None
-    lab, comp, groups = analyse(ir)
-    pg = PrunableGraph(ir, lab, comp, groups, params=params, model=model, example=(args, kwargs), backend=backend)
+    pg = PrunableGraph(analyse(ir), params=params, model=model, example=(args, kwargs), backend=backend)
     if verify:
         if isinstance(backend, TorchBackend):
-            backend.settle(pg, adopt_groups=True)  # nobody holds the groups yet
+            pg.adopt(backend.settle(pg, adopt_groups=True))  # nobody holds the groups yet
         pg.verify()
     return pg

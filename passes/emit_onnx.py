@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 from graphprune.errors import BadOnnxError
 from graphprune.frontends.onnx_import import check_model, fill, infer_shapes, put_weight
 from graphprune.ir.graph import Graph
-from graphprune.ops.registry import rule_for
+from graphprune.ops.catalog import rule_for
 
 from .erase import Erasure, Evaluate, erase
 from .shrink import Shrink

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from graphprune.ir.graph import Graph
-from graphprune.ops.registry import rule_for
+from graphprune.ops.catalog import rule_for
 
 from .erase import Erasure, erase
 from .shrink import Shrink

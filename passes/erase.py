@@ -135,7 +135,7 @@ def _evaluate(graph: Graph, wanted: set[str], empty: set[str],
               tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Run the operators that ``wanted`` (input-independent values) depend on, with every
     empty value as zeros and constants from ``tensors``."""
-    producer = {o: n for n in graph.nodes for o in n.outputs}
+    producer = graph.producers()
     device = next((t.device for t in tensors.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
     env: dict[str, torch.Tensor] = {}
     need, stack = set(), list(wanted)
@@ -191,8 +191,8 @@ def _broadcasts(graph: Graph, shrink: Shrink, name: str, c: torch.Tensor, dead: 
 
 def _one_unit_per_seed(graph: Graph, shrink: Shrink, bad: set[str], dead: set[str], empty: set[str]) -> torch.Tensor:
     """One removed component per empty value upstream of ``bad``: keeping it leaves that
-    value one zero channel, so the operators after it stay (the pre-erasure behaviour)."""
-    producer = {o: n for n in graph.nodes for o in n.outputs}
+    value one zero channel, so the operators after it stay and need no erasure."""
+    producer = graph.producers()
     seeds, seen, stack = set(), set(), list(bad)
     while stack:
         name = stack.pop()

@@ -13,7 +13,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import graphprune as gp
-from graphprune.frontends.torch_backend import max_rel_error
+from graphprune.rel_error import max_rel_error
 
 
 def zero_random_half(g: gp.PrunableGraph, seed: int = 0) -> int:

@@ -1,1 +1,7 @@
-"""Dependency analysis: channel labels flow through the op registry into zero-invariant groups."""
+"""Dependency analysis: channel labels flow through the op registry into zero-invariant groups.
+
+>>> analysis = analyse(ir)        # an immutable Analysis(ir, labels, comp, groups)
+"""
+from .result import Analysis, analyse, same_groups
+
+__all__ = ["Analysis", "analyse", "same_groups"]

@@ -21,15 +21,18 @@ for a linear layer, batch x H x W for a 1x1 convolution).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import nn
 
 from graphprune.errors import UnsupportedModelError
-from graphprune.ops.registry import rule_for
+from graphprune.ops.catalog import rule_for
 
 from .groups import Group, Slice
+
+if TYPE_CHECKING:
+    from ..prunable import PrunableGraph
 
 
 def _candidate_layers(g: Any) -> dict[str, str]:
@@ -46,7 +49,7 @@ def _candidate_layers(g: Any) -> dict[str, str]:
     return out
 
 
-def block_groups(g: Any, block: tuple[int, int] = (16, 1), layers: Iterable[str] | None = None) -> list[Group]:
+def block_groups(g: PrunableGraph, block: tuple[int, int] = (16, 1), layers: Iterable[str] | None = None) -> list[Group]:
     """One :class:`Group` of kind ``"block"`` per eligible weight of the traced model ``g``.
 
     ``block`` is (rows, cols) of the weight seen as an (out_features x in_features) matrix.
@@ -88,7 +91,7 @@ def block_groups(g: Any, block: tuple[int, int] = (16, 1), layers: Iterable[str]
     return groups
 
 
-def block_sparsity(g: Any, groups: list[Group]) -> float:
+def block_sparsity(g: PrunableGraph, groups: list[Group]) -> float:
     """Fraction of all blocks in ``groups`` that are exactly zero in ``g``'s current weights."""
     zero = sum(int((grp.gather(g.params).abs().amax(dim=1) == 0).sum()) for grp in groups)
     return zero / max(sum(grp.size for grp in groups), 1)

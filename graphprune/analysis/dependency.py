@@ -8,14 +8,18 @@ every such field is consistent.
 """
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
+from ..errors import GraphPruneError, RuleError
 from ..ir.graph import Graph, Node
 from ..memory import Trimmer
-from ..ops.registry import rule_for
+from ..ops.catalog import rule_for
 from .labels import PIN, Labels
 
 
@@ -28,14 +32,21 @@ def propagate(graph: Graph) -> Labels:
     trim = Trimmer()  # the label tensors' freed heap stays resident otherwise (370 MiB on vit_b_16)
     for node in graph.nodes:
         trim.tick()
-        _fold(node, graph)
+        _fold(node, lab)
         rule = rule_for(node.op)
         try:
             rule.propagate(node, lab)
             if rule.keeps_zero(node, lab):  # only labelled outputs: an unlabelled one has nothing removed
                 lab.zero.update(o for o in node.outputs if lab.fields.get(o) is not None)
-        except Exception as exc:  # an input form the rule does not handle: keep its channels
-            lab.barrier(node, f"rule failed: {type(exc).__name__}: {str(exc)[:160]}")
+        except GraphPruneError:
+            raise
+        except Exception as exc:
+            # a rule that raises has a bug: keeping the node's channels instead would hide
+            # it as less pruning (an input form a rule cannot handle is its lab.barrier)
+            raise RuleError(f"the {type(rule).__name__} rule raised {type(exc).__name__}: {exc}",
+                            node=node.name, op=node.source_op or node.op, source=graph.source,
+                            hint=f"fix the rule in {_rule_file(rule)}: handle this input or declare it "
+                                 "with lab.barrier(node, reason)") from exc
         for o in node.outputs:
             lab.fields.setdefault(o, None)
     for name in graph.outputs:
@@ -45,33 +56,43 @@ def propagate(graph: Graph) -> Labels:
     return lab
 
 
+def _rule_file(rule: object) -> str:
+    """Where a rule is defined, relative to the package root (``graphprune/ops/movement.py``)."""
+    path = Path(inspect.getsourcefile(type(rule)) or type(rule).__module__)
+    root = Path(__file__).resolve().parents[2]
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 _FOLD_MAX = 1 << 16  # elements: indices and masks, never activations
 
 
-def _fold(node: Node, graph: Graph) -> None:
-    """Give ``node``'s small integer or boolean outputs their contents when every input's
-    is known (constants, or outputs folded before): an index copied from a constant
-    (Falcon's ``qkv[..., [-2]]`` reads ``lift_fresh_copy`` of one) is then a constant
-    index for the rules, not one computed from data.  Weights are never inputs here, so
-    nothing big is computed."""
+def _fold(node: Node, lab: Labels) -> None:
+    """Record (in ``lab.folded``, see :meth:`Labels.data`) the contents of ``node``'s small
+    integer or boolean outputs when every input's is known (constants, or outputs folded
+    before): an index copied from a constant (Falcon's ``qkv[..., [-2]]`` reads
+    ``lift_fresh_copy`` of one) is then a constant index for the rules, not one computed
+    from data.  Weights are never inputs here, so nothing big is computed."""
     if node.target is None or not node.inputs:
         return
-    ins = [graph.values[i] for i in node.inputs]
-    if any(v.data is None or v.kind == "param" or v.data.device.type == "meta" for v in ins):
-        return  # the common case, decided at the first input: an activation
+    graph = lab.graph
+    ins = {}
+    for i in node.inputs:
+        data = lab.data(i)
+        if data is None or graph.values[i].kind == "param" or data.device.type == "meta":
+            return  # the common case, decided at the first input: an activation
+        ins[i] = data
     outs = [graph.values[o] for o in node.outputs]
-    if not outs or any(v.data is not None or v.dtype.is_floating_point or v.dtype.is_complex
+    if not outs or any(lab.data(v.name) is not None or v.dtype.is_floating_point or v.dtype.is_complex
                        or int(np.prod(v.shape)) > _FOLD_MAX for v in outs):
         return
     try:
-        out = node.call({v.name: v.data for v in ins})
-    except Exception:  # an op that needs more than its inputs: left unknown, as before
+        out = node.call(ins)
+    except Exception:  # an op that needs more than its inputs (a random op, a device): left unknown
         return
     res = list(out) if isinstance(out, (list, tuple)) else [out]
     if len(res) == len(outs) and all(isinstance(t, torch.Tensor) and tuple(t.shape) == v.shape
                                      and t.device.type != "meta" for t, v in zip(res, outs)):
-        for t, v in zip(res, outs):
-            v.data = t
+        lab.folded.update((v.name, t) for t, v in zip(res, outs))
 
 
 def _components(n: int, e: np.ndarray) -> torch.Tensor:

@@ -118,8 +118,8 @@ class Group:
     def zero_mask(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Which units are entirely zero, shape ``[size]``: reduced one slice at a time,
         not via :meth:`gather` (a hidden-column group spans nearly every weight, and its
-        gathered matrix with ``abs`` took three times the model: 1 GB more on vit_b_16)."""
-        zero = None  # on the parameters' device, as the gathered matrix's reduction was
+        gathered matrix with ``abs`` would take three times the model: 1 GB more on vit_b_16)."""
+        zero = None  # combined on the parameters' device: no slice is copied elsewhere to be reduced
         for s in self.slices:
             p = params[s.param]
             if s.is_block:

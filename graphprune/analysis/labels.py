@@ -71,6 +71,7 @@ class Labels:
     head_atoms: list[torch.Tensor] = field(default_factory=list)
     deferred: list[Deferred] = field(default_factory=list)
     zero: set[str] = field(default_factory=set)  # activations zero where removed (see is_zero)
+    folded: dict[str, torch.Tensor] = field(default_factory=dict)  # activations known from constants (see data)
     _edges: list[np.ndarray] = field(default_factory=list)
     _collapsed: dict = field(default_factory=dict)  # (id(labels), axis) -> (labels, per-index atoms)
     _pinned: dict = field(default_factory=dict)     # id(labels) -> labels already pinned whole
@@ -112,7 +113,7 @@ class Labels:
     def producer(self, name: str) -> Node | None:
         """The node whose output ``name`` is (None for inputs, parameters, constants)."""
         if self._producers is None:
-            self._producers = {o: n for n in self.graph.nodes for o in n.outputs}
+            self._producers = self.graph.producers()
         return self._producers.get(name)
 
     def pin(self, a: torch.Tensor) -> None:
@@ -148,6 +149,13 @@ class Labels:
         """Attribute ``macs`` evenly to ``atoms`` (for FLOPs-targeted budgets)."""
         if atoms is not None and atoms.numel():
             self.costs.append((atoms.reshape(-1), macs / atoms.numel()))
+
+    def data(self, name: str) -> torch.Tensor | None:
+        """The contents of a value known before the model runs: a parameter's, buffer's or
+        constant's own, or an activation folded from constants during this analysis
+        (:func:`.dependency.propagate`; kept here so analysing never writes into the graph)."""
+        v = self.graph.values[name]
+        return v.data if v.data is not None else self.folded.get(name)
 
     def is_zero(self, name: str) -> bool:
         """Whether the entries of ``name`` whose atoms are removed are exactly zero in the
@@ -226,9 +234,10 @@ class Labels:
             self._collapsed[key] = (f.labels, rows[:, 0].clone())
         collapsed = self._collapsed[key][1]
         if len(f.axes) > 1:
-            # every hyperplane is one unit now: later uses of the value see the collapsed
-            # field, not per-element atoms (a ViT's stream with learned positions was
-            # coupled again, element by element, by every norm and residual add)
+            # every hyperplane is one unit from here on: later uses of the value see the
+            # collapsed field, not per-element atoms, which every norm and residual add
+            # would otherwise couple again element by element (a ViT's stream with
+            # learned positions)
             self.fields[name] = Field((axis,), collapsed)
         return collapsed
 
@@ -263,10 +272,10 @@ class Labels:
         env: dict[str, torch.Tensor] = {}
         for i in node.inputs:
             if i not in data:
-                v = self.graph.values[i]
-                if v.data is None:
+                known = self.data(i)
+                if known is None:
                     return None
-                env[i] = v.data
+                env[i] = known
         merged: list[torch.Tensor] | None = None
         for d in labelled:
             for other in data:

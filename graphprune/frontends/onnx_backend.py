@@ -2,7 +2,7 @@
 ModelProto emission, and onnxruntime checks."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -12,6 +12,10 @@ from onnx import helper
 from ..ir.graph import Graph
 from ..passes.emit_onnx import emit_onnx
 from ..passes.shrink import Shrink
+from ..rel_error import max_rel_error
+
+if TYPE_CHECKING:
+    from ..prunable import PrunableGraph
 
 
 def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
@@ -45,14 +49,14 @@ class OnnxBackend:
         parameters), not another copy of every weight."""
         return {name: v.data for name, v in ir.values.items() if v.kind == "param"}
 
-    def emit(self, pg: Any, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None,
+    def emit(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None,
              weights: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
         """The compact ModelProto; with ``weights`` its fed weights stay stubs and their
         arrays go there (for ``run_onnx(model, feeds, weights)``)."""
         units = pg.removed_units(tensors) if removed is None else removed
         return emit_onnx(pg.ir, self.proto, Shrink(pg.labels, pg.comp, units), tensors, weights)
 
-    def full(self, pg: Any, tensors: dict[str, torch.Tensor],
+    def full(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
              weights: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
         """The full model with ``tensors`` as initializers (nothing removed); ``weights`` as
         for :meth:`emit`.  A model over 2 GiB is not emitted but has its initializers
@@ -79,7 +83,7 @@ class OnnxBackend:
             weights.update(fed)
         return model
 
-    def compare(self, pg: Any, tensors: dict[str, torch.Tensor]) -> float:
+    def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> float:
         """Relative error of the compact model against the zeroed full model (onnxruntime).
         A model that onnxruntime runs with its weights fed is emitted with them as stubs and
         fed straight from ``tensors`` (and their slices): no serialised copy of them."""
@@ -93,10 +97,4 @@ class OnnxBackend:
         else:
             ref = run_onnx(self.full(pg, tensors), self.feeds)
             out = run_onnx(self.emit(pg, tensors), self.feeds)
-        worst = 0.0
-        for a, b in zip(ref, out):
-            if a.shape != b.shape:
-                return float("inf")
-            if np.issubdtype(a.dtype, np.floating):
-                worst = max(worst, float(np.abs(a - b).max() / (np.abs(a).max() + 1e-12)))
-        return worst
+        return max_rel_error(ref, out)

@@ -20,7 +20,8 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from ..errors import BadOnnxError
 from ..ir.graph import Graph, Node, Ref, Value
-from ..ops.registry import OnnxOp, canonical_onnx, onnx_op
+from ..ops.catalog import canonical_onnx, onnx_op
+from ..ops.registry import OnnxOp
 from .onnx_mapped import map_tensor, read_structure, tensor_bytes
 
 _BIG = 1 << 16  # integer intermediates larger than this are not kept

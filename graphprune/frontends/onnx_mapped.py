@@ -1,7 +1,8 @@
 """Read an ONNX file's structure without reading its weights.
 
 Protobuf hands out a tensor's ``raw_data`` only as a fresh ``bytes`` copy, and a parsed
-model keeps its own copy too: a 1.2 GB ViT-L file cost 2.4 GB before the analysis began.
+model keeps its own copy too: parsed that way, a 1.2 GB ViT-L file takes 2.4 GB before
+the analysis begins.
 This module walks the file's wire format instead (protobuf's documented encoding: a
 varint tag of field number and wire type, then the field's payload), parses everything
 but the big weights' ``raw_data`` (a few hundred kB of graph), and memory-maps each such

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
-from torch.utils import _pytree as pytree
 
+from ..analysis import Analysis, analyse, same_groups
 from ..errors import RecorderMismatchWarning, UnsupportedModelError
 from ..passes.emit_torch import CompactModule, emit_module
 from ..passes.shrink import Shrink
+from ..rel_error import max_rel_error
+
+if TYPE_CHECKING:
+    from ..prunable import PrunableGraph
 
 
 class TorchBackend:
@@ -17,11 +21,12 @@ class TorchBackend:
 
     The analysis a PrunableGraph starts with may come from the fast recorder
     (:mod:`.torch_record`), whose node names are not export's.  Before the first emission
-    :meth:`settle` exports the model, analyses export's graph the same way and adopts that
-    analysis, so the emitter matches export's nodes.  The two must find the same groups:
-    they differ only if the recorder saw other ops than export, and then the groups a user
-    or an optimizer already holds would be wrong, which is an error (before anyone holds
-    them, during ``gp.trace``'s own verification, export's groups are simply taken).
+    :meth:`settle` exports the model and analyses export's graph the same way, and the
+    PrunableGraph adopts that analysis, so the emitter matches export's nodes.  The two
+    must find the same groups: they differ only if the recorder saw other ops than export,
+    and then the groups a user or an optimizer already holds would be wrong, which is an
+    error (before anyone holds them, during ``gp.trace``'s own verification, export's
+    groups are simply taken).  ``settled`` says the analysis already is export's.
     """
 
     def __init__(self, export: Callable[[], torch.export.ExportedProgram], *, settled: bool = False) -> None:
@@ -35,42 +40,40 @@ class TorchBackend:
             self._exported = self._export()
         return self._exported
 
-    def settle(self, pg: Any, adopt_groups: bool = False) -> None:
-        """Replace ``pg``'s recorded analysis by export's (see the class docstring)."""
+    def settle(self, pg: PrunableGraph, adopt_groups: bool = False) -> Analysis:
+        """Export's analysis of ``pg``'s model (see the class docstring), for ``pg`` to
+        adopt; ``pg`` itself is not changed.  Once settled that is ``pg``'s own analysis.
+        Raises if it finds other groups than ``pg`` holds, unless ``adopt_groups``."""
         if self.settled:
-            return
-        from ..trace import analyse
+            return pg.analysis
         from .torch_export import from_exported
 
-        ir = from_exported(self.exported, pg.model)
-        labels, comp, groups = analyse(ir)
-        if not same_groups(pg.groups, groups, pg.comp, comp):
+        analysis = analyse(from_exported(self.exported, pg.model))
+        if not same_groups(pg.groups, analysis.groups, pg.comp, analysis.comp):
             if not adopt_groups:
                 raise UnsupportedModelError(
                     "the recorded graph and torch.export's graph give different groups; trace again "
                     "with gp.trace(..., recorder=False)", source=pg.ir.source)
             warnings.warn(f"{pg.ir.source}: the recorder found {len(pg.groups)} groups, torch.export "
-                          f"{len(groups)}; using export's", RecorderMismatchWarning, stacklevel=3)
-            pg.groups = groups
-        pg.ir, pg.labels, pg.comp = ir, labels, comp
-        pg.__dict__.pop("liveness", None)  # cached on the old analysis
+                          f"{len(analysis.groups)}; using export's", RecorderMismatchWarning, stacklevel=3)
         self.settled = True
+        return analysis
 
-    def emit(self, pg: Any, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None) -> CompactModule:
+    def emit(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None) -> CompactModule:
         """The compact module for ``tensors`` (buffers from the user's model); ``removed``
         overrides which units go (default: every all-zero unit)."""
-        self.settle(pg)
+        pg.adopt(self.settle(pg))
         units = pg.removed_units(tensors) if removed is None else removed
         state = dict(tensors)
         for k, v in pg.model.named_buffers(remove_duplicate=False):
             state.setdefault(k, v)
         return emit_module(pg.ir, self.exported, Shrink(pg.labels, pg.comp, units), state)
 
-    def full(self, pg: Any, tensors: dict[str, torch.Tensor]) -> CompactModule:
+    def full(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> CompactModule:
         """The full model with ``tensors`` as weights (nothing removed)."""
         return self.emit(pg, tensors, torch.zeros(0, dtype=torch.long))
 
-    def compare(self, pg: Any, tensors: dict[str, torch.Tensor]) -> float:
+    def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> float:
         """Relative error between the compact and the zeroed full model on the example.
         The reference is the user's own model run on ``tensors`` (in eval mode, as traced):
         no second full-size module is built."""
@@ -85,26 +88,3 @@ class TorchBackend:
             pg.model.train(was_training)
         return max_rel_error(ref, out)
 
-
-def max_rel_error(ref: Any, out: Any) -> float:
-    worst = 0.0
-    for a, b in zip(pytree.tree_leaves(ref), pytree.tree_leaves(out)):
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
-            if a.shape != b.shape:
-                return float("inf")
-            worst = max(worst, float((a - b).abs().max() / (a.abs().max() + 1e-12)))
-    return worst
-
-
-def same_groups(a: list[Any], b: list[Any], comp_a: torch.Tensor, comp_b: torch.Tensor) -> bool:
-    """Whether two analyses found the same groups over the same unit numbering."""
-    if len(a) != len(b) or not torch.equal(comp_a, comp_b):
-        return False
-    for g, h in zip(a, b):
-        if (g.size, g.kind) != (h.size, h.kind) or not torch.equal(g.atoms, h.atoms):
-            return False
-        mine = {(s.param, s.dim, s.dim2): s for s in g.slices}  # slice order follows value names
-        theirs = {(s.param, s.dim, s.dim2): s for s in h.slices}
-        if mine.keys() != theirs.keys() or not all(torch.equal(s.index, theirs[k].index) for k, s in mine.items()):
-            return False
-    return True

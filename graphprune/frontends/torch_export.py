@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedModelError
 from ..ir.graph import Graph, Node, Ref, Value
-from ..ops.registry import canonical_aten
+from ..ops.catalog import canonical_aten
 
 
 def export_program(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,

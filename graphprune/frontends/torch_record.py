@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..ir.graph import Graph, Node, Ref, Value
-from ..ops.registry import canonical_aten, shape_only
+from ..ops.catalog import canonical_aten, shape_only
 from .torch_export import named_args
 
 aten = torch.ops.aten

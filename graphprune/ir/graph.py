@@ -98,6 +98,10 @@ class Graph:
     def params(self) -> dict[str, Value]:
         return {v.name: v for v in self.values.values() if v.kind == "param"}
 
+    def producers(self) -> dict[str, Node]:
+        """Value -> the node computing it (inputs, parameters and constants have none)."""
+        return {o: n for n in self.nodes for o in n.outputs}
+
     def users(self) -> dict[str, list[Node]]:
         out: dict[str, list[Node]] = {}
         for n in self.nodes:

@@ -743,7 +743,7 @@ class Pad(Rule):
             return True
         value = node.attrs.get("value", node.attrs.get("constant_value"))
         if isinstance(value, Ref):
-            data = lab.graph.values[value.name].data
+            data = lab.data(value.name)
             return data is not None and bool((data == 0).all())
         return value is None or value == 0
 

@@ -14,6 +14,10 @@ maps, an :class:`OnnxOp` (input names, attribute normalisation and one torch
 implementation, so every ONNX node the registry knows runs in torch), and for ATen
 overloads whose output shape follows from their inputs' (``relu``, a broadcasting
 ``add``, an in-place op), how the recorder computes it without running the meta kernel.
+
+This module only defines what an entry is and holds the tables the entries register
+into; it imports none of them.  Look ops up through :mod:`.catalog`, which imports every
+entry module, so a lookup always sees the whole registry.
 """
 from __future__ import annotations
 
@@ -25,11 +29,11 @@ if TYPE_CHECKING:
     from ..ir.graph import Graph, Node
     from ..passes.shrink import Shrink
 
-_RULES: dict[str, "Rule"] = {}
-_ATEN: dict[str, str] = {}
-_ONNX: dict[str, str] = {}
-_ONNX_OPS: dict[str, "OnnxOp"] = {}
-_SHAPE_ONLY: dict[str, "ShapeOnly"] = {}
+RULES: dict[str, "Rule"] = {}             # canonical op -> its rule
+ATEN: dict[str, str] = {}                 # ATen packet name -> canonical op
+ONNX: dict[str, str] = {}                 # ONNX op_type -> canonical op
+ONNX_OPS: dict[str, "OnnxOp"] = {}        # ONNX op_type -> how it is imported and run in torch
+SHAPE_ONLY: dict[str, "ShapeOnly"] = {}   # ATen overload -> its output from its inputs' shapes
 
 # (args, kwargs) of an ATen call on meta tensors -> its meta output, or None where the
 # meta kernel must run after all (an in-place op that would broadcast its first argument)
@@ -96,61 +100,13 @@ def register(op: str, *, aten: tuple[str, ...] = (), onnx: Mapping[str, OnnxOp] 
     def deco(cls: type) -> type:
         rule = cls()
         rule.op = op
-        _RULES[op] = rule
-        _SHAPE_ONLY.update(shape_only or {})
+        RULES[op] = rule
+        SHAPE_ONLY.update(shape_only or {})
         for a in aten:
-            _ATEN[a] = op
+            ATEN[a] = op
         for o, spec in (onnx or {}).items():
-            _ONNX[o] = op
-            _ONNX_OPS[o] = spec
+            ONNX[o] = op
+            ONNX_OPS[o] = spec
         return cls
     return deco
 
-
-def canonical_aten(packet: str) -> str:
-    _load()
-    return _ATEN.get(packet, f"aten::{packet}")
-
-
-def canonical_onnx(op_type: str) -> str:
-    _load()
-    return _ONNX.get(op_type, f"onnx::{op_type}")
-
-
-def onnx_op(op_type: str) -> OnnxOp | None:
-    """How the ONNX op type is imported and run in torch (None: no entry maps it)."""
-    _load()
-    return _ONNX_OPS.get(op_type)
-
-
-def shape_only() -> dict[str, ShapeOnly]:
-    """ATen overload (``"add.Tensor"``) -> its output from its inputs' shapes (see ``register``)."""
-    _load()
-    return dict(_SHAPE_ONLY)
-
-
-def rule_for(op: str) -> Rule:
-    _load()
-    return _RULES.get(op) or _UNKNOWN
-
-
-def known_ops() -> dict[str, list[str]]:
-    """Canonical op -> the ATen and ONNX names that map to it (for docs and tests)."""
-    _load()
-    out: dict[str, list[str]] = {k: [] for k in _RULES}
-    for a, op in _ATEN.items():
-        out[op].append(f"aten.{a}")
-    for o, op in _ONNX.items():
-        out[op].append(f"onnx::{o}")
-    return out
-
-
-_UNKNOWN = Rule()
-_loaded = False
-
-
-def _load() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from . import compute, elementwise, movement, normalization, reduction  # noqa: F401

@@ -11,7 +11,7 @@ state_dict round trips, DDP agreement, numerical guards) lives here once.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,9 @@ from graphprune.analysis.groups import Group
 from graphprune.errors import NumericalError, UnprunableTargetError
 from graphprune.optim.saliency import saliency, unit_criteria
 from graphprune.target import Target, achieved, select_units
+
+if TYPE_CHECKING:
+    from graphprune.prunable import PrunableGraph
 
 _STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 
@@ -95,7 +98,7 @@ class GroupOptimizer(torch.optim.Optimizer):
     ``graphprune.codegen.build(..., sparse="auto")``.
     """
 
-    def __init__(self, g: Any, lr: float, *, target: Target | float = 0.5, variant: str = "sgd",
+    def __init__(self, g: PrunableGraph, lr: float, *, target: Target | float = 0.5, variant: str = "sgd",
                  momentum: float = 0.9, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, check_finite: bool = True, groups: Sequence[Group] | None = None) -> None:
         if not lr > 0:

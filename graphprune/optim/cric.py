@@ -24,7 +24,7 @@ mode under ``no_grad`` and restore the weights bit for bit, so training is unaff
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -34,11 +34,14 @@ from graphprune.optim.hesso import HESSO
 from graphprune.optim.saliency import dense_rank
 from graphprune.target import Target
 
+if TYPE_CHECKING:
+    from graphprune.prunable import PrunableGraph
+
 
 class HESSO_CRIC(HESSO):
     """HESSO whose period choices are corrected by loss probes; see the module docstring."""
 
-    def __init__(self, g: Any, lr: float = 0.1, *, loss_fn: Callable[[], torch.Tensor | float],
+    def __init__(self, g: PrunableGraph, lr: float = 0.1, *, loss_fn: Callable[[], torch.Tensor | float],
                  target: Target | float = 0.5, cycles: int = 3, collapse_ratio: float = 1.0,
                  probe_weight: float = 1.0, **kwargs: Any) -> None:
         if not callable(loss_fn):

@@ -19,18 +19,21 @@ redundant unit still nonzero is projected, so the target is met when the window 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from graphprune.optim.base import GroupOptimizer
 from graphprune.target import Target
 
+if TYPE_CHECKING:
+    from graphprune.prunable import PrunableGraph
+
 
 class DHSPG(GroupOptimizer):
     """DHSPG over the graph's groups; see the module docstring for the update."""
 
-    def __init__(self, g: Any, lr: float = 0.1, *, target: Target | float = 0.5, warmup_steps: int = 0,
+    def __init__(self, g: PrunableGraph, lr: float = 0.1, *, target: Target | float = 0.5, warmup_steps: int = 0,
                  pruning_steps: int = 1000, epsilon: float = 0.0, margin: float = 0.1, log_every: int | None = None,
                  saliency_weights: Mapping[str, float] | None = None, **base: Any) -> None:
         if warmup_steps < 0 or pruning_steps < 1 or not 0.0 <= epsilon < 1.0 or margin < 0:

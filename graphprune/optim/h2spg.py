@@ -21,7 +21,7 @@ partition.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
 
 import torch
 
@@ -30,6 +30,9 @@ from graphprune.optim.base import broadcast_masks
 from graphprune.optim.dhspg import DHSPG
 from graphprune.target import Target
 
+if TYPE_CHECKING:
+    from graphprune.prunable import PrunableGraph
+
 Candidate = Union[int, Iterable[tuple[int, int]]]
 """A group index (the whole group) or a set of ``(group index, unit)`` pairs."""
 
@@ -37,7 +40,7 @@ Candidate = Union[int, Iterable[tuple[int, int]]]
 class H2SPG(DHSPG):
     """DHSPG with a hierarchical, connectivity-checked partition; see the module docstring."""
 
-    def __init__(self, g: Any, lr: float = 0.1, *, target: Target | float = 0.5,
+    def __init__(self, g: PrunableGraph, lr: float = 0.1, *, target: Target | float = 0.5,
                  candidates: Sequence[Candidate] | Callable[[Any], Sequence[Candidate]] | None = None,
                  connected: Callable[[list[torch.Tensor]], bool] | None = None, **kwargs: Any) -> None:
         super().__init__(g, lr, target=target, **kwargs)

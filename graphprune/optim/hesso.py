@@ -20,7 +20,7 @@ the units, which is what makes HESSO accurate without a separate fine-tuning sta
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
@@ -28,11 +28,14 @@ from graphprune.errors import UnprunableTargetError
 from graphprune.optim.base import GroupOptimizer, broadcast_masks
 from graphprune.target import Target
 
+if TYPE_CHECKING:
+    from graphprune.prunable import PrunableGraph
+
 
 class HESSO(GroupOptimizer):
     """HESSO over the graph's groups; see the module docstring for the schedule."""
 
-    def __init__(self, g: Any, lr: float = 0.1, *, target: Target | float = 0.5, warmup_steps: int = 0,
+    def __init__(self, g: PrunableGraph, lr: float = 0.1, *, target: Target | float = 0.5, warmup_steps: int = 0,
                  pruning_steps: int = 1000, pruning_periods: int = 10,
                  saliency_weights: Mapping[str, float] | None = None, **base: Any) -> None:
         if warmup_steps < 0 or pruning_periods < 1 or pruning_steps < pruning_periods:

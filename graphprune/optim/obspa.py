@@ -12,13 +12,16 @@ mean into the consumer's bias or the BatchNorm after it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import torch
 
 from graphprune.analysis.groups import Group, Slice
 from graphprune.errors import GraphPruneError
-from graphprune.ops.registry import rule_for
+from graphprune.ops.catalog import rule_for
+
+if TYPE_CHECKING:
+    from graphprune.ir.graph import Graph
 
 Activation = Literal["relu", "relu6", "gelu", "silu", "identity"]
 
@@ -79,9 +82,9 @@ class GraphRoutes:
     BN-ReLU before a conv) gives the per-channel scale and mean of what it reads.
     """
 
-    def __init__(self, ir: Any, params: dict[str, torch.Tensor]) -> None:
+    def __init__(self, ir: Graph, params: dict[str, torch.Tensor]) -> None:
         self.values, self.params = ir.values, params
-        self.maker = {o: n for n in ir.nodes for o in n.outputs}
+        self.maker = ir.producers()
         self.key: dict[str, str] = {}
         for v in ir.values.values():
             if v.kind == "param":
@@ -215,7 +218,7 @@ class GraphRoutes:
         return self.params[name].detach().double().cpu().reshape(-1)
 
 
-def _routes(graph: Any, params: dict[str, torch.Tensor]) -> GraphRoutes | None:
+def _routes(graph: Graph | GraphRoutes | None, params: dict[str, torch.Tensor]) -> GraphRoutes | None:
     if graph is None or isinstance(graph, GraphRoutes):
         return graph
     return GraphRoutes(graph, params)
@@ -265,7 +268,7 @@ def _block_of(consumer: Slice | None, route: Route | None) -> int:
 
 
 def input_moments(g: Group, params: dict[str, torch.Tensor], activation: Activation | None = None, *,
-                  graph: Any = None, consumer: Slice | None = None) -> InputMoments:
+                  graph: Graph | GraphRoutes | None = None, consumer: Slice | None = None) -> InputMoments:
     """Estimate what one consumer of the group reads, from weights alone.
 
     * **Which slices.**  With the traced graph (``graph``, the IR) and a ``consumer``, the
@@ -482,14 +485,14 @@ def _bias_of(s: Slice, params: dict[str, torch.Tensor]) -> str | None:
 
 
 def consumer_moments(g: Group, params: dict[str, torch.Tensor], activation: Activation | None = None,
-                     graph: Any = None) -> list[InputMoments]:
+                     graph: Graph | GraphRoutes | None = None) -> list[InputMoments]:
     """:func:`input_moments` for every consumer of ``g`` (in :func:`_consumers` order)."""
     routes = _routes(graph, params)
     return [input_moments(g, params, activation, graph=routes, consumer=s) for s in _consumers(g)]
 
 
 def obspa(groups: Sequence[Group], params: dict[str, torch.Tensor], *, damping: float = 0.1,
-          activation: Activation | None = None, graph: Any = None, **_: Any) -> list[torch.Tensor]:
+          activation: Activation | None = None, graph: Graph | GraphRoutes | None = None, **_: Any) -> list[torch.Tensor]:
     """Data-free Optimal-Brain-SPA: OBS error summed over every layer that reads the unit.
 
     Each consumer is scored under its own input model (:func:`input_moments`, routed
@@ -515,7 +518,7 @@ def obspa(groups: Sequence[Group], params: dict[str, torch.Tensor], *, damping: 
 
 def compensate(g: Group, remove: torch.Tensor, params: dict[str, torch.Tensor],
                mom: InputMoments | Sequence[InputMoments] | None = None, damping: float = 0.1,
-               activation: Activation | None = None, graph: Any = None, rescale: float = 2.0) -> None:
+               activation: Activation | None = None, graph: Graph | GraphRoutes | None = None, rescale: float = 2.0) -> None:
     """Apply the OBS update to every consumer of ``g`` for the units in ``remove`` (in place).
 
     ``mom`` is one model for every consumer, or one per consumer (:func:`consumer_moments`,

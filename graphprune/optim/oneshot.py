@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ from graphprune.frontends.onnx_program import GraphProgram
 from graphprune.optim.obspa import Activation, GraphRoutes, compensate, consumer_moments
 from graphprune.optim.scoring import Normalize, normalize, score
 from graphprune.target import Target, achieved, select_units
+
+if TYPE_CHECKING:
+    from graphprune.prunable import PrunableGraph
 
 Scope = Literal["global", "layer"]
 
@@ -76,7 +79,7 @@ class PruneReport:
         return f"PruneReport({self.criterion}, {self.scope}, {self.target!r}{comp}: removed {got})"
 
 
-def _totals(g: Any) -> dict[str, Any]:
+def _totals(g: PrunableGraph) -> dict[str, Any]:
     """Model totals plus what exact overlap accounting needs (weights pruned along two dims)."""
     return {"total_params": g.total_params, "total_flops": g.total_flops, "params": g.params,
             "param_macs": g.param_macs}
@@ -131,7 +134,7 @@ def select(groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Targ
     raise GraphPruneError(f"unknown scope {scope!r}", hint="use scope='global' or scope='layer'")
 
 
-def prune(g: Any, criterion: str = "obspa", target: Target | float = 0.4, *, data: Iterable | None = None,
+def prune(g: PrunableGraph, criterion: str = "obspa", target: Target | float = 0.4, *, data: Iterable | None = None,
           loss_fn: Callable | None = None, normalize: Normalize | None = None, scope: Scope = "global",
           compensate_consumers: bool | None = None, batches: int = 4, damping: float = 0.1,
           activation: Activation | None = None, rescale: float = 2.0) -> PruneReport:
@@ -174,7 +177,7 @@ _normalize = normalize  # `prune`'s keyword shadows the function's name
 
 
 @contextlib.contextmanager
-def _differentiable(g: Any, model: nn.Module | None, criterion: str) -> Iterator[nn.Module | None]:
+def _differentiable(g: PrunableGraph, model: nn.Module | None, criterion: str) -> Iterator[nn.Module | None]:
     """The model gradient criteria run: the user's module, or for an ONNX graph its
     :class:`GraphProgram` with the initializers made to require grad meanwhile."""
     ir = getattr(g, "ir", None)

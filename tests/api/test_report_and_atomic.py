@@ -83,7 +83,7 @@ def test_inspect_page_draws_every_node_and_colours_groups(cnn, example):
     import re
     import xml.etree.ElementTree as ET
 
-    from graphprune.report import inspect_data, inspect_html
+    from graphprune.inspection import inspect_data, inspect_html
     from graphprune.trace import trace
 
     g = trace(cnn, example)

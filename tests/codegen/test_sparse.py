@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from graphprune.codegen.sparse import BsrWeight, bsr_linear, choose_kernels, kernel_form
+from graphprune.codegen.sparse import BsrWeight, bsr_linear, kernel_form
+from graphprune.codegen.sparsify import choose_kernels
 
 RNG = np.random.default_rng(0)
 

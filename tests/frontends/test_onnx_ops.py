@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.frontends.onnx_import import load_onnx, session
 from graphprune.frontends.onnx_program import GraphProgram
-from graphprune.ops.registry import known_ops, onnx_op
+from graphprune.ops.catalog import known_ops, onnx_op
 
 rng = np.random.default_rng(0)
 

@@ -7,18 +7,19 @@ Every ``gp.trace(..., verify=True)`` in the suite is a further agreement check: 
 disagreement warns with RecorderMismatchWarning, which pytest.ini makes an error."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 import graphprune as gp
-from graphprune.errors import UnsupportedModelError
+from graphprune.errors import RecorderMismatchWarning, UnsupportedModelError
 from graphprune.frontends import torch_record
-from graphprune.frontends.torch_backend import same_groups
 from graphprune.frontends.torch_export import export_model, from_exported
-from graphprune.ops.registry import shape_only
-from graphprune.trace import analyse
+from graphprune.analysis import analyse, same_groups
+from graphprune.ops.catalog import shape_only
 from tests.analysis.test_zero_invariance import BLOCKS
 from tests.helpers import check_zero_invariance, zero_random_half
 
@@ -28,9 +29,9 @@ def _agree(model: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
     kwargs = kwargs or {}
     recorded = analyse(torch_record.record(model, args, kwargs))
     exported = analyse(from_exported(export_model(model, args, kwargs), model))
-    assert recorded[2], "no groups"
-    assert same_groups(recorded[2], exported[2], recorded[1], exported[1])
-    assert sorted(b.op for b in recorded[0].barriers) == sorted(b.op for b in exported[0].barriers)
+    assert recorded.groups, "no groups"
+    assert same_groups(recorded.groups, exported.groups, recorded.comp, exported.comp)
+    assert sorted(b.op for b in recorded.labels.barriers) == sorted(b.op for b in exported.labels.barriers)
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))
@@ -92,6 +93,40 @@ def test_disagreement_after_groups_are_handed_out_is_an_error() -> None:
     g.groups = g.groups[1:]  # what an analysis that saw other ops would hold
     with pytest.raises(UnsupportedModelError, match="different groups"):
         g.construct_subnet()
+
+
+def test_settle_returns_a_new_analysis_and_leaves_the_graph_alone() -> None:
+    g = gp.trace(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), verify=False)
+    recorded, held = g.analysis, list(g.groups)
+    liveness = g.liveness
+    exported = g.backend.settle(g)
+    assert exported is not recorded and exported.ir is not recorded.ir
+    assert g.analysis is recorded and g.ir is recorded.ir and g.labels is recorded.labels
+    assert g.comp is recorded.comp and g.liveness is liveness and all(a is b for a, b in zip(g.groups, held))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        exported.ir = recorded.ir
+    g.adopt(exported)
+    assert g.ir is exported.ir and g.labels is exported.labels and g.comp is exported.comp
+    assert g.liveness is exported.liveness and g.liveness is not liveness  # derived from the new analysis
+    assert len(g.groups) == len(held) and all(a is b for a, b in zip(g.groups, held))  # same groups: held ones stay
+
+
+def test_a_refused_settle_changes_nothing() -> None:
+    g = gp.trace(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), verify=False)
+    g.groups = g.groups[1:]
+    recorded, held = g.analysis, list(g.groups)
+    with pytest.raises(UnsupportedModelError, match="different groups"):
+        g.construct_subnet()
+    assert g.analysis is recorded and g.groups == held and not g.backend.settled
+
+
+def test_adopting_an_analysis_with_other_groups_replaces_the_held_ones() -> None:
+    g = gp.trace(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), verify=False)
+    g.groups = g.groups[1:]
+    with pytest.warns(RecorderMismatchWarning):
+        exported = g.backend.settle(g, adopt_groups=True)
+    g.adopt(exported)
+    assert g.analysis is exported and g.groups == list(exported.groups)
 
 
 @torch.library.custom_op("gptest::shuffle_rows", mutates_args=())

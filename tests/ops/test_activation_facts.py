@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from graphprune.ir.graph import Node
-from graphprune.ops.registry import canonical_aten, canonical_onnx, rule_for
+from graphprune.ops.catalog import canonical_aten, canonical_onnx, rule_for
 
 
 def _aten(packet: str, overload: str = "default") -> Node:

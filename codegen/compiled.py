@@ -1,0 +1,150 @@
+"""A Relax program compiled for a target: :class:`CompiledModel` (run, benchmark, export)
+and :func:`compile_program`, which compiles one with a tuning database's records.
+
+Both :func:`.compile.build` and the kernel chooser (:mod:`.sparsify`, which times the
+dense kernel of a layer) compile through here; this module decides nothing about sparsity.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+
+from graphprune.atomic import atomic_path
+from graphprune.errors import TuningError
+
+from .frontend import RelaxProgram
+from .pipeline import compile_fused, fuse
+from .targets import CodegenTarget
+from .tuning import database_coverage, open_database
+
+if TYPE_CHECKING:
+    from .sparsify import KernelChoice
+
+#: Cross compilers for targets that do not run here, by LLVM triple prefix.
+CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++"}
+
+
+class CompiledModel:
+    """A compiled model: ``run`` and ``benchmark`` on this machine, ``export`` for any target.
+
+    For a cross target (ARM from x86, CUDA without a GPU) it is an exported-library holder:
+    ``export`` works, ``run`` and ``benchmark`` raise :class:`TuningError`.
+    """
+
+    def __init__(self, executable: relax.VMExecutable, target: CodegenTarget, program: RelaxProgram,
+                 tuned_functions: int, total_functions: int,
+                 kernel_choices: list[KernelChoice] | None = None) -> None:
+        self.executable = executable
+        #: per dense layer, BSR or dense and the timings behind it (empty unless built with ``sparse=``)
+        self.kernel_choices = kernel_choices or []
+        self.target = target
+        self.program = program
+        self.tuned_functions = tuned_functions
+        self.total_functions = total_functions
+        self._vm: relax.VirtualMachine | None = None
+
+    @property
+    def vm(self) -> relax.VirtualMachine:
+        if self._vm is None:
+            self._vm = relax.VirtualMachine(self.executable, self._device())
+        return self._vm
+
+    def _device(self) -> tvm.runtime.Device:
+        if not self.target.runs_here:
+            raise TuningError(f"a model built for {self.target.name} cannot run on this machine",
+                              hint="export() it and run it on the device through TVM RPC; for aarch64 "
+                                   "correctness checks run it under qemu (graphprune.codegen.qemu)")
+        return self.target.device()
+
+    def _to_device(self, inputs: Sequence[Any]) -> list[tvm.runtime.Tensor]:
+        if len(inputs) != len(self.program.input_names):
+            raise TuningError(f"expected {len(self.program.input_names)} inputs "
+                              f"({', '.join(self.program.input_names)}), got {len(inputs)}")
+        device = self._device()
+        arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]
+        return [tvm.runtime.tensor(np.require(a, requirements="C"), device) for a in arrays]
+
+    def run(self, *inputs: Any) -> np.ndarray | list[np.ndarray]:
+        """Run on numpy arrays or torch tensors; one output comes back as an array, several as a list."""
+        result = self.vm["main"](*self._to_device(inputs))
+        outputs = _flatten(result)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def example_inputs(self, seed: int = 0) -> list[np.ndarray]:
+        """Random inputs of the compiled shapes and dtypes (zeros for integer inputs)."""
+        rng = np.random.default_rng(seed)
+        return [rng.standard_normal(shape).astype(dtype) if dtype.startswith("float") else np.zeros(shape, dtype)
+                for shape, dtype in zip(self.program.input_shapes, self.program.input_dtypes)]
+
+    def benchmark(self, repeat: int = 7, number: int | None = None, min_repeat_ms: int = 50,
+                  inputs: Sequence[Any] | None = None) -> dict[str, float | int | str]:
+        """Time ``main`` with TVM's time evaluator: ``repeat`` medians of ``number`` runs each.
+
+        With ``number=None`` each repeat runs for at least ``min_repeat_ms``. Thread count is the
+        TVM runtime's (set ``TVM_NUM_THREADS`` before the first run to fix it).
+        """
+        args = self._to_device(list(inputs) if inputs is not None else self.example_inputs())
+        timer = self.vm.time_evaluator("main", self._device(), number=number or 1, repeat=repeat,
+                                       min_repeat_ms=0 if number else min_repeat_ms)
+        times_ms = np.array(timer(*args).results) * 1e3
+        return {"median_ms": float(np.median(times_ms)), "mean_ms": float(times_ms.mean()),
+                "std_ms": float(times_ms.std()), "min_ms": float(times_ms.min()), "repeat": repeat,
+                "threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
+                "target": self.target.name}
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """Write a shared library loadable by the TVM runtime on the target (atomic: temp file + rename)."""
+        options = {}
+        if self.target.kind == "llvm" and not self.target.runs_here:
+            arch = str(self.target.target.attrs.get("mtriple", "")).split("-")[0]
+            if arch not in CROSS_COMPILERS:
+                raise TuningError(f"no cross compiler known for {arch!r}", hint=f"known: {sorted(CROSS_COMPILERS)}")
+            options["fcompile"] = tvm.support.cc.cross_compiler(CROSS_COMPILERS[arch])
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            self.executable.export_library(str(tmp), **options)
+        return Path(path)
+
+    @property
+    def bsr_layers(self) -> list[str]:
+        """The layers compiled as block-sparse kernels."""
+        return [c.layer for c in self.kernel_choices if c.kernel == "bsr"]
+
+    def summary(self) -> str:
+        lines = [self.program.summary(), f"  target: {self.target}",
+                 f"  tuned functions: {self.tuned_functions}/{self.total_functions} (others: default schedules)"]
+        lines += [f"  {choice}" for choice in self.kernel_choices]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"CompiledModel({self.program.name}, {self.target.name}, "
+                f"tuned {self.tuned_functions}/{self.total_functions})")
+
+
+def _flatten(value: Any) -> list[np.ndarray]:
+    if isinstance(value, tvm.runtime.Tensor):
+        return [value.numpy()]
+    return [array for item in value for array in _flatten(item)]
+
+
+def compile_program(program: RelaxProgram, target: CodegenTarget,
+                    tuning_db: str | os.PathLike | ms.Database | None = None, default_schedules: bool = True,
+                    kernel_choices: list[KernelChoice] | None = None) -> CompiledModel:
+    """Bind ``program``'s weights, fuse, and compile it for ``target`` with ``tuning_db``'s
+    records (a meta-schedule work directory or a ``Database``) and default schedules for
+    the functions without one."""
+    database = open_database(tuning_db) if isinstance(tuning_db, (str, os.PathLike)) else tuning_db
+    fused = fuse(program.bound(), target.target)
+    tuned, total = database_coverage(database, fused, target.target)
+    try:
+        executable = compile_fused(fused, target.target, database, default_schedules)
+    except Exception as exc:  # TVM reports compile failures as several internal error types
+        raise TuningError(f"TVM failed to compile {program.name} for {target.name}: {exc}") from exc
+    return CompiledModel(executable, target, program, tuned, total, kernel_choices)

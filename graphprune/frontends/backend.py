@@ -1,0 +1,36 @@
+"""What a frontend provides once a model is analysed: emitting and checking compact models.
+
+A :class:`PrunableGraph` holds one backend and reaches its frontend only through this
+protocol; :class:`.torch_backend.TorchBackend` emits ``nn.Module`` s,
+:class:`.onnx_backend.OnnxBackend` ``onnx.ModelProto`` s.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:
+    import onnx
+
+    from ..prunable import PrunableGraph
+
+#: what a backend emits: a PyTorch module or an ONNX model
+CompactModel = Union[torch.nn.Module, "onnx.ModelProto"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    def emit(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
+             removed: torch.Tensor | None = None) -> CompactModel:
+        """The compact model with ``tensors`` as weights; ``removed`` overrides which units
+        go (default: every all-zero unit)."""
+        ...
+
+    def full(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> CompactModel:
+        """The full model with ``tensors`` as weights (nothing removed)."""
+        ...
+
+    def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> float:
+        """Max relative error between the compact and the zeroed full model on the example."""
+        ...
