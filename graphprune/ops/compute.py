@@ -16,6 +16,7 @@ from ..analysis.labels import Field, Labels, unlabelled
 from ..ir.graph import Node
 from .common import numel, ref_name
 from .registry import Rule, register
+from .rewrite import Rewrite
 
 
 def _param(lab: Labels, node: Node, key: str) -> str | None:
@@ -73,17 +74,13 @@ class Conv(Rule):
     def keeps_zero(self, node, lab) -> bool:
         return _trained(lab, node, "weight", "bias")
 
-    def rewrite_fx(self, node, fx_node, shrink) -> None:
+    def rewrite(self, node, shrink) -> Rewrite | None:
+        """A grouped convolution keeps its group size: removed groups lower the count."""
         g = int(node.attrs.get("groups", 1) or 1)
-        if g > 1:
-            per = shrink.old_shape(node.outputs[0])[1] // g
-            shrink.set_fx_arg(fx_node, "groups", shrink.new_shape(node.outputs[0])[1] // per)
-
-    def rewrite_onnx(self, node, proto, shrink) -> None:
-        g = int(node.attrs.get("groups", 1) or 1)
-        if g > 1:
-            per = shrink.old_shape(node.outputs[0])[1] // g
-            shrink.set_onnx_attr(proto, "group", shrink.new_shape(node.outputs[0])[1] // per)
+        if g == 1:
+            return None
+        per = shrink.old_shape(node.outputs[0])[1] // g
+        return Rewrite(args={"groups": shrink.new_shape(node.outputs[0])[1] // per})
 
 
 def _linear(lab: Labels, node: Node, x: str, w: str, b: str | None, w_in_dim: int) -> None:

@@ -3,20 +3,22 @@
 Each canonical op has one :class:`Rule` registered under the ATen and ONNX names that
 map to it.  A rule says how channels flow (``propagate``: read input fields, write
 output fields, couple/pin atoms, label parameter axes, report FLOPs) and how the op
-is rewritten once units go (``rewrite_fx`` for the compact PyTorch graph,
-``rewrite_onnx`` for the compact ONNX graph).  ``keeps_zero`` says whether the entries
+is rewritten once units go (``rewrite``: new constant arguments or a phantom op, in
+the frontend-neutral terms of :mod:`.rewrite`, which the lowerings apply to an fx or
+an ONNX node).  ``keeps_zero`` says whether the entries
 of its outputs that removed units take are exactly zero in the zeroed model, which is
 what lets a layer norm or a sum reduce over a prunable axis.  An op with no rule is a
 barrier.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from ..analysis.labels import Labels
     from ..ir.graph import Node
     from ..passes.shrink import Shrink
+    from .rewrite import Rewrite
 
 _RULES: dict[str, "Rule"] = {}
 _ATEN: dict[str, str] = {}
@@ -27,6 +29,9 @@ class Rule:
     """Base rule; subclasses override what applies to them."""
 
     op: str = ""
+    mode_args: dict[str, str] = {}
+    """ATen op -> its argument that follows ``.train()``/``.eval()`` (batch norm's
+    ``training``): a compact module sets it when its mode changes."""
 
     def propagate(self, node: "Node", lab: "Labels") -> None:
         lab.barrier(node, f"no channel rule for {node.source_op or node.op}")
@@ -38,11 +43,10 @@ class Rule:
         always sound."""
         return False
 
-    def rewrite_fx(self, node: "Node", fx_node: Any, shrink: "Shrink") -> None:
-        """Update the fx node's constant arguments for the compact shapes (default: none)."""
-
-    def rewrite_onnx(self, node: "Node", proto: Any, shrink: "Shrink") -> None:
-        """Update the ONNX node's attributes/constant inputs for the compact shapes."""
+    def rewrite(self, node: "Node", shrink: "Shrink") -> "Rewrite | None":
+        """The node's new constant arguments for the compact shapes, or the phantom op it
+        becomes (default: nothing changes).  A pure function of the IR and ``shrink``."""
+        return None
 
 
 def register(op: str, *, aten: tuple[str, ...] = (), onnx: tuple[str, ...] = ()) -> Callable[[type], type]:
