@@ -9,7 +9,7 @@ the skip path plus, where the branch ends in a bias or a batch norm, a constant 
 
 The constant is what the zeroed full model computes there.  It is evaluated with every
 empty value set to zero (no input needed: kept entries never depend on removed ones),
-by the IR's own callables or by the emitter (onnxruntime for ONNX), then reduced to its
+by the IR's own callables or by the backend's evaluator (onnxruntime for ONNX), then reduced to its
 smallest broadcastable shape (batch and any axis along which it is uniform become 1; a
 dynamic axis that is not uniform forbids erasure) and sliced to the compact channels.
 A frontier is accepted only where the consumer is a binary add/sub/mul/div whose other

@@ -9,7 +9,7 @@ transformer's hidden columns) they are exact on the compact graph when the remov
 input entries are exactly zero (:meth:`Labels.is_zero`) and the statistics keep the
 original count ``N``: mean = Σx/N, var = (Σ(x-mean)² + (N-N')·mean²)/N, RMS² = Σx²/N
 (:func:`phantom_layer_norm`, :func:`phantom_rms_norm`; on ONNX the same body as a
-model-local function the emitter inlines).  A removed output column is then zero iff
+model-local function the ONNX lowering inlines).  A removed output column is then zero iff
 its weight and bias entries are (an RMS norm's always is), so input columns, output
 columns and the affine entries form one unit.  A layer norm without a trained weight
 (its removed outputs are -mean/σ), an input that is not zero where removed (after a

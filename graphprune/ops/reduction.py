@@ -61,7 +61,7 @@ def mean_of_original(x: torch.Tensor, dim: list[int] | None, keepdim: bool, n: i
 
 def mean_onnx_function(opset: int):
     """:func:`mean_of_original` as an ONNX FunctionProto (``graphprune`` domain, inlined by
-    the emitter): ``ReduceSum(data, axes) / count`` with attributes ``count`` (the original
+    the ONNX lowering): ``ReduceSum(data, axes) / count`` with attributes ``count`` (the original
     count, a scalar tensor of the data's type: valid in every opset), ``keepdims``, and
     before opset 13 ``axes`` (an attribute of ReduceSum then, an input from 13 on)."""
     from onnx import AttributeProto, helper
