@@ -56,6 +56,11 @@ class CompactPlan:
     unerased: dict[str, str] = field(default_factory=dict)
     folds: tuple[Fold, ...] = ()
 
+    def __repr__(self) -> str:
+        return (f"CompactPlan({len(self.shapes)} shapes, {len(self.params)} params sliced, "
+                f"{len(self.rewrites)} rewrites, {len(self.erased)} erased, {len(self.constants)} constants, "
+                f"{len(self.unerased)} unerased, {len(self.folds)} folds)")
+
     def removes(self, node: Node) -> bool:
         """Whether ``node`` is erased."""
         return node.name in self.erased

@@ -346,6 +346,7 @@ def _shape_shrunk_onnx(call: Call, ctx: OnnxContext) -> OnnxCall:
 
 
 def _shape_of_full_onnx(call: Call, ctx: OnnxContext) -> OnnxCall:
+    """:func:`shape_of_onnx_function` for the call's pattern, its lists as int64 tensors."""
     a = call.attrs
     attrs = dict(fixed=_int64(a["fixed"]), **a["forward"])
     if a["den"] is not None:
@@ -372,7 +373,8 @@ def shape_of_onnx_function(opset: int, size: bool, keep: tuple[int, ...], forwar
 # Only ONNX models compute shapes at run time: these phantoms have no torch form.
 SHAPE_SHRUNK = Phantom("shape_shrunk", None, _shape_shrunk_onnx)
 SHAPE_OF_FULL = Phantom("shape_of_full", None, _shape_of_full_onnx)
-SPLIT_WITH_SIZES = Phantom("split_with_sizes", aten.split_with_sizes.default, None)  # ONNX Split takes sizes as they are
+# ONNX's Split takes sizes as they are; an ATen split by count becomes a split by sizes
+SPLIT_WITH_SIZES = Phantom("split_with_sizes", aten.split_with_sizes.default, None)
 
 
 @register("permute", aten=("permute", "transpose", "t", "movedim", "swapaxes", "numpy_T", "mT", "flip",

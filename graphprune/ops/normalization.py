@@ -169,7 +169,8 @@ def _phantom_norm_onnx(rms: bool) -> Callable[[Call, OnnxContext], OnnxCall]:
         to = helper.np_dtype_to_tensor_dtype(torch.empty(0, dtype=ctx.dtype(x)).numpy().dtype)
         scalar = lambda v: numpy_helper.from_array(np.array(v, dtype=np.float32))  # noqa: E731
         return OnnxCall(phantom_onnx_function(rms, bias, ctx.opset(17)),
-                        dict(N=scalar(n), missing=scalar(n - ctx.shape(x)[-1]), epsilon=scalar(call.attrs["eps"]), to=to))
+                        dict(N=scalar(n), missing=scalar(n - ctx.shape(x)[-1]), epsilon=scalar(call.attrs["eps"]),
+                             to=to))
     return form
 
 

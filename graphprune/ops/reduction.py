@@ -89,7 +89,8 @@ def _mean_onnx(call: Call, ctx: OnnxContext) -> OnnxCall:
     import numpy as np
     from onnx import numpy_helper
     opset = ctx.opset(13)
-    count = numpy_helper.from_array(np.array(call.attrs["n"], dtype=torch.empty(0, dtype=ctx.dtype(call.inputs[0])).numpy().dtype))
+    dtype = torch.empty(0, dtype=ctx.dtype(call.inputs[0])).numpy().dtype
+    count = numpy_helper.from_array(np.array(call.attrs["n"], dtype=dtype))
     attrs = dict(count=count, keepdims=int(call.attrs["keepdim"]))
     if opset >= 13:
         return OnnxCall(mean_onnx_function(opset), attrs, {1: list(call.attrs["dim"])})
@@ -151,7 +152,8 @@ class Reduce(Rule):
         for d in dims:
             n *= old[d]
         keep = bool(node.attrs.get("keepdim", node.attrs.get("keepdims", False)))
-        return Rewrite(call=Call(MEAN_OF_ORIGINAL, (x,), dict(dim=dims, keepdim=keep, n=n, dtype=node.attrs.get("dtype"))))
+        attrs = dict(dim=dims, keepdim=keep, n=n, dtype=node.attrs.get("dtype"))
+        return Rewrite(call=Call(MEAN_OF_ORIGINAL, (x,), attrs))
 
 
 @register("diff", aten=("diff",))
