@@ -22,16 +22,10 @@ from onnx import helper, numpy_helper
 from graphprune.errors import BadOnnxError, ZeroInvarianceError
 from graphprune.frontends.onnx_skeleton import check_model, fill, infer_shapes, put_weight
 from graphprune.ir.graph import Graph, Node
-from graphprune.ops.rewrite import Call, Entries, OnnxContext, Rewrite
+from graphprune.ops.registry import rule_for
+from graphprune.ops.rewrite import Call, Entries, OnnxArg, OnnxContext, Rewrite
 from graphprune.passes.fold_bn import Fold
 from graphprune.passes.plan import CompactPlan
-
-# Where ONNX keeps the arguments the rules rewrite, when not in an attribute of the same
-# name: op type -> argument -> (input index, first opset with it as an input).
-_INPUTS = {"Reshape": {"shape": (1, 5)}, "Expand": {"shape": (1, 8)}, "Split": {"split": (1, 13)},
-           "Slice": {"starts": (1, 10), "ends": (2, 10)}, "Resize": {"sizes": (3, 11)}}
-_RENAMED = {("Conv", "groups"): "group", ("ConvTranspose", "groups"): "group"}  # the IR's name -> ONNX's
-_REPLACED = {("Split", "split"): "num_outputs"}  # an attribute the explicit input replaces
 
 
 def lower_onnx(ir: Graph, proto: onnx.ModelProto, plan: CompactPlan, tensors: dict[str, Any],
@@ -163,17 +157,17 @@ class _Editor:
 def _apply(ed: _Editor, node: Node, proto: onnx.NodeProto, rw: Rewrite, ctx: OnnxContext) -> None:
     """Apply ``rw`` to ``proto``, the ONNX node of the IR node ``node``."""
     held = {a.name: p for a, p in zip(node.args, proto.input) if a is not None}  # IR value -> proto input
+    places = rule_for(node.op).onnx_args
     for name, value in rw.args.items():
         if isinstance(value, Entries):
             value = value.apply(list(node.attrs[name]))
-        place = _INPUTS.get(proto.op_type, {}).get(name)
-        if place is not None and ed.opset(13) >= place[1]:
-            ed.set_const_input(proto, place[0], value)
-            replaced = _REPLACED.get((proto.op_type, name))
-            if replaced:
-                ed.del_attr(proto, replaced)
+        place = places.get((proto.op_type, name), OnnxArg())
+        if place.input is not None and ed.opset(13) >= place.since:
+            ed.set_const_input(proto, place.input, value)
+            if place.replaces:
+                ed.del_attr(proto, place.replaces)
         else:
-            ed.set_attr(proto, _RENAMED.get((proto.op_type, name), name), value)
+            ed.set_attr(proto, place.name or name, value)
     for value, call in rw.feeds.items():
         index = list(proto.input).index(held[value])
         name = f"{proto.name}__pruned_in{index}"

@@ -16,7 +16,7 @@ from ..analysis.labels import Field, Labels, unlabelled
 from ..ir.graph import Node
 from .common import numel, ref_name
 from .registry import Rule, register
-from .rewrite import Rewrite
+from .rewrite import OnnxArg, Rewrite
 
 
 def _param(lab: Labels, node: Node, key: str) -> str | None:
@@ -37,6 +37,8 @@ def _trained(lab: Labels, node: Node, *keys: str) -> bool:
                         "conv_transpose2d", "conv_transpose3d"), onnx=("Conv", "ConvTranspose"))
 class Conv(Rule):
     """Output channels are new atoms; input channels become the weight's input slices."""
+
+    onnx_args = {("Conv", "groups"): OnnxArg(name="group"), ("ConvTranspose", "groups"): OnnxArg(name="group")}
 
     def propagate(self, node: Node, lab: Labels) -> None:
         a = node.attrs

@@ -20,7 +20,7 @@ from ..errors import UnprunableTargetError
 from ..ir.graph import Node, Ref
 from .common import as_list, ref_name
 from .registry import Rule, register
-from .rewrite import Call, Entries, OnnxCall, OnnxContext, Phantom, Rewrite
+from .rewrite import Call, Entries, OnnxArg, OnnxCall, OnnxContext, Phantom, Rewrite
 
 aten = torch.ops.aten
 
@@ -161,6 +161,8 @@ def _onnx_expand_shape(node, x, out, shrink) -> list[int]:
                            "unflatten", "flatten", "squeeze", "unsqueeze", "squeeze_copy", "unsqueeze_copy"),
           onnx=("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand"))
 class Reshape(Movement):
+    onnx_args = {("Reshape", "shape"): OnnxArg(input=1, since=5), ("Expand", "shape"): OnnxArg(input=1, since=8)}
+
     def fast_field(self, node, lab, data) -> Field | None:
         f = _single(node, lab, data)
         if f is None:
@@ -423,6 +425,8 @@ class Roll(Movement):
 
 @register("split", aten=("split", "split_with_sizes", "chunk", "split_copy", "tensor_split"), onnx=("Split",))
 class Split(Movement):
+    onnx_args = {("Split", "split"): OnnxArg(input=1, since=13, replaces="num_outputs")}
+
     def rewrite(self, node, shrink) -> Rewrite | None:
         """The split sizes follow the compact outputs."""
         x = node.inputs[0]
@@ -438,6 +442,8 @@ class Split(Movement):
 @register("slice", aten=("slice", "narrow", "select", "slice_copy", "select_copy"), onnx=("Slice",))
 class Slice(Movement):
     """Slicing a pruned axis: start/end/index shift to the kept positions before them."""
+
+    onnx_args = {("Slice", "starts"): OnnxArg(input=1, since=10), ("Slice", "ends"): OnnxArg(input=2, since=10)}
 
     def check(self, node, lab, data) -> None:
         steps = as_list(node.attrs.get("steps")) or [int(node.attrs.get("step", 1) or 1)]

@@ -16,7 +16,7 @@ from ..analysis.labels import Field, Labels
 from ..ir.graph import Node
 from .common import as_list, ref_name
 from .registry import Rule, register
-from .rewrite import Call, OnnxCall, OnnxContext, Phantom, Rewrite
+from .rewrite import Call, OnnxArg, OnnxCall, OnnxContext, Phantom, Rewrite
 
 REDUCE = ("mean", "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "logsumexp",
           "norm", "linalg_vector_norm", "prod", "argmax", "argmin", "any", "all", "cumsum", "cumprod")
@@ -193,6 +193,8 @@ class Softmax(Rule):
 @register("spatial", aten=SPATIAL, onnx=ONNX_SPATIAL)
 class Spatial(Rule):
     """Pooling/resizing: batch and channel atoms pass; atoms on spatial axes are pinned."""
+
+    onnx_args = {("Resize", "sizes"): OnnxArg(input=3, since=11)}
 
     def propagate(self, node: Node, lab: Labels) -> None:
         f = lab.field(node.inputs[0])

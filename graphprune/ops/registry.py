@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..analysis.labels import Labels
     from ..ir.graph import Node
     from ..passes.shrink import Shrink
-    from .rewrite import Rewrite
+    from .rewrite import OnnxArg, Rewrite
 
 _RULES: dict[str, "Rule"] = {}
 _ATEN: dict[str, str] = {}
@@ -29,6 +29,9 @@ class Rule:
     """Base rule; subclasses override what applies to them."""
 
     op: str = ""
+    onnx_args: dict[tuple[str, str], "OnnxArg"] = {}
+    """(ONNX op type, IR argument name) -> where ONNX keeps an argument :meth:`rewrite`
+    sets, where that is not an attribute of the same name."""
     mode_args: dict[str, str] = {}
     """ATen op -> its argument that follows ``.train()``/``.eval()`` (batch norm's
     ``training``): a compact module sets it when its mode changes."""

@@ -61,6 +61,19 @@ class Call:
 
 
 @dataclass(frozen=True)
+class OnnxArg:
+    """Where ONNX keeps an argument a rule's rewrite sets, when not in an attribute of
+    the IR's name: input ``input`` from opset ``since`` on (an attribute before), under
+    the attribute name ``name``; ``replaces``: an attribute the explicit input replaces
+    (Split's ``num_outputs``)."""
+
+    input: int | None = None
+    since: int = 1
+    name: str | None = None
+    replaces: str | None = None
+
+
+@dataclass(frozen=True)
 class Entries:
     """A new value for a list argument given entry by entry: entries ``at`` take new
     values, the others stay what they are in the lowered graph (a symbolic batch size

@@ -1,7 +1,7 @@
 """The ONNX lowering applies a rewrite to an ONNX node, whatever the op: an argument
-becomes an attribute or a constant input (by opset), a call a model-local function,
-a run-time shape filtered through a call inserted before its reader, a constant an
-initializer."""
+becomes an attribute or a constant input (by opset, as the registry entry says), a call
+a model-local function, a run-time shape filtered through a call inserted before its
+reader, a constant an initializer."""
 from __future__ import annotations
 
 import numpy as np
