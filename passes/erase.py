@@ -87,6 +87,8 @@ def erase(shrink: Shrink, tensors: dict[str, torch.Tensor], dynamic: Callable[[s
     the model, named in errors.
     """
     graph = shrink.graph
+    if not bool(shrink.removed.any()):
+        return Erasure(shrink)  # nothing removed, nothing empty (the full model)
     evaluate = evaluate or (lambda wanted, empty: _evaluate(graph, wanted, empty, tensors, source))
     live = Liveness(graph, shrink.lab, shrink.comp)
     kept: dict[str, str] = {}
