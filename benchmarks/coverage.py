@@ -327,7 +327,7 @@ def _property_onnx(g: Any, inputs: tuple) -> str:
     import onnx
 
     from graphprune.frontends.onnx_backend import run_onnx
-    from graphprune.frontends.onnx_import import check_model
+    from graphprune.frontends.onnx_skeleton import check_model
     from graphprune.rel_error import max_rel_error
     from tests.frontends.test_onnx import n_weights
     from tests.helpers import zero_random_half

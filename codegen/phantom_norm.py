@@ -6,7 +6,7 @@ mean = Σx/N, var = (Σ(x-mean)² + (N-N')·mean²)/N). No framework op says tha
 reaches TVM as elementwise ops around two sums, and ``FuseOps`` cannot join a reduction
 to a later one: every such norm became five kernels (a small ViT pruned to half its
 FLOPs: 65 kernel calls for 13 norms, about an eighth of its run time). This pass finds the
-sequence the emitters write (``PHANTOM_LAYER_NORM``, defined with them) in the Relax
+sequence the emitters write (``LAYER_NORM_STEPS``, defined with them) in the Relax
 graph, from the ONNX frontend (``Reciprocal(Sqrt)``) or torch.export (``rsqrt``), and
 replaces it with one TE function; the affine scale and shift after it fuse
 into that kernel as usual.
@@ -17,11 +17,11 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.dpl import is_op, wildcard
 
-from graphprune.ops.normalization import PHANTOM_LAYER_NORM
+from graphprune.ops.normalization import LAYER_NORM_STEPS
 
 
 def _pattern() -> tuple[relax.dpl.DFPattern, dict[str, relax.dpl.DFPattern | list[relax.dpl.DFPattern]]]:
-    """The Relax pattern of :data:`PHANTOM_LAYER_NORM` (the sequence graphprune's emitters
+    """The Relax pattern of :data:`LAYER_NORM_STEPS` (the sequence graphprune's emitters
     write), and its parts by value name; the numbers ``n``, ``missing`` and ``eps`` are a
     fresh wildcard at each use (a list of them), checked to be equal scalar constants after
     matching: a frontend may give a tensor constant or a scalar (TVM's ONNX frontend turns
@@ -40,7 +40,7 @@ def _pattern() -> tuple[relax.dpl.DFPattern, dict[str, relax.dpl.DFPattern | lis
         return is_op("relax.multiply")(p, p) | is_op("relax.square")(p) | is_op("relax.power")(p, parts["two"][-1])
 
     binary = {"divide": "relax.divide", "subtract": "relax.subtract", "multiply": "relax.multiply", "add": "relax.add"}
-    for out, op, args in PHANTOM_LAYER_NORM:
+    for out, op, args in LAYER_NORM_STEPS:
         a = [operand(v) for v in args]
         if op == "sum":
             parts[out] = is_op("relax.sum")(a[0])
@@ -110,7 +110,7 @@ class _PhantomNorms(relax.PyExprMutator):
             got = {name: matched[p] for name, p in self.parts.items() if not isinstance(p, list) and p in matched}
             numbers = {k: [_scalar(matched[p]) for p in self.parts[k] if p in matched] for k in ("n", "missing", "eps",
                                                                                                   "two")}
-            sums = [got[out] for out, op, _ in PHANTOM_LAYER_NORM if op == "sum"]
+            sums = [got[out] for out, op, _ in LAYER_NORM_STEPS if op == "sum"]
             if (all(None not in v and len(set(v)) == 1 for k, v in numbers.items() if k != "two")
                     and all(e == 2.0 for e in numbers["two"]) and _unit_numerator(got["rstd"])
                     and all(_last_axis_sum(t) for t in sums)):

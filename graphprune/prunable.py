@@ -142,9 +142,12 @@ class PrunableGraph:
                 out.append(i)
         return out
 
-    def construct_subnet(self) -> CompactModel:
-        """The compact model: every all-zero unit removed.  Never changes the user's model."""
-        return self.backend.emit(self, self.params)
+    def construct_subnet(self, fold_bn: bool = False) -> CompactModel:
+        """The compact model: every all-zero unit removed.  Never changes the user's model.
+        ``fold_bn``: fold inference batch norms into the convolution or linear layer
+        before them (for inference and code generation; a folded module has no batch
+        norm left to switch to training mode)."""
+        return self.backend.emit(self, self.params, fold_bn=fold_bn)
 
     # ---- self-check -------------------------------------------------------------------
     def verify(self, fraction: float = 0.5, seed: int = 0, rtol: float = 1e-4) -> list[tuple[Group, str]]:

@@ -1,16 +1,12 @@
 """Shapes and indices of the compact model once a set of units is removed.
 
-:class:`Shrink` answers, for every value and parameter, which indices survive; the
-op rules use it to rewrite their constant arguments (reshape sizes, split sizes,
-slice bounds, conv groups) and the emitters to slice parameters.  Kept sets are
-checked to be rectangles: anything else is a bug and raises instead of emitting a
-wrong model.
+:class:`Shrink` answers, for every value and parameter, which indices survive: the
+queries the op rules compute their rewrites from (reshape sizes, split sizes, slice
+bounds, conv groups) and the plan takes the parameters' kept indices from.  It only
+reads the analysis.  Kept sets are checked to be rectangles: anything else is a bug
+and raises instead of emitting a wrong model.
 """
 from __future__ import annotations
-
-from typing import Any
-
-import numpy as np
 
 import torch
 
@@ -80,105 +76,11 @@ class Shrink:
         return self._shapes[name]
 
     # ---- parameters ------------------------------------------------------------------
-    def param_index(self, name: str) -> dict[int, torch.Tensor]:
-        """dim -> LongTensor of surviving indices, for the dims of ``name`` that shrink."""
-        out = {}
+    def param_indices(self) -> dict[str, dict[int, torch.Tensor]]:
+        """Fixed value -> dim -> LongTensor of surviving indices, for the dims that shrink."""
+        out: dict[str, dict[int, torch.Tensor]] = {}
         for (p, d), labels in self._param_labels.items():
-            if p != name:
-                continue
             keep = self.kept_mask(labels)
             if not bool(keep.all()):
-                out[d] = torch.nonzero(keep).flatten()
+                out.setdefault(p, {})[d] = torch.nonzero(keep).flatten()
         return out
-
-    def slice_tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        for d, idx in self.param_index(name).items():
-            t = t.index_select(d, idx.to(t.device))
-        return t
-
-    # ---- argument rewriting helpers used by the op rules ------------------------------
-    @staticmethod
-    def get_fx_arg(fx_node: Any, name: str) -> Any:
-        if name in fx_node.kwargs:
-            return fx_node.kwargs[name]
-        pos = [a.name for a in fx_node.target._schema.arguments].index(name)
-        return fx_node.args[pos]
-
-    @staticmethod
-    def set_fx_arg(fx_node: Any, name: str, value: Any) -> None:
-        """Set a schema argument of an fx node by name, positional or keyword."""
-        if name in fx_node.kwargs:
-            kw = dict(fx_node.kwargs)
-            kw[name] = value
-            fx_node.kwargs = kw
-            return
-        schema = fx_node.target._schema
-        pos = [a.name for a in schema.arguments].index(name)
-        if pos < len(fx_node.args):
-            args = list(fx_node.args)
-            args[pos] = value
-            fx_node.args = tuple(args)
-        else:
-            kw = dict(fx_node.kwargs)
-            kw[name] = value
-            fx_node.kwargs = kw
-
-    # ONNX: the emitter sets ``self.onnx`` to the model being rewritten
-    onnx: Any = None
-
-    def set_onnx_attr(self, proto_node: Any, name: str, value: Any) -> None:
-        from onnx import helper
-        for i, a in enumerate(proto_node.attribute):
-            if a.name == name:
-                del proto_node.attribute[i]
-                break
-        proto_node.attribute.append(helper.make_attribute(name, value))
-
-    def set_onnx_const_input(self, proto_node: Any, index: int, values: list[int]) -> None:
-        """Point input ``index`` of the node at a new int64 initializer holding ``values``."""
-        from onnx import numpy_helper
-        name = f"{proto_node.name}__pruned_in{index}"
-        self.onnx.graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
-        while len(proto_node.input) <= index:
-            proto_node.input.append("")
-        proto_node.input[index] = name
-
-    def set_onnx_constant(self, proto_node: Any, values: list[int] | int) -> None:
-        """Make the node an Identity of a new int64 initializer holding ``values``: a size
-        that is known when the model is written (TVM's ONNX frontend, for one, cannot
-        do arithmetic on run-time shapes)."""
-        del proto_node.attribute[:]
-        del proto_node.input[:]
-        proto_node.op_type, proto_node.domain = "Identity", ""
-        self.set_onnx_const_input(proto_node, 0, values)
-
-    def call_onnx_function(self, proto_node: Any, fn: Any, **attrs: Any) -> None:
-        """Turn the node into a call of the model-local function ``fn`` (a FunctionProto,
-        added to the model once, its domain imported) with ``attrs``; inputs and outputs
-        stay, trailing ones beyond the function's are dropped.  The emitter inlines the
-        call, so the written model holds standard ops only."""
-        from onnx import helper
-        if not any(f.domain == fn.domain and f.name == fn.name for f in self.onnx.functions):
-            self.onnx.functions.append(fn)
-        if not any(o.domain == fn.domain for o in self.onnx.opset_import):
-            self.onnx.opset_import.append(helper.make_opsetid(fn.domain, 1))
-        proto_node.op_type, proto_node.domain = fn.name, fn.domain
-        del proto_node.attribute[:]
-        proto_node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
-        del proto_node.input[len(fn.input):]
-        del proto_node.output[len(fn.output):]
-
-    def onnx_opset(self, default: int = 13) -> int:
-        """The model's default-domain opset (``default`` if it declares none)."""
-        return next((o.version for o in self.onnx.opset_import if o.domain in ("", "ai.onnx")), default)
-
-    def set_onnx_split(self, proto_node: Any, sizes: list[int]) -> None:
-        """Split sizes live in an input from opset 13 on, in an attribute before."""
-        if self.onnx_opset() >= 13:
-            for i, a in enumerate(proto_node.attribute):
-                if a.name == "num_outputs":
-                    del proto_node.attribute[i]
-                    break
-            self.set_onnx_const_input(proto_node, 1, sizes)
-        else:
-            self.set_onnx_attr(proto_node, "split", sizes)

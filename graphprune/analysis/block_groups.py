@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ..prunable import PrunableGraph
 
 
-def _candidate_layers(g: Any) -> dict[str, str]:
+def _candidate_layers(g: PrunableGraph) -> dict[str, str]:
     """Module name -> its ``weight``, for every layer whose registry entry says a BSR matmul
     computes it exactly (:meth:`Rule.block_sparse_weight`: linear layers, pointwise
     convolutions).  Block groups are addressed by module, so a weight that is not its

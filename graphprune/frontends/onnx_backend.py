@@ -1,5 +1,6 @@
 """The ONNX side of a PrunableGraph: initializers as editable torch tensors, compact
-ModelProto emission, and onnxruntime checks."""
+ModelProto emission (a :class:`~graphprune.passes.plan.CompactPlan` lowered by
+:mod:`graphprune.lower.onnx`), and onnxruntime checks."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -7,38 +8,23 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 import torch
-from onnx import helper
+from onnx import numpy_helper
 
+from ..errors import ZeroInvarianceError
 from ..ir.graph import Graph
-from ..passes.emit_onnx import emit_onnx
-from ..passes.shrink import Shrink
+from ..lower.onnx import lower_onnx
+from ..passes.erase import Evaluate
+from ..passes.plan import CompactPlan, plan_compact
+from .onnx_skeleton import is_large, run_onnx, runs_fed
 from ..rel_error import max_rel_error
 
 if TYPE_CHECKING:
     from ..prunable import PrunableGraph
 
 
-def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
-             weights: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
-    """One onnxruntime run on the CPU.  A big model runs with its weights fed (see
-    :func:`.onnx_import.session`); ``weights`` are the arrays of an emitted model's stubs."""
-    import onnxruntime as ort
-
-    from .onnx_import import session
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess, fed = session(model, opts, weights)
-    return sess.run(None, {**feeds, **fed})
-
-
-def _np_dtype(elem_type: int) -> np.dtype:
-    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
-
-
 class OnnxBackend:
     def __init__(self, proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
-        # the traced model's structure: its fed weights are stubs (onnx_import.stub), their
+        # the traced model's structure: its fed weights are stubs (onnx_skeleton.stub), their
         # data is the IR's tensors, so the proto holds no second copy of the weights
         self.proto, self.feeds = proto, feeds
 
@@ -49,45 +35,33 @@ class OnnxBackend:
         parameters), not another copy of every weight."""
         return {name: v.data for name, v in ir.values.items() if v.kind == "param"}
 
+    def plan(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], removed: torch.Tensor,
+             fold_bn: bool = False) -> CompactPlan:
+        """The compact plan for removing the components ``removed``."""
+        return plan_compact(pg.ir, pg.labels, pg.comp, removed, tensors, fold_bn=fold_bn,
+                            dynamic=lambda name: pg.ir.values[name].dynamic_axes,
+                            evaluate=_evaluator(pg.ir, self.proto, tensors))
+
     def emit(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None,
-             weights: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+             weights: dict[str, np.ndarray] | None = None, fold_bn: bool = False) -> onnx.ModelProto:
         """The compact ModelProto; with ``weights`` its fed weights stay stubs and their
-        arrays go there (for ``run_onnx(model, feeds, weights)``)."""
+        arrays go there (for ``run_onnx(model, feeds, weights)``); ``fold_bn``: fold
+        inference batch norms into the convolutions before them."""
         units = pg.removed_units(tensors) if removed is None else removed
-        return emit_onnx(pg.ir, self.proto, Shrink(pg.labels, pg.comp, units), tensors, weights)
+        return lower_onnx(pg.ir, self.proto, self.plan(pg, tensors, units, fold_bn), tensors, weights)
 
     def full(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
              weights: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
-        """The full model with ``tensors`` as initializers (nothing removed); ``weights`` as
-        for :meth:`emit`.  A model over 2 GiB is not emitted but has its initializers
-        replaced directly: nothing else changes."""
-        from .onnx_import import fill, is_large, put_weight
-        if not is_large(self.proto):
-            return self.emit(pg, tensors, torch.zeros(0, dtype=torch.long), weights)
-        model = onnx.ModelProto()
-        model.CopyFrom(self.proto)  # cheap: the weights are stubs
-        fed: dict[str, np.ndarray] = {}
-        for init in model.graph.initializer:
-            v = pg.ir.values.get(init.name)
-            if v is not None and v.kind == "param":
-                arr = tensors.get(init.name, v.data).detach().cpu().numpy()
-                put_weight(init, init.name, arr.astype(_np_dtype(init.data_type), copy=False), fed)
-        for n in list(model.graph.node):  # weights the importer untied from a shared initializer
-            if n.op_type == "Identity" and n.output[0] in tensors:
-                arr = tensors[n.output[0]].detach().cpu().numpy()
-                put_weight(model.graph.initializer.add(), n.output[0], arr, fed)
-                model.graph.node.remove(n)
-        if weights is None:
-            fill(model, fed)
-        else:
-            weights.update(fed)
-        return model
+        """The full model with ``tensors`` as weights (nothing removed); ``weights`` as for
+        :meth:`emit`.  A model over 2 GiB is not shape-inferred and checked again: its
+        structure is the traced one."""
+        plan = self.plan(pg, tensors, torch.zeros(0, dtype=torch.long))
+        return lower_onnx(pg.ir, self.proto, plan, tensors, weights, check=not is_large(self.proto))
 
     def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> float:
         """Relative error of the compact model against the zeroed full model (onnxruntime).
         A model that onnxruntime runs with its weights fed is emitted with them as stubs and
         fed straight from ``tensors`` (and their slices): no serialised copy of them."""
-        from .onnx_import import runs_fed
         if runs_fed(self.proto):
             weights: dict[str, np.ndarray] = {}
             ref = run_onnx(self.full(pg, tensors, weights), self.feeds, weights)
@@ -98,3 +72,45 @@ class OnnxBackend:
             ref = run_onnx(self.full(pg, tensors), self.feeds)
             out = run_onnx(self.emit(pg, tensors), self.feeds)
         return max_rel_error(ref, out)
+
+
+def _evaluator(ir: Graph, proto: onnx.ModelProto, tensors: dict[str, torch.Tensor]) -> Evaluate:
+    """Compute input-independent values with onnxruntime: the nodes they depend on, in a
+    model of their own whose initializers are the current weights and zeros for the
+    empty values (the model's inputs are never reached).  onnxruntime runs every ONNX
+    op, so a failure is a bug and raised as one."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    initial = {i.name: i for i in proto.graph.initializer}
+
+    def evaluate(wanted: set[str], empty: set[str]) -> dict[str, torch.Tensor]:
+        graph = onnx.GraphProto(name="erased")
+        nodes, seen, stack = set(), set(), list(wanted)
+        while stack:
+            name = stack.pop()
+            if name in seen or not name:
+                continue
+            seen.add(name)
+            v = ir.values.get(name)
+            if name in empty:
+                arr = np.zeros(v.shape, dtype=torch.empty(0, dtype=v.dtype).numpy().dtype)
+                graph.initializer.append(numpy_helper.from_array(arr, name))
+            elif v is not None and v.kind == "param":
+                arr = tensors.get(name, v.data).detach().cpu().numpy()
+                graph.initializer.append(numpy_helper.from_array(np.array(arr, order="C"), name))
+            elif name in initial:
+                graph.initializer.append(initial[name])
+            else:
+                nodes.add(id(producer[name]))
+                stack.extend(producer[name].input)
+        graph.node.extend(n for n in proto.graph.node if id(n) in nodes)
+        names = sorted(wanted)
+        graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+        model = onnx.helper.make_model(graph, opset_imports=proto.opset_import, ir_version=proto.ir_version)
+        try:
+            outs = run_onnx(model, {})
+        except Exception as exc:
+            raise ZeroInvarianceError(f"onnxruntime failed on the erased branches' constants: {str(exc)[:300]}",
+                                      node=names[0], source=ir.source,
+                                      hint="this is a graphprune bug; please report it with the model") from exc
+        return {n: torch.from_numpy(a) for n, a in zip(names, outs)}
+    return evaluate

@@ -16,190 +16,16 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, external_data_helper, helper, numpy_helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from ..errors import BadOnnxError
 from ..ir.graph import Graph, Node, Ref, Value
 from ..ops.catalog import canonical_onnx, onnx_op
 from ..ops.registry import OnnxOp
 from .onnx_mapped import map_tensor, read_structure, tensor_bytes
+from .onnx_skeleton import FLOAT_TYPES, check_model, elem_dtype, infer_shapes, is_fed, skeleton, stub, without_weights
 
 _BIG = 1 << 16  # integer intermediates larger than this are not kept
-PROTOBUF_LIMIT = (1 << 31) - (1 << 26)  # a serialised ModelProto cannot pass 2 GiB (some room for the graph)
-_FEED_MIN = 1024  # float initializers with at least this many elements are fed, not embedded, by ``skeleton``
-# weights over this many bytes make onnxruntime run a model as its ``skeleton`` with the weights
-# fed (used as they are): a session of the serialised model took three times its weights more
-# (the bytes, onnxruntime's parse of them and its own tensors: +3.4 GB on vit_l_16)
-_FEED_BYTES = 1 << 28
-_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
-
-
-def data_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers, from their dims (reading ``raw_data`` would copy it)."""
-    total = 0
-    for t in model.graph.initializer:
-        n = int(np.prod(t.dims)) if len(t.dims) else 1
-        try:
-            total += n * _elem_dtype(t.data_type).itemsize
-        except Exception:  # strings
-            total += n * 8
-    return total
-
-
-def is_large(model: onnx.ModelProto) -> bool:
-    """Whether the model (weights in memory) is too big to serialise: onnx.checker,
-    shape inference and onnxruntime then only see its ``skeleton``."""
-    return data_bytes(model) > PROTOBUF_LIMIT
-
-
-def is_fed(t: onnx.TensorProto) -> bool:
-    """Whether ``skeleton`` moves the initializer out: a float weight of at least
-    ``_FEED_MIN`` elements (read from its dims, not its data)."""
-    return t.data_type in _FLOAT_TYPES and (int(np.prod(t.dims)) if len(t.dims) else 1) >= _FEED_MIN
-
-
-def runs_fed(model: onnx.ModelProto) -> bool:
-    """Whether onnxruntime runs ``model`` as its ``skeleton`` with the weights fed (see
-    :func:`session`): it cannot be serialised, or its weights are big enough that an
-    embedded copy would cost several more of them."""
-    return is_large(model) or data_bytes(model) >= _FEED_BYTES
-
-
-def _copy_fields(src: Any, dst: Any, skip: str) -> None:
-    """Every set field of the message ``src`` but ``skip`` into ``dst`` (nothing of ``skip``
-    is read, so a graph's weights are not copied)."""
-    for fd, value in src.ListFields():
-        if fd.name == skip:
-            continue
-        field = getattr(dst, fd.name)
-        if hasattr(field, "extend"):
-            field.extend(value)
-        elif hasattr(field, "CopyFrom"):
-            field.CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
-
-
-def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` (metadata, functions, graph fields) with no initializer."""
-    out = onnx.ModelProto()
-    _copy_fields(model, out, "graph")
-    _copy_fields(model.graph, out.graph, "initializer")
-    return out
-
-
-def stub(t: onnx.TensorProto, out: onnx.TensorProto | None = None) -> onnx.TensorProto:
-    """The initializer without its data: name, type, dims (and doc and metadata) only.  A
-    model holds its fed weights (:func:`is_fed`) as stubs wherever the data lives elsewhere
-    (the IR's tensors): ``skeleton`` moves them out, so the checker, shape inference and
-    onnxruntime never see a stub, and nothing reads the data they lack."""
-    out = onnx.TensorProto() if out is None else out
-    out.name, out.data_type, out.doc_string = t.name, t.data_type, t.doc_string
-    out.dims.extend(t.dims)
-    if hasattr(t, "metadata_props"):
-        out.metadata_props.extend(t.metadata_props)
-    return out
-
-
-def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose fed weights (:func:`is_fed`) are stubs: the structure the
-    importer keeps (the weights themselves become the IR's tensors), without a second copy
-    of every weight.  ``model`` is not changed."""
-    out = _without_initializers(model)
-    for t in model.graph.initializer:
-        if is_fed(t):
-            stub(t, out.graph.initializer.add())
-        else:
-            out.graph.initializer.add().CopyFrom(t)
-    return out
-
-
-def put_weight(init: onnx.TensorProto, name: str, arr: np.ndarray, fed: dict[str, np.ndarray]) -> None:
-    """Make ``init`` the initializer ``name`` of ``arr``'s type and shape: a fed one
-    (:func:`is_fed`) stays a stub and ``arr`` goes into ``fed`` (for :func:`fill` or to be
-    fed to onnxruntime as it is); any other holds ``arr``."""
-    init.Clear()
-    init.name, init.data_type = name, helper.np_dtype_to_tensor_dtype(arr.dtype)
-    init.dims.extend(arr.shape)
-    if is_fed(init):
-        fed[name] = arr
-    else:
-        init.CopyFrom(numpy_helper.from_array(np.require(arr, requirements="C"), name))
-
-
-def fill(model: onnx.ModelProto, fed: dict[str, np.ndarray]) -> None:
-    """Write each array of ``fed`` into its stub in ``model`` (those still there)."""
-    for init in model.graph.initializer:
-        arr = fed.get(init.name)
-        if arr is not None:
-            init.CopyFrom(numpy_helper.from_array(np.require(arr, requirements="C"), init.name))
-
-
-def skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
-    """The model without its float weight initializers, which become graph inputs of the
-    same type and shape (fed at run time), and those initializers by name.  Small
-    initializers (shape constants, scales) stay, so shape inference still sees them.
-    Nothing big is copied: the skeleton of a 2.5 GB model is a few hundred kB."""
-    g = model.graph
-    sk = _without_initializers(model)
-    sg = sk.graph
-    declared = {i.name for i in g.input}
-    moved: dict[str, onnx.TensorProto] = {}
-    for t in g.initializer:
-        if is_fed(t):
-            moved[t.name] = t
-            if t.name not in declared:
-                sg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            sg.initializer.append(t)
-    return sk, moved
-
-
-def check_model(model: Any) -> None:
-    """``onnx.checker.check_model`` for a path (external data included) or a ModelProto of
-    any size, checked as its ``skeleton``: serialising the weights for the checker cost
-    twice their size (2.3 GB on vit_l_16) and fails past 2 GiB.  The fed weights' data is
-    validated where it is read (:func:`load_onnx` converts every initializer)."""
-    if isinstance(model, (str, os.PathLike)):
-        onnx.checker.check_model(os.fspath(model))
-    else:
-        onnx.checker.check_model(skeleton(model)[0])
-
-
-def infer_shapes(model: onnx.ModelProto, *, inplace: bool = False, **kwargs: Any) -> onnx.ModelProto:
-    """``onnx.shape_inference.infer_shapes`` run on the ``skeleton`` (no weights are
-    serialised, so any size works and nothing big is copied); the inferred value_info and
-    outputs are written into ``model`` (``inplace``) or into a copy of it."""
-    sk, moved = skeleton(model)
-    inferred = onnx.shape_inference.infer_shapes(sk, **kwargs)
-    out = model
-    if not inplace:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in moved)
-    del out.graph.output[:]
-    out.graph.output.extend(inferred.graph.output)
-    return out
-
-
-def session(model: onnx.ModelProto, options: Any = None,
-            weights: dict[str, np.ndarray] | None = None) -> tuple[Any, dict[str, np.ndarray]]:
-    """An onnxruntime CPU session of ``model`` and the weight feeds it needs.  A model that
-    :func:`runs_fed` (over 2 GiB it cannot even be serialised), or one given ``weights``
-    (arrays for the stubs of an emitted model, see :func:`stub`), runs as its ``skeleton``
-    with the weights fed: onnxruntime uses a fed array's memory as it is."""
-    import onnxruntime as ort
-
-    feeds: dict[str, np.ndarray] = {}
-    if weights is not None or runs_fed(model):
-        model, moved = skeleton(model)
-        given = weights or {}
-        feeds = {k: np.require(given[k], requirements="C") if k in given else numpy_helper.to_array(t)
-                 for k, t in moved.items()}
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), feeds
-
-
 def _parse(model: Any, load: Callable[[str], onnx.ModelProto] = onnx.load) -> tuple[onnx.ModelProto, str]:
     """The ModelProto of a path (read by ``load``: by default with its external data) or
     of the caller."""
@@ -308,10 +134,6 @@ def _weight(t: onnx.TensorProto, source: str) -> np.ndarray:
     return arr
 
 
-def _elem_dtype(elem_type: int) -> np.dtype:
-    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
-
-
 def example_feeds(model: onnx.ModelProto, example: tuple) -> dict[str, np.ndarray]:
     """Feeds for the graph inputs: the user's example tensors, or random ones with
     dynamic dimensions set to 1."""
@@ -328,7 +150,7 @@ def example_feeds(model: onnx.ModelProto, example: tuple) -> dict[str, np.ndarra
     for i in inputs:
         t = i.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim]
-        dt = _elem_dtype(t.elem_type)
+        dt = elem_dtype(t.elem_type)
         feeds[i.name] = (gen.standard_normal(shape).astype(dt) if np.issubdtype(dt, np.floating)
                          else np.zeros(shape, dtype=dt))
     return feeds
@@ -339,7 +161,7 @@ def _zero_weights(moved: dict[str, onnx.TensorProto]) -> dict[str, np.ndarray]:
     the largest weight; onnxruntime only reads its inputs).  Shapes and shape arithmetic
     never read a weight's values, so a capture needs none: the weights of a model given
     as a file are not even read (a 2.5 GB model is analysed in a few hundred MB)."""
-    sizes = {k: (int(np.prod(t.dims)) if len(t.dims) else 1, _elem_dtype(t.data_type)) for k, t in moved.items()}
+    sizes = {k: (int(np.prod(t.dims)) if len(t.dims) else 1, elem_dtype(t.data_type)) for k, t in moved.items()}
     buf = np.zeros(max((n * dt.itemsize for n, dt in sizes.values()), default=0), np.uint8)
     return {k: np.frombuffer(buf, dt, n).reshape(tuple(moved[k].dims)) for k, (n, dt) in sizes.items()}
 
@@ -369,7 +191,7 @@ def capture(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str) -
             if not o or o in known:
                 continue
             known.add(o)
-            if n.op_type != "Constant" and elem.get(o) in _FLOAT_TYPES:
+            if n.op_type != "Constant" and elem.get(o) in FLOAT_TYPES:
                 shape_of[o] = f"{o}__gp_shape"
                 nodes.append(helper.make_node("Shape", [o], [shape_of[o]], name=f"{o}__gp_shape"))
                 probe.graph.output.append(helper.ValueInfoProto(name=shape_of[o]))
@@ -392,7 +214,7 @@ def capture(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str) -
         raise BadOnnxError(f"onnxruntime cannot run the model: {str(exc).strip()[:400]}", source=source,
                            hint="check input shapes/dtypes of the example inputs") from exc
     for o, sh in shape_of.items():
-        outs[o] = np.broadcast_to(np.zeros((), _elem_dtype(elem[o])), tuple(int(d) for d in outs.pop(sh)))
+        outs[o] = np.broadcast_to(np.zeros((), elem_dtype(elem[o])), tuple(int(d) for d in outs.pop(sh)))
     return {k: v for k, v in outs.items() if k not in moved}
 
 

@@ -1,4 +1,5 @@
-"""The PyTorch side of a PrunableGraph: emitting and checking compact modules."""
+"""The PyTorch side of a PrunableGraph: emitting (a :class:`~graphprune.passes.plan.CompactPlan`
+lowered by :mod:`graphprune.lower.torch`) and checking compact modules."""
 from __future__ import annotations
 
 import warnings
@@ -8,11 +9,12 @@ import torch
 
 from ..analysis import Analysis, analyse, same_groups
 from ..errors import RecorderMismatchWarning, UnsupportedModelError
-from ..passes.emit_torch import CompactModule, emit_module
-from ..passes.shrink import Shrink
+from ..lower.torch import CompactModule, lower_torch
+from ..passes.plan import CompactPlan, plan_compact
 from ..rel_error import max_rel_error
 
 if TYPE_CHECKING:
+    from ..ir.graph import Graph
     from ..prunable import PrunableGraph
 
 
@@ -59,15 +61,25 @@ class TorchBackend:
         self.settled = True
         return analysis
 
-    def emit(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None) -> CompactModule:
+    def plan(self, pg: PrunableGraph, state: dict[str, torch.Tensor], removed: torch.Tensor,
+             fold_bn: bool = False) -> CompactPlan:
+        """The compact plan for removing the components ``removed`` (export's analysis)."""
+        pg.adopt(self.settle(pg))
+        return plan_compact(pg.ir, pg.labels, pg.comp, removed, state, fold_bn=fold_bn,
+                            dynamic=_dynamic_axes(pg.ir, self.exported))
+
+    def emit(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None,
+             fold_bn: bool = False) -> CompactModule:
         """The compact module for ``tensors`` (buffers from the user's model); ``removed``
-        overrides which units go (default: every all-zero unit)."""
+        overrides which units go (default: every all-zero unit); ``fold_bn`` folds
+        inference batch norms into the layers before them (the module then no longer
+        switches them to training mode)."""
         pg.adopt(self.settle(pg))
         units = pg.removed_units(tensors) if removed is None else removed
         state = dict(tensors)
         for k, v in pg.model.named_buffers(remove_duplicate=False):
             state.setdefault(k, v)
-        return emit_module(pg.ir, self.exported, Shrink(pg.labels, pg.comp, units), state)
+        return lower_torch(pg.ir, self.exported, self.plan(pg, state, units, fold_bn), state)
 
     def full(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> CompactModule:
         """The full model with ``tensors`` as weights (nothing removed)."""
@@ -87,4 +99,20 @@ class TorchBackend:
         finally:
             pg.model.train(was_training)
         return max_rel_error(ref, out)
+
+
+def _dynamic_axes(ir: Graph, exported: torch.export.ExportedProgram) -> Callable[[str], set[int]]:
+    """A value's symbolic (batch) axes, from export's fake tensors; every axis if unknown."""
+    fx_nodes = {n.name: n for n in exported.graph.nodes}
+
+    def axes(name: str) -> set[int]:
+        base, _, index = name.rpartition(".")
+        val = fx_nodes[name].meta.get("val") if name in fx_nodes else None
+        if val is None and base in fx_nodes and index.isdigit():  # "<node>.<i>": a tuple output
+            vals = fx_nodes[base].meta.get("val")
+            val = vals[int(index)] if isinstance(vals, (list, tuple)) else None
+        if not isinstance(val, torch.Tensor):
+            return set(range(len(ir.values[name].shape)))
+        return {i for i, s in enumerate(val.shape) if not isinstance(s, int)}
+    return axes
 

@@ -16,6 +16,7 @@ from ..analysis.labels import Field, Labels, unlabelled
 from ..ir.graph import Node
 from .common import as_list, numel, ref_name, same_pads
 from .registry import OnnxOp, Rule, register
+from .rewrite import OnnxArg, Rewrite
 
 F = torch.nn.functional
 
@@ -108,6 +109,8 @@ def _groups(attrs: dict, _: list) -> None:
 class Conv(Rule):
     """Output channels are new atoms; input channels become the weight's input slices."""
 
+    onnx_args = {("Conv", "groups"): OnnxArg(name="group"), ("ConvTranspose", "groups"): OnnxArg(name="group")}
+
     def propagate(self, node: Node, lab: Labels) -> None:
         a = node.attrs
         x, out = ref_name(a.get("input")), node.outputs[0]
@@ -161,17 +164,13 @@ class Conv(Rule):
                                                                                                          "VALID")
         return w if pointwise and not (transposed or strided or padded) else None
 
-    def rewrite_fx(self, node, fx_node, shrink) -> None:
+    def rewrite(self, node, shrink) -> Rewrite | None:
+        """A grouped convolution keeps its group size: removed groups lower the count."""
         g = int(node.attrs.get("groups", 1) or 1)
-        if g > 1:
-            per = shrink.old_shape(node.outputs[0])[1] // g
-            shrink.set_fx_arg(fx_node, "groups", shrink.new_shape(node.outputs[0])[1] // per)
-
-    def rewrite_onnx(self, node, proto, shrink) -> None:
-        g = int(node.attrs.get("groups", 1) or 1)
-        if g > 1:
-            per = shrink.old_shape(node.outputs[0])[1] // g
-            shrink.set_onnx_attr(proto, "group", shrink.new_shape(node.outputs[0])[1] // per)
+        if g == 1:
+            return None
+        per = shrink.old_shape(node.outputs[0])[1] // g
+        return Rewrite(args={"groups": shrink.new_shape(node.outputs[0])[1] // per})
 
 
 def _linear(lab: Labels, node: Node, x: str, w: str, b: str | None, w_in_dim: int) -> None:

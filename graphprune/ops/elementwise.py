@@ -140,6 +140,8 @@ ACTIVATIONS = {
 class Unary(Rule):
     """Channel identity: the output element is the input element, transformed."""
 
+    mode_args = {"dropout": "train", "feature_dropout": "train", "alpha_dropout": "train"}
+
     def propagate(self, node: Node, lab: Labels) -> None:
         f = lab.field(node.inputs[0]) if node.inputs else None
         for o in node.outputs:

@@ -4,10 +4,10 @@ Reshape/view (hidden = heads × head_dim, flatten into a linear), permute, conca
 split on any axis (a token-axis concat is not a channel concat: the labels say so),
 slicing, pixel shuffle, channel shuffle, repeat/expand (grouped-query attention)...
 need no hand-written index maps: :meth:`Labels.run_on_labels` executes the op itself.
-What is op-specific is how constant arguments change when units go (``rewrite_*``); sizes
+What is op-specific is how constant arguments change when units go (``rewrite``); sizes
 an ONNX model computes at run time (``Shape -> Gather -> Concat``) hold the full model's
 values in the compact model too (:class:`ShapeOf`), and only the entries of axes that shrank
-are replaced where they are used (:func:`_rewrite_runtime_shape`).
+are replaced where they are used (:func:`_runtime_shape`).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ..errors import UnprunableTargetError
 from ..ir.graph import Node, Ref
 from .common import as_list, ref_name
 from .registry import OnnxOp, Rule, register
+from .rewrite import Call, Entries, OnnxArg, OnnxCall, OnnxContext, Phantom, Rewrite
 
 aten = torch.ops.aten
 F = torch.nn.functional
@@ -248,7 +249,7 @@ def _onnx_reshape_shape(x, out, shrink, keep: list[int] | None = None) -> list[i
     batch (seen to change between the importer's two captures) are copied with 0 when
     the input has the same dim at the same position, else become the one -1; every
     other dim gets its (possibly pruned) size.  Entries flagged in ``keep`` are left to a
-    run-time target (:func:`_rewrite_runtime_shape`) and get no -1 of their own."""
+    run-time target (:func:`_runtime_shape`) and get no -1 of their own."""
     vx, vo = shrink.graph.values[x], shrink.graph.values[out]
     old_i, old_o, new_i, new_o = vx.shape, vo.shape, shrink.new_shape(x), shrink.new_shape(out)
     alt_i, alt_o = vx.alt_shape or old_i, vo.alt_shape or old_o
@@ -289,6 +290,8 @@ def _onnx_expand_shape(node, x, out, shrink) -> list[int]:
                 "Unsqueeze": OnnxOp(_unsqueeze, ("data", "axes"), ("axes",)),
                 "Expand": OnnxOp(_expand, ("input", "shape"), ("shape",))})
 class Reshape(Movement):
+    onnx_args = {("Reshape", "shape"): OnnxArg(input=1, since=5), ("Expand", "shape"): OnnxArg(input=1, since=8)}
+
     def fast_field(self, node, lab, data) -> Field | None:
         f = _single(node, lab, data)
         if f is None:
@@ -296,38 +299,41 @@ class Reshape(Movement):
         axes = _reshape_axes(lab.shape(data[0]), lab.shape(node.outputs[0]), f.axes)
         return Field(axes, f.labels) if axes is not None else None
 
-    def rewrite_fx(self, node, fx_node, shrink) -> None:
+    def rewrite(self, node, shrink) -> Rewrite | None:
+        """Sizes of shrunk axes take their compact values; the rest (a symbolic batch,
+        -1) stay.  An ONNX target computed at run time is filtered where it is read."""
+        if node.source_op.startswith("onnx::"):
+            return _onnx_reshape(node, shrink)
         out = node.outputs[0]
         old_s, new_s = shrink.old_shape(out), shrink.new_shape(out)
         if old_s == new_s:
-            return
-        for key in ("size", "shape"):
-            if key in node.attrs:
-                shrink.set_fx_arg(fx_node, key, _resize(list(shrink.get_fx_arg(fx_node, key)), old_s, new_s))
+            return None
+        shrunk = {k: n for k, (o, n) in enumerate(zip(old_s, new_s)) if o != n}
+        args: dict = {key: Entries(shrunk) for key in ("size", "shape") if key in node.attrs}
         if "sizes" in node.attrs:  # unflatten
             dim = int(node.attrs["dim"]) % len(shrink.old_shape(node.inputs[0]))
             k = len(node.attrs["sizes"])
-            shrink.set_fx_arg(fx_node, "sizes", _resize(list(shrink.get_fx_arg(fx_node, "sizes")),
-                                                        old_s[dim:dim + k], new_s[dim:dim + k]))
+            args["sizes"] = Entries({j - dim: n for j, n in shrunk.items() if dim <= j < dim + k})
+        return Rewrite(args=args)
 
-    def rewrite_onnx(self, node, proto, shrink) -> None:
-        out, x = node.outputs[0], node.inputs[0]
-        old_o, new_o = shrink.old_shape(out), shrink.new_shape(out)
-        if node.source_op in ("onnx::Reshape", "onnx::Expand") and _computed_shape(node, shrink) \
-                and shrink.graph.values[out].dynamic_axes:  # sizes that follow the batch stay computed
-            _rewrite_runtime_shape(node, proto, shrink)
-            return
-        if old_o == new_o:
-            return
-        if node.source_op == "onnx::Reshape":
-            shape = _onnx_reshape_shape(x, out, shrink)
-            if 0 in shape:  # 0 copies the input's dim, which allowzero=1 (dynamo exporter) would forbid
-                for a in proto.attribute:
-                    if a.name == "allowzero":
-                        a.i = 0  # no target dim is a literal 0: pruning never empties an axis
-            shrink.set_onnx_const_input(proto, 1, shape)
-        elif node.source_op == "onnx::Expand":
-            shrink.set_onnx_const_input(proto, 1, _onnx_expand_shape(node, x, out, shrink))
+
+def _onnx_reshape(node: Node, shrink) -> Rewrite | None:
+    out, x = node.outputs[0], node.inputs[0]
+    old_o, new_o = shrink.old_shape(out), shrink.new_shape(out)
+    if node.source_op in ("onnx::Reshape", "onnx::Expand") and _computed_shape(node, shrink) \
+            and shrink.graph.values[out].dynamic_axes:  # sizes that follow the batch stay computed
+        return _runtime_shape(node, shrink)
+    if old_o == new_o:
+        return None
+    if node.source_op == "onnx::Reshape":
+        shape = _onnx_reshape_shape(x, out, shrink)
+        args: dict = {"shape": shape}
+        if 0 in shape and "allowzero" in node.attrs:
+            args["allowzero"] = 0  # 0 copies the input's dim, which allowzero=1 (dynamo exporter) would forbid
+        return Rewrite(args=args)
+    if node.source_op == "onnx::Expand":
+        return Rewrite(args={"shape": _onnx_expand_shape(node, x, out, shrink)})
+    return None
 
 
 @register("reshape_as", aten=("reshape_as", "view_as"))
@@ -396,9 +402,9 @@ def _computed_shape(node: Node, shrink) -> bool:
     return len(node.inputs) > 1 and shrink.graph.values[node.inputs[1]].kind != "const"
 
 
-def _rewrite_runtime_shape(node: Node, proto, shrink) -> None:
+def _runtime_shape(node: Node, shrink) -> Rewrite | None:
     """A target computed at run time keeps its entries where ``keep`` says and takes ``fixed``
-    elsewhere (:func:`shrink_runtime_shape`):
+    elsewhere (:func:`shape_shrunk`):
     its entries are kept where the output kept its size (the batch, and any size the
     exporter computes; a Reshape's 0 entry also needs the input to have kept its dim).
     Run-time shapes hold the full model's sizes in the compact model too (:class:`ShapeOf`),
@@ -415,7 +421,7 @@ def _rewrite_runtime_shape(node: Node, proto, shrink) -> None:
     keep = [int(old_o[k + off] == new_o[k + off]
                 and not (copies and s == 0 and (k >= len(new_i) or new_i[k] != new_o[k]))) for k, s in enumerate(shape)]
     if all(keep):
-        return
+        return None
     if reshape:
         fixed = _onnx_reshape_shape(x, out, shrink, keep)
         if -1 in fixed:  # a run-time -1 would be a second one
@@ -423,9 +429,10 @@ def _rewrite_runtime_shape(node: Node, proto, shrink) -> None:
             fixed = _onnx_reshape_shape(x, out, shrink, keep)
     else:
         fixed = _onnx_expand_shape(node, x, out, shrink)
-    if reshape and shrink.onnx_opset() >= 14 and any(f == 0 and not k for k, f in zip(keep, fixed)):
-        shrink.set_onnx_attr(proto, "allowzero", 0)  # a fixed 0 copies the input's dim only without it
-    shrink_runtime_shape(proto, 1, keep, fixed, shrink)
+    args = {}
+    if reshape and "allowzero" in node.attrs and any(f == 0 and not k for k, f in zip(keep, fixed)):
+        args["allowzero"] = 0  # a fixed 0 copies the input's dim only without it
+    return Rewrite(args=args, feeds={node.inputs[1]: shape_shrunk(node.inputs[1], keep, fixed)})
 
 
 @register("shape", onnx={"Shape": OnnxOp(_shape),
@@ -437,35 +444,32 @@ class ShapeOf(Rule):
     integer computed from shapes is what the full model computed: swin's attention scale
     ``(C // heads) ** -0.5`` and its ``reshape(x.size(0), x.size(1), C)`` read ``C`` off
     the pruned input; the ops whose outputs shrink set their own sizes
-    (:func:`_rewrite_runtime_shape`, Slice, Split)."""
+    (:func:`_runtime_shape`, Slice, Split)."""
 
     def propagate(self, node: Node, lab: Labels) -> None:
         for o in node.outputs:
             lab.fields[o] = None
 
-    def rewrite_onnx(self, node, proto, shrink) -> None:
+    def rewrite(self, node, shrink) -> Rewrite | None:
         x = node.inputs[0]
         old, new = shrink.old_shape(x), shrink.new_shape(x)
         if old == new:
-            return
-        opset = shrink.onnx_opset()
+            return None
         size = node.source_op == "onnx::Size"
         forward = {}
-        if not size and opset >= 15:  # Shape reads dims start:end only
+        if "start" in node.attrs or "end" in node.attrs:  # Shape reads dims start:end only (opset 15)
             lo, hi = int(node.attrs.get("start", 0)), int(node.attrs.get("end", len(old)))
             forward = {"start": lo, "end": hi}
             old, new = old[lo:hi], new[lo:hi]
         dynamic = {a - int(forward.get("start", 0)) for a in shrink.graph.values[x].dynamic_axes}
         if not dynamic:  # every size known: write the full model's
-            shrink.set_onnx_constant(proto, math.prod(old) if size else list(old))
-            return
+            return Rewrite(constant=math.prod(old) if size else list(old))
         # kept sizes read at run time; a pruned axis that also follows the batch (``bsz *
         # heads`` with heads pruned, BLOOM) scaled back to the full model's at run time
-        keep = [1 if o == n else (SCALED if k in dynamic else 0) for k, (o, n) in enumerate(zip(old, new))]
-        attrs = dict(fixed=_int64([0 if k == 1 else o for k, o in zip(keep, old)]), **forward)
-        if SCALED in keep:
-            attrs["den"] = _int64([n if k == SCALED else 1 for k, n in zip(keep, new)])
-        shrink.call_onnx_function(proto, shape_of_onnx_function(opset, size, tuple(keep), tuple(forward)), **attrs)
+        keep = tuple(1 if o == n else (SCALED if k in dynamic else 0) for k, (o, n) in enumerate(zip(old, new)))
+        den = [n if k == SCALED else 1 for k, n in zip(keep, new)] if SCALED in keep else None
+        return Rewrite(call=Call(SHAPE_OF_FULL, (x,), dict(size=size, keep=keep, forward=forward, den=den,
+                                                           fixed=[0 if k == 1 else o for k, o in zip(keep, old)])))
 
 
 def _int64(values: list[int] | int):
@@ -514,23 +518,32 @@ def _forwarding(op: str, inputs: list[str], outputs: list[str], forwarded: tuple
     return node
 
 
-def shrink_runtime_shape(proto, index: int, keep: list[int], fixed: list[int], shrink) -> None:
-    """Feed input ``index`` of ``proto``, a shape computed at run time (a Reshape or Expand
-    target, a Resize's ``sizes``: built from ``Shape``, which reads the full model's sizes),
-    through a new node that keeps entry ``k`` where ``keep[k]`` and takes ``fixed[k]``
-    elsewhere (:func:`_keep_fixed`; a model-local function the emitter inlines)."""
+def shape_shrunk(value: str, keep: list[int], fixed: list[int]) -> Call:
+    """A call that passes ``value``, a shape computed at run time (a Reshape or Expand
+    target, a Resize's ``sizes``: built from ``Shape``, which reads the full model's
+    sizes), with entry ``k`` kept where ``keep[k]`` and ``fixed[k]`` elsewhere."""
+    return Call(SHAPE_SHRUNK, (value,), dict(keep=tuple(keep), fixed=[0 if k else f for k, f in zip(keep, fixed)]))
+
+
+def _shape_shrunk_onnx(call: Call, ctx: OnnxContext) -> OnnxCall:
+    """:func:`_keep_fixed` as a model-local function, one per pattern of ``keep``."""
     from onnx import helper
 
     from .normalization import DOMAIN
-    pattern = "".join(map(str, keep))
-    fn = helper.make_function(DOMAIN, f"ShapeShrunk_{pattern}", ["shape"], ["new"], _keep_fixed("shape", "new", keep),
-                              [helper.make_opsetid("", shrink.onnx_opset())], attributes=["fixed"])
-    name = f"{proto.name}__pruned_in{index}"
-    call = helper.make_node("Identity", [proto.input[index]], [name], name=name)
-    shrink.call_onnx_function(call, fn, fixed=_int64([0 if k else f for k, f in zip(keep, fixed)]))
-    graph = shrink.onnx.graph
-    graph.node.insert(list(graph.node).index(proto), call)  # a copy goes in: ``call`` is complete first
-    proto.input[index] = name
+    keep = call.attrs["keep"]
+    fn = helper.make_function(DOMAIN, f"ShapeShrunk_{''.join(map(str, keep))}", ["shape"], ["new"],
+                              _keep_fixed("shape", "new", keep), [helper.make_opsetid("", ctx.opset(13))],
+                              attributes=["fixed"])
+    return OnnxCall(fn, {"fixed": _int64(call.attrs["fixed"])})
+
+
+def _shape_of_full_onnx(call: Call, ctx: OnnxContext) -> OnnxCall:
+    """:func:`shape_of_onnx_function` for the call's pattern, its lists as int64 tensors."""
+    a = call.attrs
+    attrs = dict(fixed=_int64(a["fixed"]), **a["forward"])
+    if a["den"] is not None:
+        attrs["den"] = _int64(a["den"])
+    return OnnxCall(shape_of_onnx_function(ctx.opset(13), a["size"], a["keep"], tuple(a["forward"])), attrs)
 
 
 def shape_of_onnx_function(opset: int, size: bool, keep: tuple[int, ...], forwarded: tuple[str, ...] = ()):
@@ -547,6 +560,13 @@ def shape_of_onnx_function(opset: int, size: bool, keep: tuple[int, ...], forwar
     scaled = ["den"] if SCALED in keep else []
     return helper.make_function(DOMAIN, name, ["input"], ["output"], body,
                                 [helper.make_opsetid("", opset)], attributes=["fixed", *scaled, *forwarded])
+
+
+# Only ONNX models compute shapes at run time: these phantoms have no torch form.
+SHAPE_SHRUNK = Phantom("shape_shrunk", None, _shape_shrunk_onnx)
+SHAPE_OF_FULL = Phantom("shape_of_full", None, _shape_of_full_onnx)
+# ONNX's Split takes sizes as they are; an ATen split by count becomes a split by sizes
+SPLIT_WITH_SIZES = Phantom("split_with_sizes", aten.split_with_sizes.default, None)
 
 
 @register("permute", aten=("permute", "transpose", "t", "movedim", "swapaxes", "numpy_T", "mT", "flip",
@@ -597,20 +617,18 @@ class Roll(Movement):
 @register("split", aten=("split", "split_with_sizes", "chunk", "split_copy", "tensor_split"),
           onnx={"Split": OnnxOp(_split, ("input", "split"), ("split",), _split_sizes)})
 class Split(Movement):
-    def rewrite_fx(self, node, fx_node, shrink) -> None:
-        x = node.inputs[0]
-        dim = int(node.attrs.get("dim", 0)) % len(shrink.old_shape(x))
-        if shrink.new_shape(x)[dim] == shrink.old_shape(x)[dim]:
-            return
-        sizes = [shrink.new_shape(o)[dim] for o in node.outputs]
-        fx_node.target = aten.split_with_sizes.default
-        fx_node.args, fx_node.kwargs = (fx_node.args[0], sizes, dim), {}
+    onnx_args = {("Split", "split"): OnnxArg(input=1, since=13, replaces="num_outputs")}
 
-    def rewrite_onnx(self, node, proto, shrink) -> None:
+    def rewrite(self, node, shrink) -> Rewrite | None:
+        """The split sizes follow the compact outputs."""
         x = node.inputs[0]
-        axis = int(node.attrs.get("axis", 0)) % len(shrink.old_shape(x))
-        if shrink.new_shape(x)[axis] != shrink.old_shape(x)[axis]:
-            shrink.set_onnx_split(proto, [shrink.new_shape(o)[axis] for o in node.outputs])
+        dim = int(node.attrs.get("dim", node.attrs.get("axis", 0))) % len(shrink.old_shape(x))
+        if shrink.new_shape(x)[dim] == shrink.old_shape(x)[dim]:
+            return None
+        sizes = [shrink.new_shape(o)[dim] for o in node.outputs]
+        if node.source_op.startswith("onnx::"):
+            return Rewrite(args={"split": sizes})
+        return Rewrite(call=Call(SPLIT_WITH_SIZES, (x,), dict(split_sizes=sizes, dim=dim)))
 
 
 @register("slice", aten=("slice", "narrow", "select", "slice_copy", "select_copy"),
@@ -618,48 +636,48 @@ class Split(Movement):
 class Slice(Movement):
     """Slicing a pruned axis: start/end/index shift to the kept positions before them."""
 
+    onnx_args = {("Slice", "starts"): OnnxArg(input=1, since=10), ("Slice", "ends"): OnnxArg(input=2, since=10)}
+
     def check(self, node, lab, data) -> None:
         steps = as_list(node.attrs.get("steps")) or [int(node.attrs.get("step", 1) or 1)]
         f = lab.field(data[0])
         if any(s != 1 for s in steps) and f is not None:
             lab.pin(f.labels)
 
-    def rewrite_fx(self, node, fx_node, shrink) -> None:
+    def rewrite(self, node, shrink) -> Rewrite | None:
         x = node.inputs[0]
-        dim = int(node.attrs.get("dim", 0)) % len(shrink.old_shape(x))
+        rank = len(shrink.old_shape(x))
+        if node.source_op.startswith("onnx::"):
+            return _onnx_slice(node, shrink, x, rank)
+        dim = int(node.attrs.get("dim", 0)) % rank
         kept = shrink.kept(x, dim)
         if kept is None:
-            return
+            return None
         size = shrink.old_shape(x)[dim]
         before = lambda i: int(kept[: max(0, min(size, i + size if i < 0 else i))].sum())  # noqa: E731
         if "index" in node.attrs:
-            shrink.set_fx_arg(fx_node, "index", before(int(node.attrs["index"])))
-        elif "length" in node.attrs:
-            shrink.set_fx_arg(fx_node, "start", before(int(node.attrs["start"])))
-            shrink.set_fx_arg(fx_node, "length", shrink.new_shape(node.outputs[0])[dim])
-        else:
-            start = before(int(node.attrs.get("start") or 0))
-            shrink.set_fx_arg(fx_node, "start", start)
-            shrink.set_fx_arg(fx_node, "end", start + shrink.new_shape(node.outputs[0])[dim])
+            return Rewrite(args={"index": before(int(node.attrs["index"]))})
+        if "length" in node.attrs:
+            return Rewrite(args={"start": before(int(node.attrs["start"])),
+                                 "length": shrink.new_shape(node.outputs[0])[dim]})
+        start = before(int(node.attrs.get("start") or 0))
+        return Rewrite(args={"start": start, "end": start + shrink.new_shape(node.outputs[0])[dim]})
 
-    def rewrite_onnx(self, node, proto, shrink) -> None:
-        x = node.inputs[0]
-        rank = len(shrink.old_shape(x))
-        starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
-        axes = list(node.attrs.get("axes") or range(len(starts)))
-        changed = False
-        for k, a in enumerate(axes):
-            kept = shrink.kept(x, a)
-            if kept is None:
-                continue
-            size = shrink.old_shape(x)[a % rank]
-            start = max(0, min(size, starts[k] + size if starts[k] < 0 else starts[k]))
-            starts[k] = int(kept[:start].sum())
-            ends[k] = starts[k] + shrink.new_shape(node.outputs[0])[a % rank]
-            changed = True
-        if changed:
-            shrink.set_onnx_const_input(proto, 1, starts)
-            shrink.set_onnx_const_input(proto, 2, ends)
+
+def _onnx_slice(node: Node, shrink, x: str, rank: int) -> Rewrite | None:
+    starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
+    axes = list(node.attrs.get("axes") or range(len(starts)))
+    changed = False
+    for k, a in enumerate(axes):
+        kept = shrink.kept(x, a)
+        if kept is None:
+            continue
+        size = shrink.old_shape(x)[a % rank]
+        start = max(0, min(size, starts[k] + size if starts[k] < 0 else starts[k]))
+        starts[k] = int(kept[:start].sum())
+        ends[k] = starts[k] + shrink.new_shape(node.outputs[0])[a % rank]
+        changed = True
+    return Rewrite(args={"starts": starts, "ends": ends}) if changed else None
 
 
 @register("gather", aten=("index_select", "index", "gather", "_unsafe_index", "take_along_dim"),
@@ -700,10 +718,11 @@ class Gather(Movement):
 
 @register("repeat_interleave", aten=("repeat_interleave",))
 class RepeatInterleave(Movement):
-    def rewrite_fx(self, node, fx_node, shrink) -> None:
-        if node.attrs.get("output_size") is not None:
-            dim = node.attrs.get("dim")
-            shrink.set_fx_arg(fx_node, "output_size", shrink.new_shape(node.outputs[0])[int(dim or 0)])
+    def rewrite(self, node, shrink) -> Rewrite | None:
+        if node.attrs.get("output_size") is None:
+            return None
+        dim = node.attrs.get("dim")
+        return Rewrite(args={"output_size": shrink.new_shape(node.outputs[0])[int(dim or 0)]})
 
 
 @register("pad", aten=("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",

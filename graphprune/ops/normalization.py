@@ -9,13 +9,15 @@ transformer's hidden columns) they are exact on the compact graph when the remov
 input entries are exactly zero (:meth:`Labels.is_zero`) and the statistics keep the
 original count ``N``: mean = Σx/N, var = (Σ(x-mean)² + (N-N')·mean²)/N, RMS² = Σx²/N
 (:func:`phantom_layer_norm`, :func:`phantom_rms_norm`; on ONNX the same body as a
-model-local function the emitter inlines).  A removed output column is then zero iff
+model-local function the ONNX lowering inlines).  A removed output column is then zero iff
 its weight and bias entries are (an RMS norm's always is), so input columns, output
 columns and the affine entries form one unit.  A layer norm without a trained weight
 (its removed outputs are -mean/σ), an input that is not zero where removed (after a
 sigmoid) and normalisation over several axes keep those atoms pinned.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ from ..analysis.labels import Field, Labels
 from ..ir.graph import Node
 from .common import ref_name, same_shape
 from .registry import OnnxOp, Rule, register
+from .rewrite import Call, OnnxCall, OnnxContext, Phantom, Rewrite
 
 DOMAIN = "graphprune"  # the model-local ONNX functions' domain (inlined before the model is written)
 F = torch.nn.functional
@@ -66,6 +69,8 @@ def _onnx_group_norm(x, scale, bias, *, num_groups, epsilon=1e-5, **_):
                                                 ("input", "scale", "B"))},
           shape_only={"batch_norm.default": same_shape, "instance_norm.default": same_shape})
 class BatchNorm(Rule):
+    mode_args = {"batch_norm": "training"}
+
     def propagate(self, node: Node, lab: Labels) -> None:
         x = ref_name(node.attrs.get("input"))
         ch = lab.axis_labels(x, 1) if x else None
@@ -104,7 +109,7 @@ def _zero_affine(lab: Labels, scale: str | None, shift: str | None) -> bool:
 # :func:`phantom_onnx_function` writes it as ONNX; codegen's FusePhantomLayerNorm
 # (codegen/phantom_norm.py) builds its Relax pattern from it, so the sequence the
 # emitters produce and the one codegen fuses into one kernel cannot drift apart.
-PHANTOM_LAYER_NORM: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+LAYER_NORM_STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("total", "sum", ("x",)),
     ("mean", "divide", ("total", "n")),
     ("d", "subtract", ("x", "mean")),
@@ -126,7 +131,7 @@ _TORCH_OPS = {"sum": lambda a: a.sum(-1, keepdim=True), "divide": lambda a, b: a
 def phantom_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                        n: int, stats: bool = False, upcast: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``layer_norm`` over the last axis of ``x`` as if it had ``n`` entries, the missing
-    ones zero (:data:`PHANTOM_LAYER_NORM`): the compact graph's layer norm where hidden
+    ones zero (:data:`LAYER_NORM_STEPS`): the compact graph's layer norm where hidden
     columns were removed (``upcast``: statistics in float32 for a half-precision ``x``).
     No control flow on tensors, so fx traces through it (unpickling a GraphModule does).
 
@@ -135,7 +140,7 @@ def phantom_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     True
     """
     env = {"x": x.float() if upcast else x, "n": n, "missing": n - x.shape[-1], "eps": eps}
-    for out, op, args in PHANTOM_LAYER_NORM:
+    for out, op, args in LAYER_NORM_STEPS:
         env[out] = _TORCH_OPS[op](*(env[a] for a in args))
     y = env["y"]
     if weight is not None:
@@ -191,12 +196,12 @@ def phantom_onnx_function(rms: bool, bias: bool, opset: int):
         body += [node("Div", ["S2", "N_"], ["MS"]), node("Add", ["MS", "eps"], ["Veps"]),
                  node("Sqrt", ["Veps"], ["Std"]), node("Reciprocal", ["Std"], ["InvStdDev"]),
                  node("Mul", ["Xf", "InvStdDev"], ["Yf"])]
-    else:  # PHANTOM_LAYER_NORM, op by op
+    else:  # LAYER_NORM_STEPS, op by op
         body.append(given("Missing", "missing"))
         names = {"x": "Xf", "n": "N_", "missing": "Missing", "eps": "eps", "mean": "Mean", "rstd": "InvStdDev",
                  "y": "Yf"}
         binary = {"divide": "Div", "subtract": "Sub", "multiply": "Mul", "add": "Add"}
-        for out, op, args in PHANTOM_LAYER_NORM:
+        for out, op, args in LAYER_NORM_STEPS:
             o, a = names.get(out, out), [names.get(v, v) for v in args]
             if op == "sum":
                 reduce_sum(a[0], o)
@@ -215,6 +220,25 @@ def phantom_onnx_function(rms: bool, bias: bool, opset: int):
     return helper.make_function(DOMAIN, name, ["X", "Scale"] + (["B"] if bias else []),
                                 ["Y", "InvStdDev"] if rms else ["Y", "Mean", "InvStdDev"], body,
                                 [helper.make_opsetid("", opset)], attributes=["N", "missing", "epsilon", "to"])
+
+
+def _phantom_norm_onnx(rms: bool) -> Callable[[Call, OnnxContext], OnnxCall]:
+    """The ONNX form of a phantom norm call: :func:`phantom_onnx_function` with the
+    removed count known when the model is written."""
+    def form(call: Call, ctx: OnnxContext) -> OnnxCall:
+        from onnx import helper, numpy_helper
+        x, n = call.inputs[0], call.attrs["n"]
+        bias = not rms and len(call.inputs) > 2 and call.inputs[2] is not None
+        to = helper.np_dtype_to_tensor_dtype(torch.empty(0, dtype=ctx.dtype(x)).numpy().dtype)
+        scalar = lambda v: numpy_helper.from_array(np.array(v, dtype=np.float32))  # noqa: E731
+        return OnnxCall(phantom_onnx_function(rms, bias, ctx.opset(17)),
+                        dict(N=scalar(n), missing=scalar(n - ctx.shape(x)[-1]), epsilon=scalar(call.attrs["eps"]),
+                             to=to))
+    return form
+
+
+PHANTOM_LAYER_NORM = Phantom("phantom_layer_norm", phantom_layer_norm, _phantom_norm_onnx(rms=False))
+PHANTOM_RMS_NORM = Phantom("phantom_rms_norm", phantom_rms_norm, _phantom_norm_onnx(rms=True))
 
 
 @register("layer_norm", aten=("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"),
@@ -263,41 +287,26 @@ class LayerNorm(Rule):
     def keeps_zero(self, node: Node, lab: Labels) -> bool:
         return self._exact(node, lab)
 
-    def rewrite_fx(self, node, fx_node, shrink) -> None:
+    def rewrite(self, node, shrink) -> Rewrite | None:
         """A norm over a shrunk axis computes its statistics with the original count."""
         x = node.inputs[0]
         n, kept = shrink.old_shape(x)[-1], shrink.new_shape(x)[-1]
         if n == kept:
-            return
-        packet = node.source_op.split(".")[1]
-        arg = lambda k: _fx_arg(shrink, fx_node, k)  # noqa: E731
+            return None
+        w, b = _affine(node)
         dtype = shrink.graph.values[x].dtype
         upcast = dtype in (torch.float16, torch.bfloat16)
-        eps = node.attrs.get("eps")
+        stats = node.source_op.startswith(("aten.native_layer_norm.", "aten._fused_rms_norm."))
+        if node.source_op.startswith("onnx::"):
+            eps = float(node.attrs.get("epsilon", 1e-5))
+        elif node.attrs.get("eps") is not None:
+            eps = float(node.attrs["eps"])
+        else:  # the ATen defaults
+            eps = torch.finfo(dtype).eps if _is_rms(node) else 1e-5
+        attrs = dict(eps=eps, n=n, stats=stats, upcast=upcast)
         if _is_rms(node):
-            eps = torch.finfo(dtype).eps if eps is None else float(eps)  # rms_norm's default
-            args = (fx_node.args[0], arg("weight"), eps, n, packet == "_fused_rms_norm", upcast)
-            fx_node.target = phantom_rms_norm
-        else:
-            args = (fx_node.args[0], arg("weight"), arg("bias"), 1e-5 if eps is None else float(eps), n,
-                    packet == "native_layer_norm", upcast)
-            fx_node.target = phantom_layer_norm
-        fx_node.args, fx_node.kwargs = args, {}
-
-    def rewrite_onnx(self, node, proto, shrink) -> None:
-        """The same, as a call of a model-local function (inlined by the emitter)."""
-        from onnx import helper, numpy_helper
-        x = node.inputs[0]
-        n, kept = shrink.old_shape(x)[-1], shrink.new_shape(x)[-1]
-        if n == kept:
-            return
-        rms = _is_rms(node)
-        bias = not rms and len(proto.input) > 2 and bool(proto.input[2])
-        opset = shrink.onnx_opset(default=17)
-        to = helper.np_dtype_to_tensor_dtype(torch.empty(0, dtype=shrink.graph.values[x].dtype).numpy().dtype)
-        scalar = lambda v: numpy_helper.from_array(np.array(v, dtype=np.float32))  # noqa: E731
-        shrink.call_onnx_function(proto, phantom_onnx_function(rms, bias, opset), N=scalar(n),
-                                  missing=scalar(n - kept), epsilon=scalar(node.attrs.get("epsilon", 1e-5)), to=to)
+            return Rewrite(call=Call(PHANTOM_RMS_NORM, (x, w), attrs))
+        return Rewrite(call=Call(PHANTOM_LAYER_NORM, (x, w, b), attrs))
 
 
 def _is_rms(node: Node) -> bool:
@@ -317,14 +326,6 @@ def _affine(node: Node) -> tuple[str | None, str | None]:
     else:
         w, b = node.attrs.get("weight"), node.attrs.get("bias")
     return ref_name(w), ref_name(b)
-
-
-def _fx_arg(shrink, fx_node, name: str):
-    """An fx node's schema argument, None where it was left to its default."""
-    try:
-        return shrink.get_fx_arg(fx_node, name)
-    except (IndexError, ValueError):
-        return None
 
 
 @register("group_norm", aten=("group_norm", "native_group_norm"),
@@ -350,17 +351,13 @@ class GroupNorm(Rule):
     def keeps_zero(self, node: Node, lab: Labels) -> bool:
         return _trained(lab, node, ("weight", "scale"), ("bias",))
 
-    def rewrite_fx(self, node, fx_node, shrink) -> None:
+    def rewrite(self, node, shrink) -> Rewrite | None:
+        """Removed channels take whole groups with them: the group count falls."""
         old_c, new_c = shrink.old_shape(node.outputs[0])[1], shrink.new_shape(node.outputs[0])[1]
+        if old_c == new_c:
+            return None
         g = int(node.attrs.get("num_groups", node.attrs.get("group", 1)))
         new_g = new_c // (old_c // g)
         if "num_groups" in node.attrs:
-            shrink.set_fx_arg(fx_node, "num_groups", new_g)
-        else:
-            shrink.set_fx_arg(fx_node, "group", new_g)
-            shrink.set_fx_arg(fx_node, "C", new_c)
-
-    def rewrite_onnx(self, node, proto, shrink) -> None:
-        old_c, new_c = shrink.old_shape(node.outputs[0])[1], shrink.new_shape(node.outputs[0])[1]
-        g = int(node.attrs.get("num_groups", 1))
-        shrink.set_onnx_attr(proto, "num_groups", new_c // (old_c // g))
+            return Rewrite(args={"num_groups": new_g})
+        return Rewrite(args={"group": new_g, "C": new_c})  # native_group_norm

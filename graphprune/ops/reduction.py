@@ -15,8 +15,9 @@ import torch
 from ..analysis.labels import Field, Labels
 from ..errors import GraphPruneError
 from ..ir.graph import Node
-from .common import as_list, same_pads
+from .common import as_list, ref_name, same_pads
 from .registry import OnnxOp, Rule, register
+from .rewrite import Call, OnnxArg, OnnxCall, OnnxContext, Phantom, Rewrite
 
 F = torch.nn.functional
 
@@ -259,7 +260,7 @@ def mean_of_original(x: torch.Tensor, dim: list[int] | None, keepdim: bool, n: i
 
 def mean_onnx_function(opset: int):
     """:func:`mean_of_original` as an ONNX FunctionProto (``graphprune`` domain, inlined by
-    the emitter): ``ReduceSum(data, axes) / count`` with attributes ``count`` (the original
+    the ONNX lowering): ``ReduceSum(data, axes) / count`` with attributes ``count`` (the original
     count, a scalar tensor of the data's type: valid in every opset), ``keepdims``, and
     before opset 13 ``axes`` (an attribute of ReduceSum then, an input from 13 on)."""
     from onnx import AttributeProto, helper
@@ -280,6 +281,22 @@ def mean_onnx_function(opset: int):
     return helper.make_function(DOMAIN, "MeanOfOriginal", inputs, ["reduced"], body,
                                 [helper.make_opsetid("", opset)],
                                 attributes=["count", "keepdims"] + (["axes"] if opset < 13 else []))
+
+
+def _mean_onnx(call: Call, ctx: OnnxContext) -> OnnxCall:
+    """The ONNX form of a :data:`MEAN_OF_ORIGINAL` call (:func:`mean_onnx_function`)."""
+    import numpy as np
+    from onnx import numpy_helper
+    opset = ctx.opset(13)
+    dtype = torch.empty(0, dtype=ctx.dtype(call.inputs[0])).numpy().dtype
+    count = numpy_helper.from_array(np.array(call.attrs["n"], dtype=dtype))
+    attrs = dict(count=count, keepdims=int(call.attrs["keepdim"]))
+    if opset >= 13:
+        return OnnxCall(mean_onnx_function(opset), attrs, {1: list(call.attrs["dim"])})
+    return OnnxCall(mean_onnx_function(opset), dict(attrs, axes=list(call.attrs["dim"])))
+
+
+MEAN_OF_ORIGINAL = Phantom("mean_of_original", mean_of_original, _mean_onnx)
 
 
 @register("reduce", aten=REDUCE, onnx=ONNX_REDUCE)
@@ -321,46 +338,21 @@ class Reduce(Rule):
     def keeps_zero(self, node: Node, lab: Labels) -> bool:
         return _kind(node) in ZERO_PRESERVING and lab.is_zero(node.inputs[0])
 
-    def rewrite_fx(self, node, fx_node, shrink) -> None:
+    def rewrite(self, node, shrink) -> Rewrite | None:
         """A mean over a shrunk axis divides by the original count."""
         if _kind(node) not in MEANS:
-            return
-        x = node.inputs[0]
-        old, new = shrink.old_shape(x), shrink.new_shape(x)
-        rank = len(old)
-        dims = _reduced_dims(node, rank)
-        if all(old[d] == new[d] for d in dims):
-            return
-        n = 1
-        for d in dims:
-            n *= old[d]
-        dim = node.attrs.get("dim")
-        fx_node.target = mean_of_original
-        fx_node.args = (fx_node.args[0], list(dim) if dim else None, bool(node.attrs.get("keepdim", False)), n)
-        fx_node.kwargs = {"dtype": node.attrs.get("dtype")}
-
-    def rewrite_onnx(self, node, proto, shrink) -> None:
-        """The same as a call of a model-local function (inlined by the emitter)."""
-        if _kind(node) not in MEANS:
-            return
-        import numpy as np
-        from onnx import numpy_helper
+            return None
         x = node.inputs[0]
         old, new = shrink.old_shape(x), shrink.new_shape(x)
         dims = _reduced_dims(node, len(old))
         if all(old[d] == new[d] for d in dims):
-            return
+            return None
         n = 1
         for d in dims:
             n *= old[d]
-        opset = shrink.onnx_opset()
-        count = numpy_helper.from_array(np.array(n, dtype=torch.empty(0, dtype=shrink.graph.values[x].dtype).numpy().dtype))
-        keep = int(node.attrs.get("keepdims", 1))
-        if opset >= 13:
-            shrink.call_onnx_function(proto, mean_onnx_function(opset), count=count, keepdims=keep)
-            shrink.set_onnx_const_input(proto, 1, dims)
-        else:
-            shrink.call_onnx_function(proto, mean_onnx_function(opset), count=count, keepdims=keep, axes=dims)
+        keep = bool(node.attrs.get("keepdim", node.attrs.get("keepdims", False)))
+        attrs = dict(dim=dims, keepdim=keep, n=n, dtype=node.attrs.get("dtype"))
+        return Rewrite(call=Call(MEAN_OF_ORIGINAL, (x,), attrs))
 
 
 @register("diff", aten=("diff",))
@@ -402,6 +394,8 @@ class Softmax(Rule):
 class Spatial(Rule):
     """Pooling/resizing: batch and channel atoms pass; atoms on spatial axes are pinned."""
 
+    onnx_args = {("Resize", "sizes"): OnnxArg(input=3, since=11)}
+
     def propagate(self, node: Node, lab: Labels) -> None:
         f = lab.field(node.inputs[0])
         if f is not None and any(a >= 2 for a in f.axes):
@@ -413,18 +407,18 @@ class Spatial(Rule):
     def keeps_zero(self, node: Node, lab: Labels) -> bool:
         return lab.is_zero(node.inputs[0])
 
-    def rewrite_onnx(self, node, proto, shrink) -> None:
+    def rewrite(self, node, shrink) -> Rewrite | None:
         """A Resize to explicit ``sizes``: the channel entry follows the compact output
-        (a constant target is rewritten, a run-time one fed through a fix-up node)."""
-        if node.source_op != "onnx::Resize" or len(proto.input) < 4 or not proto.input[3]:
-            return
+        (a constant target is rewritten, a run-time one fed through a fix-up call)."""
+        sizes = ref_name(node.attrs.get("sizes")) if node.source_op == "onnx::Resize" else None
+        if sizes is None:
+            return None
         out = node.outputs[0]
         old, new = shrink.old_shape(out), shrink.new_shape(out)
         if old == new:
-            return
-        from .movement import _resize, shrink_runtime_shape
-        sizes = shrink.graph.values.get(proto.input[3])
-        if sizes is not None and sizes.kind == "const" and sizes.data is not None:
-            shrink.set_onnx_const_input(proto, 3, _resize(sizes.data.tolist(), old, new))
-        else:
-            shrink_runtime_shape(proto, 3, [int(o == n) for o, n in zip(old, new)], list(new), shrink)
+            return None
+        from .movement import _resize, shape_shrunk
+        v = shrink.graph.values[sizes]
+        if v.kind == "const" and v.data is not None:
+            return Rewrite(args={"sizes": _resize(v.data.tolist(), old, new)})
+        return Rewrite(feeds={sizes: shape_shrunk(sizes, [int(o == n) for o, n in zip(old, new)], list(new))})

@@ -3,8 +3,9 @@
 Each canonical op has one :class:`Rule` registered under the ATen and ONNX names that
 map to it.  A rule says how channels flow (``propagate``: read input fields, write
 output fields, couple/pin atoms, label parameter axes, report FLOPs) and how the op
-is rewritten once units go (``rewrite_fx`` for the compact PyTorch graph,
-``rewrite_onnx`` for the compact ONNX graph).  ``keeps_zero`` says whether the entries
+is rewritten once units go (``rewrite``: new constant arguments or a phantom op, in
+the frontend-neutral terms of :mod:`.rewrite`, which the lowerings apply to an fx or
+an ONNX node).  ``keeps_zero`` says whether the entries
 of its outputs that removed units take are exactly zero in the zeroed model, which is
 what lets a layer norm or a sum reduce over a prunable axis.  An op with no rule is a
 barrier.
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from ..analysis.labels import Labels
     from ..ir.graph import Graph, Node
     from ..passes.shrink import Shrink
+    from .rewrite import OnnxArg, Rewrite
 
 RULES: dict[str, "Rule"] = {}             # canonical op -> its rule
 ATEN: dict[str, str] = {}                 # ATen packet name -> canonical op
@@ -63,6 +65,12 @@ class Rule:
     """Base rule; subclasses override what applies to them."""
 
     op: str = ""
+    onnx_args: dict[tuple[str, str], "OnnxArg"] = {}
+    """(ONNX op type, IR argument name) -> where ONNX keeps an argument :meth:`rewrite`
+    sets, where that is not an attribute of the same name."""
+    mode_args: dict[str, str] = {}
+    """ATen op -> its argument that follows ``.train()``/``.eval()`` (batch norm's
+    ``training``): a compact module sets it when its mode changes."""
 
     def propagate(self, node: "Node", lab: "Labels") -> None:
         lab.barrier(node, f"no channel rule for {node.source_op or node.op}")
@@ -85,11 +93,10 @@ class Rule:
         for in-layer block sparsity; None when there is none."""
         return None
 
-    def rewrite_fx(self, node: "Node", fx_node: Any, shrink: "Shrink") -> None:
-        """Update the fx node's constant arguments for the compact shapes (default: none)."""
-
-    def rewrite_onnx(self, node: "Node", proto: Any, shrink: "Shrink") -> None:
-        """Update the ONNX node's attributes/constant inputs for the compact shapes."""
+    def rewrite(self, node: "Node", shrink: "Shrink") -> "Rewrite | None":
+        """The node's new constant arguments for the compact shapes, or the phantom op it
+        becomes (default: nothing changes).  A pure function of the IR and ``shrink``."""
+        return None
 
 
 def register(op: str, *, aten: tuple[str, ...] = (), onnx: Mapping[str, OnnxOp] | None = None,

@@ -161,8 +161,8 @@ def test_external_weights_are_mapped_not_read(tmp_path, monkeypatch):
     them (vit_h_14's 2.5 GB stay on disk), zeroing a group writes private copies of the
     touched pages, never the file, and the file replaced afterwards (an emitter's temp
     file and rename onto the same path) leaves the traced graph's weights intact."""
-    from graphprune.frontends import onnx_import
-    monkeypatch.setattr(onnx_import, "_FEED_MIN", 1)  # every float weight is mapped, as a big one is
+    from graphprune.frontends import onnx_skeleton
+    monkeypatch.setattr(onnx_skeleton, "_FEED_MIN", 1)  # every float weight is mapped, as a big one is
     path, data = tmp_path / "ext.onnx", tmp_path / "ext.onnx.data"
     onnx.save(hand_written(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
               location=data.name, size_threshold=0)
@@ -187,7 +187,7 @@ def test_embedded_weights_are_read_in_place(tmp_path):
     """The wire-format reader gives what ``onnx.load`` gives, but with the fed weights as
     stubs and their values mapped from the file (copied only where protobuf left them
     unaligned): a file's weights are in memory once, not twice."""
-    from graphprune.frontends.onnx_import import is_fed
+    from graphprune.frontends.onnx_skeleton import is_fed
     from graphprune.frontends.onnx_mapped import read_structure
     x = torch.randn(1, 3, 32, 32)
     path = export(torchvision.models.get_model("resnet18", num_classes=10), x, tmp_path / "m.onnx")
@@ -204,9 +204,9 @@ def test_embedded_weights_are_read_in_place(tmp_path):
 
 @pytest.mark.parametrize("mapped", [True, False])
 def test_truncated_external_data_names_the_file(tmp_path, monkeypatch, mapped):
-    from graphprune.frontends import onnx_import
+    from graphprune.frontends import onnx_skeleton
     if mapped:
-        monkeypatch.setattr(onnx_import, "_FEED_MIN", 1)
+        monkeypatch.setattr(onnx_skeleton, "_FEED_MIN", 1)
     path, data = tmp_path / "ext.onnx", tmp_path / "ext.onnx.data"
     onnx.save(hand_written(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
               location=data.name, size_threshold=0)
@@ -220,17 +220,17 @@ def test_large_model_path(monkeypatch):
     """Models over 2 GiB cannot be serialised: the checker, shape inference and every
     onnxruntime session then work on the weightless skeleton with the weights fed.  The
     same path, forced on a small model, must give the same groups and outputs."""
-    from graphprune.frontends import onnx_import
+    from graphprune.frontends import onnx_skeleton
     proto = hand_written()
     x = torch.randn(2, 3, 8, 8)
     small = gp.trace(proto, (x,), verify=False)
-    monkeypatch.setattr(onnx_import, "PROTOBUF_LIMIT", 0)
-    monkeypatch.setattr(onnx_import, "_FEED_MIN", 1)  # every weight is fed, as a big one would be
-    assert onnx_import.is_large(proto)
-    sk, moved = onnx_import.skeleton(proto)
+    monkeypatch.setattr(onnx_skeleton, "PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(onnx_skeleton, "_FEED_MIN", 1)  # every weight is fed, as a big one would be
+    assert onnx_skeleton.is_large(proto)
+    sk, moved = onnx_skeleton.skeleton(proto)
     weights = {"w1", "b1", "w2", "b2", "fc_w", "fc_b"}
     assert set(moved) == weights and not sk.graph.initializer and weights < {i.name for i in sk.graph.input}
-    onnx_import.check_model(proto)
+    onnx_skeleton.check_model(proto)
     g = gp.trace(proto, (x,))
     assert [grp.size for grp in g.groups] == [grp.size for grp in small.groups] and not g.withdrawn
     ref = run_onnx(proto, {"x": x.numpy()})[0]
@@ -378,7 +378,7 @@ def test_weights_are_read_once_and_written_last(monkeypatch):
     changes the caller's proto, and the emitter writes the weights last.  With every weight
     a stub and every onnxruntime run fed (forced here on a small model), the compact and
     full models are the same bytes as without, and verify finds the same."""
-    from graphprune.frontends import onnx_import
+    from graphprune.frontends import onnx_skeleton
     proto = hand_written()
     before = proto.SerializeToString()
     x = torch.randn(2, 3, 8, 8)
@@ -386,8 +386,8 @@ def test_weights_are_read_once_and_written_last(monkeypatch):
     assert all(i.raw_data or i.float_data for i in plain.backend.proto.graph.initializer)
     zero_random_half(plain)
     compact, full = plain.construct_subnet(), plain.backend.full(plain, plain.params)
-    monkeypatch.setattr(onnx_import, "_FEED_MIN", 1)
-    monkeypatch.setattr(onnx_import, "_FEED_BYTES", 0)
+    monkeypatch.setattr(onnx_skeleton, "_FEED_MIN", 1)
+    monkeypatch.setattr(onnx_skeleton, "_FEED_BYTES", 0)
     g = gp.trace(proto, (x,))  # verify: both models emitted with stubs, fed from the tensors
     assert not g.withdrawn and [grp.size for grp in g.groups] == [grp.size for grp in plain.groups]
     assert proto.SerializeToString() == before

@@ -16,7 +16,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from graphprune.frontends.onnx_import import load_onnx, session
+from graphprune.frontends.onnx_import import load_onnx
+from graphprune.frontends.onnx_skeleton import session
 from graphprune.frontends.onnx_program import GraphProgram
 from graphprune.ops.catalog import known_ops, onnx_op
 

@@ -1,0 +1,243 @@
+"""Lower a compact plan to an ``nn.Module``: the exported program's own graph, edited.
+
+The program's unlifted module is the template: its parameters and buffers are replaced
+by the plan's slices (the user's model is never touched), each node's
+:class:`~graphprune.ops.rewrite.Rewrite` is applied to its fx node (a schema argument
+set, or the target replaced by a phantom op's torch function), erased operators give
+way to constant buffers, and folded batch norms to their layer's output.  The result
+has the original call signature and also works in training mode (batch norm and
+dropout flags follow ``.train()``/``.eval()``, as the op registry says which argument
+carries the mode).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from graphprune.errors import ZeroInvarianceError
+from graphprune.ir.graph import Graph, Node, Ref
+from graphprune.ops.catalog import canonical_aten, rule_for
+from graphprune.ops.rewrite import Call, Entries, Rewrite
+from graphprune.passes.fold_bn import Fold
+from graphprune.passes.plan import CompactPlan
+
+
+class CompactModule(torch.nn.Module):
+    """A rewritten exported graph that honours train/eval like an ordinary module."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+        self.train(False)
+
+    def _mode_nodes(self) -> list[tuple[torch.fx.Node, str]]:
+        """The nodes whose registry entry names an argument that follows the mode."""
+        out = []
+        for n in self.gm.graph.nodes:
+            if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
+                packet = n.target.overloadpacket.__name__
+                arg = rule_for(canonical_aten(packet)).mode_args.get(packet)
+                if arg is not None:
+                    out.append((n, arg))
+        return out
+
+    def train(self, mode: bool = True) -> "CompactModule":
+        self.training = mode
+        for m in self.gm.modules():
+            if m is not self.gm:
+                m.training = mode
+        nodes = self._mode_nodes()
+        for n, arg in nodes:
+            set_arg(n, arg, mode)
+        if nodes:
+            self.gm.recompile()
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.gm(*args, **kwargs)
+
+
+def lower_torch(ir: Graph, exported: torch.export.ExportedProgram, plan: CompactPlan,
+                tensors: dict[str, torch.Tensor]) -> CompactModule:
+    """The compact module of ``plan``; ``tensors``: current values by the user's names
+    (parameters and buffers), the IR's data where absent."""
+    gm = exported.module()
+    for name in ("train", "eval"):  # export's guards against mode switches; CompactModule owns modes
+        gm.__dict__.pop(name, None)
+    fx_nodes = {n.name: n for n in gm.graph.nodes}
+    _write_tensors(gm, ir, exported, plan, tensors)
+    for node in ir.nodes:
+        rw = plan.rewrites.get(node.name)
+        fx = fx_nodes.get(node.name)
+        if rw is not None and fx is not None:
+            _apply(node, fx, rw, ir.source)
+    removed = set(plan.erased)
+    if plan.constants:
+        _feed_constants(gm, plan, fx_nodes)
+    for k, fold in enumerate(plan.folds):
+        removed.add(_fold(gm, fx_nodes, fold, k))
+    if removed:
+        _drop(gm, removed)
+    for n in gm.graph.nodes:  # full-model shapes are stale now; fake tensors and provenance chains block deepcopy
+        n.meta.clear()
+    gm.recompile()
+    return CompactModule(gm)
+
+
+# ---- editors -------------------------------------------------------------------------
+def _schema_name(fx_node: torch.fx.Node, name: str) -> str:
+    names = [a.name for a in fx_node.target._schema.arguments]
+    return "self" if name == "input" and "input" not in names else name  # the IR calls ``self`` input
+
+
+def get_arg(fx_node: torch.fx.Node, name: str, default: Any = None) -> Any:
+    """A schema argument of an fx node by name (``default`` where left to its default)."""
+    name = _schema_name(fx_node, name)
+    if name in fx_node.kwargs:
+        return fx_node.kwargs[name]
+    pos = [a.name for a in fx_node.target._schema.arguments].index(name)
+    return fx_node.args[pos] if pos < len(fx_node.args) else default
+
+
+def set_arg(fx_node: torch.fx.Node, name: str, value: Any) -> None:
+    """Set a schema argument of an fx node by name, positional or keyword."""
+    name = _schema_name(fx_node, name)
+    if name in fx_node.kwargs:
+        fx_node.kwargs = {**fx_node.kwargs, name: value}
+        return
+    pos = [a.name for a in fx_node.target._schema.arguments].index(name)
+    if pos < len(fx_node.args):
+        args = list(fx_node.args)
+        args[pos] = value
+        fx_node.args = tuple(args)
+    else:
+        fx_node.kwargs = {**fx_node.kwargs, name: value}
+
+
+def _apply(node: Node, fx: torch.fx.Node, rw: Rewrite, source: str | None) -> None:
+    if rw.feeds or rw.constant is not None:  # only ONNX models compute shapes at run time
+        raise ZeroInvarianceError("a run-time shape rewrite met a PyTorch graph", node=node.name, op=node.source_op,
+                                  source=source, hint="this is a graphprune bug; please report it")
+    for name, value in rw.args.items():
+        set_arg(fx, name, value.apply(list(get_arg(fx, name))) if isinstance(value, Entries) else value)
+    if rw.call is not None:
+        _call(node, fx, rw.call, source)
+
+
+def _call(node: Node, fx: torch.fx.Node, call: Call, source: str | None) -> None:
+    """Make ``fx`` a call of the phantom op's torch function: the inputs (the fx nodes
+    that hold those IR values), then the attributes as keywords."""
+    if call.op.torch is None:
+        raise ZeroInvarianceError(f"{call.op.name} has no PyTorch form", node=node.name, op=node.source_op,
+                                  source=source, hint="this is a graphprune bug; please report it")
+    held = _fx_inputs(node, fx)
+    fx.target = call.op.torch
+    fx.args = tuple(None if v is None else held[v] for v in call.inputs)
+    fx.kwargs = dict(call.attrs)
+
+
+def _fx_inputs(node: Node, fx: torch.fx.Node) -> dict[str, torch.fx.Node]:
+    """IR value name -> the fx node passed in its place: the IR node's arguments are the
+    fx node's, leaf for leaf, with tensors as :class:`Ref`."""
+    ir_leaves = pytree.tree_leaves((node.args, node.kwargs), is_leaf=lambda a: isinstance(a, Ref))
+    fx_leaves = pytree.tree_leaves((fx.args, fx.kwargs))
+    return {a.name: b for a, b in zip(ir_leaves, fx_leaves) if isinstance(a, Ref) and isinstance(b, torch.fx.Node)}
+
+
+def _set_tensor(root: torch.nn.Module, fqn: str, t: torch.Tensor, as_param: bool) -> None:
+    prefix, _, leaf = fqn.rpartition(".")
+    mod = root.get_submodule(prefix) if prefix else root
+    if as_param:
+        setattr(mod, leaf, torch.nn.Parameter(t, requires_grad=t.is_floating_point()))
+    elif leaf in getattr(mod, "_buffers", {}):
+        mod._buffers[leaf] = t
+    else:
+        setattr(mod, leaf, t)
+
+
+def _write_tensors(gm: torch.fx.GraphModule, ir: Graph, exported: torch.export.ExportedProgram,
+                   plan: CompactPlan, tensors: dict[str, torch.Tensor]) -> None:
+    """Every parameter and buffer, sliced (and with folded norms' scale and shift)."""
+    sig = exported.graph_signature
+    paths = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}  # a tied weight's paths differ from its name
+    weights = {f.weight: f for f in plan.folds}
+    biases = {f.bias: f for f in plan.folds if f.bias is not None}
+    for name, v in ir.values.items():
+        if not v.fixed or v.source_name is None:
+            continue
+        src = tensors.get(v.source_name, v.data)
+        if src is None:
+            continue
+        t = plan.slice(name, src.detach()).clone()
+        if name in weights:
+            t = weights[name].scaled(t)
+        elif name in biases:
+            t = biases[name].shift.clone()
+        try:
+            _set_tensor(gm, paths.get(name, v.source_name), t, v.kind == "param")
+        except AttributeError:
+            continue  # lifted constants that the unlifted module inlines
+
+
+def _feed_constants(gm: torch.fx.GraphModule, plan: CompactPlan, fx_nodes: dict[str, torch.fx.Node]) -> None:
+    """Feed each frontier consumer its constant (a buffer ``_erased_<k>``)."""
+    g = gm.graph
+    for k, (name, c) in enumerate(sorted(plan.constants.items())):
+        old = _fx_value(fx_nodes, name)
+        gm.register_buffer(f"_erased_{k}", c)
+        with g.inserting_before(old):
+            new = g.get_attr(f"_erased_{k}")
+        for user in list(old.users):
+            if user.name not in plan.erased:
+                user.replace_input_with(old, new)
+                _out_of_place(user, new)
+
+
+def _fold(gm: torch.fx.GraphModule, fx_nodes: dict[str, torch.fx.Node], fold: Fold, k: int) -> str:
+    """Read the layer's output where the norm's was read, giving the layer a bias
+    (``_folded_bias_<k>``) if it had none; returns the norm's node name (to drop)."""
+    g, layer, norm = gm.graph, fx_nodes[fold.producer], fx_nodes[fold.norm]
+    if fold.bias is None:
+        gm.register_parameter(f"_folded_bias_{k}", torch.nn.Parameter(fold.shift.clone()))
+        with g.inserting_before(layer):
+            set_arg(layer, "bias", g.get_attr(f"_folded_bias_{k}"))
+    for user in list(norm.users):
+        if user.target is operator.getitem:  # _native_batch_norm_legit_no_training: (out, mean, rstd)
+            user.replace_all_uses_with(layer)
+        else:
+            user.replace_input_with(norm, layer)
+    return fold.norm
+
+
+def _drop(gm: torch.fx.GraphModule, removed: set[str]) -> None:
+    """Drop the ``removed`` operators, whatever only they used, and the weights nobody
+    reads any more."""
+    g = gm.graph
+    read = {n.target for n in g.nodes if n.op == "get_attr" and n.users}
+
+    def removable(n: torch.fx.Node) -> bool:
+        return n.name in removed or (n.target is operator.getitem and n.args[0].name in removed)
+
+    g.eliminate_dead_code(is_impure_node=lambda n: not removable(n) and (n.op == "call_module" or n.is_impure()))
+    for target in read - {n.target for n in g.nodes if n.op == "get_attr"}:
+        prefix, _, leaf = target.rpartition(".")
+        delattr(gm.get_submodule(prefix) if prefix else gm, leaf)
+
+
+def _out_of_place(node: torch.fx.Node, const: torch.fx.Node) -> None:
+    """``const.add_(x)`` (torchvision's ``out += identity`` with the branch erased) cannot
+    grow the constant to the output's shape: use ``add`` instead."""
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet is not None and packet.__name__.endswith("_") and node.args and node.args[0] is const:
+        node.target = getattr(getattr(torch.ops.aten, packet.__name__[:-1]), node.target._overloadname)
+
+
+def _fx_value(fx_nodes: dict[str, torch.fx.Node], name: str) -> torch.fx.Node:
+    """The fx node holding IR value ``name`` ("<node>.<i>" is a getitem of a tuple output)."""
+    if name in fx_nodes:
+        return fx_nodes[name]
+    base, _, index = name.rpartition(".")
+    return next(u for u in fx_nodes[base].users if u.target is operator.getitem and u.args[1] == int(index))
