@@ -477,14 +477,19 @@ class TaskLoggers:
         self.folder = folder
         #: (logger, the handlers added to it, its level and propagate flag before) to undo on close
         self._changed: list[tuple[logging.Logger, list[logging.Handler], int, bool]] = []
+        #: task name -> its logger: a task tuned in several budget phases keeps one logger and file
+        self._tasks: dict[str, logging.Logger] = {}
         scheduler = logging.getLogger(self.META_SCHEDULE)
         self._redirect(scheduler, "task_scheduler", _Upward(scheduler.parent))
 
-    def get(self, index: int, task_name: str) -> logging.Logger:
-        """The logger of the run's ``index``-th task, writing ``task_<index>_<name>.log``."""
-        logger = logging.getLogger(f"graphprune.codegen.tuning.task_{index:03d}")
-        self._redirect(logger, f"task_{index:03d}_{task_name[:100]}")
-        return logger
+    def get(self, task_name: str) -> logging.Logger:
+        """The task's logger, writing ``task_<k>_<name>.log`` (k: the k-th task this run logs)."""
+        if task_name not in self._tasks:
+            index = len(self._tasks)
+            logger = logging.getLogger(f"graphprune.codegen.tuning.task_{index:03d}")
+            self._redirect(logger, f"task_{index:03d}_{task_name[:100]}")
+            self._tasks[task_name] = logger
+        return self._tasks[task_name]
 
     def _redirect(self, logger: logging.Logger, file_stem: str, *extra: logging.Handler) -> None:
         handler = logging.FileHandler(self.folder / f"{file_stem}.log", mode="a", delay=True)
@@ -504,6 +509,7 @@ class TaskLoggers:
             logger.setLevel(level)
             logger.propagate = propagate
         self._changed.clear()
+        self._tasks.clear()
 
 
 class _Upward(logging.Handler):
@@ -523,10 +529,10 @@ def tune_contexts(tasks: Sequence[ms.ExtractedTask], loggers: TaskLoggers, *, sp
                   seed: int) -> tuple[list[ms.TuneContext], list[float]]:
     """meta-schedule tune contexts for ``tasks``, logging through ``loggers`` (see :class:`TaskLoggers`)."""
     contexts, weights = [], []
-    for index, (task, rand_state) in enumerate(zip(tasks, fork_seed(seed, n=len(tasks)))):
+    for task, rand_state in zip(tasks, fork_seed(seed, n=len(tasks))):
         contexts.append(ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator=space,
                                        search_strategy=strategy, task_name=task.task_name,
-                                       logger=loggers.get(index, task.task_name), rand_state=rand_state,
+                                       logger=loggers.get(task.task_name), rand_state=rand_state,
                                        num_threads="physical").clone())
         weights.append(task.weight)
     return contexts, weights

@@ -255,3 +255,20 @@ def test_shared_database_is_reused_by_the_next_model_and_read_by_build(tmp_path,
     compiled = codegen.build(other, (X,), "x86")
     assert compiled.tuned_functions == compiled.total_functions
     assert rel_err(compiled.run(X), other(X)) < 1e-4
+
+
+def test_a_task_tuned_in_two_budget_phases_keeps_one_log(tmp_path):
+    """tune() asks for a task's logger once per budget phase; the task keeps one logger and one
+    file, and a task of a later phase never writes into an earlier task's file."""
+    from graphprune.codegen.tuning import TaskLoggers
+
+    loggers = TaskLoggers(tmp_path)
+    first = loggers.get("fused_matmul_add")
+    assert loggers.get("fused_matmul_add") is first and len(first.handlers) == 1
+    second = loggers.get("fused_tanh")
+    assert second is not first
+    second.info("tanh trial")
+    loggers.close()
+    assert not first.handlers and not second.handlers
+    files = {p.name: p.read_text() for p in tmp_path.glob("task_*.log")}  # a file appears with its first line
+    assert list(files) == ["task_001_fused_tanh.log"] and "tanh trial" in files["task_001_fused_tanh.log"]
