@@ -14,7 +14,6 @@ import statistics
 import time
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
