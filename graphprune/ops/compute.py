@@ -10,6 +10,8 @@ zero, so what they produce is zero where removed (``keeps_zero``).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..analysis.labels import Field, Labels, unlabelled
@@ -109,6 +111,8 @@ def _groups(attrs: dict, _: list) -> None:
 class Conv(Rule):
     """Output channels are new atoms; input channels become the weight's input slices."""
 
+    mixes_channels = True
+
     onnx_args = {("Conv", "groups"): OnnxArg(name="group"), ("ConvTranspose", "groups"): OnnxArg(name="group")}
 
     def propagate(self, node: Node, lab: Labels) -> None:
@@ -195,6 +199,8 @@ def _linear(lab: Labels, node: Node, x: str, w: str, b: str | None, w_in_dim: in
 class Linear(Rule):
     """``y = x Wᵀ + b``: output features are new atoms, input features are W's columns."""
 
+    mixes_channels = True
+
     def propagate(self, node: Node, lab: Labels) -> None:
         x, w = ref_name(node.attrs.get("input")), _param(lab, node, "weight")
         if w is None or x is None or len(lab.shape(w)) != 2:
@@ -232,6 +238,8 @@ def _onnx_gemm(a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0, **_):
 @register("gemm", onnx={"Gemm": OnnxOp(_onnx_gemm, ("A", "B", "C"))})
 class Gemm(Rule):
     """ONNX Gemm ``alpha·A'·B' + beta·C`` with B an initializer."""
+
+    mixes_channels = True
 
     def propagate(self, node: Node, lab: Labels) -> None:
         x, w = ref_name(node.attrs.get("A")), _param(lab, node, "B")
@@ -297,6 +305,14 @@ def _product_cost(lab: Labels, out: str, macs: float) -> None:
 class MatMul(Rule):
     """A parameter operand makes it a linear layer; two activations (attention scores,
     attention × values) couple along the contraction and carry batch (head) atoms."""
+
+    mixes_channels = True
+
+    def attention_values(self, node: Node, data: list[str],
+                         producer: Callable[[str], Rule | None]) -> int | None:
+        if len(data) == 2 and (p := producer(data[0])) is not None and p.probabilities:
+            return 1
+        return None
 
     def propagate(self, node: Node, lab: Labels) -> None:
         a_name, b_name = node.inputs[0], node.inputs[-1]
@@ -396,6 +412,10 @@ class ScaledDotProductAttention(Rule):
     """Heads are units: a query head, its key/value head (shared under GQA) and its
     output columns go together; the head dimension itself stays uniform."""
 
+    def attention_values(self, node: Node, data: list[str],
+                         producer: Callable[[str], Rule | None]) -> int | None:
+        return 2 if len(data) >= 3 else None
+
     def propagate(self, node: Node, lab: Labels) -> None:
         q, k, v = (ref_name(node.attrs.get(n)) for n in ("query", "key", "value"))
         if None in (q, k, v) or len(lab.shape(q)) != 4:
@@ -441,6 +461,8 @@ class ScaledDotProductAttention(Rule):
 @register("embedding", aten=("embedding",))
 class Embedding(Rule):
     """Embedding columns are new atoms; the vocabulary axis is never pruned."""
+
+    mixes_channels = True
 
     def propagate(self, node: Node, lab: Labels) -> None:
         w = _param(lab, node, "weight")

@@ -70,6 +70,7 @@ def _onnx_group_norm(x, scale, bias, *, num_groups, epsilon=1e-5, **_):
           shape_only={"batch_norm.default": same_shape, "instance_norm.default": same_shape})
 class BatchNorm(Rule):
     mode_args = {"batch_norm": "training"}
+    mixes_channels = normalises = True
 
     def propagate(self, node: Node, lab: Labels) -> None:
         x = ref_name(node.attrs.get("input"))
@@ -246,6 +247,8 @@ PHANTOM_RMS_NORM = Phantom("phantom_rms_norm", phantom_rms_norm, _phantom_norm_o
                 "RMSNormalization": OnnxOp(_onnx_rms_norm), "SimplifiedLayerNormalization": OnnxOp(_onnx_rms_norm)},
           shape_only={"layer_norm.default": same_shape})
 class LayerNorm(Rule):
+    mixes_channels = normalises = True
+
     def propagate(self, node: Node, lab: Labels) -> None:
         x = node.inputs[0]
         rank = len(lab.shape(x))
@@ -332,6 +335,8 @@ def _affine(node: Node) -> tuple[str | None, str | None]:
           onnx={"GroupNormalization": OnnxOp(_onnx_group_norm, ("input", "scale", "bias"))},
           shape_only={"group_norm.default": same_shape})
 class GroupNorm(Rule):
+    mixes_channels = normalises = True
+
     def propagate(self, node: Node, lab: Labels) -> None:
         x = ref_name(node.attrs.get("input")) or node.inputs[0]
         g = int(node.attrs.get("num_groups", node.attrs.get("group", 1)))

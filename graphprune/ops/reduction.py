@@ -380,6 +380,8 @@ class Diff(Rule):
           onnx={"Softmax": OnnxOp(lambda x, *, axis, **_: torch.softmax(x, axis), normalise=_softmax_axis),
                 "LogSoftmax": OnnxOp(lambda x, *, axis, **_: torch.log_softmax(x, axis), normalise=_softmax_axis)})
 class Softmax(Rule):
+    probabilities = True
+
     def propagate(self, node: Node, lab: Labels) -> None:
         x = node.inputs[0]
         rank = len(lab.shape(x))

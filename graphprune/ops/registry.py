@@ -71,6 +71,16 @@ class Rule:
     mode_args: dict[str, str] = {}
     """ATen op -> its argument that follows ``.train()``/``.eval()`` (batch norm's
     ``training``): a compact module sets it when its mode changes."""
+    mixes_channels: bool = False
+    """Whether the op combines its input channels through parameters of its own (a conv, a
+    linear layer, a norm's affine): past it, a unit of another group no longer passes
+    through unmixed.  The optimizers' route finding stops there."""
+    normalises: bool = False
+    """Whether the op standardises channels and applies a per-channel affine (batch, layer
+    and group norm): the statistics of what follows it are its gamma and beta."""
+    probabilities: bool = False
+    """Whether the op's output is a probability distribution over its last axis (softmax):
+    a matmul that reads it first mixes attention values."""
 
     def propagate(self, node: "Node", lab: "Labels") -> None:
         lab.barrier(node, f"no channel rule for {node.source_op or node.op}")
@@ -85,6 +95,14 @@ class Rule:
     def activation(self, node: "Node") -> str | None:
         """The nonlinearity the node applies elementwise, as the optimizers model a unit's
         statistics through it (``relu``, ``relu6``, ``gelu``, ``silu``); None for none."""
+        return None
+
+    def attention_values(self, node: "Node", data: list[str],
+                         producer: Callable[[str], "Rule | None"]) -> int | None:
+        """Position in ``data`` (the node's activation inputs) of the attention *values*
+        when the node weighs them by attention probabilities (an SDPA; a matmul of a
+        softmax by values), ``producer`` giving the rule of a value's producer.  None for
+        any other node."""
         return None
 
     def block_sparse_weight(self, node: "Node", graph: "Graph") -> str | None:

@@ -19,6 +19,7 @@ import torch
 from graphprune.analysis.groups import Group, Slice
 from graphprune.errors import GraphPruneError
 from graphprune.ops.catalog import rule_for
+from graphprune.ops.registry import Rule
 
 if TYPE_CHECKING:
     from graphprune.ir.graph import Graph
@@ -61,10 +62,6 @@ class Route:
     producers: list[Slice] = field(default_factory=list)
     attention: bool = False
     feeders: list[Slice] = field(default_factory=list)
-
-
-_NORM_OPS = ("batch_norm", "layer_norm", "group_norm")
-_MIXING_OPS = ("conv", "linear", "gemm", "matmul", "embedding") + _NORM_OPS
 
 
 def _activation_of(node: Any) -> str | None:
@@ -125,29 +122,31 @@ class GraphRoutes:
             own = [s for p in ps for s in mine.get(p, ()) if not s.is_block]
             norms = [s for s in own if s.role == "norm"]
             prods = [s for s in own if s.role == "producer"]
-            if norms and n.op in _NORM_OPS:
+            rule = rule_for(n.op)
+            if norms and rule.normalises:
                 r.norms += norms
                 r.feeders += self._feeding(n, mine)
                 continue
             if prods:
                 r.producers += prods
                 continue
-            if n.op in _MIXING_OPS and any(p not in mine for p in ps):
+            if rule.mixes_channels and any(p not in mine for p in ps):
                 continue  # a layer outside the group: nothing of the units passes unmixed
             act = _activation_of(n)
             if act and r.activation == "identity":
                 r.activation = act
             d = self._data(n)
-            if n.op == "sdpa" and len(d) >= 3:
+            values = rule.attention_values(n, d, self._producer_rule)
+            if values is not None:
                 r.attention = True
-                stack.append(d[2])
-                continue
-            if n.op == "matmul" and len(d) == 2 and getattr(self.maker.get(d[0]), "op", None) == "softmax":
-                r.attention = True
-                stack.append(d[1])
+                stack.append(d[values])
                 continue
             stack.extend(d)
         return r if (r.norms or r.producers) else None
+
+    def _producer_rule(self, value: str) -> Rule | None:
+        n = self.maker.get(value)
+        return rule_for(n.op) if n is not None else None
 
     def _feeding(self, norm: Any, mine: dict[str, list[Slice]]) -> list[Slice]:
         """The group's producers whose output reaches ``norm`` through data movement alone."""
@@ -176,7 +175,7 @@ class GraphRoutes:
             n = self.maker.get(v) if v is not None else None
             if n is None:
                 return None
-            if n.op in _NORM_OPS:
+            if rule_for(n.op).normalises:
                 ps = self._params(n)
                 if not ps:
                     return None
