@@ -1,13 +1,16 @@
 """Coverage table: which models each tool can analyse, how much it finds, at what cost.
 
-Not run in CI.  ``python benchmarks/coverage.py [--models resnet50,vit_b_16,hf_llama_gqa]
+Not run in CI.  ``python benchmarks/coverage.py [--suite all|torchvision+hf|timm|zoo] [--models resnet50,vit_b_16,hf_llama_gqa]
 [--tools graphprune,graphprune-onnx] [--skip-peers] [--size 64] [--repeat 3] [--timeout 1800]
 [--peer-timeout 300]
 [--mem-cap-gib 8] [--results benchmarks/results/coverage.jsonl] [--retry-failed] [--stale] [--report]``
 
-One row per torchvision classification model (``torchvision.models.list_models``) plus
-the small random-config Hugging Face models of the tests (``hf_*``), run smallest first
-(parameter count).  Columns per tool:
+One row per torchvision classification model (``torchvision.models.list_models``), per
+small random-config Hugging Face model of the tests (``hf_*``) and per timm architecture
+family (``timm/<model>``, the family's cheapest model at its default input size) and
+segmentation, detection and diffusion architectures (``zoo/<name>``; both in
+:mod:`model_zoo`), run smallest first (parameter count); ``--suite`` picks one of the
+two sets, and totals are printed per set.  Columns per tool:
 
 * **graphprune**: groups, share of parameters inside groups
   (``grouped_params / total_params``), seconds of ``gp.trace(..., verify=False)`` (median
@@ -63,6 +66,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the property check and the Hugging Face builders live in tests/
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import model_zoo  # noqa: E402
 
 FIXED_SIZE = ("vit", "swin", "maxvit")  # models that only take 224x224
 MIN_SIZE = {"inception_v3": 96}  # 75 is its smallest input
@@ -74,9 +79,12 @@ TOL = 1e-4
 
 # ---------------------------------------------------------------------------- models
 def _num_params(name: str) -> int:
-    """Parameter count from torchvision's weight metadata (no download, no model built)."""
-    if name.startswith("hf_"):
+    """Parameter count from torchvision's weight metadata or the timm family file (no
+    download, no model built)."""
+    if name.startswith(("hf_", model_zoo.ZOO_PREFIX)):
         return 0
+    if name.startswith(model_zoo.PREFIX):
+        return model_zoo.timm_params(name)
     import torchvision
     try:
         return int(next(iter(torchvision.models.get_model_weights(name))).meta["num_params"])
@@ -84,19 +92,37 @@ def _num_params(name: str) -> int:
         return 1 << 40
 
 
-def model_names() -> list[str]:
-    """Every torchvision classifier plus the ``hf_*`` models, smallest first."""
+def suite_of(name: str) -> str:
+    if name.startswith(model_zoo.PREFIX):
+        return "timm"
+    return "zoo" if name.startswith(model_zoo.ZOO_PREFIX) else "torchvision+hf"
+
+
+def model_names(suite: str = "all") -> list[str]:
+    """The models of ``suite`` (``torchvision+hf``: every torchvision classifier plus the
+    ``hf_*`` models; ``timm``: one per timm family; ``zoo``: segmentation, detection and
+    diffusion; ``all``), smallest first."""
     import torchvision
-    names = list(torchvision.models.list_models(module=torchvision.models))
-    try:
-        from tests.analysis.hf_models import MODELS
-        names += [f"hf_{n}" for n in MODELS]
-    except ImportError:  # transformers not installed
-        pass
+    names: list[str] = []
+    if suite in ("all", "torchvision+hf"):
+        names += list(torchvision.models.list_models(module=torchvision.models))
+        try:
+            from tests.analysis.hf_models import MODELS
+            names += [f"hf_{n}" for n in MODELS]
+        except ImportError:  # transformers not installed
+            pass
+    if suite in ("all", "timm"):
+        names += model_zoo.timm_names()
+    if suite in ("all", "zoo"):
+        names += model_zoo.zoo_names()
     return sorted(names, key=lambda n: (_num_params(n), n))
 
 
 def side_for(name: str, size: int) -> int:
+    if name.startswith(model_zoo.PREFIX):
+        return model_zoo.input_side(name)
+    if name.startswith(model_zoo.ZOO_PREFIX):
+        return model_zoo.zoo_side(name)
     return 224 if name.startswith(FIXED_SIZE) else max(size, MIN_SIZE.get(name, 0))
 
 
@@ -108,6 +134,10 @@ def build(name: str, size: int, attention: str = "sdpa") -> tuple[torch.nn.Modul
     if name.startswith("hf_"):
         from tests.analysis.hf_models import build as build_hf
         return build_hf(name[3:], attention)
+    if name.startswith(model_zoo.PREFIX):
+        return model_zoo.build_timm(name)
+    if name.startswith(model_zoo.ZOO_PREFIX):
+        return model_zoo.build_zoo(name)
     import torchvision
     kwargs: dict[str, Any] = {}
     if name.startswith("inception") or name == "googlenet":
@@ -567,27 +597,36 @@ def print_table(cells: dict[tuple[str, str], dict], tools: list[str]) -> None:
         print(line)
 
 
-def print_totals(cells: dict[tuple[str, str], dict], tools: list[str], expected: int) -> None:
+def print_totals(cells: dict[tuple[str, str], dict], tools: list[str], names: list[str]) -> None:
+    """Per suite and tool: cells run, analysed, memory, and for graphprune the share of
+    models that are *covered* (traced, every group verified, compact == zeroed and
+    smaller) and of those, the share with at least half their parameters in groups."""
     models = _ordered(cells)
-    print(f"\ntotals ({len(models)} models with results, {expected} expected)")
-    for tool in tools:
-        rows = [cells[(m, tool)] for m in models if (m, tool) in cells]
-        ok = [r for r in rows if _ok(r)]
-        line = f"  {tool:16} cells {len(rows)}/{expected}, analysed {len(ok)}"
-        if ok:
-            line += f", max peak {max(r.get('peak_mib', 0.0) for r in ok):.0f} MiB" \
-                    f" (under 2 GiB: {sum(r.get('peak_mib', 0.0) < 2048 for r in ok)})"
-        if tool.startswith("graphprune") and ok:
-            line += (f", verify ok {sum(r.get('verify') == 'ok' for r in ok)}, "
-                     f"property ok {sum(r.get('property') == 'ok' for r in ok)}, "
-                     f"all three {sum(r.get('verify') == 'ok' and r.get('property') == 'ok' for r in ok)}, "
-                     f"mean share in groups {statistics.mean(r['grouped'] for r in ok):.1%}")
-        elif ok:
-            line += f", pruned model runs {sum(r.get('pruned_runs') == 'ok' for r in ok)}"
-        na = [r for r in rows if r.get("status") == "n/a"]
-        if na:
-            line += f", n/a {len(na)} ({na[0].get('reason')})"
-        print(line)
+    for suite in dict.fromkeys(suite_of(n) for n in names):
+        expected = sum(suite_of(n) == suite for n in names)
+        mine = [m for m in models if suite_of(m) == suite]
+        print(f"\ntotals, {suite} ({len(mine)} models with results, {expected} expected)")
+        for tool in tools:
+            rows = [cells[(m, tool)] for m in mine if (m, tool) in cells]
+            ok = [r for r in rows if _ok(r)]
+            line = f"  {tool:16} cells {len(rows)}/{expected}, analysed {len(ok)}"
+            if ok:
+                line += f", max peak {max(r.get('peak_mib', 0.0) for r in ok):.0f} MiB" \
+                        f" (under 2 GiB: {sum(r.get('peak_mib', 0.0) < 2048 for r in ok)})"
+            if tool.startswith("graphprune") and ok:
+                covered = [r for r in ok if r.get("verify") == "ok" and r.get("property") == "ok"]
+                half = sum(r["grouped"] >= 0.5 for r in covered)
+                line += (f", verify ok {sum(r.get('verify') == 'ok' for r in ok)}, "
+                         f"property ok {sum(r.get('property') == 'ok' for r in ok)}, "
+                         f"all three {len(covered)} ({len(covered) / expected:.1%} of {expected}), "
+                         f">= 50% of params in groups {half} ({half / max(1, len(covered)):.1%} of those), "
+                         f"mean share in groups {statistics.mean(r['grouped'] for r in ok):.1%}")
+            elif ok:
+                line += f", pruned model runs {sum(r.get('pruned_runs') == 'ok' for r in ok)}"
+            na = [r for r in rows if r.get("status") == "n/a"]
+            if na:
+                line += f", n/a {len(na)} ({na[0].get('reason')})"
+            print(line)
     print("\nfailures")
     for m in models:
         for tool in tools:
@@ -611,6 +650,8 @@ def print_totals(cells: dict[tuple[str, str], dict], tools: list[str], expected:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", help="comma-separated names (default: every torchvision classifier + hf_*)")
+    ap.add_argument("--suite", default="all", choices=["all", "torchvision+hf", "timm", "zoo"],
+                    help="which models (default: all); --models overrides")
     ap.add_argument("--first", help="comma-separated models to run (and with --retry-failed, retry) before the others")
     ap.add_argument("--tools", help=f"comma-separated, from {','.join(TOOLS)} (default: all)")
     ap.add_argument("--skip-peers", action="store_true", help="graphprune columns only")
@@ -631,7 +672,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker, args.tool, args.size, args.repeat)
-    names = args.models.split(",") if args.models else model_names()
+    names = args.models.split(",") if args.models else model_names(args.suite)
     if args.first:  # e.g. the architectures a change is about, before the long tail
         first = [n for n in args.first.split(",") if n in names]
         names = first + [n for n in names if n not in first]
@@ -665,7 +706,7 @@ def main() -> None:
                   file=sys.stderr, flush=True)
     cells = {k: v for k, v in read_results(args.results).items() if k[0] in names and k[1] in tools}
     print_table(cells, tools)
-    print_totals(cells, tools, len(names))
+    print_totals(cells, tools, names)
 
 
 if __name__ == "__main__":
