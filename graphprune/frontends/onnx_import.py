@@ -150,7 +150,7 @@ def example_feeds(model: onnx.ModelProto, example: tuple) -> dict[str, np.ndarra
     feeds = {}
     for i in inputs:
         t = i.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim]
+        shape = [1 if _is_dynamic(d) else d.dim_value for d in t.shape.dim]
         dt = elem_dtype(t.elem_type)
         feeds[i.name] = (gen.standard_normal(shape).astype(dt) if np.issubdtype(dt, np.floating)
                          else np.zeros(shape, dtype=dt))
@@ -223,10 +223,16 @@ def _second_batch(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[
     """Feeds with one more row on every input whose first dim is symbolic, so a second
     capture tells which intermediate dims follow the batch (None: no dynamic batch)."""
     dynamic = {i.name for i in model.graph.input if i.name in feeds and i.type.tensor_type.shape.dim
-               and not i.type.tensor_type.shape.dim[0].HasField("dim_value")}
+               and _is_dynamic(i.type.tensor_type.shape.dim[0])}
     if not dynamic:
         return None
     return {k: np.concatenate([v, v[:1]], 0) if k in dynamic else v for k, v in feeds.items()}
+
+
+def _is_dynamic(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    """Whether a graph input's dim is left to run time: a name, nothing, or a value of -1
+    or 0 (old paddle2onnx files write the batch as ``dim_value: -1``)."""
+    return not (dim.HasField("dim_value") and dim.dim_value > 0)
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
