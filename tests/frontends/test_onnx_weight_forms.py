@@ -128,3 +128,25 @@ def test_single_value_constant_stays_a_constant_in_the_ir() -> None:
     kinds = {k: v.kind for k, v in g.ir.values.items() if k in ("w", "w2", "two")}
     assert kinds == {"w": "param", "w2": "param", "two": "const"}
     assert len(g.groups) == 1 and g.groups[0].size == 4
+
+
+def test_old_paddle2onnx_style_file(tmp_path: Path) -> None:
+    """What paddle2onnx wrote before 2.0 (the files PyPI packages ship): every weight a
+    Constant node, the batch written as ``dim_value: -1``, opset 11, the head's Reshape
+    target computed from ``Shape``.  Built from the corpus's paddle2onnx file; the batch
+    must be found dynamic (or the compact model bakes the traced batch into that target)."""
+    given = in_form(onnx.load(SOURCE.with_name("paddle2onnx_cnn.onnx")), "constant")
+    given.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    path = tmp_path / "old.onnx"
+    onnx.save(given, path)
+    g = gp.trace(str(path), (np.zeros((1, 3, 32, 32), np.float32),), verify=False)
+    assert g.grouped_params > 0.95 * g.total_params
+    zero_random_half(g)
+    full, compact = g.backend.full(g, g.params), g.construct_subnet()
+    assert form_of(compact)["constants"] > 0 and form_of(compact)["initializers"] == 0
+    assert compact.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
+    for shape in ((1, 3, 32, 32), (3, 3, 40, 48)):
+        x = {"x": np.random.default_rng(2).standard_normal(shape).astype(np.float32)}
+        ref, out = run_onnx(full, x)[0], run_onnx(compact, x)[0]
+        assert ref.shape == out.shape == (shape[0], 10)
+        assert np.abs(ref - out).max() <= 1e-4 * np.abs(ref).max()
