@@ -74,7 +74,9 @@ def with_logits(model: onnx.ModelProto) -> onnx.ModelProto:
     detector's are then 0 everywhere), which would hide any difference; the logits do not."""
     last = {o: n for n in model.graph.node for o in n.output}.get(model.graph.output[0].name)
     if last is not None and last.op_type in ("Sigmoid", "Softmax"):
-        model.graph.output.append(onnx.ValueInfoProto(name=last.input[0]))
+        logits = model.graph.output.add()
+        logits.CopyFrom(model.graph.output[0])  # both keep their input's shape and type
+        logits.name = last.input[0]
     return model
 
 

@@ -4,11 +4,18 @@ exporter's file without installing any exporter.
 
 Every framework builds the same small CNN (conv+BN+ReLU stem, a residual block, a
 depthwise-separable block, max pooling, global average pooling, a linear head; NCHW
-3x32x32 input, NHWC for TensorFlow and JAX), exported with dynamic batch and dynamic
-height/width where the exporter allows it.  torch's dynamo exporter also writes a small
+3x32x32 input, NHWC for TensorFlow and JAX), exported with dynamic batch, height and
+width (every exporter here allows it).  torch's dynamo exporter also writes a small
 attention + MLP block (dynamic batch and sequence); optimum exports a tiny BERT built
 from a random config.  onnxslim, onnx-simplifier and onnxconverter-common's fp16
 conversion (keep_io_types, as users run it) process the TorchScript CNN.
+
+paddle2onnx 2.1 writes its weights as initializers; the files PyPI packages ship (written
+by paddle2onnx before 2.0) hold them in ``Constant`` nodes, and onnxconverter-common 1.16
+converts a weight to fp16 without a ``Cast`` (ops it keeps in fp32 keep fp32 weights).
+Those forms are tested on files rewritten into them
+(tests/frontends/test_onnx_weight_forms.py) and on the real files
+(benchmarks/wild_onnx.py).
 
 The exporters conflict with each other (protobuf, numpy, transformers, Python
 version), so each runs in a venv of its own, outside the repository, with the pins of
@@ -294,7 +301,7 @@ def export_jax2onnx(out: Path) -> list[dict[str, Any]]:
         bn.var.value = jax.numpy.asarray(rng.uniform(0.5, 1.5, c), "float32")
     path = out / "jax2onnx_cnn.onnx"
     with _written(path) as tmp:
-        to_onnx(model, [("B", SIDE, SIDE, 3)], return_mode="file", output_path=tmp, input_names=["x"])
+        to_onnx(model, [("B", "H", "W", 3)], return_mode="file", output_path=tmp, input_names=["x"])
     return [_entry(path, "jax2onnx (flax nnx)", _versions("jax", "flax", "jax2onnx"), "cnn")]
 
 
