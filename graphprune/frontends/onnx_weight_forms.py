@@ -1,16 +1,16 @@
 """Where an ONNX file keeps its weights, and how to write a shrunk weight back in that form.
 
-Exporters disagree on where a weight lives.  torch's exporters write initializers;
-paddle2onnx writes every weight as a ``Constant`` node (a pretrained OCR model has 420
-of them and no initializer at all); torch's dynamo exporter and tf2onnx fold some into
-``Constant`` nodes; exporters share one tensor between layers through ``Identity``
-nodes; onnxconverter-common's fp16 conversion keeps an fp16 weight and, in front of an
-op it leaves in fp32, converts it with a ``Cast``.  The form says nothing about the
-role, so the importer treats a weight the same whatever its form (:func:`constant_weight`,
-:func:`is_view`), and the lowering writes each compact weight back in the form and type
-the input had (:func:`set_constant`): a user who gave an fp16 file of ``Constant``
-weights gets one back.  A leaf module (nothing of graphprune's imported), so the
-importer and the lowering can both use it.
+Exporters disagree on where a weight lives.  torch's exporters and today's paddle2onnx
+write initializers; paddle2onnx before 2.0 wrote every weight as a ``Constant`` node (the
+PP-OCR files PyPI packages ship hold 236 to 420 of them and no initializer at all), in
+``value`` or in ``value_floats`` form; exporters share one tensor between layers through
+``Identity`` nodes; a mixed-precision file keeps an fp16 weight and converts it with a
+``Cast`` for an op run in fp32.  The form says nothing about the role, so the importer
+treats a weight the same whatever its form (:func:`constant_weight`, :func:`is_view`),
+and the lowering writes each compact weight back in the form and type the input had
+(:func:`set_constant`): a user who gave an fp16 file of ``Constant`` weights gets one
+back.  It imports only the skeleton helpers (a leaf), so the importer and the lowering
+can both use it.
 """
 from __future__ import annotations
 
@@ -20,10 +20,6 @@ from onnx import helper, numpy_helper
 
 from .onnx_skeleton import FLOAT_TYPES
 
-#: ops that hand a weight on unchanged, or only converted to another float type
-VIEW_OPS = ("Identity", "Cast")
-
-
 def is_weight(arr: np.ndarray) -> bool:
     """Whether a float tensor held in a ``Constant`` node is a weight (a parameter that
     groups can slice) rather than a constant of the computation.
@@ -31,8 +27,8 @@ def is_weight(arr: np.ndarray) -> bool:
     The rule is the initializers' rule (float, rank >= 1), because the form is the
     exporter's choice, not the tensor's role; plus at least two elements: a
     single-element tensor can never lose an entry (every group keeps one unit), while as
-    a constant its value stays readable by the rules that need one (a ``Pow`` exponent,
-    a ``Clip`` bound paddle2onnx writes with shape ``[1]``).  Integer tensors (shapes,
+    a constant its value stays readable by the rules that need one (a ``Pow`` exponent;
+    optimum's BERT export divides by the attention scale held with shape ``[1]``).  Integer tensors (shapes,
     axes, pads, indices) are never weights."""
     return np.issubdtype(arr.dtype, np.floating) and arr.ndim >= 1 and arr.size > 1
 
