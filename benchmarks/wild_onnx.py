@@ -124,6 +124,7 @@ def main() -> None:
              "std of the zeroed model's last output (logits, see with_logits) at the two sizes: non-trivial",
              f"{'file':40} {'weights':>8} {'groups':>6} {'in groups':>9} {'params':>10} {'after':>10} "
              f"{'err size 1':>10} {'err size 2':>10} {'out std':>8}  sizes"]
+    print("\n".join(lines), flush=True)
     for path in sorted(Path(args.folder).rglob("*.onnx")):
         try:
             r = check(path)
@@ -138,13 +139,10 @@ def main() -> None:
                          f"{r['params']:>10,} {r['params_after']:>10,} {r['err1']:>10.1e} {r['err2']:>10.1e} {r['spread']:>8.3f}  "
                          f"{r['sizes']}")
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
     if args.out:
         tmp = f"{args.out}.tmp"
-        Path(tmp).write_text(text)
+        Path(tmp).write_text("\n".join(lines) + "\n")
         os.replace(tmp, args.out)
-    else:
-        print(text)
 
 
 if __name__ == "__main__":
