@@ -8,7 +8,8 @@ depthwise-separable block, max pooling, global average pooling, a linear head; N
 width (every exporter here allows it).  torch's dynamo exporter also writes a small
 attention + MLP block (dynamic batch and sequence); optimum exports a tiny BERT built
 from a random config.  onnxslim, onnx-simplifier and onnxconverter-common's fp16
-conversion (keep_io_types, as users run it) process the TorchScript CNN.
+conversion (keep_io_types, as users run it; once more with the head kept in fp32) process
+the TorchScript CNN.
 
 paddle2onnx 2.1 writes its weights as initializers; the files PyPI packages ship (written
 by paddle2onnx before 2.0) hold them in ``Constant`` nodes, and onnxconverter-common 1.16
@@ -339,7 +340,10 @@ def export_tools(out: Path) -> list[dict[str, Any]]:
         ("onnxslim_cnn.onnx", lambda: onnxslim.slim(src), "onnxslim", _versions("onnxslim")),
         ("onnxsim_cnn.onnx", lambda: simplify(src)[0], "onnx-simplifier", _versions("onnxsim")),
         ("fp16_cnn.onnx", lambda: float16.convert_float_to_float16(src, keep_io_types=True),
-         "onnxconverter-common float16 (keep_io_types)", _versions("onnxconverter-common"))]
+         "onnxconverter-common float16 (keep_io_types)", _versions("onnxconverter-common")),
+        ("fp16_mixed_cnn.onnx",  # the head kept in fp32: Casts between fp16 and fp32 activations
+         lambda: float16.convert_float_to_float16(src, keep_io_types=True, op_block_list=["Gemm"]),
+         "onnxconverter-common float16 (keep_io_types, Gemm kept in fp32)", _versions("onnxconverter-common"))]
     for name, make, exporter, versions in made:
         path = out / name
         with _written(path) as tmp:
