@@ -24,6 +24,7 @@ from ..ops.catalog import canonical_onnx, onnx_op
 from ..ops.registry import OnnxOp
 from .onnx_mapped import map_tensor, read_structure, tensor_bytes
 from .onnx_skeleton import FLOAT_TYPES, check_model, elem_dtype, infer_shapes, is_fed, skeleton, stub, without_weights
+from .onnx_weight_forms import cast_target, constant_weight, is_view
 
 _BIG = 1 << 16  # integer intermediates larger than this are not kept
 def _parse(model: Any, load: Callable[[str], onnx.ModelProto] = onnx.load) -> tuple[onnx.ModelProto, str]:
@@ -149,7 +150,7 @@ def example_feeds(model: onnx.ModelProto, example: tuple) -> dict[str, np.ndarra
     feeds = {}
     for i in inputs:
         t = i.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim]
+        shape = [1 if _is_dynamic(d) else d.dim_value for d in t.shape.dim]
         dt = elem_dtype(t.elem_type)
         feeds[i.name] = (gen.standard_normal(shape).astype(dt) if np.issubdtype(dt, np.floating)
                          else np.zeros(shape, dtype=dt))
@@ -222,10 +223,16 @@ def _second_batch(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[
     """Feeds with one more row on every input whose first dim is symbolic, so a second
     capture tells which intermediate dims follow the batch (None: no dynamic batch)."""
     dynamic = {i.name for i in model.graph.input if i.name in feeds and i.type.tensor_type.shape.dim
-               and not i.type.tensor_type.shape.dim[0].HasField("dim_value")}
+               and _is_dynamic(i.type.tensor_type.shape.dim[0])}
     if not dynamic:
         return None
     return {k: np.concatenate([v, v[:1]], 0) if k in dynamic else v for k, v in feeds.items()}
+
+
+def _is_dynamic(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    """Whether a graph input's dim is left to run time: a name, nothing, or a value of -1
+    or 0 (old paddle2onnx files write the batch as ``dim_value: -1``)."""
+    return not (dim.HasField("dim_value") and dim.dim_value > 0)
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -286,15 +293,23 @@ def load_onnx(model: Any, example: tuple = ()) -> tuple[Graph, onnx.ModelProto, 
     nodes = []
     alias: dict[str, str] = {}  # Identity of a constant -> the constant
     for n in proto.graph.node:
-        src = values.get(n.input[0]) if n.op_type == "Identity" else None
-        if src is not None and src.kind == "const":
+        src = values.get(n.input[0]) if n.input and is_view(n) else None
+        if src is not None and src.kind == "const" and n.op_type == "Identity":
             alias[n.output[0]] = n.input[0]
             continue
         if src is not None and src.kind == "param":
             # exporters share equal-valued initializers through Identity nodes (all-zero
-            # biases of unrelated convs); each use becomes its own weight so unrelated
-            # layers are not coupled.  The emitter turns it back into an initializer.
-            values[n.output[0]] = Value(n.output[0], src.shape, src.dtype, "param", src.data.clone(), n.output[0])
+            # biases of unrelated convs), and fp16 files convert a weight with a Cast for
+            # an op kept in fp32; each use becomes its own weight (in the type the op
+            # reads), so unrelated layers are not coupled.  The emitter writes it back in
+            # the source's form (onnx_weight_forms).
+            values[n.output[0]] = _view_weight(n, src)
+            continue
+        weight = constant_weight(n)
+        if weight is not None:  # a weight held in a Constant node (paddle2onnx writes every weight so)
+            o = n.output[0]
+            values[o] = Value(o, tuple(weight.shape), torch.from_numpy(weight).dtype, "param",
+                              torch.from_numpy(weight), o)
             continue
         n_inputs = [alias.get(i, i) for i in n.input]
         outs = [o for o in n.output if o]
@@ -333,4 +348,26 @@ def load_onnx(model: Any, example: tuple = ()) -> tuple[Graph, onnx.ModelProto, 
         args = tuple(Ref(i) if i else None for i in n_inputs)
         nodes.append(Node(n.name, op, target, args, {}, outs, attrs, n.name, f"onnx::{n.op_type}"))
     outputs = [alias.get(o.name, o.name) for o in proto.graph.output]
+    _drop_unread_weights(values, nodes, outputs)
     return Graph(nodes, values, inputs, outputs, "onnx", source), proto, feeds
+
+
+def _view_weight(node: onnx.NodeProto, src: Value) -> Value:
+    """The weight ``node`` (an Identity, or a Cast to a float type) makes of the weight
+    ``src``: a tensor of its own, in the type the node hands on."""
+    out = node.output[0]
+    data = src.data.clone()
+    to = cast_target(node)
+    if to is not None:
+        data = data.to(torch.from_numpy(np.empty(0, elem_dtype(to))).dtype)
+    return Value(out, src.shape, data.dtype, "param", data, out)
+
+
+def _drop_unread_weights(values: dict[str, Value], nodes: list[Node], outputs: list[str]) -> None:
+    """Forget the weights that only views (:func:`_view_weight`) read: each view is a
+    weight of its own, and the source counted too would count its parameters twice (a
+    shared bias once per user plus once more).  The lowering writes every view back from
+    its own data and drops the source once nothing reads it."""
+    read = {i for n in nodes for i in n.inputs} | set(outputs)
+    for name in [k for k, v in values.items() if v.kind == "param" and k not in read]:
+        del values[name]

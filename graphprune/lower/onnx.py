@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper
 
 from graphprune.errors import BadOnnxError, ZeroInvarianceError
 from graphprune.frontends.onnx_skeleton import check_model, fill, infer_shapes, put_weight
+from graphprune.frontends.onnx_weight_forms import cast_target, constant_value, is_view, set_constant
 from graphprune.ir.graph import Graph, Node
 from graphprune.ops.catalog import rule_for
 from graphprune.ops.rewrite import Call, Entries, OnnxArg, OnnxContext, Rewrite
@@ -70,9 +71,12 @@ def lower_onnx(ir: Graph, proto: onnx.ModelProto, plan: CompactPlan, tensors: di
 
 def _write_tensors(model: onnx.ModelProto, ir: Graph, plan: CompactPlan, tensors: dict[str, Any],
                    fed: dict[str, np.ndarray]) -> None:
-    """Every initializer the IR knows, sliced (folded norms' scale and shift applied).
-    Weights the importer untied (Identity of a shared initializer) and constants that
-    shrink (Constant nodes feeding a norm's scale) become initializers of their own."""
+    """Every weight the IR knows, sliced (folded norms' scale and shift applied), written
+    in the form the input held it (:mod:`~graphprune.frontends.onnx_weight_forms`): an
+    initializer stays one, a ``Constant`` node stays a ``Constant`` (an ``Identity`` of
+    one becomes a ``Constant`` of its own), an fp16 weight stays fp16 (a ``Cast`` in front
+    of an fp32 op keeps reading a weight of its own).  Weights the importer untied
+    (Identity of a shared initializer) become initializers of their own."""
     weights = {f.weight: f for f in plan.folds}
     biases = {f.bias: f for f in plan.folds if f.bias is not None}
 
@@ -82,19 +86,53 @@ def _write_tensors(model: onnx.ModelProto, ir: Graph, plan: CompactPlan, tensors
             return weights[name].scaled(t)
         return biases[name].shift if name in biases else t
 
-    inits = {i.name for i in model.graph.initializer}
+    inits = {i.name: i for i in model.graph.initializer}
     for init in model.graph.initializer:
         if init.name in ir.values:
             arr = compact(init.name).numpy().astype(helper.tensor_dtype_to_np_dtype(init.data_type), copy=False)
             put_weight(init, init.name, arr, fed)
+    producer = {o: n for n in model.graph.node for o in n.output}
     for n in list(model.graph.node):
         name = n.output[0] if n.output else ""
         v = ir.values.get(name)
-        if v is None or name in inits or n.op_type not in ("Identity", "Constant"):
+        if v is None or name in inits or not (n.op_type == "Constant" or is_view(n)):
             continue
-        if v.kind == "param" or (v.kind == "const" and name in plan.params):
-            put_weight(model.graph.initializer.add(), name, compact(name).numpy(), fed)
+        if not (v.kind == "param" or (v.kind == "const" and name in plan.params)):
+            continue
+        arr = compact(name).numpy()
+        from_constant, dtype = _weight_source(n, producer, inits)
+        if n.op_type == "Cast":  # an fp16 weight converted for an fp32 op: the weight stays fp16
+            source = f"{name}__weight"
+            arr = arr.astype(dtype, copy=False)
+            if from_constant:
+                held = helper.make_node("Constant", [], [source], name=source)
+                set_constant(held, arr)
+                model.graph.node.insert(list(model.graph.node).index(n), held)
+            else:
+                put_weight(model.graph.initializer.add(), source, arr, fed)
+            n.input[0] = source
+        elif from_constant:  # a Constant, or an Identity of one: a Constant, shrunk
+            set_constant(n, arr)
+        else:
+            put_weight(model.graph.initializer.add(), name, arr, fed)
             model.graph.node.remove(n)
+
+
+def _weight_source(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
+                   inits: dict[str, onnx.TensorProto]) -> tuple[bool, np.dtype]:
+    """Where the weight ``node`` outputs comes from, through its chain of Identity and
+    float Cast nodes (:func:`is_view`; the importer makes a weight of nothing else):
+    ``(whether a Constant node holds it rather than an initializer, the element type
+    ``node`` reads)`` (for a Constant, the type it holds)."""
+    if node.op_type == "Constant":
+        return True, constant_value(node).dtype
+    name = node.input[0]
+    if name in inits:
+        return False, np.dtype(helper.tensor_dtype_to_np_dtype(inits[name].data_type))
+    up = producer[name]
+    from_constant, dtype = _weight_source(up, producer, inits)
+    to = cast_target(up)
+    return from_constant, dtype if to is None else np.dtype(helper.tensor_dtype_to_np_dtype(to))
 
 
 class _Editor:

@@ -481,14 +481,15 @@ def _int64(values: list[int] | int):
 SCALED = 2  # a ``keep`` code: the run-time size times ``fixed`` over ``den``
 
 
-def _keep_fixed(shape: str, new: str, keep: tuple[int, ...]) -> list:
+def _keep_fixed(shape: str, new: str, keep: tuple[int, ...], opset: int) -> list:
     """``new[k] = shape[k]`` where ``keep[k]`` is 1, ``fixed[k]`` where it is 0, and
     ``shape[k] * fixed[k] / den[k]`` where it is :data:`SCALED` (``fixed`` and ``den`` the
     function's tensor attributes): a run-time shape whose entries on pruned axes are
     replaced.  Written as Gather -> Unsqueeze -> Concat, the pattern exporters emit for
     shapes, which every consumer (TVM's ONNX frontend included) reads as shape
     arithmetic; the pattern of ``keep`` is part of the function's name, so each pattern
-    is its own function."""
+    is its own function.  ``opset``: the model's, whose Unsqueeze the body uses (its axes an
+    attribute before opset 13: paddle2onnx writes opset 11)."""
     from onnx import AttributeProto, helper
 
     def attribute(name: str):
@@ -506,7 +507,9 @@ def _keep_fixed(shape: str, new: str, keep: tuple[int, ...]) -> list:
                      helper.make_node("Gather", ["den_", f"i{k}_"], [f"d{k}_"], axis=0),
                      helper.make_node("Mul", [f"e{k}_", f"f{k}_"], [f"m{k}_"]),
                      helper.make_node("Div", [f"m{k}_", f"d{k}_"], [f"s{k}_"])]
-        body.append(helper.make_node("Unsqueeze", [f"s{k}_" if code == SCALED else f"e{k}_", "axis0_"], [f"u{k}_"]))
+        entry = f"s{k}_" if code == SCALED else f"e{k}_"
+        body.append(helper.make_node("Unsqueeze", [entry, "axis0_"], [f"u{k}_"]) if opset >= 13
+                    else helper.make_node("Unsqueeze", [entry], [f"u{k}_"], axes=[0]))
     return body + [helper.make_node("Concat", [f"u{k}_" for k in range(len(keep))], [new], axis=0)]
 
 
@@ -532,7 +535,7 @@ def _shape_shrunk_onnx(call: Call, ctx: OnnxContext) -> OnnxCall:
     from .normalization import DOMAIN
     keep = call.attrs["keep"]
     fn = helper.make_function(DOMAIN, f"ShapeShrunk_{''.join(map(str, keep))}", ["shape"], ["new"],
-                              _keep_fixed("shape", "new", keep), [helper.make_opsetid("", ctx.opset(13))],
+                              _keep_fixed("shape", "new", keep, ctx.opset(13)), [helper.make_opsetid("", ctx.opset(13))],
                               attributes=["fixed"])
     return OnnxCall(fn, {"fixed": _int64(call.attrs["fixed"])})
 
@@ -553,7 +556,8 @@ def shape_of_onnx_function(opset: int, size: bool, keep: tuple[int, ...], forwar
     from onnx import helper
 
     from .normalization import DOMAIN
-    body = [_forwarding("Shape", ["input"], ["shape"], forwarded)] + _keep_fixed("shape", "full" if size else "output", keep)
+    body = [_forwarding("Shape", ["input"], ["shape"], forwarded),
+            *_keep_fixed("shape", "full" if size else "output", keep, opset)]
     if size:
         body.append(helper.make_node("ReduceProd", ["full"], ["output"], keepdims=0))
     name = f"{'SizeOfFull' if size else 'ShapeOfFull'}_{''.join(map(str, keep))}"

@@ -1,6 +1,6 @@
 """Data flows one way: frontends -> passes (the plan) -> lower.  The plan never imports
 a frontend or a lowering; a lowering imports no frontend but the leaf module of ONNX
-skeleton helpers, which imports nothing of graphprune (the backend and the lowering both
+skeleton helpers (and of weight forms, which imports only that), which imports nothing of graphprune (the backend and the lowering both
 use it, so neither needs the other)."""
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ def test_onnx_skeleton_is_a_leaf() -> None:
     assert _imports("graphprune.frontends.onnx_skeleton") == set()
 
 
+def test_onnx_weight_forms_imports_only_the_skeleton() -> None:
+    assert _imports("graphprune.frontends.onnx_weight_forms") <= {"graphprune.frontends.onnx_skeleton"}
+
+
 @pytest.mark.parametrize("module", ["graphprune.passes.plan", "graphprune.passes.erase", "graphprune.passes.shrink",
                                    "graphprune.passes.fold_bn"])
 def test_the_plan_imports_no_frontend_and_no_lowering(module: str) -> None:
@@ -43,4 +47,4 @@ def test_the_plan_imports_no_frontend_and_no_lowering(module: str) -> None:
 @pytest.mark.parametrize("module", ["graphprune.lower.torch", "graphprune.lower.onnx"])
 def test_lowerings_import_only_leaf_frontend_helpers(module: str) -> None:
     frontends = {m for m in _imports(module) if m.startswith("graphprune.frontends")}
-    assert frontends <= {"graphprune.frontends.onnx_skeleton"}
+    assert frontends <= {"graphprune.frontends.onnx_skeleton", "graphprune.frontends.onnx_weight_forms"}
