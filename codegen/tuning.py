@@ -30,6 +30,7 @@ import tvm
 import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir import Schedule
+from tvm.s_tir.analysis import estimate_tir_flops
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.meta_schedule.builder import PyBuilder
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
@@ -48,9 +49,15 @@ from .intrinsics import register_intrinsics
 from .padding import cpu_schedule_rules
 from .pipeline import fuse
 from .targets import CodegenTarget, resolve_target
+from .time_budget import TaskState, run_for
 
 #: meta-schedule writes this run time for candidates that failed to run.
 _FAILED_RUN_SECS = 1e9
+#: trials per call when the budget is time: small enough that the run ends close to its
+#: budget, large enough that a call's fixed cost (search start, builder round) stays minor
+CHUNK_TRIALS = 8
+#: per-task cap of a timed run that names no ``trials_per_task``: in effect, no cap
+TIMED_TRIALS_CAP = 1024
 
 
 #: The two tables of meta-schedule's JSON database, one JSON value per line, append-only.
@@ -301,6 +308,7 @@ class TuningReport:
     seconds: float
     temporary: bool
     curve: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    minutes: float | None = None  # the time budget, when the run had one
 
     def summary(self) -> str:
         where = f"{self.work_dir} (TEMPORARY: no device to measure on)" if self.temporary else self.work_dir
@@ -309,7 +317,7 @@ class TuningReport:
                 f"reused from the database {len(self.tasks_reused)}\n"
                 f"  trials: budget {self.trials_budget} ({self.trials_per_task} per task, at most "
                 f"{LIGHT_TRIALS} per light task), run {self.trials_run}, saved by reuse {self.trials_saved}, "
-                f"time: {self.seconds:.0f} s")
+                f"time: {self.seconds:.0f} s" + (f" of a {self.minutes:g} min budget" if self.minutes else ""))
 
 
 #: overrides the shared database's folder (one folder for every target: name one per target)
@@ -552,18 +560,22 @@ def _search_strategy(trials_per_task: int) -> ms.search_strategy.EvolutionarySea
 
 
 def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
-         work_dir: str | os.PathLike | None = None, trials_per_task: int = 16,
+         work_dir: str | os.PathLike | None = None, trials_per_task: int | None = None,
          incremental: bool = True, rpc_tracker: str | None = None, rpc_key: str | None = None,
-         seed: int = 0) -> TuningReport:
+         seed: int = 0, minutes: float | None = None) -> TuningReport:
     """Tune a model's functions for ``target`` into the database in ``work_dir``.
 
     >>> report = tune(model, (x,), "x86", trials_per_task=16)   # into the machine's shared database
+    >>> report = tune(model, (x,), "x86", minutes=10)           # or for a time budget
     >>> build(model, (x,), "x86")                               # which build reads by default
 
     ``work_dir`` defaults to :func:`shared_database_dir`, so tasks another model already tuned on
     this machine are reused (``tasks_reused``); name a folder to keep a run apart.
 
-    Every task gets ``trials_per_task`` trials, light ones fewer (:func:`task_budgets`).
+    Every task gets ``trials_per_task`` trials (default 16), light ones fewer (:func:`task_budgets`).
+    With ``minutes`` the budget is time: chunks of :data:`CHUNK_TRIALS` trials go to the task with
+    the largest share of the model's measured latency (:mod:`.time_budget`), the run stops within
+    the time given, and ``trials_per_task`` (default :data:`TIMED_TRIALS_CAP`) only caps a task.
     With ``incremental`` the trials already in the database count towards each task's budget
     (:func:`trials_done`): a run killed mid-task, or an old folder given a larger budget, runs
     only what is missing, and tasks shared with an earlier pruning run nothing; the report says
@@ -571,6 +583,9 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     ``rpc_tracker``/``rpc_key``; without one the run goes to a temporary folder (its records
     are all failures, 1e10 s, and must never poison a real database).
     """
+    if minutes is not None and not minutes > 0:
+        raise ValueError(f"minutes must be positive, got {minutes}")
+    trials_per_task = trials_per_task or (TIMED_TRIALS_CAP if minutes is not None else 16)
     resolved = resolve_target(target)
     program = import_model(model_or_program, example_inputs)
     work_dir, temporary = tuning_dir(resolved, work_dir or shared_database_dir(resolved), rpc_tracker)
@@ -586,32 +601,54 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     builder = PooledBuilder()
     cost_model = warm_cost_model(database, resolved.target) if todo else None
     loggers = TaskLoggers(work_dir / "logs")
+
+    def run(phase: list[int], budget: int) -> None:
+        """Tune ``todo[k]`` for each ``k`` in ``phase``, ``budget`` trials each."""
+        recorder.phase = phase
+        contexts, weights = tune_contexts([tasks[todo[k]] for k in phase], loggers,
+                                          space=_space_generator(resolved.target),
+                                          strategy=_search_strategy(budget), seed=seed)
+        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+                      max_trials_global=len(phase) * budget, max_trials_per_task=budget,
+                      num_trials_per_iter=min(64, budget), builder=builder,
+                      # a runner per call: made before the call's log is set up, it would
+                      # log its board count nowhere
+                      runner=make_runner(rpc_tracker, rpc_key), database=database, cost_model=cost_model,
+                      measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [recorder])
+
     try:
-        for budget in sorted({left[i] for i in todo}, reverse=True):  # most trials first
-            recorder.phase = [k for k, i in enumerate(todo) if left[i] == budget]
-            phase = [tasks[todo[k]] for k in recorder.phase]
-            contexts, weights = tune_contexts(phase, loggers, space=_space_generator(resolved.target),
-                                              strategy=_search_strategy(budget), seed=seed)
-            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
-                          max_trials_global=len(phase) * budget, max_trials_per_task=budget,
-                          num_trials_per_iter=min(64, budget), builder=builder,
-                          # a runner per phase: made before the phase's log is set up, it would
-                          # log its board count nowhere
-                          runner=make_runner(rpc_tracker, rpc_key), database=database, cost_model=cost_model,
-                          measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [recorder])
+        if minutes is None:
+            for budget in sorted({left[i] for i in todo}, reverse=True):  # most trials first
+                run([k for k, i in enumerate(todo) if left[i] == budget], budget)
+        else:
+            states = [TaskState(tasks[i].weight, _flops(tasks[i]), _best_seconds(database, tasks[i], resolved.target),
+                                left[i]) for i in todo]
+
+            def chunk(k: int) -> float | None:
+                run([k], min(CHUNK_TRIALS, states[k].trials_left))
+                return _best_seconds(database, tasks[todo[k]], resolved.target)
+
+            run_for(minutes * 60 - (time.perf_counter() - start), states, chunk, CHUNK_TRIALS)
     finally:
         builder.close()
         loggers.close()
+    run_now = {recorder.names.index(r["task"]) for r in recorder.rows}
     reused = [i for i, n in enumerate(left) if not n]
     report = TuningReport(work_dir=str(work_dir), target=resolved.name, tasks_total=len(tasks),
-                          tasks_tuned=[tasks[i].task_name for i in todo],
+                          tasks_tuned=[tasks[todo[k]].task_name for k in sorted(run_now)],
                           tasks_reused=[tasks[i].task_name for i in reused],
                           trials_per_task=trials_per_task, trials_budget=sum(budgets),
                           trials_run=len(recorder.rows),
                           trials_saved=sum(min(have, budget) for budget, have in zip(budgets, done)),
-                          seconds=time.perf_counter() - start, temporary=temporary, curve=recorder.rows)
+                          seconds=time.perf_counter() - start, temporary=temporary, curve=recorder.rows,
+                          minutes=minutes)
     write_report(report)
     return report
+
+
+def _flops(task: ms.ExtractedTask) -> float:
+    """Estimated FLOPs of one call of ``task`` (TVM's count over its TIR)."""
+    return float(estimate_tir_flops(task.dispatched[0]))
 
 
 def write_report(report: TuningReport) -> None:
