@@ -123,8 +123,9 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
             method: str = "obspa", target: Target | float = 0.5, train_fn: TrainStep | None = None,
             data: Iterable | None = None, eval_data: Iterable | None = None, steps: int | None = None,
             lr: float = 0.01, optimizer_options: dict[str, Any] | None = None, device: str | torch.device | None = None,
-            codegen: str | None = None, tune_trials: int = 0, tuning_db: str | os.PathLike | None = None,
-            output: str | os.PathLike | None = None, progress: bool = False) -> CompileResult:
+            codegen: str | None = None, tune_trials: int = 0, tune_minutes: float | None = None,
+            tuning_db: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
+            progress: bool = False) -> CompileResult:
     """Prune ``model_or_onnx`` to ``target`` with ``method`` and return the compact model and its report.
 
     ``model_or_onnx``: an ``nn.Module`` (``example_inputs`` required: a tensor or tuple),
@@ -144,14 +145,16 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
 
     Top-1 accuracy before and after is measured on ``eval_data`` (else on ``data``) when
     either is given.  ``codegen`` ("x86", "arm", "cuda") builds the compact model with
-    TVM; ``tune_trials`` > 0 first tunes it (trials per tuning task) into ``tuning_db``
-    (resumed if it exists).  ``output`` saves everything there (:meth:`CompileResult.save`).
+    TVM; ``tune_trials`` > 0 first tunes it (trials per tuning task) and ``tune_minutes``
+    for a time budget (spent on the tasks with the largest share of the latency; with
+    ``tune_trials`` too, that caps each task), into ``tuning_db`` (default: this machine's
+    shared database for the target; resumed if it exists).  ``output`` saves everything there (:meth:`CompileResult.save`).
     ``progress`` shows progress bars on stderr.
     """
     if method not in METHODS:
         raise GraphPruneError(f"unknown method {method!r}", hint=f"use one of {', '.join(METHODS)}")
-    if tune_trials and not codegen:
-        raise TuningError("tune_trials needs a codegen target", hint='pass codegen="x86" (or "arm", "cuda")')
+    if (tune_trials or tune_minutes) and not codegen:
+        raise TuningError("tuning needs a codegen target", hint='pass codegen="x86" (or "arm", "cuda")')
     target = Target.coerce(target)
     stages = _Stages(["trace", method, "emit", "verify", "measure"] + (["codegen"] if codegen else []), progress)
     with stages("trace"):
@@ -181,7 +184,7 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     result = CompileResult(compact, report, g, example)
     if codegen:
         with stages("codegen"):
-            _run_codegen(result, codegen, tune_trials, tuning_db)
+            _run_codegen(result, codegen, tune_trials, tune_minutes, tuning_db)
     stages.close()
     report.seconds = stages.seconds
     if output is not None:
@@ -434,13 +437,14 @@ def _codegen_errors(what: str) -> Iterator[None]:
                           hint="run with --debug (CLI) for the traceback; try another target") from exc
 
 
-def _run_codegen(result: CompileResult, target: str, tune_trials: int, tuning_db: str | os.PathLike | None) -> None:
+def _run_codegen(result: CompileResult, target: str, tune_trials: int, tune_minutes: float | None,
+                 tuning_db: str | os.PathLike | None) -> None:
     """Tune (optional), build and time the compact model; fills ``result.runtime``/``.tuning`` and the report."""
     tuning_report = None
-    if tune_trials > 0:
+    if tune_trials > 0 or tune_minutes:
         with _codegen_errors(f"tuning for {target}"):
-            result.tuning = codegen_api("tune")(result.model, result.example_inputs, target,
-                                                work_dir=tuning_db, trials_per_task=tune_trials)
+            result.tuning = codegen_api("tune")(result.model, result.example_inputs, target, work_dir=tuning_db,
+                                                trials_per_task=tune_trials or None, minutes=tune_minutes)
         tuning_db = result.tuning.work_dir
         tuning_report = dataclasses.asdict(result.tuning) if dataclasses.is_dataclass(result.tuning) \
             else dict(vars(result.tuning))

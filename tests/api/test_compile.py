@@ -103,7 +103,8 @@ def test_save_writes_every_artefact(cnn, example, tmp_path, batches):
     (dict(method="hesso"), "needs train_fn="),
     (dict(method="hesso", train_fn=lambda m, o: None), "steps= is needed"),
     (dict(method="hesso-cric", train_fn=lambda m, o: None, steps=5), "held-out batch"),
-    (dict(tune_trials=5), "tune_trials needs a codegen target"),
+    (dict(tune_trials=5), "tuning needs a codegen target"),
+    (dict(tune_minutes=2), "tuning needs a codegen target"),
 ])
 def test_bad_arguments_say_what_to_do(cnn, example, kwargs, message):
     with pytest.raises(GraphPruneError, match=message) as info:
