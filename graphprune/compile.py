@@ -32,7 +32,8 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from graphprune.atomic import atomic_path
-from graphprune.errors import GraphPruneError, TuningError, UnsupportedModelError, ZeroInvarianceError
+from graphprune.errors import (GraphPruneError, TuningError, UnprunableTargetError, UnsupportedModelError,
+                               ZeroInvarianceError)
 from graphprune.export import export_onnx
 from graphprune.reference import onnxruntime_latency
 from graphprune.optim import DHSPG, H2SPG, HESSO, HESSO_CRIC
@@ -156,6 +157,10 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     stages = _Stages(["trace", method, "emit", "verify", "measure"] + (["codegen"] if codegen else []), progress)
     with stages("trace"):
         work, g, source = _trace(model_or_onnx, example_inputs)
+    if not g.groups:
+        stages.close()
+        raise UnprunableTargetError(f"nothing to prune: {g.why_no_groups}", source=source,
+                                    hint="graphprune inspect (or g.summary()) lists the barriers and withdrawn groups")
     example = _example_inputs(g)
     scored = eval_data if eval_data is not None else data
     accuracy_before = _accuracy(_reference(g, work), scored) if scored is not None else None
@@ -175,6 +180,7 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     with stages("measure"):
         report = _measure(g, compact, example, source=source, method=method, target=target)
         report.verify_error, report.history, report.accuracy_curve = error, history, curve
+        report.unchanged = _unchanged(g, report, method)
         if scored is not None:
             report.accuracy_on = "eval_data" if eval_data is not None else "data"
             report.accuracy_before, report.accuracy_after = accuracy_before, _accuracy(compact, scored)
@@ -400,6 +406,14 @@ def _measure(g: PrunableGraph, compact: Any, example: tuple, *, source: str, met
                           for grp, zero in zip(g.groups, g.zero_masks())],
                   barriers=[dataclasses.asdict(b) for b in g.barriers],
                   withdrawn=[{"group": grp.name, "reason": reason} for grp, reason in g.withdrawn])
+
+
+def _unchanged(g: PrunableGraph, report: Report, method: str) -> str | None:
+    """Why the compact model is the input model, when it is (None when pruning removed something)."""
+    if report.params_after < report.params_before or report.flops_after < report.flops_before:
+        return None
+    return (f"pruning left the model unchanged: {method} zeroed no whole unit of its {len(g.groups)} groups "
+            f"(target {report.target})")
 
 
 def _accuracy(model: nn.Module | onnx.ModelProto, data: Iterable) -> float:
