@@ -129,6 +129,9 @@ def input_feeds(model: onnx.ModelProto, *, shapes: Mapping[str | None, Sequence[
             raise ShapeMismatchError(f"a shape without a name is for a model with one input; this one has "
                                      f"{len(inputs)} ({names})", source=source,
                                      hint="name each input: --input-shape NAME=1x3x224x224")
+        if inputs[0].name in shapes:
+            raise ShapeMismatchError(f"input {inputs[0].name!r} is given a shape twice (with and without its name)",
+                                     source=source, hint="give each input once")
         shapes[inputs[0].name] = shapes.pop(None)
     for name in [*shapes, *arrays]:
         if name not in by_name:
