@@ -43,7 +43,13 @@ def bind_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
         del shape.dim[:]
         for d in shapes[vi.name]:
             shape.dim.add().dim_value = int(d)
-    return fold_shape_arithmetic(out, shapes)
+    # folding the pads of a Pad makes its output's shape known, which makes the Shape of a
+    # later feature map foldable: repeat until nothing changes
+    while True:
+        count = len(out.graph.node)
+        out = fold_shape_arithmetic(out, shapes)
+        if len(out.graph.node) == count:
+            return out
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
