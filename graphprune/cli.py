@@ -37,7 +37,7 @@ examples:
   graphprune tune model.onnx --target x86 --trials 64 --db runs/db    (a private database; run again to resume)
 
 exit codes:
-  0 ok   1 internal error   2 usage   3 bad input file   4 target cannot be met
+  0 ok   1 internal error   2 usage   3 bad input file or shapes   4 target cannot be met (or nothing to prune)
   5 code generation or tuning failed   6 compact model failed its check   7 cannot write output
 """
 

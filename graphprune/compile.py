@@ -129,7 +129,10 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     """Prune ``model_or_onnx`` to ``target`` with ``method`` and return the compact model and its report.
 
     ``model_or_onnx``: an ``nn.Module`` (``example_inputs`` required: a tensor or tuple),
-    or an ONNX path / ``ModelProto`` (example inputs optional; dynamic dims default to 1).
+    or an ONNX path / ``ModelProto`` (example inputs in graph-input order or by name; needed for every
+    dynamic dim but the batch, which defaults to 1).  A model with nothing to prune raises
+    :class:`~graphprune.errors.UnprunableTargetError` saying why; ``report.unchanged`` says when
+    pruning removed nothing.
     ``target``: a :class:`~graphprune.Target` or a float, the fraction of FLOPs to remove.
 
     ``method``: one-shot ``"obspa"`` (data-free, compensated), ``"magnitude"`` (L2 norm),
