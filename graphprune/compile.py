@@ -478,3 +478,6 @@ def _run_codegen(result: CompileResult, target: str, tune_trials: int, tuning_db
     if latency is not None:
         result.report.reference = onnxruntime_latency(result.onnx, result.example_inputs, int(latency["threads"]))
     result.report.codegen, result.report.latency, result.report.tuning = target, latency, tuning_report
+    program = result.runtime.program  # shapes bound at import: the library takes exactly these
+    result.report.codegen_inputs = {n: [int(d) for d in shape]
+                                     for n, shape in zip(program.input_names, program.input_shapes)}

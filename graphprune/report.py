@@ -67,6 +67,7 @@ class Report:
     accuracy_after: float | None = None
     accuracy_on: str | None = None
     codegen: str | None = None
+    codegen_inputs: dict[str, list[int]] | None = None  # the input shapes the library is built for (static)
     latency: dict[str, Any] | None = None
     reference: dict[str, Any] | None = None
     tuning: dict[str, Any] | None = None
@@ -139,6 +140,9 @@ class Report:
                          + "; ".join(f"{w['group']}: {w['reason']}" for w in self.withdrawn[:3]))
         if self.accuracy_after is not None:
             lines.append(f"  accuracy {self.accuracy_before:.4f} -> {self.accuracy_after:.4f} (on {self.accuracy_on})")
+        if self.codegen_inputs:
+            lines.append(f"  built ({self.codegen}) for inputs " +
+                         ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in self.codegen_inputs.items()))
         if self.latency is not None:
             lines.append(f"  latency ({self.codegen}, TVM) {self.latency['median_ms']:.3f} ms median, "
                          f"{self.latency.get('threads', '?')} threads")

@@ -63,6 +63,7 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
     """Declared dims: an int for a static one, its symbolic name (or ``"?"``) otherwise."""
+    # some exporters write dim_value 0 for an unknown size: it is dynamic, like an unnamed dim
     return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
             for d in vi.type.tensor_type.shape.dim]
 
@@ -102,8 +103,8 @@ def _check_shape(vi: onnx.ValueInfoProto, shape: Sequence[int], source: str, how
                                  hint=f"give a shape such as {_hint_spec(vi)}")
     for k, (d, s) in enumerate(zip(dims, shape)):
         if isinstance(d, int) and d != s:
-            raise ShapeMismatchError(f"input {vi.name!r} has a static {_axis_name(len(dims), k)} of {d}, but {how} "
-                                     f"gives {s} ({_show(shape)})", node=vi.name, source=source,
+            raise ShapeMismatchError(f"input {vi.name!r} has a static {_axis_name(len(dims), k)} ({d}), but {how} "
+                                     f"has {s} there ({_show(shape)})", node=vi.name, source=source,
                                      hint=f"keep the static dims: {_hint_spec(vi)}")
 
 
@@ -165,7 +166,7 @@ def _default_shape(vi: onnx.ValueInfoProto, source: str, given: bool) -> list[in
     dims = _dims(vi)
     for k, d in enumerate(dims):
         if isinstance(d, str) and k > 0:
-            missing = "is missing from the inputs file" if given else "has no shape given"
+            missing = "is not among the inputs given" if given else "has no shape given"
             raise ShapeMismatchError(
                 f"input {vi.name!r} has a dynamic {_axis_name(len(dims), k)} {d!r} and {missing}",
                 node=vi.name, source=source,

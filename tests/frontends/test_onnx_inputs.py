@@ -52,7 +52,7 @@ def test_bad_specs_are_named():
         input_feeds(model, shapes={None: (1, 3, 8, 8)})
     with pytest.raises(ShapeMismatchError, match="no input 'img'"):
         input_feeds(model, shapes={"img": (1, 3, 8, 8)})
-    with pytest.raises(ShapeMismatchError, match="static channels of 3, but the shape given gives 4"):
+    with pytest.raises(ShapeMismatchError, match="static channels .3., but the shape given has 4 there"):
         input_feeds(model, shapes={"image": (1, 4, 8, 8), "mask": (1, 8, 8)})
     with pytest.raises(ShapeMismatchError, match="given both as a shape and as an array"):
         input_feeds(model, shapes={"image": (1, 3, 8, 8)}, arrays={"image": np.zeros((1, 3, 8, 8), np.float32)})
@@ -65,7 +65,7 @@ def test_npz(tmp_path):
     path = tmp_path / "inputs.npz"
     np.savez(path, image=np.ones((1, 3, 4, 4), np.float32))
     arrays = load_npz(path)
-    with pytest.raises(ShapeMismatchError, match="'mask' has a dynamic dim 1 'H' and is missing from the inputs file"):
+    with pytest.raises(ShapeMismatchError, match="'mask' has a dynamic dim 1 'H' and is not among the inputs given"):
         input_feeds(model, arrays=arrays)
     np.savez(path, image=np.ones((1, 3, 4, 4), np.float32), mask=np.ones((1, 4, 4), bool))
     feeds = input_feeds(model, arrays=load_npz(path))
