@@ -200,7 +200,8 @@ def capture(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str) -
         outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     except Exception as exc:
         raise BadOnnxError(f"onnxruntime cannot run the model: {str(exc).strip()[:400]}", source=source,
-                           hint="check input shapes/dtypes of the example inputs") from exc
+                           hint="check the shapes and dtypes of the example inputs (from the shell: "
+                                "--input-shape NAME=1x3x224x224 or --inputs file.npz)") from exc
     for o, sh in shape_of.items():
         outs[o] = np.broadcast_to(np.zeros((), elem_dtype(elem[o])), tuple(int(d) for d in outs.pop(sh)))
     return {k: v for k, v in outs.items() if k not in moved}
