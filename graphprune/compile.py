@@ -227,7 +227,7 @@ def _trace(model: Any, example_inputs: Any) -> tuple[nn.Module | None, PrunableG
                                         hint="pass example_inputs=(torch.randn(1, 3, 224, 224),)")
         work = copy.deepcopy(model).eval()
         return work, trace(work, _as_tuple(example_inputs)), type(model).__name__
-    g = trace(model, _as_tuple(example_inputs))
+    g = trace(model, example_inputs if isinstance(example_inputs, dict) else _as_tuple(example_inputs))
     name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else \
         f"{getattr(getattr(model, 'graph', None), 'name', '') or 'model'} (ModelProto)"
     return None, g, name

@@ -17,8 +17,9 @@ def _stage(cin: int, cout: int) -> nn.Sequential:
 
 
 class TinyFPN(nn.Module):
-    """Three stride-2 stages, lateral 1x1 convs, a top-down path and a shared head: ``Resize``
-    with scales (level 3 -> 2) and with sizes read from a feature map's shape (2 -> 1)."""
+    """Three stride-2 stages, lateral 1x1 convs, a top-down path, a spatial softmax and a head:
+    ``Resize`` with scales (level 3 -> 2) and with sizes read from a feature map's shape
+    (2 -> 1), ``Reshape`` to sizes computed from ``Shape`` (batch, pruned channels, H*W)."""
 
     STRIDE = 8
 
@@ -36,6 +37,8 @@ class TinyFPN(nn.Module):
         c = self.c3(b)
         p2 = self.l2(b) + F.interpolate(self.l3(c), scale_factor=2.0, mode="nearest")
         p1 = self.l1(a) + F.interpolate(p2, size=a.shape[-2:], mode="bilinear", align_corners=False)
+        n, c, h, w = p1.shape  # spatial attention: a Reshape to sizes read from Shape, channels pruned
+        p1 = p1 * p1.reshape(n, c, h * w).softmax(-1).reshape(n, c, h, w)
         return self.head(p1)
 
 

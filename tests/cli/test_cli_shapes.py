@@ -116,8 +116,33 @@ def test_tune_binds_the_given_shape(fpn, tmp_path, capsys):
     """``graphprune tune`` imports the dynamic file at the given shape (no trials: the import
     and task extraction are what is under test; tuning itself is tested elsewhere)."""
     pytest.importorskip("tvm")
-    code, _, err = run_main(capsys, "tune", fpn, "--input-shape", "1x3x40x56", "--trials", "0", "--db",
-                            tmp_path / "db", "--json")
+    code, out, err = run_main(capsys, "tune", fpn, "--input-shape", "1x3x40x56", "--trials", "0", "--db",
+                              tmp_path / "db", "--json")
     assert code == 0, err
+    report = json.loads(out)
+    assert any(t.startswith("resize") for t in report["tasks_tuned"] + report["tasks_reused"]), report
     code, _, err = run_main(capsys, "tune", fpn, "--trials", "0", "--db", tmp_path / "db")
     assert code == 3 and "dynamic height" in err
+
+
+@pytest.mark.slow
+def test_tune_the_compact_file_for_real(fpn, tmp_path, capsys):
+    """A few real trials on the compact file of the dynamic detector (the issue's failure)."""
+    pytest.importorskip("tvm")
+    small = tmp_path / "fpn.small.onnx"
+    code, _, err = run_main(capsys, "prune", fpn, "--input-shape", "images=1x3x40x56", "-o", small)
+    assert code == 0, err
+    code, out, err = run_main(capsys, "tune", small, "--input-shape", "1x3x40x56", "--trials", "2", "--db",
+                              tmp_path / "db", "--json")
+    assert code == 0, err
+    assert json.loads(out)["trials_run"] > 0
+
+
+def test_api_takes_inputs_by_name(fpn):
+    """``gp.compile`` of the dynamic file with its input given by name: checked at a second
+    size of each dynamic axis too, and the compact model keeps them."""
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 48)).astype(np.float32)
+    r = gp.compile(str(fpn), {"images": x}, method="l1", target=0.3)
+    assert r.graph.backend.second["images"].shape == (2, 3, 64, 64)
+    assert r.report.verify_error < 1e-4 and r.report.flops_removed > 0.2
+    assert dims(r.model.graph.input[0]) == ["batch", 3, "height", "width"]
