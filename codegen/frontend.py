@@ -19,6 +19,8 @@ from tvm import relax
 
 from graphprune.errors import BadOnnxError, UnsupportedModelError
 
+from .static_shapes import bind_input_shapes
+
 
 @dataclass
 class RelaxProgram:
@@ -99,7 +101,9 @@ def from_torch(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | 
 def from_onnx(model: onnx.ModelProto | str | os.PathLike, shapes: dict[str, Sequence[int]] | None = None,
               name: str | None = None, example_inputs: Sequence[Any] | None = None) -> RelaxProgram:
     """Import an ONNX model. Input shapes come from the graph, from ``example_inputs`` (in graph
-    input order) or from ``shapes`` (by name); dynamic axes need one of the latter two."""
+    input order) or from ``shapes`` (by name); dynamic axes need one of the latter two.  The
+    shapes are bound and the shape arithmetic folded before TVM sees the model
+    (:mod:`.static_shapes`): the program is built for exactly these input shapes."""
     if not isinstance(model, onnx.ModelProto):
         path = os.fspath(model)
         try:
@@ -122,6 +126,11 @@ def from_onnx(model: onnx.ModelProto | str | os.PathLike, shapes: dict[str, Sequ
                   for v in graph_inputs}
     from tvm.relax.frontend.onnx import from_onnx as relax_from_onnx
 
+    try:
+        model = bind_input_shapes(model, shape_dict)
+    except Exception as exc:  # onnxruntime and shape inference raise many types
+        raise BadOnnxError(f"cannot fix the input shapes {shape_dict} of the ONNX model: {type(exc).__name__}: "
+                           f"{str(exc)[:300]}", hint="check that onnxruntime runs the model at these shapes") from exc
     try:
         mod = relax_from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=True)
     except Exception as exc:

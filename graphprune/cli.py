@@ -32,11 +32,12 @@ examples:
   graphprune inspect model.onnx                        groups, barriers, params and MACs
   graphprune inspect model.onnx --html graph.html      ... and a page with the graph drawn
   graphprune prune model.onnx -o model.small.onnx --flops 0.5 --criterion obspa
+  graphprune prune det.onnx --input-shape images=1x3x640x640   (dynamic height/width need a shape)
   graphprune compile model.onnx --codegen x86 --tune-trials 200 -o out/   (tunes into the shared database)
   graphprune tune model.onnx --target x86 --trials 64 --db runs/db    (a private database; run again to resume)
 
 exit codes:
-  0 ok   1 internal error   2 usage   3 bad input file   4 target cannot be met
+  0 ok   1 internal error   2 usage   3 bad input file or shapes   4 target cannot be met (or nothing to prune)
   5 code generation or tuning failed   6 compact model failed its check   7 cannot write output
 """
 
@@ -63,6 +64,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def _input_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
+    from graphprune.frontends.onnx_inputs import parse_input_shape
+
+    try:
+        return parse_input_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from graphprune import __version__
     from graphprune.compile import METHODS, ONESHOT
@@ -71,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout (errors too)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_argument("--debug", action="store_true", help="show the traceback of any error")
+    common.add_argument("--input-shape", action="append", default=[], type=_input_shape,
+                        metavar="[NAME=]1x3x640x640",
+                        help="shape of input NAME (repeatable; no NAME for a model with one input); needed for "
+                             "every dynamic dim but the batch, which is 1 by default")
+    common.add_argument("--inputs", metavar="FILE.npz", help="example inputs by name (numpy.savez(FILE, NAME=array))")
     target = argparse.ArgumentParser(add_help=False)
     what = target.add_mutually_exclusive_group()
     what.add_argument("--flops", type=_fraction, help="fraction of the MACs to remove (default 0.5)")
@@ -142,6 +157,37 @@ def _check_writable_folder(folder: Path) -> None:
     os.unlink(probe)
 
 
+def _example(args: argparse.Namespace) -> tuple:
+    """The example inputs given by ``--input-shape`` and ``--inputs``, in graph-input order
+    (``()`` when none is given: the importer then makes them, or says which is missing)."""
+    from graphprune.frontends.onnx_inputs import graph_inputs, input_feeds, load_npz
+
+    if not args.input_shape and not args.inputs:
+        return ()
+    shapes: dict[str | None, tuple[int, ...]] = {}
+    for name, dims in args.input_shape:
+        if name in shapes:
+            raise ShapeMismatchError(f"--input-shape gives input {name or '(unnamed)'!r} twice",
+                                     hint="give each input once")
+        shapes[name] = dims
+    arrays = load_npz(args.inputs) if args.inputs else {}
+    proto = _interface(args.model)
+    feeds = input_feeds(proto, shapes=shapes, arrays=arrays, source=args.model)
+    return tuple(feeds[vi.name] for vi in graph_inputs(proto))
+
+
+def _interface(path: str) -> Any:
+    """The model's graph (its weights memory-mapped, not read) for its input declarations."""
+    from graphprune.frontends.onnx_import import read_model
+    from graphprune.frontends.onnx_mapped import read_structure
+    from graphprune.frontends.onnx_skeleton import is_fed
+
+    try:
+        return read_structure(path, is_fed)[0]
+    except Exception:  # a file the wire reader cannot walk: read_model reads it or says what is wrong
+        return read_model(path)[0]
+
+
 def _target(args: argparse.Namespace) -> Any:
     from graphprune.target import Target
 
@@ -160,7 +206,7 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     _check_model_path(args.model)
     if args.html:
         _check_writable_folder(Path(args.html).parent)
-    g = trace(args.model)
+    g = trace(args.model, _example(args))
     data = inspect_data(g)
     text = g.summary()
     if args.html:
@@ -182,7 +228,8 @@ def cmd_prune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     _check_writable_folder(output.parent)
     if args.report:
         _check_writable_folder(Path(args.report))
-    result = compile(args.model, method=args.criterion, target=_target(args), progress=_progress(args))
+    result = compile(args.model, _example(args), method=args.criterion, target=_target(args),
+                     progress=_progress(args))
     save_onnx(result.model, output)
     written = [str(output)] + ([str(p) for p in result.report.write(args.report)] if args.report else [])
     data = {"output": str(output), "written": written, "report": result.report.to_dict()}
@@ -194,7 +241,7 @@ def cmd_compile(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
     _check_model_path(args.model)
     _check_writable_folder(Path(args.output))
-    result = compile(args.model, method=args.method, target=_target(args), codegen=args.codegen,
+    result = compile(args.model, _example(args), method=args.method, target=_target(args), codegen=args.codegen,
                      tune_trials=args.tune_trials, tuning_db=args.tuning_db, progress=_progress(args))
     written = [str(p) for p in result.save(args.output)]
     data = {"output": args.output, "written": written, "report": result.report.to_dict()}
@@ -204,6 +251,7 @@ def cmd_compile(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def cmd_tune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     import dataclasses
 
+    import numpy as np
     import torch
 
     from graphprune.compile import codegen_api
@@ -214,7 +262,8 @@ def cmd_tune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     if args.db:
         _check_writable_folder(Path(args.db))
     tune = codegen_api("tune")
-    example = [torch.from_numpy(a) for a in example_feeds(proto, ()).values()]  # dynamic dims -> 1, as in prune
+    # the given shapes, else the batch 1 and an error for any other dynamic dim, as in prune
+    example = [torch.from_numpy(np.asarray(a)) for a in (_example(args) or example_feeds(proto, (), args.model).values())]
     try:
         report = tune(proto, example, args.target, work_dir=args.db, trials_per_task=args.trials,
                       rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key)

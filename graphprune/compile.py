@@ -32,7 +32,8 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from graphprune.atomic import atomic_path
-from graphprune.errors import GraphPruneError, TuningError, UnsupportedModelError, ZeroInvarianceError
+from graphprune.errors import (GraphPruneError, TuningError, UnprunableTargetError, UnsupportedModelError,
+                               ZeroInvarianceError)
 from graphprune.export import export_onnx
 from graphprune.reference import onnxruntime_latency
 from graphprune.optim import DHSPG, H2SPG, HESSO, HESSO_CRIC
@@ -129,7 +130,10 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     """Prune ``model_or_onnx`` to ``target`` with ``method`` and return the compact model and its report.
 
     ``model_or_onnx``: an ``nn.Module`` (``example_inputs`` required: a tensor or tuple),
-    or an ONNX path / ``ModelProto`` (example inputs optional; dynamic dims default to 1).
+    or an ONNX path / ``ModelProto`` (example inputs in graph-input order or by name; needed for every
+    dynamic dim but the batch, which defaults to 1).  A model with nothing to prune raises
+    :class:`~graphprune.errors.UnprunableTargetError` saying why; ``report.unchanged`` says when
+    pruning removed nothing.
     ``target``: a :class:`~graphprune.Target` or a float, the fraction of FLOPs to remove.
 
     ``method``: one-shot ``"obspa"`` (data-free, compensated), ``"magnitude"`` (L2 norm),
@@ -159,6 +163,10 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     stages = _Stages(["trace", method, "emit", "verify", "measure"] + (["codegen"] if codegen else []), progress)
     with stages("trace"):
         work, g, source = _trace(model_or_onnx, example_inputs)
+    if not g.groups:
+        stages.close()
+        raise UnprunableTargetError(f"nothing to prune: {g.why_no_groups}", source=source,
+                                    hint="graphprune inspect (or g.summary()) lists the barriers and withdrawn groups")
     example = _example_inputs(g)
     scored = eval_data if eval_data is not None else data
     accuracy_before = _accuracy(_reference(g, work), scored) if scored is not None else None
@@ -178,6 +186,7 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     with stages("measure"):
         report = _measure(g, compact, example, source=source, method=method, target=target)
         report.verify_error, report.history, report.accuracy_curve = error, history, curve
+        report.unchanged = _unchanged(g, report, method)
         if scored is not None:
             report.accuracy_on = "eval_data" if eval_data is not None else "data"
             report.accuracy_before, report.accuracy_after = accuracy_before, _accuracy(compact, scored)
@@ -221,7 +230,7 @@ def _trace(model: Any, example_inputs: Any) -> tuple[nn.Module | None, PrunableG
                                         hint="pass example_inputs=(torch.randn(1, 3, 224, 224),)")
         work = copy.deepcopy(model).eval()
         return work, trace(work, _as_tuple(example_inputs)), type(model).__name__
-    g = trace(model, _as_tuple(example_inputs))
+    g = trace(model, example_inputs if isinstance(example_inputs, dict) else _as_tuple(example_inputs))
     name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else \
         f"{getattr(getattr(model, 'graph', None), 'name', '') or 'model'} (ModelProto)"
     return None, g, name
@@ -377,12 +386,19 @@ def _verify(g: PrunableGraph, reference: nn.Module | onnx.ModelProto, compact: A
     The reference is the user's own model with the pruned weights zeroed
     (:func:`_reference`), not a second emission, so an emitter bug cannot hide behind itself.
     """
-    worst = max_rel_error(_outputs(reference, example), _outputs(compact, example))
+    worst = max(max_rel_error(_outputs(reference, inputs), _outputs(compact, inputs)) for inputs in _checked_at(g, example))
     if not worst <= VERIFY_RTOL:
         raise ZeroInvarianceError(f"the compact model differs from the zeroed model (max rel. error {worst:.2e})",
                                   source=g.ir.source, hint="this is a graphprune bug: please report it with the "
                                                            "model; nothing was written")
     return worst
+
+
+def _checked_at(g: PrunableGraph, example: tuple) -> list[tuple]:
+    """The inputs the compact model is checked at: the example, and for an ONNX model with
+    dynamic axes the same inputs at other sizes of each (the compact file keeps them)."""
+    second = getattr(g.backend, "second", None)
+    return [example] + ([tuple(torch.from_numpy(np.asarray(a)) for a in second.values())] if second else [])
 
 
 def _measure(g: PrunableGraph, compact: Any, example: tuple, *, source: str, method: str,
@@ -396,6 +412,14 @@ def _measure(g: PrunableGraph, compact: Any, example: tuple, *, source: str, met
                           for grp, zero in zip(g.groups, g.zero_masks())],
                   barriers=[dataclasses.asdict(b) for b in g.barriers],
                   withdrawn=[{"group": grp.name, "reason": reason} for grp, reason in g.withdrawn])
+
+
+def _unchanged(g: PrunableGraph, report: Report, method: str) -> str | None:
+    """Why the compact model is the input model, when it is (None when pruning removed something)."""
+    if report.params_after < report.params_before or report.flops_after < report.flops_before:
+        return None
+    return (f"pruning left the model unchanged: {method} zeroed no whole unit of its {len(g.groups)} groups "
+            f"(target {report.target})")
 
 
 def _accuracy(model: nn.Module | onnx.ModelProto, data: Iterable) -> float:
@@ -458,3 +482,6 @@ def _run_codegen(result: CompileResult, target: str, tune_trials: int, tune_minu
     if latency is not None:
         result.report.reference = onnxruntime_latency(result.onnx, result.example_inputs, int(latency["threads"]))
     result.report.codegen, result.report.latency, result.report.tuning = target, latency, tuning_report
+    program = result.runtime.program  # shapes bound at import: the library takes exactly these
+    result.report.codegen_inputs = {n: [int(d) for d in shape]
+                                     for n, shape in zip(program.input_names, program.input_shapes)}

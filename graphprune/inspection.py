@@ -24,7 +24,8 @@ def inspect_data(g: PrunableGraph) -> dict[str, Any]:
                         "params_per_unit": grp.params_per_unit, "flops_per_unit": grp.flops_per_unit,
                         "params": sorted({s.param for s in grp.slices})} for grp in g.groups],
             "barriers": [asdict(b) for b in g.barriers],
-            "withdrawn": [{"group": grp.name, "reason": reason} for grp, reason in g.withdrawn]}
+            "withdrawn": [{"group": grp.name, "reason": reason} for grp, reason in g.withdrawn],
+            "why_no_groups": g.why_no_groups}
 
 
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",

@@ -103,6 +103,28 @@ class PrunableGraph:
             total += self.params[name].numel() - outside
         return total
 
+    @property
+    def why_no_groups(self) -> str | None:
+        """Why no group is offered (None while some is): no parameters at all, every
+        parameter behind barriers (the first ones named), or every group withdrawn by
+        :meth:`verify` (the first reasons given).  A model that cannot be pruned says so
+        instead of reporting "0 groups" as if that were a result."""
+        if self.groups:
+            return None
+        if self.total_params == 0:
+            where = "float initializers" if self.ir.frontend == "onnx" else "parameters"
+            return (f"no parameters found: the model has no {where} for groups to slice "
+                    f"(weights held as constants in the graph are not parameters)")
+        if self.withdrawn:
+            first = "; ".join(f"{g.name}: {r}" for g, r in self.withdrawn[:3])
+            return (f"every group ({len(self.withdrawn)}) failed the zero-invariance check and was withdrawn; "
+                    f"first reasons: {first}")
+        if self.barriers:
+            named = "; ".join(f"{b.node} [{b.op}]: {b.reason}" for b in self.barriers[:5])
+            more = f" (+{len(self.barriers) - 5} more)" if len(self.barriers) > 5 else ""
+            return f"the parameters' channels are all held by barriers ({len(self.barriers)}): {named}{more}"
+        return "no channel of any parameter can be removed: each one is tied to a model input or output (never pruned)"
+
     # ---- pruning state --------------------------------------------------------------
     def zero_masks(self, tensors: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Per group, which units are entirely zero now."""
@@ -212,11 +234,15 @@ class PrunableGraph:
 
     # ---- reporting ----------------------------------------------------------------------
     def summary(self) -> str:
-        """A table of groups, barriers and withdrawn groups."""
+        """A table of groups, barriers and withdrawn groups (with their reasons), and why
+        nothing can be pruned when no group is left."""
         lines = [f"{type(self).__name__}: {len(self.groups)} groups, {self.grouped_params:,} of "
                  f"{self.total_params:,} params in groups ({100 * self.grouped_params / max(1, self.total_params):.1f}%), "
-                 f"{self.total_flops / 1e6:,.1f} MMACs",
-                 f"{'id':>4} {'kind':8} {'units':>6} {'params/unit':>11} {'MMACs/unit':>10}  name / slices"]
+                 f"{self.total_flops / 1e6:,.1f} MMACs"]
+        why = self.why_no_groups
+        if why is not None:
+            lines.append(f"nothing to prune: {why}")
+        lines += [f"{'id':>4} {'kind':8} {'units':>6} {'params/unit':>11} {'MMACs/unit':>10}  name / slices"]
         for g in self.groups:
             names = ", ".join(sorted({s.param for s in g.slices}))
             lines.append(f"{g.id:>4} {g.kind:8} {g.size:>6} {g.params_per_unit:>11,} "

@@ -61,11 +61,13 @@ class Report:
     widths: list[LayerWidth] = field(default_factory=list)
     barriers: list[dict[str, str]] = field(default_factory=list)
     withdrawn: list[dict[str, str]] = field(default_factory=list)
+    unchanged: str | None = None  # why the compact model is the input model, when it is
     verify_error: float | None = None
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     accuracy_on: str | None = None
     codegen: str | None = None
+    codegen_inputs: dict[str, list[int]] | None = None  # the input shapes the library is built for (static)
     latency: dict[str, Any] | None = None
     reference: dict[str, Any] | None = None
     tuning: dict[str, Any] | None = None
@@ -131,8 +133,16 @@ class Report:
         lines = [f"{self.method} on {self.source} ({self.frontend}), target {self.target}",
                  f"  params {self.params_before:,} -> {self.params_after:,} (-{self.params_removed:.1%})",
                  f"  MACs   {macs(self.flops_before)} -> {macs(self.flops_after)} (-{self.flops_removed:.1%})"]
+        if self.unchanged:
+            lines.append(f"  {self.unchanged}")
+        if self.withdrawn:
+            lines.append(f"  {len(self.withdrawn)} groups withdrawn (failed the zero-invariance check): "
+                         + "; ".join(f"{w['group']}: {w['reason']}" for w in self.withdrawn[:3]))
         if self.accuracy_after is not None:
             lines.append(f"  accuracy {self.accuracy_before:.4f} -> {self.accuracy_after:.4f} (on {self.accuracy_on})")
+        if self.codegen_inputs:
+            lines.append(f"  built ({self.codegen}) for inputs " +
+                         ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in self.codegen_inputs.items()))
         if self.latency is not None:
             lines.append(f"  latency ({self.codegen}, TVM) {self.latency['median_ms']:.3f} ms median, "
                          f"{self.latency.get('threads', '?')} threads")
@@ -151,6 +161,8 @@ class Report:
                          f"{self.accuracy_after - self.accuracy_before:+.4f}"))
         out = [f"# graphprune report: {self.source}", "",
                f"- frontend: {self.frontend}", f"- method: {self.method}", f"- target: {self.target}"]
+        if self.unchanged:
+            out.append(f"- **{self.unchanged}**")
         if self.verify_error is not None:
             out.append(f"- compact model reproduces the zeroed model: max relative error {self.verify_error:.1e}")
         out += ["", _md_table(("", "before", "after", "change"), rows), "", "## Widths per group", "",

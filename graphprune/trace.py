@@ -48,8 +48,9 @@ def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shap
 def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None = None,
           verify: bool = True, dynamic_shapes: Any = None, recorder: bool = True) -> PrunableGraph:
     """Trace a PyTorch model (with example inputs: a tensor, a tuple, or a dict of keyword
-    inputs) or an ONNX model (a path or ``onnx.ModelProto``, with optional example inputs in
-    graph-input order) and find its groups.  For ONNX, ``construct_subnet()`` returns a
+    inputs) or an ONNX model (a path or ``onnx.ModelProto``, with example inputs in
+    graph-input order or as a dict by input name: needed for every dynamic dimension but
+    the batch, see :mod:`.frontends.onnx_inputs`) and find its groups.  For ONNX, ``construct_subnet()`` returns a
     ModelProto and ``params`` holds the initializers as editable torch tensors.
 
     With ``verify`` each group is checked to be zero-invariant on the example input and
@@ -69,8 +70,8 @@ def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None
         from .frontends.onnx_backend import OnnxBackend
         from .frontends.onnx_import import load_onnx
 
-        ir, proto, feeds = load_onnx(model, args)
-        backend = OnnxBackend(proto, feeds)
+        ir, proto, feeds = load_onnx(model, kwargs or args)
+        backend = OnnxBackend.of(ir, proto, feeds)
         params = backend.initial_params(ir)
         model = None
     pg = PrunableGraph(analyse(ir), params=params, model=model, example=(args, kwargs), backend=backend)

@@ -15,6 +15,7 @@ from ..ir.graph import Graph
 from ..lower.onnx import lower_onnx
 from ..passes.erase import Evaluate
 from ..passes.plan import CompactPlan, plan_compact
+from .onnx_inputs import feeds_at
 from .onnx_skeleton import is_large, run_onnx, runs_fed
 from ..rel_error import max_rel_error
 
@@ -23,10 +24,27 @@ if TYPE_CHECKING:
 
 
 class OnnxBackend:
-    def __init__(self, proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    def __init__(self, proto: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                 second: dict[str, np.ndarray] | None = None) -> None:
         # the traced model's structure: its fed weights are stubs (onnx_skeleton.stub), their
         # data is the IR's tensors, so the proto holds no second copy of the weights
         self.proto, self.feeds = proto, feeds
+        # the inputs at other sizes of every dynamic axis (None: none is dynamic): a compact
+        # model is checked there too, so one that only works at the example's size fails
+        self.second = second
+
+    @classmethod
+    def of(cls, ir: Graph, proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> OnnxBackend:
+        """The backend of a traced model: the second feeds at the sizes the importer
+        captured again (the inputs' ``alt_shape``)."""
+        alt = {i: ir.values[i].alt_shape for i in ir.inputs if ir.values[i].alt_shape is not None}
+        changed = {k: s for k, s in alt.items() if tuple(s) != tuple(np.shape(feeds[k]))}
+        return cls(proto, feeds, feeds_at(feeds, changed) if changed else None)
+
+    @property
+    def all_feeds(self) -> list[dict[str, np.ndarray]]:
+        """The example feeds, then those at the other sizes (when an axis is dynamic)."""
+        return [self.feeds] + ([self.second] if self.second is not None else [])
 
     @staticmethod
     def initial_params(ir: Graph) -> dict[str, torch.Tensor]:
@@ -61,17 +79,23 @@ class OnnxBackend:
     def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> float:
         """Relative error of the compact model against the zeroed full model (onnxruntime).
         A model that onnxruntime runs with its weights fed is emitted with them as stubs and
-        fed straight from ``tensors`` (and their slices): no serialised copy of them."""
+        fed straight from ``tensors`` (and their slices): no serialised copy of them.
+        With dynamic axes both models run at the example's sizes and at the second ones:
+        the worst error counts."""
         if runs_fed(self.proto):
             weights: dict[str, np.ndarray] = {}
-            ref = run_onnx(self.full(pg, tensors, weights), self.feeds, weights)
+            full = self.full(pg, tensors, weights)
+            ref = [run_onnx(full, f, weights) for f in self.all_feeds]
+            del full
             weights = {}
-            out = run_onnx(self.emit(pg, tensors, weights=weights), self.feeds, weights)
+            compact = self.emit(pg, tensors, weights=weights)
+            out = [run_onnx(compact, f, weights) for f in self.all_feeds]
             del weights
         else:
-            ref = run_onnx(self.full(pg, tensors), self.feeds)
-            out = run_onnx(self.emit(pg, tensors), self.feeds)
-        return max_rel_error(ref, out)
+            full, compact = self.full(pg, tensors), self.emit(pg, tensors)
+            ref = [run_onnx(full, f) for f in self.all_feeds]
+            out = [run_onnx(compact, f) for f in self.all_feeds]
+        return max(max_rel_error(r, o) for r, o in zip(ref, out))
 
 
 def _evaluator(ir: Graph, proto: onnx.ModelProto, tensors: dict[str, torch.Tensor]) -> Evaluate:

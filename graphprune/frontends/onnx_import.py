@@ -10,6 +10,7 @@ so one rule serves every opset.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable
 
@@ -22,10 +23,12 @@ from ..errors import BadOnnxError
 from ..ir.graph import Graph, Node, Ref, Value
 from ..ops.catalog import canonical_onnx, onnx_op
 from ..ops.registry import OnnxOp
+from .onnx_inputs import feeds_from_example, second_feeds
 from .onnx_mapped import map_tensor, read_structure, tensor_bytes
 from .onnx_skeleton import FLOAT_TYPES, check_model, elem_dtype, infer_shapes, is_fed, skeleton, stub, without_weights
 from .onnx_weight_forms import cast_target, constant_weight, is_view
 
+log = logging.getLogger(__name__)
 _BIG = 1 << 16  # integer intermediates larger than this are not kept
 def _parse(model: Any, load: Callable[[str], onnx.ModelProto] = onnx.load) -> tuple[onnx.ModelProto, str]:
     """The ModelProto of a path (read by ``load``: by default with its external data) or
@@ -135,26 +138,11 @@ def _weight(t: onnx.TensorProto, source: str) -> np.ndarray:
     return arr
 
 
-def example_feeds(model: onnx.ModelProto, example: tuple) -> dict[str, np.ndarray]:
-    """Feeds for the graph inputs: the user's example tensors, or random ones with
-    dynamic dimensions set to 1."""
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if example:
-        if len(example) != len(inputs):
-            raise BadOnnxError(f"model has {len(inputs)} inputs, got {len(example)} example inputs",
-                               hint="pass one example per graph input, in order")
-        return {i.name: (e.detach().cpu().numpy() if isinstance(e, torch.Tensor) else np.asarray(e))
-                for i, e in zip(inputs, example)}
-    gen = np.random.default_rng(0)
-    feeds = {}
-    for i in inputs:
-        t = i.type.tensor_type
-        shape = [1 if _is_dynamic(d) else d.dim_value for d in t.shape.dim]
-        dt = elem_dtype(t.elem_type)
-        feeds[i.name] = (gen.standard_normal(shape).astype(dt) if np.issubdtype(dt, np.floating)
-                         else np.zeros(shape, dtype=dt))
-    return feeds
+def example_feeds(model: onnx.ModelProto, example: Any, source: str = "<ModelProto>") -> dict[str, np.ndarray]:
+    """Feeds for the graph inputs: the user's example tensors (in input order or by name),
+    or random ones with a dynamic batch set to 1 (see :mod:`.onnx_inputs`: any other
+    dynamic dimension must be given)."""
+    return feeds_from_example(model, example, source)
 
 
 def _zero_weights(moved: dict[str, onnx.TensorProto]) -> dict[str, np.ndarray]:
@@ -213,26 +201,32 @@ def capture(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str) -
         outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     except Exception as exc:
         raise BadOnnxError(f"onnxruntime cannot run the model: {str(exc).strip()[:400]}", source=source,
-                           hint="check input shapes/dtypes of the example inputs") from exc
+                           hint="check the shapes and dtypes of the example inputs (from the shell: "
+                                "--input-shape NAME=1x3x224x224 or --inputs file.npz)") from exc
     for o, sh in shape_of.items():
         outs[o] = np.broadcast_to(np.zeros((), elem_dtype(elem[o])), tuple(int(d) for d in outs.pop(sh)))
     return {k: v for k, v in outs.items() if k not in moved}
 
 
-def _second_batch(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-    """Feeds with one more row on every input whose first dim is symbolic, so a second
-    capture tells which intermediate dims follow the batch (None: no dynamic batch)."""
-    dynamic = {i.name for i in model.graph.input if i.name in feeds and i.type.tensor_type.shape.dim
-               and _is_dynamic(i.type.tensor_type.shape.dim[0])}
-    if not dynamic:
-        return None
-    return {k: np.concatenate([v, v[:1]], 0) if k in dynamic else v for k, v in feeds.items()}
-
-
-def _is_dynamic(dim: onnx.TensorShapeProto.Dimension) -> bool:
-    """Whether a graph input's dim is left to run time: a name, nothing, or a value of -1
-    or 0 (old paddle2onnx files write the batch as ``dim_value: -1``)."""
-    return not (dim.HasField("dim_value") and dim.dim_value > 0)
+def _second_capture(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                    source: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """A capture at other sizes of every dynamic input axis (:func:`second_feeds`), which
+    tells which intermediate dims follow them, and those feeds (None: nothing is dynamic).
+    A model that declares a dimension dynamic but cannot run at another size of it is
+    captured again at another batch only, and that is logged: its compact model keeps the
+    sizes of the example in everything that depends on that dimension."""
+    alt = second_feeds(model, feeds)
+    if alt is None:
+        return {}, None
+    try:
+        return capture(model, alt, source), alt
+    except BadOnnxError as exc:
+        alt = second_feeds(model, feeds, batch_only=True)
+        if alt is None:
+            raise
+        log.warning("%s does not run at other sizes of its dynamic axes (%s); only the batch is varied",
+                    source, str(exc).splitlines()[0][:200])
+        return capture(model, alt, source), alt
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -258,8 +252,11 @@ def _in_torch(spec: OnnxOp, attrs: dict[str, Any], outputs: list[str]) -> Callab
     return run
 
 
-def load_onnx(model: Any, example: tuple = ()) -> tuple[Graph, onnx.ModelProto, dict[str, np.ndarray]]:
-    """The IR of an ONNX model, the (validated, named) proto, and the example feeds.
+def load_onnx(model: Any, example: Any = ()) -> tuple[Graph, onnx.ModelProto, dict[str, np.ndarray]]:
+    """The IR of an ONNX model, the (validated, named) proto, and the example feeds
+    (``example``: arrays in input order or by name, see :func:`example_feeds`).  Every
+    value's ``alt_shape`` is its shape at other sizes of the dynamic input axes, the
+    inputs' included (:func:`_second_capture`).
 
     The proto kept is the model's structure with its fed weights as stubs
     (:func:`without_weights`): the IR's tensors, read from the given proto or file once, are
@@ -271,7 +268,7 @@ def load_onnx(model: Any, example: tuple = ()) -> tuple[Graph, onnx.ModelProto, 
     _annotate(proto, source)  # the checker sees the same skeleton as for ``given``
     arrays = {t.name: mapped[t.name] if t.name in mapped else _weight(t, source) for t in given.graph.initializer}
     del given
-    feeds = example_feeds(proto, example)
+    feeds = example_feeds(proto, example, source)
     values: dict[str, Value] = {}
     for init in proto.graph.initializer:
         arr = arrays[init.name]
@@ -279,8 +276,7 @@ def load_onnx(model: Any, example: tuple = ()) -> tuple[Graph, onnx.ModelProto, 
         data = torch.from_numpy(arr)  # one copy of the weights; capture feeds the same memory
         values[init.name] = Value(init.name, tuple(arr.shape), data.dtype, kind, data, init.name)
     captured = capture(proto, feeds, source)
-    alt = _second_batch(proto, feeds)
-    alt_captured = capture(proto, alt, source) if alt is not None else {}
+    alt_captured, alt = _second_capture(proto, feeds, source)
     del arrays
     inputs = []
     for i in proto.graph.input:
@@ -288,7 +284,7 @@ def load_onnx(model: Any, example: tuple = ()) -> tuple[Graph, onnx.ModelProto, 
             continue
         arr = feeds[i.name]
         values[i.name] = Value(i.name, tuple(arr.shape), torch.from_numpy(np.array(arr, order="C")).dtype, "input",
-                               None, i.name)
+                               None, i.name, tuple(alt[i.name].shape) if alt is not None else None)
         inputs.append(i.name)
     nodes = []
     alias: dict[str, str] = {}  # Identity of a constant -> the constant

@@ -140,6 +140,18 @@ class _Editor:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
+        g = model.graph
+        # every name in use: a compact model pruned again already holds ``*__pruned_in*`` names
+        self.names = {i.name for i in [*g.input, *g.initializer]} | {o for n in g.node for o in n.output}
+
+    def fresh(self, name: str) -> str:
+        """``name``, or ``name__2``, ``name__3``... whichever no value of the model has yet."""
+        out, k = name, 1
+        while out in self.names:
+            k += 1
+            out = f"{name}__{k}"
+        self.names.add(out)
+        return out
 
     def opset(self, default: int) -> int:
         """The model's default-domain opset (``default`` if it declares none)."""
@@ -158,7 +170,7 @@ class _Editor:
 
     def set_const_input(self, node: onnx.NodeProto, index: int, values: Any) -> None:
         """Point input ``index`` of the node at a new int64 initializer holding ``values``."""
-        name = f"{node.name}__pruned_in{index}"
+        name = self.fresh(f"{node.name}__pruned_in{index}")
         self.model.graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
         while len(node.input) <= index:
             node.input.append("")
@@ -208,7 +220,7 @@ def _apply(ed: _Editor, node: Node, proto: onnx.NodeProto, rw: Rewrite, ctx: Onn
             ed.set_attr(proto, place.name or name, value)
     for value, call in rw.feeds.items():
         index = list(proto.input).index(held[value])
-        name = f"{proto.name}__pruned_in{index}"
+        name = ed.fresh(f"{proto.name}__pruned_in{index}")
         feed = helper.make_node("Identity", [proto.input[index]], [name], name=name)
         _call(ed, node, feed, call, ctx, {value: proto.input[index]})
         graph = ed.model.graph
@@ -234,7 +246,7 @@ def _fold(ed: _Editor, layer: onnx.NodeProto, norm: onnx.NodeProto, fold: Fold, 
     """The layer takes over the norm's output (its weight and bias already hold the
     fold; a layer without a bias gets one now); the norm goes."""
     if fold.bias is None:
-        name = f"{layer.name}__folded_bias"
+        name = ed.fresh(f"{layer.name}__folded_bias")
         put_weight(ed.model.graph.initializer.add(), name, fold.shift.numpy(), fed)
         while len(layer.input) < 3:
             layer.input.append("")

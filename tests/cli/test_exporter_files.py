@@ -15,9 +15,8 @@ import torch
 from onnx import TensorProto
 
 import graphprune as gp
-from graphprune.compile import compile, save_onnx
+from graphprune.compile import compile
 from graphprune.frontends.onnx_backend import run_onnx
-from graphprune.frontends.onnx_import import example_feeds, read_model
 
 from .conftest import run_cli
 
@@ -58,30 +57,20 @@ def feeds(path: Path, which: int) -> dict[str, np.ndarray]:
     return out
 
 
-def cli_can_trace(path: Path) -> bool:
-    """Whether ``graphprune prune`` traces the file without input shapes: only the batch is
-    dynamic (the CLI sets every dynamic dim to 1; a CNN's 1x1 input would not survive its
-    pooling).  wip/cli adds ``--input-shape``; with it every file goes through the CLI."""
-    entry = MANIFEST[path.name]
-    return entry["model"] != "cnn" or all(
-        isinstance(d, int) for dims in entry["inputs"].values() for d in dims[1:])
-
-
 def prune(path: Path, out: Path) -> gp.PrunableGraph:
-    """Prune the file as ``graphprune prune --flops 0.5 --criterion obspa`` does into
-    ``out``, and return the pruned graph of the same run re-derived through the API (same
-    settings and example inputs; deterministic), whose zeroed weights give the reference."""
-    cli = cli_can_trace(path)
-    given = example_feeds(read_model(str(path))[0], ()) if cli else feeds(path, 0)  # the CLI's own example
-    example = tuple(torch.from_numpy(a) for a in given.values())
-    result = compile(str(path), example, method="obspa", target=gp.Target(flops=0.5))
-    if cli:
-        r = run_cli("prune", path, "-o", out, "--flops", "0.5", "--criterion", "obspa", "--json")
-        assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout)["report"]["verify_error"] < 1e-3
-        assert _weights(onnx.load(out)) == _weights(result.model)  # the CLI pruned what the API re-derived
-    else:  # until --input-shape: the API at the size the CLI would be given
-        save_onnx(result.model, out)
+    """Prune the file as ``graphprune prune --inputs x.npz --flops 0.5 --criterion obspa``
+    does into ``out``, and return the pruned graph of the same run re-derived through the
+    API (same settings and example inputs; deterministic), whose zeroed weights give the
+    reference."""
+    given = feeds(path, 0)
+    npz = out.with_suffix(".npz")
+    np.savez(npz, **given)
+    result = compile(str(path), tuple(torch.from_numpy(a) for a in given.values()), method="obspa",
+                     target=gp.Target(flops=0.5))
+    r = run_cli("prune", path, "-o", out, "--inputs", npz, "--flops", "0.5", "--criterion", "obspa", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["report"]["verify_error"] < 1e-3
+    assert _weights(onnx.load(out)) == _weights(result.model)  # the CLI pruned what the API re-derived
     return result.graph
 
 

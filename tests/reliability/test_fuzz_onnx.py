@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import graphprune as gp
-from graphprune.errors import GraphPruneError
+from graphprune.errors import GraphPruneError, ShapeMismatchError
 from graphprune.frontends.onnx_backend import run_onnx
 from tests.frontends.test_onnx import hand_written
 from tests.helpers import zero_random_half
@@ -135,7 +135,14 @@ def test_every_mutation_kind_is_exercised():
     kinds = {fn.__name__: _outcome(_mutant(i, 1)) if fn is not _truncate else "skip"
              for i, fn in enumerate(MUTATIONS)}
     assert kinds["_dangling"] == "error" and kinds["_missing_initializer"] == "error"
-    assert kinds["_dynamic"] == "ok"
+    # a dynamic height or width needs a size: without one a clear error (issue 18), with one a result
+    assert kinds["_dynamic"] == "error"
+    dynamic = _mutant(MUTATIONS.index(_dynamic), 1)
+    with pytest.raises(ShapeMismatchError, match="dynamic width 'side1'"):
+        gp.trace(dynamic)
+    shape = [d.dim_value or 1 for d in onnx.load_from_string(BASE).graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    assert gp.trace(dynamic, (x,)).groups
 
 
 def test_random_bytes_are_a_bad_onnx_error(tmp_path):
