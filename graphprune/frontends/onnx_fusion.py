@@ -97,10 +97,13 @@ class _Graph:
         return out
 
     def only(self, v: str, op: tuple[str, ...], seen: list[onnx.NodeProto]) -> tuple[onnx.NodeProto, str] | None:
-        """The one node reading ``v`` (through views), if it is one of ``op``."""
-        users = self.consumers(v, seen)
+        """The one node reading ``v`` (through views, appended to ``seen`` only when it is
+        found), if it is one of ``op``."""
+        views: list[onnx.NodeProto] = []
+        users = self.consumers(v, views)
         if not users or len(users) != 1 or users[0][0].op_type not in op:
             return None
+        seen += views
         return users[0]
 
 

@@ -399,11 +399,8 @@ def _norm_node(norm: DecomposedNorm, values: dict[str, Value], captured: dict[st
     if norm.bias:
         attrs["B"] = Ref(norm.bias)
     outputs = [o, "", ""] if not norm.rms else [o, ""]
-    run = _in_torch(spec, attrs, outputs)
-    target = (lambda x, scale=None, bias=None: run(x, scale, bias)) if not norm.rms else \
-        (lambda x, scale, _=None: run(x, scale))
-    return Node(norm.name, "layer_norm", target, args[:2] if norm.rms else args, {}, [o], attrs, norm.name,
-                norm.source_op)
+    return Node(norm.name, "layer_norm", _in_torch(spec, attrs, outputs), args[:2] if norm.rms else args, {}, [o],
+                attrs, norm.name, norm.source_op)
 
 
 def _view_weight(node: onnx.NodeProto, src: Value) -> Value:

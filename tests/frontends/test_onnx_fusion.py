@@ -12,6 +12,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.frontends.onnx_backend import run_onnx
+from graphprune.frontends.onnx_program import GraphProgram
 from tests.helpers import zero_random_half
 
 HIDDEN, SEQ = 24, 5
@@ -120,3 +121,54 @@ def test_channel_mean_is_a_named_barrier(tmp_path):
     assert len(means) == 1 and "over the channel axis" in means[0].reason
     assert means[0].node in g.summary() and "ReduceMean" in g.summary()
     assert not any(any("a.weight" in s[0] for s in grp.param_slices(0)) for grp in g.groups)
+
+
+def _paddle_style(bias: bool, opset: int) -> onnx.ModelProto:
+    """A decomposed layer norm as paddle2onnx writes it (``Identity`` and same-type
+    ``Cast`` steps between the ops, the statistics' constants as scalar initializers),
+    between two MatMuls; ``bias``: with a beta (else gamma only)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = lambda name, *shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)  # noqa
+    scalar = lambda name, v: numpy_helper.from_array(np.array(v, np.float32), name)  # noqa
+    inits = [w("w_in", 6, 8), w("w_out", 8, 3), scalar("two", 2.0), scalar("eps", 1e-5),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), "gamma")]
+    node = helper.make_node
+    nodes = [node("MatMul", ["x", "w_in"], ["h"]), node("Identity", ["h"], ["h1"]),
+             node("ReduceMean", ["h1"], ["m"], axes=[-1]), node("Identity", ["m"], ["m1"]),
+             node("Sub", ["h1", "m1"], ["d"]), node("Pow", ["d", "two"], ["d2"]),
+             node("Cast", ["d2"], ["d2c"], to=TensorProto.FLOAT), node("ReduceMean", ["d2c"], ["v"], axes=[-1]),
+             node("Add", ["v", "eps"], ["ve"]), node("Sqrt", ["ve"], ["s"]), node("Div", ["d", "s"], ["n"]),
+             node("Mul", ["n", "gamma"], ["g"])]
+    last = "g"
+    if bias:
+        inits.append(w("beta", 8))
+        nodes.append(node("Add", ["g", "beta"], ["gb"]))
+        last = "gb"
+    nodes += [node("Identity", [last], ["ln"]), node("MatMul", ["ln", "w_out"], ["y"])]
+    graph = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_paddle_style_steps(bias):
+    model = _paddle_style(bias, 11)
+    onnx.checker.check_model(model)
+    g = gp.trace(model, (np.random.default_rng(2).standard_normal((1, 4, 6)).astype(np.float32),))
+    assert [n.source_op for n in g.ir.nodes if n.op == "layer_norm"] == ["onnx::LayerNormalization(decomposed)"]
+    assert not g.barriers and not g.withdrawn
+    (hidden,) = g.groups
+    assert hidden.size == 8 and {s[0] for s in hidden.param_slices(0)} == {"w_in", "w_out", "gamma"} | (
+        {"beta"} if bias else set())
+    x = np.random.default_rng(4).standard_normal((2, 5, 6)).astype(np.float32)
+    program = GraphProgram(g.ir, g.params)(torch.from_numpy(x))  # what gradient criteria differentiate
+    np.testing.assert_allclose(program.detach().numpy(), run_onnx(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
+    zero_random_half(g)
+    full, compact = g.backend.full(g, g.params), g.construct_subnet()
+    assert "Pow" not in {n.op_type for n in compact.graph.node}  # the shrunk norm is the phantom norm's body
+    for shape in ((1, 4, 6), (2, 7, 6)):
+        x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+        ref, out = run_onnx(full, {"x": x})[0], run_onnx(compact, {"x": x})[0]
+        assert np.abs(ref - out).max() <= 1e-4 * np.abs(ref).max()
