@@ -31,6 +31,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
+Shape = Callable[[str], tuple[int, ...] | None]   # a value's shape (None: unknown)
+Const = Callable[[str], float | None]             # a scalar constant's value (None: not one)
+Ints = Callable[[str], list[int] | None]          # an integer constant's contents
+IsWeight = Callable[[str], bool]                    # whether a value is a float weight
 
 @dataclass(frozen=True)
 class DecomposedNorm:
@@ -114,7 +118,7 @@ def _other(n: onnx.NodeProto, name: str) -> str | None:
     return n.input[1] if n.input[0] == name else n.input[0]
 
 
-def _is_square(g: _Graph, n: onnx.NodeProto, const: Callable[[str], float | None]) -> str | None:
+def _is_square(g: _Graph, n: onnx.NodeProto, const: Const) -> str | None:
     """The base ``b`` of ``Pow(b, 2)`` or ``Mul(b, b)`` (its input name), else None."""
     if n.op_type == "Pow" and len(n.input) == 2 and const(g.root(n.input[1])) == 2.0:
         return n.input[0]
@@ -123,7 +127,7 @@ def _is_square(g: _Graph, n: onnx.NodeProto, const: Callable[[str], float | None
     return None
 
 
-def _last_axis_mean(n: onnx.NodeProto, rank: int, ints: Callable[[str], list[int] | None]) -> bool:
+def _last_axis_mean(n: onnx.NodeProto, rank: int, ints: Ints) -> bool:
     """A ``ReduceMean`` over the last axis only, keeping it (axes an attribute, or an input from opset 18)."""
     if n.op_type != "ReduceMean":
         return False
@@ -134,9 +138,8 @@ def _last_axis_mean(n: onnx.NodeProto, rank: int, ints: Callable[[str], list[int
     return attrs.get("keepdims", 1) == 1 and axes is not None and [a % rank for a in axes] == [rank - 1]
 
 
-def find_norms(model: onnx.ModelProto, shape: Callable[[str], tuple[int, ...] | None],
-               dtype: Callable[[str], np.dtype | None], const: Callable[[str], float | None],
-               ints: Callable[[str], list[int] | None], is_weight: Callable[[str], bool]) -> list[DecomposedNorm]:
+def find_norms(model: onnx.ModelProto, shape: Shape, dtype: Callable[[str], np.dtype | None], const: Const,
+               ints: Ints, is_weight: IsWeight) -> list[DecomposedNorm]:
     """Every decomposed layer or RMS norm over the last axis in ``model`` whose inner
     values nothing outside it reads.  ``shape``/``dtype``: a value's (None if unknown);
     ``const``: a scalar constant's value (None if not one); ``ints``: an integer
@@ -157,8 +160,8 @@ def find_norms(model: onnx.ModelProto, shape: Callable[[str], tuple[int, ...] | 
     return found
 
 
-def _match(g: _Graph, mean: onnx.NodeProto, x: str, rank: int, shape, const, ints, is_weight) \
-        -> DecomposedNorm | None:
+def _match(g: _Graph, mean: onnx.NodeProto, x: str, rank: int, shape: Shape, const: Const, ints: Ints,
+           is_weight: IsWeight) -> DecomposedNorm | None:
     """The norm whose first ``ReduceMean`` is ``mean`` (over ``x``'s last axis), or None."""
     seen: list[onnx.NodeProto] = [mean]
     sub = g.only(mean.output[0], ("Sub",), seen)
@@ -209,7 +212,7 @@ def _match(g: _Graph, mean: onnx.NodeProto, x: str, rank: int, shape, const, int
     return DecomposedNorm(last.name, nodes, x, scale, bias, eps, rms, y)
 
 
-def _squares(g: _Graph, d: str, seen: list[onnx.NodeProto], const) -> onnx.NodeProto | None:
+def _squares(g: _Graph, d: str, seen: list[onnx.NodeProto], const: Const) -> onnx.NodeProto | None:
     """The node squaring ``d`` among its readers (through views)."""
     for n, name in g.consumers(d, seen) or []:
         if _is_square(g, n, const) is not None and g.root(n.input[0]) == g.root(d):
@@ -217,7 +220,7 @@ def _squares(g: _Graph, d: str, seen: list[onnx.NodeProto], const) -> onnx.NodeP
     return None
 
 
-def _rstd_tail(g: _Graph, var: str, num: str, seen: list[onnx.NodeProto], const) -> tuple[str, float] | None:
+def _rstd_tail(g: _Graph, var: str, num: str, seen: list[onnx.NodeProto], const: Const) -> tuple[str, float] | None:
     """From the variance (mean square) ``var``: ``Add eps -> Sqrt -> Div(num, ·)`` or
     ``-> Reciprocal (or Div(1, ·)) -> Mul(num, ·)``; ``(normalised output, eps)``."""
     add = g.only(var, ("Add",), seen)
@@ -246,7 +249,7 @@ def _rstd_tail(g: _Graph, var: str, num: str, seen: list[onnx.NodeProto], const)
     return None
 
 
-def _affine_ok(g: _Graph, name: str | None, width: int, shape, is_weight) -> bool:
+def _affine_ok(g: _Graph, name: str | None, width: int, shape: Shape, is_weight: IsWeight) -> bool:
     """Whether ``name`` is a 1-D float weight as wide as the normalised axis."""
     return name is not None and is_weight(g.root(name)) and tuple(shape(name) or ()) == (width,) and width > 1
 

@@ -68,7 +68,8 @@ def _groups(g: gp.PrunableGraph) -> list[tuple[int, int, tuple[str, ...]]]:
                   for grp in g.groups)
 
 
-@pytest.mark.parametrize("norm,opset", [(nn.LayerNorm, 11), (nn.LayerNorm, 13), (RMSNorm, 11), (RMSNorm, 13)])
+@pytest.mark.parametrize("norm,opset", [(nn.LayerNorm, 11), (nn.LayerNorm, 13), (RMSNorm, 11), (RMSNorm, 13),
+                                        (RMSNorm, 18)])  # 18: ReduceMean takes its axes as an input
 def test_decomposed_norm_is_one_node(norm, opset, tmp_path):
     path = _export(norm, opset, tmp_path / "m.onnx")
     ops = {n.op_type for n in onnx.load(path).graph.node}
