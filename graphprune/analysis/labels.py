@@ -145,6 +145,15 @@ class Labels:
         if touched:
             self.barriers.append(Barrier(node.name, node.source_op or node.op, node.module, reason))
 
+    def pin_reported(self, node: Node, labels: torch.Tensor, reason: str) -> None:
+        """Keep the channels ``labels`` holds and report ``node`` as the barrier that kept
+        them (once per labels tensor: a field that flows on unchanged is not named again
+        by each op it meets); the node's outputs are left to its rule."""
+        fresh = id(labels) not in self._pinned
+        self.pin(labels)
+        if fresh and bool((labels > 0).any()):
+            self.barriers.append(Barrier(node.name, node.source_op or node.op, node.module, reason))
+
     def cost(self, atoms: torch.Tensor | None, macs: float) -> None:
         """Attribute ``macs`` evenly to ``atoms`` (for FLOPs-targeted budgets)."""
         if atoms is not None and atoms.numel():

@@ -23,6 +23,7 @@ from ..errors import BadOnnxError
 from ..ir.graph import Graph, Node, Ref, Value
 from ..ops.catalog import canonical_onnx, onnx_op
 from ..ops.registry import OnnxOp
+from .onnx_fusion import DecomposedNorm, find_norms
 from .onnx_inputs import feeds_from_example, second_feeds
 from .onnx_mapped import map_tensor, read_structure, tensor_bytes
 from .onnx_skeleton import FLOAT_TYPES, check_model, elem_dtype, infer_shapes, is_fed, skeleton, stub, without_weights
@@ -277,6 +278,7 @@ def load_onnx(model: Any, example: Any = ()) -> tuple[Graph, onnx.ModelProto, di
         values[init.name] = Value(init.name, tuple(arr.shape), data.dtype, kind, data, init.name)
     captured = capture(proto, feeds, source)
     alt_captured, alt = _second_capture(proto, feeds, source)
+    fused = {k: norm for norm in _decomposed_norms(proto, arrays, captured, feeds) for k in norm.nodes}
     del arrays
     inputs = []
     for i in proto.graph.input:
@@ -289,6 +291,11 @@ def load_onnx(model: Any, example: Any = ()) -> tuple[Graph, onnx.ModelProto, di
     nodes = []
     alias: dict[str, str] = {}  # Identity of a constant -> the constant
     for n in proto.graph.node:
+        norm = fused.get(n.name)
+        if norm is not None:  # one node of a decomposed norm: the norm is one IR node, at its last node
+            if n.name == norm.name:
+                nodes.append(_norm_node(norm, values, captured, alt_captured))
+            continue
         src = values.get(n.input[0]) if n.input and is_view(n) else None
         if src is not None and src.kind == "const" and n.op_type == "Identity":
             alias[n.output[0]] = n.input[0]
@@ -346,6 +353,50 @@ def load_onnx(model: Any, example: Any = ()) -> tuple[Graph, onnx.ModelProto, di
     outputs = [alias.get(o.name, o.name) for o in proto.graph.output]
     _drop_unread_weights(values, nodes, outputs)
     return Graph(nodes, values, inputs, outputs, "onnx", source), proto, feeds
+
+
+def _decomposed_norms(proto: onnx.ModelProto, arrays: dict[str, np.ndarray], captured: dict[str, np.ndarray],
+                      feeds: dict[str, np.ndarray]) -> list[DecomposedNorm]:
+    """The layer and RMS norms the exporter wrote op by op (:mod:`.onnx_fusion`), judged
+    on the initializers, the captured values and the ``Constant`` weights."""
+    known = {**feeds, **arrays, **captured}
+    consts = {n.output[0] for n in proto.graph.node if n.op_type == "Constant" and n.output}
+    weights = {k for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating) and a.ndim >= 1}
+    weights |= {n.output[0] for n in proto.graph.node if constant_weight(n) is not None}
+
+    def scalar(name: str) -> float | None:
+        a = known.get(name)
+        return float(a.reshape(-1)[0]) if a is not None and a.size == 1 and (name in arrays or name in consts) \
+            else None
+
+    def ints(name: str) -> list[int] | None:
+        a = known.get(name)
+        return [int(v) for v in a.reshape(-1)] if a is not None and np.issubdtype(a.dtype, np.integer) else None
+
+    return find_norms(proto, shape=lambda v: tuple(known[v].shape) if v in known else None,
+                      dtype=lambda v: known[v].dtype if v in known else None, const=scalar, ints=ints,
+                      is_weight=weights.__contains__)
+
+
+def _norm_node(norm: DecomposedNorm, values: dict[str, Value], captured: dict[str, np.ndarray],
+               alt_captured: dict[str, np.ndarray]) -> Node:
+    """The ``layer_norm`` IR node of a decomposed norm: the registry's ``LayerNormalization``
+    (``RMSNormalization``) entry over the last axis, reading the subgraph's input and weights
+    by the names the file gives them; its output is the subgraph's."""
+    o = norm.output
+    arr = captured[o]
+    values[o] = Value(o, tuple(arr.shape), torch.from_numpy(np.empty(0, arr.dtype)).dtype, "act", None, o,
+                      tuple(alt_captured[o].shape) if o in alt_captured else None)
+    spec = onnx_op("RMSNormalization" if norm.rms else "LayerNormalization")
+    args = (Ref(norm.x), Ref(norm.scale) if norm.scale else None, Ref(norm.bias) if norm.bias else None)
+    attrs: dict[str, Any] = {"input": Ref(norm.x), "axis": -1, "epsilon": norm.eps}
+    if norm.scale:
+        attrs["scale"] = Ref(norm.scale)
+    if norm.bias:
+        attrs["B"] = Ref(norm.bias)
+    outputs = [o, "", ""] if not norm.rms else [o, ""]
+    return Node(norm.name, "layer_norm", _in_torch(spec, attrs, outputs), args[:2] if norm.rms else args, {}, [o],
+                attrs, norm.name, norm.source_op)
 
 
 def _view_weight(node: onnx.NodeProto, src: Value) -> Value:

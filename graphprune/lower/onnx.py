@@ -206,7 +206,10 @@ class _Editor:
 
 def _apply(ed: _Editor, node: Node, proto: onnx.NodeProto, rw: Rewrite, ctx: OnnxContext) -> None:
     """Apply ``rw`` to ``proto``, the ONNX node of the IR node ``node``."""
-    held = {a.name: p for a, p in zip(node.args, proto.input) if a is not None}  # IR value -> proto input
+    if node.source_op == f"onnx::{proto.op_type}":
+        held = {a.name: p for a, p in zip(node.args, proto.input) if a is not None}  # IR value -> proto input
+    else:  # the last node of a subgraph the importer fused (onnx_fusion): the IR reads the file's own names
+        held = {a.name: a.name for a in node.args if a is not None}
     places = rule_for(node.op).onnx_args
     for name, value in rw.args.items():
         if isinstance(value, Entries):

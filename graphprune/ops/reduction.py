@@ -299,6 +299,18 @@ def _mean_onnx(call: Call, ctx: OnnxContext) -> OnnxCall:
 MEAN_OF_ORIGINAL = Phantom("mean_of_original", mean_of_original, _mean_onnx)
 
 
+def _mixes_channels(node: Node, lab: Labels) -> str:
+    """Why a reduction over labelled (channel) entries keeps them: what it computes
+    changes when one is removed (a sum or mean only unless its input is zero where removed)."""
+    kind = _kind(node)
+    if kind in SUMS + MEANS:
+        what = "a mean" if kind in MEANS else "a sum"
+        why = "its input is not zero where channels would be removed" if not lab.is_zero(node.inputs[0]) \
+            else "it reduces several, not all, of its channel axes"
+        return f"{kind} over the channel axis: {what} over channels changes when one is removed ({why})"
+    return f"{kind} over the channel axis: its result changes when a channel is removed"
+
+
 @register("reduce", aten=REDUCE, onnx=ONNX_REDUCE)
 class Reduce(Rule):
     def propagate(self, node: Node, lab: Labels) -> None:
@@ -317,7 +329,7 @@ class Reduce(Rule):
                 if len(reduced) < len(f.axes):  # atoms also on kept axes: one unit per reduced index
                     lab.axis_labels(x, reduced[0])
             elif any(a in dims for a in f.axes):
-                lab.pin(f.labels)
+                lab.pin_reported(node, f.labels, _mixes_channels(node, lab))
             else:
                 axes = f.axes if keep else tuple(a - sum(d < a for d in dims) for a in f.axes)
                 out_f = Field(axes, f.labels)
