@@ -716,6 +716,18 @@ class Gather(Movement):
             lab.union(rows[:, :1], rows)
 
 
+@register("embed_scatter", aten=("slice_scatter", "select_scatter"))
+class EmbedScatter(Movement):
+    """Writes ``src`` into a slice (or one index) of ``input`` along ``dim``: runs exactly on
+    labels.  The slice's bounds are not rewritten, so atoms on ``dim`` are pinned."""
+
+    def check(self, node, lab, data) -> None:
+        dim = int(node.attrs.get("dim", 0)) % len(lab.shape(node.outputs[0]))
+        f = lab.field(node.outputs[0])  # input's and src's atoms, as run on labels
+        if f is not None and dim in f.axes:
+            lab.pin(f.labels)
+
+
 @register("repeat_interleave", aten=("repeat_interleave",))
 class RepeatInterleave(Movement):
     def rewrite(self, node, shrink) -> Rewrite | None:

@@ -36,6 +36,7 @@ ATEN: dict[str, str] = {}                 # ATen packet name -> canonical op
 ONNX: dict[str, str] = {}                 # ONNX op_type -> canonical op
 ONNX_OPS: dict[str, "OnnxOp"] = {}        # ONNX op_type -> how it is imported and run in torch
 SHAPE_ONLY: dict[str, "ShapeOnly"] = {}   # ATen overload -> its output from its inputs' shapes
+BARRIERS: dict[str, str] = {}             # canonical op declared a barrier -> why it is one
 
 # (args, kwargs) of an ATen call on meta tensors -> its meta output, or None where the
 # meta kernel must run after all (an in-place op that would broadcast its first argument)
@@ -99,6 +100,37 @@ class Rule:
         return None
 
 
+class DeclaredBarrier(Rule):
+    """An op known to the registry whose channels are kept on purpose: its entry says why
+    (a data-dependent output shape, control flow, a quantised kernel...), and the report
+    names that reason instead of "no channel rule"."""
+
+    reason: str = ""
+
+    def propagate(self, node: "Node", lab: "Labels") -> None:
+        lab.barrier(node, self.reason)
+
+
+def declare_barrier(op: str, reason: str, *, aten: tuple[str, ...] = (),
+                    onnx: Mapping[str, "OnnxOp | None"] | tuple[str, ...] = ()) -> None:
+    """Register canonical ``op`` as a barrier with ``reason`` under ATen names and ONNX op
+    types (an ONNX type may bring its torch implementation, so gradient criteria still run
+    through it; None or a bare name: the importer keeps it, nothing runs it in torch)."""
+    if not reason:
+        raise ValueError(f"barrier {op!r} needs a reason")
+    specs = dict(onnx) if isinstance(onnx, Mapping) else dict.fromkeys(onnx)
+    rule = type(f"Barrier_{op}", (DeclaredBarrier,), {"reason": reason, "__doc__": reason})()
+    rule.op = op
+    _claim(RULES, op, rule)
+    BARRIERS[op] = reason
+    for a in aten:
+        _claim(ATEN, a, op)
+    for o, spec in specs.items():
+        _claim(ONNX, o, op)
+        if spec is not None:
+            ONNX_OPS[o] = spec
+
+
 def register(op: str, *, aten: tuple[str, ...] = (), onnx: Mapping[str, OnnxOp] | None = None,
              shape_only: Mapping[str, ShapeOnly] | None = None) -> Callable[[type], type]:
     """Class decorator: register a rule for canonical ``op`` under ATen names and ONNX op
@@ -107,13 +139,20 @@ def register(op: str, *, aten: tuple[str, ...] = (), onnx: Mapping[str, OnnxOp] 
     def deco(cls: type) -> type:
         rule = cls()
         rule.op = op
-        RULES[op] = rule
+        _claim(RULES, op, rule)
         SHAPE_ONLY.update(shape_only or {})
         for a in aten:
-            ATEN[a] = op
+            _claim(ATEN, a, op)
         for o, spec in (onnx or {}).items():
-            ONNX[o] = op
+            _claim(ONNX, o, op)
             ONNX_OPS[o] = spec
         return cls
     return deco
 
+
+
+def _claim(table: dict, name: str, value: Any) -> None:
+    """Refuse a second entry for a name: each op's semantics live in exactly one entry."""
+    if name in table:
+        raise ValueError(f"{name!r} is registered twice; each op has one entry")
+    table[name] = value
