@@ -424,8 +424,18 @@ def _eye_like(x: torch.Tensor, *_, dtype=None, k=0, **__) -> torch.Tensor:
     "BlackmanWindow": OnnxOp(lambda n, *_, periodic=1, output_datatype=1, **__: torch.blackman_window(
         int(n), periodic=bool(periodic), dtype=torch_dtype(output_datatype)))})
 class Creation(Rule):
-    """Tensors made from sizes or constants carry no channel identity."""
+    """Tensors made from sizes or constants carry no channel identity, except a ``*_like``
+    tensor: it takes its input's shape, compact shape included, so it takes its labels too
+    (each entry is made alone: nothing couples), and ``zeros_like`` is zero where removed."""
 
     def propagate(self, node: Node, lab: Labels) -> None:
+        like = _kind(node) in LIKE and node.inputs and lab.shape(node.inputs[0]) == lab.shape(node.outputs[0])
         for o in node.outputs:
-            lab.fields[o] = None
+            lab.fields[o] = lab.field(node.inputs[0]) if like else None
+
+    def keeps_zero(self, node: Node, lab: Labels) -> bool:
+        kind = _kind(node)
+        return kind == "zeros_like" or (kind == "full_like" and node.attrs.get("fill_value") == 0)
+
+
+LIKE = ("zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like")
