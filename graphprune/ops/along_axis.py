@@ -76,8 +76,9 @@ class TopK(AlongAxes):
         return {_axis(node, rank, "dim" if "dim" in node.attrs else "axis", -1)}
 
 
-def _cumsum(x, axis, *_, exclusive=0, reverse=0, **__):
-    d = int(axis.reshape(-1)[0]) if isinstance(axis, torch.Tensor) else int(as_list(axis)[0])
+def _cumsum(x, axis_input=None, *_, axis=None, exclusive=0, reverse=0, **__):
+    """ONNX CumSum; ``axis`` resolved by the importer (a list) when it is a constant."""
+    d = _scalar(axis if axis is not None else axis_input, 0)
     y = x.flip(d) if reverse else x
     out = y.cumsum(d)
     if exclusive:

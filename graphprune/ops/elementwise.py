@@ -43,6 +43,14 @@ def _div(a: torch.Tensor, b: torch.Tensor, **_) -> torch.Tensor:
     return a / b
 
 
+def _bit_shift(a: torch.Tensor, b: torch.Tensor, direction: str) -> torch.Tensor:
+    """ONNX BitShift on unsigned integers (torch shifts only some of them): in int64,
+    wrapped to the type's width."""
+    wide, by = a.to(torch.int64), b.to(torch.int64)
+    out = wide << by if direction == "LEFT" else wide >> by
+    return (out & ((1 << (8 * a.element_size())) - 1)).to(a.dtype)
+
+
 def _clip(x, lo=None, hi=None, *, min=None, max=None, **_):  # noqa: A002 - ONNX attribute names
     """ONNX Clip: bounds as inputs (opset 11+) or attributes (before)."""
     lo = lo if lo is not None else min
@@ -131,8 +139,7 @@ ONNX_NARY = {
     "PRelu": OnnxOp(lambda x, slope, **_: torch.where(x < 0, x * slope, x)),
     "BitwiseAnd": _binary(torch.bitwise_and), "BitwiseOr": _binary(torch.bitwise_or),
     "BitwiseXor": _binary(torch.bitwise_xor),
-    "BitShift": OnnxOp(lambda a, b, *_, direction, **__:
-                       torch.bitwise_left_shift(a, b) if direction == "LEFT" else torch.bitwise_right_shift(a, b)),
+    "BitShift": OnnxOp(lambda a, b, *_, direction, **__: _bit_shift(a, b, direction)),
 }
 
 

@@ -175,6 +175,11 @@ class AtenRNN(Rule):
 
 # ---- ONNX: LSTM / GRU / RNN (one layer, one or two directions, per node)
 
+def _names(v: Any) -> list[str]:
+    """An ONNX list of strings attribute (the importer keeps them as bytes)."""
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in (v or [])]
+
+
 def _act(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "Sigmoid":
         return torch.sigmoid(x)
@@ -199,7 +204,7 @@ def _onnx_rnn(op: str):
         T, batch = X.shape[0], X.shape[1]
         dirs = 2 if direction == "bidirectional" else 1
         per = len(acts_default)
-        acts = list(activations) if activations else acts_default * dirs
+        acts = _names(activations) or acts_default * dirs
         H = hidden_size
         h0 = initial_h.transpose(0, 1) if (initial_h is not None and layout) else initial_h
         c0 = initial_c.transpose(0, 1) if (initial_c is not None and layout) else initial_c
@@ -279,7 +284,7 @@ class OnnxRNN(Rule):
         if not _fixed(lab, [w, r, b, p]):
             return lab.barrier(node, "recurrent weights computed, not initializers")
         dirs = lab.shape(w)[0]
-        acts = list(a.get("activations") or [])
+        acts = _names(a.get("activations"))
         per = {"LSTM": 3, "GRU": 2, "RNN": 1}[op]
         state_acts = [n for d in range(dirs) for n in acts[d * per + (1 if per > 1 else 0):(d + 1) * per]]
         if any(n not in ZERO_ACTIVATIONS for n in state_acts):
