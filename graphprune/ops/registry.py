@@ -119,14 +119,15 @@ def declare_barrier(op: str, reason: str, *, aten: tuple[str, ...] = (),
     if not reason:
         raise ValueError(f"barrier {op!r} needs a reason")
     specs = dict(onnx) if isinstance(onnx, Mapping) else dict.fromkeys(onnx)
+    _unclaimed(op, aten, specs)
     rule = type(f"Barrier_{op}", (DeclaredBarrier,), {"reason": reason, "__doc__": reason})()
     rule.op = op
-    _claim(RULES, op, rule)
+    RULES[op] = rule
     BARRIERS[op] = reason
     for a in aten:
-        _claim(ATEN, a, op)
+        ATEN[a] = op
     for o, spec in specs.items():
-        _claim(ONNX, o, op)
+        ONNX[o] = op
         if spec is not None:
             ONNX_OPS[o] = spec
 
@@ -137,22 +138,24 @@ def register(op: str, *, aten: tuple[str, ...] = (), onnx: Mapping[str, OnnxOp] 
     types (each with how it is imported and run in torch); ``shape_only`` maps ATen
     overloads (``"relu.default"``) to how their output is computed from shapes alone."""
     def deco(cls: type) -> type:
+        _unclaimed(op, aten, onnx or {})
         rule = cls()
         rule.op = op
-        _claim(RULES, op, rule)
+        RULES[op] = rule
         SHAPE_ONLY.update(shape_only or {})
         for a in aten:
-            _claim(ATEN, a, op)
+            ATEN[a] = op
         for o, spec in (onnx or {}).items():
-            _claim(ONNX, o, op)
+            ONNX[o] = op
             ONNX_OPS[o] = spec
         return cls
     return deco
 
 
-
-def _claim(table: dict, name: str, value: Any) -> None:
-    """Refuse a second entry for a name: each op's semantics live in exactly one entry."""
-    if name in table:
-        raise ValueError(f"{name!r} is registered twice; each op has one entry")
-    table[name] = value
+def _unclaimed(op: str, aten: tuple[str, ...], onnx: Mapping[str, Any]) -> None:
+    """Refuse a second entry for an op or a name (before anything is registered): each op's
+    semantics live in exactly one entry."""
+    taken = [op] if op in RULES else []
+    taken += [f"aten.{a}" for a in aten if a in ATEN] + [f"onnx::{o}" for o in onnx if o in ONNX]
+    if taken:
+        raise ValueError(f"{', '.join(taken)} already registered; each op has one entry")

@@ -67,19 +67,23 @@ def _zero_state(lab: Labels, name: str) -> bool:
     return False
 
 
-def _state(lab: Labels, node: Node, h: str | None, units: torch.Tensor, axis: int) -> str | None:
-    """Couple an initial state's hidden axis with ``units``; the reason it cannot be pruned,
-    or None.  An unlabelled state must be zeros (the compact model slices it)."""
+def _state_problem(lab: Labels, h: str | None) -> str | None:
+    """Why initial state ``h`` keeps the units (None: it is fine): an unlabelled state must
+    be zeros (the compact model slices it), a labelled one zero where removed."""
     if h is None:
         return None
-    f = lab.field(h)
-    if f is None:
+    if lab.field(h) is None:
         return None if _zero_state(lab, h) else \
             f"initial state {h} is not known to be zero: a removed unit's state must start at 0"
     if not lab.is_zero(h):
         return f"initial state {h} carries channels but is not zero where they are removed"
-    lab.union(lab.axis_labels(h, axis), units)
     return None
+
+
+def _couple_state(lab: Labels, h: str | None, units: torch.Tensor) -> None:
+    """A labelled initial state [layers*dirs, batch, hidden] loses the removed units' columns."""
+    if h is not None and lab.field(h) is not None:
+        lab.union(lab.axis_labels(h, 2), units)
 
 
 def _macs(lab: Labels, units: torch.Tensor, ins: torch.Tensor | None, gates: int, steps: int, in_size: int,
@@ -128,6 +132,10 @@ class AtenRNN(Rule):
             return lab.barrier(node, "recurrent weights computed, not parameters")
         x = ref_name(a["input"])
         hx = [ref_name(h) for h in (a["hx"] if isinstance(a["hx"], (list, tuple)) else [a["hx"]])]
+        for h in hx:
+            why = _state_problem(lab, h)
+            if why is not None:
+                return lab.barrier(node, why)
         hidden = lab.shape(params[1])[1]
         units = lab.fresh(hidden, node)
         tile = units.repeat(gates)
@@ -142,9 +150,7 @@ class AtenRNN(Rule):
                 for bias in b:
                     lab.param_axis(bias, 0, tile)
         for h in hx:
-            why = _state(lab, node, h, units, 2)
-            if why is not None:
-                return lab.barrier(node, why)
+            _couple_state(lab, h, units)
         seq = lab.shape(x)[0 if not a.get("batch_first") else 1] * lab.shape(x)[1 if not a.get("batch_first") else 0]
         _macs(lab, units, ins, gates, seq, lab.shape(x)[-1], hidden, layers * dirs)
         out, *states = node.outputs
@@ -290,6 +296,10 @@ class OnnxRNN(Rule):
         if any(n not in ZERO_ACTIVATIONS for n in state_acts):
             return lab.barrier(node, f"activations {acts}: a zeroed unit's state is 0 only when the cell and "
                                      f"output activations map 0 to 0")
+        for h in (names["initial_h"], names["initial_c"]):
+            why = _state_problem(lab, h)
+            if why is not None:
+                return lab.barrier(node, why)
         hidden = int(a["hidden_size"])
         units = lab.fresh(hidden, node)
         tile = units.repeat(gates)
@@ -303,9 +313,7 @@ class OnnxRNN(Rule):
         if p is not None:
             lab.param_axis(p, 1, units.repeat(3))
         for h in (names["initial_h"], names["initial_c"]):
-            why = _state(lab, node, h, units, 2)  # [D, B, H], or [B, D, H] with layout 1
-            if why is not None:
-                return lab.barrier(node, why)
+            _couple_state(lab, h, units)  # [D, B, H], or [B, D, H] with layout 1
         steps = lab.shape(x)[0] * lab.shape(x)[1]
         _macs(lab, units, ins, gates, steps, lab.shape(x)[-1], hidden, dirs)
         outs = node.outputs
