@@ -145,7 +145,7 @@ def _grid_sample(x, grid, *_, align_corners=0, mode="linear", padding_mode="zero
     return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=bool(align_corners))
 
 
-@register("grid_sample", aten=("grid_sampler_2d", "grid_sampler_3d"),
+@register("grid_sample", aten=("grid_sampler", "grid_sampler_2d", "grid_sampler_3d"),
           onnx={"GridSample": OnnxOp(_grid_sample)})
 class GridSample(AlongAxes):
     """Samples every channel at the grid's points: channels pass, a zero channel samples

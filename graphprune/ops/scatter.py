@@ -69,6 +69,9 @@ class Scatter(Rule):
         axis_maps.pop(None, None)
         labelled = set()
         for name, to_data in axis_maps.items():
+            if lab.graph.values[name].fixed and lab.field(name) is not None:
+                return lab.barrier(node, f"scatters into or from {name}, a parameter, buffer or constant: its "
+                                         f"entries would be coupled with computed positions; not analysed")
             f = lab.field(name)
             if f is not None:
                 mapped = {to_data[u] for u in f.axes}
