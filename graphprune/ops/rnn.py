@@ -119,8 +119,10 @@ RNN_KEPT = Phantom("rnn_kept", rnn_kept, None)
 class AtenRNN(Rule):
     """One atom per hidden index, across every gate, layer and direction (one hidden_size)."""
 
+    mode_args = {"lstm": "train", "gru": "train", "rnn_tanh": "train", "rnn_relu": "train"}  # dropout between layers
+
     def propagate(self, node: Node, lab: Labels) -> None:
-        if "params" not in node.attrs:
+        if "batch_sizes" in node.attrs:
             return lab.barrier(node, "a packed sequence (batch_sizes): not analysed; pad the batch instead")
         a, kind = node.attrs, _kind(node)
         gates, dirs, layers = GATES[kind], 2 if a.get("bidirectional") else 1, int(a.get("num_layers", 1))
