@@ -98,3 +98,10 @@ def test_given_initial_state_is_a_barrier_with_its_reason() -> None:
     g = gp.trace(GivenState().eval(), (torch.randn(5, 2, 6), torch.randn(1, 2, 8)))
     assert not g.groups
     assert any("initial state" in b.reason and "zero" in b.reason for b in g.barriers)
+
+
+def test_lstm_projection_is_a_barrier_with_its_reason() -> None:
+    model = nn.Sequential(nn.LSTM(6, 10, proj_size=4))
+    g = gp.trace(model.eval(), (torch.randn(5, 2, 6),))
+    assert not g.groups
+    assert [b.reason for b in g.barriers] == ["an LSTM with projections (proj_size): not analysed"]
