@@ -242,8 +242,9 @@ def _reduced_dims(node: Node, rank: int) -> list[int]:
     return sorted({d % rank for d in dims}) if dims else list(range(rank))
 
 
-ZERO_PRESERVING = ("sum", "mean", "amax", "amin", "max", "min", "norm", "linalg_vector_norm", "prod", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
-                   "ReduceL2", "ReduceSumSquare", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")  # of zeros: zero
+ZERO_PRESERVING = ("sum", "mean", "amax", "amin", "max", "min", "norm", "linalg_vector_norm", "prod", "ReduceMean",
+                   "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare",
+                   "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")  # of zeros: zero
 SUMS = ("sum", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2")  # exact over kept entries when the rest are 0
 MEANS = ("mean", "ReduceMean")  # exact as a sum over the original count (rewritten below)
 

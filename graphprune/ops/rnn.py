@@ -23,7 +23,7 @@ import torch
 
 from ..analysis.labels import Field, Labels
 from ..ir.graph import Node
-from .common import ref_name
+from .common import ref_name, tensor_attr
 from .registry import OnnxOp, Rule, register
 from .rewrite import Call, OnnxCall, OnnxContext, Phantom, Rewrite
 
@@ -59,7 +59,6 @@ def _zero_state(lab: Labels, name: str) -> bool:
             value = node.attrs.get("value")
             if value is None:
                 return True
-            from .common import tensor_attr
             return not bool(tensor_attr(value).any())
         if not node.source_op.startswith(_STATE_PATH) or not node.inputs:
             return False
@@ -218,7 +217,8 @@ def _onnx_rnn(op: str):
         c0 = initial_c.transpose(0, 1) if (initial_c is not None and layout) else initial_c
         ys, hs, cs = [], [], []
         for d in range(dirs):
-            f, g, *hh = [lambda v, n=n: _act(n, v) for n in acts[d * per:(d + 1) * per]] + [None]
+            f, *rest = [lambda v, n=n: _act(n, v) for n in acts[d * per:(d + 1) * per]]
+            g, hh = (rest + [None])[0], rest[1:]
             w, r = W[d], R[d]
             bw, br = (B[d][:gates * H], B[d][gates * H:]) if B is not None else (0.0, 0.0)
             h = h0[d] if h0 is not None else X.new_zeros(batch, H)
@@ -276,7 +276,7 @@ def _take_onnx(call: Call, ctx: OnnxContext) -> OnnxCall:
     return OnnxCall(fn, {"axis": int(call.attrs["axis"])}, {1: list(call.attrs["index"])})
 
 
-TAKE_KEPT = Phantom("take_kept", lambda x, *, axis, index: x.index_select(axis, torch.tensor(index)), _take_onnx)
+TAKE_KEPT = Phantom("take_kept", None, _take_onnx)  # only ONNX states are made at run time at the full size
 _ONNX_INPUTS = ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P")
 
 

@@ -195,9 +195,9 @@ CASES["DequantizeLinear"] = Case({}, consts={"x": rng.integers(-128, 127, (2, 4,
                                              "s": np.array(0.1, np.float32), "z": np.array(-3, np.int8)}, opset=13)
 _T, _B, _I, _H = 5, 2, 3, 4
 CASES["LSTM"] = Case({"x": f32(_T, _B, _I)}, dict(hidden_size=_H, direction="bidirectional"),
-                     {"w": f32(2, 4 * _H, _I), "r": f32(2, 4 * _H, _H), "b": f32(2, 8 * _H), "sl": np.array([5, 3], np.int32)[:0],
-                      "h": f32(2, _B, _H), "c": f32(2, _B, _H), "p": f32(2, 3 * _H)}, order=["x", "w", "r", "b", "", "h", "c", "p"],
-                     outputs=3)
+                     {"w": f32(2, 4 * _H, _I), "r": f32(2, 4 * _H, _H), "b": f32(2, 8 * _H), "h": f32(2, _B, _H),
+                      "c": f32(2, _B, _H), "p": f32(2, 3 * _H)},
+                     order=["x", "w", "r", "b", "", "h", "c", "p"], outputs=3)
 CASES["GRU"] = Case({"x": f32(_T, _B, _I)}, dict(hidden_size=_H, direction="reverse", linear_before_reset=1),
                     {"w": f32(1, 3 * _H, _I), "r": f32(1, 3 * _H, _H), "b": f32(1, 6 * _H)}, outputs=2)
 CASES["GRU_default"] = Case({"x": f32(_T, _B, _I)}, dict(hidden_size=_H, direction="bidirectional"),

@@ -17,7 +17,8 @@ rng = np.random.default_rng(0)
 
 
 def _qdq_model(scale: np.ndarray, zero_point: np.ndarray | None) -> onnx.ModelProto:
-    inits = {"w1": rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "b1": rng.standard_normal(8).astype(np.float32),
+    inits = {"w1": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+             "b1": rng.standard_normal(8).astype(np.float32),
              "w2": rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "s": scale}
     qdq = ["y", "s"] + (["zp"] if zero_point is not None else [])
     if zero_point is not None:
