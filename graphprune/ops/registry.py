@@ -5,7 +5,8 @@ map to it.  A rule says how channels flow (``propagate``: read input fields, wri
 output fields, couple/pin atoms, label parameter axes, report FLOPs) and how the op
 is rewritten once units go (``rewrite``: new constant arguments or a phantom op, in
 the frontend-neutral terms of :mod:`.rewrite`, which the lowerings apply to an fx or
-an ONNX node).  ``keeps_zero`` says whether the entries
+an ONNX node).  An op kept whole on purpose is a *declared* barrier
+(:func:`declare_barrier`): its entry is the reason the report gives.  ``keeps_zero`` says whether the entries
 of its outputs that removed units take are exactly zero in the zeroed model, which is
 what lets a layer norm or a sum reduce over a prunable axis.  An op with no rule is a
 barrier.
@@ -111,25 +112,21 @@ class DeclaredBarrier(Rule):
         lab.barrier(node, self.reason)
 
 
-def declare_barrier(op: str, reason: str, *, aten: tuple[str, ...] = (),
-                    onnx: Mapping[str, "OnnxOp | None"] | tuple[str, ...] = ()) -> None:
+def declare_barrier(op: str, reason: str, *, aten: tuple[str, ...] = (), onnx: tuple[str, ...] = ()) -> None:
     """Register canonical ``op`` as a barrier with ``reason`` under ATen names and ONNX op
-    types (an ONNX type may bring its torch implementation, so gradient criteria still run
-    through it; None or a bare name: the importer keeps it, nothing runs it in torch)."""
+    types.  Its ONNX types have no torch implementation: nothing is pruned through them,
+    and a gradient criterion on a graph holding one says so (data-free criteria work)."""
     if not reason:
         raise ValueError(f"barrier {op!r} needs a reason")
-    specs = dict(onnx) if isinstance(onnx, Mapping) else dict.fromkeys(onnx)
-    _unclaimed(op, aten, specs)
+    _unclaimed(op, aten, onnx)
     rule = type(f"Barrier_{op}", (DeclaredBarrier,), {"reason": reason, "__doc__": reason})()
     rule.op = op
     RULES[op] = rule
     BARRIERS[op] = reason
     for a in aten:
         ATEN[a] = op
-    for o, spec in specs.items():
+    for o in onnx:
         ONNX[o] = op
-        if spec is not None:
-            ONNX_OPS[o] = spec
 
 
 def register(op: str, *, aten: tuple[str, ...] = (), onnx: Mapping[str, OnnxOp] | None = None,
@@ -152,7 +149,7 @@ def register(op: str, *, aten: tuple[str, ...] = (), onnx: Mapping[str, OnnxOp] 
     return deco
 
 
-def _unclaimed(op: str, aten: tuple[str, ...], onnx: Mapping[str, Any]) -> None:
+def _unclaimed(op: str, aten: tuple[str, ...], onnx: Mapping[str, Any] | tuple[str, ...]) -> None:
     """Refuse a second entry for an op or a name (before anything is registered): each op's
     semantics live in exactly one entry."""
     taken = [op] if op in RULES else []

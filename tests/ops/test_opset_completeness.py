@@ -4,8 +4,11 @@ program or file is never an unknown op.  ``python benchmarks/opset_coverage.py``
 the same counts."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
+import graphprune as gp
 from graphprune.ops.catalog import ATEN, ONNX, canonical_onnx, rule_for
 from graphprune.ops.opsets import ONNX_OPSET, core_aten_ops, coverage, onnx_ops
 from graphprune.ops.registry import BARRIERS, RULES, DeclaredBarrier, declare_barrier
@@ -51,3 +54,19 @@ def test_an_op_has_one_entry() -> None:
         declare_barrier("another_barrier", "", onnx=("NotAnOp",))
     assert (dict(ATEN), dict(ONNX), dict(BARRIERS)) == before
     assert "a_new_barrier" not in RULES and "another_barrier" not in RULES
+
+
+def test_a_declared_barrier_in_a_file_reports_its_reason() -> None:
+    """Conv -> LpNormalization -> Conv: the first conv's filters stay, and the report gives
+    the entry's reason (not "no channel rule")."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("w2", (4, 8, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["y"], name="c1"),
+             helper.make_node("LpNormalization", ["y"], ["n"], axis=1, name="lp"),
+             helper.make_node("Conv", ["n", "w2"], ["out"], name="c2")]
+    graph = helper.make_graph(nodes, "lp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 4, 4])], inits)
+    g = gp.trace(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert not g.groups
+    assert [(b.node, b.reason) for b in g.barriers] == [("lp", BARRIERS[ONNX["LpNormalization"]])]
