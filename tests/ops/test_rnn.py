@@ -105,3 +105,23 @@ def test_lstm_projection_is_a_barrier_with_its_reason() -> None:
     g = gp.trace(model.eval(), (torch.randn(5, 2, 6),))
     assert not g.groups
     assert [b.reason for b in g.barriers] == ["an LSTM with projections (proj_size): not analysed"]
+
+
+class LearnedState(nn.Module):
+    """A learned initial state [layers*dirs, 1, hidden]: its hidden columns join the units
+    (zeroed with them), so the compact model keeps the surviving units' columns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(6, 10, num_layers=2, bidirectional=True), nn.Linear(20, 3)
+        self.h0 = nn.Parameter(torch.randn(4, 1, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x, self.h0.expand(-1, x.shape[1], -1).contiguous())[0])
+
+
+def test_learned_initial_state_joins_the_units() -> None:
+    torch.manual_seed(0)
+    g = check_zero_invariance(LearnedState().eval(), (torch.randn(5, 2, 6),))
+    assert not g.barriers
+    assert any(s[0] == "h0" and s[1] == 2 for s in g.groups[0].param_slices(0))
