@@ -111,6 +111,7 @@ def rnn_kept(x: torch.Tensor, *tensors: torch.Tensor, kind: str, n_hx: int, kept
     return ATEN_RNN[kind](x, state, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
 
 
+rnn_kept.mode_arg = "train"  # a compact module sets it on .train()/.eval(): dropout between layers
 RNN_KEPT = Phantom("rnn_kept", rnn_kept, None)
 
 

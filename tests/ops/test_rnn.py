@@ -125,3 +125,19 @@ def test_learned_initial_state_joins_the_units() -> None:
     g = check_zero_invariance(LearnedState().eval(), (torch.randn(5, 2, 6),))
     assert not g.barriers
     assert any(s[0] == "h0" and s[1] == 2 for s in g.groups[0].param_slices(0))
+
+
+def test_pruned_rnn_follows_train_and_eval() -> None:
+    """Dropout between layers acts in train mode only, in the compact model as in nn.LSTM."""
+    torch.manual_seed(0)
+    model, x = Recurrent("lstm", 2, False, True), torch.randn(2, 5, 6)
+    model.rnn.dropout = 0.5
+    g = gp.trace(model.eval(), (x,), verify=False)
+    zero_random_half(g)
+    compact = g.construct_subnet()
+    with torch.no_grad():
+        assert torch.equal(compact(x), compact(x))
+        compact.train()
+        assert not torch.equal(compact(x), compact(x))
+        compact.eval()
+        assert torch.allclose(compact(x), model(x), atol=1e-6)
