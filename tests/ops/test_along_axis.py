@@ -117,3 +117,38 @@ def test_onnx_unary_zero_facts_match_the_function(op: str) -> None:
 def test_aten_unary_zero_facts_match_the_function(name: str) -> None:
     maps_zero = bool((getattr(torch, name)(torch.zeros(3)) == 0).all())
     assert (name in ZERO_PRESERVING) == maps_zero
+
+
+class TopQueries(nn.Module):
+    """A detector's decoder keeps its k best queries: scores -> top-k over the query axis ->
+    the queries' hidden vectors indexed by those (computed) indices -> a head.  The hidden
+    channels pass through the selection."""
+
+    def __init__(self, gather: str) -> None:
+        super().__init__()
+        self.embed, self.score, self.head = nn.Linear(6, 16), nn.Linear(16, 1), nn.Linear(16, 4)
+        self.gather = gather
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.embed(x))                           # [b, queries, hidden]
+        idx = self.score(x @ torch.ones(6, 16)).squeeze(-1).topk(3, dim=1).indices  # [b, 3]
+        if self.gather == "index":
+            picked = h[torch.arange(h.shape[0])[:, None], idx]  # aten.index
+        else:
+            picked = h.index_select(1, idx[0])                  # aten.index_select
+        return self.head(picked)
+
+
+@pytest.mark.parametrize("gather", ["index", "index_select"])
+def test_queries_selected_by_computed_indices_keep_their_channels(gather: str) -> None:
+    torch.manual_seed(0)
+    g = check_zero_invariance(TopQueries(gather).eval(), (torch.randn(2, 7, 6),))
+    assert not g.barriers
+    assert {"embed.weight", "head.weight"} <= {s[0] for grp in g.groups for s in grp.param_slices(0)}
+
+
+def test_onnx_gather_by_computed_indices_keeps_channels(tmp_path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 7, 6)
+    g = check_onnx(export(TopQueries("index_select"), x, tmp_path / "m.onnx"), x)
+    assert not g.barriers
