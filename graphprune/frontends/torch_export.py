@@ -46,7 +46,10 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict,
             try:
                 return export_program(model, args, kwargs, batch_dynamic_shapes(args, kwargs))
             except UnsupportedModelError:
-                pass
+                # the failed attempt leaves torch's dynamic-dim marks on the example tensors
+                # (a time-major RNN's dim 0 is specialised): export the static one from copies
+                args, kwargs = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                                               (args, kwargs))
         return export_program(model, args, kwargs, dynamic_shapes)
     finally:
         model.train(was_training)

@@ -42,6 +42,8 @@ class CompactModule(torch.nn.Module):
                 arg = rule_for(canonical_aten(packet)).mode_args.get(packet)
                 if arg is not None:
                     out.append((n, arg))
+            elif n.op == "call_function" and getattr(n.target, "mode_arg", None) in n.kwargs:
+                out.append((n, n.target.mode_arg))  # a phantom op's keyword (a pruned RNN's ``train``)
         return out
 
     def train(self, mode: bool = True) -> "CompactModule":
@@ -51,7 +53,10 @@ class CompactModule(torch.nn.Module):
                 m.training = mode
         nodes = self._mode_nodes()
         for n, arg in nodes:
-            set_arg(n, arg, mode)
+            if isinstance(n.target, torch._ops.OpOverload):
+                set_arg(n, arg, mode)
+            else:
+                n.kwargs = {**n.kwargs, arg: mode}
         if nodes:
             self.gm.recompile()
         return self

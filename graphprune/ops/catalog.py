@@ -7,7 +7,8 @@ import below.
 """
 from __future__ import annotations
 
-from . import compute, elementwise, movement, normalization, reduction  # noqa: F401  (they register)
+from . import (along_axis, barriers, compute, elementwise, movement, normalization,  # noqa: F401  (they register)
+               quantize, reduction, rnn, scatter)
 from .registry import ATEN, ONNX, ONNX_OPS, RULES, SHAPE_ONLY, OnnxOp, Rule, ShapeOnly
 
 _UNKNOWN = Rule()  # the base rule: a barrier that names the op

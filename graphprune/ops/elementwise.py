@@ -43,6 +43,14 @@ def _div(a: torch.Tensor, b: torch.Tensor, **_) -> torch.Tensor:
     return a / b
 
 
+def _bit_shift(a: torch.Tensor, b: torch.Tensor, direction: str) -> torch.Tensor:
+    """ONNX BitShift on unsigned integers (torch shifts only some of them): in int64,
+    wrapped to the type's width."""
+    wide, by = a.to(torch.int64), b.to(torch.int64)
+    out = wide << by if direction == "LEFT" else wide >> by
+    return (out & ((1 << (8 * a.element_size())) - 1)).to(a.dtype)
+
+
 def _clip(x, lo=None, hi=None, *, min=None, max=None, **_):  # noqa: A002 - ONNX attribute names
     """ONNX Clip: bounds as inputs (opset 11+) or attributes (before)."""
     lo = lo if lo is not None else min
@@ -58,25 +66,29 @@ UNARY = (
     "dropout", "dropout_", "feature_dropout", "alpha_dropout", "native_dropout", "clone", "contiguous",
     "alias", "detach", "detach_", "to", "_to_copy", "type_as", "float", "half", "bfloat16",
     "nan_to_num", "logit", "glu_backward", "lift_fresh_copy", "prelu_scalar",
+    "acos", "acosh", "asin", "asinh", "atan", "atanh", "cosh", "sinh", "tan", "expm1", "log2", "log10",
+    "bernoulli",
 )
 NARY = (
     "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "maximum", "minimum", "pow",
     "pow_", "where", "masked_fill", "masked_fill_", "eq", "ne", "lt", "gt", "le", "ge", "logical_and",
     "logical_or", "logical_xor", "fmod", "remainder", "floor_divide", "atan2", "copysign", "addcmul",
     "addcdiv", "lerp", "bitwise_and", "bitwise_or", "bitwise_xor", "__and__", "__or__", "__xor__", "prelu",
-    "hypot", "_prelu_kernel",
+    "hypot", "_prelu_kernel", "copy", "bitwise_left_shift", "bitwise_right_shift",
 )
 CREATION = (
     "zeros", "ones", "full", "empty", "arange", "new_zeros", "new_ones", "new_full", "new_empty",
     "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "scalar_tensor",
-    "linspace", "eye", "fill", "fill_", "rand", "randn", "randint", "empty_strided", "tensor",
+    "linspace", "eye", "fill", "fill_", "rand", "randn", "randint", "empty_strided", "tensor", "randperm",
 )
 ZERO_PRESERVING = (  # f(0) == 0: a removed (zero) entry stays zero
     "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "tanh", "tanh_", "hardswish", "hardswish_",
     "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu", "mish", "mish_", "neg", "log1p", "sqrt", "abs",
     "sin", "erf", "square", "sign", "floor", "ceil", "round", "trunc", "dropout", "dropout_", "feature_dropout",
     "clone", "contiguous", "alias", "detach", "detach_", "to", "_to_copy", "type_as", "float", "half", "bfloat16",
-    "nan_to_num", "lift_fresh_copy", "prelu_scalar",
+    "nan_to_num", "lift_fresh_copy", "prelu_scalar", "asin", "asinh", "atan", "atanh", "sinh", "tan", "expm1",
+    "bernoulli", "onnx::Asin", "onnx::Asinh", "onnx::Atan", "onnx::Atanh", "onnx::Sinh", "onnx::Tan", "onnx::Swish",
+    "onnx::Bernoulli",
     "onnx::Relu", "onnx::Tanh", "onnx::Gelu", "onnx::HardSwish", "onnx::LeakyRelu", "onnx::Elu", "onnx::Selu",
     "onnx::Mish", "onnx::Neg", "onnx::Sqrt", "onnx::Abs", "onnx::Sin", "onnx::Erf", "onnx::Sign", "onnx::Floor",
     "onnx::Ceil", "onnx::Round", "onnx::Dropout", "onnx::Identity", "onnx::Cast", "onnx::CastLike", "onnx::Celu",
@@ -101,6 +113,15 @@ ONNX_UNARY = {
     "Not": _unary(torch.logical_not), "IsNaN": _unary(torch.isnan),
     "IsInf": OnnxOp(lambda x, *_, detect_negative=1, detect_positive=1, **__:
                     (torch.isneginf(x) & bool(detect_negative)) | (torch.isposinf(x) & bool(detect_positive))),
+    "Acos": _unary(torch.acos), "Acosh": _unary(torch.acosh), "Asin": _unary(torch.asin),
+    "Asinh": _unary(torch.asinh), "Atan": _unary(torch.atan), "Atanh": _unary(torch.atanh),
+    "Cosh": _unary(torch.cosh), "Sinh": _unary(torch.sinh), "Tan": _unary(torch.tan),
+    "BitwiseNot": _unary(torch.bitwise_not),
+    "Shrink": OnnxOp(lambda x, *_, bias=0.0, lambd=0.5, **__:
+                     torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, torch.zeros_like(x)))),
+    "Swish": OnnxOp(lambda x, *_, alpha=1.0, **__: x * torch.sigmoid(alpha * x)),
+    # inference draws with the given probabilities; a zero probability draws zero
+    "Bernoulli": OnnxOp(lambda x, *_, dtype=None, seed=None, **__: torch.bernoulli(x).to(_like(x, dtype))),
     "Dropout": OnnxOp(lambda x, *_, **__: (x, torch.ones_like(x, dtype=torch.bool))),  # inference: identity
     "Identity": _unary(lambda x: x),
     "Cast": OnnxOp(lambda x, *_, to, **__: x.to(torch_dtype(to))),
@@ -117,6 +138,9 @@ ONNX_NARY = {
     "Or": _binary(torch.logical_or), "Xor": _binary(torch.logical_xor),
     "Mod": OnnxOp(lambda a, b, *_, fmod=0, **__: torch.fmod(a, b) if fmod else torch.remainder(a, b)),
     "PRelu": OnnxOp(lambda x, slope, **_: torch.where(x < 0, x * slope, x)),
+    "BitwiseAnd": _binary(torch.bitwise_and), "BitwiseOr": _binary(torch.bitwise_or),
+    "BitwiseXor": _binary(torch.bitwise_xor),
+    "BitShift": OnnxOp(lambda a, b, *_, direction, **__: _bit_shift(a, b, direction)),
 }
 
 
@@ -156,6 +180,8 @@ class Unary(Rule):
         if not node.inputs or not lab.is_zero(node.inputs[0]):
             return False
         kind = _kind(node)
+        if kind == "onnx::Shrink":  # 0 lies inside [-lambd, lambd] and maps to 0
+            return float(node.attrs.get("lambd", 0.5)) >= 0 or float(node.attrs.get("bias", 0.0)) == 0
         if kind in ("clamp", "clamp_", "clamp_min", "clamp_max", "hardtanh", "hardtanh_"):
             lo = node.attrs.get("min", node.attrs.get("min_val", -1.0 if "hardtanh" in kind else None))
             hi = node.attrs.get("max", node.attrs.get("max_val", 1.0 if "hardtanh" in kind else None))
@@ -394,10 +420,30 @@ def _eye_like(x: torch.Tensor, *_, dtype=None, k=0, **__) -> torch.Tensor:
                                torch.randn(x.shape, dtype=_like(x, dtype)) * scale + mean),
     "RandomUniformLike": OnnxOp(lambda x, *_, dtype=None, low=0.0, high=1.0, **__:
                                 torch.rand(x.shape, dtype=_like(x, dtype)) * (high - low) + low),
-    "EyeLike": OnnxOp(_eye_like)})
+    "EyeLike": OnnxOp(_eye_like),
+    "RandomNormal": OnnxOp(lambda *_, shape, dtype=1, mean=0.0, scale=1.0, **__:
+                           torch.randn(tuple(shape), dtype=torch_dtype(dtype)) * scale + mean),
+    "RandomUniform": OnnxOp(lambda *_, shape, dtype=1, low=0.0, high=1.0, **__:
+                            torch.rand(tuple(shape), dtype=torch_dtype(dtype)) * (high - low) + low),
+    "HannWindow": OnnxOp(lambda n, *_, periodic=1, output_datatype=1, **__: torch.hann_window(
+        int(n), periodic=bool(periodic), dtype=torch_dtype(output_datatype))),
+    "HammingWindow": OnnxOp(lambda n, *_, periodic=1, output_datatype=1, **__: torch.hamming_window(
+        int(n), periodic=bool(periodic), alpha=25 / 46, beta=21 / 46, dtype=torch_dtype(output_datatype))),
+    "BlackmanWindow": OnnxOp(lambda n, *_, periodic=1, output_datatype=1, **__: torch.blackman_window(
+        int(n), periodic=bool(periodic), dtype=torch_dtype(output_datatype)))})
 class Creation(Rule):
-    """Tensors made from sizes or constants carry no channel identity."""
+    """Tensors made from sizes or constants carry no channel identity, except a ``*_like``
+    tensor: it takes its input's shape, compact shape included, so it takes its labels too
+    (each entry is made alone: nothing couples), and ``zeros_like`` is zero where removed."""
 
     def propagate(self, node: Node, lab: Labels) -> None:
+        like = _kind(node) in LIKE and node.inputs and lab.shape(node.inputs[0]) == lab.shape(node.outputs[0])
         for o in node.outputs:
-            lab.fields[o] = None
+            lab.fields[o] = lab.field(node.inputs[0]) if like else None
+
+    def keeps_zero(self, node: Node, lab: Labels) -> bool:
+        kind = _kind(node)
+        return kind == "zeros_like" or (kind == "full_like" and node.attrs.get("fill_value") == 0)
+
+
+LIKE = ("zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like")

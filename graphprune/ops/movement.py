@@ -696,6 +696,38 @@ class Gather(Movement):
 
     index_args = ("index", "indices")
 
+    def fast_field(self, node, lab, data) -> Field | None:
+        """Indices computed from data (a detector's top-k queries) that address unlabelled
+        axes only, in ``x[i, j]`` (leading, adjacent index tensors), ``index_select`` or ONNX
+        ``Gather``: every labelled axis keeps its entries and moves by shape alone, so the
+        field follows without running the op.  (``gather``'s index spans every axis: it
+        would have to shrink with the channels, and stays a barrier.)"""
+        f = lab.field(data[0]) if len(data) == 1 else None
+        op = node.source_op
+        if f is None or not op.startswith(("aten.index.", "aten._unsafe_index.", "aten.index_select.", "onnx::Gather")):
+            return None
+        raw = node.attrs.get("indices", node.attrs.get("index"))
+        index = [ref_name(i) for i in (raw if isinstance(raw, (list, tuple)) else [raw])]
+        if all(i is None or lab.data(i) is not None for i in index):
+            return None  # constant indices: run exactly on labels
+        if any(i is not None and (lab.field(i) is not None or lab.graph.values[i].dtype == torch.bool) for i in index):
+            return None
+        rank, out = len(lab.shape(data[0])), lab.shape(node.outputs[0])
+        if op.startswith(("aten.index.", "aten._unsafe_index.")):
+            dims = [k for k, i in enumerate(index) if i is not None]
+            if dims != list(range(dims[0], dims[-1] + 1)):
+                return None  # separated index tensors put their axes first
+            width = len(out) - (rank - len(dims))  # the broadcast indices' rank
+        else:
+            dims = [int(node.attrs.get("dim", node.attrs.get("axis", 0))) % rank]
+            width = 1 if op.startswith("aten.index_select.") else len(lab.shape(index[0]))
+        if any(dims[0] <= a <= dims[-1] for a in f.axes):
+            return None
+        axes = tuple(a if a < dims[0] else a - len(dims) + width for a in f.axes)
+        if any(out[b] != lab.shape(data[0])[a] for a, b in zip(f.axes, axes)):
+            return None
+        return Field(axes, f.labels)
+
     def check(self, node, lab, data) -> None:
         f = lab.field(data[0])
         if f is None:
@@ -718,6 +750,18 @@ class Gather(Movement):
             j = f.axes.index(d)
             rows = f.labels.movedim(j, -1).reshape(-1, f.labels.shape[j])
             lab.union(rows[:, :1], rows)
+
+
+@register("embed_scatter", aten=("slice_scatter", "select_scatter"))
+class EmbedScatter(Movement):
+    """Writes ``src`` into a slice (or one index) of ``input`` along ``dim``: runs exactly on
+    labels.  The slice's bounds are not rewritten, so atoms on ``dim`` are pinned."""
+
+    def check(self, node, lab, data) -> None:
+        dim = int(node.attrs.get("dim", 0)) % len(lab.shape(node.outputs[0]))
+        f = lab.field(node.outputs[0])  # input's and src's atoms, as run on labels
+        if f is not None and dim in f.axes:
+            lab.pin(f.labels)
 
 
 @register("repeat_interleave", aten=("repeat_interleave",))

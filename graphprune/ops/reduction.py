@@ -210,6 +210,9 @@ ONNX_REDUCE = {
     "ArgMax": _arg_extreme(torch.argmax), "ArgMin": _arg_extreme(torch.argmin),
     "GlobalAveragePool": OnnxOp(lambda x, **_: x.mean(dim=tuple(range(2, x.dim())), keepdim=True)),
     "GlobalMaxPool": OnnxOp(lambda x, **_: x.amax(dim=tuple(range(2, x.dim())), keepdim=True)),
+    "GlobalLpPool": OnnxOp(lambda x, *_, p=2, **__:
+                           x.abs().pow(p).sum(dim=tuple(range(2, x.dim())), keepdim=True).pow(1.0 / p)),
+    "ReduceLogSum": _reduction(lambda x, d, k: torch.log(x.sum(d, keepdim=k))),
 }
 ONNX_SPATIAL = {"MaxPool": OnnxOp(_max_pool), "AveragePool": OnnxOp(_avg_pool), "LpPool": OnnxOp(_lp_pool),
                 "Resize": OnnxOp(_resize, ("X", "roi", "scales", "sizes")), "Upsample": OnnxOp(_upsample)}
@@ -221,9 +224,10 @@ def _prod(x: torch.Tensor, dims: tuple[int, ...], keep: bool) -> torch.Tensor:
     return x
 
 REDUCE = ("mean", "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "logsumexp",
-          "norm", "linalg_vector_norm", "prod", "argmax", "argmin", "any", "all", "cumsum", "cumprod")
+          "norm", "linalg_vector_norm", "prod", "argmax", "argmin", "any", "all")
 SPATIAL = ("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
            "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
+           "_adaptive_avg_pool3d", "max_pool3d_with_indices",
            "adaptive_max_pool1d", "adaptive_max_pool2d", "max_pool2d_with_indices", "upsample_nearest1d",
            "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d", "upsample_bicubic2d",
            "upsample_linear1d", "upsample_trilinear3d", "_upsample_nearest_exact2d", "_upsample_bilinear2d_aa",
@@ -238,9 +242,9 @@ def _reduced_dims(node: Node, rank: int) -> list[int]:
     return sorted({d % rank for d in dims}) if dims else list(range(rank))
 
 
-ZERO_PRESERVING = ("sum", "mean", "amax", "amin", "max", "min", "norm", "linalg_vector_norm", "prod", "cumsum",
-                   "cumprod", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
-                   "ReduceL2", "ReduceSumSquare", "GlobalAveragePool", "GlobalMaxPool")  # of zeros: zero
+ZERO_PRESERVING = ("sum", "mean", "amax", "amin", "max", "min", "norm", "linalg_vector_norm", "prod", "ReduceMean",
+                   "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare",
+                   "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")  # of zeros: zero
 SUMS = ("sum", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2")  # exact over kept entries when the rest are 0
 MEANS = ("mean", "ReduceMean")  # exact as a sum over the original count (rewritten below)
 
@@ -317,11 +321,8 @@ class Reduce(Rule):
         x = node.inputs[0]
         rank = len(lab.shape(x))
         dims = _reduced_dims(node, rank)
-        if node.source_op in ("aten.cumsum.default", "aten.cumprod.default"):
-            dims = [as_list(node.attrs.get("dim"))[0] % rank]
         f = lab.field(x)
-        keep = bool(node.attrs.get("keepdim", node.attrs.get("keepdims", False))) or node.source_op.startswith(
-            ("onnx::Global", "aten.cumsum", "aten.cumprod"))
+        keep = bool(node.attrs.get("keepdim", node.attrs.get("keepdims", False))) or node.source_op.startswith("onnx::Global")
         out_f = None
         if f is not None:
             if self._over_removed(node, lab, dims):  # a sum of the kept entries (the rest are zero)

@@ -5,7 +5,8 @@ map to it.  A rule says how channels flow (``propagate``: read input fields, wri
 output fields, couple/pin atoms, label parameter axes, report FLOPs) and how the op
 is rewritten once units go (``rewrite``: new constant arguments or a phantom op, in
 the frontend-neutral terms of :mod:`.rewrite`, which the lowerings apply to an fx or
-an ONNX node).  ``keeps_zero`` says whether the entries
+an ONNX node).  An op kept whole on purpose is a *declared* barrier
+(:func:`declare_barrier`): its entry is the reason the report gives.  ``keeps_zero`` says whether the entries
 of its outputs that removed units take are exactly zero in the zeroed model, which is
 what lets a layer norm or a sum reduce over a prunable axis.  An op with no rule is a
 barrier.
@@ -36,6 +37,7 @@ ATEN: dict[str, str] = {}                 # ATen packet name -> canonical op
 ONNX: dict[str, str] = {}                 # ONNX op_type -> canonical op
 ONNX_OPS: dict[str, "OnnxOp"] = {}        # ONNX op_type -> how it is imported and run in torch
 SHAPE_ONLY: dict[str, "ShapeOnly"] = {}   # ATen overload -> its output from its inputs' shapes
+BARRIERS: dict[str, str] = {}             # canonical op declared a barrier -> why it is one
 
 # (args, kwargs) of an ATen call on meta tensors -> its meta output, or None where the
 # meta kernel must run after all (an in-place op that would broadcast its first argument)
@@ -117,12 +119,41 @@ class Rule:
         return None
 
 
+class DeclaredBarrier(Rule):
+    """An op known to the registry whose channels are kept on purpose: its entry says why
+    (a data-dependent output shape, control flow, a quantised kernel...), and the report
+    names that reason instead of "no channel rule"."""
+
+    reason: str = ""
+
+    def propagate(self, node: "Node", lab: "Labels") -> None:
+        lab.barrier(node, self.reason)
+
+
+def declare_barrier(op: str, reason: str, *, aten: tuple[str, ...] = (), onnx: tuple[str, ...] = ()) -> None:
+    """Register canonical ``op`` as a barrier with ``reason`` under ATen names and ONNX op
+    types.  Its ONNX types have no torch implementation: nothing is pruned through them,
+    and a gradient criterion on a graph holding one says so (data-free criteria work)."""
+    if not reason:
+        raise ValueError(f"barrier {op!r} needs a reason")
+    _unclaimed(op, aten, onnx)
+    rule = type(f"Barrier_{op}", (DeclaredBarrier,), {"reason": reason, "__doc__": reason})()
+    rule.op = op
+    RULES[op] = rule
+    BARRIERS[op] = reason
+    for a in aten:
+        ATEN[a] = op
+    for o in onnx:
+        ONNX[o] = op
+
+
 def register(op: str, *, aten: tuple[str, ...] = (), onnx: Mapping[str, OnnxOp] | None = None,
              shape_only: Mapping[str, ShapeOnly] | None = None) -> Callable[[type], type]:
     """Class decorator: register a rule for canonical ``op`` under ATen names and ONNX op
     types (each with how it is imported and run in torch); ``shape_only`` maps ATen
     overloads (``"relu.default"``) to how their output is computed from shapes alone."""
     def deco(cls: type) -> type:
+        _unclaimed(op, aten, onnx or {})
         rule = cls()
         rule.op = op
         RULES[op] = rule
@@ -135,3 +166,11 @@ def register(op: str, *, aten: tuple[str, ...] = (), onnx: Mapping[str, OnnxOp] 
         return cls
     return deco
 
+
+def _unclaimed(op: str, aten: tuple[str, ...], onnx: Mapping[str, Any] | tuple[str, ...]) -> None:
+    """Refuse a second entry for an op or a name (before anything is registered): each op's
+    semantics live in exactly one entry."""
+    taken = [op] if op in RULES else []
+    taken += [f"aten.{a}" for a in aten if a in ATEN] + [f"onnx::{o}" for o in onnx if o in ONNX]
+    if taken:
+        raise ValueError(f"{', '.join(taken)} already registered; each op has one entry")
