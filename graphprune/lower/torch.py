@@ -39,7 +39,7 @@ class CompactModule(torch.nn.Module):
         for n in self.gm.graph.nodes:
             if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
                 packet = n.target.overloadpacket.__name__
-                arg = rule_for(canonical_aten(packet)).mode_args.get(packet)
+                arg = rule_for(canonical_aten(packet)).mode_arg(packet, lambda name, n=n: get_arg(n, name))
                 if arg is not None:
                     out.append((n, arg))
         return out

@@ -72,6 +72,12 @@ class Rule:
     """ATen op -> its argument that follows ``.train()``/``.eval()`` (batch norm's
     ``training``): a compact module sets it when its mode changes."""
 
+    def mode_arg(self, packet: str, arg: Callable[[str], Any]) -> str | None:
+        """The argument of this call of ATen op ``packet`` that follows the module's mode
+        (``arg`` reads the call's arguments by schema name); None if the call's behaviour
+        does not depend on the mode."""
+        return self.mode_args.get(packet)
+
     def propagate(self, node: "Node", lab: "Labels") -> None:
         lab.barrier(node, f"no channel rule for {node.source_op or node.op}")
 

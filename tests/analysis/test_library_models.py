@@ -1,0 +1,26 @@
+"""Architectures from timm (and transformers) whose model code broke capture or analysis
+(issue 18's held-out set), each from a small config at a small input: the property must
+hold (compact == zeroed, fewer parameters) on the real library code, not on a mimic."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import check_zero_invariance
+
+timm = pytest.importorskip("timm")
+
+
+def test_weight_standardised_convs_keep_their_batch_statistics() -> None:
+    """NFNet's ``ScaledStdConv2d`` standardises its weight with ``F.batch_norm(w, None,
+    None, training=True)``: the compact module in eval mode must not switch that batch
+    norm to running statistics it does not have (it raised ``running_mean must be defined
+    in evaluation mode``).  Its SE units and head stay prunable."""
+    from timm.models.nfnet import NfCfg, NormFreeNet
+    torch.manual_seed(0)
+    cfg = NfCfg(depths=(1, 1, 1, 1), channels=(16, 32, 32, 64), stem_chs=16, group_size=8, num_features=64,
+                attn_layer="se", attn_kwargs={"rd_ratio": 0.5})
+    g = check_zero_invariance(NormFreeNet(cfg, num_classes=5), (torch.randn(2, 3, 32, 32),))
+    assert any("attn_last" in grp.name for grp in g.groups), g.summary()
+    compact = g.construct_subnet().train()  # batch statistics in training mode as well
+    compact(torch.randn(2, 3, 32, 32))
