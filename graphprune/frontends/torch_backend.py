@@ -12,6 +12,7 @@ from ..errors import RecorderMismatchWarning, UnsupportedModelError
 from ..lower.torch import CompactModule, lower_torch
 from ..passes.plan import CompactPlan, plan_compact
 from ..rel_error import max_rel_error
+from .module_slots import one_name_per_slot
 
 if TYPE_CHECKING:
     from ..ir.graph import Graph
@@ -94,7 +95,8 @@ class TorchBackend:
         pg.model.eval()
         try:
             with torch.no_grad():
-                ref = torch.func.functional_call(pg.model, tensors, args, kwargs, strict=False)
+                ref = torch.func.functional_call(pg.model, one_name_per_slot(pg.model, tensors), args, kwargs,
+                                                tie_weights=False, strict=False)
                 out = self.emit(pg, tensors)(*args, **kwargs)
         finally:
             pg.model.train(was_training)
