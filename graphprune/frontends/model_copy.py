@@ -2,9 +2,11 @@
 
 Model code caches state on its first call (a detection head's anchors, and the input
 shape they were made for, in plain attributes), and both the meta recording and
-``torch.export`` run the forward.  A copy shares the parameters (the groups, the
-optimizers and ``construct_subnet`` read the user's own tensors) and holds its own
-buffers and plain attributes, which is what a forward may write.
+``torch.export`` run the forward.  A copy shares the parameters and buffers (the
+groups, the optimizers and ``construct_subnet`` read the user's own tensors, and a
+compact model built after training takes the batch-norm statistics training left) and
+holds its own submodules and plain attributes, which is where model code caches what
+its first call computes.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ class UncopyableModel(RuntimeError):
 
 
 def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of ``model`` whose parameters are the model's own tensors."""
-    memo: dict[int, Any] = {id(p): p for p in model.parameters()}
+    """A deep copy of ``model`` whose parameters and buffers are the model's own tensors."""
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
     try:
         return copy.deepcopy(model, memo)
     except Exception as exc:  # deepcopy raises whatever the object it met raises

@@ -24,3 +24,13 @@ def test_weight_standardised_convs_keep_their_batch_statistics() -> None:
     assert any("attn_last" in grp.name for grp in g.groups), g.summary()
     compact = g.construct_subnet().train()  # batch statistics in training mode as well
     compact(torch.randn(2, 3, 32, 32))
+
+
+def test_a_linear_whose_bias_is_computed_keeps_its_outputs() -> None:
+    """EVA (DINOv3) and BEiT add ``torch.cat((q_bias, k_bias, v_bias))`` as the qkv bias:
+    nothing slices a computed bias, so the qkv features it adds to must stay (the compact
+    model failed to run: the full bias against the pruned features)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_dinov3_qkvb", img_size=32, embed_dim=48, depth=1, num_heads=2)
+    g = check_zero_invariance(model, (torch.randn(2, 3, 32, 32),))
+    assert not any(s.param == "blocks.0.attn.qkv.weight" and s.dim == 0 for grp in g.groups for s in grp.slices)
