@@ -34,3 +34,15 @@ def test_a_linear_whose_bias_is_computed_keeps_its_outputs() -> None:
     model = timm.create_model("vit_tiny_patch16_dinov3_qkvb", img_size=32, embed_dim=48, depth=1, num_heads=2)
     g = check_zero_invariance(model, (torch.randn(2, 3, 32, 32),))
     assert not any(s.param == "blocks.0.attn.qkv.weight" and s.dim == 0 for grp in g.groups for s in grp.slices)
+
+
+def test_cross_covariance_attention() -> None:
+    """XCiT attends across channels (``q @ k.T`` over [heads, C/heads, tokens], L2-normalised
+    along the tokens, a learnt temperature per head) and adds class-attention layers and
+    a Fourier positional encoding: issue 18 saw a shape crash in the analysis here."""
+    from timm.models.xcit import Xcit
+    torch.manual_seed(0)
+    model = Xcit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, cls_attn_layers=1, num_classes=5)
+    for batch in (1, 2):
+        g = check_zero_invariance(model, (torch.randn(batch, 3, 32, 32),))
+        assert any("mlp.fc1" in grp.name for grp in g.groups), g.summary()
