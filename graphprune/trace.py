@@ -57,12 +57,15 @@ def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shap
         except UncopyableModel:
             cold = model
             notes.append("the model cannot be copied: it was recorded itself, and may keep what its forward cached")
+        was_training = cold.training
         cold.eval()
         try:
             return record(cold, args, kwargs), TorchBackend(export, runner)
         except RecordingFailed as exc:
             log.info("recording %s failed (%s): using torch.export", type(model).__name__, exc)
             notes.append(f"captured with torch.export (fake tensors): the meta-tensor recording failed: {exc}")
+        finally:
+            cold.train(was_training)
     backend = TorchBackend(export, runner, settled=True)
     return from_exported(backend.exported, backend.runner), backend
 

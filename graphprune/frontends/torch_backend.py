@@ -101,11 +101,16 @@ class TorchBackend:
         The reference is :attr:`runner` (the user's weights) run on ``tensors`` in eval
         mode: no second full-size module is built."""
         args, kwargs = pg.example
-        runner = self.runner.eval()
-        with torch.no_grad():
-            ref = torch.func.functional_call(runner, one_name_per_slot(runner, tensors), args, kwargs,
-                                             tie_weights=False, strict=False)
-            out = self.emit(pg, tensors)(*args, **kwargs)
+        runner = self.runner
+        was_training = runner.training  # the user's own model where it could not be copied
+        runner.eval()
+        try:
+            with torch.no_grad():
+                ref = torch.func.functional_call(runner, one_name_per_slot(runner, tensors), args, kwargs,
+                                                 tie_weights=False, strict=False)
+                out = self.emit(pg, tensors)(*args, **kwargs)
+        finally:
+            runner.train(was_training)
         return max_rel_error(ref, out)
 
 
