@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -83,7 +84,7 @@ def run_one(name: str) -> dict:
         g = gp.trace(model, (x,))
         row.update(groups=len(g.groups), grouped=round(g.grouped_params / max(1, g.total_params), 3),
                    withdrawn=[f"{w.name}: {r}" for w, r in g.withdrawn[:2]], n_withdrawn=len(g.withdrawn),
-                   barriers=sorted({b.op for b in g.barriers}), summary_notes=getattr(g, "notes", []))
+                   barriers=sorted({b.op for b in g.barriers}), notes=list(g.notes))
         row["trace_s"] = round(time.perf_counter() - t, 2)
         row["property"] = coverage._property_torch(g, model, (x,))
     except Exception as exc:
@@ -109,7 +110,7 @@ def main() -> None:
         for fam, name in picks.items():
             try:
                 p = subprocess.run([sys.executable, __file__, "--out", "-", "--one", name], capture_output=True,
-                                   text=True, timeout=args.timeout, env={"OMP_NUM_THREADS": "1", **_env()})
+                                   text=True, timeout=args.timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
                 rows = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
                 row = json.loads(rows[-1]) if rows else {"model": name, "result": "fail",
                                                           "property": f"crashed: {p.stderr.strip()[-300:]}"}
@@ -122,11 +123,6 @@ def main() -> None:
             print(f"{fam:28s} {name:40s} {row['result']:5s} {row.get('property', row.get('reason'))[:120]}",
                   flush=True)
     print(f"passed {passed}/{len(picks)} families")
-
-
-def _env() -> dict:
-    import os
-    return dict(os.environ)
 
 
 if __name__ == "__main__":
