@@ -43,6 +43,5 @@ def test_cross_covariance_attention() -> None:
     from timm.models.xcit import Xcit
     torch.manual_seed(0)
     model = Xcit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, cls_attn_layers=1, num_classes=5)
-    for batch in (1, 2):
-        g = check_zero_invariance(model, (torch.randn(batch, 3, 32, 32),))
-        assert any("mlp.fc1" in grp.name for grp in g.groups), g.summary()
+    g = check_zero_invariance(model, (torch.randn(2, 3, 32, 32),))
+    assert any("mlp.fc1" in grp.name for grp in g.groups), g.summary()
