@@ -37,6 +37,7 @@ class PrunableGraph:
         self.example = example
         self.backend = backend          # frontend-specific emitter (see frontends)
         self.withdrawn: list[tuple[Group, str]] = []
+        self.notes: list[str] = []      # how the model was captured, where the summary should say
 
     # ---- the analysis -----------------------------------------------------------------
     @property
@@ -250,6 +251,9 @@ class PrunableGraph:
         if self.barriers:
             lines.append("barriers (channels kept):")
             lines += [f"  {b.node} [{b.op}] {b.module}: {b.reason}" for b in self.barriers]
+        if self.notes:
+            lines.append("capture:")
+            lines += [f"  {n}" for n in self.notes]
         if self.withdrawn:
             lines.append("withdrawn groups:")
             lines += [f"  {g.name}: {r}" for g, r in self.withdrawn]

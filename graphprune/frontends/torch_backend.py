@@ -12,6 +12,7 @@ from ..errors import RecorderMismatchWarning, UnsupportedModelError
 from ..lower.torch import CompactModule, lower_torch
 from ..passes.plan import CompactPlan, plan_compact
 from ..rel_error import max_rel_error
+from .module_slots import one_name_per_slot
 
 if TYPE_CHECKING:
     from ..ir.graph import Graph
@@ -29,12 +30,22 @@ class TorchBackend:
     and then the groups a user or an optimizer already holds would be wrong, which is an
     error (before anyone holds them, during ``gp.trace``'s own verification, export's
     groups are simply taken).  ``settled`` says the analysis already is export's.
+
+    ``runner`` gives the module that is exported and that verification runs as the
+    reference (a warmed copy of the user's model, see :mod:`.model_copy`): its weights
+    are the user's, and nothing it runs changes the user's model.
     """
 
-    def __init__(self, export: Callable[[], torch.export.ExportedProgram], *, settled: bool = False) -> None:
+    def __init__(self, export: Callable[[], torch.export.ExportedProgram], runner: Callable[[], torch.nn.Module],
+                 *, settled: bool = False) -> None:
         self._export = export
+        self._runner = runner
         self._exported: torch.export.ExportedProgram | None = None
         self.settled = settled
+
+    @property
+    def runner(self) -> torch.nn.Module:
+        return self._runner()
 
     @property
     def exported(self) -> torch.export.ExportedProgram:
@@ -50,7 +61,7 @@ class TorchBackend:
             return pg.analysis
         from .torch_export import from_exported
 
-        analysis = analyse(from_exported(self.exported, pg.model))
+        analysis = analyse(from_exported(self.exported, self.runner))
         if not same_groups(pg.groups, analysis.groups, pg.comp, analysis.comp):
             if not adopt_groups:
                 raise UnsupportedModelError(
@@ -77,7 +88,7 @@ class TorchBackend:
         pg.adopt(self.settle(pg))
         units = pg.removed_units(tensors) if removed is None else removed
         state = dict(tensors)
-        for k, v in pg.model.named_buffers(remove_duplicate=False):
+        for k, v in self.runner.named_buffers(remove_duplicate=False):
             state.setdefault(k, v)
         return lower_torch(pg.ir, self.exported, self.plan(pg, state, units, fold_bn), state)
 
@@ -87,17 +98,19 @@ class TorchBackend:
 
     def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> float:
         """Relative error between the compact and the zeroed full model on the example.
-        The reference is the user's own model run on ``tensors`` (in eval mode, as traced):
-        no second full-size module is built."""
+        The reference is :attr:`runner` (the user's weights) run on ``tensors`` in eval
+        mode: no second full-size module is built."""
         args, kwargs = pg.example
-        was_training = pg.model.training
-        pg.model.eval()
+        runner = self.runner
+        was_training = runner.training  # the user's own model where it could not be copied
+        runner.eval()
         try:
             with torch.no_grad():
-                ref = torch.func.functional_call(pg.model, tensors, args, kwargs, strict=False)
+                ref = torch.func.functional_call(runner, one_name_per_slot(runner, tensors), args, kwargs,
+                                                 tie_weights=False, strict=False)
                 out = self.emit(pg, tensors)(*args, **kwargs)
         finally:
-            pg.model.train(was_training)
+            runner.train(was_training)
         return max_rel_error(ref, out)
 
 

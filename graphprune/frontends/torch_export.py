@@ -21,7 +21,11 @@ from ..ops.catalog import canonical_aten
 
 def export_program(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
                    dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
-    """``torch.export`` with a clear error naming the model class on failure."""
+    """``torch.export`` with a clear error naming the model class on failure.  It exports
+    aliases of the inputs: export marks the dynamic dims on the tensors it is given and
+    leaves the marks there, even when it fails, so a second export of the same tensors
+    (the static retry of :func:`export_model`) failed on the first one's marks."""
+    args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (args, kwargs or {}))
     try:
         return torch.export.export(model, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch raises many unrelated types here

@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..ir.graph import Graph, Node, Ref, Value
 from ..ops.catalog import canonical_aten, shape_only
+from .module_slots import one_name_per_slot
 from .torch_export import named_args
 
 aten = torch.ops.aten
@@ -251,7 +252,8 @@ def record(model: torch.nn.Module, args: tuple, kwargs: dict) -> Graph:
     rec = _Recorder(names, values, stack)
     try:
         with _as_if_exporting(), enable_python_dispatcher(), _module_stack(model, stack), rec, _FactoryAliases(rec):
-            out = torch.func.functional_call(model, metas, margs, mkwargs, tie_weights=False, strict=False)
+            out = torch.func.functional_call(model, one_name_per_slot(model, metas), margs, mkwargs,
+                                             tie_weights=False, strict=False)
     except RecordingFailed:
         raise
     except Exception as exc:  # anything the meta run cannot do: export will say it properly

@@ -39,7 +39,7 @@ class CompactModule(torch.nn.Module):
         for n in self.gm.graph.nodes:
             if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
                 packet = n.target.overloadpacket.__name__
-                arg = rule_for(canonical_aten(packet)).mode_args.get(packet)
+                arg = rule_for(canonical_aten(packet)).mode_arg(packet, lambda name, n=n: get_arg(n, name))
                 if arg is not None:
                     out.append((n, arg))
             elif n.op == "call_function" and getattr(n.target, "mode_arg", None) in n.kwargs:
@@ -152,15 +152,20 @@ def _fx_inputs(node: Node, fx: torch.fx.Node) -> dict[str, torch.fx.Node]:
     return {a.name: b for a, b in zip(ir_leaves, fx_leaves) if isinstance(a, Ref) and isinstance(b, torch.fx.Node)}
 
 
-def _set_tensor(root: torch.nn.Module, fqn: str, t: torch.Tensor, as_param: bool) -> None:
+def _set_tensor(root: torch.nn.Module, fqn: str, t: torch.Tensor) -> None:
     prefix, _, leaf = fqn.rpartition(".")
     mod = root.get_submodule(prefix) if prefix else root
-    if as_param:
-        setattr(mod, leaf, torch.nn.Parameter(t, requires_grad=t.is_floating_point()))
+    if isinstance(t, torch.nn.Parameter):
+        setattr(mod, leaf, t)
     elif leaf in getattr(mod, "_buffers", {}):
         mod._buffers[leaf] = t
     else:
         setattr(mod, leaf, t)
+
+
+def _get_tensor(root: torch.nn.Module, fqn: str) -> Any:
+    prefix, _, leaf = fqn.rpartition(".")
+    return getattr(root.get_submodule(prefix) if prefix else root, leaf)
 
 
 def _write_tensors(gm: torch.fx.GraphModule, ir: Graph, exported: torch.export.ExportedProgram,
@@ -170,6 +175,13 @@ def _write_tensors(gm: torch.fx.GraphModule, ir: Graph, exported: torch.export.E
     paths = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}  # a tied weight's paths differ from its name
     weights = {f.weight: f for f in plan.folds}
     biases = {f.bias: f for f in plan.folds if f.bias is not None}
+    # a module shared under several paths (CoaT's cpe), or a tied weight (GPT-2's lm_head),
+    # is one tensor under each path: all of them get the sliced tensor, or the module
+    # would keep the full original under the other paths
+    aliases: dict[int, list[str]] = {}
+    for fqn, held in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):
+        aliases.setdefault(id(held), []).append(fqn)
+    written: dict[str, list[torch.nn.Parameter]] = {}
     for name, v in ir.values.items():
         if not v.fixed or v.source_name is None:
             continue
@@ -181,10 +193,17 @@ def _write_tensors(gm: torch.fx.GraphModule, ir: Graph, exported: torch.export.E
             t = weights[name].scaled(t)
         elif name in biases:
             t = biases[name].shift.clone()
+        if v.kind == "param":  # export gives each path of a shared module its own placeholder
+            same = next((w for w in written.get(v.source_name, ()) if w.shape == t.shape and torch.equal(w, t)), None)
+            t = same if same is not None else torch.nn.Parameter(t, requires_grad=t.is_floating_point())
+            written.setdefault(v.source_name, []).append(t)
+        path = paths.get(name, v.source_name)
         try:
-            _set_tensor(gm, paths.get(name, v.source_name), t, v.kind == "param")
+            held = _get_tensor(gm, path)
         except AttributeError:
             continue  # lifted constants that the unlifted module inlines
+        for alias in aliases.get(id(held), [path]):
+            _set_tensor(gm, alias, t)
 
 
 def _feed_constants(gm: torch.fx.GraphModule, plan: CompactPlan, fx_nodes: dict[str, torch.fx.Node]) -> None:

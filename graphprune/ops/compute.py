@@ -30,6 +30,14 @@ def _param(lab: Labels, node: Node, key: str) -> str | None:
     return name
 
 
+def _computed(lab: Labels, node: Node, key: str) -> bool:
+    """Whether the argument under ``key`` is there and computed (not a weight): a bias
+    made by ``torch.cat((q_bias, k_bias, v_bias))`` (timm's EVA, BEiT) is sliced by nothing,
+    so the features it adds to must all stay."""
+    name = ref_name(node.attrs.get(key))
+    return name is not None and not lab.graph.values[name].fixed
+
+
 def _trained(lab: Labels, node: Node, *keys: str) -> bool:
     """Whether the weights under ``keys`` (absent ones aside) are parameters, so a removed
     unit's entries of them are zero: the rows they produce are then zero too."""
@@ -177,10 +185,14 @@ class Conv(Rule):
         return Rewrite(args={"groups": shrink.new_shape(node.outputs[0])[1] // per})
 
 
-def _linear(lab: Labels, node: Node, x: str, w: str, b: str | None, w_in_dim: int) -> None:
+def _linear(lab: Labels, node: Node, x: str, w: str, b: str | None, w_in_dim: int, computed_bias: bool) -> None:
+    """Output features are new atoms (kept where a computed bias adds to them), input
+    features are W's columns."""
     out = node.outputs[0]
     n_out = lab.shape(out)[-1]
     outs = lab.fresh(n_out, node)
+    if computed_bias:
+        lab.pin(outs)
     ins = lab.axis_labels(x, -1)
     bias = b if b is not None and lab.shape(b) == (n_out,) else None
     lab.param_axis(w, 1 - w_in_dim, outs, "producer", bias)
@@ -205,7 +217,7 @@ class Linear(Rule):
         x, w = ref_name(node.attrs.get("input")), _param(lab, node, "weight")
         if w is None or x is None or len(lab.shape(w)) != 2:
             return lab.barrier(node, "linear whose weight is computed, not a parameter")
-        _linear(lab, node, x, w, _param(lab, node, "bias"), 1)
+        _linear(lab, node, x, w, _param(lab, node, "bias"), 1, _computed(lab, node, "bias"))
 
     def keeps_zero(self, node, lab) -> bool:
         return _trained(lab, node, "weight", "bias")
@@ -224,7 +236,7 @@ class Addmm(Rule):
         x, w = ref_name(node.attrs.get("mat1")), _param(lab, node, "mat2")
         if w is None or x is None:
             return lab.barrier(node, "addmm of two activations")
-        _linear(lab, node, x, w, _param(lab, node, "input"), 0)
+        _linear(lab, node, x, w, _param(lab, node, "input"), 0, _computed(lab, node, "input"))
 
     def keeps_zero(self, node, lab) -> bool:
         return _trained(lab, node, "mat2", "input")
@@ -245,7 +257,8 @@ class Gemm(Rule):
         x, w = ref_name(node.attrs.get("A")), _param(lab, node, "B")
         if w is None or x is None or node.attrs.get("transA", 0):
             return lab.barrier(node, "Gemm without a constant B or with transA")
-        _linear(lab, node, x, w, _param(lab, node, "C"), 1 if node.attrs.get("transB", 0) else 0)
+        _linear(lab, node, x, w, _param(lab, node, "C"), 1 if node.attrs.get("transB", 0) else 0,
+                _computed(lab, node, "C"))
 
     def keeps_zero(self, node, lab) -> bool:
         return _trained(lab, node, "B", "C")
@@ -318,10 +331,10 @@ class MatMul(Rule):
         a_name, b_name = node.inputs[0], node.inputs[-1]
         sa, sb, out = lab.shape(a_name), lab.shape(b_name), node.outputs[0]
         if len(sb) == 2 and lab.graph.values[b_name].kind == "param":
-            return _linear(lab, node, a_name, b_name, None, 0)
+            return _linear(lab, node, a_name, b_name, None, 0, False)
         w = _transposed_param(lab, b_name)
         if w is not None:  # x @ W.T: a linear layer over W [out, in]
-            return _linear(lab, node, a_name, w, None, 1)
+            return _linear(lab, node, a_name, w, None, 1, False)
         if len(sa) < 2 or len(sb) < 2:
             return lab.barrier(node, "matmul with a vector operand")
         fa, fb = lab.field(a_name), lab.field(b_name)

@@ -17,7 +17,7 @@ sigmoid) and normalisation over several axes keep those atoms pinned.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -71,6 +71,15 @@ def _onnx_group_norm(x, scale, bias, *, num_groups, epsilon=1e-5, **_):
 class BatchNorm(Rule):
     mode_args = {"batch_norm": "training"}
     mixes_channels = normalises = True
+
+    def mode_arg(self, packet: str, arg: Callable[[str], Any]) -> str | None:
+        """Only a batch norm with running statistics follows ``.eval()``: one without
+        (``F.batch_norm(w, None, None, training=True)``, weight standardisation in timm's
+        ``StdConv2d``/``ScaledStdConv2d``) always normalises by its input's own statistics,
+        and in evaluation mode it would have none to use."""
+        if packet == "batch_norm" and arg("running_mean") is None:
+            return None
+        return super().mode_arg(packet, arg)
 
     def propagate(self, node: Node, lab: Labels) -> None:
         x = ref_name(node.attrs.get("input"))

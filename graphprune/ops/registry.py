@@ -84,6 +84,12 @@ class Rule:
     """Whether the op's output is a probability distribution over its last axis (softmax):
     a matmul that reads it first mixes attention values."""
 
+    def mode_arg(self, packet: str, arg: Callable[[str], Any]) -> str | None:
+        """The argument of this call of ATen op ``packet`` that follows the module's mode
+        (``arg`` reads the call's arguments by schema name); None if the call's behaviour
+        does not depend on the mode."""
+        return self.mode_args.get(packet)
+
     def propagate(self, node: "Node", lab: "Labels") -> None:
         lab.barrier(node, f"no channel rule for {node.source_op or node.op}")
 

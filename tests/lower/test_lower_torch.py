@@ -54,15 +54,19 @@ def test_named_arguments_positional_or_keyword() -> None:
 
 
 def test_modes_follow_train_and_eval() -> None:
-    """Batch norm's ``training`` and dropout's ``train`` come from their registry entries."""
+    """Batch norm's ``training`` and dropout's ``train`` come from their registry entries;
+    a batch norm without running statistics (weight standardisation) always uses its
+    input's own statistics."""
     g = torch.fx.Graph()
     x = g.placeholder("x")
-    w, b = g.placeholder("w"), g.placeholder("b")
-    y = g.call_function(aten.batch_norm.default, (x, w, b, None, None, False, 0.1, 1e-5, False))
-    g.output(g.call_function(aten.dropout.default, (y, 0.5, False)))
+    w, b, mean, var = g.placeholder("w"), g.placeholder("b"), g.placeholder("mean"), g.placeholder("var")
+    y = g.call_function(aten.batch_norm.default, (x, w, b, mean, var, False, 0.1, 1e-5, False))
+    ws = g.call_function(aten.batch_norm.default, (y, None, None, None, None, True, 0.0, 1e-5, False))
+    g.output(g.call_function(aten.dropout.default, (ws, 0.5, False)))
     m = CompactModule(torch.fx.GraphModule(torch.nn.Module(), g))
-    nodes = {n.target: n for n in m.gm.graph.nodes if n.op == "call_function"}
+    bn, ws = [n for n in m.gm.graph.nodes if n.target is aten.batch_norm.default]
+    drop = next(n for n in m.gm.graph.nodes if n.target is aten.dropout.default)
     m.train()
-    assert nodes[aten.batch_norm.default].args[5] is True and nodes[aten.dropout.default].args[2] is True
+    assert bn.args[5] is True and drop.args[2] is True and ws.args[5] is True
     m.eval()
-    assert nodes[aten.batch_norm.default].args[5] is False and nodes[aten.dropout.default].args[2] is False
+    assert bn.args[5] is False and drop.args[2] is False and ws.args[5] is True
