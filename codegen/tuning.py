@@ -585,7 +585,8 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     """
     if minutes is not None and not minutes > 0:
         raise ValueError(f"minutes must be positive, got {minutes}")
-    trials_per_task = trials_per_task or (TIMED_TRIALS_CAP if minutes is not None else 16)
+    if trials_per_task is None:
+        trials_per_task = TIMED_TRIALS_CAP if minutes is not None else 16
     resolved = resolve_target(target)
     program = import_model(model_or_program, example_inputs)
     work_dir, temporary = tuning_dir(resolved, work_dir or shared_database_dir(resolved), rpc_tracker)

@@ -31,7 +31,7 @@ def cnn() -> nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=8, help="tuning trials per task (default 8)")
-    parser.add_argument("--target", default="x86", choices=["x86", "arm", "cuda"])
+    parser.add_argument("--codegen", default="x86", choices=["x86", "arm", "cuda"])
     parser.add_argument("--db", default="runs/tuning/autotune", help="tuning database folder (resumed)")
     parser.add_argument("-o", "--output", default="runs/autotune", help="report folder")
     args = parser.parse_args()
@@ -43,14 +43,14 @@ def main() -> None:
 
     torch.manual_seed(0)
     model, x = cnn(), torch.randn(1, 3, 32, 32)
-    untuned = gp.compile(model, (x,), method="obspa", target=0.5, codegen=args.target, progress=True)
-    tuned = gp.compile(model, (x,), method="obspa", target=0.5, codegen=args.target, tune_trials=args.trials,
+    untuned = gp.compile(model, (x,), method="obspa", target=0.5, codegen=args.codegen, progress=True)
+    tuned = gp.compile(model, (x,), method="obspa", target=0.5, codegen=args.codegen, tune_trials=args.trials,
                        tuning_db=args.db, output=args.output, progress=True)
     print(tuned.summary())
     print(tuned.tuning.summary())
     if untuned.report.latency and tuned.report.latency:
         before, after = untuned.report.latency["median_ms"], tuned.report.latency["median_ms"]
-        print(f"compact model on {args.target}: {before:.3f} ms untuned -> {after:.3f} ms tuned "
+        print(f"compact model on {args.codegen}: {before:.3f} ms untuned -> {after:.3f} ms tuned "
               f"({before / after:.2f}x)")
     print(f"wrote {args.output}/ (report.md with the tuning summary, tuning.png)")
 

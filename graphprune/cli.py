@@ -34,7 +34,8 @@ examples:
   graphprune prune model.onnx -o model.small.onnx --flops 0.5 --criterion obspa
   graphprune prune det.onnx --input-shape images=1x3x640x640   (dynamic height/width need a shape)
   graphprune compile model.onnx --codegen x86 --tune-trials 200 -o out/   (tunes into the shared database)
-  graphprune tune model.onnx --target x86 --trials 64 --db runs/db    (a private database; run again to resume)
+  graphprune compile model.onnx --codegen x86 --tune-minutes 10 -o out/  (a time budget, where the latency is)
+  graphprune tune model.onnx --codegen x86 --trials 64 --db runs/db   (a private database; run again to resume)
 
 exit codes:
   0 ok   1 internal error   2 usage   3 bad input file or shapes   4 target cannot be met (or nothing to prune)
@@ -61,6 +62,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
     return value
 
 
@@ -124,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one-shot method (training methods need the PyTorch model: use gp.compile)")
     p.add_argument("--codegen", choices=["x86", "arm", "cuda"], help="build the compact model with TVM for this target")
     p.add_argument("--tune-trials", type=_positive, default=0, help="tuning trials per task before building (0: none)")
+    p.add_argument("--tune-minutes", type=_positive_float, help="tune for this many minutes before building, on the "
+                   "tasks with the largest share of the latency (with --tune-trials: at most that many per task)")
     p.add_argument("--tuning-db", metavar="DIR", help="tuning database folder, reused and extended (default: this "
                    "machine's shared database for the target, in ~/.cache/graphprune/tuning)")
     p.set_defaults(run=cmd_compile)
@@ -131,8 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", parents=[common], help="autotune a model with TVM into a resumable database",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="ONNX file")
-    p.add_argument("--target", default="x86", choices=["x86", "arm", "cuda"], help="TVM target (default x86)")
-    p.add_argument("--trials", type=_positive, default=16, help="trials per tuning task (default 16)")
+    p.add_argument("--codegen", default="x86", choices=["x86", "arm", "cuda"], help="TVM target (default x86)")
+    p.add_argument("--trials", type=_positive, help="trials per tuning task (default 16; with --minutes, a cap)")
+    p.add_argument("--minutes", type=_positive_float, help="a time budget instead, spent on the tasks with the "
+                   "largest share of the latency; stops on time, and a rerun resumes")
     p.add_argument("--db", "--tuning-db", metavar="DIR", dest="db",
                    help="database folder (default: this machine's shared database for the target, "
                         "in ~/.cache/graphprune/tuning; $GRAPHPRUNE_TUNING_DB overrides it)")
@@ -242,7 +254,8 @@ def cmd_compile(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     _check_model_path(args.model)
     _check_writable_folder(Path(args.output))
     result = compile(args.model, _example(args), method=args.method, target=_target(args), codegen=args.codegen,
-                     tune_trials=args.tune_trials, tuning_db=args.tuning_db, progress=_progress(args))
+                     tune_trials=args.tune_trials, tune_minutes=args.tune_minutes, tuning_db=args.tuning_db,
+                     progress=_progress(args))
     written = [str(p) for p in result.save(args.output)]
     data = {"output": args.output, "written": written, "report": result.report.to_dict()}
     return data, f"{result.report.summary()}\nwrote {len(written)} files into {args.output}"
@@ -265,8 +278,8 @@ def cmd_tune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     # the given shapes, else the batch 1 and an error for any other dynamic dim, as in prune
     example = [torch.from_numpy(np.asarray(a)) for a in (_example(args) or example_feeds(proto, (), args.model).values())]
     try:
-        report = tune(proto, example, args.target, work_dir=args.db, trials_per_task=args.trials,
-                      rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key)
+        report = tune(proto, example, args.codegen, work_dir=args.db, trials_per_task=args.trials,
+                      minutes=args.minutes, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key)
     except GraphPruneError:
         raise
     except Exception as exc:  # TVM raises many internal error types
@@ -321,8 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (``python -m graphprune`` exits with it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "compile" and args.tune_trials and not args.codegen:
-        parser.error("--tune-trials needs --codegen TARGET (e.g. --codegen x86 --tune-trials 200)")
+    if args.command == "compile" and (args.tune_trials or args.tune_minutes) and not args.codegen:
+        parser.error("tuning needs --codegen TARGET (e.g. --codegen x86 --tune-minutes 10)")
     run: Callable[[argparse.Namespace], tuple[dict[str, Any], str]] = args.run
     try:
         with _stdout_to_stderr() if args.json else contextlib.nullcontext():

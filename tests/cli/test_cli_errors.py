@@ -136,3 +136,15 @@ def test_mismatching_compact_model_is_not_written(tmp_path, onnx_dir, onnx_ready
 def test_exit_code_table_matches_help():
     assert f"{cli.EXIT_CODEGEN} code generation" in cli.EPILOG
     assert f"{cli.EXIT_OUTPUT} cannot write output" in cli.EPILOG
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compile", "m.onnx", "--tune-minutes", "5"], "tuning needs --codegen"),
+    (["compile", "m.onnx", "--codegen", "x86", "--tune-minutes", "0"], "must be > 0"),
+    (["tune", "m.onnx", "--minutes", "-1"], "must be > 0"),
+])
+def test_time_budget_flags_are_checked_before_anything_runs(argv, message, capsys):
+    from graphprune.cli import main
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
