@@ -52,10 +52,12 @@ for _op in ("convolution_backward", "avg_pool2d_backward", "_adaptive_avg_pool2d
             "max_pool2d_with_indices_backward", "embedding_dense_backward", "native_group_norm_backward",
             "native_layer_norm_backward"):
     declare_barrier(_op.lstrip("_"), BACKWARD, aten=(_op,))
-for _op in ("sym_size", "sym_numel", "sym_stride", "sym_storage_offset"):
+for _op in ("sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "sym_is_contiguous"):
     declare_barrier(_op, SYMBOLIC, aten=(_op,))
 
 # ---- ops whose index maps are not affine in the channel index
+declare_barrier("resize_", "resizes its tensor's storage in place to sizes given as data: a compact graph cannot "
+                "rewrite them", aten=("resize_",))
 declare_barrier("as_strided", "its sizes and strides address raw storage: they cannot be rewritten for a compact "
                 "tensor", aten=("as_strided",))
 declare_barrier("col2im", "folds channel x kernel-position columns into images: its channel axis interleaves "

@@ -17,17 +17,21 @@ ONNX_OPSET = 23
 
 
 def core_aten_ops() -> list[str]:
-    """ATen packets (``add``, ``convolution``) with at least one overload tagged core."""
+    """ATen packets (``add``, ``convolution``) with at least one overload tagged core, out of
+    every op the dispatcher has registered (``torch.ops.aten`` only lists the packets some
+    code has touched, so what it shows depends on what ran before)."""
     import torch
 
-    names = []
-    for name in dir(torch.ops.aten):
+    names = sorted({op[len("aten::"):].split(".")[0] for op in torch._C._dispatch_get_all_op_names()
+                    if op.startswith("aten::")})
+    core = []
+    for name in names:
         packet = getattr(torch.ops.aten, name, None)
         if not isinstance(packet, torch._ops.OpOverloadPacket):
             continue
         if any(torch.Tag.core in getattr(packet, o).tags for o in packet.overloads()):
-            names.append(name)
-    return sorted(names)
+            core.append(name)
+    return core
 
 
 def onnx_ops(opset: int = ONNX_OPSET) -> list[str]:
