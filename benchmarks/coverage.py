@@ -684,7 +684,8 @@ def main() -> None:
             probe = subprocess.run([sys.executable, "-c", "import only_train_once"], capture_output=True, text=True)
             if probe.returncode:
                 last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-                oto_error = f"n/a: does not import on torch {torch.__version__.split('+')[0]}: {last[:200]}"
+                oto_error = ("n/a: only_train_once is not installed" if "'only_train_once'" in last else
+                             f"n/a: does not import on torch {torch.__version__.split('+')[0]}: {last[:200]}")
         # cells never run first (smallest models first), then, with --retry-failed, the failed ones
         passes = [False, True] if args.retry_failed else [False]
         first = set(args.first.split(",")) if args.first else set()
