@@ -93,6 +93,20 @@ def test_weight_form_is_pruned_and_kept(form: str, base, tmp_path: Path) -> None
     assert weights(compact) < 0.75 * weights(full)
 
 
+@pytest.mark.parametrize("form", ["constant", "value_floats", "identity", "fp16_initializer", "fp16_constant"])
+def test_compile_checks_against_the_zeroed_file_in_its_own_form(form: str, base, tmp_path: Path) -> None:
+    """gp.compile's check runs the input file with the pruned and compensated weights
+    written in the form the file holds them: a reference that wrote initializers only
+    would run a Constant-weight file with its original weights and fail the check (a
+    paddle2onnx detector did, at error 1.0)."""
+    path = tmp_path / "m.onnx"
+    onnx.save(in_form(base[0], form), path)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    result = gp.compile(str(path), (x,), method="obspa", target=gp.Target(flops=0.5))
+    assert result.report.params_after < result.report.params_before
+    assert result.report.verify_error <= 1e-4
+
+
 def test_constant_forms_read_and_written_back() -> None:
     floats = helper.make_node("Constant", [], ["w"], value_floats=[1.0, 2.0, 3.0])
     half = helper.make_node("Constant", [], ["h"], value=numpy_helper.from_array(np.ones((2, 2), np.float16)))
