@@ -70,7 +70,10 @@ def _convolutions_to_nhwc(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) ->
     if not _calls(mod, "relax.nn.conv2d"):
         return mod
     try:
-        return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+        # transposed convolutions stay NCHW: TVM 0.27 legalises them in no other layout, and the
+        # pass would otherwise carry NHWC into them from the convolution before
+        return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"],
+                                              "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]})(mod)
     except tvm.error.InternalError as exc:
         _LOG.info("convolutions stay NCHW: TVM's ConvertLayout failed on this graph (%s)", exc)
         return mod

@@ -76,6 +76,17 @@ def test_cpu_convolutions_run_in_nhwc():
     assert not any("((1), (3), (16), (16))" in text for text in scripts)
 
 
+def test_transposed_convolution_after_a_convolution_builds_and_matches_torch():
+    """A decoder's upsampling (a segmentation or text-detection head): the convolutions go
+    NHWC, the transposed ones must stay in a layout TVM legalises (it failed to build with
+    'CodeGenVM cannot emit this Relax operator' on a PaddleOCR detector)."""
+    model = seeded(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                       torch.nn.ConvTranspose2d(8, 4, 2, stride=2), torch.nn.Conv2d(4, 2, 1))).eval()
+    x = torch.randn(1, 3, 8, 12)
+    compiled = codegen.build(model, (x,), "x86")
+    assert rel_err(compiled.run(x), model(x)) < 1e-4
+
+
 def test_onnx_path_matches_torch(tmp_path):
     model, x = seeded(SmallCNN()), torch.randn(1, 3, 16, 16)
     path = tmp_path / "cnn.onnx"
