@@ -102,7 +102,7 @@ class Report:
         line = (f"onnxruntime on the same compact ONNX: {self.reference['median_ms']:.3f} ms, "
                 f"{self.reference['threads']} threads")
         if ratio > 1:
-            return (f"{line}: the TVM build is {ratio:.2f}x SLOWER; tune it longer (--tune-trials, tune_trials=) "
+            return (f"{line}: the TVM build is {ratio:.2f}x SLOWER; tune it longer (--tune-minutes, tune_minutes=) "
                     f"or deploy the compact ONNX with onnxruntime")
         return f"{line}: the TVM build is {1 / ratio:.2f}x faster"
 
