@@ -56,6 +56,7 @@ def test_run_ends_when_every_task_has_used_its_trials_and_gives_up_on_a_task_tha
     assert order == [0, 1, 1, 1] and [s.trials_left for s in states] == [0, 0]
 
 
+@pytest.mark.slow  # 30 s of real tuning; CI runs it with the codegen slow set
 def test_a_timed_tune_records_its_budget_and_resumes(tmp_path):
     """A real run on the 3-layer MLP: two short timed runs in one folder (stopping on time is
     the policy's, tested above on a fake clock); the second counts the first's trials as done."""
