@@ -77,3 +77,16 @@ def check_zero_invariance(model: torch.nn.Module, inputs: Any, seed: int = 0, rt
         assert torch.equal(v, zeroed_state[k]), k
     assert before.keys() == zeroed_state.keys()
     return g
+
+
+def randomise_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """The model in eval mode with non-trivial batch-norm statistics and affines, so a
+    wrongly kept or dropped channel (or an erased branch's constant) cannot hide behind zeros."""
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-1, 1)
+    return model.eval()

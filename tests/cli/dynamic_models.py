@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.helpers import randomise_batch_norms
+
 
 def _stage(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.ReLU())
@@ -42,22 +44,10 @@ class TinyFPN(nn.Module):
         return self.head(p1)
 
 
-def randomised(model: nn.Module) -> nn.Module:
-    """Non-trivial batch-norm statistics, so a wrongly kept or dropped channel shows."""
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-    return model.eval()
-
-
 def export_fpn(path: Path, *, input_name: str = "images") -> Path:
     """The detector as ONNX (TorchScript exporter, opset 17) with dynamic batch/height/width."""
     torch.manual_seed(0)
-    model = randomised(TinyFPN())
+    model = randomise_batch_norms(TinyFPN())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.randn(1, 3, 40, 56),), str(path), dynamo=False, opset_version=17,

@@ -12,20 +12,9 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.frontends.onnx_backend import run_onnx
+from tests.helpers import randomise_batch_norms
 
 torch.set_num_threads(1)
-
-
-def _randomise_norms(model: nn.Module) -> nn.Module:
-    """Non-trivial batch-norm statistics, so an erased branch's constant is not zero."""
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-1, 1)
-    return model.eval()
 
 
 class ResBlock(nn.Module):
@@ -91,7 +80,7 @@ def _assert_same(model: nn.Module, compact: nn.Module, shape: tuple[int, ...]) -
 
 
 def test_residual_branch_is_erased():
-    model = _randomise_norms(ResBlock())
+    model = randomise_batch_norms(ResBlock())
     g = gp.trace(model, torch.randn(2, 3, 8, 8))
     _zero_group(g, "conv1")
     compact = g.construct_subnet()
@@ -106,7 +95,7 @@ def test_residual_branch_is_erased():
 
 def test_resnet18_branches_are_erased():
     torch.manual_seed(0)
-    model = _randomise_norms(torchvision.models.resnet18(num_classes=4))
+    model = randomise_batch_norms(torchvision.models.resnet18(num_classes=4))
     g = gp.trace(model, torch.randn(2, 3, 32, 32), verify=False)
     full = g.backend.full(g, g.params)
     for name in ("layer1.0.conv1", "layer3.1.conv1"):
@@ -130,7 +119,7 @@ def test_transformer_mlp_leaves_fc2_bias():
 
 
 def test_concat_keeps_one_zero_unit():
-    model = _randomise_norms(ConcatBranch())
+    model = randomise_batch_norms(ConcatBranch())
     g = gp.trace(model, torch.randn(2, 3, 8, 8))
     _zero_group(g, "conv1")
     compact = g.construct_subnet()
@@ -177,7 +166,7 @@ def _check_onnx(path: str, group: str, op: str, shape: tuple[int, ...],
 
 
 def test_onnx_residual_branch_is_erased(tmp_path):
-    model = _randomise_norms(ResBlock())
+    model = randomise_batch_norms(ResBlock())
     full, compact = _check_onnx(_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "res.onnx"), "/conv1", "Conv",
                                 (3, 8, 8))
     assert sum(n.op_type == "Conv" for n in compact.graph.node) == 1
@@ -191,7 +180,7 @@ def test_onnx_transformer_mlp_is_erased(tmp_path):
 
 
 def test_onnx_concat_keeps_one_zero_unit(tmp_path):
-    model = _randomise_norms(ConcatBranch())
+    model = randomise_batch_norms(ConcatBranch())
     _, compact = _check_onnx(_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "cat.onnx"), "/conv1", "Conv",
                              (3, 8, 8), erased=False)
     conv1 = next(n for n in compact.graph.node if n.name == "/conv1/Conv")
