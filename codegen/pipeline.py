@@ -14,6 +14,7 @@ from tvm import relax, te, tirx, topi
 from tvm.s_tir import SBlockRealize, meta_schedule as ms
 from tvm.target import Target
 
+from .fold_norms import fold_batch_norms
 from .fusible import fusible_forms
 from .phantom_norm import fuse_phantom_layer_norm
 from .schedules import default_schedule_pass
@@ -90,11 +91,12 @@ def fuse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     """
     cpu, legalize = _cpu_passes(target)
     passes = [
+        fold_batch_norms,  # into the convolutions before them: scaled weights, no norm epilogue
         fuse_phantom_layer_norm,  # pruned-width layer norms: one kernel each, not five
         fusible_forms,  # clips and constant-index takes as ops layout conversion and FuseOps see through
         *cpu,
-        # batch norm as elementwise ops, which fuse into the convolution before it (resnet18:
-        # 19 functions to tune instead of 27, each conv with its norm and activation)
+        # the batch norms left (after an add, on [N, C] features) as elementwise ops, which fuse
+        # into the kernel before them
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         *_backend(target).library_dispatch_passes(target),

@@ -76,6 +76,27 @@ def test_cpu_convolutions_run_in_nhwc():
     assert not any("((1), (3), (16), (16))" in text for text in scripts)
 
 
+@pytest.mark.parametrize("source", ["torch", "onnx"])
+def test_batch_norm_is_folded_into_the_convolution(source, tmp_path):
+    """The fused convolution computes conv + bias (+ relu): the norm's subtract/divide/multiply
+    epilogue is gone from every kernel, for PyTorch and for ONNX input, and the output is unchanged."""
+    from graphprune.codegen.pipeline import fuse
+    from graphprune.codegen.targets import resolve_target
+
+    model, x = seeded(SmallCNN()), torch.randn(1, 3, 16, 16)
+    if source == "onnx":
+        path = tmp_path / "cnn.onnx"
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
+                          do_constant_folding=False)  # keep BatchNormalization as the exporter writes it
+        program = codegen.import_model(str(path))
+    else:
+        program = codegen.import_model(model, (x,))
+    fused = fuse(program.bound(), resolve_target("x86").target)
+    names = [gv.name_hint for gv, f in fused.functions_items() if "conv2d" in gv.name_hint]
+    assert names and not any(op in name for name in names for op in ("subtract", "divide", "sqrt", "multiply"))
+    assert rel_err(codegen.build(program, target="x86").run(x), model(x)) < 1e-4
+
+
 def test_transposed_convolution_after_a_convolution_builds_and_matches_torch():
     """A decoder's upsampling (a segmentation or text-detection head): the convolutions go
     NHWC, the transposed ones must stay in a layout TVM legalises (it failed to build with
