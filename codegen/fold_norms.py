@@ -34,6 +34,8 @@ def _bias_into_norm_mean(func: relax.Function) -> relax.Function:
         # only a bias that is one value per channel on the norm's axis can move into its mean
         if b.ndim != len(call.args[0].ty.shape) or b.size != channels or b.shape[axis] != channels:
             return call
+        if bool(call.attrs.training):  # batch statistics: nothing to fold
+            return call
         shifted = relax.const((m - b.reshape(-1)).astype(m.dtype))
         return relax.Call(call.op, [matched[conv], matched[gamma], matched[beta], shifted, matched[var]],
                           call.attrs, call.ty_args)
