@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--flops", type=_fraction, help="fraction of the MACs to remove (default 0.5)")
     what.add_argument("--params", type=_fraction, help="fraction of the parameters to remove")
     what.add_argument("--units", type=_fraction, help="fraction of all group units (channels, heads) to remove")
+    what.add_argument("--latency-ms", type=_positive_float, help="latency budget in ms for the compiled compact "
+                      "model on the codegen target (x86 for prune), met with the compiler in the loop")
     target.add_argument("--min-units", type=_positive, default=1, help="fewest units any group keeps (default 1)")
     target.add_argument("--multiple", type=int, default=1, help="round kept widths to a multiple of this")
 
@@ -203,6 +205,8 @@ def _interface(path: str) -> Any:
 def _target(args: argparse.Namespace) -> Any:
     from graphprune.target import Target
 
+    if args.latency_ms is not None:
+        return Target(latency_ms=args.latency_ms, min_units=args.min_units, multiple=args.multiple)
     kind = "params" if args.params is not None else "groups" if args.units is not None else "flops"
     value = {"params": args.params, "groups": args.units, "flops": args.flops}[kind]
     return Target(**{kind: 0.5 if value is None else value}, min_units=args.min_units, multiple=args.multiple)

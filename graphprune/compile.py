@@ -136,6 +136,9 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     :class:`~graphprune.errors.UnprunableTargetError` saying why; ``report.unchanged`` says when
     pruning removed nothing.
     ``target``: a :class:`~graphprune.Target` or a float, the fraction of FLOPs to remove.
+    ``Target(latency_ms=...)`` is a budget for the compiled compact model on ``codegen`` (x86
+    when none is given), met by the one-shot methods with the compiler in the loop
+    (:mod:`graphprune.latency`); the report shows the measured latency against it.
 
     ``method``: one-shot ``"obspa"`` (data-free, compensated), ``"magnitude"`` (L2 norm),
     ``"l1"``, ``"taylor"``/``"hessian"`` (need ``data``), ``"bn_scale"``; or a training
@@ -175,7 +178,12 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     curve: list[tuple[int, float]] = []
     with stages(method):
         if method in ONESHOT:
-            prune(g, ONESHOT[method], target, data=data, loss_fn=F.cross_entropy if data is not None else None)
+            latency = dict(codegen=codegen or "x86", tuning_db=tuning_db) if target.kind == "latency" else {}
+            pruned = prune(g, ONESHOT[method], target, data=data, loss_fn=F.cross_entropy if data is not None else None,
+                           **latency)
+        elif target.kind == "latency":
+            raise UnprunableTargetError(f"{target!r} is met by one-shot pruning with the compiler in the loop",
+                                        hint=f"use a one-shot method ({', '.join(ONESHOT)}), or a FLOPs target")
         else:
             history, curve = _train(g, work, method, target, train_fn=train_fn, data=data, eval_data=eval_data,
                                     steps=steps, lr=lr, options=optimizer_options or {}, device=device,
@@ -187,6 +195,8 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     with stages("measure"):
         report = _measure(g, compact, example, source=source, method=method, target=target)
         report.verify_error, report.history, report.accuracy_curve = error, history, curve
+        if target.kind == "latency":
+            report.latency_target = dict(dataclasses.asdict(pruned.latency), codegen=codegen or "x86")
         report.unchanged = _unchanged(g, report, method)
         if scored is not None:
             report.accuracy_on = "eval_data" if eval_data is not None else "data"

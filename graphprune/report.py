@@ -71,6 +71,7 @@ class Report:
     latency: dict[str, Any] | None = None
     reference: dict[str, Any] | None = None
     tuning: dict[str, Any] | None = None
+    latency_target: dict[str, Any] | None = None  # a latency budget's measurements (graphprune.latency.LatencyRun)
     history: list[dict[str, Any]] = field(default_factory=list)
     accuracy_curve: list[tuple[int, float]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -148,9 +149,21 @@ class Report:
                          f"{self.latency.get('threads', '?')} threads")
         if self.versus_reference:
             lines.append(f"  {self.versus_reference}")
+        if self.latency_target:
+            lines.append(f"  {self.latency_budget_line}")
         if self.verify_error is not None:
             lines.append(f"  compact == zeroed model: max rel. error {self.verify_error:.1e}")
         return "\n".join(lines)
+
+    @property
+    def latency_budget_line(self) -> str:
+        """The latency budget against what the compiled compact model measured."""
+        t = self.latency_target or {}
+        achieved = t["rounds"][-1]["measured_ms"] if t.get("rounds") else t["dense_ms"]
+        return (f"latency budget {t['budget_ms']:.3f} ms ({t['codegen']}): measured {achieved:.3f} ms "
+                f"({achieved / t['budget_ms'] - 1:+.1%}), dense {t['dense_ms']:.3f} ms; {len(t.get('rounds', []))} "
+                f"compile-and-measure rounds, {t['layers_measured']} layer timings measured, "
+                f"{t['layers_cached']} from the table cache")
 
     def to_markdown(self) -> str:
         """The full report: totals, per-group widths, barriers, measurements, timings."""
@@ -165,6 +178,10 @@ class Report:
             out.append(f"- **{self.unchanged}**")
         if self.verify_error is not None:
             out.append(f"- compact model reproduces the zeroed model: max relative error {self.verify_error:.1e}")
+        if self.latency_target:
+            out.append(f"- {self.latency_budget_line}")
+            out += [f"  - round {i}: layers predicted {r['predicted_layers_ms']:.3f} ms, whole model measured "
+                    f"{r['measured_ms']:.3f} ms" for i, r in enumerate(self.latency_target["rounds"], 1)]
         out += ["", _md_table(("", "before", "after", "change"), rows), "", "## Widths per group", "",
                 _md_table(("group", "kind", "before", "after"),
                           [(w.group, w.kind, str(w.before), str(w.after)) for w in self.widths])]

@@ -26,15 +26,16 @@ import torch
 from graphprune.analysis.groups import Group
 from graphprune.errors import NumericalError, UnprunableTargetError
 
-Kind = Literal["groups", "params", "flops"]
+Kind = Literal["groups", "params", "flops", "latency"]
 
 
 @dataclass(frozen=True)
 class Target:
-    """Fraction of the network to REMOVE, measured in units, parameters or FLOPs.
+    """Fraction of the network to REMOVE, measured in units, parameters or FLOPs; or a latency budget.
 
     Exactly one of ``groups`` (fraction of all group units), ``params`` or ``flops`` is
-    set, in ``[0, 1)``.  ``min_units`` is the fewest units any group keeps (never below
+    set, in ``[0, 1)``, or ``latency_ms``: the compact model's measured latency on the codegen
+    target, in milliseconds (met by :mod:`graphprune.latency` with the compiler in the loop).  ``min_units`` is the fewest units any group keeps (never below
     one: a group left empty would kill a layer); ``multiple`` rounds each group's kept
     count to a multiple of it where the group is large enough (hardware-friendly widths).
     ``slack`` is how far past the fraction (as a fraction of the same total) a selection
@@ -49,18 +50,22 @@ class Target:
     groups: float | None = None
     params: float | None = None
     flops: float | None = None
+    latency_ms: float | None = None
     min_units: int = 1
     multiple: int = 1
     slack: float = 0.005
 
     def __post_init__(self) -> None:
-        given = [k for k in ("groups", "params", "flops") if getattr(self, k) is not None]
+        given = [k for k in ("groups", "params", "flops", "latency_ms") if getattr(self, k) is not None]
         if len(given) != 1:
             raise UnprunableTargetError(
-                f"Target needs exactly one of groups=, params=, flops= (got {given or 'none'})",
+                f"Target needs exactly one of groups=, params=, flops=, latency_ms= (got {given or 'none'})",
                 hint="e.g. Target(flops=0.5) removes half of the FLOPs")
         value = getattr(self, given[0])
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        if given[0] == "latency_ms":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise UnprunableTargetError(f"Target latency_ms={value!r} must be a positive number of milliseconds")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
             raise UnprunableTargetError(
                 f"Target {given[0]}={value!r} must be a fraction to remove in [0, 1)",
                 hint="pass the fraction to remove, e.g. 0.5; 1.0 would remove the whole network")
@@ -74,11 +79,16 @@ class Target:
     @property
     def kind(self) -> Kind:
         """Which quantity the fraction measures: "groups", "params" or "flops"."""
+        if self.latency_ms is not None:
+            return "latency"
         return "groups" if self.groups is not None else "params" if self.params is not None else "flops"
 
     @property
     def fraction(self) -> float:
-        """The fraction to remove, whatever it measures."""
+        """The fraction to remove, whatever it measures (a latency target has none)."""
+        if self.kind == "latency":
+            raise UnprunableTargetError("a latency target is a budget in ms, not a fraction to remove",
+                                        hint="prune to it with graphprune.prune (one-shot) or graphprune.compile")
         return float(getattr(self, self.kind))
 
     @property
@@ -103,7 +113,8 @@ class Target:
     def __repr__(self) -> str:
         extra = "".join(f", {k}={getattr(self, k)}" for k, d in (("min_units", 1), ("multiple", 1), ("slack", 0.005))
                         if getattr(self, k) != d)
-        return f"Target({self.kind}={self.fraction:g}{extra})"
+        value = f"latency_ms={self.latency_ms:g}" if self.kind == "latency" else f"{self.kind}={self.fraction:g}"
+        return f"Target({value}{extra})"
 
 
 def unit_cost(group: Group, kind: Kind) -> float:
@@ -140,7 +151,7 @@ def _total(groups: Sequence[Group], kind: Kind, total_params: float | None, tota
     return total
 
 
-def _steps(size: int, keep_min: int, multiple: int) -> list[int]:
+def kept_widths(size: int, keep_min: int, multiple: int) -> list[int]:
     """Kept counts a group may step down through, largest first (``size`` itself excluded).
 
     Counts are multiples of ``multiple`` where at least one such count fits between
@@ -268,7 +279,7 @@ def select_units(groups: Sequence[Group], scores: Sequence[torch.Tensor], target
             allowed = g.size
         unit_scores.append(s)
         orders.append(torch.sort(s, stable=True).indices)
-        steps = [k for k in _steps(g.size, target.keep_min, target.multiple) if g.size - k <= allowed]
+        steps = [k for k in kept_widths(g.size, target.keep_min, target.multiple) if g.size - k <= allowed]
         levels.append(steps)
         if steps:
             heapq.heappush(heap, (_step_score(s, orders[i], g.size, steps[0]), i, 0))

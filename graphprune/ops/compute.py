@@ -17,7 +17,7 @@ import torch
 from ..analysis.labels import Field, Labels, unlabelled
 from ..ir.graph import Node
 from .common import as_list, numel, ref_name, same_pads
-from .registry import OnnxOp, Rule, register
+from .registry import Layer, OnnxOp, Rule, register
 from .rewrite import OnnxArg, Rewrite
 
 F = torch.nn.functional
@@ -111,6 +111,21 @@ def _groups(attrs: dict, _: list) -> None:
     attrs["groups"] = attrs.pop("group", 1)
 
 
+def _weight_param(node: Node, graph, arg: str, ndim: int) -> str | None:
+    """The IR value of argument ``arg`` when it is a parameter with ``ndim`` dims."""
+    w = ref_name(node.attrs.get(arg))
+    ok = w is not None and graph.values[w].kind == "param" and len(graph.values[w].shape) == ndim
+    return w if ok else None
+
+
+def _dense_layer(node: Node, graph, x: str | None, w: str | None, in_dim: int) -> Layer | None:
+    """``x`` (``[..., in]``) times the 2-D parameter ``w`` whose dim ``in_dim`` is the input."""
+    if x is None or w is None:
+        return None
+    shape, xs = graph.values[w].shape, graph.values[x].shape
+    return Layer(w, "dense", in_dim, 1 - in_dim, (shape[in_dim], shape[1 - in_dim]), rows=numel(xs[:-1]))
+
+
 @register("conv", aten=("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
                         "conv_transpose2d", "conv_transpose3d"),
           onnx={"Conv": OnnxOp(_onnx_conv, ("input", "weight", "bias"), normalise=_groups),
@@ -176,6 +191,24 @@ class Conv(Rule):
                                                                                                          "VALID")
         return w if pointwise and not (transposed or strided or padded) else None
 
+    def layer(self, node: Node, graph) -> Layer | None:
+        """A 2-D, not transposed convolution; padding is read back from the shapes (the
+        frontends spell it three ways: pairs, ONNX begin/end lists, ``auto_pad``)."""
+        a = node.attrs
+        w, x = _weight_param(node, graph, "weight", 4), ref_name(a.get("input"))
+        transposed = bool(a.get("transposed")) or "transpose" in node.source_op.lower()
+        if w is None or x is None or transposed or len(graph.values[x].shape) != 4:
+            return None
+        (n, cin, h, wd), (cout, _, kh, kw) = graph.values[x].shape, graph.values[w].shape
+        out = graph.values[node.outputs[0]].shape
+        stride = [int(v) for v in as_list(a.get("stride", a.get("strides", 1)))] * 2
+        dilation = [int(v) for v in as_list(a.get("dilation", a.get("dilations", 1)))] * 2
+        pads = tuple(max(0, -(-((o - 1) * st + d * (k - 1) + 1 - i) // 2))
+                     for o, st, d, k, i in zip(out[2:], stride, dilation, (kh, kw), (h, wd)))
+        return Layer(w, "conv2d", 1, 0, (cin, cout), rows=n, size=(h, wd), kernel=(kh, kw),
+                     stride=(stride[0], stride[1]), padding=pads, dilation=(dilation[0], dilation[1]),
+                     groups=int(a.get("groups", 1) or 1))
+
     def rewrite(self, node, shrink) -> Rewrite | None:
         """A grouped convolution keeps its group size: removed groups lower the count."""
         g = int(node.attrs.get("groups", 1) or 1)
@@ -227,6 +260,9 @@ class Linear(Rule):
         w = ref_name(node.attrs.get("weight"))
         return w if w is not None and graph.values[w].kind == "param" and len(graph.values[w].shape) == 2 else None
 
+    def layer(self, node: Node, graph) -> Layer | None:
+        return _dense_layer(node, graph, ref_name(node.attrs.get("input")), _weight_param(node, graph, "weight", 2), 1)
+
 
 @register("addmm", aten=("addmm",))
 class Addmm(Rule):
@@ -240,6 +276,9 @@ class Addmm(Rule):
 
     def keeps_zero(self, node, lab) -> bool:
         return _trained(lab, node, "mat2", "input")
+
+    def layer(self, node: Node, graph) -> Layer | None:
+        return _dense_layer(node, graph, ref_name(node.attrs.get("mat1")), _weight_param(node, graph, "mat2", 2), 0)
 
 
 def _onnx_gemm(a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0, **_):
@@ -262,6 +301,12 @@ class Gemm(Rule):
 
     def keeps_zero(self, node, lab) -> bool:
         return _trained(lab, node, "B", "C")
+
+    def layer(self, node: Node, graph) -> Layer | None:
+        if node.attrs.get("transA", 0):
+            return None
+        return _dense_layer(node, graph, ref_name(node.attrs.get("A")), _weight_param(node, graph, "B", 2),
+                            1 if node.attrs.get("transB", 0) else 0)
 
 
 def _transposed_param(lab: Labels, name: str) -> str | None:
@@ -351,6 +396,13 @@ class MatMul(Rule):
         if len(lab.shape(b)) == 2 and lab.graph.values[b].kind == "param":
             return True
         return any(lab.fields.get(i) is not None and lab.is_zero(i) for i in node.inputs[:1] + node.inputs[-1:])
+
+    def layer(self, node: Node, graph) -> Layer | None:
+        """``x @ W`` with W ``[in, out]`` a parameter (an ONNX MatMul over an initializer)."""
+        w = node.inputs[-1]
+        if len(node.inputs) != 2 or graph.values[w].kind != "param" or len(graph.values[w].shape) != 2:
+            return None
+        return _dense_layer(node, graph, node.inputs[0], w, 0)
 
 
 @register("einsum", aten=("einsum",), onnx={"Einsum": OnnxOp(lambda *xs, equation, **_: torch.einsum(equation, *xs))})

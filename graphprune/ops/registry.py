@@ -63,6 +63,32 @@ class OnnxOp:
     normalise: Callable[[dict[str, Any], list[tuple[int, ...]]], None] | None = None
 
 
+@dataclass(frozen=True)
+class Layer:
+    """A layer with a weight, as a standalone computation a latency table can rebuild at
+    other widths: its weight (an IR value), the weight dims that hold its input and output
+    channels, and its geometry.  ``kind``: "conv2d" (``rows`` is the batch, ``size`` the input's
+    height and width) or "dense" (``rows`` the activation rows: batch x tokens)."""
+
+    weight: str
+    kind: str
+    in_dim: int
+    out_dim: int
+    channels: tuple[int, int]
+    rows: int = 1
+    size: tuple[int, int] = (1, 1)
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    @property
+    def depthwise(self) -> bool:
+        """One input channel per group: input and output channels shrink together."""
+        return self.kind == "conv2d" and self.groups > 1 and self.groups == self.channels[0]
+
+
 class Rule:
     """Base rule; subclasses override what applies to them."""
 
@@ -117,6 +143,11 @@ class Rule:
         """The parameter a block-sparse (BSR) matmul computes ``node`` with exactly, seen as
         an ``[out, in]`` matrix (a linear layer's weight, an ungrouped 1x1 convolution's),
         for in-layer block sparsity; None when there is none."""
+        return None
+
+    def layer(self, node: "Node", graph: "Graph") -> Layer | None:
+        """The node as a :class:`Layer` (a convolution or dense layer over a weight
+        parameter), for latency tables; None for anything else."""
         return None
 
     def rewrite(self, node: "Node", shrink: "Shrink") -> "Rewrite | None":

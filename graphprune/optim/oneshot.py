@@ -34,7 +34,8 @@ from graphprune.errors import GraphPruneError, UnprunableTargetError
 from graphprune.frontends.onnx_program import GraphProgram
 from graphprune.optim.obspa import Activation, GraphRoutes, compensate, consumer_moments
 from graphprune.optim.scoring import Normalize, normalize, score
-from graphprune.target import Target, achieved, select_units
+from graphprune.latency import LatencyModel, LatencyRun, LatencyTable, graph_layers, measure_masks_fn, meet_latency
+from graphprune.target import Target, achieved, kept_widths, select_units
 
 if TYPE_CHECKING:
     from graphprune.prunable import PrunableGraph
@@ -58,6 +59,7 @@ class PruneReport:
     groups: list[Group] = field(repr=False)
     masks: list[torch.Tensor] = field(repr=False)
     achieved: dict[str, float] = field(default_factory=dict)
+    latency: LatencyRun | None = None
 
     @property
     def removed(self) -> dict[str, tuple[int, int]]:
@@ -137,7 +139,8 @@ def select(groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Targ
 def prune(g: PrunableGraph, criterion: str = "obspa", target: Target | float = 0.4, *, data: Iterable | None = None,
           loss_fn: Callable | None = None, normalize: Normalize | None = None, scope: Scope = "global",
           compensate_consumers: bool | None = None, batches: int = 4, damping: float = 0.1,
-          activation: Activation | None = None, rescale: float = 2.0) -> PruneReport:
+          activation: Activation | None = None, rescale: float = 2.0, codegen: str = "x86",
+          tuning_db: str | None = None) -> PruneReport:
     """Score, select and zero units of the traced graph ``g`` in place; returns a report.
 
     ``target`` is a :class:`~graphprune.target.Target` or a float (fraction of FLOPs to
@@ -152,6 +155,10 @@ def prune(g: PrunableGraph, criterion: str = "obspa", target: Target | float = 0
     :func:`~graphprune.optim.obspa.input_moments`): by default the activation between
     each group and each of its consumers is read from the traced graph (relu, relu6,
     gelu, silu, attention values, identity); ``activation=`` forces one everywhere.
+    A latency target (``Target(latency_ms=...)``) is met on the ``codegen`` target with the
+    compiler in the loop (:mod:`graphprune.latency`: per-layer tables measured with the
+    tuning database ``tuning_db``, the machine's shared one by default); the report's
+    ``latency`` holds the measurements.
     Call ``g.construct_subnet()`` afterwards for the compact model.
     """
     target = Target.coerce(target)
@@ -164,16 +171,43 @@ def prune(g: PrunableGraph, criterion: str = "obspa", target: Target | float = 0
                     damping=damping, activation=activation, graph=routes)
     if normalize is None:
         normalize = "max" if criterion == "obspa" else "mean"
-    masks = select(groups, _normalize(raw, normalize), target, scope, **totals)
+    latency = None
+    if target.kind == "latency":
+        if scope != "global":
+            raise GraphPruneError("a latency target is met by one global selection",
+                                  hint="use scope='global' with Target(latency_ms=...)")
+        masks, latency = _select_latency(g, groups, _normalize(raw, normalize), target, codegen, tuning_db)
+    else:
+        masks = select(groups, _normalize(raw, normalize), target, scope, **totals)
     do_comp = criterion == "obspa" if compensate_consumers is None else compensate_consumers
     if do_comp:
         _compensate_all(groups, masks, params, damping, activation, routes, rescale)
     for grp, m in zip(groups, masks):
         grp.scatter_(params, m)
-    return PruneReport(criterion, scope, target, do_comp, groups, masks, achieved(groups, masks, **totals))
+    done = achieved(groups, masks, **totals)
+    if latency is not None:
+        done["latency_ms"] = latency.achieved_ms
+    return PruneReport(criterion, scope, target, do_comp, groups, masks, done, latency)
 
 
 _normalize = normalize  # `prune`'s keyword shadows the function's name
+
+
+def _select_latency(g: PrunableGraph, groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Target,
+                    codegen: str, tuning_db: str | None) -> tuple[list[torch.Tensor], LatencyRun]:
+    """Masks meeting ``target.latency_ms`` as measured on ``codegen`` (see :mod:`graphprune.latency`)."""
+    from graphprune.codegen import layer_latency  # TVM on use only
+
+    measure_layer, measure_model = layer_latency.measure_layer, layer_latency.measure_model
+    table = LatencyTable(lambda layer, cin, cout: measure_layer(layer, cin, cout, codegen, tuning_db),
+                         layer_latency.table_path(codegen, tuning_db), codegen)
+    model = LatencyModel(graph_layers(g.ir), groups, table)
+    example = g.example[0]
+    measure = measure_masks_fn(g, lambda compact: measure_model(compact, example, codegen, tuning_db))
+    levels = [kept_widths(grp.size, target.keep_min, target.multiple) for grp in groups]
+    masks, run = meet_latency(model, scores, target.latency_ms, levels, measure)
+    run.layers_measured, run.layers_cached = table.measured, len(table.entries) - table.measured
+    return masks, run
 
 
 @contextlib.contextmanager

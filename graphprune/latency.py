@@ -1,0 +1,304 @@
+"""Pruning to a latency budget, with the compiler in the loop (HALP-style).
+
+FLOPs are a poor proxy for what a compiled layer costs: kernels run in tiles and vector
+lanes, so latency falls in steps as channels go, and a depthwise layer costs far more per
+FLOP than a dense one.  So the budget is met against measurements:
+
+1. **Latency tables.**  Every layer with a weight (the registry's :meth:`Rule.layer`) is
+   rebuilt alone at several widths and compiled and timed on the codegen target
+   (:func:`graphprune.codegen.layer_latency.measure_layer`, which reads the shared tuning
+   database).  A layer's time at input width ``i`` and output width ``o`` is taken as
+   ``T(i, C_out) * T(C_in, o) / T(C_in, C_out)`` from two measured curves, linear between
+   the measured widths.  Tables are cached per target in a JSON file, so the next model
+   with the same layer shapes measures nothing.
+2. **Selection.**  Greedy knapsack: each group steps down through its allowed widths
+   (floor, multiple); the next step taken anywhere is the one that loses the least score
+   per millisecond the table says it saves, until the predicted latency meets the budget.
+3. **Correction.**  The whole compact model is compiled and timed; the table's prediction
+   misses what it cannot see (fusion, memory traffic between layers, the layers without
+   weights), so the layers' budget is shifted by the measured miss and the selection
+   repeated, until the measured latency is within ``tolerance`` of the budget.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from graphprune.analysis.groups import Group
+from graphprune.atomic import atomic_path
+from graphprune.errors import UnprunableTargetError
+from graphprune.ops.catalog import rule_for
+from graphprune.ops.registry import Layer
+
+#: Widths (fractions of the full width) each layer curve is measured at.
+GRID = (1.0, 0.75, 0.5, 0.25)
+
+MeasureLayer = Callable[[Layer, int, int], float]
+MeasureMasks = Callable[[Sequence[torch.Tensor]], float]
+
+
+def graph_layers(ir) -> list[tuple[Layer, str]]:
+    """Every layer of the traced graph with its weight's user-facing name (what group slices name)."""
+    out = []
+    for node in ir:
+        layer = rule_for(node.op).layer(node, ir)
+        if layer is not None:
+            out.append((layer, ir.values[layer.weight].source_name or layer.weight))
+    return out
+
+
+class LatencyTable:
+    """Measured milliseconds per (layer geometry, widths), cached in a JSON file per target.
+
+    ``measure(layer, in_width, out_width)`` times one layer; it is called only for a key
+    the cache lacks.  The file is rewritten atomically after each new measurement batch
+    (:meth:`save`), so an interrupted run keeps what it measured.
+    """
+
+    def __init__(self, measure: MeasureLayer, path: str | os.PathLike | None = None, target: str = "") -> None:
+        self.measure, self.target = measure, target
+        self.path = Path(path) if path is not None else None
+        self.entries: dict[str, float] = {}
+        self.measured = 0  # new measurements this session (the rest came from the cache)
+        if self.path is not None and self.path.exists():
+            self.entries = {k: float(v) for k, v in json.loads(self.path.read_text()).items()}
+
+    def key(self, layer: Layer, cin: int, cout: int) -> str:
+        g = _groups_at(layer, cin)
+        return (f"{self.target}|{layer.kind}|rows={layer.rows}|size={layer.size}|k={layer.kernel}|s={layer.stride}"
+                f"|p={layer.padding}|d={layer.dilation}|g={g}|{cin}x{cout}")
+
+    def ms(self, layer: Layer, cin: int, cout: int) -> float:
+        k = self.key(layer, cin, cout)
+        if k not in self.entries:
+            self.entries[k] = float(self.measure(layer, cin, cout))
+            self.measured += 1
+        return self.entries[k]
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            Path(tmp).write_text(json.dumps(self.entries, indent=0, sort_keys=True))
+
+
+def _groups_at(layer: Layer, cin: int) -> int:
+    """The layer's group count at input width ``cin``: a depthwise layer keeps one channel per group."""
+    return cin if layer.depthwise else layer.groups
+
+
+def _widths(full: int, quantum: int) -> list[int]:
+    """The widths a curve is measured at: :data:`GRID` of ``full``, multiples of ``quantum``, distinct."""
+    ws = {max(quantum, round(full * f / quantum) * quantum) for f in GRID}
+    return sorted(w for w in ws if w <= full)
+
+
+class _Curve:
+    """A layer's time along one width, linear between measured widths (flat below the lowest)."""
+
+    def __init__(self, points: list[tuple[int, float]]) -> None:
+        self.points = sorted(points)
+
+    def __call__(self, width: float) -> float:
+        pts = self.points
+        if width <= pts[0][0]:
+            (w0, t0), (w1, t1) = pts[0], pts[min(1, len(pts) - 1)]
+            slope = (t1 - t0) / (w1 - w0) if w1 != w0 else 0.0
+            return max(t0 - slope * (w0 - width), 0.0)
+        for (w0, t0), (w1, t1) in zip(pts, pts[1:]):
+            if width <= w1:
+                return t0 + (t1 - t0) * (width - w0) / (w1 - w0)
+        return pts[-1][1]
+
+
+@dataclass
+class _LayerModel:
+    layer: Layer
+    full: float
+    by_in: _Curve | None
+    by_out: _Curve | None
+    # (group index, channels removed per unit) along the input and output dims
+    ins: list[tuple[int, int]] = field(default_factory=list)
+    outs: list[tuple[int, int]] = field(default_factory=list)
+
+    def ms(self, removed: Sequence[int]) -> float:
+        cin, cout = self.layer.channels
+        i = cin - sum(removed[g] * r for g, r in self.ins)
+        o = cout - sum(removed[g] * r for g, r in self.outs)
+        if self.layer.depthwise:
+            return self.by_in(min(i, o)) if self.by_in is not None else self.full
+        t_in = self.by_in(i) if self.by_in is not None else self.full
+        t_out = self.by_out(o) if self.by_out is not None else self.full
+        return t_in * t_out / self.full if self.full > 0 else 0.0
+
+
+class LatencyModel:
+    """Predicted milliseconds of the graph's weighted layers for per-group removed unit counts."""
+
+    def __init__(self, layers: Sequence[tuple[Layer, str]], groups: Sequence[Group], table: LatencyTable) -> None:
+        self.groups = list(groups)
+        self.layers: list[_LayerModel] = []
+        self.touching: list[list[int]] = [[] for _ in groups]  # group -> layers it changes
+        self.users: list[list[int]] = []  # layer -> groups that change it
+        for layer, name in layers:
+            ins, outs = [], []
+            for gi, g in enumerate(groups):
+                for s in g.slices:
+                    if s.param != name or s.is_block:
+                        continue
+                    rows = int(s.index.shape[1])
+                    if s.dim == layer.in_dim:
+                        ins.append((gi, rows))
+                    elif s.dim == layer.out_dim:
+                        outs.append((gi, rows))
+            if not ins and not outs:
+                continue
+            cin, cout = layer.channels
+            full = table.ms(layer, cin, cout)
+            quantum = layer.groups if layer.groups > 1 and not layer.depthwise else 1
+            if layer.depthwise:  # one curve: input and output channels go together
+                by_in = _Curve([(w, table.ms(layer, w, w * cout // cin)) for w in _widths(cin, 1)])
+                by_out = None
+            else:
+                by_in = _Curve([(w, table.ms(layer, w, cout)) for w in _widths(cin, quantum)]) if ins else None
+                by_out = _Curve([(w, table.ms(layer, cin, w)) for w in _widths(cout, quantum)]) if outs else None
+            idx = len(self.layers)
+            self.layers.append(_LayerModel(layer, full, by_in, by_out, ins, outs))
+            self.users.append(sorted({gi for gi, _ in ins + outs}))
+            for gi in self.users[-1]:
+                self.touching[gi].append(idx)
+        table.save()
+
+    def predict(self, removed: Sequence[int]) -> float:
+        return sum(m.ms(removed) for m in self.layers)
+
+    def saving(self, removed: list[int], group: int, more: int) -> float:
+        """Milliseconds saved by removing ``more`` units of ``group`` on top of ``removed``."""
+        before = sum(self.layers[i].ms(removed) for i in self.touching[group])
+        removed[group] += more
+        after = sum(self.layers[i].ms(removed) for i in self.touching[group])
+        removed[group] -= more
+        return before - after
+
+
+def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budget_ms: float,
+                       levels: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Removal masks whose predicted layer time is at most ``budget_ms``, losing the least score per ms.
+
+    ``levels[i]``: the kept widths group ``i`` may step down through, largest first (its
+    floor and multiple applied).  Units go lowest score first within a group.  Stops short
+    of the budget only when no step left saves anything predicted.
+    """
+    groups = model.groups
+    removed = [0] * len(groups)
+    orders = [torch.sort(s.detach().double().flatten(), stable=True).indices for s in scores]
+    step = [0] * len(groups)  # next index into levels[i]
+    current = model.predict(removed)
+    flat = [s.detach().double().flatten() for s in scores]
+
+    def candidate(i: int) -> tuple[float, int, float] | None:
+        """Group ``i``'s next step as (score lost per ms saved, step index, ms saved). On a plateau of the
+        table (a kernel's tile not yet emptied) one step saves nothing: look down to the first
+        step that does."""
+        for j in range(step[i], len(levels[i])):
+            more = groups[i].size - levels[i][j] - removed[i]
+            saved = model.saving(removed, i, more)
+            if saved > 1e-12:
+                return float(flat[i][orders[i][removed[i]:removed[i] + more]].sum()) / saved, j, saved
+        return None
+
+    # a step changes the savings of the groups sharing a layer with it, and only theirs
+    sharing = [sorted({h for layer in model.touching[i] for h in model.users[layer]}) for i in range(len(groups))]
+    best = [candidate(i) for i in range(len(groups))]
+    while current > budget_ms:
+        live = [(c[0], i) for i, c in enumerate(best) if c is not None]
+        if not live:
+            break
+        _, i = min(live)
+        _, j, saved = best[i]
+        removed[i], step[i] = groups[i].size - levels[i][j], j + 1
+        current -= saved
+        for h in sharing[i]:
+            best[h] = candidate(h)
+    masks = []
+    for g, order, r in zip(groups, orders, removed):
+        m = torch.zeros(g.size, dtype=torch.bool)
+        m[order[:r]] = True
+        masks.append(m)
+    return masks
+
+
+@dataclass
+class LatencyRun:
+    """What :func:`meet_latency` measured: the dense model, each round's prediction and measurement."""
+
+    budget_ms: float
+    dense_ms: float
+    rounds: list[dict[str, float]] = field(default_factory=list)
+    layers_measured: int = 0
+    layers_cached: int = 0
+
+    @property
+    def achieved_ms(self) -> float:
+        return self.rounds[-1]["measured_ms"] if self.rounds else self.dense_ms
+
+
+def meet_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budget_ms: float,
+                 levels: Sequence[Sequence[int]], measure: MeasureMasks, tolerance: float = 0.05,
+                 rounds: int = 6) -> tuple[list[torch.Tensor], LatencyRun]:
+    """Masks whose compiled model measures within ``tolerance`` of ``budget_ms`` (or the closest
+    of ``rounds`` tries, preferring one under budget), and the record of the rounds."""
+    dense = measure([torch.zeros(g.size, dtype=torch.bool) for g in model.groups])
+    run = LatencyRun(budget_ms, dense)
+    if budget_ms >= dense:
+        return [torch.zeros(g.size, dtype=torch.bool) for g in model.groups], run
+    layers_full = model.predict([0] * len(model.groups))
+    layer_budget = budget_ms - (dense - layers_full)  # the rest of the model assumed unchanged
+    best: tuple[float, list[torch.Tensor]] | None = None
+    for _ in range(rounds):
+        masks = select_for_latency(model, scores, max(layer_budget, 0.0), levels)
+        measured = measure(masks)
+        predicted = model.predict([int(m.sum()) for m in masks])
+        run.rounds.append({"layer_budget_ms": layer_budget, "predicted_layers_ms": predicted,
+                           "measured_ms": measured})
+        miss = abs(measured - budget_ms) / budget_ms
+        rank = (miss if measured <= budget_ms * (1 + tolerance) else 1.0 + miss)
+        if best is None or rank < best[0]:
+            best = (rank, masks)
+        if miss <= tolerance:
+            break
+        layer_budget += budget_ms - measured
+    assert best is not None
+    if best[0] > 1.0:
+        raise UnprunableTargetError(
+            f"latency budget {budget_ms:.3f} ms not reached: the closest of {len(run.rounds)} compiled "
+            f"models measured {min(r['measured_ms'] for r in run.rounds):.3f} ms (dense {dense:.3f} ms)",
+            hint="raise the budget, or lower the floor (min_fraction/min_units) that keeps layers wide")
+    final = best[1]
+    if final is not masks:  # report the kept masks' measurement last
+        run.rounds.append({"layer_budget_ms": layer_budget,
+                           "predicted_layers_ms": model.predict([int(m.sum()) for m in final]),
+                           "measured_ms": measure(final)})
+    return final, run
+
+
+def measure_masks_fn(g, measure_model: Callable[[object], float]) -> MeasureMasks:
+    """Time the compact model of ``g`` with ``masks`` removed (``g``'s weights untouched)."""
+    def measure(masks: Sequence[torch.Tensor]) -> float:
+        touched = {s.param for grp, m in zip(g.groups, masks) if m.any() for s in grp.slices}
+        tensors = {k: v.detach().clone() if k in touched else v.detach() for k, v in g.params.items()}
+        for grp, m in zip(g.groups, masks):
+            if m.any():
+                grp.scatter_(tensors, m)
+        return float(measure_model(g.backend.emit(g, tensors)))
+    return measure
+
+
+__all__ = ["GRID", "LatencyModel", "LatencyRun", "LatencyTable", "graph_layers", "meet_latency",
+           "measure_masks_fn", "select_for_latency"]

@@ -1,0 +1,129 @@
+"""Latency targets (graphprune.latency): layers read from the graph, tables, the knapsack
+selection and the correction loop, on real traced models with synthetic layer timings.
+
+Timing a compiled model is the benchmark's job (benchmarks/latency_target.py); here the
+"measurements" are functions of the widths, so every property is exact and fast.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import graphprune as gp
+from graphprune.errors import UnprunableTargetError
+from graphprune.latency import LatencyModel, LatencyTable, graph_layers, meet_latency, select_for_latency
+from graphprune.target import kept_widths
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    return model, gp.trace(model, (torch.randn(1, 3, 32, 32),), verify=False)
+
+
+def staircase(layer, cin: int, cout: int) -> float:
+    """A kernel's time that falls only per tile of 8 channels (what SIMD lanes do), scaled by its work."""
+    work = layer.rows * layer.size[0] * layer.size[1] * layer.kernel[0] * layer.kernel[1]
+    per_group = 1 if layer.depthwise else cin
+    return 1e-6 * work * math.ceil(per_group / 8) * 8 * math.ceil(cout / 8) * 8 + 1e-3
+
+
+def test_every_conv_and_linear_is_a_layer_with_its_modules_geometry(mobilenet):
+    model, g = mobilenet
+    layers = {name: layer for layer, name in graph_layers(g.ir)}
+    modules = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert set(layers) == set(modules)
+    for name, m in modules.items():
+        layer = layers[name]
+        if isinstance(m, nn.Linear):
+            assert (layer.kind, layer.channels, layer.rows) == ("dense", (m.in_features, m.out_features), 1)
+            continue
+        assert layer.kind == "conv2d" and layer.channels == (m.in_channels, m.out_channels)
+        assert (layer.kernel, layer.stride, layer.groups) == (m.kernel_size, m.stride, m.groups)
+        assert layer.padding == m.padding  # read back from the shapes, equal for these convolutions
+        assert layer.depthwise == (m.groups == m.in_channels > 1)
+
+
+def test_onnx_graphs_have_the_same_layers(mobilenet, tmp_path):
+    model, g = mobilenet
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(path), dynamo=False, opset_version=17)
+    onnx_layers = [layer for layer, _ in graph_layers(gp.trace(str(path), verify=False).ir)]
+    torch_layers = [layer for layer, _ in graph_layers(g.ir)]
+    key = lambda l: (l.kind, l.channels, l.rows, l.size, l.kernel, l.stride, l.padding, l.groups)  # noqa: E731
+    assert sorted(map(key, onnx_layers)) == sorted(map(key, torch_layers))
+
+
+def model_for(g, measure=staircase) -> tuple[LatencyModel, LatencyTable]:
+    table = LatencyTable(measure)
+    return LatencyModel(graph_layers(g.ir), g.groups, table), table
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_selection_meets_the_predicted_budget_through_plateaus(mobilenet, multiple):
+    """With widths that only pay off per 8 channels, single-unit steps save nothing on
+    their own: the selection must still reach the budget, on the allowed widths."""
+    _, g = mobilenet
+    model, _ = model_for(g)
+    full = model.predict([0] * len(g.groups))
+    scores = [torch.rand(grp.size, generator=torch.Generator().manual_seed(i)) for i, grp in enumerate(g.groups)]
+    levels = [kept_widths(grp.size, 1, multiple) for grp in g.groups]
+    masks = select_for_latency(model, scores, 0.6 * full, levels)
+    assert model.predict([int(m.sum()) for m in masks]) <= 0.6 * full
+    for grp, m, s, allowed in zip(g.groups, masks, scores, levels):
+        kept = grp.size - int(m.sum())
+        assert kept == grp.size or kept in allowed
+        if m.any() and not m.all():  # lowest scores go first within a group
+            assert s[m].max() <= s[~m].min()
+
+
+def test_correction_loop_lands_within_tolerance_when_the_table_misses(mobilenet):
+    """The whole compiled model costs more than its layers (a fixed part and 30% on top of
+    the layers, as fusion and memory traffic do): measuring and correcting reaches the budget."""
+    _, g = mobilenet
+    model, table = model_for(g)
+    whole = lambda masks: 0.5 + 1.3 * model.predict([int(m.sum()) for m in masks])  # noqa: E731
+    dense = whole([torch.zeros(grp.size, dtype=torch.bool) for grp in g.groups])
+    scores = [torch.rand(grp.size, generator=torch.Generator().manual_seed(i)) for i, grp in enumerate(g.groups)]
+    levels = [kept_widths(grp.size, 1, 8) for grp in g.groups]
+    masks, run = meet_latency(model, scores, 0.6 * dense, levels, whole)
+    assert abs(whole(masks) / (0.6 * dense) - 1) <= 0.05
+    assert run.achieved_ms == pytest.approx(whole(masks)) and len(run.rounds) >= 2  # the first round missed
+    assert table.measured == len(table.entries)  # each (geometry, widths) measured once
+
+
+def test_an_unreachable_budget_is_a_clear_error(mobilenet):
+    _, g = mobilenet
+    model, _ = model_for(g)
+    whole = lambda masks: 100.0 + model.predict([int(m.sum()) for m in masks])  # noqa: E731
+    scores = [torch.ones(grp.size) for grp in g.groups]
+    levels = [kept_widths(grp.size, 1, 8) for grp in g.groups]
+    with pytest.raises(UnprunableTargetError, match="latency budget"):
+        meet_latency(model, scores, 50.0, levels, whole)
+
+
+def test_the_table_is_cached_on_disk_and_reused(mobilenet, tmp_path):
+    _, g = mobilenet
+    path = tmp_path / "table.json"
+    first = LatencyTable(staircase, path, "x86")
+    LatencyModel(graph_layers(g.ir), g.groups, first)
+    again = LatencyTable(lambda *a: pytest.fail("measured again"), path, "x86")
+    LatencyModel(graph_layers(g.ir), g.groups, again)
+    assert first.measured > 0 and again.measured == 0 and again.entries == first.entries
+
+
+def test_latency_target_is_a_budget_not_a_fraction():
+    target = gp.Target(latency_ms=4.5, multiple=8)
+    assert target.kind == "latency" and repr(target) == "Target(latency_ms=4.5, multiple=8)"
+    with pytest.raises(UnprunableTargetError, match="not a fraction"):
+        target.fraction
+    for bad in (0, -1.0, True):
+        with pytest.raises(UnprunableTargetError, match="latency_ms"):
+            gp.Target(latency_ms=bad)
+    with pytest.raises(UnprunableTargetError, match="exactly one"):
+        gp.Target(flops=0.5, latency_ms=3.0)
