@@ -1,0 +1,147 @@
+"""Lower a compact plan onto a copy of the user's own module: same classes, smaller layers.
+
+The graph lowering (:mod:`.torch`) emits an exported graph; this one keeps the user's
+``nn.Module`` tree (its class, methods, ``generate()``, ``save_pretrained()``) and only
+swaps each sliced parameter or buffer for its kept rows, then sets the layer attributes
+that hold those widths (``out_features``, ``in_channels``, ``num_features``,
+``normalized_shape``...).  That is only sound where the layer's forward reads nothing
+but its tensors and those attributes, so a sliced tensor must belong to a *standard
+layer* (:data:`LAYERS`, or a norm-like leaf holding only 1-D scales); anything else is a
+:class:`NotInPlace` with the reason, and the caller falls back to the graph.  Widths
+held elsewhere (an attention's ``num_heads``) are :mod:`.widths`' job, and whether the
+result computes what the zeroed model computed is the caller's check: this module
+decides nothing the plan has not decided.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from graphprune.errors import GraphPruneError
+from graphprune.ir.graph import Graph
+from graphprune.passes.plan import CompactPlan
+
+#: layers whose forward reads only their tensors and the attributes :func:`_set_layer_widths` sets
+#: (MultiheadAttention's widths are plain attributes that :mod:`.widths` finds)
+LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase,
+                                       nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.MultiheadAttention,
+                                       *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+class NotInPlace(GraphPruneError):
+    """The plan cannot be applied to the user's own classes (the reason says why); the
+    compact model has to be the exported graph."""
+
+
+@dataclass
+class Shrunk:
+    """What :func:`shrink_module` changed: ``widths`` lists every (module path, old size,
+    new size) of a sliced dim, which :mod:`.widths` turns into candidate attribute values;
+    ``layers`` the paths of the layers whose attributes were set."""
+
+    widths: list[tuple[str, int, int]] = field(default_factory=list)
+    layers: set[str] = field(default_factory=set)
+
+
+def is_standard(module: nn.Module) -> bool:
+    """A layer whose widths live in its tensors' shapes and the attributes set here: one of
+    :data:`LAYERS`, or a norm-like leaf (no children, only 1-D parameters: RMS norms of
+    transformers' model files, T5's layer norm)."""
+    if isinstance(module, LAYERS):
+        return True
+    params = list(module.parameters(recurse=False))
+    return not list(module.children()) and bool(params) and all(p.dim() == 1 for p in params)
+
+
+def shrink_module(model: nn.Module, ir: Graph, plan: CompactPlan) -> Shrunk:
+    """Apply ``plan``'s kept indices to ``model`` (a copy the caller owns) in place.
+
+    Raises :class:`NotInPlace` before changing anything when the plan erases operators
+    or folds batch norms (the module's forward would still run them), or when a sliced
+    tensor is held by a module that is not a standard layer."""
+    if plan.constants or plan.erased:
+        raise NotInPlace(f"the plan erases {len(plan.erased)} operator(s) whose groups were zeroed whole: "
+                         f"the module's forward would still run them")
+    if plan.folds:
+        raise NotInPlace("batch norms folded into their layers (fold_bn=True) change the module's structure")
+    owners: dict[str, list[tuple[str, nn.Module, str]]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for attr, t in (*mod._parameters.items(), *mod._buffers.items()):
+            if t is not None:
+                owners.setdefault(f"{path}.{attr}" if path else attr, []).append((path, mod, attr))
+    by_tensor: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for holders in owners.values():
+        for path, mod, attr in holders:
+            by_tensor.setdefault(id(getattr(mod, attr)), []).append((path, mod, attr))
+    sliced: dict[str, dict[int, torch.Tensor]] = {}
+    for value, dims in plan.params.items():
+        name = ir.values[value].source_name
+        if name is not None and dims:
+            sliced.setdefault(name, {}).update(dims)
+    todo = []
+    for name, dims in sorted(sliced.items()):
+        if name not in owners:
+            raise NotInPlace(f"{name} is sliced but is no parameter or buffer of the module")
+        held = getattr(owners[name][0][1], owners[name][0][2])
+        holders = by_tensor[id(held)]
+        for path, mod, _ in holders:
+            if not is_standard(mod):
+                raise NotInPlace(f"{name} is sliced but belongs to {path or 'the model'} "
+                                 f"({type(mod).__name__}), not a standard layer")
+        todo.append((name, held, dims, holders))
+    out = Shrunk()
+    for name, held, dims, holders in todo:
+        t = held.detach()
+        for d, idx in sorted(dims.items()):
+            out.widths.extend((path, t.shape[d], len(idx)) for path, _, _ in holders)
+            t = t.index_select(d, idx.to(t.device))
+        t = t.clone()
+        new = nn.Parameter(t, requires_grad=held.requires_grad) if isinstance(held, nn.Parameter) else t
+        for path, mod, attr in holders:
+            if isinstance(held, nn.Parameter):
+                mod._parameters[attr] = new
+            else:
+                mod._buffers[attr] = new
+            out.layers.add(path)
+    for path in out.layers:
+        _set_layer_widths(model.get_submodule(path), path)
+    return out
+
+
+def _set_layer_widths(mod: nn.Module, path: str) -> None:
+    """Set a standard layer's width attributes from its (sliced) tensors' shapes."""
+    if isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = mod.weight.shape
+    elif isinstance(mod, nn.modules.conv._ConvNd):
+        _set_conv_widths(mod, path)
+    elif isinstance(mod, nn.modules.batchnorm._NormBase):
+        mod.num_features = (mod.weight if mod.weight is not None else mod.running_mean).shape[0]
+    elif isinstance(mod, nn.GroupNorm):
+        per_group = mod.num_channels // mod.num_groups
+        mod.num_channels = mod.weight.shape[0]
+        if mod.num_channels % per_group:
+            raise NotInPlace(f"{path}: {mod.num_channels} channels left do not fill groups of {per_group}")
+        mod.num_groups = mod.num_channels // per_group
+    elif isinstance(mod, nn.Embedding):
+        mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+    elif hasattr(mod, "normalized_shape") and getattr(mod, "weight", None) is not None:
+        mod.normalized_shape = tuple(mod.weight.shape)
+
+
+def _set_conv_widths(mod: nn.modules.conv._ConvNd, path: str) -> None:
+    """A convolution's channels and groups; a depthwise one (groups == channels) stays depthwise."""
+    depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+    w = mod.weight  # [out, in/groups, ...]; transposed: [in, out/groups, ...]
+    if mod.transposed:
+        in_ch = w.shape[0]
+        mod.groups = in_ch if depthwise else mod.groups
+        out_ch = w.shape[1] * mod.groups
+    else:
+        out_ch = w.shape[0]
+        mod.groups = out_ch if depthwise else mod.groups
+        in_ch = w.shape[1] * mod.groups
+    if out_ch % mod.groups or in_ch % mod.groups:
+        raise NotInPlace(f"{path}: {in_ch} input / {out_ch} output channels do not fill {mod.groups} groups")
+    mod.in_channels, mod.out_channels = in_ch, out_ch
