@@ -12,6 +12,7 @@ from .analysis.liveness import Liveness
 from .errors import GraphPruneError, VerificationError, ZeroInvarianceError
 from .ir.graph import Graph
 from .lower.module import NotInPlace
+from .pretrained import fit_config
 from .memory import release
 
 if TYPE_CHECKING:
@@ -194,6 +195,10 @@ class PrunableGraph:
                 built = emit_module(self, self.params)
                 if built.module is not None:
                     self.compact_form = "module" + (f" (width attributes set: {built.widths})" if built.widths else "")
+                    if _is_pretrained(built.module):
+                        standard = fit_config(built.module, built.widths)
+                        self.compact_form += ("; config rewritten" if standard else
+                                              "; per-layer widths in the config: load with graphprune.load_pretrained")
                     return built.module
                 reason = built.reason
             if mode == "module":
@@ -296,3 +301,9 @@ class PrunableGraph:
     def __repr__(self) -> str:
         return (f"<PrunableGraph {self.ir.frontend} {self.ir.source}: {len(self.groups)} groups, "
                 f"{len(self.barriers)} barriers>")
+
+
+def _is_pretrained(module: torch.nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (checked by duck type: importing transformers is
+    not graphprune's to do for every model)."""
+    return hasattr(module, "config") and hasattr(module, "save_pretrained") and hasattr(module.config, "to_dict")

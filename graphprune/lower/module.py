@@ -145,3 +145,31 @@ def _set_conv_widths(mod: nn.modules.conv._ConvNd, path: str) -> None:
     if out_ch % mod.groups or in_ch % mod.groups:
         raise NotInPlace(f"{path}: {in_ch} input / {out_ch} output channels do not fill {mod.groups} groups")
     mod.in_channels, mod.out_channels = in_ch, out_ch
+
+
+def resize_module(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Give the tensors named in ``shapes`` those (smaller) shapes, keeping their leading
+    entries, and set their layers' width attributes: a freshly built full-width module
+    made ready to load a compact model's saved weights (the values are overwritten)."""
+    holders: dict[str, list[tuple[str, nn.Module, str]]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for attr, t in (*mod._parameters.items(), *mod._buffers.items()):
+            if t is not None:
+                holders.setdefault(f"{path}.{attr}" if path else attr, []).append((path, mod, attr))
+    touched = set()
+    for name, shape in shapes.items():
+        if name not in holders:
+            raise NotInPlace(f"the saved shapes name {name}, which {type(model).__name__} does not have")
+        path, mod, attr = holders[name][0]
+        held = getattr(mod, attr)
+        if len(shape) != held.dim() or any(n > m for n, m in zip(shape, held.shape)):
+            raise NotInPlace(f"{name}: saved shape {tuple(shape)} does not fit in {tuple(held.shape)}")
+        t = held.detach()[tuple(slice(0, n) for n in shape)].clone()
+        new = nn.Parameter(t, requires_grad=held.requires_grad) if isinstance(held, nn.Parameter) else t
+        for p, m, a in holders[name]:
+            (m._parameters if isinstance(held, nn.Parameter) else m._buffers)[a] = new
+            touched.add(p)
+    for path in touched:
+        mod = model.get_submodule(path)
+        if is_standard(mod):
+            _set_layer_widths(mod, path)

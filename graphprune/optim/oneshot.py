@@ -34,6 +34,7 @@ from graphprune.errors import GraphPruneError, UnprunableTargetError
 from graphprune.frontends.onnx_program import GraphProgram
 from graphprune.optim.obspa import Activation, GraphRoutes, compensate, consumer_moments
 from graphprune.optim.scoring import Normalize, normalize, score
+from graphprune.optim.uniform import select_uniform
 from graphprune.target import Target, achieved, select_units
 
 if TYPE_CHECKING:
@@ -124,9 +125,12 @@ def _select_layerwise(groups: Sequence[Group], scores: Sequence[torch.Tensor], t
 
 
 def select(groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Target | float,
-           scope: Scope = "global", **totals: Any) -> list[torch.Tensor]:
-    """Removal masks under ``target``: one global ranking, or one fraction for every layer."""
+           scope: Scope = "global", uniform: bool = False, **totals: Any) -> list[torch.Tensor]:
+    """Removal masks under ``target``: one global ranking, or one fraction for every layer;
+    ``uniform``: the same count in every group of one role (:mod:`.uniform`)."""
     target = Target.coerce(target)
+    if uniform and scope == "global":
+        return select_uniform(groups, scores, target, **totals)
     if scope == "global":
         return select_units(groups, scores, target, **totals)
     if scope == "layer":
@@ -137,7 +141,7 @@ def select(groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Targ
 def prune(g: PrunableGraph, criterion: str = "obspa", target: Target | float = 0.4, *, data: Iterable | None = None,
           loss_fn: Callable | None = None, normalize: Normalize | None = None, scope: Scope = "global",
           compensate_consumers: bool | None = None, batches: int = 4, damping: float = 0.1,
-          activation: Activation | None = None, rescale: float = 2.0) -> PruneReport:
+          activation: Activation | None = None, rescale: float = 2.0, uniform: bool = False) -> PruneReport:
     """Score, select and zero units of the traced graph ``g`` in place; returns a report.
 
     ``target`` is a :class:`~graphprune.target.Target` or a float (fraction of FLOPs to
@@ -152,6 +156,9 @@ def prune(g: PrunableGraph, criterion: str = "obspa", target: Target | float = 0
     :func:`~graphprune.optim.obspa.input_moments`): by default the activation between
     each group and each of its consumers is read from the traced graph (relu, relu6,
     gelu, silu, attention values, identity); ``activation=`` forces one everywhere.
+    ``uniform`` removes the same number of units from the groups of one role in every
+    layer (:mod:`.uniform`: heads per layer, MLP width), so a transformer's compact model
+    fits its standard config; ``scope="layer"`` already gives groups of one size one count.
     Call ``g.construct_subnet()`` afterwards for the compact model.
     """
     target = Target.coerce(target)
@@ -164,7 +171,7 @@ def prune(g: PrunableGraph, criterion: str = "obspa", target: Target | float = 0
                     damping=damping, activation=activation, graph=routes)
     if normalize is None:
         normalize = "max" if criterion == "obspa" else "mean"
-    masks = select(groups, _normalize(raw, normalize), target, scope, **totals)
+    masks = select(groups, _normalize(raw, normalize), target, scope, uniform, **totals)
     do_comp = criterion == "obspa" if compensate_consumers is None else compensate_consumers
     if do_comp:
         _compensate_all(groups, masks, params, damping, activation, routes, rescale)
