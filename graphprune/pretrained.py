@@ -58,34 +58,70 @@ def _int_attrs(model: nn.Module) -> dict[str, int]:
             if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_")}
 
 
-def fit_config(model: nn.Module, widths: dict[str, tuple[int, int]]) -> bool:
+def _rejected(cfg: Any) -> str | None:
+    """Why the config's own validators (transformers' strict dataclass checks, which
+    ``save_pretrained`` and ``from_pretrained`` run) refuse it, or None."""
+    validate = getattr(cfg, "validate", None)
+    if validate is None:
+        return None
+    try:
+        validate()
+    except Exception as exc:  # noqa: BLE001  (the validators' own error types vary by library version)
+        return str(exc.__cause__ or exc).strip().splitlines()[-1]
+    return None
+
+
+def _build(model: nn.Module) -> nn.Module:
+    """``model``'s class built from its config on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        return type(model)(model.config)
+
+
+def fit_config(model: nn.Module, widths: dict[str, tuple[int, int]]) -> str | None:
     """Rewrite ``model.config`` (the compact copy's own) to describe ``model``; ``widths``:
-    the width attributes module mode set (``"path.attr" -> (old, new)``).  Returns whether
-    the standard fields alone describe it (``from_pretrained`` rebuilds it); otherwise the
-    differing shapes and width attributes are recorded for :func:`load_pretrained`."""
+    the width attributes module mode set (``"path.attr" -> (old, new)``).  Returns None
+    when the standard fields alone describe it (``from_pretrained`` rebuilds it), else
+    why not; the config then keeps the full model's fields and records the shapes and
+    width attributes that differ from what its class builds, for :func:`load_pretrained`."""
     cfg = model.config
     for key in ("graphprune_shapes", "graphprune_widths"):
         if hasattr(cfg, key):
             delattr(cfg, key)
-    for key, value in _fields(model).items():
+    fields = _fields(model)
+    original = {k: getattr(cfg, k) for k in fields if hasattr(cfg, k)}
+    for key, value in fields.items():
         setattr(cfg, key, value)
-    with torch.device("meta"):
-        fresh = type(model)(cfg)
+    reason = _rejected(cfg)
+    if reason is None:
+        fresh = _build(model)
+        if _differences(model, fresh, widths) == ({}, {}):
+            for k, v in _int_attrs(fresh).items():  # attributes no forward reads (LlamaMLP.intermediate_size)
+                if _int_attrs(model).get(k) != v:
+                    prefix, _, leaf = k.rpartition(".")
+                    setattr(model.get_submodule(prefix) if prefix else model, leaf, v)
+            return None
+        reason = "the layers differ in width"
+    else:
+        reason = f"{type(cfg).__name__} refuses the compact widths: {reason}"
+    for key in fields:
+        if key in original:
+            setattr(cfg, key, original[key])
+        else:
+            delattr(cfg, key)
+    cfg.graphprune_shapes, cfg.graphprune_widths = _differences(model, _build(model), widths)
+    return reason
+
+
+def _differences(model: nn.Module, fresh: nn.Module, widths: dict[str, tuple[int, int]]
+                 ) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """The tensor shapes, and the width attributes module mode set, in which ``model``
+    differs from ``fresh`` (its class built from its config)."""
     built = {k: tuple(v.shape) for k, v in (*fresh.named_parameters(), *fresh.named_buffers())}
     shapes = {k: list(v.shape) for k, v in (*model.named_parameters(), *model.named_buffers())
               if k in built and built[k] != tuple(v.shape)}
     have, fresh_attrs = _int_attrs(model), _int_attrs(fresh)
-    read = {k for k in widths}
-    attrs = {k: v for k, v in have.items() if k in read and fresh_attrs.get(k) != v}
-    if not shapes and not attrs:
-        for k, v in fresh_attrs.items():  # attributes the forward never read (LlamaMLP.intermediate_size)
-            if have.get(k) != v:
-                prefix, _, leaf = k.rpartition(".")
-                setattr(model.get_submodule(prefix) if prefix else model, leaf, v)
-        return True
-    cfg.graphprune_shapes = shapes
-    cfg.graphprune_widths = attrs
-    return False
+    attrs = {k: v for k, v in have.items() if k in widths and fresh_attrs.get(k) != v}
+    return shapes, attrs
 
 
 def load_pretrained(path: str | Path, **kwargs: Any) -> nn.Module:

@@ -196,9 +196,10 @@ class PrunableGraph:
                 if built.module is not None:
                     self.compact_form = "module" + (f" (width attributes set: {built.widths})" if built.widths else "")
                     if _is_pretrained(built.module):
-                        standard = fit_config(built.module, built.widths)
-                        self.compact_form += ("; config rewritten" if standard else
-                                              "; per-layer widths in the config: load with graphprune.load_pretrained")
+                        why = fit_config(built.module, built.widths)
+                        self.compact_form += ("; config rewritten" if why is None else
+                                              f"; widths recorded in the config ({why}): load with "
+                                              f"graphprune.load_pretrained")
                     return built.module
                 reason = built.reason
             if mode == "module":

@@ -114,12 +114,18 @@ class TorchBackend:
         like every compact model; where that cannot be done, why not."""
         if pg.model is None:
             return InPlace(None, "there is no user module (the model was traced from ONNX)")
-        pg.adopt(self.settle(pg))
         units = pg.removed_units(tensors)
         state = dict(tensors)
         for k, v in self.runner.named_buffers(remove_duplicate=False):
             state.setdefault(k, v)
-        plan = self.plan(pg, state, units)
+        if self.settled:
+            plan = self.plan(pg, state, units)
+        else:
+            # no torch.export needed (an LLM's export is minutes): the recorder's analysis names
+            # the same parameters, the plan is only read for kept indices, and a plan that
+            # erases operators (where dynamic axes would matter) is refused below anyway
+            plan = plan_compact(pg.ir, pg.labels, pg.comp, units, state,
+                                dynamic=lambda name: set(range(len(pg.ir.values[name].shape))))
         args, kwargs = pg.example
         try:
             model = copy.deepcopy(pg.model)
