@@ -32,12 +32,12 @@ def _layers(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
     return [m for m in model.modules() if all(isinstance(getattr(m, n, None), nn.Linear) for n in names)]
 
 
-def _fields(model: nn.Module) -> dict[str, int]:
+def _fields(model: nn.Module) -> dict[str, Any]:
     """The config fields the layers say (the largest per-layer value where they differ):
     attention with separate ``q/k/v/o_proj`` and gated MLPs, the decoder families'
     naming (Llama, Mistral, Qwen2/3, Gemma...)."""
     cfg = model.config
-    out: dict[str, int] = {}
+    out: dict[str, Any] = {}
     attn = _layers(model, _ATTENTION)
     if attn:
         head_dim = getattr(attn[0], "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -50,12 +50,16 @@ def _fields(model: nn.Module) -> dict[str, int]:
     embed = model.get_input_embeddings()
     if isinstance(embed, nn.Embedding) and hasattr(cfg, "hidden_size"):
         out["hidden_size"] = embed.embedding_dim
+    eps = {m.variance_epsilon for m in model.modules() if isinstance(getattr(m, "variance_epsilon", None), float)}
+    if len(eps) == 1 and hasattr(cfg, "rms_norm_eps"):  # rescaled with a pruned hidden width (lower/module.py)
+        out["rms_norm_eps"] = eps.pop()
     return out
 
 
-def _int_attrs(model: nn.Module) -> dict[str, int]:
+def _numbers(model: nn.Module) -> dict[str, int | float]:
+    """Every module's public int and float attributes (widths, epsilons), by ``path.attr``."""
     return {f"{p}.{k}" if p else k: v for p, m in model.named_modules() for k, v in vars(m).items()
-            if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_")}
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("_")}
 
 
 def _rejected(cfg: Any) -> str | None:
@@ -95,8 +99,9 @@ def fit_config(model: nn.Module, widths: dict[str, tuple[int, int]]) -> str | No
     if reason is None:
         fresh = _build(model)
         if _differences(model, fresh, widths) == ({}, {}):
-            for k, v in _int_attrs(fresh).items():  # attributes no forward reads (LlamaMLP.intermediate_size)
-                if _int_attrs(model).get(k) != v:
+            have = _numbers(model)
+            for k, v in _numbers(fresh).items():  # widths no forward reads (LlamaMLP.intermediate_size)
+                if have.get(k) != v:
                     prefix, _, leaf = k.rpartition(".")
                     setattr(model.get_submodule(prefix) if prefix else model, leaf, v)
             return None
@@ -114,13 +119,14 @@ def fit_config(model: nn.Module, widths: dict[str, tuple[int, int]]) -> str | No
 
 def _differences(model: nn.Module, fresh: nn.Module, widths: dict[str, tuple[int, int]]
                  ) -> tuple[dict[str, list[int]], dict[str, int]]:
-    """The tensor shapes, and the width attributes module mode set, in which ``model``
-    differs from ``fresh`` (its class built from its config)."""
+    """The tensor shapes, the width attributes module mode set and the float attributes
+    (a rescaled norm's epsilon) in which ``model`` differs from ``fresh`` (its class built
+    from its config); other ints no forward read (stale widths) do not count."""
     built = {k: tuple(v.shape) for k, v in (*fresh.named_parameters(), *fresh.named_buffers())}
     shapes = {k: list(v.shape) for k, v in (*model.named_parameters(), *model.named_buffers())
               if k in built and built[k] != tuple(v.shape)}
-    have, fresh_attrs = _int_attrs(model), _int_attrs(fresh)
-    attrs = {k: v for k, v in have.items() if k in widths and fresh_attrs.get(k) != v}
+    have, fresh_attrs = _numbers(model), _numbers(fresh)
+    attrs = {k: v for k, v in have.items() if (k in widths or isinstance(v, float)) and fresh_attrs.get(k) != v}
     return shapes, attrs
 
 

@@ -107,7 +107,32 @@ def shrink_module(model: nn.Module, ir: Graph, plan: CompactPlan) -> Shrunk:
             out.layers.add(path)
     for path in out.layers:
         _set_layer_widths(model.get_submodule(path), path)
+    for name, held, dims, holders in todo:
+        if 0 in dims and held.dim() == 1:
+            for path, mod, _ in holders:
+                _rescale_rms(mod, held.shape[0], len(dims[0]))
     return out
+
+
+def _rescale_rms(mod: nn.Module, old: int, new: int) -> None:
+    """Keep an RMS norm exact when its axis loses ``old - new`` entries that were zero.
+
+    The zeroed model divides by ``sqrt(S / old + eps)``, the compact one by
+    ``sqrt(S / new + eps')``; with ``eps' = eps * old / new`` the second is the first
+    times ``sqrt(old / new)``, which the scale absorbs.  Applied to nn.RMSNorm and to
+    norm-like leaves with a float ``variance_epsilon`` or ``eps`` (transformers' and T5's
+    RMS norms); a norm that also subtracts a mean cannot be kept exact by any rescale,
+    and the caller's check against the zeroed model refuses it, as it would without."""
+    if isinstance(mod, LAYERS) and not (hasattr(nn, "RMSNorm") and isinstance(mod, nn.RMSNorm)):
+        return
+    attr = next((a for a in ("variance_epsilon", "eps") if isinstance(getattr(mod, a, None), float)), None)
+    if attr is None or old == new:
+        return
+    if isinstance(mod, nn.RMSNorm) and mod.eps is None:
+        return  # torch's default eps depends on the dtype: not ours to rescale
+    setattr(mod, attr, getattr(mod, attr) * old / new)
+    with torch.no_grad():
+        mod.weight.mul_((old / new) ** 0.5)
 
 
 def _set_layer_widths(mod: nn.Module, path: str) -> None:

@@ -32,11 +32,11 @@ def _trace(model: torch.nn.Module) -> gp.PrunableGraph:
 
 
 def _zero_per_role(g: gp.PrunableGraph, counts: dict[str, int], seed: int = 0) -> None:
-    """Zero ``counts[kind]`` units of every head / MLP group, different units in each layer
-    (the hidden width stays: it goes through RMS norms, see tests/lower/test_module.py)."""
+    """Zero ``counts[role]`` units of every head / MLP group (different units in each layer)
+    and of the hidden width (``embed``, through every RMS norm)."""
     gen = torch.Generator().manual_seed(seed)
     for grp in g.groups:
-        n = counts.get("head" if grp.kind == "head" else "mlp" if ".mlp." in grp.name else "", 0)
+        n = counts.get("head" if grp.kind == "head" else "mlp" if ".mlp." in grp.name else "embed", 0)
         mask = torch.zeros(grp.size, dtype=torch.bool)
         mask[torch.randperm(grp.size, generator=gen)[:n]] = True
         grp.scatter_(g.params, mask)
@@ -51,12 +51,14 @@ def _generate(model: torch.nn.Module) -> torch.Tensor:
 def test_uniform_compact_model_round_trips_through_from_pretrained(family: str, tmp_path) -> None:
     model = _model(family)
     g = _trace(model)
-    _zero_per_role(g, {"head": 2, "mlp": 40})
+    _zero_per_role(g, {"head": 2, "mlp": 40, "embed": 16})
     expected = _generate(model)  # the zeroed full model
     compact = g.construct_subnet(mode="module")
     assert type(compact) is type(model) and g.compact_form.endswith("config rewritten")
     cfg = compact.config
-    assert (cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size) == (2, 4, 8, 56)
+    assert (cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size,
+            cfg.hidden_size) == (2, 4, 8, 56, 48)
+    assert cfg.rms_norm_eps == pytest.approx(model.config.rms_norm_eps * 64 / 48)  # the norms' rescale
     assert model.config.num_key_value_heads == 4  # the user's config is not the compact one's
     compact.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path).eval()

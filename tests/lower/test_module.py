@@ -106,16 +106,19 @@ def test_the_width_attributes_the_forward_reads_are_found() -> None:
     assert "width attributes set" in g.compact_form
 
 
-def test_a_pruned_hidden_width_under_a_norm_falls_back_with_the_reason() -> None:
-    """Llama's RMS norms average over the hidden width: fewer channels change the mean,
-    which only the graph form rewrites; the reason names a norm."""
+def test_a_pruned_hidden_width_under_a_layer_norm_falls_back_with_the_reason() -> None:
+    """BERT's layer norms subtract the mean over the hidden width: with fewer channels no
+    rescale keeps them exact (RMS norms, which have no mean, are rescaled: see
+    tests/api/test_pretrained.py), which only the graph form rewrites; the reason names a norm."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=32)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    g = gp.trace(model, example_kwargs={"input_ids": torch.randint(0, 100, (1, 7)), "use_cache": False}, verify=False)
-    _zero_half(g)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=32, num_labels=3)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    g = gp.trace(model, (torch.randint(0, 100, (2, 7)),), verify=False)
+    hidden = [grp for grp in g.groups if grp.name == "bert.embeddings.word_embeddings"]
+    assert len(hidden) == 1
+    _zero_half(g, lambda grp: grp is hidden[0])
     with pytest.raises(NotInPlace, match="normalises over a pruned axis"):
         g.construct_subnet(mode="module")
 
