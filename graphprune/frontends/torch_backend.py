@@ -2,7 +2,6 @@
 lowered by :mod:`graphprune.lower.torch`) and checking compact modules."""
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -11,7 +10,7 @@ import torch
 
 from ..analysis import Analysis, analyse, same_groups
 from ..errors import RecorderMismatchWarning, UnsupportedModelError
-from ..lower.module import NotInPlace, is_standard, shrink_module
+from ..lower.module import NotInPlace, is_standard, shrunk_copy
 from ..lower.torch import CompactModule, lower_torch
 from ..lower.widths import candidates, record_reads, settle
 from ..passes.plan import CompactPlan, plan_compact
@@ -127,22 +126,19 @@ class TorchBackend:
             plan = plan_compact(pg.ir, pg.labels, pg.comp, units, state,
                                 dynamic=lambda name: set(range(len(pg.ir.values[name].shape))))
         args, kwargs = pg.example
+        runner = self.runner  # the user's weights, shared: its full-size forward shows what is read
+        was_training = runner.training
+        runner.eval()
         try:
-            model = copy.deepcopy(pg.model)
-        except Exception as exc:  # noqa: BLE001  (a module that cannot be copied keeps the graph form)
-            return InPlace(None, f"the model cannot be deep-copied ({type(exc).__name__}: {exc})")
-        with torch.no_grad():
-            held = dict(model.named_parameters())
-            for name, t in tensors.items():
-                if name in held and t is not held[name]:
-                    held[name].copy_(t)
-        model.eval()
-        with torch.no_grad():
-            reads = record_reads(model, lambda: model(*args, **kwargs))
+            with torch.no_grad():
+                reads = record_reads(runner, lambda: runner(*args, **kwargs))
+        finally:
+            runner.train(was_training)
         try:
-            shrunk = shrink_module(model, pg.ir, plan)
+            model, shrunk = shrunk_copy(pg.model, pg.ir, plan, tensors)
         except NotInPlace as exc:
             return InPlace(None, str(exc))
+        model.eval()
         ref = self._zeroed_output(pg, tensors)
 
         def check() -> str | None:

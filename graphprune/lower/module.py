@@ -14,6 +14,7 @@ decides nothing the plan has not decided.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -55,11 +56,15 @@ def is_standard(module: nn.Module) -> bool:
     return not list(module.children()) and bool(params) and all(p.dim() == 1 for p in params)
 
 
-def shrink_module(model: nn.Module, ir: Graph, plan: CompactPlan) -> Shrunk:
-    """Apply ``plan``'s kept indices to ``model`` (a copy the caller owns) in place.
+def shrunk_copy(model: nn.Module, ir: Graph, plan: CompactPlan,
+                tensors: dict[str, torch.Tensor]) -> tuple[nn.Module, Shrunk]:
+    """A deep copy of ``model`` with ``plan``'s kept indices applied, ``model`` untouched.
 
-    Raises :class:`NotInPlace` before changing anything when the plan erases operators
-    or folds batch norms (the module's forward would still run them), or when a sliced
+    The sliced tensors are cut from ``tensors`` (the weights by the user's names; the
+    module's own where absent) and handed to the copy as it is made, so the full-size
+    originals are never copied: memory is the user's model plus the compact one (an LLM's
+    copy would double it).  Raises :class:`NotInPlace` when the plan erases operators or
+    folds batch norms (the module's forward would still run them), or when a sliced
     tensor is held by a module that is not a standard layer."""
     if plan.constants or plan.erased:
         raise NotInPlace(f"the plan erases {len(plan.erased)} operator(s) whose groups were zeroed whole: "
@@ -80,7 +85,9 @@ def shrink_module(model: nn.Module, ir: Graph, plan: CompactPlan) -> Shrunk:
         name = ir.values[value].source_name
         if name is not None and dims:
             sliced.setdefault(name, {}).update(dims)
-    todo = []
+    memo: dict[int, torch.Tensor] = {}
+    out = Shrunk()
+    rms: list[tuple[str, int, int]] = []
     for name, dims in sorted(sliced.items()):
         if name not in owners:
             raise NotInPlace(f"{name} is sliced but is no parameter or buffer of the module")
@@ -90,28 +97,29 @@ def shrink_module(model: nn.Module, ir: Graph, plan: CompactPlan) -> Shrunk:
             if not is_standard(mod):
                 raise NotInPlace(f"{name} is sliced but belongs to {path or 'the model'} "
                                  f"({type(mod).__name__}), not a standard layer")
-        todo.append((name, held, dims, holders))
-    out = Shrunk()
-    for name, held, dims, holders in todo:
-        t = held.detach()
+        t = tensors.get(name, held).detach()
         for d, idx in sorted(dims.items()):
             out.widths.extend((path, t.shape[d], len(idx)) for path, _, _ in holders)
+            if d == 0 and t.dim() == 1:
+                rms.extend((path, t.shape[0], len(idx)) for path, _, _ in holders)
             t = t.index_select(d, idx.to(t.device))
-        t = t.clone()
-        new = nn.Parameter(t, requires_grad=held.requires_grad) if isinstance(held, nn.Parameter) else t
-        for path, mod, attr in holders:
-            if isinstance(held, nn.Parameter):
-                mod._parameters[attr] = new
-            else:
-                mod._buffers[attr] = new
-            out.layers.add(path)
+        memo[id(held)] = nn.Parameter(t.clone(), requires_grad=held.requires_grad) if isinstance(held, nn.Parameter) \
+            else t.clone()
+        out.layers.update(path for path, _, _ in holders)
+    for name, t in tensors.items():  # weights given other than the module's own (a verification's copy)
+        if name in owners and id(held := getattr(owners[name][0][1], owners[name][0][2])) not in memo \
+                and t is not held:
+            memo[id(held)] = nn.Parameter(t.detach().clone(), requires_grad=held.requires_grad) \
+                if isinstance(held, nn.Parameter) else t.detach().clone()
+    try:
+        compact = copy.deepcopy(model, memo)
+    except Exception as exc:  # noqa: BLE001  (a module that cannot be copied keeps the graph form)
+        raise NotInPlace(f"the model cannot be deep-copied ({type(exc).__name__}: {exc})") from exc
     for path in out.layers:
-        _set_layer_widths(model.get_submodule(path), path)
-    for name, held, dims, holders in todo:
-        if 0 in dims and held.dim() == 1:
-            for path, mod, _ in holders:
-                _rescale_rms(mod, held.shape[0], len(dims[0]))
-    return out
+        _set_layer_widths(compact.get_submodule(path), path)
+    for path, old, new in rms:
+        _rescale_rms(compact.get_submodule(path), old, new)
+    return compact, out
 
 
 def _rescale_rms(mod: nn.Module, old: int, new: int) -> None:

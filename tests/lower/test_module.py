@@ -33,6 +33,8 @@ def _assert_in_place(model: torch.nn.Module, g: gp.PrunableGraph, *inputs: tuple
     compact = g.construct_subnet(mode="module")
     assert type(compact) is type(model)
     assert compact is not model and n_params(model) == before
+    mine = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in mine for p in compact.parameters())  # training it leaves the user's alone
     assert n_params(compact) < before
     assert g.compact_form.startswith("module")
     for args in inputs:
