@@ -9,9 +9,8 @@ from .analysis import Analysis, same_groups
 from .analysis.groups import Group
 from .analysis.labels import Barrier, Labels
 from .analysis.liveness import Liveness
-from .errors import GraphPruneError, VerificationError, ZeroInvarianceError
+from .errors import GraphPruneError, NotInPlace, VerificationError, ZeroInvarianceError
 from .ir.graph import Graph
-from .lower.module import NotInPlace
 from .pretrained import fit_config
 from .memory import release
 

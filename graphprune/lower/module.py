@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from graphprune.errors import GraphPruneError
+from graphprune.errors import NotInPlace
 from graphprune.ir.graph import Graph
 from graphprune.passes.plan import CompactPlan
 
@@ -31,14 +31,9 @@ LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.mo
                                        *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 
 
-class NotInPlace(GraphPruneError):
-    """The plan cannot be applied to the user's own classes (the reason says why); the
-    compact model has to be the exported graph."""
-
-
 @dataclass
 class Shrunk:
-    """What :func:`shrink_module` changed: ``widths`` lists every (module path, old size,
+    """What :func:`shrunk_copy` changed: ``widths`` lists every (module path, old size,
     new size) of a sliced dim, which :mod:`.widths` turns into candidate attribute values;
     ``layers`` the paths of the layers whose attributes were set."""
 

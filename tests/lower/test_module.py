@@ -6,17 +6,19 @@ The property is the graph form's: for a model and zeroed units, compact == zeroe
 model.  Every model here keeps its class (``type(compact) is type(model)``)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 import torchvision
 
 import graphprune as gp
-from graphprune.lower.module import NotInPlace
+from graphprune.errors import NotInPlace
 from graphprune.rel_error import max_rel_error
 from tests.helpers import n_params, randomise_batch_norms
 
 
-def _zero_half(g: gp.PrunableGraph, keep: callable = lambda grp: True, seed: int = 0) -> None:
+def _zero_half(g: gp.PrunableGraph, keep: Callable[[gp.Group], bool] = lambda grp: True, seed: int = 0) -> None:
     """Zero a random half (rounded down) of the units of the groups ``keep`` accepts."""
     gen = torch.Generator().manual_seed(seed)
     for grp in g.groups:
