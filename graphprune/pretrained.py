@@ -98,14 +98,15 @@ def fit_config(model: nn.Module, widths: dict[str, tuple[int, int]]) -> str | No
     reason = _rejected(cfg)
     if reason is None:
         fresh = _build(model)
-        if _differences(model, fresh, widths) == ({}, {}):
+        if fields and _differences(model, fresh, widths) == ({}, {}):
             have = _numbers(model)
             for k, v in _numbers(fresh).items():  # widths no forward reads (LlamaMLP.intermediate_size)
                 if have.get(k) != v:
                     prefix, _, leaf = k.rpartition(".")
                     setattr(model.get_submodule(prefix) if prefix else model, leaf, v)
             return None
-        reason = "the layers differ in width"
+        reason = ("the layers differ in width" if fields else
+                  f"graphprune knows no config field for {type(model).__name__}'s widths")
     else:
         reason = f"{type(cfg).__name__} refuses the compact widths: {reason}"
     for key in fields:
