@@ -81,9 +81,10 @@ def _build(model: nn.Module) -> nn.Module:
         return type(model)(model.config)
 
 
-def fit_config(model: nn.Module, widths: dict[str, tuple[int, int]]) -> str | None:
-    """Rewrite ``model.config`` (the compact copy's own) to describe ``model``; ``widths``:
-    the width attributes module mode set (``"path.attr" -> (old, new)``).  Returns None
+def fit_config(model: nn.Module, read: set[str]) -> str | None:
+    """Rewrite ``model.config`` (the compact copy's own) to describe ``model``; ``read``:
+    the integer attributes its forward reads (``"path.attr"``, see :mod:`.lower.widths`),
+    which must come back as they are.  Returns None
     when the standard fields alone describe it (``from_pretrained`` rebuilds it), else
     why not; the config then keeps the full model's fields and records the shapes and
     width attributes that differ from what its class builds, for :func:`load_pretrained`."""
@@ -98,7 +99,7 @@ def fit_config(model: nn.Module, widths: dict[str, tuple[int, int]]) -> str | No
     reason = _rejected(cfg)
     if reason is None:
         fresh = _build(model)
-        if fields and _differences(model, fresh, widths) == ({}, {}):
+        if _differences(model, fresh, read) == ({}, {}):
             have = _numbers(model)
             for k, v in _numbers(fresh).items():  # widths no forward reads (LlamaMLP.intermediate_size)
                 if have.get(k) != v:
@@ -114,20 +115,20 @@ def fit_config(model: nn.Module, widths: dict[str, tuple[int, int]]) -> str | No
             setattr(cfg, key, original[key])
         else:
             delattr(cfg, key)
-    cfg.graphprune_shapes, cfg.graphprune_widths = _differences(model, _build(model), widths)
+    cfg.graphprune_shapes, cfg.graphprune_widths = _differences(model, _build(model), read)
     return reason
 
 
-def _differences(model: nn.Module, fresh: nn.Module, widths: dict[str, tuple[int, int]]
-                 ) -> tuple[dict[str, list[int]], dict[str, int]]:
-    """The tensor shapes, the width attributes module mode set and the float attributes
-    (a rescaled norm's epsilon) in which ``model`` differs from ``fresh`` (its class built
-    from its config); other ints no forward read (stale widths) do not count."""
+def _differences(model: nn.Module, fresh: nn.Module, read: set[str]
+                 ) -> tuple[dict[str, list[int]], dict[str, int | float]]:
+    """The tensor shapes, the integer attributes the forward reads and the float
+    attributes (a rescaled norm's epsilon) in which ``model`` differs from ``fresh`` (its
+    class built from its config); ints no forward reads (stale widths) do not count."""
     built = {k: tuple(v.shape) for k, v in (*fresh.named_parameters(), *fresh.named_buffers())}
     shapes = {k: list(v.shape) for k, v in (*model.named_parameters(), *model.named_buffers())
               if k in built and built[k] != tuple(v.shape)}
     have, fresh_attrs = _numbers(model), _numbers(fresh)
-    attrs = {k: v for k, v in have.items() if (k in widths or isinstance(v, float)) and fresh_attrs.get(k) != v}
+    attrs = {k: v for k, v in have.items() if (k in read or isinstance(v, float)) and fresh_attrs.get(k) != v}
     return shapes, attrs
 
 

@@ -195,7 +195,7 @@ class PrunableGraph:
                 if built.module is not None:
                     self.compact_form = "module" + (f" (width attributes set: {built.widths})" if built.widths else "")
                     if _is_pretrained(built.module):
-                        why = fit_config(built.module, built.widths)
+                        why = fit_config(built.module, built.read)
                         self.compact_form += ("; config rewritten" if why is None else
                                               f"; widths recorded in the config ({why}): load with "
                                               f"graphprune.load_pretrained")

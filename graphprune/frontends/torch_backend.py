@@ -26,11 +26,13 @@ if TYPE_CHECKING:
 class InPlace:
     """The outcome of :meth:`TorchBackend.emit_module`: the user's own module shrunk in
     place (``module``), or None and ``reason``; ``widths``: the width attributes it
-    changed, ``"path.attr" -> (old, new)``."""
+    changed, ``"path.attr" -> (old, new)``; ``read``: every integer attribute the
+    forward reads (``"path.attr"``), which a saved config must reproduce."""
 
     module: torch.nn.Module | None
     reason: str | None = None
     widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+    read: set[str] = field(default_factory=set)
 
 
 class TorchBackend:
@@ -163,7 +165,7 @@ class TorchBackend:
                            f"normalises over a pruned axis: it takes its statistics over fewer entries than the "
                            f"zeroed model's, which only the graph form rewrites)")
             return InPlace(None, reason)
-        return InPlace(model, None, changed)
+        return InPlace(model, None, changed, {f"{p}.{a}" if p else a for p, attrs in reads.items() for a in attrs})
 
     def _zeroed_output(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> object:
         """The full model's output on the example with ``tensors`` as weights (eval mode)."""
