@@ -44,7 +44,10 @@ def record_reads(model: nn.Module, run: Callable[[], Any]) -> dict[str, set[str]
     """Module path -> the integer attributes of that module its code read during ``run()``.
 
     Each module's class is swapped for the duration for a subclass whose
-    ``__getattribute__`` notes the reads, and swapped back, whatever ``run`` does."""
+    ``__getattribute__`` notes the reads, and swapped back, whatever ``run`` does.  Only
+    modules' own attributes are watched: a width read from a shared config object
+    (Phi-3's fused ``qkv_proj`` reads ``config.num_attention_heads``) is not found, and
+    the check against the zeroed model then refuses the copy."""
     reads: dict[str, set[str]] = {}
     swapped: list[tuple[nn.Module, type]] = []
     try:
@@ -61,8 +64,11 @@ def record_reads(model: nn.Module, run: Callable[[], Any]) -> dict[str, set[str]
                     _seen.add(name)
                 return _cls.__getattribute__(self, name)
 
-            mod.__class__ = type(cls.__name__, (cls,), {"__getattribute__": getattribute,
-                                                        "__module__": cls.__module__})
+            try:
+                mod.__class__ = type(cls.__name__, (cls,), {"__getattribute__": getattribute,
+                                                            "__module__": cls.__module__})
+            except TypeError:  # a class that cannot be subclassed or swapped (a scripted module): unwatched
+                continue
             swapped.append((mod, cls))
         run()
     finally:
