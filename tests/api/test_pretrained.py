@@ -106,3 +106,20 @@ def test_per_layer_widths_reload_exactly_with_load_pretrained(tmp_path) -> None:
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in compact.state_dict().items()}
     assert all(torch.equal(v, compact.state_dict()[k]) for k, v in loaded.state_dict().items())
     assert torch.equal(_generate(loaded), expected)
+
+
+def test_widths_the_config_validator_refuses_are_recorded_instead(tmp_path) -> None:
+    """6 query heads do not divide a hidden size of 64, which LlamaConfig refuses even
+    with head_dim explicit (Llama-3.2-1B pruned 20% met it): the config keeps the full
+    model's fields, records the shapes, and load_pretrained reloads exactly."""
+    model = _model("llama")
+    g = _trace(model)
+    _zero_per_role(g, {"head": 1, "mlp": 40})
+    expected = _generate(model)
+    compact = g.construct_subnet(mode="module")
+    assert "refuses the compact widths" in g.compact_form
+    assert compact.config.num_attention_heads == 8 and compact.config.graphprune_shapes
+    compact.save_pretrained(tmp_path)
+    loaded = gp.load_pretrained(tmp_path)
+    assert loaded.model.layers[0].self_attn.q_proj.out_features == 48
+    assert torch.equal(_generate(loaded), expected)
