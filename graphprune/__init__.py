@@ -8,6 +8,7 @@ from .errors import GraphPruneError
 from .compile import CompileResult, compile
 from .export import export_onnx
 from .prunable import PrunableGraph
+from .pretrained import load_pretrained
 from . import optim
 from .optim import DHSPG, H2SPG, HESSO, HESSO_CRIC, HESSOCRIC
 from .optim.oneshot import PruneReport, finetune, prune
@@ -15,5 +16,5 @@ from .target import Target, achieved, select_units
 from .trace import trace
 
 __all__ = ["trace", "compile", "CompileResult", "export_onnx", "PrunableGraph", "Group", "Slice", "GraphPruneError", "optim", "Target", "select_units",
-           "achieved", "HESSO", "DHSPG", "H2SPG", "HESSO_CRIC", "HESSOCRIC", "prune", "finetune", "PruneReport"]
+           "achieved", "load_pretrained", "HESSO", "DHSPG", "H2SPG", "HESSO_CRIC", "HESSOCRIC", "prune", "finetune", "PruneReport"]
 __version__ = "0.1.0"

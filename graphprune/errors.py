@@ -44,6 +44,12 @@ class VerificationError(GraphPruneError):
     emitter, distinct from a group that fails the numeric check (which is withdrawn)."""
 
 
+class NotInPlace(GraphPruneError):
+    """The compact model cannot be the user's own module shrunk in place
+    (``construct_subnet(mode="module")``); the message says why, and the exported-graph
+    form (``mode="graph"`` or ``"auto"``) still can be built."""
+
+
 class ZeroInvarianceError(GraphPruneError):
     """A compact model does not reproduce the zeroed full model: a bug, reported loudly."""
 

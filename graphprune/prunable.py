@@ -1,7 +1,7 @@
 """The traced, analysed model that users and optimizers work with."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -9,12 +9,16 @@ from .analysis import Analysis, same_groups
 from .analysis.groups import Group
 from .analysis.labels import Barrier, Labels
 from .analysis.liveness import Liveness
-from .errors import GraphPruneError, VerificationError, ZeroInvarianceError
+from .errors import GraphPruneError, NotInPlace, VerificationError, ZeroInvarianceError
 from .ir.graph import Graph
+from .pretrained import fit_config
 from .memory import release
 
 if TYPE_CHECKING:
     from .frontends.backend import Backend, CompactModel
+
+#: what :meth:`PrunableGraph.construct_subnet` builds (see there)
+SubnetMode = Literal["graph", "module", "auto"]
 
 
 class PrunableGraph:
@@ -38,6 +42,7 @@ class PrunableGraph:
         self.backend = backend          # frontend-specific emitter (see frontends)
         self.withdrawn: list[tuple[Group, str]] = []
         self.notes: list[str] = []      # how the model was captured, where the summary should say
+        self.compact_form: str | None = None  # what the last construct_subnet built, and why
 
     # ---- the analysis -----------------------------------------------------------------
     @property
@@ -165,11 +170,43 @@ class PrunableGraph:
                 out.append(i)
         return out
 
-    def construct_subnet(self, fold_bn: bool = False) -> CompactModel:
+    def construct_subnet(self, fold_bn: bool = False, mode: SubnetMode = "graph") -> CompactModel:
         """The compact model: every all-zero unit removed.  Never changes the user's model.
+
+        ``mode="graph"``: the exported graph, rewritten (any model; ONNX in, ONNX out).
+        ``mode="module"``: a copy of the user's own module with its standard layers
+        shrunk in place and its width attributes updated, so its class, methods and
+        attributes stay (``generate()``, ``save_pretrained()``); it must reproduce the
+        zeroed model on the example, else :class:`~graphprune.lower.module.NotInPlace`
+        says why.  ``mode="auto"``: the module where that works, else the graph;
+        :attr:`compact_form` says which was built and why.
         ``fold_bn``: fold inference batch norms into the convolution or linear layer
-        before them (for inference and code generation; a folded module has no batch
-        norm left to switch to training mode)."""
+        before them (graph only: for inference and code generation; a folded module has
+        no batch norm left to switch to training mode)."""
+        if mode not in ("graph", "module", "auto"):
+            raise GraphPruneError(f"unknown construct_subnet mode {mode!r}", hint="use 'graph', 'module' or 'auto'")
+        if mode != "graph":
+            reason = "fold_bn=True: folded batch norms are no longer the user's layers" if fold_bn else None
+            emit_module = getattr(self.backend, "emit_module", None)
+            if reason is None and emit_module is None:
+                reason = "there is no user module (the model was traced from ONNX)"
+            if reason is None:
+                built = emit_module(self, self.params)
+                if built.module is not None:
+                    self.compact_form = "module" + (f" (width attributes set: {built.widths})" if built.widths else "")
+                    if _is_pretrained(built.module):
+                        why = fit_config(built.module, built.read)
+                        self.compact_form += ("; config rewritten" if why is None else
+                                              f"; widths recorded in the config ({why}): load with "
+                                              f"graphprune.load_pretrained")
+                    return built.module
+                reason = built.reason
+            if mode == "module":
+                raise NotInPlace(f"the compact model cannot be the user's own module: {reason}", source=self.ir.source,
+                                 hint="use construct_subnet(mode='graph') (or 'auto') for the exported-graph form")
+            self.compact_form = f"graph (module mode failed: {reason})"
+        else:
+            self.compact_form = "graph"
         return self.backend.emit(self, self.params, fold_bn=fold_bn)
 
     # ---- self-check -------------------------------------------------------------------
@@ -251,6 +288,8 @@ class PrunableGraph:
         if self.barriers:
             lines.append("barriers (channels kept):")
             lines += [f"  {b.node} [{b.op}] {b.module}: {b.reason}" for b in self.barriers]
+        if self.compact_form is not None:
+            lines.append(f"compact model: {self.compact_form}")
         if self.notes:
             lines.append("capture:")
             lines += [f"  {n}" for n in self.notes]
@@ -262,3 +301,9 @@ class PrunableGraph:
     def __repr__(self) -> str:
         return (f"<PrunableGraph {self.ir.frontend} {self.ir.source}: {len(self.groups)} groups, "
                 f"{len(self.barriers)} barriers>")
+
+
+def _is_pretrained(module: torch.nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (checked by duck type: importing transformers is
+    not graphprune's to do for every model)."""
+    return hasattr(module, "config") and hasattr(module, "save_pretrained") and hasattr(module.config, "to_dict")

@@ -3,13 +3,16 @@ lowered by :mod:`graphprune.lower.torch`) and checking compact modules."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..analysis import Analysis, analyse, same_groups
-from ..errors import RecorderMismatchWarning, UnsupportedModelError
+from ..errors import NotInPlace, RecorderMismatchWarning, UnsupportedModelError
+from ..lower.module import is_standard, shrunk_copy
 from ..lower.torch import CompactModule, lower_torch
+from ..lower.widths import candidates, record_reads, settle
 from ..passes.plan import CompactPlan, plan_compact
 from ..rel_error import max_rel_error
 from .module_slots import one_name_per_slot
@@ -17,6 +20,19 @@ from .module_slots import one_name_per_slot
 if TYPE_CHECKING:
     from ..ir.graph import Graph
     from ..prunable import PrunableGraph
+
+
+@dataclass
+class InPlace:
+    """The outcome of :meth:`TorchBackend.emit_module`: the user's own module shrunk in
+    place (``module``), or None and ``reason``; ``widths``: the width attributes it
+    changed, ``"path.attr" -> (old, new)``; ``read``: every integer attribute the
+    forward reads (``"path.attr"``), which a saved config must reproduce."""
+
+    module: torch.nn.Module | None
+    reason: str | None = None
+    widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+    read: set[str] = field(default_factory=set)
 
 
 class TorchBackend:
@@ -92,6 +108,78 @@ class TorchBackend:
             state.setdefault(k, v)
         return lower_torch(pg.ir, self.exported, self.plan(pg, state, units, fold_bn), state)
 
+    def emit_module(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], rtol: float = 1e-4) -> InPlace:
+        """The compact model as a copy of the user's own module, its standard layers
+        shrunk in place (:mod:`..lower.module`) and its width attributes found
+        (:mod:`..lower.widths`), checked against the zeroed full model on the example
+        like every compact model (``rtol``, raised to four rounding units of the model's
+        least precise float type); where that cannot be done, why not."""
+        if pg.model is None:
+            return InPlace(None, "there is no user module (the model was traced from ONNX)")
+        units = pg.removed_units(tensors)
+        state = dict(tensors)
+        for k, v in self.runner.named_buffers(remove_duplicate=False):
+            state.setdefault(k, v)
+        if self.settled:
+            plan = self.plan(pg, state, units)
+        else:
+            # no torch.export needed (an LLM's export is minutes): the recorder's analysis names
+            # the same parameters, the plan is only read for kept indices, and a plan that
+            # erases operators (where dynamic axes would matter) is refused below anyway
+            plan = plan_compact(pg.ir, pg.labels, pg.comp, units, state,
+                                dynamic=lambda name: set(range(len(pg.ir.values[name].shape))))
+        args, kwargs = pg.example
+        runner = self.runner  # the user's weights, shared: its full-size forward shows what is read
+        was_training = runner.training
+        runner.eval()
+        try:
+            with torch.no_grad():
+                reads = record_reads(runner, lambda: runner(*args, **kwargs))
+        finally:
+            runner.train(was_training)
+        try:
+            model, shrunk = shrunk_copy(pg.model, pg.ir, plan, tensors)
+        except NotInPlace as exc:
+            return InPlace(None, str(exc))
+        model.eval()
+        ref = self._zeroed_output(pg, tensors)
+        # a half-precision model's compact form sums shorter rows in another order: its
+        # outputs differ by rounding (2e-2 on Llama-3.2-1B in bf16), a wrong width by O(1)
+        floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+        rtol = max([rtol, *(4 * torch.finfo(d).eps for d in floats)])
+
+        def check() -> str | None:
+            try:
+                with torch.no_grad():
+                    out = model(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001  (a wrong width guess fails to run: try the next)
+                return f"the shrunk module raised {type(exc).__name__}: {str(exc)[:200]}"
+            err = max_rel_error(ref, out)
+            return None if err < rtol else f"the shrunk module differs from the zeroed model (rel. error {err:.2e})"
+
+        changed, reason = settle(model, candidates(model, reads, shrunk.widths, shrunk.layers), check)
+        if changed is None:
+            norms = sorted(p for p in shrunk.layers if _normalises_channels(model.get_submodule(p)))
+            if norms:
+                reason += (f" (the norm at {norms[0]}{f' and {len(norms) - 1} more' if len(norms) > 1 else ''} "
+                           f"normalises over a pruned axis: it takes its statistics over fewer entries than the "
+                           f"zeroed model's, which only the graph form rewrites)")
+            return InPlace(None, reason)
+        return InPlace(model, None, changed, {f"{p}.{a}" if p else a for p, attrs in reads.items() for a in attrs})
+
+    def _zeroed_output(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> object:
+        """The full model's output on the example with ``tensors`` as weights (eval mode)."""
+        args, kwargs = pg.example
+        runner = self.runner
+        was_training = runner.training
+        runner.eval()
+        try:
+            with torch.no_grad():
+                return torch.func.functional_call(runner, one_name_per_slot(runner, tensors), args, kwargs,
+                                                  tie_weights=False, strict=False)
+        finally:
+            runner.train(was_training)
+
     def full(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> CompactModule:
         """The full model with ``tensors`` as weights (nothing removed)."""
         return self.emit(pg, tensors, torch.zeros(0, dtype=torch.long))
@@ -112,6 +200,13 @@ class TorchBackend:
         finally:
             runner.train(was_training)
         return max_rel_error(ref, out)
+
+
+def _normalises_channels(mod: torch.nn.Module) -> bool:
+    """A layer or RMS norm (statistics across its sliced axis), not a per-channel one."""
+    per_channel = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.Linear, torch.nn.Embedding,
+                   torch.nn.modules.conv._ConvNd, torch.nn.MultiheadAttention)
+    return not isinstance(mod, per_channel) and is_standard(mod)
 
 
 def _dynamic_axes(ir: Graph, exported: torch.export.ExportedProgram) -> Callable[[str], set[int]]:

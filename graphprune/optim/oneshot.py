@@ -35,6 +35,7 @@ from graphprune.frontends.onnx_program import GraphProgram
 from graphprune.optim.obspa import Activation, GraphRoutes, compensate, consumer_moments
 from graphprune.optim.scoring import Normalize, normalize, score
 from graphprune.latency import LatencyModel, LatencyRun, LatencyTable, graph_layers, measure_masks_fn, meet_latency
+from graphprune.optim.uniform import select_uniform
 from graphprune.target import Target, achieved, kept_widths, select_units
 
 if TYPE_CHECKING:
@@ -126,9 +127,12 @@ def _select_layerwise(groups: Sequence[Group], scores: Sequence[torch.Tensor], t
 
 
 def select(groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Target | float,
-           scope: Scope = "global", **totals: Any) -> list[torch.Tensor]:
-    """Removal masks under ``target``: one global ranking, or one fraction for every layer."""
+           scope: Scope = "global", uniform: bool = False, **totals: Any) -> list[torch.Tensor]:
+    """Removal masks under ``target``: one global ranking, or one fraction for every layer;
+    ``uniform``: the same count in every group of one role (:mod:`.uniform`)."""
     target = Target.coerce(target)
+    if uniform and scope == "global":
+        return select_uniform(groups, scores, target, **totals)
     if scope == "global":
         return select_units(groups, scores, target, **totals)
     if scope == "layer":
@@ -139,8 +143,8 @@ def select(groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Targ
 def prune(g: PrunableGraph, criterion: str = "obspa", target: Target | float = 0.4, *, data: Iterable | None = None,
           loss_fn: Callable | None = None, normalize: Normalize | None = None, scope: Scope = "global",
           compensate_consumers: bool | None = None, batches: int = 4, damping: float = 0.1,
-          activation: Activation | None = None, rescale: float = 2.0, codegen: str = "x86",
-          tuning_db: str | None = None) -> PruneReport:
+          activation: Activation | None = None, rescale: float = 2.0, uniform: bool = False,
+          codegen: str = "x86", tuning_db: str | None = None) -> PruneReport:
     """Score, select and zero units of the traced graph ``g`` in place; returns a report.
 
     ``target`` is a :class:`~graphprune.target.Target` or a float (fraction of FLOPs to
@@ -155,6 +159,9 @@ def prune(g: PrunableGraph, criterion: str = "obspa", target: Target | float = 0
     :func:`~graphprune.optim.obspa.input_moments`): by default the activation between
     each group and each of its consumers is read from the traced graph (relu, relu6,
     gelu, silu, attention values, identity); ``activation=`` forces one everywhere.
+    ``uniform`` removes the same number of units from the groups of one role in every
+    layer (:mod:`.uniform`: heads per layer, MLP width), so a transformer's compact model
+    fits its standard config; ``scope="layer"`` already gives groups of one size one count.
     A latency target (``Target(latency_ms=...)``) is met on the ``codegen`` target with the
     compiler in the loop (:mod:`graphprune.latency`: per-layer tables measured with the
     tuning database ``tuning_db``, the machine's shared one by default); the report's
@@ -173,12 +180,12 @@ def prune(g: PrunableGraph, criterion: str = "obspa", target: Target | float = 0
         normalize = "max" if criterion == "obspa" else "mean"
     latency = None
     if target.kind == "latency":
-        if scope != "global":
-            raise GraphPruneError("a latency target is met by one global selection",
-                                  hint="use scope='global' with Target(latency_ms=...)")
+        if scope != "global" or uniform:
+            raise GraphPruneError("a latency target is met by one global, per-group selection",
+                                  hint="use scope='global' and uniform=False with Target(latency_ms=...)")
         masks, latency = _select_latency(g, groups, _normalize(raw, normalize), target, codegen, tuning_db)
     else:
-        masks = select(groups, _normalize(raw, normalize), target, scope, **totals)
+        masks = select(groups, _normalize(raw, normalize), target, scope, uniform, **totals)
     do_comp = criterion == "obspa" if compensate_consumers is None else compensate_consumers
     if do_comp:
         _compensate_all(groups, masks, params, damping, activation, routes, rescale)
