@@ -1,0 +1,241 @@
+"""What every consumer of every group really reads, measured on unlabeled calibration inputs.
+
+The data-free criteria model a consumer's input from the weights (:func:`~graphprune.optim.obspa.input_moments`);
+with a few unlabeled batches we can measure it instead.  One pass over the batches
+accumulates, for each (group, consumer layer), the first and second moments of the
+group's units as that layer reads them — never the activations themselves, so memory
+is bounded by the moment matrices, not by the number of batches:
+
+* ``moments``: an :class:`~graphprune.optim.obspa.InputMoments` over the units (or over a
+  unit's features for attention values, ``block > 1``), the real input Hessian that OBS
+  scoring and compensation need;
+* ``within``: per unit, the ``k x k`` second moments of the ``k`` columns the consumer
+  reads it at (a flatten before a linear layer gives each channel ``k`` positions), so the
+  output error of removing one unit is exact for that layer (:mod:`.calibrated`).
+
+The inputs are caught where the consumer layer runs: for a PyTorch model by a
+``TorchFunctionMode`` that sees every ``linear``/``conv`` call made with a consumer's weight
+(whatever module or function makes it); for an ONNX model by evaluating the traced graph in
+torch (:class:`~graphprune.frontends.onnx_program.GraphProgram`) and observing the data
+input of each consumer node.  A consumer not seen (a weight used through another op, a
+grouped convolution) keeps the data-free estimate, and :attr:`Calibration.uncalibrated`
+names it, so the report can say so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from graphprune.analysis.groups import Group, Slice
+from graphprune.errors import GraphPruneError, ShapeMismatchError
+from graphprune.frontends.onnx_program import GraphProgram
+from graphprune.optim.obspa import GraphRoutes, InputMoments, block_of, consumer_slices, input_moments
+
+if TYPE_CHECKING:
+    from graphprune.prunable import PrunableGraph
+
+
+@dataclass
+class ConsumerStats:
+    """Measured (or, when ``measured`` is False, data-free) input statistics of one consumer.
+
+    ``moments`` is over ``size * block`` entries; ``within`` is ``[size, k, k]`` (second
+    moments of a unit's ``k`` columns) and ``within_mean`` ``[size, k]``, with ``block == 1``.
+    """
+
+    moments: InputMoments
+    within: torch.Tensor
+    within_mean: torch.Tensor
+    measured: bool
+
+
+@dataclass
+class Calibration:
+    """Per group, per consumer (in :func:`~graphprune.optim.obspa.consumer_slices` order) statistics."""
+
+    stats: list[list[ConsumerStats]]
+    samples: int
+    uncalibrated: list[str] = field(default_factory=list)
+
+    def moments(self, i: int) -> list[InputMoments]:
+        return [s.moments for s in self.stats[i]]
+
+    def __repr__(self) -> str:
+        n = sum(len(s) for s in self.stats)
+        return (f"Calibration({self.samples} samples, {n - len(self.uncalibrated)}/{n} consumers measured"
+                + (f"; data-free: {', '.join(self.uncalibrated[:5])}" if self.uncalibrated else "") + ")")
+
+
+class _Accumulator:
+    """Running sums for one (group, consumer): ``Σ x xᵀ`` over units, ``Σ x``, and the within-unit blocks."""
+
+    def __init__(self, s: Slice, block: int) -> None:
+        self.index, self.block = s.index.reshape(-1), block
+        self.size, self.k = s.index.shape
+        n = self.size * (block if block > 1 else 1)
+        self.second = torch.zeros(n, n, dtype=torch.float64)
+        self.sum = torch.zeros(n, dtype=torch.float64)
+        self.within = torch.zeros(self.size, self.k, self.k, dtype=torch.float64)
+        self.within_sum = torch.zeros(self.size, self.k, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x2d: torch.Tensor) -> None:
+        cols = x2d[:, self.index.to(x2d.device)].double().cpu()  # [N, size * k], unit-major
+        n = cols.shape[0]
+        per = cols.reshape(n, self.size, self.k)
+        if self.block > 1:
+            self.second += cols.T @ cols
+            self.sum += cols.sum(0)
+        else:
+            self.second += torch.einsum("nuj,nvj->uv", per, per)
+            self.sum += per.sum((0, 2))
+        self.within += torch.einsum("nui,nuj->uij", per, per)
+        self.within_sum += per.sum(0)
+        self.rows += n
+
+    def result(self) -> ConsumerStats:
+        per = self.rows * (1 if self.block > 1 else self.k)
+        second, mean = self.second / per, self.sum / per
+        mom = InputMoments(second - torch.outer(mean, mean), mean, self.block)
+        return ConsumerStats(mom, self.within / self.rows, self.within_sum / self.rows, True)
+
+
+def _data_free(g: Group, s: Slice, params: dict[str, torch.Tensor], routes: GraphRoutes | None) -> ConsumerStats:
+    """The weight-based estimate, in the same form, for a consumer the calibration did not see."""
+    mom = input_moments(g, params, graph=routes, consumer=s)
+    k = s.index.shape[1]
+    if mom.block > 1:
+        second = mom.second.diagonal().reshape(g.size, k)
+        mean = mom.mean.reshape(g.size, k)
+    else:
+        second = mom.second.diagonal()[:, None].expand(g.size, k)
+        mean = mom.mean[:, None].expand(g.size, k)
+    return ConsumerStats(mom, torch.diag_embed(second).clone(), mean.clone(), False)
+
+
+def as_inputs(batch: Any, n_inputs: int, names: Sequence[str] = ()) -> tuple[Any, ...]:
+    """One calibration batch as positional model inputs.
+
+    A batch is a tensor (one input), a tuple/list with one tensor per input, or a dict keyed
+    by input name.  A labelled pair ``(x, y)`` for a one-input model is accepted and its
+    labels ignored, so the loaders of gradient criteria work here too.
+    """
+    if isinstance(batch, Mapping):
+        missing = [n for n in names if n not in batch]
+        if missing or not names:
+            raise ShapeMismatchError(f"calibration batch lacks input {missing[0] if missing else '?'}",
+                                     node=missing[0] if missing else None,
+                                     hint=f"key each batch by the model's input names: {', '.join(names)}")
+        return tuple(batch[n] for n in names)
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == n_inputs:
+            return tuple(batch)
+        if n_inputs == 1 and len(batch) == 2:
+            return (batch[0],)
+    raise GraphPruneError(f"a calibration batch must be a tensor, a tuple of {n_inputs} tensors or a dict by "
+                          f"input name; got {type(batch).__name__}",
+                          hint="pass data=[x1, x2, ...] (unlabeled batches of model inputs)")
+
+
+class _Watch(TorchFunctionMode):
+    """Calls ``seen(name, x, axis)`` for every linear/conv call made with a watched weight."""
+
+    def __init__(self, weights: dict[int, str], seen: Any) -> None:
+        super().__init__()
+        self.weights, self.seen = weights, seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if len(args) > 1 and id(args[1]) in self.weights and isinstance(args[0], torch.Tensor):
+            fname = getattr(func, "__name__", "")
+            axis = -1 if fname == "linear" else 1 if fname.startswith("conv") and "transpose" not in fname else None
+            if axis is not None:
+                self.seen(self.weights[id(args[1])], args[0], axis)
+        return func(*args, **kwargs)
+
+
+def calibrate(g: PrunableGraph, data: Iterable, *, batches: int | None = None) -> Calibration:
+    """Measure the input statistics of every consumer of every group of ``g`` on ``data``.
+
+    ``data`` yields unlabeled batches (:func:`as_inputs`); ``batches`` caps how many are read.
+    Runs the model once per batch in eval mode without gradients and leaves it unchanged.
+    """
+    ir, params, groups = g.ir, g.params, list(g.groups)
+    routes = GraphRoutes(ir, params)
+    consumers = [consumer_slices(grp) for grp in groups]
+    acc: dict[str, list[tuple[int, int, _Accumulator]]] = {}
+    for i, (grp, cs) in enumerate(zip(groups, consumers)):
+        for j, s in enumerate(cs):
+            acc.setdefault(s.param, []).append((i, j, _Accumulator(s, block_of(s, routes.route(grp, s)))))
+    skipped: set[str] = set()
+    dims = {s.param: s.dim for cs in consumers for s in cs}
+
+    def seen(param: str, x: torch.Tensor, axis: int) -> None:
+        w = params[param]
+        if x.dim() < 2 or x.shape[axis] != w.shape[dims[param]] or not x.is_floating_point():
+            skipped.add(param)  # a grouped conv or an unusual layout: keep the data-free estimate
+            return
+        x2d = x.detach().movedim(axis, -1).reshape(-1, x.shape[axis])
+        for _, _, a in acc[param]:
+            a.add(x2d)
+
+    n_inputs, names = len(ir.inputs), list(ir.inputs)
+    samples = 0
+    model = getattr(g, "model", None)
+    for b, batch in enumerate(data):
+        if batches is not None and b >= batches:
+            break
+        inputs = as_inputs(batch, n_inputs, names)
+        samples += int(inputs[0].shape[0]) if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
+        with torch.no_grad():
+            if model is not None:
+                _run_torch(model, inputs, {id(params[p]): p for p in acc}, seen)
+            else:
+                _run_onnx(ir, params, inputs, acc, routes, seen)
+    if samples == 0:
+        raise GraphPruneError("the calibration data yielded no batches",
+                              hint="pass a non-empty iterable of model inputs")
+    stats: list[list[ConsumerStats]] = [[None] * len(cs) for cs in consumers]  # type: ignore[list-item]
+    uncalibrated = []
+    for param, entries in acc.items():
+        for i, j, a in entries:
+            if a.rows and param not in skipped:
+                stats[i][j] = a.result()
+            else:
+                stats[i][j] = _data_free(groups[i], consumers[i][j], params, routes)
+                uncalibrated.append(f"{param} (group {groups[i].name})")
+    return Calibration(stats, samples, sorted(set(uncalibrated)))
+
+
+def _run_torch(model: torch.nn.Module, inputs: tuple, weights: dict[int, str], seen: Any) -> None:
+    was = model.training
+    model.eval()
+    try:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with _Watch(weights, seen):
+            model(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs))
+    finally:
+        model.train(was)
+
+
+def _run_onnx(ir: Any, params: dict[str, torch.Tensor], inputs: tuple, acc: dict[str, Any],
+              routes: GraphRoutes, seen: Any) -> None:
+    """Evaluate the traced ONNX graph in torch and observe each consumer node's data input."""
+    observe: dict[str, list[tuple[str, int]]] = {}
+    for param in acc:
+        for node in routes.readers.get(param, [])[:1]:
+            data = [i for i in node.inputs if ir.values[i].kind in ("act", "input")]
+            if data:
+                observe.setdefault(data[0], []).append((param, 1 if node.op == "conv" else -1))
+
+    def hook(value: str, x: Any) -> None:
+        for param, axis in observe.get(value, ()):
+            if isinstance(x, torch.Tensor):
+                seen(param, x, axis)
+    tensors = [torch.as_tensor(x) for x in inputs]
+    GraphProgram(ir, params).run(tensors, observe=hook if observe else None)
