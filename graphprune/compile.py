@@ -35,7 +35,7 @@ from graphprune.atomic import atomic_path
 from graphprune.errors import (GraphPruneError, TuningError, UnprunableTargetError, UnsupportedModelError,
                                ZeroInvarianceError)
 from graphprune.export import export_onnx
-from graphprune.frontends.onnx_weight_forms import is_view, set_constant
+from graphprune.frontends.onnx_weight_forms import with_params
 from graphprune.reference import onnxruntime_latency
 from graphprune.optim import DHSPG, H2SPG, HESSO, HESSO_CRIC
 from graphprune.optim.oneshot import prune
@@ -355,35 +355,10 @@ def _outputs(model: nn.Module | onnx.ModelProto, inputs: Sequence[Any]) -> list[
     return [t.detach().cpu().numpy() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def _with_params(proto: onnx.ModelProto, params: dict[str, torch.Tensor]) -> onnx.ModelProto:
-    """A copy of ``proto`` whose weights hold ``params`` (the zeroed input model), each in
-    the form the file keeps it: an initializer, a ``Constant`` node, or a view of one (an
-    ``Identity`` sharing a weight between layers, a ``Cast`` of an fp16 weight), which is
-    one weight per use in the IR (the optimizers may write each differently) and so
-    becomes a ``Constant`` of its own (:mod:`.frontends.onnx_weight_forms`)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    stored = {i.name: i.data_type for i in out.graph.initializer}  # the type a weight is stored in
-    stored.update((n.output[0], a.t.data_type) for n in out.graph.node if n.op_type == "Constant"
-                  for a in n.attribute if a.name == "value")
-    for node in out.graph.node:
-        if node.output and node.output[0] in params and (node.op_type == "Constant" or is_view(node)):
-            array = params[node.output[0]].detach().cpu().numpy()
-            if is_view(node) and node.input[0] in stored:  # rounded as the file stores it (fp16), then viewed
-                array = array.astype(onnx.helper.tensor_dtype_to_np_dtype(stored[node.input[0]])).astype(array.dtype)
-            set_constant(node, array)
-    for init in out.graph.initializer:
-        if init.name in params:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-            array = params[init.name].detach().cpu().numpy().astype(dtype)
-            init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
-    return out
-
-
 def _reference(g: PrunableGraph, work: nn.Module | None) -> nn.Module | onnx.ModelProto:
     """The input model with its current weights: the PyTorch working copy, or the input
     ONNX model with ``g.params`` written into its initializers (run by onnxruntime)."""
-    return work if work is not None else _with_params(g.backend.proto, g.params)
+    return work if work is not None else with_params(g.backend.proto, g.params)
 
 
 def _verify(g: PrunableGraph, reference: nn.Module | onnx.ModelProto, compact: Any, example: tuple) -> float:
