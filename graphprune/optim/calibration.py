@@ -191,7 +191,8 @@ def calibrate(g: PrunableGraph, data: Iterable, *, batches: int | None = None) -
         if batches is not None and b >= batches:
             break
         inputs = as_inputs(batch, n_inputs, names)
-        samples += int(inputs[0].shape[0]) if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
+        shape = getattr(inputs[0], "shape", ())
+        samples += int(shape[0]) if len(shape) else 1
         with torch.no_grad():
             if model is not None:
                 _run_torch(model, inputs, {id(params[p]): p for p in acc}, seen)
@@ -238,4 +239,14 @@ def _run_onnx(ir: Any, params: dict[str, torch.Tensor], inputs: tuple, acc: dict
             if isinstance(x, torch.Tensor):
                 seen(param, x, axis)
     tensors = [torch.as_tensor(x) for x in inputs]
+    traced = {n: ir.values[n].shape for n in ir.inputs}
+    given = {n: tuple(t.shape) for n, t in zip(ir.inputs, tensors)}
+    for n in ir.inputs:
+        if given[n] != tuple(traced[n]):
+            # shape arithmetic the importer resolved keeps the traced sizes (GraphProgram)
+            raise ShapeMismatchError(f"calibration input {n!r} has shape {'x'.join(map(str, given[n]))}, but the "
+                                     f"ONNX model was traced at {'x'.join(map(str, traced[n]))}",
+                                     node=n, source=ir.source,
+                                     hint="trace with example inputs of the calibration batches' shape, and give "
+                                          "every batch that shape")
     GraphProgram(ir, params).run(tensors, observe=hook if observe else None)
