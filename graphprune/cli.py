@@ -83,6 +83,15 @@ def _input_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _preprocess(text: str) -> Any:
+    from graphprune.frontends.calibration_files import Preprocess
+
+    try:
+        return Preprocess.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from graphprune import __version__
     from graphprune.compile import METHODS, ONESHOT
@@ -106,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--calibration", metavar="PATH", help="unlabeled model inputs (.npz by input name, .npy for "
                         "one input, or a folder of them): calibrated criteria, and recovery after pruning; they "
                         "are also the example inputs (so not with --inputs/--input-shape)")
+    target.add_argument("--preprocess", type=_preprocess, metavar="size=HxW,mean=..,std=..",
+                        help="read a --calibration folder of images: resize, scale to [0, 1], subtract mean and "
+                             "divide by std per channel (e.g. size=224x224,mean=0.485,0.456,0.406,"
+                             "std=0.229,0.224,0.225)")
     target.add_argument("--recover-steps", type=_positive, metavar="N", help="steps of label-free distillation "
                         "from the input model on the calibration inputs after pruning (default 200 with "
                         "--calibration; 0: none)")
@@ -191,7 +204,7 @@ def _calibration(args: argparse.Namespace) -> list[dict[str, Any]] | None:
                                  hint="give the shapes you want through the calibration arrays")
     from graphprune.frontends.calibration_files import load_calibration
 
-    return load_calibration(args.calibration, _interface(args.model), source=args.model)
+    return load_calibration(args.calibration, _interface(args.model), source=args.model, preprocess=args.preprocess)
 
 
 def _example(args: argparse.Namespace, calibration: list[dict[str, Any]] | None = None) -> tuple:

@@ -23,6 +23,7 @@ names it, so the report can say so.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -164,14 +165,20 @@ def calibrate(g: PrunableGraph, data: Iterable, *, batches: int | None = None) -
 
     ``data`` yields unlabeled batches (:func:`as_inputs`); ``batches`` caps how many are read.
     Runs the model once per batch in eval mode without gradients and leaves it unchanged.
+    A graph with a PyTorch model and no IR (groups written by hand) is calibrated through
+    the model alone, every consumer read as one feature per unit.
     """
-    ir, params, groups = g.ir, g.params, list(g.groups)
-    routes = GraphRoutes(ir, params)
+    ir, params, groups = getattr(g, "ir", None), g.params, list(g.groups)
+    model = getattr(g, "model", None)
+    if ir is None and model is None:
+        raise GraphPruneError("calibration needs a traced graph or its PyTorch model", hint="g = gp.trace(model, x)")
+    routes = GraphRoutes(ir, params) if ir is not None else None
     consumers = [consumer_slices(grp) for grp in groups]
     acc: dict[str, list[tuple[int, int, _Accumulator]]] = {}
     for i, (grp, cs) in enumerate(zip(groups, consumers)):
         for j, s in enumerate(cs):
-            acc.setdefault(s.param, []).append((i, j, _Accumulator(s, block_of(s, routes.route(grp, s)))))
+            route = routes.route(grp, s) if routes is not None else None
+            acc.setdefault(s.param, []).append((i, j, _Accumulator(s, block_of(s, route))))
     skipped: set[str] = set()
     dims = {s.param: s.dim for cs in consumers for s in cs}
 
@@ -184,9 +191,9 @@ def calibrate(g: PrunableGraph, data: Iterable, *, batches: int | None = None) -
         for _, _, a in acc[param]:
             a.add(x2d)
 
-    n_inputs, names = len(ir.inputs), list(ir.inputs)
+    names = list(ir.inputs) if ir is not None else []
+    n_inputs = len(names) if ir is not None else arity(model)
     samples = 0
-    model = getattr(g, "model", None)
     for b, batch in enumerate(data):
         if batches is not None and b >= batches:
             break
@@ -211,6 +218,13 @@ def calibrate(g: PrunableGraph, data: Iterable, *, batches: int | None = None) -
                 stats[i][j] = _data_free(groups[i], consumers[i][j], params, routes)
                 uncalibrated.append(f"{param} (group {groups[i].name})")
     return Calibration(stats, samples, sorted(set(uncalibrated)))
+
+
+def arity(model: torch.nn.Module) -> int:
+    """Positional inputs ``model.forward`` needs (those without a default)."""
+    ps = inspect.signature(model.forward).parameters.values()
+    return max(len([p for p in ps if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                    and p.default is p.empty]), 1)
 
 
 def _run_torch(model: torch.nn.Module, inputs: tuple, weights: dict[int, str], seen: Any) -> None:

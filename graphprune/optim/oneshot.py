@@ -199,8 +199,6 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
     routes = GraphRoutes(ir, params) if ir is not None else None
     totals = _totals(g)
     if criterion in CALIBRATED and calibration is None and data is not None:
-        if ir is None:
-            raise GraphPruneError("calibration needs a traced graph (gp.trace)", hint="pass g = gp.trace(model, x)")
         calibration = calibrate(g, data, batches=calibration_batches)
     if calibration is not None and criterion not in CALIBRATED:
         calibration = None  # a gradient or magnitude criterion: the statistics play no part

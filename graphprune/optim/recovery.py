@@ -16,7 +16,6 @@ so names, dynamic axes and everything else of the file stay as they were.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from graphprune.frontends.onnx_inputs import graph_inputs
 from graphprune.frontends.onnx_program import GraphProgram
 from graphprune.frontends.onnx_skeleton import run_onnx
 from graphprune.frontends.onnx_weight_forms import with_params
-from graphprune.optim.calibration import as_inputs
+from graphprune.optim.calibration import arity, as_inputs
 
 Loss = Literal["mse", "kl"]
 
@@ -60,13 +59,6 @@ class Recovery:
         skipped = f", {self.skipped_batches} batches of another shape skipped" if self.skipped_batches else ""
         return (f"Recovery({self.steps} steps of {self.loss} distillation on {self.batches} batches: "
                 f"loss {self.loss_before:.4g} -> {self.loss_after:.4g}{skipped})")
-
-
-def _arity(model: nn.Module) -> int:
-    """Positional inputs ``model.forward`` needs (those without a default)."""
-    ps = inspect.signature(model.forward).parameters.values()
-    need = [p for p in ps if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
-    return max(len(need), 1)
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
@@ -147,12 +139,12 @@ def recover(compact: nn.Module | onnx.ModelProto, dense: Any, data: Iterable, *,
     teacher = _teacher(dense)
     if isinstance(compact, onnx.ModelProto):
         names = [vi.name for vi in graph_inputs(compact)]
-        arity = len(names)
+        n_inputs = len(names)
     elif isinstance(compact, nn.Module):
-        names, arity = [], _arity(compact)
+        names, n_inputs = [], arity(compact)
     else:
         raise GraphPruneError(f"recover takes the compact nn.Module or ONNX ModelProto; got {type(compact).__name__}")
-    batches = [tuple(torch.as_tensor(x) for x in as_inputs(b, arity, names)) for b in data]
+    batches = [tuple(torch.as_tensor(x) for x in as_inputs(b, n_inputs, names)) for b in data]
     if not batches:
         raise GraphPruneError("the calibration data yielded no batches", hint="pass a non-empty iterable of inputs")
     skipped = 0

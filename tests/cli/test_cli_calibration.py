@@ -63,3 +63,20 @@ def test_recovery_without_calibration_is_refused(fpn, tmp_path, capsys):
     code, _, err = run_main(capsys, "prune", path, "--recover-steps", "10", "--input-shape", "images=1x3x16x16",
                             "-o", tmp_path / "o.onnx")
     assert code == 3 and "--calibration" in err
+
+
+def test_a_folder_of_images_with_preprocess(fpn, tmp_path):
+    """Images are read as the model was trained (size, mean, std), checked like arrays."""
+    from PIL import Image
+
+    from graphprune.frontends.calibration_files import Preprocess, load_calibration
+
+    path, _ = fpn
+    for i in range(3):
+        Image.fromarray(np.full((30, 20, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    pre = Preprocess.parse("size=16x24,mean=0.5,0.5,0.5,std=0.25,0.25,0.25")
+    batches = load_calibration(tmp_path, onnx.load(str(path)), preprocess=pre)
+    x = np.concatenate([b["images"] for b in batches])
+    assert x.shape == (3, 3, 16, 24) and np.allclose(x[2], (120 / 255 - 0.5) / 0.25)
+    with pytest.raises(ValueError, match="size=HxW"):
+        Preprocess.parse("mean=0.5")
