@@ -27,6 +27,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -120,7 +121,7 @@ def _data_free(g: Group, s: Slice, params: dict[str, torch.Tensor], routes: Grap
 def as_inputs(batch: Any, n_inputs: int, names: Sequence[str] = ()) -> tuple[Any, ...]:
     """One calibration batch as positional model inputs.
 
-    A batch is a tensor (one input), a tuple/list with one tensor per input, or a dict keyed
+    A batch is a tensor or array (one input), a tuple/list with one per input, or a dict keyed
     by input name.  A labelled pair ``(x, y)`` for a one-input model is accepted and its
     labels ignored, so the loaders of gradient criteria work here too.
     """
@@ -131,7 +132,7 @@ def as_inputs(batch: Any, n_inputs: int, names: Sequence[str] = ()) -> tuple[Any
                                      node=missing[0] if missing else None,
                                      hint=f"key each batch by the model's input names: {', '.join(names)}")
         return tuple(batch[n] for n in names)
-    if isinstance(batch, torch.Tensor):
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
         return (batch,)
     if isinstance(batch, (tuple, list)):
         if len(batch) == n_inputs:
@@ -253,14 +254,17 @@ def _run_onnx(ir: Any, params: dict[str, torch.Tensor], inputs: tuple, acc: dict
             if isinstance(x, torch.Tensor):
                 seen(param, x, axis)
     tensors = [torch.as_tensor(x) for x in inputs]
-    traced = {n: ir.values[n].shape for n in ir.inputs}
-    given = {n: tuple(t.shape) for n, t in zip(ir.inputs, tensors)}
-    for n in ir.inputs:
-        if given[n] != tuple(traced[n]):
-            # shape arithmetic the importer resolved keeps the traced sizes (GraphProgram)
-            raise ShapeMismatchError(f"calibration input {n!r} has shape {'x'.join(map(str, given[n]))}, but the "
-                                     f"ONNX model was traced at {'x'.join(map(str, traced[n]))}",
-                                     node=n, source=ir.source,
-                                     hint="trace with example inputs of the calibration batches' shape, and give "
-                                          "every batch that shape")
-    GraphProgram(ir, params).run(tensors, observe=hook if observe else None)
+    try:
+        GraphProgram(ir, params).run(tensors, observe=hook if observe else None)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        other = [(n, tuple(t.shape), tuple(ir.values[n].shape)) for n, t in zip(ir.inputs, tensors)
+                 if tuple(t.shape) != tuple(ir.values[n].shape)]
+        if not other:
+            raise
+        n, given, traced = other[0]
+        # shape arithmetic the importer resolved into attributes keeps the traced sizes (GraphProgram)
+        raise ShapeMismatchError(f"calibration input {n!r} has shape {'x'.join(map(str, given))}, and the ONNX "
+                                 f"graph, traced at {'x'.join(map(str, traced))}, does not run at it: "
+                                 f"{type(exc).__name__}: {str(exc)[:200]}", node=n, source=ir.source,
+                                 hint="trace with example inputs of the calibration batches' shape, and give "
+                                      "every batch that shape") from exc

@@ -80,3 +80,14 @@ def test_a_folder_of_images_with_preprocess(fpn, tmp_path):
     assert x.shape == (3, 3, 16, 24) and np.allclose(x[2], (120 / 255 - 0.5) / 0.25)
     with pytest.raises(ValueError, match="size=HxW"):
         Preprocess.parse("mean=0.5")
+
+
+def test_calibration_at_a_size_the_traced_graph_cannot_run_names_the_input(fpn):
+    """The detector's Reshape sizes were read from shapes at trace time: other sizes are refused clearly."""
+    import graphprune as gp
+    from graphprune.errors import ShapeMismatchError
+
+    path, calib = fpn
+    g = gp.trace(str(path), (np.load(calib)["images"],))
+    with pytest.raises(ShapeMismatchError, match="calibration input 'images' has shape 2x3x24x32"):
+        gp.prune(g, target=0.3, data=[np.zeros((2, 3, 24, 32), np.float32)])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import graphprune as gp
-from graphprune.errors import GraphPruneError, ShapeMismatchError
+from graphprune.errors import GraphPruneError
 from graphprune.optim.calibration import calibrate
 from graphprune.optim.obspa import consumer_slices
 
@@ -74,8 +74,6 @@ def test_measured_moments_are_those_of_the_activations_in_torch_and_onnx(trained
     go = gp.trace(str(path), (x[:32].numpy(),))
     st_onnx = _fc1_stats(go, calibrate(go, batches))
     torch.testing.assert_close(st_onnx.moments.second, second, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ShapeMismatchError, match="calibration input 'x'"):
-        calibrate(go, [x[:16]])  # another batch size than traced: said, naming the input
 
 
 @pytest.mark.parametrize("criterion", ["obspa", "wanda", "reconstruction"])
