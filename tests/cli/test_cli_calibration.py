@@ -15,7 +15,7 @@ from .dynamic_models import export_fpn
 
 
 @pytest.fixture(scope="module")
-def fpn(tmp_path_factory, ) -> tuple:
+def fpn(tmp_path_factory) -> tuple:
     folder = tmp_path_factory.mktemp("calib")
     path = export_fpn(folder / "det.onnx")
     calib = folder / "calib.npz"

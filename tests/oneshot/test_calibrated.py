@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import warnings
 
-import onnx
 import pytest
 import torch
 
@@ -106,3 +105,24 @@ def test_default_criterion_depends_on_the_data_and_says_why(digits):
     cal = gp.prune(g, target=0.2, data=_calib(x, 64))
     assert cal.criterion == "obspa" and "calibration" in cal.reason and cal.calibration.samples == 64
     assert gp.prune(gp.trace(MLP().eval(), (x[:32],)), "l2", 0.2).reason == "asked for"
+
+
+class _MatmulHead(torch.nn.Module):
+    """A hidden layer read through ``@`` with a bare parameter, not a linear or conv call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(64, 32)
+        self.w2 = torch.nn.Parameter(torch.randn(32, 10) / 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc1(x.flatten(1))) @ self.w2
+
+
+def test_a_consumer_calibration_cannot_see_is_named_and_keeps_the_data_free_estimate(digits):
+    x, _ = digits
+    torch.manual_seed(0)
+    g = gp.trace(_MatmulHead().eval(), (x[:32],))
+    report = gp.prune(g, "obspa", 0.3, data=_calib(x, 64))
+    assert [u for u in report.calibration.uncalibrated if u.startswith("w2")], report.calibration
+    assert "data-free: w2" in repr(report.calibration)
