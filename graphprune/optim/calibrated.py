@@ -26,7 +26,7 @@ import torch
 from graphprune.analysis.groups import Group, Slice
 from graphprune.errors import GraphPruneError
 from graphprune.optim.calibration import Calibration, ConsumerStats
-from graphprune.optim.obspa import GraphRoutes, InputMoments, _mean_sink, compensate, consumer_slices
+from graphprune.optim.obspa import GraphRoutes, InputMoments, mean_sink, compensate, consumer_slices
 
 
 def _unit_weights(p: torch.Tensor, s: Slice) -> torch.Tensor:
@@ -74,7 +74,7 @@ def reconstruction(groups: Sequence[Group], params: dict[str, torch.Tensor], *,
 
     def term(w: torch.Tensor, s: Slice, st: ConsumerStats) -> torch.Tensor:
         c = st.within
-        if _mean_sink(s, params, graph) is not None:
+        if mean_sink(s, params, graph) is not None:
             c = c - st.within_mean[:, :, None] * st.within_mean[:, None, :]
         return torch.einsum("rui,uij,ruj->u", w, c, w).clamp_min(0)
     return _per_unit(groups, params, cal, term)

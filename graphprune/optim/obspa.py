@@ -513,7 +513,7 @@ def obspa(groups: Sequence[Group], params: dict[str, torch.Tensor], *, damping: 
         score = torch.zeros(g.size, dtype=torch.float64)
         moms = moments[i] if moments is not None else consumer_moments(g, params, activation, routes)
         for s, mom in zip(consumers, moms):
-            h = obs_hessian(mom.cov if _mean_sink(s, params, routes) else mom.second, damping)
+            h = obs_hessian(mom.cov if mean_sink(s, params, routes) else mom.second, damping)
             rows = consumer_rows(params[s.param], s, mom.block)
             score += obs_saliency(rows, h, mom.block)
         out.append(score.float())
@@ -551,7 +551,7 @@ def compensate(g: Group, remove: torch.Tensor, params: dict[str, torch.Tensor],
     for s, m in zip(consumers, moms):
         p = params[s.param]
         rows = consumer_rows(p, s, m.block)
-        sink = _mean_sink(s, params, routes)
+        sink = mean_sink(s, params, routes)
         h = obs_hessian(m.cov if sink else m.second, damping)
         new = obs_compensate(rows, h, remove.repeat_interleave(m.block))
         if sink:
@@ -571,7 +571,7 @@ def compensate(g: Group, remove: torch.Tensor, params: dict[str, torch.Tensor],
         _write_consumer_rows(p, s, new, m.block)
 
 
-def _mean_sink(s: Slice, params: dict[str, torch.Tensor],
+def mean_sink(s: Slice, params: dict[str, torch.Tensor],
                routes: GraphRoutes | None) -> tuple[str, torch.Tensor | float] | None:
     """Where a consumer's output-mean shift can go: its own bias (scale 1), or the beta of
     an inference BatchNorm right after it (scale ``gamma / sqrt(var + eps)``); None if nowhere."""

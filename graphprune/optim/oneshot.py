@@ -10,6 +10,10 @@
   to stay close to the original.
 * **after training, then fine-tune** — any criterion, then :func:`finetune` on the
   compact model for a short schedule.
+* **after training, with unlabeled inputs only** — ``data=`` calibration batches make
+  ``obspa`` use the input Hessian measured on them (and enable ``wanda``,
+  ``reconstruction``); then :func:`graphprune.recover` distils the compact model from the
+  dense one on the same inputs, no labels needed.
 
 >>> g = gp.trace(model, (x,))
 >>> report = prune(g, "obspa", Target(flops=0.4))

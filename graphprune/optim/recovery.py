@@ -82,12 +82,14 @@ def _teacher(dense: Any) -> Callable[[tuple], list[torch.Tensor]]:
     if isinstance(dense, onnx.ModelProto):
         return _onnx_teacher(dense)
     if isinstance(dense, nn.Module):
+        device = next((p.device for p in dense.parameters()), torch.device("cpu"))
+
         def run(inputs: tuple) -> list[torch.Tensor]:
             was = dense.training
             dense.eval()
             try:
                 with torch.no_grad():
-                    return [t.detach() for t in _leaves(dense(*inputs))]
+                    return [t.detach() for t in _leaves(dense(*(x.to(device) for x in inputs)))]
             finally:
                 dense.train(was)
         return run
@@ -157,7 +159,8 @@ def recover(compact: nn.Module | onnx.ModelProto, dense: Any, data: Iterable, *,
     if isinstance(compact, onnx.ModelProto):
         return _recover_onnx(compact, batches, targets, steps, lr, loss, temperature, seed, skipped)
     params = [p for p in compact.parameters() if p.requires_grad and p.is_floating_point()]
-    run = lambda b: _leaves(compact(*b))  # noqa: E731
+    device = params[0].device if params else torch.device("cpu")
+    run = lambda b: _leaves(compact(*(x.to(device) for x in b)))  # noqa: E731
     was = compact.training
     compact.eval()
     try:

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from benchmarks.digits import Attention  # the digits ViT's attention: q/k/v/out linears around SDPA
 import graphprune as gp
-from graphprune.optim.obspa import GraphRoutes, InputMoments, consumer_slices, _mean_sink, compensate, \
+from graphprune.optim.obspa import GraphRoutes, InputMoments, consumer_slices, mean_sink, compensate, \
     consumer_moments, consumer_rows, smooth_activation
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -165,7 +165,7 @@ def test_routed_compensation_never_beats_zeroing_in_reverse(tiny, seed: int) -> 
             wz = w0.clone()
             wz[:, remove.repeat_interleave(mom.block)] = 0
             out = before[s.param].shape[0]
-            sink = _mean_sink(s, g.params, routes)
+            sink = mean_sink(s, g.params, routes)
             absorbed = torch.zeros(out, dtype=torch.float64)
             if sink is not None:
                 name, scale = sink
