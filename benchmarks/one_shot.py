@@ -46,7 +46,9 @@ from graphprune.errors import UnprunableTargetError  # noqa: E402
 from graphprune.optim.oneshot import finetune, prune  # noqa: E402
 from graphprune.target import Target  # noqa: E402
 
-OURS = ["l1", "l2", "bn_scale", "taylor", "hessian", "obspa"]
+OURS = ["l1", "l2", "bn_scale", "taylor", "hessian", "obspa", "obspa-cal", "wanda", "reconstruction"]
+#: Ours that read the 4 calibration batches: gradient criteria with their labels, calibrated ones without.
+WITH_DATA = ("taylor", "hessian", "obspa-cal", "wanda", "reconstruction")
 THEIRS = ["tp-magnitude", "tp-taylor", "tp-hessian"]
 BATCH = 64
 
@@ -90,7 +92,8 @@ class Ours:
 
     def __call__(self, method: str, fraction: float, calib) -> nn.Module:
         self.model.load_state_dict(self.state)
-        prune(self.g, method, Target(flops=fraction), data=calib, loss_fn=F.cross_entropy)
+        data = calib if method in WITH_DATA else None  # obspa with data would be calibrated: that is obspa-cal
+        prune(self.g, method.removesuffix("-cal"), Target(flops=fraction), data=data, loss_fn=F.cross_entropy)
         return self.g.construct_subnet()
 
 

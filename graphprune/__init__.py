@@ -12,9 +12,11 @@ from .pretrained import load_pretrained
 from . import optim
 from .optim import DHSPG, H2SPG, HESSO, HESSO_CRIC, HESSOCRIC
 from .optim.oneshot import PruneReport, finetune, prune
+from .optim.recovery import Recovery, recover
 from .target import Target, achieved, select_units
 from .trace import trace
 
 __all__ = ["trace", "compile", "CompileResult", "export_onnx", "PrunableGraph", "Group", "Slice", "GraphPruneError", "optim", "Target", "select_units",
-           "achieved", "load_pretrained", "HESSO", "DHSPG", "H2SPG", "HESSO_CRIC", "HESSOCRIC", "prune", "finetune", "PruneReport"]
+            "achieved", "load_pretrained", "HESSO", "DHSPG", "H2SPG", "HESSO_CRIC", "HESSOCRIC", "prune", "finetune",
+           "PruneReport", "recover", "Recovery"]
 __version__ = "0.1.0"

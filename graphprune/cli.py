@@ -33,6 +33,8 @@ examples:
   graphprune inspect model.onnx --html graph.html      ... and a page with the graph drawn
   graphprune prune model.onnx -o model.small.onnx --flops 0.5 --criterion obspa
   graphprune prune det.onnx --input-shape images=1x3x640x640   (dynamic height/width need a shape)
+  graphprune prune model.onnx --calibration calib.npz --recover-steps 200   (unlabeled inputs: calibrated
+                                                       criterion, then distillation from the input model)
   graphprune compile model.onnx --codegen x86 --tune-trials 200 -o out/   (tunes into the shared database)
   graphprune compile model.onnx --codegen x86 --tune-minutes 10 -o out/  (a time budget, where the latency is)
   graphprune tune model.onnx --codegen x86 --trials 64 --db runs/db   (a private database; run again to resume)
@@ -81,6 +83,15 @@ def _input_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _preprocess(text: str) -> Any:
+    from graphprune.frontends.calibration_files import Preprocess
+
+    try:
+        return Preprocess.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from graphprune import __version__
     from graphprune.compile import METHODS, ONESHOT
@@ -103,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
                       "model on the codegen target (x86 for prune), met with the compiler in the loop")
     target.add_argument("--min-units", type=_positive, default=1, help="fewest units any group keeps (default 1)")
     target.add_argument("--multiple", type=int, default=1, help="round kept widths to a multiple of this")
+    target.add_argument("--calibration", metavar="PATH", help="unlabeled model inputs (.npz by input name, .npy for "
+                        "one input, or a folder of them): calibrated criteria, and recovery after pruning; they "
+                        "are also the example inputs (so not with --inputs/--input-shape)")
+    target.add_argument("--preprocess", type=_preprocess, metavar="size=HxW,mean=..,std=..",
+                        help="read a --calibration folder of images: resize, scale to [0, 1], subtract mean and "
+                             "divide by std per channel (e.g. size=224x224,mean=0.485,0.456,0.406,"
+                             "std=0.229,0.224,0.225)")
+    target.add_argument("--recover-steps", type=_positive, metavar="N", help="steps of label-free distillation "
+                        "from the input model on the calibration inputs after pruning (default 200 with "
+                        "--calibration; 0: none)")
 
     parser = _Parser(prog="graphprune", description="Structured pruning of ONNX models: find the zero-invariant "
                      "groups, remove the least important units, and write a smaller ONNX model that computes "
@@ -121,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="ONNX file")
     p.add_argument("-o", "--output", help="output ONNX file (default: MODEL.pruned.onnx next to the input)")
-    p.add_argument("--criterion", default="obspa", choices=[m for m in ONESHOT if m not in ("taylor", "hessian")],
-                   help="unit scores: obspa (default, with compensation), magnitude (L2), l1, l2, bn_scale")
+    p.add_argument("--criterion", choices=[m for m in ONESHOT if m not in ("taylor", "hessian")],
+                   help="unit scores: obspa (default: with compensation, measured on --calibration when given), "
+                        "wanda, reconstruction (need --calibration), magnitude (L2), l1, l2, bn_scale")
     p.add_argument("--report", metavar="DIR", help="also write report.md, report.json and plots into DIR")
     p.set_defaults(run=cmd_prune)
 
@@ -130,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="ONNX file")
     p.add_argument("-o", "--output", default="graphprune-out", help="output folder (default: graphprune-out)")
-    p.add_argument("--method", default="obspa", choices=[m for m in METHODS if m in ONESHOT],
-                   help="one-shot method (training methods need the PyTorch model: use gp.compile)")
+    p.add_argument("--method", choices=[m for m in METHODS if m in ONESHOT and m not in ("taylor", "hessian")],
+                   help="one-shot method (default: obspa, calibrated with --calibration; training methods need "
+                        "the PyTorch model: use gp.compile)")
     p.add_argument("--codegen", choices=["x86", "arm", "cuda"], help="build the compact model with TVM for this target")
     p.add_argument("--tune-trials", type=_positive, default=0, help="tuning trials per task before building (0: none)")
     p.add_argument("--tune-minutes", type=_positive_float, help="tune for this many minutes before building, on the "
@@ -171,11 +194,29 @@ def _check_writable_folder(folder: Path) -> None:
     os.unlink(probe)
 
 
-def _example(args: argparse.Namespace) -> tuple:
-    """The example inputs given by ``--input-shape`` and ``--inputs``, in graph-input order
-    (``()`` when none is given: the importer then makes them, or says which is missing)."""
+def _calibration(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The ``--calibration`` batches (checked against the model's inputs), or None."""
+    if not getattr(args, "calibration", None):
+        if getattr(args, "recover_steps", None):
+            raise ShapeMismatchError("--recover-steps distils on calibration inputs: give them with --calibration",
+                                     hint="--calibration calib.npz (unlabeled model inputs)")
+        return None
+    if args.input_shape or args.inputs:
+        raise ShapeMismatchError("--calibration inputs are the example inputs too: leave out --inputs/--input-shape",
+                                 hint="give the shapes you want through the calibration arrays")
+    from graphprune.frontends.calibration_files import load_calibration
+
+    return load_calibration(args.calibration, _interface(args.model), source=args.model, preprocess=args.preprocess)
+
+
+def _example(args: argparse.Namespace, calibration: list[dict[str, Any]] | None = None) -> tuple:
+    """The example inputs given by ``--input-shape`` and ``--inputs`` (or the first calibration
+    batch), in graph-input order (``()`` when none is given: the importer then makes them, or
+    says which is missing)."""
     from graphprune.frontends.onnx_inputs import graph_inputs, input_feeds, load_npz
 
+    if calibration:
+        return tuple(calibration[0].values())
     if not args.input_shape and not args.inputs:
         return ()
     shapes: dict[str | None, tuple[int, ...]] = {}
@@ -244,8 +285,9 @@ def cmd_prune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     _check_writable_folder(output.parent)
     if args.report:
         _check_writable_folder(Path(args.report))
-    result = compile(args.model, _example(args), method=args.criterion, target=_target(args),
-                     progress=_progress(args))
+    calibration = _calibration(args)
+    result = compile(args.model, _example(args, calibration), method=args.criterion, target=_target(args),
+                     progress=_progress(args), calibration=calibration, recover_steps=args.recover_steps)
     save_onnx(result.model, output)
     written = [str(output)] + ([str(p) for p in result.report.write(args.report)] if args.report else [])
     data = {"output": str(output), "written": written, "report": result.report.to_dict()}
@@ -257,9 +299,11 @@ def cmd_compile(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
     _check_model_path(args.model)
     _check_writable_folder(Path(args.output))
-    result = compile(args.model, _example(args), method=args.method, target=_target(args), codegen=args.codegen,
-                     tune_trials=args.tune_trials, tune_minutes=args.tune_minutes, tuning_db=args.tuning_db,
-                     progress=_progress(args))
+    calibration = _calibration(args)
+    result = compile(args.model, _example(args, calibration), method=args.method, target=_target(args),
+                     codegen=args.codegen, tune_trials=args.tune_trials, tune_minutes=args.tune_minutes,
+                     tuning_db=args.tuning_db, progress=_progress(args), calibration=calibration,
+                     recover_steps=args.recover_steps)
     written = [str(p) for p in result.save(args.output)]
     data = {"output": args.output, "written": written, "report": result.report.to_dict()}
     return data, f"{result.report.summary()}\nwrote {len(written)} files into {args.output}"

@@ -35,10 +35,11 @@ from graphprune.atomic import atomic_path
 from graphprune.errors import (GraphPruneError, TuningError, UnprunableTargetError, UnsupportedModelError,
                                ZeroInvarianceError)
 from graphprune.export import export_onnx
-from graphprune.frontends.onnx_weight_forms import is_view, set_constant
+from graphprune.frontends.onnx_weight_forms import with_params
 from graphprune.reference import onnxruntime_latency
 from graphprune.optim import DHSPG, H2SPG, HESSO, HESSO_CRIC
-from graphprune.optim.oneshot import prune
+from graphprune.optim.oneshot import choose_criterion, prune
+from graphprune.optim.recovery import recover
 from graphprune.prunable import PrunableGraph
 from graphprune.rel_error import max_rel_error
 from graphprune.report import LayerWidth, Report
@@ -47,7 +48,9 @@ from graphprune.trace import trace
 
 #: One-shot methods and the ``gp.prune`` criterion each one runs ("magnitude" is the L2 norm).
 ONESHOT = {"obspa": "obspa", "magnitude": "l2", "l1": "l1", "l2": "l2", "taylor": "taylor",
-           "hessian": "hessian", "bn_scale": "bn_scale"}
+           "hessian": "hessian", "bn_scale": "bn_scale", "wanda": "wanda", "reconstruction": "reconstruction"}
+#: Distillation steps run after pruning when calibration data is given and ``recover_steps`` is not.
+DEFAULT_RECOVER_STEPS = 200
 #: Methods that train while pruning, and their optimizer.
 TRAINING = {"hesso": HESSO, "hesso-cric": HESSO_CRIC, "dhspg": DHSPG, "h2spg": H2SPG}
 METHODS = (*ONESHOT, *TRAINING)
@@ -122,12 +125,13 @@ def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
 # ---- the pipeline -------------------------------------------------------------------------
 
 def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, example_inputs: Any = None, *,
-            method: str = "obspa", target: Target | float = 0.5, train_fn: TrainStep | None = None,
+            method: str | None = None, target: Target | float = 0.5, train_fn: TrainStep | None = None,
             data: Iterable | None = None, eval_data: Iterable | None = None, steps: int | None = None,
             lr: float = 0.01, optimizer_options: dict[str, Any] | None = None, device: str | torch.device | None = None,
             codegen: str | None = None, tune_trials: int = 0, tune_minutes: float | None = None,
             tuning_db: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
-            progress: bool = False) -> CompileResult:
+            progress: bool = False, calibration: Iterable | None = None,
+            recover_steps: int | None = None) -> CompileResult:
     """Prune ``model_or_onnx`` to ``target`` with ``method`` and return the compact model and its report.
 
     ``model_or_onnx``: an ``nn.Module`` (``example_inputs`` required: a tensor or tuple),
@@ -140,8 +144,9 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     when none is given), met by the one-shot methods with the compiler in the loop
     (:mod:`graphprune.latency`); the report shows the measured latency against it.
 
-    ``method``: one-shot ``"obspa"`` (data-free, compensated), ``"magnitude"`` (L2 norm),
-    ``"l1"``, ``"taylor"``/``"hessian"`` (need ``data``), ``"bn_scale"``; or a training
+    ``method``: one-shot ``"obspa"`` (compensated; data-free, or with the input Hessian
+    measured on ``calibration``), ``"wanda"``/``"reconstruction"`` (need ``calibration``),
+    ``"magnitude"`` (L2 norm), ``"l1"``, ``"taylor"``/``"hessian"`` (need ``data``), ``"bn_scale"``; or a training
     method ``"hesso"``, ``"hesso-cric"``, ``"dhspg"``, ``"h2spg"`` (PyTorch input only).
     Training calls ``train_fn(model, optimizer)`` ``steps`` times; each call is one
     training step of the user's own loop (forward, backward, ``optimizer.step()``) and may
@@ -158,13 +163,32 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     ``tune_trials`` too, that caps each task), into ``tuning_db`` (default: this machine's
     shared database for the target; resumed if it exists).  ``output`` saves everything there (:meth:`CompileResult.save`).
     ``progress`` shows progress bars on stderr.
+
+    ``calibration``: unlabeled batches of model inputs (see :func:`graphprune.prune`) for
+    the calibrated criteria and for label-free recovery: after pruning, the compact model
+    is distilled from the input model's outputs on them for ``recover_steps`` steps
+    (default :data:`DEFAULT_RECOVER_STEPS` with calibration data, 0 without;
+    :func:`graphprune.recover`).  ``method`` None picks the best one-shot criterion for
+    what is given (:func:`graphprune.optim.oneshot.choose_criterion`); the report says
+    which and why.
     """
+    calibration = list(calibration) if calibration is not None else None  # read twice: scoring and recovery
+    criterion, reason = choose_criterion(ONESHOT.get(method, method) if method is not None else None,
+                                         calibration is not None)
+    if method is None:
+        method = criterion
+    if recover_steps is None:
+        recover_steps = DEFAULT_RECOVER_STEPS if calibration is not None else 0
+    if recover_steps and calibration is None:
+        raise GraphPruneError("recovery distils from the input model's outputs on calibration inputs, and none "
+                              "were given", hint="pass calibration= (unlabeled batches of model inputs)")
     if method not in METHODS:
         raise GraphPruneError(f"unknown method {method!r}", hint=f"use one of {', '.join(METHODS)}")
     if (tune_trials or tune_minutes) and not codegen:
         raise TuningError("tuning needs a codegen target", hint='pass codegen="x86" (or "arm", "cuda")')
     target = Target.coerce(target)
-    stages = _Stages(["trace", method, "emit", "verify", "measure"] + (["codegen"] if codegen else []), progress)
+    stages = _Stages(["trace", method, "emit", "verify"] + (["recover"] if recover_steps else []) + ["measure"]
+                     + (["codegen"] if codegen else []), progress)
     with stages("trace"):
         work, g, source = _trace(model_or_onnx, example_inputs)
     if not g.groups:
@@ -176,11 +200,15 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     accuracy_before = _accuracy(_reference(g, work), scored) if scored is not None else None
     history: list[dict[str, Any]] = []
     curve: list[tuple[int, float]] = []
+    dense = _dense_copy(g, work) if recover_steps else None
+    pruned = None
     with stages(method):
         if method in ONESHOT:
+            gradient = ONESHOT[method] in ("taylor", "hessian")
             latency = dict(codegen=codegen or "x86", tuning_db=tuning_db) if target.kind == "latency" else {}
-            pruned = prune(g, ONESHOT[method], target, data=data, loss_fn=F.cross_entropy if data is not None else None,
-                           **latency)
+            pruned = prune(g, ONESHOT[method], target, data=data if gradient else calibration,
+                           loss_fn=F.cross_entropy if gradient and data is not None else None, **latency)
+            pruned.reason = reason
         elif target.kind == "latency":
             raise UnprunableTargetError(f"{target!r} is met by one-shot pruning with the compiler in the loop",
                                         hint=f"use a one-shot method ({', '.join(ONESHOT)}), or a FLOPs target")
@@ -192,11 +220,23 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
         compact = g.construct_subnet()
     with stages("verify"):
         error = _verify(g, _reference(g, work), compact, example)
+    recovery = None
+    if recover_steps:
+        with stages("recover"):
+            recovery = recover(compact, dense, calibration, steps=recover_steps)
+            compact = recovery.model
     with stages("measure"):
         report = _measure(g, compact, example, source=source, method=method, target=target)
         report.verify_error, report.history, report.accuracy_curve = error, history, curve
         if target.kind == "latency":
             report.latency_target = dict(dataclasses.asdict(pruned.latency), codegen=codegen or "x86")
+        if pruned is not None:
+            report.criterion, report.criterion_reason = pruned.criterion, pruned.reason
+            report.calibration = repr(pruned.calibration) if pruned.calibration is not None else None
+        if recovery is not None:
+            report.recovery = {"steps": recovery.steps, "loss": recovery.loss, "loss_before": recovery.loss_before,
+                               "loss_after": recovery.loss_after, "improved": recovery.improved,
+                               "batches": recovery.batches, "skipped_batches": recovery.skipped_batches}
         report.unchanged = _unchanged(g, report, method)
         if scored is not None:
             report.accuracy_on = "eval_data" if eval_data is not None else "data"
@@ -365,35 +405,15 @@ def _outputs(model: nn.Module | onnx.ModelProto, inputs: Sequence[Any]) -> list[
     return [t.detach().cpu().numpy() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def _with_params(proto: onnx.ModelProto, params: dict[str, torch.Tensor]) -> onnx.ModelProto:
-    """A copy of ``proto`` whose weights hold ``params`` (the zeroed input model), each in
-    the form the file keeps it: an initializer, a ``Constant`` node, or a view of one (an
-    ``Identity`` sharing a weight between layers, a ``Cast`` of an fp16 weight), which is
-    one weight per use in the IR (the optimizers may write each differently) and so
-    becomes a ``Constant`` of its own (:mod:`.frontends.onnx_weight_forms`)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    stored = {i.name: i.data_type for i in out.graph.initializer}  # the type a weight is stored in
-    stored.update((n.output[0], a.t.data_type) for n in out.graph.node if n.op_type == "Constant"
-                  for a in n.attribute if a.name == "value")
-    for node in out.graph.node:
-        if node.output and node.output[0] in params and (node.op_type == "Constant" or is_view(node)):
-            array = params[node.output[0]].detach().cpu().numpy()
-            if is_view(node) and node.input[0] in stored:  # rounded as the file stores it (fp16), then viewed
-                array = array.astype(onnx.helper.tensor_dtype_to_np_dtype(stored[node.input[0]])).astype(array.dtype)
-            set_constant(node, array)
-    for init in out.graph.initializer:
-        if init.name in params:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-            array = params[init.name].detach().cpu().numpy().astype(dtype)
-            init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
-    return out
+def _dense_copy(g: PrunableGraph, work: nn.Module | None) -> nn.Module | onnx.ModelProto:
+    """The input model as it is before pruning, the teacher of recovery (pruning edits ``g.params``)."""
+    return copy.deepcopy(work) if work is not None else with_params(g.backend.proto, g.params)
 
 
 def _reference(g: PrunableGraph, work: nn.Module | None) -> nn.Module | onnx.ModelProto:
     """The input model with its current weights: the PyTorch working copy, or the input
     ONNX model with ``g.params`` written into its initializers (run by onnxruntime)."""
-    return work if work is not None else _with_params(g.backend.proto, g.params)
+    return work if work is not None else with_params(g.backend.proto, g.params)
 
 
 def _verify(g: PrunableGraph, reference: nn.Module | onnx.ModelProto, compact: Any, example: tuple) -> float:

@@ -75,6 +75,10 @@ class Report:
     history: list[dict[str, Any]] = field(default_factory=list)
     accuracy_curve: list[tuple[int, float]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    criterion: str | None = None         # the one-shot criterion run, and why (asked for, or the default's reason)
+    criterion_reason: str | None = None
+    calibration: str | None = None       # what the calibration data measured, when some was given
+    recovery: dict[str, Any] | None = None  # label-free distillation after pruning: steps and loss before/after
 
     # ---- derived ----------------------------------------------------------------------
     @property
@@ -136,6 +140,12 @@ class Report:
                  f"  MACs   {macs(self.flops_before)} -> {macs(self.flops_after)} (-{self.flops_removed:.1%})"]
         if self.unchanged:
             lines.append(f"  {self.unchanged}")
+        if self.criterion:
+            lines.append(f"  criterion {self.criterion}: {self.criterion_reason}")
+        if self.recovery:
+            r = self.recovery
+            lines.append(f"  recovery: {r['steps']} steps of {r['loss']} distillation, loss {r['loss_before']:.4g} -> "
+                         f"{r['loss_after']:.4g}" + ("" if r["improved"] else " (no gain: weights kept as pruned)"))
         if self.withdrawn:
             lines.append(f"  {len(self.withdrawn)} groups withdrawn (failed the zero-invariance check): "
                          + "; ".join(f"{w['group']}: {w['reason']}" for w in self.withdrawn[:3]))
@@ -174,6 +184,15 @@ class Report:
                          f"{self.accuracy_after - self.accuracy_before:+.4f}"))
         out = [f"# graphprune report: {self.source}", "",
                f"- frontend: {self.frontend}", f"- method: {self.method}", f"- target: {self.target}"]
+        if self.criterion:
+            out.append(f"- criterion: {self.criterion} ({self.criterion_reason})")
+        if self.calibration:
+            out.append(f"- calibration: {self.calibration}")
+        if self.recovery:
+            r = self.recovery
+            out.append(f"- recovery: {r['steps']} steps of {r['loss']} distillation on {r['batches']} calibration "
+                       f"batches, loss {r['loss_before']:.4g} -> {r['loss_after']:.4g}"
+                       + ("" if r["improved"] else " (no gain: weights kept as pruned)"))
         if self.unchanged:
             out.append(f"- **{self.unchanged}**")
         if self.verify_error is not None:

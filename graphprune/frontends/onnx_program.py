@@ -7,7 +7,7 @@ torch ops: every node the registry knows carries its entry's torch implementatio
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,8 +28,16 @@ class GraphProgram(nn.Module):
         self.ir, self.tensors = ir, params
 
     def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.run(inputs)
+
+    def run(self, inputs: Sequence[torch.Tensor], observe: Callable[[str, Any], None] | None = None) -> Any:
+        """The graph's outputs on ``inputs``; ``observe(value name, value)`` is called for every
+        input and computed value (calibration reads what each layer consumes this way)."""
         ir = self.ir
         env: dict[str, Any] = dict(zip(ir.inputs, inputs))
+        if observe is not None:
+            for k, v in env.items():
+                observe(k, v)
 
         def look(name: str) -> Any:
             if name in env:
@@ -49,5 +57,8 @@ class GraphProgram(nn.Module):
             out = n.call({a.name: look(a.name) for a in n.args if a is not None})
             outs = out if isinstance(out, (list, tuple)) else [out]
             env.update(zip(n.outputs, outs))
+            if observe is not None:
+                for k, v in zip(n.outputs, outs):
+                    observe(k, v)
         results = [look(o) for o in ir.outputs]
         return results[0] if len(results) == 1 else tuple(results)

@@ -14,11 +14,16 @@ can both use it.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from .onnx_skeleton import FLOAT_TYPES
+
+if TYPE_CHECKING:
+    import torch
 
 def is_weight(arr: np.ndarray) -> bool:
     """Whether a float tensor held in a ``Constant`` node is a weight (a parameter that
@@ -88,3 +93,29 @@ def is_view(node: onnx.NodeProto) -> bool:
     """Whether the node hands its first input on as the same weight: an ``Identity``, or a
     ``Cast`` to a float type (an fp16 weight converted for an fp32 op)."""
     return node.op_type == "Identity" or cast_target(node) is not None
+
+
+def with_params(proto: onnx.ModelProto, params: dict[str, torch.Tensor]) -> onnx.ModelProto:
+    """A copy of ``proto`` whose weights hold ``params`` (the zeroed input model, a recovered
+    compact one), each in
+    the form the file keeps it: an initializer, a ``Constant`` node, or a view of one (an
+    ``Identity`` sharing a weight between layers, a ``Cast`` of an fp16 weight), which is
+    one weight per use in the IR (the optimizers may write each differently) and so
+    becomes a ``Constant`` of its own."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    stored = {i.name: i.data_type for i in out.graph.initializer}  # the type a weight is stored in
+    stored.update((n.output[0], a.t.data_type) for n in out.graph.node if n.op_type == "Constant"
+                  for a in n.attribute if a.name == "value")
+    for node in out.graph.node:
+        if node.output and node.output[0] in params and (node.op_type == "Constant" or is_view(node)):
+            array = params[node.output[0]].detach().cpu().numpy()
+            if is_view(node) and node.input[0] in stored:  # rounded as the file stores it (fp16), then viewed
+                array = array.astype(helper.tensor_dtype_to_np_dtype(stored[node.input[0]])).astype(array.dtype)
+            set_constant(node, array)
+    for init in out.graph.initializer:
+        if init.name in params:
+            dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+            array = params[init.name].detach().cpu().numpy().astype(dtype)
+            init.CopyFrom(numpy_helper.from_array(array, init.name))
+    return out

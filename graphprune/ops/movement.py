@@ -75,18 +75,23 @@ def _slice(x: torch.Tensor, *_, starts: list[int], ends: list[int], axes: list[i
     axes = axes if axes is not None else list(range(len(starts)))
     steps = steps or [1] * len(starts)
     index = [slice(None)] * x.dim()
+    reversed_axes = []
     for s, e, a, st in zip(starts, ends, axes, steps):
-        if st < 0:
-            raise NotImplementedError("negative Slice steps")
-        index[a % x.dim()] = slice(s, e, st)
-    return x[tuple(index)]
+        if st < 0:  # torch slices step forward only: pick the positions Python's slicing picks (same clamping as ONNX)
+            reversed_axes.append((a % x.dim(), list(range(x.shape[a % x.dim()]))[slice(s, e, st)]))
+        else:
+            index[a % x.dim()] = slice(s, e, st)
+    out = x[tuple(index)]
+    for a, picked in reversed_axes:
+        out = out.index_select(a, torch.tensor(picked, dtype=torch.long, device=x.device))
+    return out
 
 
 def _gather(x: torch.Tensor, indices: torch.Tensor, *_, axis: int = 0, **__) -> torch.Tensor:
     axis %= x.dim()
     idx = indices.long() % x.shape[axis]
     out = x.index_select(axis, idx.reshape(-1))
-    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))  # a scalar index of a 1-D x: shape ()
 
 
 def _gather_elements(x: torch.Tensor, indices: torch.Tensor, *_, axis: int = 0, **__) -> torch.Tensor:

@@ -257,7 +257,7 @@ def _producer_moments(g: Group, s: Slice, params: dict[str, torch.Tensor], block
     return cov, mu
 
 
-def _block_of(consumer: Slice | None, route: Route | None) -> int:
+def block_of(consumer: Slice | None, route: Route | None) -> int:
     """Features per unit: a consumer reading ``k`` columns per unit that are the producers'
     ``k`` rows (a head's value dims) reads ``k`` distinct features; else 1 (taps of one channel)."""
     if consumer is None or route is None or not route.producers or route.norms:
@@ -292,7 +292,7 @@ def input_moments(g: Group, params: dict[str, torch.Tensor], activation: Activat
     """
     routes = _routes(graph, params)
     route = routes.route(g, consumer) if routes is not None and consumer is not None else None
-    block = _block_of(consumer, route)
+    block = block_of(consumer, route)
     all_norms = [s for s in g.slices if s.role == "norm"]
     all_prods = [s for s in g.slices if s.role == "producer"]
     norms = route.norms if route is not None else all_norms
@@ -471,7 +471,8 @@ def obs_compensate(rows: torch.Tensor, h: torch.Tensor, remove: torch.Tensor) ->
     return out
 
 
-def _consumers(g: Group) -> list[Slice]:
+def consumer_slices(g: Group) -> list[Slice]:
+    """The group's consumer slices (columns of the layers that read its units), in a fixed order."""
     return [s for s in g.slices if not s.is_block and s.role == "consumer"]
 
 
@@ -485,30 +486,34 @@ def _bias_of(s: Slice, params: dict[str, torch.Tensor]) -> str | None:
 
 def consumer_moments(g: Group, params: dict[str, torch.Tensor], activation: Activation | None = None,
                      graph: Graph | GraphRoutes | None = None) -> list[InputMoments]:
-    """:func:`input_moments` for every consumer of ``g`` (in :func:`_consumers` order)."""
+    """:func:`input_moments` for every consumer of ``g`` (in :func:`consumer_slices` order)."""
     routes = _routes(graph, params)
-    return [input_moments(g, params, activation, graph=routes, consumer=s) for s in _consumers(g)]
+    return [input_moments(g, params, activation, graph=routes, consumer=s) for s in consumer_slices(g)]
 
 
 def obspa(groups: Sequence[Group], params: dict[str, torch.Tensor], *, damping: float = 0.1,
-          activation: Activation | None = None, graph: Graph | GraphRoutes | None = None, **_: Any) -> list[torch.Tensor]:
-    """Data-free Optimal-Brain-SPA: OBS error summed over every layer that reads the unit.
+          activation: Activation | None = None, graph: Graph | GraphRoutes | None = None,
+          moments: Sequence[Sequence[InputMoments]] | None = None, **_: Any) -> list[torch.Tensor]:
+    """Optimal-Brain-SPA: OBS error summed over every layer that reads the unit.
 
-    Each consumer is scored under its own input model (:func:`input_moments`, routed
-    through ``graph`` when given).  Consumers with a bias let the unit's mean go into the
+    Each consumer is scored under its own input model: ``moments[i]`` (one per consumer of
+    ``groups[i]``, measured on calibration data by :mod:`graphprune.optim.calibration`)
+    when given, else the data-free :func:`input_moments` (routed through ``graph``).
+    Consumers with a bias let the unit's mean go into the
     bias, so they are scored with the covariance; others with the full second moment.
     A group with no parametric consumer (e.g. attention scores) falls back to l2.
     """
     routes = _routes(graph, params)
     out = []
-    for g in groups:
-        consumers = _consumers(g)
+    for i, g in enumerate(groups):
+        consumers = consumer_slices(g)
         if not consumers:
             out.append(g.norms(params, p=2))
             continue
         score = torch.zeros(g.size, dtype=torch.float64)
-        for s, mom in zip(consumers, consumer_moments(g, params, activation, routes)):
-            h = obs_hessian(mom.cov if _mean_sink(s, params, routes) else mom.second, damping)
+        moms = moments[i] if moments is not None else consumer_moments(g, params, activation, routes)
+        for s, mom in zip(consumers, moms):
+            h = obs_hessian(mom.cov if mean_sink(s, params, routes) else mom.second, damping)
             rows = consumer_rows(params[s.param], s, mom.block)
             score += obs_saliency(rows, h, mom.block)
         out.append(score.float())
@@ -534,7 +539,7 @@ def compensate(g: Group, remove: torch.Tensor, params: dict[str, torch.Tensor],
     ``rescale``; ``rescale <= 1`` turns this off), the data-free counterpart of
     re-estimating BatchNorm statistics after pruning.
     """
-    consumers = _consumers(g)
+    consumers = consumer_slices(g)
     if mom is None:
         moms = consumer_moments(g, params, activation, graph)
     elif isinstance(mom, InputMoments):
@@ -546,7 +551,7 @@ def compensate(g: Group, remove: torch.Tensor, params: dict[str, torch.Tensor],
     for s, m in zip(consumers, moms):
         p = params[s.param]
         rows = consumer_rows(p, s, m.block)
-        sink = _mean_sink(s, params, routes)
+        sink = mean_sink(s, params, routes)
         h = obs_hessian(m.cov if sink else m.second, damping)
         new = obs_compensate(rows, h, remove.repeat_interleave(m.block))
         if sink:
@@ -566,7 +571,7 @@ def compensate(g: Group, remove: torch.Tensor, params: dict[str, torch.Tensor],
         _write_consumer_rows(p, s, new, m.block)
 
 
-def _mean_sink(s: Slice, params: dict[str, torch.Tensor],
+def mean_sink(s: Slice, params: dict[str, torch.Tensor],
                routes: GraphRoutes | None) -> tuple[str, torch.Tensor | float] | None:
     """Where a consumer's output-mean shift can go: its own bias (scale 1), or the beta of
     an inference BatchNorm right after it (scale ``gamma / sqrt(var + eps)``); None if nowhere."""

@@ -13,8 +13,14 @@ l2          ||w||_2 over its slices                                      no
 bn_scale    |gamma| summed over the norm layers in the group (else l2)   no
 taylor      mean over batches of |sum w * dL/dw| (first-order loss Δ)    yes
 hessian     mean over batches of sum (dL/dw)^2 w^2 / 2 (Fisher OBD)      yes
-obspa       OBS output error of every consuming layer, data-free         no
+obspa       OBS output error of every consuming layer: data-free, or     no / optional
+            with the input Hessian measured on calibration inputs
+wanda       Σ W² E[x²] over its consumer columns (activation-weighted)   unlabeled
+reconstruction  measured output error of removing it alone               unlabeled
 ==========  ===========================================================  ==========
+
+The calibrated criteria (:mod:`graphprune.optim.calibrated`) read ``calibration=``, the
+statistics :func:`graphprune.optim.calibration.calibrate` measured on unlabeled inputs.
 
 Slices are read through the roles their op rules gave them in the layer
 (:attr:`Slice.role`: producer rows, consumer columns, norm entries); OBSPA, the data-free criterion with
@@ -29,6 +35,7 @@ from torch import nn
 
 from graphprune.analysis.groups import Group
 from graphprune.errors import GraphPruneError
+from graphprune.optim.calibrated import reconstruction, wanda
 from graphprune.optim.obspa import obspa
 
 Normalize = Literal["none", "mean", "max", "sum", "rank"]
@@ -143,7 +150,11 @@ CRITERIA: dict[str, Criterion] = {
     "taylor": taylor,
     "hessian": hessian,
     "obspa": obspa,
+    "wanda": wanda,
+    "reconstruction": reconstruction,
 }
+#: Criteria that use calibration statistics when unlabeled data is given (the last two need it).
+CALIBRATED = ("obspa", "wanda", "reconstruction")
 
 
 def normalize(scores: Sequence[torch.Tensor], how: Normalize = "mean") -> list[torch.Tensor]:

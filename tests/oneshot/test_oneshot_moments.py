@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from benchmarks.digits import Attention  # the digits ViT's attention: q/k/v/out linears around SDPA
 import graphprune as gp
-from graphprune.optim.obspa import GraphRoutes, InputMoments, _consumers, _mean_sink, compensate, \
+from graphprune.optim.obspa import GraphRoutes, InputMoments, consumer_slices, mean_sink, compensate, \
     consumer_moments, consumer_rows, smooth_activation
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -99,7 +99,7 @@ def tiny():
 def _routes_by_consumer(g, routes):
     out = {}
     for grp in g.groups:
-        for s, mom in zip(_consumers(grp), consumer_moments(grp, g.params, graph=routes)):
+        for s, mom in zip(consumer_slices(grp), consumer_moments(grp, g.params, graph=routes)):
             out[s.param] = (routes.route(grp, s), mom)
     return out
 
@@ -153,7 +153,7 @@ def test_routed_compensation_never_beats_zeroing_in_reverse(tiny, seed: int) -> 
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if p.dim() == 1 and p.numel() in (6, 8) else 0))
     for grp in g.groups:
-        consumers = _consumers(grp)
+        consumers = consumer_slices(grp)
         moms = consumer_moments(grp, g.params, graph=routes)
         remove = torch.rand(grp.size, generator=gen) < 0.5
         remove[0], remove[-1] = True, False
@@ -165,7 +165,7 @@ def test_routed_compensation_never_beats_zeroing_in_reverse(tiny, seed: int) -> 
             wz = w0.clone()
             wz[:, remove.repeat_interleave(mom.block)] = 0
             out = before[s.param].shape[0]
-            sink = _mean_sink(s, g.params, routes)
+            sink = mean_sink(s, g.params, routes)
             absorbed = torch.zeros(out, dtype=torch.float64)
             if sink is not None:
                 name, scale = sink
