@@ -30,6 +30,12 @@ from graphprune.errors import NumericalError, UnprunableTargetError
 
 Kind = Literal["groups", "params", "flops"]
 
+PORTABLE_MULTIPLE = 8
+"""Width multiple when no codegen target is named (``graphprune prune``, ``gp.compile`` without
+``codegen``): 8 float32 lanes fill an AVX2 register and two NEON ones, and tensor cores take
+fp16 channels in eights, so one ONNX file serves all of them; 16 (AVX-512) would cost
+accuracy for little gain elsewhere."""
+
 
 @dataclass(frozen=True)
 class Target:
@@ -42,7 +48,9 @@ class Target:
     ranking otherwise empties whole layers whose scores are low only relatively, and the
     network collapses (issue 19; ``benchmarks/pretrained.py --alloc`` measures it).
     ``multiple`` rounds each group's kept *width* (channels) to a multiple of it, the
-    hardware's vector lanes: a group whose unit is several channels wide (an attention
+    hardware's vector lanes; None (the default) is 1 here and is filled in by the pipelines
+    that know the hardware (``gp.compile``, ``graphprune prune``/``compile``:
+    :meth:`for_hardware`), while ``multiple=1`` asks for no rounding anywhere: a group whose unit is several channels wide (an attention
     head of 32) needs fewer units per multiple (:meth:`unit_multiple`); a group too small
     for one multiple above its floor is kept whole (see :meth:`floor`).
     ``slack`` is how far past the fraction (as a fraction of the same total) a selection
@@ -58,7 +66,7 @@ class Target:
     params: float | None = None
     flops: float | None = None
     min_units: int = 1
-    multiple: int = 1
+    multiple: int | None = None
     slack: float = 0.005
     min_fraction: float = 0.25
 
@@ -75,7 +83,8 @@ class Target:
                 hint="pass the fraction to remove, e.g. 0.5; 1.0 would remove the whole network")
         if isinstance(self.min_units, bool) or not isinstance(self.min_units, int) or self.min_units < 0:
             raise UnprunableTargetError(f"Target min_units={self.min_units!r} must be an int >= 0")
-        if isinstance(self.multiple, bool) or not isinstance(self.multiple, int) or self.multiple < 1:
+        if self.multiple is not None and (isinstance(self.multiple, bool) or not isinstance(self.multiple, int)
+                                          or self.multiple < 1):
             raise UnprunableTargetError(f"Target multiple={self.multiple!r} must be an int >= 1")
         if (isinstance(self.min_fraction, bool) or not isinstance(self.min_fraction, (int, float))
                 or not 0.0 <= self.min_fraction <= 1.0):
@@ -106,7 +115,8 @@ class Target:
         so ``multiple // gcd(multiple, lanes)`` units make a multiple of ``multiple`` channels:
         any count of 32-wide heads is already a multiple of 8.
         """
-        return self.multiple // math.gcd(self.multiple, unit_lanes(group))
+        multiple = self.multiple or 1
+        return multiple // math.gcd(multiple, unit_lanes(group))
 
     def floor(self, group: Group) -> int:
         """Fewest units ``group`` may keep: the larger of ``keep_min`` and ``min_fraction`` of
@@ -123,6 +133,10 @@ class Target:
         """Whether ``kept`` units of ``group`` respect the floor and the multiple (the whole group does)."""
         return kept == group.size or (kept >= self.floor(group) and kept % self.unit_multiple(group) == 0)
 
+    def for_hardware(self, multiple: int) -> "Target":
+        """This target with ``multiple`` as its width multiple, unless the user already set one."""
+        return self if self.multiple is not None else replace(self, multiple=multiple)
+
     def scaled(self, factor: float) -> "Target":
         """The same target with its fraction multiplied by ``factor`` (a schedule's partial target)."""
         return replace(self, **{self.kind: self.fraction * factor})
@@ -138,7 +152,7 @@ class Target:
                                     hint="pass graphprune.Target(flops=...) or a float (the FLOPs fraction)")
 
     def __repr__(self) -> str:
-        extra = "".join(f", {k}={getattr(self, k)}" for k, d in (("min_units", 1), ("multiple", 1), ("slack", 0.005),
+        extra = "".join(f", {k}={getattr(self, k)}" for k, d in (("min_units", 1), ("multiple", None), ("slack", 0.005),
                                                                   ("min_fraction", 0.25))
                         if getattr(self, k) != d)
         return f"Target({self.kind}={self.fraction:g}{extra})"
@@ -385,7 +399,7 @@ def select_units(groups: Sequence[Group], scores: Sequence[torch.Tensor], target
         raise UnprunableTargetError(
             f"{target!r} cannot be met: at most {removed / total:.1%} of the {target.kind} can go "
             f"while every group keeps its floor ({target.min_fraction:.0%} of its width, >= {target.keep_min} "
-            f"unit(s)) on a multiple of {target.multiple} channels",
+            f"unit(s)) on a multiple of {target.multiple or 1} channels",
             hint="lower the target, or lower min_fraction / min_units / multiple")
     return masks
 
