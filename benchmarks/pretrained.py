@@ -166,19 +166,167 @@ def pretrained(name: str, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor,
     return model, data
 
 
+# ---------------------------------------------------------------------------- pruning
+def calibrated_criteria() -> tuple[str, ...]:
+    """Criteria that read unlabeled calibration inputs, as graphprune declares them (none before issue 19's item 1)."""
+    from graphprune.optim import scoring
+
+    return tuple(getattr(scoring, "CALIBRATED", ()))
+
+
+def criteria() -> list[str]:
+    """Every criterion ``gp.prune`` knows at run time."""
+    from graphprune.optim.scoring import CRITERIA
+
+    return list(CRITERIA)
+
+
+LABELLED = ("taylor", "hessian")  # read labels through the loss: marked in the table
+
+
+class Ours:
+    """graphprune on one traced copy of the dense model, its weights restored before each try."""
+
+    def __init__(self, base: nn.Module, ex: torch.Tensor) -> None:
+        self.base = base
+        self.model = copy.deepcopy(base).eval()
+        self.g = gp.trace(self.model, (ex,), verify=False)
+        self.state = copy.deepcopy(self.model.state_dict())
+
+    def __call__(self, criterion: str, target: gp.Target, data=None, **options) -> nn.Module:
+        self.model.load_state_dict(self.state)
+        gp.prune(self.g, criterion, target, data=data, loss_fn=F.cross_entropy if data is not None else None,
+                 **options)
+        return self.g.construct_subnet()
+
+
+def theirs(method: str, base: nn.Module, ratio: float, ex: torch.Tensor, labelled) -> nn.Module:
+    """Torch-Pruning's global pruning with one of its importances (the classifier kept)."""
+    import torch_pruning as tp
+
+    from digits import attention_heads, head_layer
+
+    model = copy.deepcopy(base).eval()
+    imp = {"tp-l1": lambda: tp.importance.MagnitudeImportance(p=1),
+           "tp-l2": lambda: tp.importance.MagnitudeImportance(p=2),
+           "tp-taylor": tp.importance.TaylorImportance,
+           "tp-bnscale": tp.importance.BNScaleImportance}[method]()
+    pruner = tp.pruner.MetaPruner(model, ex, importance=imp, pruning_ratio=ratio, global_pruning=True,
+                                  ignored_layers=[head_layer(model)], num_heads=attention_heads(model))
+    if method == "tp-taylor":
+        model.zero_grad()
+        for x, y in labelled:
+            F.cross_entropy(model(x), y).backward()
+    pruner.step()
+    return model.eval()
+
+
+def sweep(name: str, ratios: list[float], recover_steps: int, alloc: bool) -> list[str]:
+    """Table rows of one model: dense, then per MACs reduction every method."""
+    base, (xtr, ytr, xte, yte) = pretrained(name)
+    side = MODELS[name][1]
+    ex = torch.zeros(2, 1, side, side)
+    full = macs(base, ex)
+    dense = accuracy(base, xte, yte)
+    rows = [f"{name:9s} {'dense':>5s} {'dense':26s} {'':>6s} {dense:>9.3f}"]
+    print(rows[-1], flush=True)
+    gen = torch.Generator().manual_seed(100)
+    pick = torch.randperm(len(ytr), generator=gen)[:256]
+    labelled = [(xtr[pick[i:i + 64]], ytr[pick[i:i + 64]]) for i in range(0, 256, 64)]
+    unlabeled = [x for x, _ in labelled]
+    mine = Ours(base, ex)
+    calibrated = calibrated_criteria()
+    recover = getattr(gp, "recover", None)
+    methods = [c for c in criteria() if c != "bn_scale" or any(isinstance(m, nn.BatchNorm2d) for m in base.modules())]
+    tp_methods = ["tp-l1", "tp-l2", "tp-taylor"] + (["tp-bnscale"] if "bn_scale" in methods else [])
+
+    def row(method: str, ratio: float, got: float, cells: list[str]) -> None:
+        rows.append(f"{name:9s} {ratio:>5.0%} {method:26s} {got:>6.1%} " + " ".join(f"{c:>16s}" for c in cells))
+        print(rows[-1], flush=True)
+
+    for ratio in ratios:
+        target = gp.Target(flops=ratio)
+        for c in methods:
+            t0 = time.perf_counter()
+            data = labelled if c in LABELLED else None
+            try:
+                pruned = mine(c, target, data)
+            except Exception as exc:  # a criterion that cannot run here is a result too
+                row(c, ratio, 0.0, [f"n/a ({type(exc).__name__})"])
+                continue
+            got = 1 - macs(pruned, ex) / full
+            cells = [f"{accuracy(pruned, xte, yte):.3f}"]
+            if c in calibrated:
+                calib = mine(c, target, unlabeled)
+                cells.append(f"{accuracy(calib, xte, yte):.3f}")
+                if recover is not None:
+                    recover(calib, base, unlabeled, steps=recover_steps)
+                    cells.append(f"{accuracy(calib, xte, yte):.3f}")
+                else:
+                    cells.append("n/a (not built)")
+            else:
+                cells += ["n/a (not built)" if not calibrated else "-"] * 2
+            row(c + (" (labels)" if c in LABELLED else ""), ratio, got, cells)
+            print(f"    ({time.perf_counter() - t0:.0f}s)", flush=True)
+        for method in tp_methods:
+            try:
+                pruned, got = at_flops(lambda r: theirs(method, base, r, ex, labelled), full, ratio, ex, steps=6,
+                                       tol=0.02)
+            except Exception as exc:
+                row(method, ratio, 0.0, [f"n/a ({type(exc).__name__})"])
+                continue
+            row(method + (" (labels)" if method == "tp-taylor" else ""), ratio, got,
+                [f"{accuracy(pruned, xte, yte):.3f}", "-", "-"])
+        if alloc:  # the allocation rules before issue 19 and the variants the defaults were chosen from
+            for c in ("obspa", "l1", "l2"):
+                for label, kw, norm in (("no floor, x1 (before)", dict(min_fraction=0.0, multiple=1), None),
+                                        ("floor .25, x1", dict(multiple=1), None),
+                                        ("floor .25, x8", dict(multiple=8), None),
+                                        ("floor .25, x8, rank", dict(multiple=8), "rank"),
+                                        ("floor .5, x8", dict(min_fraction=0.5, multiple=8), None)):
+                    try:
+                        pruned = mine(c, gp.Target(flops=ratio, **kw), normalize=norm)
+                    except Exception as exc:
+                        row(f"{c} {label}", ratio, 0.0, [f"n/a ({type(exc).__name__})"])
+                        continue
+                    row(f"{c} {label}", ratio, 1 - macs(pruned, ex) / full, [f"{accuracy(pruned, xte, yte):.3f}"])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
+    ap.add_argument("--recover-steps", type=int, default=200)
+    ap.add_argument("--alloc", action="store_true", help="also the allocation variants (floor, multiple, normalisation)")
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="also write the table here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore", message="Unwrapped parameters")
-    for name in a.models.split(","):
-        model, (_, _, xte, yte) = pretrained(name)
-        print(f"{name}: dense test accuracy {accuracy(model, xte, yte):.3f}", flush=True)
     if a.train_only:
+        for name in a.models.split(","):
+            model, (_, _, xte, yte) = pretrained(name)
+            print(f"{name}: dense test accuracy {accuracy(model, xte, yte):.3f}", flush=True)
         return
+    cmd = "python benchmarks/pretrained.py " + " ".join(sys.argv[1:])
+    header = [f"# {cmd}",
+              "# test accuracy on 500 held-out digits, no fine-tuning; got = measured MACs removed (FlopCounterMode)",
+              f"# calibration: 256 unlabeled training digits; recovery: {a.recover_steps} distillation steps "
+              "on them; (labels): 256 labelled digits",
+              f"{'model':9s} {'MACs-':>5s} {'method':26s} {'got':>6s} {'no data':>16s} {'calibration':>16s} "
+              f"{'calib+recovery':>16s}"]
+    print("\n".join(header), flush=True)
+    rows: list[str] = []
+    for name in a.models.split(","):
+        rows += sweep(name, [float(r) for r in a.ratios.split(",")], a.recover_steps, a.alloc)
+        if a.out:  # partial tables survive an interrupted run
+            out = Path(a.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text("\n".join(header + rows) + "\n")
+            os.replace(tmp, out)
 
 
 if __name__ == "__main__":
