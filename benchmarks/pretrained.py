@@ -298,7 +298,8 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
     ap.add_argument("--recover-steps", type=int, default=200)
-    ap.add_argument("--alloc", action="store_true", help="also the allocation variants (floor, multiple, normalisation)")
+    ap.add_argument("--alloc", action="store_true",
+                    help="also the allocation variants (floor, multiple, normalisation)")
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="also write the table here")

@@ -50,9 +50,10 @@ class Target:
     ``multiple`` rounds each group's kept *width* (channels) to a multiple of it, the
     hardware's vector lanes; None (the default) is 1 here and is filled in by the pipelines
     that know the hardware (``gp.compile``, ``graphprune prune``/``compile``:
-    :meth:`for_hardware`), while ``multiple=1`` asks for no rounding anywhere: a group whose unit is several channels wide (an attention
-    head of 32) needs fewer units per multiple (:meth:`unit_multiple`); a group too small
-    for one multiple above its floor is kept whole (see :meth:`floor`).
+    :meth:`for_hardware`), while ``multiple=1`` asks for no rounding anywhere.  A group
+    whose unit is several channels wide (an attention head of 32) needs fewer units per
+    multiple (:meth:`unit_multiple`); a group too small for one multiple above its floor
+    is kept whole (see :meth:`floor`).
     ``slack`` is how far past the fraction (as a fraction of the same total) a selection
     may land: a unit whose removal would overshoot further is passed over for smaller
     units that fit, so coarse units (a whole attention head) do not overshoot the target
@@ -400,7 +401,8 @@ def select_units(groups: Sequence[Group], scores: Sequence[torch.Tensor], target
             f"{target!r} cannot be met: at most {removed / total:.1%} of the {target.kind} can go "
             f"while every group keeps its floor ({target.min_fraction:.0%} of its width, >= {target.keep_min} "
             f"unit(s)) on a multiple of {target.multiple or 1} channels",
-            hint="lower the target, or lower min_fraction / min_units / multiple")
+            hint="lower the target, or lower min_fraction / min_units / multiple (--min-fraction 0, --multiple 1; "
+                 "the default multiple is the hardware's, and a small model may have no width to spare)")
     return masks
 
 

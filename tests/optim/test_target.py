@@ -145,7 +145,8 @@ def test_nan_scores_raise():
 def test_forced_and_protected_units():
     gs = groups_of([4])
     scores = [torch.tensor([0.0, 1.0, 2.0, -math.inf])]
-    masks = select_units(gs, scores, Target(groups=0.5, min_fraction=0), protect=[torch.tensor([True, False, False, False])])
+    masks = select_units(gs, scores, Target(groups=0.5, min_fraction=0),
+                         protect=[torch.tensor([True, False, False, False])])
     assert masks[0].tolist() == [False, True, False, True]
 
 
@@ -165,7 +166,8 @@ def test_overlap_correction_hits_real_flops(g):
 def test_overlap_correction_for_params(g):
     torch.manual_seed(2)
     scores = [torch.rand(grp.size) for grp in g.groups]
-    masks = select_units(g.groups, scores, Target(params=0.5, min_fraction=0), total_params=g.total_params, params=g.params)
+    masks = select_units(g.groups, scores, Target(params=0.5, min_fraction=0), total_params=g.total_params,
+                         params=g.params)
     live = [~m for m in masks]
     k1, k2 = int(live[0].sum()), int(live[1].sum())
     kept = k1 * 12 + k2 * (k1 * 9 + 3) + 10 * k2 + 10
