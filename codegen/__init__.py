@@ -12,7 +12,7 @@ from typing import Any
 _EXPORTS = {
     "build": "compile", "CompiledModel": "compiled",
     "tune": "tuning", "TuningReport": "tuning",
-    "resolve_target": "targets", "CodegenTarget": "targets",
+    "resolve_target": "targets", "CodegenTarget": "targets", "prune_multiple": "targets",
     "import_model": "frontend", "RelaxProgram": "frontend",
     "bsr_linear": "sparse", "choose_linear_kernel": "sparsify",
 }

@@ -76,6 +76,17 @@ def vector_lanes(spec: str | dict | Target | CodegenTarget = "x86", element_bits
     return max(1, tvm.target.codegen.llvm_get_vector_width(resolved.target) // element_bits)
 
 
+def prune_multiple(spec: str | dict | Target | CodegenTarget = "x86") -> int:
+    """Channel multiple the pruned widths are rounded to for ``spec``: a CPU's float32 vector
+    lanes (:func:`vector_lanes`: 16 with AVX-512, 8 with AVX2, 4 on NEON), 8 on CUDA.
+
+    On CUDA the fp32 kernels TVM schedules vectorise by 4 and tensor cores take fp16
+    channels in multiples of 8; rounding to a warp (32) would remove far more than either needs.
+    """
+    resolved = resolve_target(spec)
+    return vector_lanes(resolved) if resolved.kind == "llvm" else 8
+
+
 def _llvm_arch(target: Target) -> str:
     triple = str(target.attrs.get("mtriple", "")) or platform.machine().lower()
     arch = triple.split("-")[0]

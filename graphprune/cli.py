@@ -67,6 +67,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1 (1: no rounding)")
+    return value
+
+
+def _floor_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1]")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -113,7 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--latency-ms", type=_positive_float, help="latency budget in ms for the compiled compact "
                       "model on the codegen target (x86 for prune), met with the compiler in the loop")
     target.add_argument("--min-units", type=_positive, default=1, help="fewest units any group keeps (default 1)")
-    target.add_argument("--multiple", type=int, default=1, help="round kept widths to a multiple of this")
+    target.add_argument("--multiple", type=_positive_int, default=None,
+                        help="round kept widths (channels) to a multiple of this (default: the --codegen target's "
+                             "vector lanes, else 8; 1 for no rounding)")
+    target.add_argument("--min-fraction", type=_floor_fraction, default=0.25,
+                        help="fewest channels any group keeps, as a fraction of its width (default 0.25; 0: no floor)")
     target.add_argument("--calibration", metavar="PATH", help="unlabeled model inputs (.npz by input name, .npy for "
                         "one input, or a folder of them): calibrated criteria, and recovery after pruning; they "
                         "are also the example inputs (so not with --inputs/--input-shape)")
@@ -247,10 +265,12 @@ def _target(args: argparse.Namespace) -> Any:
     from graphprune.target import Target
 
     if args.latency_ms is not None:
-        return Target(latency_ms=args.latency_ms, min_units=args.min_units, multiple=args.multiple)
+        return Target(latency_ms=args.latency_ms, min_units=args.min_units, multiple=args.multiple,
+                      min_fraction=args.min_fraction)
     kind = "params" if args.params is not None else "groups" if args.units is not None else "flops"
     value = {"params": args.params, "groups": args.units, "flops": args.flops}[kind]
-    return Target(**{kind: 0.5 if value is None else value}, min_units=args.min_units, multiple=args.multiple)
+    return Target(**{kind: 0.5 if value is None else value}, min_units=args.min_units, multiple=args.multiple,
+                  min_fraction=args.min_fraction)
 
 
 # ---- subcommands: each returns (JSON-ready result, text for a human) ----------------------------

@@ -43,7 +43,7 @@ from graphprune.optim.recovery import recover
 from graphprune.prunable import PrunableGraph
 from graphprune.rel_error import max_rel_error
 from graphprune.report import LayerWidth, Report
-from graphprune.target import Target
+from graphprune.target import PORTABLE_MULTIPLE, Target
 from graphprune.trace import trace
 
 #: One-shot methods and the ``gp.prune`` criterion each one runs ("magnitude" is the L2 norm).
@@ -143,6 +143,11 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     ``Target(latency_ms=...)`` is a budget for the compiled compact model on ``codegen`` (x86
     when none is given), met by the one-shot methods with the compiler in the loop
     (:mod:`graphprune.latency`); the report shows the measured latency against it.
+    Kept widths are rounded to the hardware's multiple unless the target sets one
+    (``Target(flops=0.5, multiple=1)`` for none): ``codegen``'s vector lanes
+    (:func:`graphprune.codegen.targets.prune_multiple`), else
+    :data:`~graphprune.target.PORTABLE_MULTIPLE`; every group keeps its floor
+    (``Target.min_fraction``, a quarter of its width by default).
 
     ``method``: one-shot ``"obspa"`` (compensated; data-free, or with the input Hessian
     measured on ``calibration``), ``"wanda"``/``"reconstruction"`` (need ``calibration``),
@@ -186,7 +191,8 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
         raise GraphPruneError(f"unknown method {method!r}", hint=f"use one of {', '.join(METHODS)}")
     if (tune_trials or tune_minutes) and not codegen:
         raise TuningError("tuning needs a codegen target", hint='pass codegen="x86" (or "arm", "cuda")')
-    target = Target.coerce(target)
+    target = Target.coerce(target).for_hardware(
+        codegen_api("prune_multiple")(codegen) if codegen else PORTABLE_MULTIPLE)
     stages = _Stages(["trace", method, "emit", "verify"] + (["recover"] if recover_steps else []) + ["measure"]
                      + (["codegen"] if codegen else []), progress)
     with stages("trace"):
@@ -444,7 +450,8 @@ def _measure(g: PrunableGraph, compact: Any, example: tuple, *, source: str, met
     return Report(source=source, frontend=g.ir.frontend, method=method, target=repr(target),
                   params_before=g.total_params, params_after=small.total_params,
                   flops_before=g.total_flops, flops_after=small.total_flops,
-                  widths=[LayerWidth(grp.name, grp.kind, grp.size, grp.size - int(zero.sum()))
+                  widths=[LayerWidth(grp.name, grp.kind, grp.size, grp.size - int(zero.sum()), target.floor(grp),
+                                     target.unit_multiple(grp))
                           for grp, zero in zip(g.groups, g.zero_masks())],
                   barriers=[dataclasses.asdict(b) for b in g.barriers],
                   withdrawn=[{"group": grp.name, "reason": reason} for grp, reason in g.withdrawn])

@@ -30,12 +30,25 @@ if TYPE_CHECKING:
 
 @dataclass
 class LayerWidth:
-    """One group's width (units: channels, heads, features) before and after pruning."""
+    """One group's width (units: channels, heads, features) before and after pruning, with the
+    fewest units the target allowed it (``floor``) and the unit count its width had to be a
+    multiple of (``multiple``): a cut group outside them is flagged (:attr:`flags`), since a
+    group under its floor is what collapses a network and an odd width wastes vector lanes."""
 
     group: str
     kind: str
     before: int
     after: int
+    floor: int = 1
+    multiple: int = 1
+
+    @property
+    def flags(self) -> list[str]:
+        """What is wrong with this width: "below floor N", "off multiple M" (empty when nothing)."""
+        if self.after == self.before:
+            return []
+        return ([f"below floor {self.floor}"] if self.after < self.floor else []) + \
+            ([f"off multiple {self.multiple}"] if self.after % self.multiple else [])
 
 
 @dataclass
@@ -82,6 +95,11 @@ class Report:
 
     # ---- derived ----------------------------------------------------------------------
     @property
+    def flagged(self) -> list[LayerWidth]:
+        """The groups cut below their floor or off their multiple."""
+        return [w for w in self.widths if w.flags]
+
+    @property
     def params_removed(self) -> float:
         """Fraction of the parameters removed."""
         return 1.0 - self.params_after / max(self.params_before, 1)
@@ -115,6 +133,8 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data, with the derived fractions added."""
         out = _jsonable(asdict(self))
+        for w, row in zip(self.widths, out["widths"]):
+            row["flags"] = w.flags
         out["params_removed"] = self.params_removed
         out["flops_removed"] = self.flops_removed
         out["latency_ratio"] = self.latency_ratio
@@ -128,7 +148,7 @@ class Report:
         """The report back from :meth:`to_dict` (or a ``report.json``), to compare runs."""
         fields = {f.name for f in dataclasses.fields(cls)}
         kept = {k: v for k, v in data.items() if k in fields}
-        kept["widths"] = [LayerWidth(**w) for w in kept.get("widths", [])]
+        kept["widths"] = [LayerWidth(**{k: v for k, v in w.items() if k != "flags"}) for w in kept.get("widths", [])]
         kept["accuracy_curve"] = [tuple(p) for p in kept.get("accuracy_curve", [])]
         return cls(**kept)
 
@@ -146,6 +166,10 @@ class Report:
             r = self.recovery
             lines.append(f"  recovery: {r['steps']} steps of {r['loss']} distillation, loss {r['loss_before']:.4g} -> "
                          f"{r['loss_after']:.4g}" + ("" if r["improved"] else " (no gain: weights kept as pruned)"))
+        if self.flagged:
+            lines.append(f"  {len(self.flagged)} groups cut below their floor or off their multiple: "
+                         + "; ".join(f"{w.group} {w.before} -> {w.after} ({', '.join(w.flags)})"
+                                     for w in self.flagged[:3]))
         if self.withdrawn:
             lines.append(f"  {len(self.withdrawn)} groups withdrawn (failed the zero-invariance check): "
                          + "; ".join(f"{w['group']}: {w['reason']}" for w in self.withdrawn[:3]))
@@ -201,9 +225,12 @@ class Report:
             out.append(f"- {self.latency_budget_line}")
             out += [f"  - round {i}: layers predicted {r['predicted_layers_ms']:.3f} ms, whole model measured "
                     f"{r['measured_ms']:.3f} ms" for i, r in enumerate(self.latency_target["rounds"], 1)]
-        out += ["", _md_table(("", "before", "after", "change"), rows), "", "## Widths per group", "",
-                _md_table(("group", "kind", "before", "after"),
-                          [(w.group, w.kind, str(w.before), str(w.after)) for w in self.widths])]
+        out += ["", _md_table(("", "before", "after", "change"), rows), "", "## Widths per group", ""]
+        if self.flagged:
+            out += [f"**{len(self.flagged)} groups cut below their floor or off their multiple** (flagged below).", ""]
+        out += [_md_table(("group", "kind", "before", "after", "floor", "multiple", "flag"),
+                          [(w.group, w.kind, str(w.before), str(w.after), str(w.floor), str(w.multiple),
+                            ", ".join(f"**{f}**" for f in w.flags)) for w in self.widths])]
         out += ["", "## Barriers (channels kept)", ""]
         out += [f"- `{b['node']}` [{b['op']}] {b['module']}: {b['reason']}" for b in self.barriers] or ["none"]
         if self.withdrawn:

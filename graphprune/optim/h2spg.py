@@ -64,9 +64,8 @@ class H2SPG(DHSPG):
         return masks
 
     def keeps_width(self, masks: list[torch.Tensor]) -> bool:
-        """Default connectivity check: every group keeps at least ``target.keep_min`` units."""
-        return all(grp.size - int(m.sum()) >= min(grp.size, self.target.keep_min)
-                   for grp, m in zip(self.groups, masks))
+        """Default connectivity check: every group keeps at least its floor (:meth:`Target.floor`)."""
+        return all(grp.size - int(m.sum()) >= self.target.floor(grp) for grp, m in zip(self.groups, masks))
 
     def partition(self) -> list[torch.Tensor]:
         """Candidates in saliency order, each kept if the network stays connected and the

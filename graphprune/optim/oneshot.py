@@ -27,7 +27,7 @@ removes.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
@@ -102,15 +102,12 @@ def _layer_masks(groups: Sequence[Group], scores: Sequence[torch.Tensor], fracti
     """Remove the same fraction of units from every group (lowest scores first, same guards)."""
     masks = []
     for g, s in zip(groups, scores):
-        cap = (g.size - target.keep_min) / g.size
-        share = Target(groups=max(min(fraction, cap), 0.0), min_units=target.min_units, multiple=target.multiple)
+        share = replace(target, groups=max(min(fraction, (g.size - target.floor(g)) / g.size), 0.0),
+                        params=None, flops=None)
         try:
             masks.append(select_units([g], [s], share)[0])
-        except UnprunableTargetError:  # `multiple` rounds the floor up to the next multiple
-            floor = -(-target.keep_min // target.multiple) * target.multiple
-            share = Target(groups=max(g.size - floor, 0) / g.size, min_units=target.min_units,
-                           multiple=target.multiple)
-            masks.append(select_units([g], [s], share)[0])
+        except UnprunableTargetError:  # the multiple rounds the share past the floor: go to the floor
+            masks.append(select_units([g], [s], replace(share, groups=(g.size - target.floor(g)) / g.size))[0])
     return masks
 
 
@@ -265,7 +262,7 @@ def _select_latency(g: PrunableGraph, groups: Sequence[Group], scores: Sequence[
     model = LatencyModel(graph_layers(g.ir), groups, table)
     example = g.example[0]
     measure = measure_masks_fn(g, lambda compact: measure_model(compact, example, codegen, tuning_db))
-    levels = [kept_widths(grp.size, target.keep_min, target.multiple) for grp in groups]
+    levels = [kept_widths(grp, target) for grp in groups]
     masks, run = meet_latency(model, scores, target.latency_ms, levels, measure)
     run.layers_measured, run.layers_cached = table.measured, len(table.entries) - table.measured
     return masks, run

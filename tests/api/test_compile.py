@@ -23,7 +23,7 @@ def n_params(m: torch.nn.Module) -> int:
 
 def test_obspa_compacts_and_leaves_the_user_model_alone(cnn, example):
     before = copy.deepcopy(cnn.state_dict())
-    result = compile(cnn, example, method="obspa", target=Target(flops=0.5))
+    result = compile(cnn, example, method="obspa", target=Target(flops=0.5, multiple=1))
     assert isinstance(result, CompileResult)
     for k, v in cnn.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -45,7 +45,7 @@ def test_magnitude_is_the_l2_criterion(cnn, example):
     from graphprune.optim.oneshot import prune
     from graphprune.trace import trace
 
-    result = compile(cnn, example, method="magnitude", target=0.3)
+    result = compile(cnn, example, method="magnitude", target=Target(flops=0.3, multiple=1))
     g = trace(copy.deepcopy(cnn), example)
     prune(g, "l2", Target(flops=0.3))
     assert [w.after for w in result.report.widths] == [grp.size - int(m.sum())
@@ -53,8 +53,8 @@ def test_magnitude_is_the_l2_criterion(cnn, example):
 
 
 def test_hesso_with_data_trains_and_prunes(cnn, example, batches):
-    result = compile(cnn, example, method="hesso", target=0.5, data=batches, eval_data=batches[:1], steps=20,
-                     lr=0.05)
+    result = compile(cnn, example, method="hesso", target=Target(flops=0.5, multiple=1), data=batches,
+                     eval_data=batches[:1], steps=20, lr=0.05)
     r = result.report
     assert r.flops_removed > 0.3 and r.verify_error < 1e-4
     assert r.history and r.history[-1]["flops_reduction"] > 0.3
@@ -83,7 +83,8 @@ def test_training_method_runs_the_users_step(cnn, example, batches):
 
 
 def test_save_writes_every_artefact(cnn, example, tmp_path, batches):
-    result = compile(cnn, example, method="obspa", target=0.5, data=batches, output=tmp_path / "out")
+    result = compile(cnn, example, method="obspa", target=Target(flops=0.5, multiple=1), data=batches,
+                     output=tmp_path / "out")
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert names == {"model.onnx", "model.pt2", "report.md", "report.json", "widths.png"}
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -136,7 +137,7 @@ def test_missing_codegen_is_a_clear_error(cnn, example, monkeypatch):
 
 def test_codegen_x86_times_the_compact_model(cnn, example, tmp_path):
     pytest.importorskip("tvm")
-    result = compile(cnn, example, method="obspa", target=0.5, codegen="x86", output=tmp_path)
+    result = compile(cnn, example, method="obspa", target=Target(flops=0.5, multiple=1), codegen="x86", output=tmp_path)
     assert result.report.codegen == "x86" and result.report.latency["median_ms"] > 0
     out = result.runtime.run(*example)
     torch.testing.assert_close(torch.from_numpy(out), result.model(*example).detach(), rtol=1e-4, atol=1e-5)
@@ -170,7 +171,7 @@ def test_report_says_plainly_when_the_build_is_slower_than_onnxruntime():
 
 def test_onnx_input_gives_onnx_output():
     require_onnx_frontend()
-    result = compile(mlp_proto(), method="obspa", target=Target(groups=0.25))
+    result = compile(mlp_proto(), method="obspa", target=Target(groups=0.25, multiple=1))
     assert isinstance(result.model, onnx.ModelProto) and result.onnx is result.model
     assert result.report.frontend == "onnx" and result.report.source == "mlp (ModelProto)"
     assert [(w.before, w.after) for w in result.report.widths] == [(16, 12)]

@@ -47,7 +47,7 @@ def test_inspect_text_json_and_html(tmp_path, onnx_dir, capsys):
 def test_prune_cnn_to_target(tmp_path, onnx_dir):
     out = tmp_path / "cnn.small.onnx"
     r = run_cli("prune", onnx_dir / "cnn.onnx", "-o", out, "--flops", "0.5", "--criterion", "obspa", "--json",
-                "--report", tmp_path / "report")
+                "--multiple", "1", "--report", tmp_path / "report")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["output"] == str(out)
@@ -79,18 +79,20 @@ def test_prune_resnet18(tmp_path, resnet18_path):
 
 def test_compile_writes_folder(tmp_path, onnx_dir, capsys):
     out = tmp_path / "out"
-    code, _, err = run_main(capsys, "compile", onnx_dir / "mlp.onnx", "-o", out, "--method", "l1", "--units", "0.25")
+    code, _, err = run_main(capsys, "compile", onnx_dir / "mlp.onnx", "-o", out, "--method", "l1", "--units", "0.25",
+                            "--multiple", "1")
     assert code == 0, err
     assert {"model.onnx", "report.md", "report.json", "widths.png"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
     assert report["widths"] == [{"group": report["widths"][0]["group"], "kind": report["widths"][0]["kind"],
-                                 "before": 16, "after": 12}]
+                                 "before": 16, "after": 12, "floor": 4, "multiple": 1, "flags": []}]
 
 
 def test_compile_with_codegen_prints_the_onnxruntime_reference(tmp_path, onnx_dir, capsys):
     pytest.importorskip("tvm")
     out = tmp_path / "out"
-    code, text, err = run_main(capsys, "compile", onnx_dir / "cnn.onnx", "-o", out, "--codegen", "x86")
+    code, text, err = run_main(capsys, "compile", onnx_dir / "cnn.onnx", "-o", out, "--codegen", "x86",
+                               "--multiple", "1")
     assert code == 0, err
     assert "latency (x86, TVM)" in text and "onnxruntime on the same compact ONNX" in text
     report = json.loads((out / "report.json").read_text())

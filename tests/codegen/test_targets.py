@@ -2,7 +2,7 @@ import platform
 
 import pytest
 
-from graphprune.codegen.targets import resolve_target, vector_lanes
+from graphprune.codegen.targets import prune_multiple, resolve_target, vector_lanes
 from graphprune.errors import TuningError
 
 on_x86 = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 host only")
@@ -46,3 +46,10 @@ def test_vector_lanes_follow_the_cpu():
     assert vector_lanes("x86") in (4, 8, 16)
     with pytest.raises(TuningError, match="CPU targets"):
         vector_lanes("cuda")
+
+
+def test_prune_multiple_is_the_targets_width():
+    """Pruned widths round to a CPU's float32 lanes (NEON 4, this x86 host's own), 8 on CUDA."""
+    assert prune_multiple("arm") == 4
+    assert prune_multiple("x86") == vector_lanes("x86")
+    assert prune_multiple("cuda") == 8

@@ -72,7 +72,7 @@ def test_selection_meets_the_predicted_budget_through_plateaus(mobilenet, multip
     model, _ = model_for(g)
     full = model.predict([0] * len(g.groups))
     scores = [torch.rand(grp.size, generator=torch.Generator().manual_seed(i)) for i, grp in enumerate(g.groups)]
-    levels = [kept_widths(grp.size, 1, multiple) for grp in g.groups]
+    levels = [kept_widths(grp, gp.Target(latency_ms=1.0, multiple=multiple, min_fraction=0)) for grp in g.groups]
     masks = select_for_latency(model, scores, 0.6 * full, levels)
     assert model.predict([int(m.sum()) for m in masks]) <= 0.6 * full
     for grp, m, s, allowed in zip(g.groups, masks, scores, levels):
@@ -90,7 +90,7 @@ def test_correction_loop_lands_within_tolerance_when_the_table_misses(mobilenet)
     whole = lambda masks: 0.5 + 1.3 * model.predict([int(m.sum()) for m in masks])  # noqa: E731
     dense = whole([torch.zeros(grp.size, dtype=torch.bool) for grp in g.groups])
     scores = [torch.rand(grp.size, generator=torch.Generator().manual_seed(i)) for i, grp in enumerate(g.groups)]
-    levels = [kept_widths(grp.size, 1, 8) for grp in g.groups]
+    levels = [kept_widths(grp, gp.Target(latency_ms=1.0, multiple=8, min_fraction=0)) for grp in g.groups]
     masks, run = meet_latency(model, scores, 0.6 * dense, levels, whole)
     assert abs(whole(masks) / (0.6 * dense) - 1) <= 0.05
     assert run.achieved_ms == pytest.approx(whole(masks)) and len(run.rounds) >= 2  # the first round missed
@@ -102,7 +102,7 @@ def test_an_unreachable_budget_is_a_clear_error(mobilenet):
     model, _ = model_for(g)
     whole = lambda masks: 100.0 + model.predict([int(m.sum()) for m in masks])  # noqa: E731
     scores = [torch.ones(grp.size) for grp in g.groups]
-    levels = [kept_widths(grp.size, 1, 8) for grp in g.groups]
+    levels = [kept_widths(grp, gp.Target(latency_ms=1.0, multiple=8, min_fraction=0)) for grp in g.groups]
     with pytest.raises(UnprunableTargetError, match="latency budget"):
         meet_latency(model, scores, 50.0, levels, whole)
 
