@@ -32,14 +32,14 @@ def test_prune_with_calibration_and_recovery_from_the_shell(fpn, tmp_path):
     path, calib = fpn
     out = tmp_path / "det.small.onnx"
     done = run_cli("prune", path, "--calibration", calib, "--recover-steps", "50", "--criterion", "l2",
-                   "-o", out, "--json")
+                   "--flops", "0.3", "-o", out, "--json")  # a small detector: 50% is past its floor on multiples of 8
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)["report"]
     assert report["criterion"] == "l2" and report["recovery"]["steps"] == 50 and report["recovery"]["improved"]
     written = onnx.load(str(out))
     onnx.checker.check_model(written, full_check=True)
     assert _interface(written) == _interface(onnx.load(str(path)))
-    assert report["flops_removed"] > 0.4
+    assert report["flops_removed"] > 0.25
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     y = sess.run(None, {"images": np.zeros((2, 3, 24, 40), np.float32)})[0]  # another batch, height and width
     assert y.shape[:2] == (2, 6)

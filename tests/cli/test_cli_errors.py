@@ -126,7 +126,7 @@ def test_mismatching_compact_model_is_not_written(tmp_path, onnx_dir, onnx_ready
 
     monkeypatch.setattr(PrunableGraph, "construct_subnet", broken)
     out = tmp_path / "out.onnx"
-    code, _, err = run_main(capsys, "prune", onnx_dir / "cnn.onnx", "-o", out)
+    code, _, err = run_main(capsys, "prune", onnx_dir / "cnn.onnx", "-o", out, "--multiple", "1")
     assert code == cli.EXIT_MISMATCH
     assert "differs from the zeroed model" in err
     assert files_in(tmp_path) == []
