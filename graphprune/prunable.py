@@ -130,8 +130,9 @@ class PrunableGraph:
     def zero_masks(self, tensors: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Per group, which units are entirely zero now."""
         tensors = self.params if tensors is None else tensors
+        rows: dict = {}  # each weight's per-row reduction, shared by the groups that cut it
         with torch.no_grad():
-            return [g.zero_mask(tensors) for g in self.groups]
+            return [g.zero_mask(tensors, rows) for g in self.groups]
 
     def removed_units(self, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Unit ids to remove: every all-zero unit, whole groups included.  The emitters

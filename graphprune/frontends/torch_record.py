@@ -18,9 +18,12 @@ whose internals moved) it raises :class:`RecordingFailed` and ``gp.trace`` uses
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import itertools
+import keyword
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -96,12 +99,14 @@ class _Recorder(_mode_base()):  # type: ignore[misc]
         self.counts: dict[str, Iterator[int]] = {}
 
     def _name(self, packet: str) -> str:
-        """fx-style names (``linear``, ``linear_1``), never one an input or weight holds."""
+        """fx-style names (``linear``, ``linear_1``), never one an input or weight holds, nor
+        one fx would rename (a Python builtin or keyword: export's first ``slice`` is
+        ``slice_1``), so the replayed program's nodes keep the IR's names."""
         counter = self.counts.setdefault(packet, itertools.count())
         while True:
             k = next(counter)
             name = packet if k == 0 else f"{packet}_{k}"
-            if name not in self.values:
+            if name not in self.values and name not in builtins.__dict__ and not keyword.iskeyword(name):
                 return name
 
     def _ref(self, a: Any) -> Any:
@@ -212,8 +217,58 @@ def _module_stack(model: torch.nn.Module, stack: list[str]) -> Iterator[None]:
             h.remove()
 
 
+@dataclass(frozen=True)
+class CallSpec:
+    """How the recorded graph is called, for replaying it as a module
+    (:mod:`.torch_replay`): the pytree of ``(args, kwargs)`` with, per leaf, the IR input
+    it became (None for a non-tensor leaf), and the pytree of the output with, per leaf,
+    the IR value it is (None where the leaf is not a tensor, which ``out_consts`` holds).
+    ``lost_outputs`` counts output tensors that no recorded op made (the graph cannot
+    replay those)."""
+
+    in_spec: pytree.TreeSpec
+    in_leaves: tuple[str | None, ...]
+    out_spec: pytree.TreeSpec
+    out_leaves: tuple[str | None, ...]
+    out_consts: tuple[Any, ...]
+    arg_names: tuple[str, ...]
+    lost_outputs: int
+
+
+@dataclass(frozen=True)
+class Recording:
+    """The recorded IR and how it is called."""
+
+    graph: Graph
+    call: CallSpec
+
+
 def record(model: torch.nn.Module, args: tuple, kwargs: dict) -> Graph:
     """The IR of ``model`` at these inputs, recorded on meta tensors (model in eval mode)."""
+    return record_call(model, args, kwargs).graph
+
+
+def _forward_arg_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[str, ...]:
+    """The forward's parameter names for these inputs (``*args`` numbered), then the
+    keywords: the compact module's call signature is the model's."""
+    import inspect
+
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind_partial(*args).arguments
+    except (TypeError, ValueError):
+        return tuple(f"arg_{i}" for i in range(len(args))) + tuple(kwargs)
+    names: list[str] = []
+    for name, value in bound.items():
+        if sig.parameters[name].kind == inspect.Parameter.VAR_POSITIONAL:
+            names += [f"{name}_{i}" for i in range(len(value))]
+        else:
+            names.append(name)
+    return tuple(names) + tuple(kwargs)
+
+
+def record_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Recording:
+    """:func:`record`, with the call's structure for replaying the graph."""
     from torch._dispatch.python import enable_python_dispatcher
 
     names: dict[int, str] = {}
@@ -233,6 +288,7 @@ def record(model: torch.nn.Module, args: tuple, kwargs: dict) -> Graph:
             names[id(metas[fqn])] = name
 
     inputs: list[str] = []
+    in_leaves: list[str | None] = []
     leaves, spec = pytree.tree_flatten((args, kwargs))
     meta_leaves = []
     for path, leaf in zip(pytree.tree_flatten_with_path((args, kwargs))[0], leaves):
@@ -243,8 +299,10 @@ def record(model: torch.nn.Module, args: tuple, kwargs: dict) -> Graph:
             values[name] = Value(name, tuple(leaf.shape), leaf.dtype, "input", None, name)
             names[id(meta)] = name
             inputs.append(name)
+            in_leaves.append(name)
             meta_leaves.append(meta)
         else:
+            in_leaves.append(None)
             meta_leaves.append(leaf)
     margs, mkwargs = pytree.tree_unflatten(meta_leaves, spec)
 
@@ -258,5 +316,12 @@ def record(model: torch.nn.Module, args: tuple, kwargs: dict) -> Graph:
         raise
     except Exception as exc:  # anything the meta run cannot do: export will say it properly
         raise RecordingFailed(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
-    outputs = [names[id(t)] for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and id(t) in names]
-    return Graph(rec.nodes, values, inputs, outputs, "torch", type(model).__module__ + "." + type(model).__name__)
+    out_flat, out_spec = pytree.tree_flatten(out)
+    out_leaves = tuple(names.get(id(t)) if isinstance(t, torch.Tensor) else None for t in out_flat)
+    outputs = [n for n in out_leaves if n is not None]
+    call = CallSpec(spec, tuple(in_leaves), out_spec, out_leaves,
+                    tuple(None if isinstance(t, torch.Tensor) else t for t in out_flat),
+                    _forward_arg_names(model, args, kwargs),
+                    sum(isinstance(t, torch.Tensor) and id(t) not in names for t in out_flat))
+    graph = Graph(rec.nodes, values, inputs, outputs, "torch", type(model).__module__ + "." + type(model).__name__)
+    return Recording(graph, call)

@@ -83,7 +83,7 @@ def test_export_is_deferred_until_a_compact_model_is_built() -> None:
 def test_falls_back_to_export_when_recording_fails(monkeypatch) -> None:
     def fail(*_: object) -> None:
         raise torch_record.RecordingFailed("test")
-    monkeypatch.setattr(torch_record, "record", fail)
+    monkeypatch.setattr(torch_record, "record_call", fail)
     g = gp.trace(BLOCKS["se"][0](), BLOCKS["se"][1](), verify=False)
     assert g.backend.settled and g.groups
 
