@@ -194,8 +194,11 @@ class PrunableGraph:
             tensors = {k: v.detach().clone() if k in touched else v.detach() for k, v in self.params.items()}
             for g in groups:
                 g.scatter_(tensors, picks[g.id])
+            # the units zeroed here are the ones to remove: no pass over every weight to
+            # find the all-zero ones (0.25 s of vit_b_16's check)
+            removed = torch.cat([g.atoms[picks[g.id]] for g in groups])
             try:
-                err = self.backend.compare(self, tensors)
+                err = self.backend.compare(self, tensors, removed)
             except GraphPruneError:
                 raise  # names its node, op and file already
             except Exception as exc:

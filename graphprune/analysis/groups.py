@@ -29,20 +29,38 @@ def row_stat(params: dict[str, torch.Tensor], param: str, dim: int, stat: str | 
     """A statistic of each row of ``params[param]`` along ``dim`` (``"nonzero"``: whether
     any entry is nonzero, NaN included; a number ``p``: the row's ``p``-norm in float32),
     cached in ``cache`` (a producer's rows and its consumers' columns are read by two
-    groups each: resnet50's masks and norms took 0.3 s each, index-copying every weight)."""
+    groups each: resnet50's masks and norms took 0.3 s each, index-copying every weight).
+    Dims 0 and 1 of a convolution's weight (its outputs and inputs) are reduced from one
+    pass over it: its kernel dims reduced first (max of ``|w|``, or the ``p``-norm, both of
+    which compose), then the other of the two."""
     key = (param, dim, stat)
     if cache is not None and key in cache:
         return cache[key]
     t = params[param].detach()
-    rest = [d for d in range(t.dim()) if d != dim]
-    if stat == "nonzero":
-        out = (t != 0).any(dim=rest) if rest else t != 0
+    p = float("inf") if stat == "nonzero" else float(stat)
+    if t.dim() <= 2 or dim > 1:
+        rest = [d for d in range(t.dim()) if d != dim]
+        out = _norm(t, p, rest) if rest else t.abs().to(torch.float32)
     else:
-        out = torch.linalg.vector_norm(t, float(stat), dim=rest, dtype=torch.float32) if rest else \
-            t.abs().to(torch.float32)
+        base_key = (param, -1, stat)
+        base = cache.get(base_key) if cache is not None else None
+        if base is None:
+            base = _norm(t, p, list(range(2, t.dim())))
+            if cache is not None:
+                cache[base_key] = base
+        out = _norm(base, p, [1 - dim])
+    if stat == "nonzero":
+        out = out != 0  # NaN is not zero
     if cache is not None:
         cache[key] = out
     return out
+
+
+def _norm(t: torch.Tensor, p: float, dims: list[int]) -> torch.Tensor:
+    """The ``p``-norm over ``dims`` in float32 (the max of ``|t|`` for ``inf``, NaN kept)."""
+    if p == float("inf"):
+        return t.abs().amax(dim=dims).to(torch.float32)
+    return torch.linalg.vector_norm(t, p, dim=dims, dtype=torch.float32)
 
 
 @dataclass(frozen=True)

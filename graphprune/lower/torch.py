@@ -216,7 +216,8 @@ def _write_tensors(gm: torch.fx.GraphModule, ir: Graph, paths: dict[str, str],
         src = tensors.get(v.source_name, v.data)
         if src is None:
             continue
-        t = plan.slice(name, src.detach()).clone()
+        # a cut (index_select) is a new tensor already; an uncut one is the caller's and is copied
+        t = plan.slice(name, src.detach()) if plan.params.get(name) else src.detach().clone()
         if name in weights:
             t = weights[name].scaled(t)
         elif name in biases:

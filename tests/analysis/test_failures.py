@@ -53,7 +53,7 @@ def test_a_check_that_raises_is_an_error_not_a_withdrawn_group(monkeypatch: pyte
     g = gp.trace(Mlp(), torch.randn(3, 6), verify=False)
     assert g.groups
 
-    def broken(pg: object, tensors: object) -> float:
+    def broken(pg: object, tensors: object, removed: object = None) -> float:
         raise KeyError("fc.weight")
     monkeypatch.setattr(g.backend, "compare", broken)
     with pytest.raises(VerificationError, match="KeyError") as info:
@@ -65,7 +65,7 @@ def test_a_group_that_fails_the_numeric_check_is_withdrawn_and_reported(monkeypa
     g = gp.trace(Mlp(), torch.randn(3, 6), verify=False)
     bad = g.groups[0]
 
-    def compare(pg: gp.PrunableGraph, tensors: dict[str, torch.Tensor]) -> float:
+    def compare(pg: gp.PrunableGraph, tensors: dict[str, torch.Tensor], removed: object = None) -> float:
         touched = any(bool((tensors[s.param] == 0).any()) for s in bad.slices)
         return 1.0 if touched else 0.0
     monkeypatch.setattr(g.backend, "compare", compare)
