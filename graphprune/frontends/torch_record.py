@@ -91,9 +91,11 @@ def _mode_base() -> type:
 class _Recorder(_mode_base()):  # type: ignore[misc]
     """Runs each op (shape only, on meta tensors) and appends an IR node for it."""
 
-    def __init__(self, names: dict[int, str], values: dict[str, Value], modules: list[str]) -> None:
+    def __init__(self, names: dict[int, str], values: dict[str, Value], modules: list[str],
+                 device: torch.device) -> None:
         TorchDispatchMode.__init__(self, _dispatch_key=torch._C.DispatchKey.PreDispatch)
         self.names, self.values, self.modules = names, values, modules
+        self.device = device  # where the model really runs: model code asks its meta inputs
         self.nodes: list[Node] = []
         self.keep: list[Any] = []      # every recorded tensor stays alive: ids are never reused
         self.counts: dict[str, Iterator[int]] = {}
@@ -110,6 +112,8 @@ class _Recorder(_mode_base()):  # type: ignore[misc]
                 return name
 
     def _ref(self, a: Any) -> Any:
+        if isinstance(a, torch.device) and a.type == "meta":
+            return self.device  # ``torch.arange(n, device=x.device)``: the real device, for the replay
         if not isinstance(a, torch.Tensor):
             return a
         name = self.names.get(id(a))
@@ -180,7 +184,8 @@ class _FactoryAliases(TorchFunctionMode):
     """Python-level factory functions (``torch.arange``, ``torch.zeros``) hand back a shallow
     copy of the tensor the dispatcher produced (autograd's ``make_variable``), so the
     recorder would not know the tensor the model holds.  Seen from the Python call, the
-    copy is the output of the last op recorded during the call if that op took no tensor."""
+    copy is the output of the last op recorded during the call if that op took no tensor
+    or is a ``*_like`` factory (DETR's decoder starts from ``torch.zeros_like(queries)``)."""
 
     def __init__(self, rec: _Recorder) -> None:
         super().__init__()
@@ -191,7 +196,8 @@ class _FactoryAliases(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if isinstance(out, torch.Tensor) and id(out) not in self.rec.names and len(self.rec.nodes) > before:
             last = self.rec.nodes[-1]
-            if not last.inputs and len(last.outputs) == 1 and self.rec.values[last.outputs[0]].shape == tuple(out.shape):
+            factory = not last.inputs or last.source_op.split(".")[1].endswith("_like")
+            if factory and len(last.outputs) == 1 and self.rec.values[last.outputs[0]].shape == tuple(out.shape):
                 self.rec.names[id(out)] = last.outputs[0]
                 self.rec.keep.append(out)
         return out
@@ -306,8 +312,9 @@ def record_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Recording:
             meta_leaves.append(leaf)
     margs, mkwargs = pytree.tree_unflatten(meta_leaves, spec)
 
+    real = [t for t in (*leaves, *model.parameters(), *model.buffers()) if isinstance(t, torch.Tensor)]
     stack: list[str] = []
-    rec = _Recorder(names, values, stack)
+    rec = _Recorder(names, values, stack, real[0].device if real else torch.device("cpu"))
     try:
         with _as_if_exporting(), enable_python_dispatcher(), _module_stack(model, stack), rec, _FactoryAliases(rec):
             out = torch.func.functional_call(model, one_name_per_slot(model, metas), margs, mkwargs,

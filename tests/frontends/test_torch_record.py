@@ -200,3 +200,28 @@ def test_shape_only_entries_match_the_meta_kernels(name: str) -> None:
 
 def test_in_place_shortcut_defers_a_broadcasting_first_argument() -> None:
     assert shape_only()["add_.Tensor"]((_meta(6), _X), {}) is None
+
+
+class Queries(nn.Module):
+    """DETR's decoder start: ``torch.zeros_like`` of learned queries, and a position
+    index made on the input's device (``device=x.device`` is meta while recording)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries = nn.Embedding(5, 8)
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.queries.weight.unsqueeze(0).repeat(x.shape[0], 1, 1)
+        start = torch.zeros_like(q)
+        pos = torch.arange(q.shape[1], device=x.device, dtype=x.dtype)[None, :, None]
+        return self.b(torch.relu(self.a(start + q + pos + x.mean(1, keepdim=True))))
+
+
+def test_like_factories_and_devices_the_model_asks_its_inputs_are_recorded_and_replayed() -> None:
+    model, x = Queries().eval(), torch.randn(1, 4, 8)
+    g = gp.trace(model, x)
+    assert g.backend.replay is not None and not g.notes and g.backend._exported is None, g.notes
+    assert not g.withdrawn and g.groups
+    check_zero_invariance(Queries(), x)
+    _agree(Queries(), (x,))
