@@ -86,7 +86,11 @@ class TorchBackend:
             return pg.analysis
         from .torch_export import from_exported
 
-        analysis = analyse(from_exported(self.exported, self.runner))
+        ir = from_exported(self.exported, self.runner)
+        if same_graph(pg.ir, ir):  # export saw the recorder's ops under the same names: nothing to redo
+            self.settled = True
+            return pg.analysis
+        analysis = analyse(ir)
         if not same_groups(pg.groups, analysis.groups, pg.comp, analysis.comp):
             if not adopt_groups:
                 raise UnsupportedModelError(
@@ -138,6 +142,27 @@ class TorchBackend:
         finally:
             runner.train(was_training)
         return max_rel_error(ref, out)
+
+
+#: arguments that pick a kernel, not what is computed (export records batch norm's
+#: ``cudnn_enabled`` as False, the eager call as True)
+_BACKEND_FLAGS = frozenset({"cudnn_enabled"})
+
+
+def same_graph(a: Graph, b: Graph) -> bool:
+    """Whether two captures of a model are the same graph: the same nodes (name, op,
+    arguments, outputs) over values of the same names, kinds and shapes, so an analysis
+    of one is an analysis of the other."""
+    if len(a.nodes) != len(b.nodes) or a.values.keys() != b.values.keys() or a.outputs != b.outputs:
+        return False
+    for m, n in zip(a.nodes, b.nodes):
+        if (m.name, m.target, m.outputs, m.inputs) != (n.name, n.target, n.outputs, n.inputs):
+            return False
+        if {k: v for k, v in m.attrs.items() if k not in _BACKEND_FLAGS} != \
+                {k: v for k, v in n.attrs.items() if k not in _BACKEND_FLAGS}:
+            return False
+    return all((v.kind, v.shape, v.source_name) == (w.kind, w.shape, w.source_name)
+               for v, w in ((a.values[k], b.values[k]) for k in a.values))
 
 
 def _dynamic_axes(ir: Graph, exported: torch.export.ExportedProgram) -> Callable[[str], set[int]]:

@@ -297,10 +297,18 @@ def record_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Recording:
     in_leaves: list[str | None] = []
     leaves, spec = pytree.tree_flatten((args, kwargs))
     meta_leaves = []
+    arg_names = _forward_arg_names(model, args, kwargs)
     for path, leaf in zip(pytree.tree_flatten_with_path((args, kwargs))[0], leaves):
         if isinstance(leaf, torch.Tensor):
-            name = "_".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path[0][1:]) or "input"
+            # the forward's parameter names, as export names its placeholders (``x``,
+            # ``pixel_values``), so an export of the same ops is the same graph
+            keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path[0][1:]]
+            if keys and path[0][0].idx == 0 and int(keys[0]) < len(arg_names):
+                keys[0] = arg_names[int(keys[0])]
+            name = "_".join(keys) or "input"
             name = f"input_{name}" if name[0].isdigit() else name
+            while name in values:
+                name += "_input"
             meta = torch.empty_like(leaf, device="meta")
             values[name] = Value(name, tuple(leaf.shape), leaf.dtype, "input", None, name)
             names[id(meta)] = name
@@ -328,7 +336,7 @@ def record_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Recording:
     outputs = [n for n in out_leaves if n is not None]
     call = CallSpec(spec, tuple(in_leaves), out_spec, out_leaves,
                     tuple(None if isinstance(t, torch.Tensor) else t for t in out_flat),
-                    _forward_arg_names(model, args, kwargs),
+                    arg_names,
                     sum(isinstance(t, torch.Tensor) and id(t) not in names for t in out_flat))
     graph = Graph(rec.nodes, values, inputs, outputs, "torch", type(model).__module__ + "." + type(model).__name__)
     return Recording(graph, call)
