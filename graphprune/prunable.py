@@ -177,8 +177,10 @@ class PrunableGraph:
     def verify(self, fraction: float = 0.5, seed: int = 0, rtol: float = 1e-4) -> list[tuple[Group, str]]:
         """Zero a random ``fraction`` of every group's units (rounded down, so a group's
         last unit is never taken) on a copy of the weights and
-        require the compact model to reproduce the zeroed full model.  Groups that fail
-        (found by bisection) are withdrawn with the reason; returns them.  A compact model
+        require the compact model without those units to reproduce the zeroed full model.
+        All groups are checked in one forward (they are checked together as a user prunes
+        them); only a failure bisects, so each failing group is found and withdrawn alone,
+        with the reason; returns them.  A compact model
         that cannot be built or run is a bug, raised as :class:`VerificationError`."""
         gen = torch.Generator().manual_seed(seed)
         picks = {}

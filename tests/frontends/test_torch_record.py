@@ -251,3 +251,19 @@ def test_like_factories_and_devices_the_model_asks_its_inputs_are_recorded_and_r
     assert not g.withdrawn and g.groups
     check_zero_invariance(Queries(), x)
     _agree(Queries(), (x,))
+
+
+def test_a_replay_that_does_not_reproduce_the_model_falls_back_to_export(monkeypatch) -> None:
+    """Where the replayed recording itself (nothing removed) differs from the model, the
+    recording missed something: the groups are not blamed; the model is exported and
+    verified again from there, and the summary says so."""
+    from graphprune.frontends.torch_backend import TorchBackend
+    compare = TorchBackend.compare
+
+    def replay_is_off(self, *a, **k):
+        return 1.0 if self.replay is not None else compare(self, *a, **k)
+    monkeypatch.setattr(TorchBackend, "compare", replay_is_off)
+    g = gp.trace(Queries().eval(), torch.randn(1, 4, 8))
+    assert g.backend.replay is None and g.backend._exported is not None
+    assert g.groups and not g.withdrawn
+    assert any("replayed recording did not reproduce" in n for n in g.notes) and "replayed" in g.summary()
