@@ -14,8 +14,9 @@ two sets, and totals are printed per set.  Columns per tool:
 
 * **graphprune**: groups, share of parameters inside groups
   (``grouped_params / total_params``), seconds of ``gp.trace(..., verify=False)`` (median
-  of up to ``--repeat`` runs), peak memory of that analysis, ``verify`` (every group kept by
-  ``g.verify()``) and ``property`` (zero a random half of every group's units: the compact
+  of up to ``--repeat`` runs), peak memory of that analysis, ``default_seconds`` (one run
+  of the default ``gp.trace(model, inputs)``, verification on: what a user waits for;
+  column ``def s``), ``verify`` (every group kept by ``g.verify()``) and ``property`` (zero a random half of every group's units: the compact
   model must equal the zeroed model within 1e-4 relative error, with fewer parameters);
 * **graphprune-onnx**: the same columns through the ONNX door: the model is exported
   (TorchScript exporter, dynamic batch; the dynamo exporter where TorchScript cannot) and
@@ -234,6 +235,16 @@ def run_graphprune(name: str, model: torch.nn.Module, inputs: tuple, repeat: int
     row = {"groups": len(g.groups), "grouped": g.grouped_params / max(1, g.total_params), "seconds": secs,
            "runs": runs, "peak_mib": mib, "barriers": sorted({b.op for b in g.barriers})}
     row["verify"] = _verify_cell(g)
+    try:  # before the property check, which zeroes the model's own weights
+        g = None
+        gc.collect()
+        t = time.perf_counter()
+        gp.trace(model, inputs)
+        row["default_seconds"] = time.perf_counter() - t
+    except Exception as exc:  # the verify column says the same; the cell stays
+        row["default_seconds"] = None
+        row["default_error"] = _reason(exc)
+    g = gp.trace(model, inputs, verify=False)
     try:
         row["property"] = _property_torch(g, model, inputs)
     except Exception as exc:
@@ -574,7 +585,7 @@ def print_table(cells: dict[tuple[str, str], dict], tools: list[str]) -> None:
     head = f"{'model':22}"
     for tool, short in (("graphprune", "gp"), ("graphprune-onnx", "onnx")):
         if tool in tools:
-            head += f" | {short + ' grp':>8} {'in grp':>6} {'s':>6} {'MiB':>6} {'verify':>6} {'prop':>5}"
+            head += f" | {short + ' grp':>8} {'in grp':>6} {'s':>6} {'def s':>6} {'MiB':>6} {'verify':>6} {'prop':>5}"
     if "torch-pruning" in tools:
         head += f" | {'tp grp':>6} {'s':>6} {'MiB':>6} {'runs':>5}"
     if "oto" in tools:
@@ -586,7 +597,7 @@ def print_table(cells: dict[tuple[str, str], dict], tools: list[str]) -> None:
             if tool in tools:
                 r = cells.get((name, tool), {})
                 line += (f" | {_cell(r, 'groups'):>8} {_cell(r, 'grouped', '{:.0%}'):>6} {_cell(r, 'seconds', '{:.2f}'):>6} "
-                         f"{_cell(r, 'peak_mib', '{:.0f}'):>6} {_flag(r, 'verify'):>6} {_flag(r, 'property'):>5}")
+                         f"{_cell(r, 'default_seconds', '{:.2f}'):>6} {_cell(r, 'peak_mib', '{:.0f}'):>6} {_flag(r, 'verify'):>6} {_flag(r, 'property'):>5}")
         if "torch-pruning" in tools:
             t = cells.get((name, "torch-pruning"), {})
             line += (f" | {_cell(t, 'groups'):>6} {_cell(t, 'seconds', '{:.2f}'):>6} {_cell(t, 'peak_mib', '{:.0f}'):>6} "
@@ -621,6 +632,12 @@ def print_totals(cells: dict[tuple[str, str], dict], tools: list[str], names: li
                          f"all three {len(covered)} ({len(covered) / expected:.1%} of {expected}), "
                          f">= 50% of params in groups {half} ({half / max(1, len(covered)):.1%} of those), "
                          f"mean share in groups {statistics.mean(r['grouped'] for r in ok):.1%}")
+                timed = [r for r in ok if r.get("default_seconds") is not None]
+                if timed:
+                    slowest = max(timed, key=lambda r: r["default_seconds"])
+                    line += (f", default gp.trace (verified) median "
+                             f"{statistics.median(r['default_seconds'] for r in timed):.2f} s, max "
+                             f"{slowest['default_seconds']:.2f} s ({slowest.get('model', '?')}) over {len(timed)}")
             elif ok:
                 line += f", pruned model runs {sum(r.get('pruned_runs') == 'ok' for r in ok)}"
             na = [r for r in rows if r.get("status") == "n/a"]

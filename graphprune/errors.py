@@ -66,3 +66,9 @@ class RecorderMismatchWarning(UserWarning):
     """The fast recorder and torch.export analysed a model differently; export's groups
     were taken.  The test suite turns this into an error: every traced model is a check
     that the recorder sees what export sees."""
+
+
+class TimeBudgetError(GraphPruneError):
+    """A phase of the analysis ran past its time budget (:mod:`graphprune.analysis.budget`):
+    a pathological graph or rule, reported with the node it was at and the slowest one
+    instead of running for minutes."""

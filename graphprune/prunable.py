@@ -135,8 +135,9 @@ class PrunableGraph:
     def zero_masks(self, tensors: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Per group, which units are entirely zero now."""
         tensors = self.params if tensors is None else tensors
+        rows: dict = {}  # each weight's per-row reduction, shared by the groups that cut it
         with torch.no_grad():
-            return [g.zero_mask(tensors) for g in self.groups]
+            return [g.zero_mask(tensors, rows) for g in self.groups]
 
     def removed_units(self, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Unit ids to remove: every all-zero unit, whole groups included.  The emitters
@@ -213,8 +214,10 @@ class PrunableGraph:
     def verify(self, fraction: float = 0.5, seed: int = 0, rtol: float = 1e-4) -> list[tuple[Group, str]]:
         """Zero a random ``fraction`` of every group's units (rounded down, so a group's
         last unit is never taken) on a copy of the weights and
-        require the compact model to reproduce the zeroed full model.  Groups that fail
-        (found by bisection) are withdrawn with the reason; returns them.  A compact model
+        require the compact model without those units to reproduce the zeroed full model.
+        All groups are checked in one forward (they are checked together as a user prunes
+        them); only a failure bisects, so each failing group is found and withdrawn alone,
+        with the reason; returns them.  A compact model
         that cannot be built or run is a bug, raised as :class:`VerificationError`."""
         gen = torch.Generator().manual_seed(seed)
         picks = {}
@@ -230,8 +233,11 @@ class PrunableGraph:
             tensors = {k: v.detach().clone() if k in touched else v.detach() for k, v in self.params.items()}
             for g in groups:
                 g.scatter_(tensors, picks[g.id])
+            # the units zeroed here are the ones to remove: no pass over every weight to
+            # find the all-zero ones (0.25 s of vit_b_16's check)
+            removed = torch.cat([g.atoms[picks[g.id]] for g in groups])
             try:
-                err = self.backend.compare(self, tensors)
+                err = self.backend.compare(self, tensors, removed)
             except GraphPruneError:
                 raise  # names its node, op and file already
             except Exception as exc:

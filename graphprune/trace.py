@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .analysis import analyse
-from .errors import UnsupportedModelError
+from .errors import UnsupportedModelError, VerificationError
 from .frontends.backend import Backend
 from .frontends.torch_backend import TorchBackend
 from .ir.graph import Graph
@@ -27,15 +27,27 @@ def _as_args(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, d
     return (example_inputs,), dict(example_kwargs or {})
 
 
+def _batch_of_one(args: tuple, kwargs: dict) -> bool:
+    """Whether no tensor input has a batch over 1: export specialises such an example to
+    static shapes, as a replayed recording is (a larger batch is exported, dynamic)."""
+    from torch.utils import _pytree as pytree
+
+    return all(t.dim() == 0 or t.shape[0] <= 1
+               for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+
+
 def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
                  recorder: bool, notes: list[str]) -> tuple[Graph, TorchBackend]:
     """The IR (recorded, or from ``torch.export`` where recording fails) and the backend.
     Both run copies of ``model`` (:mod:`.frontends.model_copy`); export's is warmed by one
-    call on the example, made on first need.  ``notes`` gets what the summary should say
-    about how the model was captured."""
+    call on the example, made on first need.  A recording at a batch of one is also what
+    compact modules are lowered from (:mod:`.frontends.torch_replay`): nothing is exported
+    unless verification finds the replay does not reproduce the model.  ``notes`` gets
+    what the summary should say about how the model was captured."""
     from .frontends.model_copy import UncopyableModel, shared_copy, warm_copy
     from .frontends.torch_export import export_model, from_exported
-    from .frontends.torch_record import RecordingFailed, record
+    from .frontends.torch_record import RecordingFailed, record_call
+    from .frontends.torch_replay import ReplayFailed, replay_program
 
     @functools.cache
     def runner() -> torch.nn.Module:
@@ -50,6 +62,13 @@ def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shap
                                         source=type(model).__module__ + "." + type(model).__name__,
                                         hint="give example inputs the model's forward accepts") from exc
 
+    @functools.cache
+    def reference() -> torch.nn.Module:
+        try:
+            return shared_copy(model)
+        except UncopyableModel:
+            return model  # noted when it was recorded
+
     export = lambda: export_model(runner(), args, kwargs, dynamic_shapes)  # noqa: E731
     if recorder and dynamic_shapes is None:
         try:
@@ -60,14 +79,56 @@ def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shap
         was_training = cold.training
         cold.eval()
         try:
-            return record(cold, args, kwargs), TorchBackend(export, runner)
+            rec = record_call(cold, args, kwargs)
         except RecordingFailed as exc:
             log.info("recording %s failed (%s): using torch.export", type(model).__name__, exc)
             notes.append(f"captured with torch.export (fake tensors): the meta-tensor recording failed: {exc}")
+        else:
+            replay = None
+            if _batch_of_one(args, kwargs):
+                try:
+                    replay = replay_program(rec, model)
+                except ReplayFailed as exc:
+                    log.info("replaying the recording of %s failed (%s): emitting from torch.export",
+                             type(model).__name__, exc)
+            return rec.graph, TorchBackend(export, runner, replay=replay, reference=reference)
         finally:
             cold.train(was_training)
     backend = TorchBackend(export, runner, settled=True)
     return from_exported(backend.exported, backend.runner), backend
+
+
+def _verify_torch(pg: PrunableGraph, backend: TorchBackend, notes: list[str]) -> None:
+    """``pg.verify()``; where a replayed recording fails it (a withdrawn group, or a compact
+    model that does not run), the replay is checked on its own, nothing removed: if the
+    full replayed program does not reproduce the model, the recording missed something
+    (not a group's fault), so the model is exported and verified again from there."""
+    if backend.replay is None:
+        pg.adopt(backend.settle(pg, adopt_groups=True))  # nobody holds the groups yet
+        pg.verify()
+        return
+    failure: VerificationError | None = None
+    try:
+        if not pg.verify():
+            return
+    except VerificationError as exc:
+        failure = exc
+    try:
+        err = backend.compare(pg, pg.params, torch.zeros(0, dtype=torch.long))
+    except Exception as exc:  # the replayed program itself does not run: a capture problem
+        err, why = float("inf"), f"{type(exc).__name__}: {str(exc)[:200]}"
+    else:
+        why = f"rel. error {err:.2e}"
+    if err < 1e-4:
+        if failure is not None:
+            raise failure
+        return  # the program is right: the withdrawn groups are wrong
+    log.info("the replayed recording of %s does not reproduce it (%s): using torch.export", pg.ir.source, why)
+    notes.append(f"emitted from torch.export: the replayed recording did not reproduce the model ({why})")
+    pg.groups, pg.withdrawn = list(pg.analysis.groups), []
+    backend.stop_replay()
+    pg.adopt(backend.settle(pg, adopt_groups=True))
+    pg.verify()
 
 
 def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None = None,
@@ -103,8 +164,8 @@ def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None
     pg = PrunableGraph(analyse(ir), params=params, model=model, example=(args, kwargs), backend=backend)
     if isinstance(backend, TorchBackend):
         pg.notes = notes  # the same list: a note made when export first runs shows too
-    if verify:
-        if isinstance(backend, TorchBackend):
-            pg.adopt(backend.settle(pg, adopt_groups=True))  # nobody holds the groups yet
+    if verify and isinstance(backend, TorchBackend):
+        _verify_torch(pg, backend, notes)
+    elif verify:
         pg.verify()
     return pg

@@ -20,6 +20,7 @@ from ..errors import GraphPruneError, RuleError
 from ..ir.graph import Graph, Node
 from ..memory import Trimmer
 from ..ops.catalog import rule_for
+from .budget import PhaseBudget
 from .labels import PIN, Labels
 
 
@@ -30,14 +31,16 @@ def propagate(graph: Graph) -> Labels:
     for name in graph.inputs:
         lab.fields[name] = None
     trim = Trimmer()  # the label tensors' freed heap stays resident otherwise (370 MiB on vit_b_16)
+    budget = PhaseBudget("propagate", source=graph.source)
     for node in graph.nodes:
         trim.tick()
-        _fold(node, lab)
         rule = rule_for(node.op)
         try:
-            rule.propagate(node, lab)
-            if rule.keeps_zero(node, lab):  # only labelled outputs: an unlabelled one has nothing removed
-                lab.zero.update(o for o in node.outputs if lab.fields.get(o) is not None)
+            with budget.step(node.name, node.source_op or node.op):
+                _fold(node, lab)
+                rule.propagate(node, lab)
+                if rule.keeps_zero(node, lab):  # only labelled outputs: an unlabelled one has nothing removed
+                    lab.zero.update(o for o in node.outputs if lab.fields.get(o) is not None)
         except GraphPruneError:
             raise
         except Exception as exc:
@@ -108,22 +111,24 @@ def solve(lab: Labels, max_rounds: int = 8) -> torch.Tensor:
     # a field that is rectangular stays so when later rounds merge more components, so
     # each (distinct) field is checked until it is, not in every round
     rects = list({id(r): r for r in lab.rects}.values())
-    for _ in range(max_rounds + 2 * len(lab.deferred)):
-        comp = _components(lab.n_atoms, lab.edges())
-        pinned = comp[PIN]
-        changed = False
-        pending = []
-        for labels in rects:
-            c = torch.where(labels >= 0, comp[labels.clamp(min=0)], pinned)
-            if _uniform_axis(c) is not None:
-                continue
-            pending.append(labels)
-            j = int(np.argmax(labels.shape))
-            rows = labels.movedim(j, 0).reshape(labels.shape[j], -1)
-            lab.union(rows[:, :1], rows)
-            changed = True
-        rects = pending
-        changed |= _settle_deferred(lab, comp)
+    budget = PhaseBudget("solve", source=lab.graph.source)
+    for k in range(max_rounds + 2 * len(lab.deferred)):
+        with budget.step(f"round {k}", "couplings"):
+            comp = _components(lab.n_atoms, lab.edges())
+            pinned = comp[PIN]
+            changed = False
+            pending = []
+            for labels in rects:
+                c = torch.where(labels >= 0, comp[labels.clamp(min=0)], pinned)
+                if _uniform_axis(c) is not None:
+                    continue
+                pending.append(labels)
+                j = int(np.argmax(labels.shape))
+                rows = labels.movedim(j, 0).reshape(labels.shape[j], -1)
+                lab.union(rows[:, :1], rows)
+                changed = True
+            rects = pending
+            changed |= _settle_deferred(lab, comp)
         if not changed:
             return comp
     for d in lab.deferred:  # out of rounds: the safe choice

@@ -31,6 +31,8 @@ class Backend(Protocol):
         """The full model with ``tensors`` as weights (nothing removed)."""
         ...
 
-    def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> float:
-        """Max relative error between the compact and the zeroed full model on the example."""
+    def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
+                removed: torch.Tensor | None = None) -> float:
+        """Max relative error between the compact model (``removed`` as for :meth:`emit`)
+        and the zeroed full model on the example."""
         ...

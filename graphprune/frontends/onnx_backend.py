@@ -76,8 +76,10 @@ class OnnxBackend:
         plan = self.plan(pg, tensors, torch.zeros(0, dtype=torch.long))
         return lower_onnx(pg.ir, self.proto, plan, tensors, weights, check=not is_large(self.proto))
 
-    def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> float:
-        """Relative error of the compact model against the zeroed full model (onnxruntime).
+    def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
+                removed: torch.Tensor | None = None) -> float:
+        """Relative error of the compact model (``removed`` as for :meth:`emit`) against
+        the zeroed full model (onnxruntime).
         A model that onnxruntime runs with its weights fed is emitted with them as stubs and
         fed straight from ``tensors`` (and their slices): no serialised copy of them.
         With dynamic axes both models run at the example's sizes and at the second ones:
@@ -88,11 +90,11 @@ class OnnxBackend:
             ref = [run_onnx(full, f, weights) for f in self.all_feeds]
             del full
             weights = {}
-            compact = self.emit(pg, tensors, weights=weights)
+            compact = self.emit(pg, tensors, removed, weights=weights)
             out = [run_onnx(compact, f, weights) for f in self.all_feeds]
             del weights
         else:
-            full, compact = self.full(pg, tensors), self.emit(pg, tensors)
+            full, compact = self.full(pg, tensors), self.emit(pg, tensors, removed)
             ref = [run_onnx(full, f) for f in self.all_feeds]
             out = [run_onnx(compact, f) for f in self.all_feeds]
         return max(max_rel_error(r, o) for r, o in zip(ref, out))

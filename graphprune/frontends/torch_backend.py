@@ -11,7 +11,7 @@ import torch
 from ..analysis import Analysis, analyse, same_groups
 from ..errors import NotInPlace, RecorderMismatchWarning, UnsupportedModelError
 from ..lower.module import is_standard, shrunk_copy
-from ..lower.torch import CompactModule, lower_torch
+from ..lower.torch import CompactModule, TorchProgram, lower_torch, program_of_export
 from ..lower.widths import candidates, record_reads, settle
 from ..passes.plan import CompactPlan, plan_compact
 from ..rel_error import max_rel_error
@@ -50,18 +50,43 @@ class TorchBackend:
     ``runner`` gives the module that is exported and that verification runs as the
     reference (a warmed copy of the user's model, see :mod:`.model_copy`): its weights
     are the user's, and nothing it runs changes the user's model.
+
+    With a ``replay`` (the recording as a program, :mod:`.torch_replay`) nothing is
+    exported: compact modules are lowered from the recording itself, whose analysis is
+    already the PrunableGraph's, and ``reference`` (a plain copy of the user's model,
+    with no warm-up call: export is what needs one) is what verification runs against.
+    :meth:`stop_replay` goes back to export, where the replayed program turned out not
+    to reproduce the model.
     """
 
     def __init__(self, export: Callable[[], torch.export.ExportedProgram], runner: Callable[[], torch.nn.Module],
-                 *, settled: bool = False) -> None:
+                 *, settled: bool = False, replay: TorchProgram | None = None,
+                 reference: Callable[[], torch.nn.Module] | None = None) -> None:
         self._export = export
         self._runner = runner
         self._exported: torch.export.ExportedProgram | None = None
-        self.settled = settled
+        self._program: TorchProgram | None = None
+        self.replay = replay
+        self._reference = reference or runner
+        self.settled = settled or replay is not None
 
     @property
     def runner(self) -> torch.nn.Module:
-        return self._runner()
+        return self._reference() if self.replay is not None else self._runner()
+
+    def stop_replay(self) -> None:
+        """Emit from ``torch.export`` from now on; the next :meth:`settle` analyses export's graph."""
+        if self.replay is not None:
+            self.replay, self.settled = None, False
+
+    def program(self, pg: PrunableGraph) -> TorchProgram:
+        """What compact modules are lowered from: the replayed recording, or the export of
+        the model (made once, on first need)."""
+        if self.replay is not None:
+            return self.replay
+        if self._program is None:
+            self._program = program_of_export(self.exported, _dynamic_axes(pg.ir, self.exported))
+        return self._program
 
     @property
     def exported(self) -> torch.export.ExportedProgram:
@@ -77,7 +102,11 @@ class TorchBackend:
             return pg.analysis
         from .torch_export import from_exported
 
-        analysis = analyse(from_exported(self.exported, self.runner))
+        ir = from_exported(self.exported, self.runner)
+        if same_graph(pg.ir, ir):  # export saw the recorder's ops under the same names: nothing to redo
+            self.settled = True
+            return pg.analysis
+        analysis = analyse(ir)
         if not same_groups(pg.groups, analysis.groups, pg.comp, analysis.comp):
             if not adopt_groups:
                 raise UnsupportedModelError(
@@ -93,7 +122,7 @@ class TorchBackend:
         """The compact plan for removing the components ``removed`` (export's analysis)."""
         pg.adopt(self.settle(pg))
         return plan_compact(pg.ir, pg.labels, pg.comp, removed, state, fold_bn=fold_bn,
-                            dynamic=_dynamic_axes(pg.ir, self.exported))
+                            dynamic=self.program(pg).dynamic)
 
     def emit(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None,
              fold_bn: bool = False) -> CompactModule:
@@ -106,7 +135,7 @@ class TorchBackend:
         state = dict(tensors)
         for k, v in self.runner.named_buffers(remove_duplicate=False):
             state.setdefault(k, v)
-        return lower_torch(pg.ir, self.exported, self.plan(pg, state, units, fold_bn), state)
+        return lower_torch(pg.ir, self.program(pg), self.plan(pg, state, units, fold_bn), state)
 
     def emit_module(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], rtol: float = 1e-4) -> InPlace:
         """The compact model as a copy of the user's own module, its standard layers
@@ -184,10 +213,11 @@ class TorchBackend:
         """The full model with ``tensors`` as weights (nothing removed)."""
         return self.emit(pg, tensors, torch.zeros(0, dtype=torch.long))
 
-    def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> float:
-        """Relative error between the compact and the zeroed full model on the example.
-        The reference is :attr:`runner` (the user's weights) run on ``tensors`` in eval
-        mode: no second full-size module is built."""
+    def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
+                removed: torch.Tensor | None = None) -> float:
+        """Relative error between the compact and the zeroed full model on the example
+        (``removed`` as for :meth:`emit`).  The reference is :attr:`runner` (the user's
+        weights) run on ``tensors`` in eval mode: no second full-size module is built."""
         args, kwargs = pg.example
         runner = self.runner
         was_training = runner.training  # the user's own model where it could not be copied
@@ -196,7 +226,7 @@ class TorchBackend:
             with torch.no_grad():
                 ref = torch.func.functional_call(runner, one_name_per_slot(runner, tensors), args, kwargs,
                                                  tie_weights=False, strict=False)
-                out = self.emit(pg, tensors)(*args, **kwargs)
+                out = self.emit(pg, tensors, removed)(*args, **kwargs)
         finally:
             runner.train(was_training)
         return max_rel_error(ref, out)
@@ -207,6 +237,27 @@ def _normalises_channels(mod: torch.nn.Module) -> bool:
     per_channel = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.Linear, torch.nn.Embedding,
                    torch.nn.modules.conv._ConvNd, torch.nn.MultiheadAttention)
     return not isinstance(mod, per_channel) and is_standard(mod)
+
+
+#: arguments that pick a kernel, not what is computed (export records batch norm's
+#: ``cudnn_enabled`` as False, the eager call as True)
+_BACKEND_FLAGS = frozenset({"cudnn_enabled"})
+
+
+def same_graph(a: Graph, b: Graph) -> bool:
+    """Whether two captures of a model are the same graph: the same nodes (name, op,
+    arguments, outputs) over values of the same names, kinds and shapes, so an analysis
+    of one is an analysis of the other."""
+    if len(a.nodes) != len(b.nodes) or a.values.keys() != b.values.keys() or a.outputs != b.outputs:
+        return False
+    for m, n in zip(a.nodes, b.nodes):
+        if (m.name, m.target, m.outputs, m.inputs) != (n.name, n.target, n.outputs, n.inputs):
+            return False
+        if {k: v for k, v in m.attrs.items() if k not in _BACKEND_FLAGS} != \
+                {k: v for k, v in n.attrs.items() if k not in _BACKEND_FLAGS}:
+            return False
+    return all((v.kind, v.shape, v.source_name) == (w.kind, w.shape, w.source_name)
+               for v, w in ((a.values[k], b.values[k]) for k in a.values))
 
 
 def _dynamic_axes(ir: Graph, exported: torch.export.ExportedProgram) -> Callable[[str], set[int]]:

@@ -18,9 +18,12 @@ whose internals moved) it raises :class:`RecordingFailed` and ``gp.trace`` uses
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import itertools
+import keyword
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -88,23 +91,29 @@ def _mode_base() -> type:
 class _Recorder(_mode_base()):  # type: ignore[misc]
     """Runs each op (shape only, on meta tensors) and appends an IR node for it."""
 
-    def __init__(self, names: dict[int, str], values: dict[str, Value], modules: list[str]) -> None:
+    def __init__(self, names: dict[int, str], values: dict[str, Value], modules: list[str],
+                 device: torch.device) -> None:
         TorchDispatchMode.__init__(self, _dispatch_key=torch._C.DispatchKey.PreDispatch)
         self.names, self.values, self.modules = names, values, modules
+        self.device = device  # where the model really runs: model code asks its meta inputs
         self.nodes: list[Node] = []
         self.keep: list[Any] = []      # every recorded tensor stays alive: ids are never reused
         self.counts: dict[str, Iterator[int]] = {}
 
     def _name(self, packet: str) -> str:
-        """fx-style names (``linear``, ``linear_1``), never one an input or weight holds."""
+        """fx-style names (``linear``, ``linear_1``), never one an input or weight holds, nor
+        one fx would rename (a Python builtin or keyword: export's first ``slice`` is
+        ``slice_1``), so the replayed program's nodes keep the IR's names."""
         counter = self.counts.setdefault(packet, itertools.count())
         while True:
             k = next(counter)
             name = packet if k == 0 else f"{packet}_{k}"
-            if name not in self.values:
+            if name not in self.values and name not in builtins.__dict__ and not keyword.iskeyword(name):
                 return name
 
     def _ref(self, a: Any) -> Any:
+        if isinstance(a, torch.device) and a.type == "meta":
+            return self.device  # ``torch.arange(n, device=x.device)``: the real device, for the replay
         if not isinstance(a, torch.Tensor):
             return a
         name = self.names.get(id(a))
@@ -175,7 +184,8 @@ class _FactoryAliases(TorchFunctionMode):
     """Python-level factory functions (``torch.arange``, ``torch.zeros``) hand back a shallow
     copy of the tensor the dispatcher produced (autograd's ``make_variable``), so the
     recorder would not know the tensor the model holds.  Seen from the Python call, the
-    copy is the output of the last op recorded during the call if that op took no tensor."""
+    copy is the output of the last op recorded during the call if that op took no tensor
+    or is a ``*_like`` factory (DETR's decoder starts from ``torch.zeros_like(queries)``)."""
 
     def __init__(self, rec: _Recorder) -> None:
         super().__init__()
@@ -186,7 +196,8 @@ class _FactoryAliases(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if isinstance(out, torch.Tensor) and id(out) not in self.rec.names and len(self.rec.nodes) > before:
             last = self.rec.nodes[-1]
-            if not last.inputs and len(last.outputs) == 1 and self.rec.values[last.outputs[0]].shape == tuple(out.shape):
+            factory = not last.inputs or last.source_op.split(".")[1].endswith("_like")
+            if factory and len(last.outputs) == 1 and self.rec.values[last.outputs[0]].shape == tuple(out.shape):
                 self.rec.names[id(out)] = last.outputs[0]
                 self.rec.keep.append(out)
         return out
@@ -212,8 +223,58 @@ def _module_stack(model: torch.nn.Module, stack: list[str]) -> Iterator[None]:
             h.remove()
 
 
+@dataclass(frozen=True)
+class CallSpec:
+    """How the recorded graph is called, for replaying it as a module
+    (:mod:`.torch_replay`): the pytree of ``(args, kwargs)`` with, per leaf, the IR input
+    it became (None for a non-tensor leaf), and the pytree of the output with, per leaf,
+    the IR value it is (None where the leaf is not a tensor, which ``out_consts`` holds).
+    ``lost_outputs`` counts output tensors that no recorded op made (the graph cannot
+    replay those)."""
+
+    in_spec: pytree.TreeSpec
+    in_leaves: tuple[str | None, ...]
+    out_spec: pytree.TreeSpec
+    out_leaves: tuple[str | None, ...]
+    out_consts: tuple[Any, ...]
+    arg_names: tuple[str, ...]
+    lost_outputs: int
+
+
+@dataclass(frozen=True)
+class Recording:
+    """The recorded IR and how it is called."""
+
+    graph: Graph
+    call: CallSpec
+
+
 def record(model: torch.nn.Module, args: tuple, kwargs: dict) -> Graph:
     """The IR of ``model`` at these inputs, recorded on meta tensors (model in eval mode)."""
+    return record_call(model, args, kwargs).graph
+
+
+def _forward_arg_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[str, ...]:
+    """The forward's parameter names for these inputs (``*args`` numbered), then the
+    keywords: the compact module's call signature is the model's."""
+    import inspect
+
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind_partial(*args).arguments
+    except (TypeError, ValueError):
+        return tuple(f"arg_{i}" for i in range(len(args))) + tuple(kwargs)
+    names: list[str] = []
+    for name, value in bound.items():
+        if sig.parameters[name].kind == inspect.Parameter.VAR_POSITIONAL:
+            names += [f"{name}_{i}" for i in range(len(value))]
+        else:
+            names.append(name)
+    return tuple(names) + tuple(kwargs)
+
+
+def record_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Recording:
+    """:func:`record`, with the call's structure for replaying the graph."""
     from torch._dispatch.python import enable_python_dispatcher
 
     names: dict[int, str] = {}
@@ -233,23 +294,35 @@ def record(model: torch.nn.Module, args: tuple, kwargs: dict) -> Graph:
             names[id(metas[fqn])] = name
 
     inputs: list[str] = []
+    in_leaves: list[str | None] = []
     leaves, spec = pytree.tree_flatten((args, kwargs))
     meta_leaves = []
+    arg_names = _forward_arg_names(model, args, kwargs)
     for path, leaf in zip(pytree.tree_flatten_with_path((args, kwargs))[0], leaves):
         if isinstance(leaf, torch.Tensor):
-            name = "_".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path[0][1:]) or "input"
+            # the forward's parameter names, as export names its placeholders (``x``,
+            # ``pixel_values``), so an export of the same ops is the same graph
+            keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path[0][1:]]
+            if keys and path[0][0].idx == 0 and int(keys[0]) < len(arg_names):
+                keys[0] = arg_names[int(keys[0])]
+            name = "_".join(keys) or "input"
             name = f"input_{name}" if name[0].isdigit() else name
+            while name in values:
+                name += "_input"
             meta = torch.empty_like(leaf, device="meta")
             values[name] = Value(name, tuple(leaf.shape), leaf.dtype, "input", None, name)
             names[id(meta)] = name
             inputs.append(name)
+            in_leaves.append(name)
             meta_leaves.append(meta)
         else:
+            in_leaves.append(None)
             meta_leaves.append(leaf)
     margs, mkwargs = pytree.tree_unflatten(meta_leaves, spec)
 
+    real = [t for t in (*leaves, *model.parameters(), *model.buffers()) if isinstance(t, torch.Tensor)]
     stack: list[str] = []
-    rec = _Recorder(names, values, stack)
+    rec = _Recorder(names, values, stack, real[0].device if real else torch.device("cpu"))
     try:
         with _as_if_exporting(), enable_python_dispatcher(), _module_stack(model, stack), rec, _FactoryAliases(rec):
             out = torch.func.functional_call(model, one_name_per_slot(model, metas), margs, mkwargs,
@@ -258,5 +331,12 @@ def record(model: torch.nn.Module, args: tuple, kwargs: dict) -> Graph:
         raise
     except Exception as exc:  # anything the meta run cannot do: export will say it properly
         raise RecordingFailed(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
-    outputs = [names[id(t)] for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and id(t) in names]
-    return Graph(rec.nodes, values, inputs, outputs, "torch", type(model).__module__ + "." + type(model).__name__)
+    out_flat, out_spec = pytree.tree_flatten(out)
+    out_leaves = tuple(names.get(id(t)) if isinstance(t, torch.Tensor) else None for t in out_flat)
+    outputs = [n for n in out_leaves if n is not None]
+    call = CallSpec(spec, tuple(in_leaves), out_spec, out_leaves,
+                    tuple(None if isinstance(t, torch.Tensor) else t for t in out_flat),
+                    arg_names,
+                    sum(isinstance(t, torch.Tensor) and id(t) not in names for t in out_flat))
+    graph = Graph(rec.nodes, values, inputs, outputs, "torch", type(model).__module__ + "." + type(model).__name__)
+    return Recording(graph, call)

@@ -1,6 +1,6 @@
-"""Lower a compact plan to an ``nn.Module``: the exported program's own graph, edited.
+"""Lower a compact plan to an ``nn.Module``: the captured program's own graph, edited.
 
-The program's unlifted module is the template: its parameters and buffers are replaced
+The program's module (export's unlifted module, or the replayed recording) is the template: its parameters and buffers are replaced
 by the plan's slices (the user's model is never touched), each node's
 :class:`~graphprune.ops.rewrite.Rewrite` is applied to its fx node (a schema argument
 set, or the target replaced by a phantom op's torch function), erased operators give
@@ -12,7 +12,8 @@ carries the mode).
 from __future__ import annotations
 
 import operator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch.utils import _pytree as pytree
@@ -25,13 +26,37 @@ from graphprune.passes.fold_bn import Fold
 from graphprune.passes.plan import CompactPlan
 
 
+@dataclass(frozen=True)
+class TorchProgram:
+    """What a compact module is lowered from: ``module()`` gives a fresh template module
+    (the full model's graph, calling ATen ops) for each lowering to edit, ``paths`` the
+    attribute path of each fixed IR value in it where that differs from the value's
+    source name, ``dynamic`` a value's symbolic axes.  The frontend makes it, from an
+    ExportedProgram (:func:`program_of_export`) or from a recording
+    (:mod:`graphprune.frontends.torch_replay`)."""
+
+    module: Callable[[], torch.fx.GraphModule]
+    paths: dict[str, str]
+    dynamic: Callable[[str], set[int]]
+
+
+def program_of_export(exported: torch.export.ExportedProgram, dynamic: Callable[[str], set[int]]) -> TorchProgram:
+    """The unlifted module of ``exported`` as the template (a tied weight's placeholders
+    have their own paths)."""
+    sig = exported.graph_signature
+    return TorchProgram(exported.module, {**sig.inputs_to_parameters, **sig.inputs_to_buffers}, dynamic)
+
+
 class CompactModule(torch.nn.Module):
     """A rewritten exported graph that honours train/eval like an ordinary module."""
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
+        """``gm``'s code is regenerated here once, in eval mode (lowering edits its graph
+        without regenerating: each regeneration of resnet50's code took 25 ms)."""
         super().__init__()
         self.gm = gm
-        self.train(False)
+        self._set_mode(False)
+        self.gm.recompile()
 
     def _mode_nodes(self) -> list[tuple[torch.fx.Node, str]]:
         """The nodes whose registry entry names an argument that follows the mode."""
@@ -46,18 +71,24 @@ class CompactModule(torch.nn.Module):
                 out.append((n, n.target.mode_arg))  # a phantom op's keyword (a pruned RNN's ``train``)
         return out
 
-    def train(self, mode: bool = True) -> "CompactModule":
+    def _set_mode(self, mode: bool) -> bool:
+        """Set the mode flags and every mode argument; whether any argument changed."""
         self.training = mode
         for m in self.gm.modules():
             if m is not self.gm:
                 m.training = mode
-        nodes = self._mode_nodes()
-        for n, arg in nodes:
+        changed = False
+        for n, arg in self._mode_nodes():
             if isinstance(n.target, torch._ops.OpOverload):
+                changed |= get_arg(n, arg) != mode
                 set_arg(n, arg, mode)
             else:
+                changed |= n.kwargs.get(arg) != mode
                 n.kwargs = {**n.kwargs, arg: mode}
-        if nodes:
+        return changed
+
+    def train(self, mode: bool = True) -> "CompactModule":
+        if self._set_mode(mode):
             self.gm.recompile()
         return self
 
@@ -65,15 +96,15 @@ class CompactModule(torch.nn.Module):
         return self.gm(*args, **kwargs)
 
 
-def lower_torch(ir: Graph, exported: torch.export.ExportedProgram, plan: CompactPlan,
+def lower_torch(ir: Graph, program: TorchProgram, plan: CompactPlan,
                 tensors: dict[str, torch.Tensor]) -> CompactModule:
     """The compact module of ``plan``; ``tensors``: current values by the user's names
     (parameters and buffers), the IR's data where absent."""
-    gm = exported.module()
+    gm = program.module()
     for name in ("train", "eval"):  # export's guards against mode switches; CompactModule owns modes
         gm.__dict__.pop(name, None)
     fx_nodes = {n.name: n for n in gm.graph.nodes}
-    _write_tensors(gm, ir, exported, plan, tensors)
+    _write_tensors(gm, ir, program.paths, plan, tensors)
     for node in ir.nodes:
         rw = plan.rewrites.get(node.name)
         fx = fx_nodes.get(node.name)
@@ -88,8 +119,7 @@ def lower_torch(ir: Graph, exported: torch.export.ExportedProgram, plan: Compact
         _drop(gm, removed)
     for n in gm.graph.nodes:  # full-model shapes are stale now; fake tensors and provenance chains block deepcopy
         n.meta.clear()
-    gm.recompile()
-    return CompactModule(gm)
+    return CompactModule(gm)  # regenerates gm's code
 
 
 # ---- editors -------------------------------------------------------------------------
@@ -168,11 +198,9 @@ def _get_tensor(root: torch.nn.Module, fqn: str) -> Any:
     return getattr(root.get_submodule(prefix) if prefix else root, leaf)
 
 
-def _write_tensors(gm: torch.fx.GraphModule, ir: Graph, exported: torch.export.ExportedProgram,
+def _write_tensors(gm: torch.fx.GraphModule, ir: Graph, paths: dict[str, str],
                    plan: CompactPlan, tensors: dict[str, torch.Tensor]) -> None:
     """Every parameter and buffer, sliced (and with folded norms' scale and shift)."""
-    sig = exported.graph_signature
-    paths = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}  # a tied weight's paths differ from its name
     weights = {f.weight: f for f in plan.folds}
     biases = {f.bias: f for f in plan.folds if f.bias is not None}
     # a module shared under several paths (CoaT's cpe), or a tied weight (GPT-2's lm_head),
@@ -188,7 +216,8 @@ def _write_tensors(gm: torch.fx.GraphModule, ir: Graph, exported: torch.export.E
         src = tensors.get(v.source_name, v.data)
         if src is None:
             continue
-        t = plan.slice(name, src.detach()).clone()
+        # a cut (index_select) is a new tensor already; an uncut one is the caller's and is copied
+        t = plan.slice(name, src.detach()) if plan.params.get(name) else src.detach().clone()
         if name in weights:
             t = weights[name].scaled(t)
         elif name in biases:

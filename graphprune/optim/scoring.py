@@ -45,12 +45,14 @@ Criterion = Callable[..., list[torch.Tensor]]
 # ---------------------------------------------------------------------------- magnitude criteria
 def l1(groups: Sequence[Group], params: dict[str, torch.Tensor], **_: Any) -> list[torch.Tensor]:
     """Sum of |w| over every slice of the unit."""
-    return [g.norms(params, p=1) for g in groups]
+    rows: dict = {}  # a weight's row norms, shared by the groups that cut it
+    return [g.norms(params, p=1, rows=rows) for g in groups]
 
 
 def l2(groups: Sequence[Group], params: dict[str, torch.Tensor], **_: Any) -> list[torch.Tensor]:
     """Euclidean norm over every slice of the unit."""
-    return [g.norms(params, p=2) for g in groups]
+    rows: dict = {}  # a weight's row norms, shared by the groups that cut it
+    return [g.norms(params, p=2, rows=rows) for g in groups]
 
 
 def bn_scale(groups: Sequence[Group], params: dict[str, torch.Tensor], **_: Any) -> list[torch.Tensor]:

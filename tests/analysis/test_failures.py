@@ -53,7 +53,7 @@ def test_a_check_that_raises_is_an_error_not_a_withdrawn_group(monkeypatch: pyte
     g = gp.trace(Mlp(), torch.randn(3, 6), verify=False)
     assert g.groups
 
-    def broken(pg: object, tensors: object) -> float:
+    def broken(pg: object, tensors: object, removed: object = None) -> float:
         raise KeyError("fc.weight")
     monkeypatch.setattr(g.backend, "compare", broken)
     with pytest.raises(VerificationError, match="KeyError") as info:
@@ -65,10 +65,46 @@ def test_a_group_that_fails_the_numeric_check_is_withdrawn_and_reported(monkeypa
     g = gp.trace(Mlp(), torch.randn(3, 6), verify=False)
     bad = g.groups[0]
 
-    def compare(pg: gp.PrunableGraph, tensors: dict[str, torch.Tensor]) -> float:
+    def compare(pg: gp.PrunableGraph, tensors: dict[str, torch.Tensor], removed: object = None) -> float:
         touched = any(bool((tensors[s.param] == 0).any()) for s in bad.slices)
         return 1.0 if touched else 0.0
     monkeypatch.setattr(g.backend, "compare", compare)
     withdrawn = g.verify()
     assert [w.id for w, _ in withdrawn] == [bad.id] and bad not in g.groups
     assert "rel. error" in withdrawn[0][1] and bad.name in g.summary()
+
+
+class TwoBranches(nn.Module):
+    """A branch whose channels are reversed before its consumer reads them (``roll``'s
+    rule, if broken, pairs the wrong columns) beside a plain branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 4)
+        self.c, self.d = nn.Linear(6, 12), nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)).roll(3, -1)) + self.d(torch.relu(self.c(x)))
+
+
+def test_a_broken_group_checked_with_good_ones_is_the_only_one_withdrawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default path checks every group in one zeroed forward and bisects only on a
+    failure: a group broken by a wrong rule (``roll`` passed through as if elementwise)
+    is found among the good ones and withdrawn alone, on the replayed recording (batch 1)."""
+    roll, relu = rule_for(canonical_aten("roll")), rule_for(canonical_aten("relu"))
+    model, x = TwoBranches().eval(), torch.randn(1, 6)
+    calls = []
+    honest = gp.trace(model, x)
+    assert honest.backend.replay is not None and not honest.withdrawn
+    assert [grp.name for grp in honest.groups] == ["c"]  # roll's rule keeps a's channels
+
+    monkeypatch.setattr(type(roll), "propagate", lambda self, node, lab: type(relu).propagate(relu, node, lab))
+    from graphprune.frontends.torch_backend import TorchBackend
+    compare = TorchBackend.compare
+    monkeypatch.setattr(TorchBackend, "compare", lambda self, *a, **k: calls.append(1) or compare(self, *a, **k))
+    g = gp.trace(model, x)
+    assert g.backend.replay is not None, "the replayed program reproduces the model: it stays"
+    assert [w.name for w, _ in g.withdrawn] == ["a"] and [grp.name for grp in g.groups] == ["c"]
+    assert "rel. error" in g.withdrawn[0][1] and "a" in g.summary()
+    # one batched check, its two halves, then the full program checked alone (nothing removed)
+    assert len(calls) == 4

@@ -1,0 +1,142 @@
+"""The recorded graph as a runnable fx program: what compact modules are lowered from
+when the model was recorded at a batch of one.
+
+``torch.export`` cost 0.9 s of resnet50's 2 s default path (and more on a ViT) only to
+rebuild, with fake tensors, the graph the recorder (:mod:`.torch_record`) had already
+made: the same ATen ops at the same dispatch level.  This module turns that recording
+into a ``torch.fx.GraphModule`` directly: one node per recorded op with the IR's own
+name (so the analysis is the program's own and nothing is re-analysed), the weights
+and lifted constants as attributes at the user's paths, and the call and output
+structure of the model's forward (pytree codegen, as export's unlifted module has).
+
+Every shape in a recording is the example's: the program is specialised to it, as
+export specialises a batch of one.  :func:`.trace` therefore replays only recordings at
+a batch of one (an example with a larger batch is exported, for a dynamic batch), and
+verification checks the replayed program against the user's model; a program that does
+not reproduce it is a capture problem and the model is exported instead.  Anything this
+module cannot build raises :class:`ReplayFailed`, which also sends the model to export.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..ir.graph import Ref
+from ..lower.torch import TorchProgram
+from .torch_record import Recording
+
+
+class ReplayFailed(RuntimeError):
+    """The recording cannot be replayed as a module; the caller exports the model."""
+
+
+def _codegen(rec: Recording) -> Any:
+    """The pytree codegen of the model's forward (private torch: any change is a ReplayFailed)."""
+    try:
+        from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+    except ImportError as exc:  # pragma: no cover - a torch that moved it
+        raise ReplayFailed(f"torch has no pytree codegen: {exc}") from exc
+    return _PyTreeCodeGen(_PyTreeInfo(list(rec.call.arg_names), rec.call.in_spec, rec.call.out_spec))
+
+
+def _template(rec: Recording, model: torch.nn.Module) -> tuple[torch.fx.Graph, dict[str, str], dict[str, torch.Tensor]]:
+    """The fx graph of the recording, each fixed value's attribute path, and what each
+    attribute holds (the user's tensors: lowering replaces them by the plan's slices)."""
+    ir, call = rec.graph, rec.call
+    if call.lost_outputs:
+        raise ReplayFailed(f"{call.lost_outputs} output tensor(s) were made by no recorded op")
+    g = torch.fx.Graph()
+    env: dict[str, torch.fx.Node] = {}
+    for k, name in enumerate(call.in_leaves):
+        ph = g.placeholder(name if name is not None else f"_unused_{k}")
+        if name is not None:
+            env[name] = ph
+    paths: dict[str, str] = {}
+    held: dict[str, torch.Tensor] = {}
+
+    def fixed(name: str) -> torch.fx.Node:
+        v = ir.values[name]
+        path = v.source_name if v.kind in ("param", "buffer") else f"_const.{name}"
+        if v.data is None:
+            raise ReplayFailed(f"{name} has no contents")
+        paths[name], held[path] = path, v.data
+        node = g.get_attr(path)
+        env[name] = node
+        return node
+
+    def look(a: Any) -> Any:
+        if not isinstance(a, Ref):
+            return a
+        if a.name in env:
+            return env[a.name]
+        if a.name in ir.values and ir.values[a.name].fixed:
+            return fixed(a.name)
+        raise ReplayFailed(f"value {a.name} is used before it is made")
+
+    for node in ir.nodes:
+        if not isinstance(node.target, torch._ops.OpOverload):
+            raise ReplayFailed(f"{node.name} calls {node.target!r}, not an ATen overload")
+        args, kwargs = pytree.tree_map(look, (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, Ref))
+        fx = g.create_node("call_function", node.target, tuple(args), dict(kwargs), name=node.name)
+        if fx.name != node.name:
+            raise ReplayFailed(f"fx renamed node {node.name} to {fx.name}")
+        if node.outputs == [node.name]:
+            env[node.name] = fx
+            continue
+        for out in node.outputs:
+            base, _, index = out.rpartition(".")
+            if base != node.name or not index.isdigit():
+                raise ReplayFailed(f"{node.name} has an output named {out}")
+            env[out] = g.call_function(operator.getitem, (fx, int(index)))
+    outs = [look(Ref(n)) if n is not None else c for n, c in zip(call.out_leaves, call.out_consts)]
+    g.output(outs)
+    g._codegen = _codegen(rec)
+    return g, paths, held
+
+
+def _root(model: torch.nn.Module, held: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Modules at the user's paths holding the weights as parameters and buffers (so the
+    compact module's ``.to()``, ``state_dict()`` and ``parameters()`` see them), buffers
+    persistent as in the user's model."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    root = torch.nn.Module()
+    for path, t in held.items():
+        *parents, leaf = path.split(".")
+        mod = root
+        for p in parents:
+            if not hasattr(mod, p):
+                mod.add_module(p, torch.nn.Module())
+            mod = getattr(mod, p)
+        if path in params:
+            mod.register_parameter(leaf, torch.nn.Parameter(t.detach(), requires_grad=t.requires_grad))
+        else:
+            owner = model.get_submodule(".".join(parents)) if path.rpartition(".")[0] else model
+            persistent = leaf not in getattr(owner, "_non_persistent_buffers_set", ()) if not path.startswith("_const.") else False
+            mod.register_buffer(leaf, t.detach(), persistent=persistent)
+    return root
+
+
+def replay_program(rec: Recording, model: torch.nn.Module) -> TorchProgram:
+    """The recording as a :class:`TorchProgram` for :func:`graphprune.lower.torch.lower_torch`.
+    The template graph is built (and checked) once; each lowering gets its own copy."""
+    try:
+        graph, paths, held = _template(rec, model)
+        root = _root(model, held)
+        probe = torch.fx.GraphModule(root, graph)
+        probe.recompile()
+    except ReplayFailed:
+        raise
+    except Exception as exc:  # fx or pytree refusing the graph: export it instead
+        raise ReplayFailed(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+
+    def module() -> torch.fx.GraphModule:
+        copy = torch.fx.Graph()
+        out = copy.graph_copy(graph, {})
+        copy.output(out)
+        copy._codegen = graph._codegen
+        return torch.fx.GraphModule(root, copy)
+
+    return TorchProgram(module, paths, lambda name: set())
