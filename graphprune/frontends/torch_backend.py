@@ -11,6 +11,7 @@ from ..analysis import Analysis, analyse, same_groups
 from ..errors import RecorderMismatchWarning, UnsupportedModelError
 from ..lower.torch import CompactModule, lower_torch
 from ..passes.plan import CompactPlan, plan_compact
+from ..pre_activation import pre_activations, run_capturing
 from ..rel_error import max_rel_error
 from .module_slots import one_name_per_slot
 
@@ -97,7 +98,8 @@ class TorchBackend:
         return self.emit(pg, tensors, torch.zeros(0, dtype=torch.long))
 
     def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> float:
-        """Relative error between the compact and the zeroed full model on the example.
+        """Relative error between the compact and the zeroed full model on the example, on
+        the outputs and on the inputs of a final sigmoid/softmax (:mod:`..pre_activation`).
         The reference is :attr:`runner` (the user's weights) run on ``tensors`` in eval
         mode: no second full-size module is built."""
         args, kwargs = pg.example
@@ -108,10 +110,16 @@ class TorchBackend:
             with torch.no_grad():
                 ref = torch.func.functional_call(runner, one_name_per_slot(runner, tensors), args, kwargs,
                                                  tie_weights=False, strict=False)
-                out = self.emit(pg, tensors)(*args, **kwargs)
+                compact = self.emit(pg, tensors)
+                out = compact(*args, **kwargs)
+                logits = pre_activations(pg.ir)
+                if logits:  # saturated outputs hide differences: compare what the final activation took
+                    ref_logits = run_capturing(self.full(pg, tensors).gm, logits, args, kwargs)
+                    out_logits = run_capturing(compact.gm, logits, args, kwargs)
         finally:
             runner.train(was_training)
-        return max_rel_error(ref, out)
+        err = max_rel_error(ref, out)
+        return max(err, max_rel_error(ref_logits, out_logits)) if logits else err
 
 
 def _dynamic_axes(ir: Graph, exported: torch.export.ExportedProgram) -> Callable[[str], set[int]]:
