@@ -86,22 +86,22 @@ class OnnxBackend:
         logits = pre_activations(pg.ir)
         if runs_fed(self.proto):
             weights: dict[str, np.ndarray] = {}
-            full = _with_outputs(self.full(pg, tensors, weights), logits)
+            full = with_outputs(self.full(pg, tensors, weights), logits)
             ref = [run_onnx(full, f, weights) for f in self.all_feeds]
             del full
             weights = {}
-            compact = _with_outputs(self.emit(pg, tensors, weights=weights), logits)
+            compact = with_outputs(self.emit(pg, tensors, weights=weights), logits)
             out = [run_onnx(compact, f, weights) for f in self.all_feeds]
             del weights
         else:
-            full = _with_outputs(self.full(pg, tensors), logits)
-            compact = _with_outputs(self.emit(pg, tensors), logits)
+            full = with_outputs(self.full(pg, tensors), logits)
+            compact = with_outputs(self.emit(pg, tensors), logits)
             ref = [run_onnx(full, f) for f in self.all_feeds]
             out = [run_onnx(compact, f) for f in self.all_feeds]
         return max(max_rel_error(r, o) for r, o in zip(ref, out))
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """``model`` (an emitted copy, changed in place) with ``names`` as extra graph outputs."""
     have = {o.name for o in model.graph.output}
     for name in names:
