@@ -465,3 +465,15 @@ def test_dynamo_adaptive_pool_head(tmp_path):
     ref, out = run_onnx(full, feeds)[0], run_onnx(compact, feeds)[0]
     assert np.abs(ref - out).max() <= 1e-4 * np.abs(ref).max()
     assert n_weights(compact) < n_weights(full)
+
+
+def test_cross_covariance_attention_onnx(tmp_path):
+    """XCiT (attention over channels, a temperature per head, broadcast multiplies that defer
+    couplings) as TorchScript-exported ONNX: the solver crashed settling one deferred
+    coupling while another stayed (issue 18).  One block at 32x32 of timm's own model."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("xcit_nano_12_p8_224", img_size=32, depth=1, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    g = check_onnx(export(model, x, tmp_path / "xcit.onnx"), x)
+    assert g.grouped_params >= 0.5 * g.total_params
