@@ -18,12 +18,19 @@ from tests.analysis import blocks
 from tests.helpers import zero_random_half
 
 
-def export(model: torch.nn.Module, x: torch.Tensor, path) -> str:
-    model.eval()
+def no_zero_weights(model: torch.nn.Module) -> None:
+    """Random values in every all-zero parameter: no all-zero heads (ViT-style init) hiding
+    differences, and no identical zero biases, which an exporter that deduplicates equal
+    initializers (the dynamo exporter) turns into one tensor shared by every layer."""
     with torch.no_grad():
-        for p in model.parameters():  # no all-zero heads (ViT-style init) hiding differences
+        for p in model.parameters():
             if p.abs().max() == 0:
                 p.normal_(0, 0.1)
+
+
+def export(model: torch.nn.Module, x: torch.Tensor, path) -> str:
+    model.eval()
+    no_zero_weights(model)
     torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17)
     return str(path)
