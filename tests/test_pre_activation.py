@@ -61,3 +61,27 @@ def test_onnx_logits_are_compared(tmp_path) -> None:
     g = gp.trace(str(path), verify=False)
     assert pre_activations(g.ir)
     assert not g.verify()
+
+
+def test_onnx_broken_group_behind_saturated_output_is_caught(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ONNX check sees the logits too: a compact file whose last bias is off by 1e-2."""
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    path = tmp_path / "sat.onnx"
+    torch.onnx.export(_Saturated("softmax").eval(), (torch.randn(3, 8),), str(path), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    g = gp.trace(str(path), verify=False)
+    emit = type(g.backend).emit
+
+    def broken(self, pg, tensors, removed=None, weights=None, fold_bn=False):
+        model = emit(self, pg, tensors, removed, weights, fold_bn)
+        if removed is None:  # the compact model, not the full reference
+            if weights is not None and "fc2.bias" in weights:
+                weights["fc2.bias"] = weights["fc2.bias"] + 1e-2
+            else:
+                init = next(i for i in model.graph.initializer if i.name == "fc2.bias")
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 1e-2, "fc2.bias"))
+        return model
+    monkeypatch.setattr(type(g.backend), "emit", broken)
+    assert g.verify()
