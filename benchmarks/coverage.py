@@ -23,6 +23,8 @@ two sets, and totals are printed per set.  Columns per tool:
   ``gp.trace(path)`` is timed (external weights are memory-mapped; resident pages of the
   file count once touched); ``property`` runs the compact
   ModelProto and the zeroed full one with onnxruntime on another batch size than traced;
+* **graphprune-onnx-dynamo**: the same through the second exporter, ``torch.onnx.export(dynamo=True)``
+  (a default column of ``--suite torchvision+hf``; ``--tools`` adds it to any suite);
 * **torch-pruning**: groups from ``DependencyGraph.get_all_groups`` (the output layer
   ignored), seconds of ``build_dependency`` (median), peak memory, and whether pruning
   half of every group's channels with ``MagnitudePruner`` leaves a model that still runs
@@ -211,6 +213,7 @@ def _property_torch(g: Any, model: torch.nn.Module, inputs: tuple) -> str:
     """tests.helpers.check_zero_invariance without its copies of the model (which only
     check that the user's model is left alone, and would need four copies of vit_h_14):
     zero a random half of every group, the compact model must equal the zeroed model."""
+    from graphprune.pre_activation import pre_activations, run_capturing
     from graphprune.rel_error import max_rel_error
     from tests.helpers import assert_same_structure, zero_random_half
     if not g.groups:
@@ -222,6 +225,11 @@ def _property_torch(g: Any, model: torch.nn.Module, inputs: tuple) -> str:
         out = compact(*inputs)
     assert_same_structure(ref, out)
     err = max_rel_error(ref, out)
+    logits = pre_activations(g.ir)
+    if logits:  # a final sigmoid/softmax saturates: its inputs show what the outputs hide
+        with torch.no_grad():
+            err = max(err, max_rel_error(run_capturing(g.backend.full(g, g.params).gm, logits, inputs, {}),
+                                         run_capturing(compact.gm, logits, inputs, {})))
     if not err < TOL:
         return f"compact model differs from the zeroed model: rel. error {err:.3e}"
     if removed and not _n_params(compact) < _n_params(model):
@@ -330,14 +338,19 @@ class _Positional(torch.nn.Module):
         return self.model(x)
 
 
-def export_onnx_file(name: str, model: torch.nn.Module, inputs: tuple, path: str) -> str:
+def export_onnx_file(name: str, model: torch.nn.Module, inputs: tuple, path: str, dynamo_only: bool = False) -> str:
     """Export with a dynamic batch: the TorchScript exporter; for transformers models it
     cannot export (GPT-2 and Llama: aten::diff), the same model with eager attention, then
-    the dynamo exporter.  Returns which exporter wrote the file."""
+    the dynamo exporter.  ``dynamo_only``: the dynamo exporter alone (the second exporter
+    column: its graphs differ in form, e.g. ``allowzero`` reshapes and fused ops).  Returns
+    which exporter wrote the file."""
     from tests.frontends.test_onnx import export
     errors = []
     if name.startswith("hf_"):
         model = _Positional(model)
+    if dynamo_only:
+        _export_dynamo(model, inputs, path)
+        return "dynamo"
     try:
         export(model, inputs[0], path)
         return "torchscript"
@@ -352,13 +365,21 @@ def export_onnx_file(name: str, model: torch.nn.Module, inputs: tuple, path: str
         except Exception as exc:
             errors.append(f"torchscript eager: {_reason(exc)}")
     try:
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        torch.onnx.export(model, inputs, path, dynamo=True, input_names=["x"], external_data=True,
-                          dynamic_shapes=({0: batch},), opset_version=18, verbose=False)
+        _export_dynamo(model, inputs, path)
         return "dynamo"
     except Exception as exc:
         errors.append(f"dynamo: {_reason(exc)}")
     raise RuntimeError("no exporter: " + " | ".join(errors))
+
+
+def _export_dynamo(model: torch.nn.Module, inputs: tuple, path: str) -> None:
+    """``torch.onnx.export(dynamo=True)`` with a dynamic batch, from weights as the TorchScript
+    column exports them (no all-zero parameter: this exporter would share equal ones)."""
+    from tests.frontends.test_onnx import no_zero_weights
+    no_zero_weights(model)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(model, inputs, path, dynamo=True, input_names=["x"], external_data=True,
+                      dynamic_shapes=({0: batch},), opset_version=18, verbose=False)
 
 
 def _property_onnx(g: Any, inputs: tuple) -> str:
@@ -367,8 +388,9 @@ def _property_onnx(g: Any, inputs: tuple) -> str:
     batch, equals the zeroed full model on another batch size, and has fewer weights."""
     import onnx
 
-    from graphprune.frontends.onnx_backend import run_onnx
+    from graphprune.frontends.onnx_backend import run_onnx, with_outputs
     from graphprune.frontends.onnx_skeleton import check_model
+    from graphprune.pre_activation import pre_activations
     from graphprune.rel_error import max_rel_error
     from tests.frontends.test_onnx import n_weights
     from tests.helpers import zero_random_half
@@ -386,8 +408,10 @@ def _property_onnx(g: Any, inputs: tuple) -> str:
     for n, x in zip(names, inputs):
         bigger = torch.cat([x, x[:1]], 0)  # another batch size than traced
         feeds[n] = bigger.numpy()
-    ref, out = run_onnx(full, feeds), run_onnx(compact, feeds)
-    for a, b in zip(ref, out):
+    n_out = len(full.graph.output)
+    logits = pre_activations(g.ir)  # a final sigmoid/softmax saturates: its inputs are compared too
+    ref, out = run_onnx(with_outputs(full, logits), feeds), run_onnx(with_outputs(compact, logits), feeds)
+    for a, b in zip(ref[:n_out], out[:n_out]):
         if a.shape != b.shape:
             return f"output shape {b.shape} != {a.shape}"
     err = max_rel_error(ref, out)
@@ -398,10 +422,12 @@ def _property_onnx(g: Any, inputs: tuple) -> str:
     return "ok"
 
 
-def run_graphprune_onnx(name: str, model: torch.nn.Module | list, inputs: tuple, repeat: int) -> dict:
+def run_graphprune_onnx(name: str, model: torch.nn.Module | list, inputs: tuple, repeat: int,
+                        dynamo_only: bool = False) -> dict:
     """``model`` may come in a one-element list, which is emptied: the module is freed
     once exported.  The file is traced as a user hands it over (``gp.trace(path)``, what
-    the CLI does): its external weights are memory-mapped, and the analysis reads none."""
+    the CLI does): its external weights are memory-mapped, and the analysis reads none.
+    ``dynamo_only``: exported by the dynamo exporter alone (see :func:`export_onnx_file`)."""
     import graphprune as gp
     if isinstance(model, list):
         model = model.pop()
@@ -409,7 +435,7 @@ def run_graphprune_onnx(name: str, model: torch.nn.Module | list, inputs: tuple,
         raise ValueError("the ONNX column exports single-input models only")
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/m.onnx"
-        exporter = export_onnx_file(name, model, inputs, path)
+        exporter = export_onnx_file(name, model, inputs, path, dynamo_only)
         file_mib = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2 ** 20
         del model
         g, secs, mib, runs = _timed(lambda: gp.trace(path, inputs, verify=False), repeat)
@@ -424,9 +450,15 @@ def run_graphprune_onnx(name: str, model: torch.nn.Module | list, inputs: tuple,
     return row
 
 
+def run_graphprune_onnx_dynamo(name: str, model: torch.nn.Module | list, inputs: tuple, repeat: int) -> dict:
+    """The ONNX column through a second exporter: ``torch.onnx.export(dynamo=True)``."""
+    return run_graphprune_onnx(name, model, inputs, repeat, dynamo_only=True)
+
+
 TOOLS: dict[str, Callable[[str, torch.nn.Module, tuple, int], dict]] = {
     "graphprune": run_graphprune,
     "graphprune-onnx": run_graphprune_onnx,
+    "graphprune-onnx-dynamo": run_graphprune_onnx_dynamo,
     "torch-pruning": run_torch_pruning,
     "oto": run_oto,
 }
@@ -439,7 +471,7 @@ def worker(name: str, tool: str, size: int, repeat: int) -> None:
     torch.set_num_threads(1)
     try:
         model, inputs = build(name, size)
-        box: Any = [model] if tool == "graphprune-onnx" else model
+        box: Any = [model] if tool.startswith("graphprune-onnx") else model
         del model
         row = {"status": "ok", "memory_method": MEMORY_METHOD, **TOOLS[tool](name, box, inputs, repeat)}
     except Exception as exc:
@@ -583,7 +615,7 @@ def print_table(cells: dict[tuple[str, str], dict], tools: list[str]) -> None:
           "the analysis (free heap trimmed, peak counter reset there), with the model already built (PyTorch) or "
           "exported to a file (ONNX, traced from its path): what trace + analysis allocate; '.' = not run yet")
     head = f"{'model':22}"
-    for tool, short in (("graphprune", "gp"), ("graphprune-onnx", "onnx")):
+    for tool, short in (("graphprune", "gp"), ("graphprune-onnx", "onnx"), ("graphprune-onnx-dynamo", "dyn")):
         if tool in tools:
             head += f" | {short + ' grp':>8} {'in grp':>6} {'s':>6} {'def s':>6} {'MiB':>6} {'verify':>6} {'prop':>5}"
     if "torch-pruning" in tools:
@@ -593,7 +625,7 @@ def print_table(cells: dict[tuple[str, str], dict], tools: list[str]) -> None:
     print(head)
     for name in _ordered(cells):
         line = f"{name[:22]:22}"
-        for tool in ("graphprune", "graphprune-onnx"):
+        for tool in ("graphprune", "graphprune-onnx", "graphprune-onnx-dynamo"):
             if tool in tools:
                 r = cells.get((name, tool), {})
                 line += (f" | {_cell(r, 'groups'):>8} {_cell(r, 'grouped', '{:.0%}'):>6} {_cell(r, 'seconds', '{:.2f}'):>6} "
@@ -694,7 +726,8 @@ def main() -> None:
         first = [n for n in args.first.split(",") if n in names]
         names = first + [n for n in names if n not in first]
     tools = args.tools.split(",") if args.tools else \
-        ["graphprune", "graphprune-onnx"] + ([] if args.skip_peers else list(PEERS))
+        ["graphprune", "graphprune-onnx"] + (["graphprune-onnx-dynamo"] if args.suite == "torchvision+hf" else []) \
+        + ([] if args.skip_peers else list(PEERS))
     if not args.report:
         oto_error = None
         if "oto" in tools:  # one import attempt for the whole run

@@ -45,9 +45,11 @@ class Barrier:
     reason: str
 
 
-@dataclass
+@dataclass(eq=False)
 class Deferred:
-    """A coupling decided once units are known (see :meth:`Labels.union_unless_whole`)."""
+    """A coupling decided once units are known (see :meth:`Labels.union_unless_whole`).
+    Compared by identity: settling removes one from a list, and field-wise equality would
+    compare label tensors of other shapes (XCiT's cross-covariance attention crashed)."""
 
     a: torch.Tensor
     b: torch.Tensor

@@ -17,6 +17,7 @@ from ..passes.erase import Evaluate
 from ..passes.plan import CompactPlan, plan_compact
 from .onnx_inputs import feeds_at
 from .onnx_skeleton import is_large, run_onnx, runs_fed
+from ..pre_activation import pre_activations
 from ..rel_error import max_rel_error
 
 if TYPE_CHECKING:
@@ -84,20 +85,31 @@ class OnnxBackend:
         fed straight from ``tensors`` (and their slices): no serialised copy of them.
         With dynamic axes both models run at the example's sizes and at the second ones:
         the worst error counts."""
+        logits = pre_activations(pg.ir)
         if runs_fed(self.proto):
             weights: dict[str, np.ndarray] = {}
-            full = self.full(pg, tensors, weights)
+            full = with_outputs(self.full(pg, tensors, weights), logits)
             ref = [run_onnx(full, f, weights) for f in self.all_feeds]
             del full
             weights = {}
-            compact = self.emit(pg, tensors, removed, weights=weights)
+            compact = with_outputs(self.emit(pg, tensors, removed, weights=weights), logits)
             out = [run_onnx(compact, f, weights) for f in self.all_feeds]
             del weights
         else:
-            full, compact = self.full(pg, tensors), self.emit(pg, tensors, removed)
+            full = with_outputs(self.full(pg, tensors), logits)
+            compact = with_outputs(self.emit(pg, tensors, removed), logits)
             ref = [run_onnx(full, f) for f in self.all_feeds]
             out = [run_onnx(compact, f) for f in self.all_feeds]
         return max(max_rel_error(r, o) for r, o in zip(ref, out))
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """``model`` (an emitted copy, changed in place) with ``names`` as extra graph outputs."""
+    have = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in have:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    return model
 
 
 def _evaluator(ir: Graph, proto: onnx.ModelProto, tensors: dict[str, torch.Tensor]) -> Evaluate:

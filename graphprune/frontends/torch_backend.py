@@ -14,6 +14,7 @@ from ..lower.module import is_standard, shrunk_copy
 from ..lower.torch import CompactModule, TorchProgram, lower_torch, program_of_export
 from ..lower.widths import candidates, record_reads, settle
 from ..passes.plan import CompactPlan, plan_compact
+from ..pre_activation import pre_activations, run_capturing
 from ..rel_error import max_rel_error
 from .module_slots import one_name_per_slot
 
@@ -216,8 +217,9 @@ class TorchBackend:
     def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
                 removed: torch.Tensor | None = None) -> float:
         """Relative error between the compact and the zeroed full model on the example
-        (``removed`` as for :meth:`emit`).  The reference is :attr:`runner` (the user's
-        weights) run on ``tensors`` in eval mode: no second full-size module is built."""
+        (``removed`` as for :meth:`emit`), on the outputs and on the inputs of a final
+        sigmoid/softmax (:mod:`..pre_activation`).  The reference is :attr:`runner` (the
+        user's weights) run on ``tensors`` in eval mode: no second full-size module is built."""
         args, kwargs = pg.example
         runner = self.runner
         was_training = runner.training  # the user's own model where it could not be copied
@@ -226,10 +228,16 @@ class TorchBackend:
             with torch.no_grad():
                 ref = torch.func.functional_call(runner, one_name_per_slot(runner, tensors), args, kwargs,
                                                  tie_weights=False, strict=False)
-                out = self.emit(pg, tensors, removed)(*args, **kwargs)
+                compact = self.emit(pg, tensors, removed)
+                out = compact(*args, **kwargs)
+                logits = pre_activations(pg.ir)
+                if logits:  # saturated outputs hide differences: compare what the final activation took
+                    ref_logits = run_capturing(self.full(pg, tensors).gm, logits, args, kwargs)
+                    out_logits = run_capturing(compact.gm, logits, args, kwargs)
         finally:
             runner.train(was_training)
-        return max_rel_error(ref, out)
+        err = max_rel_error(ref, out)
+        return max(err, max_rel_error(ref_logits, out_logits)) if logits else err
 
 
 def _normalises_channels(mod: torch.nn.Module) -> bool:
