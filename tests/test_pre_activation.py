@@ -41,7 +41,7 @@ def test_broken_group_behind_saturated_output_is_caught(final: str, monkeypatch:
 
     def broken(self, pg, tensors, removed=None, fold_bn=False):
         module = emit(self, pg, tensors, removed, fold_bn)
-        if removed is None:  # the compact model, not the full reference
+        if removed is None or removed.numel():  # the compact model, not the full reference (nothing removed)
             with torch.no_grad():
                 module.gm.fc2.bias += 1e-2
         return module
@@ -76,7 +76,7 @@ def test_onnx_broken_group_behind_saturated_output_is_caught(tmp_path, monkeypat
 
     def broken(self, pg, tensors, removed=None, weights=None, fold_bn=False):
         model = emit(self, pg, tensors, removed, weights, fold_bn)
-        if removed is None:  # the compact model, not the full reference
+        if removed is None or removed.numel():  # the compact model, not the full reference (nothing removed)
             if weights is not None and "fc2.bias" in weights:
                 weights["fc2.bias"] = weights["fc2.bias"] + 1e-2
             else:
