@@ -168,7 +168,8 @@ class Conv(Rule):
         lab.total_macs += macs
         lab.param_macs[w] = lab.param_macs.get(w, 0.0) + macs
         lab.cost(outs, macs)
-        lab.cost(ins, macs)
+        if g == 1:  # a grouped filter's inputs are its outputs' atoms: their MACs count once
+            lab.cost(ins, macs)
         lab.set_field(out, Field((1,), outs))
 
     def keeps_zero(self, node, lab) -> bool:

@@ -202,3 +202,20 @@ def test_selection_invariants(sizes, frac, multiple, min_units, seed, min_fracti
     total = sum(n * (1 + i) for i, n in enumerate(sizes))
     if got > frac + target.slack + 1e-9:  # past the slack only by one step of some group
         assert got - frac <= max(multiple, 1) * len(sizes) / total + 1e-9
+
+
+@pytest.mark.parametrize("groups", [8, 32])  # depthwise, and grouped with several channels per group
+def test_grouped_convolution_flops_count_once(groups):
+    """A grouped filter's input channels are its output channels' units: counting its MACs on
+    both sides had a 50% FLOPs target remove 46% of mobilenet_v2's real MACs."""
+    import graphprune as gp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(64, 64, 3, padding=1, groups=groups), torch.nn.ReLU(),
+                                torch.nn.Conv2d(64, 16, 1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    g = gp.trace(model, (x,))
+    report = gp.prune(g, "l2", Target(flops=0.5, min_fraction=0))
+    real = 1 - gp.trace(g.construct_subnet(), (x,), verify=False).total_flops / g.total_flops
+    assert report.achieved["flops"] == pytest.approx(real, abs=1e-9) and real >= 0.5
