@@ -386,8 +386,6 @@ def _property_onnx(g: Any, inputs: tuple) -> str:
     """tests.frontends.test_onnx.check_onnx on an already traced graph, for any input
     names: the compact ModelProto passes onnx.checker, keeps the inputs and their dynamic
     batch, equals the zeroed full model on another batch size, and has fewer weights."""
-    import onnx
-
     from graphprune.frontends.onnx_backend import run_onnx, with_outputs
     from graphprune.frontends.onnx_skeleton import check_model
     from graphprune.pre_activation import pre_activations
