@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits import Attention, batches, digits_split  # noqa: E402
+from digits import Attention, Block, batches, digits_split  # noqa: E402
 from one_shot import at_flops, macs  # noqa: E402
 
 import graphprune as gp  # noqa: E402
@@ -59,20 +59,6 @@ BATCH = 64
 
 
 # ---------------------------------------------------------------------------- models
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.skip = nn.Sequential() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.skip(x))
-
-
 class ResNet20(nn.Module):
     """He et al.'s CIFAR ResNet-20 (3 stages x 3 blocks, 16-32-64 channels), one input channel."""
 
@@ -82,7 +68,7 @@ class ResNet20(nn.Module):
         layers, cin = [], 16
         for cout, stride in ((16, 1), (32, 2), (64, 2)):
             for b in range(blocks):
-                layers.append(BasicBlock(cin, cout, stride if b == 0 else 1))
+                layers.append(Block(cin, cout, stride if b == 0 else 1))
                 cin = cout
         self.stages = nn.Sequential(*layers)
         self.fc = nn.Linear(64, classes)

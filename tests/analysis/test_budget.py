@@ -6,21 +6,13 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
 import graphprune as gp
 from graphprune.analysis.budget import PhaseBudget, budget_seconds
 from graphprune.errors import TimeBudgetError
 from graphprune.ops.catalog import canonical_aten, rule_for
 
-
-class Mlp(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.relu(self.a(x)))
+from .test_failures import Mlp  # the same two-layer MLP the failure tests break
 
 
 def test_a_slow_rule_stops_the_analysis_with_its_node_named(monkeypatch: pytest.MonkeyPatch) -> None:
