@@ -291,12 +291,7 @@ def meet_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budget_ms:
 def measure_masks_fn(g, measure_model: Callable[[object], float]) -> MeasureMasks:
     """Time the compact model of ``g`` with ``masks`` removed (``g``'s weights untouched)."""
     def measure(masks: Sequence[torch.Tensor]) -> float:
-        touched = {s.param for grp, m in zip(g.groups, masks) if m.any() for s in grp.slices}
-        tensors = {k: v.detach().clone() if k in touched else v.detach() for k, v in g.params.items()}
-        for grp, m in zip(g.groups, masks):
-            if m.any():
-                grp.scatter_(tensors, m)
-        return float(measure_model(g.backend.emit(g, tensors)))
+        return float(measure_model(g.backend.emit(g, g.zeroed_copy(zip(g.groups, masks)))))
     return measure
 
 

@@ -1,7 +1,7 @@
 """The traced, analysed model that users and optimizers work with."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import torch
 
@@ -211,6 +211,17 @@ class PrunableGraph:
         return self.backend.emit(self, self.params, fold_bn=fold_bn)
 
     # ---- self-check -------------------------------------------------------------------
+    def zeroed_copy(self, masks: Iterable[tuple[Group, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The weights with each group's masked units zeroed, ``params`` untouched: only the
+        weights those groups slice are copied (a copy of every weight would be a second
+        model; vit_h_14 is 2.5 GB)."""
+        masks = [(g, m) for g, m in masks if m.any()]
+        touched = {s.param for g, _ in masks for s in g.slices}
+        tensors = {k: v.detach().clone() if k in touched else v.detach() for k, v in self.params.items()}
+        for g, m in masks:
+            g.scatter_(tensors, m)
+        return tensors
+
     def verify(self, fraction: float = 0.5, seed: int = 0, rtol: float = 1e-4) -> list[tuple[Group, str]]:
         """Zero a random ``fraction`` of every group's units (rounded down, so a group's
         last unit is never taken) on a copy of the weights and
@@ -227,12 +238,7 @@ class PrunableGraph:
             picks[g.id] = mask
 
         def ok(groups: list[Group]) -> str | None:
-            # copies of the weights these groups zero only: a copy of every weight would
-            # be a second model (vit_h_14 is 2.5 GB)
-            touched = {s.param for g in groups for s in g.slices}
-            tensors = {k: v.detach().clone() if k in touched else v.detach() for k, v in self.params.items()}
-            for g in groups:
-                g.scatter_(tensors, picks[g.id])
+            tensors = self.zeroed_copy([(g, picks[g.id]) for g in groups])
             # the units zeroed here are the ones to remove: no pass over every weight to
             # find the all-zero ones (0.25 s of vit_b_16's check)
             removed = torch.cat([g.atoms[picks[g.id]] for g in groups])
