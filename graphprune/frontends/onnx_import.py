@@ -26,6 +26,7 @@ from ..ops.registry import OnnxOp
 from .onnx_fusion import DecomposedNorm, find_norms
 from .onnx_inputs import feeds_from_example, second_feeds
 from .onnx_mapped import map_tensor, read_structure, tensor_bytes
+from .onnx_scopes import outer_reads
 from .onnx_skeleton import FLOAT_TYPES, check_model, elem_dtype, infer_shapes, is_fed, skeleton, stub, without_weights
 from .onnx_weight_forms import cast_target, constant_weight, is_view
 
@@ -349,7 +350,9 @@ def load_onnx(model: Any, example: Any = ()) -> tuple[Graph, onnx.ModelProto, di
             op, attrs["weight"] = "embedding", Ref(n_inputs[0])
         target = _in_torch(spec, attrs, list(n.output)) if spec is not None else None
         args = tuple(Ref(i) if i else None for i in n_inputs)
-        nodes.append(Node(n.name, op, target, args, {}, outs, attrs, n.name, f"onnx::{n.op_type}"))
+        outer = [alias.get(i, i) for i in outer_reads(n)]  # what a control-flow node's branches read
+        kwargs = {"outer": tuple(Ref(i) for i in outer if i in values)} if outer else {}
+        nodes.append(Node(n.name, op, target, args, kwargs, outs, attrs, n.name, f"onnx::{n.op_type}"))
     outputs = [alias.get(o.name, o.name) for o in proto.graph.output]
     _drop_unread_weights(values, nodes, outputs)
     return Graph(nodes, values, inputs, outputs, "onnx", source), proto, feeds

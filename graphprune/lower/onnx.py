@@ -20,6 +20,7 @@ import onnx.inliner
 from onnx import helper, numpy_helper
 
 from graphprune.errors import BadOnnxError, ZeroInvarianceError
+from graphprune.frontends.onnx_scopes import reads, rename_reads
 from graphprune.frontends.onnx_skeleton import check_model, fill, infer_shapes, put_weight
 from graphprune.frontends.onnx_weight_forms import cast_target, constant_value, is_view, set_constant
 from graphprune.ir.graph import Graph, Node
@@ -267,16 +268,16 @@ def _erase(graph: onnx.GraphProto, plan: CompactPlan) -> None:
     for n in [n for n in graph.node if any(n.output) and all(o in plan.dead for o in n.output if o)]:
         graph.node.remove(n)
     for n in graph.node:
-        for k, i in enumerate(n.input):
+        for i in reads(n):
             if i in plan.constants:
-                n.input[k] = f"{i}__erased"
+                rename_reads(n, i, f"{i}__erased")
 
 
 def _drop_unused(graph: onnx.GraphProto) -> None:
     """Dead-code elimination: remove nodes none of whose outputs is read (repeatedly),
-    then initializers nothing reads any more."""
+    then initializers nothing reads any more (a control-flow branch's reads count)."""
     while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        used = {i for n in graph.node for i in reads(n)} | {o.name for o in graph.output}
         keep = [n for n in graph.node if set(n.output) & used]
         if len(keep) == len(graph.node):
             break

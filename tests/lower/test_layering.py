@@ -1,7 +1,8 @@
 """Data flows one way: frontends -> passes (the plan) -> lower.  The plan never imports
-a frontend or a lowering; a lowering imports no frontend but the leaf module of ONNX
-skeleton helpers (and of weight forms, which imports only that), which imports nothing of graphprune (the backend and the lowering both
-use it, so neither needs the other)."""
+a frontend or a lowering; a lowering imports no frontend but the leaf modules of ONNX
+helpers (skeletons, scopes, and weight forms, which imports only the skeleton's), which
+import nothing else of graphprune (the backend and the lowering both use them, so
+neither needs the other)."""
 from __future__ import annotations
 
 import ast
@@ -30,8 +31,9 @@ def _imports(module: str) -> set[str]:
     return {m for m in out if m.startswith("graphprune")}
 
 
-def test_onnx_skeleton_is_a_leaf() -> None:
-    assert _imports("graphprune.frontends.onnx_skeleton") == set()
+@pytest.mark.parametrize("module", ["graphprune.frontends.onnx_skeleton", "graphprune.frontends.onnx_scopes"])
+def test_onnx_helpers_are_leaves(module: str) -> None:
+    assert _imports(module) == set()
 
 
 def test_onnx_weight_forms_imports_only_the_skeleton() -> None:
@@ -47,4 +49,5 @@ def test_the_plan_imports_no_frontend_and_no_lowering(module: str) -> None:
 @pytest.mark.parametrize("module", ["graphprune.lower.torch", "graphprune.lower.onnx"])
 def test_lowerings_import_only_leaf_frontend_helpers(module: str) -> None:
     frontends = {m for m in _imports(module) if m.startswith("graphprune.frontends")}
-    assert frontends <= {"graphprune.frontends.onnx_skeleton", "graphprune.frontends.onnx_weight_forms"}
+    assert frontends <= {"graphprune.frontends.onnx_skeleton", "graphprune.frontends.onnx_scopes",
+                         "graphprune.frontends.onnx_weight_forms"}
