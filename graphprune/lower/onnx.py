@@ -223,13 +223,15 @@ def _apply(ed: _Editor, node: Node, proto: onnx.NodeProto, rw: Rewrite, ctx: Onn
         else:
             ed.set_attr(proto, place.name or name, value)
     for value, call in rw.feeds.items():
-        index = list(proto.input).index(held[value])
-        name = ed.fresh(f"{proto.name}__pruned_in{index}")
-        feed = helper.make_node("Identity", [proto.input[index]], [name], name=name)
-        _call(ed, node, feed, call, ctx, {value: proto.input[index]})
+        source = held[value]
+        slots = [k for k, i in enumerate(proto.input) if i == source]  # one state can be both h0 and c0
+        name = ed.fresh(f"{proto.name}__pruned_in{slots[0]}")
+        feed = helper.make_node("Identity", [source], [name], name=name)
+        _call(ed, node, feed, call, ctx, {value: source})
         graph = ed.model.graph
         graph.node.insert(list(graph.node).index(proto), feed)  # a copy goes in: ``feed`` is complete first
-        proto.input[index] = name
+        for k in slots:
+            proto.input[k] = name
     if rw.call is not None:
         _call(ed, node, proto, rw.call, ctx, held)
     if rw.constant is not None:

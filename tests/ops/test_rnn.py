@@ -141,3 +141,21 @@ def test_pruned_rnn_follows_train_and_eval() -> None:
         assert not torch.equal(compact(x), compact(x))
         compact.eval()
         assert torch.allclose(compact(x), model(x), atol=1e-6)
+
+
+def test_one_zero_state_fed_as_both_h0_and_c0_is_sliced_for_both(tmp_path) -> None:
+    """TorchScript's exporter makes an LSTM's zero state at run time (ConstantOfShape of the
+    batch size) and feeds that one value as both ``initial_h`` and ``initial_c``: both
+    inputs read its surviving units (timm's sequencer2d through ONNX failed on ``initial_c``)."""
+    model, x = _model("lstm", 1, True, True)
+    path = tmp_path / "lstm.onnx"
+    torch.onnx.export(model, (x,), path, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    lstm = next(n for n in onnx.load(path).graph.node if n.op_type == "LSTM")
+    assert lstm.input[5] == lstm.input[6] != ""  # the form this test is about
+    g = gp.trace(str(path), (x.numpy(),))
+    assert len(g.groups) == 1
+    zero_random_half(g)
+    full, compact = g.backend.full(g, g.params), g.construct_subnet()
+    wider = torch.randn(3, 5, 6).numpy()
+    ref, out = run_onnx(full, {"x": wider})[0], run_onnx(compact, {"x": wider})[0]
+    assert np.abs(ref - out).max() <= 1e-4 * np.abs(ref).max()
