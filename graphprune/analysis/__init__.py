@@ -2,6 +2,6 @@
 
 >>> analysis = analyse(ir)        # an immutable Analysis(ir, labels, comp, groups)
 """
-from .result import Analysis, analyse, same_groups
+from .result import Analysis, analyse, same_groups, unit_map
 
-__all__ = ["Analysis", "analyse", "same_groups"]
+__all__ = ["Analysis", "analyse", "same_groups", "unit_map"]

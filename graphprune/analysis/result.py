@@ -42,16 +42,36 @@ def analyse(ir: Graph) -> Analysis:
     return Analysis(ir, labels, comp, tuple(build_groups(labels, comp)))
 
 
+def unit_map(a: list[Group] | tuple[Group, ...], b: list[Group] | tuple[Group, ...]) -> torch.Tensor | None:
+    """Unit id in ``a``'s numbering -> the same unit's id in ``b``'s, when ``b`` holds ``a``'s
+    groups (same ids, sizes, kinds and parameter slices, unit by unit) over another
+    numbering; None when the groups differ.  Two graphs of one model number their units
+    differently when one holds extra ops on unlabelled tensors (an index table the
+    recorder computes and export holds as a constant)."""
+    if len(a) != len(b):
+        return None
+    for g, h in zip(a, b):
+        if (g.id, g.size, g.kind) != (h.id, h.size, h.kind) or not _same_slices(g, h):
+            return None
+    top = max((int(g.atoms.max()) for g in a if g.atoms is not None and g.atoms.numel()), default=-1)
+    out = torch.full((top + 1,), -1, dtype=torch.long)
+    for g, h in zip(a, b):
+        out[g.atoms] = h.atoms
+    return out
+
+
+def _same_slices(g: Group, h: Group) -> bool:
+    mine = {(s.param, s.dim, s.dim2): s for s in g.slices}  # slice order follows value names
+    theirs = {(s.param, s.dim, s.dim2): s for s in h.slices}
+    return mine.keys() == theirs.keys() and all(torch.equal(s.index, theirs[k].index) for k, s in mine.items())
+
+
 def same_groups(a: list[Group] | tuple[Group, ...], b: list[Group] | tuple[Group, ...],
                 comp_a: torch.Tensor, comp_b: torch.Tensor) -> bool:
     """Whether two analyses found the same groups over the same unit numbering."""
     if len(a) != len(b) or not torch.equal(comp_a, comp_b):
         return False
     for g, h in zip(a, b):
-        if (g.size, g.kind) != (h.size, h.kind) or not torch.equal(g.atoms, h.atoms):
-            return False
-        mine = {(s.param, s.dim, s.dim2): s for s in g.slices}  # slice order follows value names
-        theirs = {(s.param, s.dim, s.dim2): s for s in h.slices}
-        if mine.keys() != theirs.keys() or not all(torch.equal(s.index, theirs[k].index) for k, s in mine.items()):
+        if (g.size, g.kind) != (h.size, h.kind) or not torch.equal(g.atoms, h.atoms) or not _same_slices(g, h):
             return False
     return True

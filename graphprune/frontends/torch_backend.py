@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..analysis import Analysis, analyse, same_groups
+from ..analysis import Analysis, analyse, same_groups, unit_map
 from ..errors import NotInPlace, RecorderMismatchWarning, UnsupportedModelError
 from ..lower.module import is_standard, shrunk_copy
 from ..lower.torch import CompactModule, TorchProgram, lower_torch, program_of_export
@@ -108,7 +108,8 @@ class TorchBackend:
             self.settled = True
             return pg.analysis
         analysis = analyse(ir)
-        if not same_groups(pg.groups, analysis.groups, pg.comp, analysis.comp):
+        if not same_groups(pg.groups, analysis.groups, pg.comp, analysis.comp) \
+                and unit_map(pg.groups, analysis.groups) is None:
             if not adopt_groups:
                 raise UnsupportedModelError(
                     "the recorded graph and torch.export's graph give different groups; trace again "
@@ -118,10 +119,19 @@ class TorchBackend:
         self.settled = True
         return analysis
 
+    def _adopt(self, pg: PrunableGraph, removed: torch.Tensor | None) -> torch.Tensor | None:
+        """Settle, and adopt export's analysis; ``removed`` (units numbered by the analysis
+        held before) in the adopted numbering, which may differ (:func:`unit_map`)."""
+        held = pg.groups
+        pg.adopt(self.settle(pg))
+        if removed is None or pg.groups is held:
+            return removed
+        return unit_map(held, pg.groups)[removed]
+
     def plan(self, pg: PrunableGraph, state: dict[str, torch.Tensor], removed: torch.Tensor,
              fold_bn: bool = False) -> CompactPlan:
         """The compact plan for removing the components ``removed`` (export's analysis)."""
-        pg.adopt(self.settle(pg))
+        removed = self._adopt(pg, removed)
         return plan_compact(pg.ir, pg.labels, pg.comp, removed, state, fold_bn=fold_bn,
                             dynamic=self.program(pg).dynamic)
 
@@ -131,7 +141,7 @@ class TorchBackend:
         overrides which units go (default: every all-zero unit); ``fold_bn`` folds
         inference batch norms into the layers before them (the module then no longer
         switches them to training mode)."""
-        pg.adopt(self.settle(pg))
+        removed = self._adopt(pg, removed)
         units = pg.removed_units(tensors) if removed is None else removed
         state = dict(tensors)
         for k, v in self.runner.named_buffers(remove_duplicate=False):

@@ -17,23 +17,26 @@ from torch.utils import _pytree as pytree
 from ..errors import UnsupportedModelError
 from ..ir.graph import Graph, Node, Ref, Value
 from ..ops.catalog import canonical_aten
+from .composites import decompose_composites
 
 
 def export_program(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
                    dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
-    """``torch.export`` with a clear error naming the model class on failure.  It exports
+    """``torch.export`` with a clear error naming the model class on failure, composite ops
+    decomposed as the recorder decomposes them (:mod:`.composites`).  It exports
     aliases of the inputs: export marks the dynamic dims on the tensors it is given and
     leaves the marks there, even when it fails, so a second export of the same tensors
     (the static retry of :func:`export_model`) failed on the first one's marks."""
     args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (args, kwargs or {}))
     try:
-        return torch.export.export(model, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
+        ep = torch.export.export(model, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch raises many unrelated types here
         raise UnsupportedModelError(
             f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {str(exc)[:500]}",
             source=type(model).__module__ + "." + type(model).__name__,
             hint="make the forward traceable by torch.export (no data-dependent Python control flow), "
                  "or export it to ONNX and pass the file") from exc
+    return decompose_composites(ep)
 
 
 def export_model(model: torch.nn.Module, args: tuple, kwargs: dict,

@@ -32,7 +32,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..ir.graph import Graph, Node, Ref, Value
-from ..ops.catalog import canonical_aten, shape_only
+from ..ops.catalog import canonical_aten, decomposes, shape_only
+from .composites import mode_base
 from .module_slots import one_name_per_slot
 from .torch_export import named_args
 
@@ -78,17 +79,7 @@ class RecordingFailed(RuntimeError):
     """The recorder could not run this model; the caller falls back to ``torch.export``."""
 
 
-def _mode_base() -> type:
-    """The pre-dispatch mode stack accepts only a few mode classes; the schema-check mode's
-    slot is the one a plain recording mode can occupy."""
-    try:
-        from torch._subclasses.schema_check_mode import SchemaCheckMode
-    except ImportError as exc:  # pragma: no cover - a torch without it
-        raise RecordingFailed("torch has no pre-dispatch schema-check mode") from exc
-    return SchemaCheckMode
-
-
-class _Recorder(_mode_base()):  # type: ignore[misc]
+class _Recorder(mode_base()):  # type: ignore[misc]
     """Runs each op (shape only, on meta tensors) and appends an IR node for it."""
 
     def __init__(self, names: dict[int, str], values: dict[str, Value], modules: list[str],
@@ -137,6 +128,9 @@ class _Recorder(_mode_base()):  # type: ignore[misc]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if decomposes(func):  # recorded as the ops it is made of (see ``catalog.decomposes``)
+            with self:
+                return func.decompose(*args, **kwargs)
         args, kwargs = _map(self._constant, args), _map(self._constant, kwargs)
         run_kwargs = kwargs
         if "device" in kwargs and not _any_tensor(args):

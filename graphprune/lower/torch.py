@@ -119,7 +119,29 @@ def lower_torch(ir: Graph, program: TorchProgram, plan: CompactPlan,
         _drop(gm, removed)
     for n in gm.graph.nodes:  # full-model shapes are stale now; fake tensors and provenance chains block deepcopy
         n.meta.clear()
+    _sizes_as_methods(gm)
     return CompactModule(gm)  # regenerates gm's code
+
+
+def _sizes_as_methods(gm: torch.fx.GraphModule) -> None:
+    """Sizes read at run time (a dynamic batch) and the ops that take them become method
+    calls, ``x.size(0)`` and ``h.view(n, 64)``: TorchScript's ONNX exporter (what
+    :func:`graphprune.export_onnx` uses) traces those as Shape ops feeding the reshape,
+    while an ATen overload call hands it plain ints, and the batch became a constant."""
+    sizes = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.aten.sym_size.int:
+            n.op, n.target = "call_method", "size"
+            sizes.add(n)
+        elif n.op == "call_function" and n.target in _SIZE_ARITHMETIC and sizes.intersection(n.all_input_nodes):
+            sizes.add(n)  # ``n * 16``: traced as arithmetic on the Shape op's output
+        elif n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and not n.kwargs \
+                and n.target.overloadpacket.__name__ in _SIZE_METHODS and sizes.intersection(n.all_input_nodes):
+            n.op, n.target = "call_method", n.target.overloadpacket.__name__
+
+
+_SIZE_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg)
+_SIZE_METHODS = ("view", "reshape", "expand", "repeat", "new_zeros", "new_ones", "new_empty")
 
 
 # ---- editors -------------------------------------------------------------------------

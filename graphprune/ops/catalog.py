@@ -7,6 +7,10 @@ import below.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from . import (along_axis, barriers, compute, elementwise, movement, normalization,  # noqa: F401  (they register)
                quantize, reduction, rnn, scatter)
 from .registry import ATEN, ONNX, ONNX_OPS, RULES, SHAPE_ONLY, OnnxOp, Rule, ShapeOnly
@@ -22,6 +26,19 @@ def canonical_aten(packet: str) -> str:
 def canonical_onnx(op_type: str) -> str:
     """The canonical op an ONNX op_type maps to (``onnx::<op_type>`` if none)."""
     return ONNX.get(op_type, f"onnx::{op_type}")
+
+
+def decomposes(func: Any) -> bool:
+    """Whether a recorded ATen op is replaced by its decomposition before it reaches the
+    registry: a composite op (its only kernel is ``CompositeImplicitAutograd``: PyTorch
+    defines it by other ATen calls, ``reshape_as``, ``expand_as``, ``type_as``, ``flatten``,
+    ``unflatten`` and hundreds more) that no entry names.  The entries name the composite
+    ops they want whole (``conv2d``, ``linear``, ``scaled_dot_product_attention``,
+    ``layer_norm``...: a layer's structure, not its arithmetic); every other one arrives as
+    the core ops it is made of, so the registry needs rules for core ops only."""
+    if not isinstance(func, torch._ops.OpOverload) or func.overloadpacket.__name__ in ATEN:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
 
 
 def onnx_op(op_type: str) -> OnnxOp | None:

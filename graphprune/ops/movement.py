@@ -289,7 +289,7 @@ def _onnx_expand_shape(node, x, out, shrink) -> list[int]:
 
 
 @register("reshape", aten=("view", "reshape", "_unsafe_view", "view_copy", "expand", "expand_copy",
-                           "unflatten", "flatten", "squeeze", "unsqueeze", "squeeze_copy", "unsqueeze_copy"),
+                           "squeeze", "unsqueeze", "squeeze_copy", "unsqueeze_copy"),
           onnx={"Reshape": OnnxOp(_reshape, ("data", "shape"), ("shape",)), "Flatten": OnnxOp(_flatten),
                 "Squeeze": OnnxOp(_squeeze, ("data", "axes"), ("axes",)),
                 "Unsqueeze": OnnxOp(_unsqueeze, ("data", "axes"), ("axes",)),
@@ -314,12 +314,7 @@ class Reshape(Movement):
         if old_s == new_s:
             return None
         shrunk = {k: n for k, (o, n) in enumerate(zip(old_s, new_s)) if o != n}
-        args: dict = {key: Entries(shrunk) for key in ("size", "shape") if key in node.attrs}
-        if "sizes" in node.attrs:  # unflatten
-            dim = int(node.attrs["dim"]) % len(shrink.old_shape(node.inputs[0]))
-            k = len(node.attrs["sizes"])
-            args["sizes"] = Entries({j - dim: n for j, n in shrunk.items() if dim <= j < dim + k})
-        return Rewrite(args=args)
+        return Rewrite(args={key: Entries(shrunk) for key in ("size", "shape") if key in node.attrs})
 
 
 def _onnx_reshape(node: Node, shrink) -> Rewrite | None:
@@ -339,66 +334,6 @@ def _onnx_reshape(node: Node, shrink) -> Rewrite | None:
     if node.source_op == "onnx::Expand":
         return Rewrite(args={"shape": _onnx_expand_shape(node, x, out, shrink)})
     return None
-
-
-@register("reshape_as", aten=("reshape_as", "view_as"))
-class ReshapeAs(Movement):
-    """``x.reshape_as(other)`` (or ``view_as``): a reshape of ``x`` to ``other``'s shape;
-    ``other`` gives only its shape.  The compact model reads that shape off the compact
-    ``other``, so along every axis the output and ``other`` must lose the same entries:
-    their atoms are coupled index by index, and an axis only one of them is labelled on
-    is kept whole."""
-
-    index_args = ("other",)
-
-    def propagate(self, node: Node, lab: Labels) -> None:
-        x, out = node.inputs[0], node.outputs[0]
-        f = lab.field(x)
-        if f is not None:
-            axes = _reshape_axes(lab.shape(x), lab.shape(out), f.axes)
-            if axes is not None:
-                lab.set_field(out, Field(axes, f.labels))
-            else:
-                lab.set_from_tensor(out, lab.full(x).reshape(lab.shape(out)))
-        else:
-            lab.fields[out] = None
-        _same_sizes_as_other(node, lab, range(len(lab.shape(out))))
-
-
-def _same_sizes_as_other(node: Node, lab: Labels, axes) -> None:
-    """Along ``axes``, the output of ``node`` and its last input (whose shape it takes) lose
-    the same entries: coupled index by index where both carry atoms, kept whole where
-    only one does."""
-    out, other = node.outputs[0], node.inputs[-1]
-    fo, fy = lab.field(out), lab.field(other)
-    labelled = set(fo.axes if fo else ()) | set(fy.axes if fy else ())
-    for a in sorted(labelled.intersection(axes)):
-        mine, theirs = lab.axis_labels(out, a), lab.axis_labels(other, a)
-        if mine is not None and theirs is not None:
-            lab.union(mine, theirs)
-        else:
-            for labels in (mine, theirs):
-                if labels is not None:
-                    lab.pin(labels)
-
-
-@register("expand_as", aten=("expand_as",))
-class ExpandAs(Movement):
-    """``x.expand_as(other)``: ``x`` broadcast to ``other``'s shape, which the compact model
-    reads off the compact ``other``.  Where ``x`` has size 1 the output follows ``other``
-    freely; along every other axis the two lose the same entries (as for ``reshape_as``)."""
-
-    index_args = ("other",)
-
-    def propagate(self, node: Node, lab: Labels) -> None:
-        x, out = node.inputs[0], node.outputs[0]
-        shape_x, shape_o = lab.shape(x), lab.shape(out)
-        if lab.field(x) is not None:
-            lab.set_from_tensor(out, lab.full(x).expand(shape_o))
-        else:
-            lab.fields[out] = None
-        lead = len(shape_o) - len(shape_x)
-        _same_sizes_as_other(node, lab, [a for a in range(lead, len(shape_o)) if shape_x[a - lead] != 1])
 
 
 def _computed_shape(node: Node, shrink) -> bool:

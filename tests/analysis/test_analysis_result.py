@@ -57,3 +57,21 @@ def test_producers_map_every_node_output_and_nothing_else() -> None:
     assert not set(producers) & ({*ir.inputs} | {n for n, v in ir.values.items() if v.fixed})
     users = ir.users()
     assert all(producers[v] is not n for v, ns in users.items() if v in producers for n in ns)
+
+
+def test_unit_map_translates_a_renumbering_and_refuses_other_groups() -> None:
+    """Two captures of one model may number their units differently (one holds extra ops on
+    unlabelled tensors); the same groups then map unit to unit, other groups do not map."""
+    from graphprune.analysis import unit_map
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    groups = analyse(record(model, (torch.randn(2, 6),), {})).groups
+    assert [g.size for g in groups] == [8, 5]
+    shifted = [dataclasses.replace(g, atoms=g.atoms + 100 * (k + 1)) for k, g in enumerate(groups)]
+    table = unit_map(groups, shifted)
+    for g, h in zip(groups, shifted):
+        assert torch.equal(table[g.atoms], h.atoms)
+    assert unit_map(groups, shifted[:1]) is None
+    other = dataclasses.replace(shifted[0], slices=[dataclasses.replace(s, index=s.index.flip(0))
+                                                    for s in shifted[0].slices])
+    assert unit_map(groups, [other, shifted[1]]) is None

@@ -267,3 +267,32 @@ def test_a_replay_that_does_not_reproduce_the_model_falls_back_to_export(monkeyp
     assert g.backend.replay is None and g.backend._exported is not None
     assert g.groups and not g.withdrawn
     assert any("replayed recording did not reproduce" in n for n in g.notes) and "replayed" in g.summary()
+
+
+class CachedTable(nn.Module):
+    """Builds an index table on its first call and caches it (timm's ConViT does): the
+    recorder, on its meta copy, records the table's ops; export, after the warm-up call,
+    holds the cached table as a constant.  Same groups, other unit numbering."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.table = nn.Linear(6, 12), nn.Linear(12, 3), None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        if self.table is None or self.table.shape[0] != n:
+            idx = torch.arange(n, device=self.a.weight.device)
+            self.table = ((idx[None, :] - idx[:, None]) ** 2).float().to(self.a.weight.device)
+        return self.b(torch.relu(self.a(x)) * self.table.softmax(-1).sum(0).view(1, -1, 1))
+
+
+def test_groups_export_finds_over_other_unit_numbers_are_adopted() -> None:
+    model, x = CachedTable().eval(), torch.randn(2, 5, 6)
+    g = gp.trace(model, (x,), verify=False)  # a batch of 2: export is deferred to the first compact model
+    recorded = len(g.ir.nodes)
+    zero_random_half(g)
+    removed = g.removed_units()  # numbered by the recorder's analysis
+    assert g.backend.compare(g, g.params, removed) < 1e-6  # settles on export's analysis, units translated
+    assert len(g.ir.nodes) < recorded and [grp.size for grp in g.groups] == [12]
+    with torch.no_grad():
+        assert torch.allclose(g.construct_subnet()(x), model(x), atol=1e-6)

@@ -1,14 +1,23 @@
-"""``aten.reshape_as`` (and ``view_as``): a reshape to another tensor's shape, added as one
-registry entry (:class:`graphprune.ops.movement.ReshapeAs`); ``expand_as`` likewise
-(:class:`~graphprune.ops.movement.ExpandAs`).  Without them each was a barrier that kept
-every channel of the block around it (library code writes ``x.reshape_as(shortcut)``)."""
+"""Composite ATen ops (``reshape_as``, ``view_as``, ``expand_as``, ``type_as``, ``flatten``,
+``unflatten``...) reach the registry as the core ops they are made of, through the recorder
+and through ``torch.export`` alike (:func:`graphprune.ops.catalog.decomposes`,
+:mod:`graphprune.frontends.composites`).  As unknown ops each was a barrier that kept every
+channel of the block around it (library code writes ``x.reshape_as(shortcut)``)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
+import graphprune as gp
+from graphprune.ops.catalog import decomposes
 from tests.helpers import check_zero_invariance
+
+SUGAR = {"reshape_as", "view_as", "expand_as", "type_as", "flatten", "unflatten"}
+
+
+def packets(g: gp.PrunableGraph) -> set[str]:
+    return {n.source_op.split(".")[1] for n in g.ir.nodes}
 
 
 class LinearBlock(nn.Module):
@@ -58,13 +67,11 @@ def test_reshape_as_is_no_barrier_and_compact_equals_zeroed(model: nn.Module, x:
     torch.manual_seed(0)
     g = check_zero_invariance(model.eval(), (x,))
     assert not g.barriers
-    assert any(n.op == "reshape_as" for n in g.ir.nodes)
+    assert not packets(g) & SUGAR
 
 
 def test_reshape_as_onto_a_fixed_shape_keeps_its_channels() -> None:
     """``other`` that cannot shrink (the model's input) keeps the output's axes whole."""
-    import graphprune as gp
-
     class OntoInput(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -79,8 +86,6 @@ def test_reshape_as_onto_a_fixed_shape_keeps_its_channels() -> None:
 
 def test_reshape_as_couples_the_output_with_the_shape_giver() -> None:
     """The output and ``other`` lose the same hidden entries: fc1's and fc2's units are one."""
-    import graphprune as gp
-
     g = gp.trace(LinearBlock().eval(), (torch.randn(3, 8),))
     (group,) = g.groups
     assert {"fc1.weight", "fc2.weight", "fc3.weight"} <= set(group.param_names) and group.size == 16
@@ -102,6 +107,43 @@ class Broadcast(nn.Module):
 def test_expand_as_is_no_barrier_and_compact_equals_zeroed() -> None:
     torch.manual_seed(0)
     g = check_zero_invariance(Broadcast().eval(), (torch.randn(2, 8, 5),))
-    assert not g.barriers and any(n.op == "expand_as" for n in g.ir.nodes)
+    assert not g.barriers and "expand" in packets(g) and not packets(g) & SUGAR
     (group,) = g.groups
     assert {"gate.weight", "value.weight", "out.weight"} <= set(group.param_names) and group.size == 16
+
+
+class Sugar(nn.Module):
+    """Every composite the issue names, in one block: ``type_as``, ``flatten``, ``unflatten``,
+    ``expand_as``, ``reshape_as``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 16, 10)
+        self.scale = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        h = (h * self.scale.expand_as(h)).type_as(x).flatten(2).unflatten(2, (4, 4))
+        return self.fc(torch.relu(h.reshape_as(h.clone())).flatten(1))
+
+
+@pytest.mark.parametrize("recorder", [True, False], ids=["recorder", "export"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_both_frontends_record_the_same_core_ops(recorder: bool, batch: int) -> None:
+    """The recorder and ``torch.export`` (static at batch 1, dynamic batch at 2) give the
+    same op sequence with no composite left, one group of the conv's 8 filters, and a
+    compact model equal to the zeroed one at another batch size."""
+    model, x = Sugar().eval(), torch.randn(batch, 3, 4, 4)
+    g = gp.trace(model, (x,), recorder=recorder)
+    assert [n.source_op.split(".")[1] for n in g.ir.nodes] == \
+        ["conv2d", "expand", "mul", "to", "view", "view", "clone", "reshape", "relu", "view", "linear"]
+    assert not g.barriers and [grp.size for grp in g.groups] == [8]
+    check_zero_invariance(model, (torch.randn(batch, 3, 4, 4),))
+
+
+def test_the_registry_keeps_whole_only_the_composites_it_names() -> None:
+    aten = torch.ops.aten
+    assert all(decomposes(op) for op in (aten.reshape_as.default, aten.view_as.default, aten.expand_as.default,
+                                         aten.type_as.default, aten.flatten.using_ints, aten.unflatten.int))
+    assert not any(decomposes(op) for op in (aten.conv2d.default, aten.linear.default, aten.layer_norm.default,
+                                             aten.scaled_dot_product_attention.default, aten.view.default))
