@@ -63,3 +63,29 @@ def test_export_warns_only_about_the_users_own_conditions(tmp_path):
         assert not [w for w in seen if issubclass(w.category, torch.jit.TracerWarning)]
         gp.export_onnx(ValueBranch(), (x,), tmp_path / "branch.onnx")
         assert [w for w in seen if issubclass(w.category, torch.jit.TracerWarning)]
+
+
+class SizeRead(torch.nn.Module):
+    """Reads the batch at run time (``h.view(h.size(0) * 2, -1)``, then back): export writes
+    ``sym_size`` and arithmetic on it, which the compact module must keep reading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.size(0) * 2, -1).view(h.size(0), -1))
+
+
+def test_compact_module_keeps_a_run_time_batch_in_onnx(tmp_path):
+    model = SizeRead().eval()
+    g = gp.trace(model, torch.randn(2, 3, 4, 4), verify=False)
+    zero_random_half(g)
+    path = tmp_path / "compact.onnx"
+    gp.export_onnx(g.construct_subnet(), torch.randn(2, 3, 4, 4), path)
+    x = torch.randn(3, 3, 4, 4)  # another batch than the export's
+    out = ort.InferenceSession(str(path)).run(None, {"input_0": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
