@@ -6,7 +6,8 @@ Every framework builds the same small CNN (conv+BN+ReLU stem, a residual block, 
 depthwise-separable block, max pooling, global average pooling, a linear head; NCHW
 3x32x32 input, NHWC for TensorFlow and JAX), exported with dynamic batch, height and
 width (every exporter here allows it).  torch's dynamo exporter also writes a small
-attention + MLP block (dynamic batch and sequence); optimum exports a tiny BERT built
+attention + MLP block (dynamic batch and sequence), tf2onnx a token MLP block with Keras
+layer norms (which it writes op by op); optimum exports a tiny BERT built
 from a random config.  onnxslim, onnx-simplifier and onnxconverter-common's fp16
 conversion (keep_io_types, as users run it; once more with the head kept in fp32) process
 the TorchScript CNN.
@@ -260,7 +261,34 @@ def export_tf2onnx(out: Path) -> list[dict[str, Any]]:
     path = out / "tf2onnx_cnn.onnx"
     with _written(path) as tmp:
         tf2onnx.convert.from_function(fn, input_signature=spec, opset=13, output_path=tmp)
-    return [_entry(path, "tf2onnx (Keras)", _versions("tensorflow-cpu", "tf2onnx"), "cnn")]
+    return [_entry(path, "tf2onnx (Keras)", _versions("tensorflow-cpu", "tf2onnx"), "cnn"),
+            _tf2onnx_tokens(out)]
+
+
+def _tf2onnx_tokens(out: Path) -> dict[str, Any]:
+    """A token MLP block with Keras' ``LayerNormalization`` (trained-looking gamma and beta,
+    then one without beta), which tf2onnx writes in its batch-norm-like decomposed form."""
+    import numpy as np
+    import tensorflow as tf
+    import tf2onnx
+    from tensorflow.keras import layers
+
+    tf.keras.utils.set_random_seed(SEED)
+    t = inp = tf.keras.Input((None, 16), name="x")
+    h = layers.LayerNormalization()(layers.Dense(32)(t))
+    h = layers.Add()([h, layers.Dense(32)(layers.Dense(64, activation="relu")(h))])
+    model = tf.keras.Model(inp, layers.Dense(4)(layers.LayerNormalization(center=False)(h)))
+    rng = np.random.default_rng(SEED)
+    for layer in model.layers:
+        if isinstance(layer, layers.LayerNormalization):
+            layer.set_weights([rng.uniform(0.5, 1.5, w.shape) if k == 0 else rng.normal(0, 0.2, w.shape)
+                               for k, w in enumerate(layer.get_weights())])
+    fn = tf.function(lambda x: model(x, training=False))
+    spec = (tf.TensorSpec((None, None, 16), tf.float32, name="x"),)
+    path = out / "tf2onnx_tokens.onnx"
+    with _written(path) as tmp:
+        tf2onnx.convert.from_function(fn, input_signature=spec, opset=13, output_path=tmp)
+    return _entry(path, "tf2onnx (Keras)", _versions("tensorflow-cpu", "tf2onnx"), "tokens")
 
 
 # ---- jax2onnx ---------------------------------------------------------------------------------

@@ -17,10 +17,14 @@ file is never changed: a norm left whole keeps the exporter's nodes, and a shrun
 becomes the phantom norm's body in the file's own opset (the lowering rewrites the last
 node and drops the rest, which nothing reads any more).
 
-Only the forms above are recognised (what these exporters write for ``nn.LayerNorm``
-and for a hand-written RMS norm); tf2onnx's batch-norm-like form
-(``x * (gamma * rstd) + (beta - mean * gamma * rstd)``) is not.  An unrecognised form
-is not silent: its ``ReduceMean`` over the channel axis is a reported barrier.
+tf2onnx writes Keras' ``LayerNormalization`` in the batch-norm-like form it computes
+(the mean by ``GlobalAveragePool`` on a rank-3 tensor, gamma shaped ``[1, 1, C]``)::
+
+    k = Reciprocal(Sqrt(var + eps)) [ * gamma ]
+    y = x * k + (Neg(mean) * k [+ beta])
+
+which is the same norm, recognised too.  Any other form is not silent: its mean over the
+channel axis is a reported barrier.
 """
 from __future__ import annotations
 
@@ -128,7 +132,10 @@ def _is_square(g: _Graph, n: onnx.NodeProto, const: Const) -> str | None:
 
 
 def _last_axis_mean(n: onnx.NodeProto, rank: int, ints: Ints) -> bool:
-    """A ``ReduceMean`` over the last axis only, keeping it (axes an attribute, or an input from opset 18)."""
+    """A ``ReduceMean`` over the last axis only, keeping it (axes an attribute, or an input
+    from opset 18), or a ``GlobalAveragePool`` of a rank-3 tensor (it averages axis 2)."""
+    if n.op_type == "GlobalAveragePool":
+        return rank == 3
     if n.op_type != "ReduceMean":
         return False
     attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
@@ -153,7 +160,8 @@ def find_norms(model: onnx.ModelProto, shape: Shape, dtype: Callable[[str], np.d
         rank = len(shape(x) or ())
         if rank == 0 or not _last_axis_mean(n, rank, ints):
             continue
-        norm = _match(g, n, x, rank, shape, const, ints, is_weight)
+        norm = _match(g, n, x, rank, shape, const, ints, is_weight) or \
+            _match_folded(g, n, x, rank, shape, const, ints, is_weight)
         if norm is not None and not (norm.nodes & taken):
             found.append(norm)
             taken |= norm.nodes
@@ -171,7 +179,7 @@ def _match(g: _Graph, mean: onnx.NodeProto, x: str, rank: int, shape: Shape, con
         square = _squares(g, centred, seen, const)
         if square is None:
             return None
-        var = g.only(square.output[0], ("ReduceMean",), seen)
+        var = g.only(square.output[0], ("ReduceMean", "GlobalAveragePool"), seen)
         if var is None or not _last_axis_mean(var[0], rank, ints):
             return None
         seen += [square, var[0]]
@@ -212,6 +220,71 @@ def _match(g: _Graph, mean: onnx.NodeProto, x: str, rank: int, shape: Shape, con
     return DecomposedNorm(last.name, nodes, x, scale, bias, eps, rms, y)
 
 
+def _match_folded(g: _Graph, mean: onnx.NodeProto, x: str, rank: int, shape: Shape, const: Const, ints: Ints,
+                  is_weight: IsWeight) -> DecomposedNorm | None:
+    """tf2onnx's form (module docstring): ``x * k + (Neg(mean) * k [+ beta])`` with
+    ``k = rstd [* gamma]``; None when ``mean`` starts no such norm."""
+    seen: list[onnx.NodeProto] = [mean]
+    users = g.consumers(mean.output[0], seen) or []
+    sub = next((n for n, v in users if n.op_type == "Sub" and n.input[1] == v and g.root(n.input[0]) == g.root(x)),
+               None)
+    other = [n for n, _ in users if n is not sub]
+    if sub is None or len(other) != 1 or other[0].op_type != "Neg":
+        return None
+    seen.append(sub)
+    square = _squares(g, sub.output[0], seen, const)
+    var = g.only(square.output[0], ("ReduceMean", "GlobalAveragePool"), seen) if square is not None else None
+    if var is None or not _last_axis_mean(var[0], rank, ints):
+        return None
+    seen += [square, var[0]]
+    rstd = _rstd(g, var[0].output[0], seen, const)
+    if rstd is None:
+        return None
+    k, eps = rstd
+    width = (shape(x) or (0,))[-1]
+    scale = None
+    step = g.only(k, ("Mul",), [])
+    if step is not None and _affine_ok(g, _other(step[0], step[1]), width, shape, is_weight):
+        scale, k = _other(step[0], step[1]), step[0].output[0]
+        seen.append(step[0])
+    muls = [n for n, v in g.consumers(k, seen) or [] if n.op_type == "Mul"]
+    xk = next((n for n in muls if g.root(_other(n, k) or "") == g.root(x)), None)
+    mk = next((n for n in muls if n is not xk), None)
+    if xk is None or mk is None or len(muls) != 2:
+        return None
+    if other[0].op_type != "Neg" or g.root(_other(mk, k) or "") != g.root(other[0].output[0]):
+        return None
+    shift, bias = mk.output[0], None  # x*k + ((-mean)*k [+ beta])
+    seen += [other[0], xk, mk]
+    step = g.only(shift, ("Add",), [])
+    if step is not None and _affine_ok(g, _other(step[0], step[1]), width, shape, is_weight):
+        bias, shift = _other(step[0], step[1]), step[0].output[0]
+        seen.append(step[0])
+    join = g.only(xk.output[0], ("Add",), [])
+    if join is None or g.root(_other(join[0], join[1]) or "") != g.root(shift):
+        return None
+    seen.append(join[0])
+    y = join[0].output[0]
+    nodes = frozenset(n.name for n in seen)
+    if not _closed(g, nodes, y):
+        return None
+    return DecomposedNorm(g.producer[y].name, nodes, x, scale, bias, eps, False, y)
+
+
+def _rstd(g: _Graph, var: str, seen: list[onnx.NodeProto], const: Const) -> tuple[str, float] | None:
+    """From the variance ``var``: ``Add eps -> Sqrt -> Reciprocal`` (or ``Div(1, ·)``);
+    ``(rstd, eps)``."""
+    add = g.only(var, ("Add",), seen)
+    eps = const(g.root(_other(add[0], add[1]) or "")) if add is not None else None
+    sqrt = g.only(add[0].output[0], ("Sqrt",), seen) if eps is not None else None
+    inv = g.only(sqrt[0].output[0], ("Reciprocal", "Div"), seen) if sqrt is not None else None
+    if inv is None or (inv[0].op_type == "Div" and (inv[0].input[1] != inv[1]
+                                                    or const(g.root(inv[0].input[0])) != 1.0)):
+        return None
+    seen += [add[0], sqrt[0], inv[0]]
+    return inv[0].output[0], float(eps)
+
+
 def _squares(g: _Graph, d: str, seen: list[onnx.NodeProto], const: Const) -> onnx.NodeProto | None:
     """The node squaring ``d`` among its readers (through views)."""
     for n, name in g.consumers(d, seen) or []:
@@ -250,8 +323,11 @@ def _rstd_tail(g: _Graph, var: str, num: str, seen: list[onnx.NodeProto], const:
 
 
 def _affine_ok(g: _Graph, name: str | None, width: int, shape: Shape, is_weight: IsWeight) -> bool:
-    """Whether ``name`` is a 1-D float weight as wide as the normalised axis."""
-    return name is not None and is_weight(g.root(name)) and tuple(shape(name) or ()) == (width,) and width > 1
+    """Whether ``name`` is a float weight as wide as the normalised axis: 1-D, or with
+    leading ones (tf2onnx's ``[1, 1, C]``)."""
+    dims = tuple(shape(name) or ()) if name is not None else ()
+    return name is not None and is_weight(g.root(name)) and len(dims) >= 1 and dims[-1] == width > 1 \
+        and all(d == 1 for d in dims[:-1])
 
 
 def _closed(g: _Graph, nodes: frozenset[str], y: str) -> bool:

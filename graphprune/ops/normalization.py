@@ -41,7 +41,9 @@ def _onnx_layer_norm(x, scale, bias=None, *, axis=-1, epsilon=1e-5, **_):
     """Y, Mean, InvStdDev over the axes from ``axis`` on (statistics keep those axes as 1)."""
     axis %= x.dim()
     axes = tuple(range(axis, x.dim()))
-    y = F.layer_norm(x, x.shape[axis:], scale, bias, epsilon)
+    shape = x.shape[axis:]  # an affine with leading ones (tf2onnx's [1, 1, C]) broadcasts the same
+    y = F.layer_norm(x, shape, scale.reshape(shape) if scale is not None else None,
+                     bias.reshape(shape) if bias is not None else None, epsilon)
     mean = x.mean(axes, keepdim=True)
     return y, mean, torch.rsqrt(x.var(axes, unbiased=False, keepdim=True) + epsilon)
 

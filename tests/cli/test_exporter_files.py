@@ -23,7 +23,7 @@ from .conftest import run_cli
 DATA = Path(__file__).resolve().parents[1] / "data" / "exporters"
 MANIFEST = json.loads((DATA / "MANIFEST.json").read_text())
 SIZES = {"batch": (1, 3), "side": (32, 40), "seq": (6, 9)}  # the traced size of a dynamic dim, then another
-MIN_GROUPED = {"cnn": 0.95, "attention": 0.8, "bert": 0.5}  # share of the parameters in groups
+MIN_GROUPED = {"cnn": 0.95, "attention": 0.8, "bert": 0.5, "tokens": 0.9}  # share of the parameters in groups
 
 
 def _dim_kind(model: str, axis: int, rank: int) -> str:

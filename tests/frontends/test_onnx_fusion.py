@@ -178,3 +178,17 @@ def test_paddle_style_steps(bias):
         x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
         ref, out = run_onnx(full, {"x": x})[0], run_onnx(compact, {"x": x})[0]
         assert np.abs(ref - out).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_tf2onnx_batch_norm_like_layer_norms_are_recognised() -> None:
+    """tf2onnx writes Keras' ``LayerNormalization`` as ``x * k + (Neg(mean) * k [+ beta])``,
+    ``k = gamma / sqrt(var + eps)``, means by ``GlobalAveragePool``, gamma and beta shaped
+    [1, 1, C] (tests/data/exporters/tf2onnx_tokens.onnx: one norm with beta, one without):
+    both are layer norms, no barrier, and the hidden columns are one group across them."""
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "data" / "exporters" / "tf2onnx_tokens.onnx"
+    g = gp.trace(str(path), (np.random.default_rng(0).standard_normal((1, 6, 16)).astype(np.float32),))
+    norms = [n for n in g.ir.nodes if n.source_op == "onnx::LayerNormalization(decomposed)"]
+    assert len(norms) == 2 and not g.barriers
+    assert [n.attrs.get("B") is not None for n in norms] == [True, False]
+    assert sorted(grp.size for grp in g.groups) == [32, 64]
