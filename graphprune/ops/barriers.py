@@ -77,7 +77,7 @@ declare_barrier("mean_variance_normalization", "standardises over axes with no e
 declare_barrier("stft", "frames a signal along its time axis into a new frequency axis; not analysed",
                 onnx=("STFT",))
 declare_barrier("one_hot", "its new axis has a length given by data (a class count), not by a channel",
-                onnx=("OneHot",))
+                aten=("one_hot",), onnx=("OneHot",))
 declare_barrier("multinomial", "draws class indices at random from a distribution over its last axis",
                 onnx=("Multinomial",))
 declare_barrier("mel_weight_matrix", "builds a constant filter bank from scalar inputs (no channels flow in); "
