@@ -170,7 +170,7 @@ def sweep(ratios: list[float], n_calib: int, recover_steps: int, tp_timeout: flo
     held = data.heldout_windows(limit=limit)
     calib = textlm.calibration(n_calib, textlm.SEQ)
     full = n_params(dense)
-    emit(f"{"dense":32s} {'':>5s} {0:>6.1%} {textlm.perplexity(dense, held):>9.2f} {full:>9d}")
+    emit(f"{'dense':32s} {'':>5s} {0:>6.1%} {textlm.perplexity(dense, held):>9.2f} {full:>9d}")
     mine = Ours(dense)
     hung: dict[str, str] = {}
 
@@ -235,7 +235,7 @@ def main() -> None:
              "held-out = whole unseen files), heads + MLP units pruned, embeddings kept",
              f"# calibration: {a.calibration} training windows of {textlm.SEQ} tokens; recover: {a.recover_steps} "
              "steps of KL distillation on them; got = 1 - compact params / dense params",
-             f"{"method":32s} {'ratio':>5s} {'got':>6s} {'ppl':>9s} {'params':>9s}  note"]
+             f"{'method':32s} {'ratio':>5s} {'got':>6s} {'ppl':>9s} {'params':>9s}  note"]
     rows: list[str] = []
 
     def emit(line: str) -> None:
