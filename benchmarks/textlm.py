@@ -116,12 +116,12 @@ def _docstrings(path: Path) -> list[str]:
     return [d for d in (ast.get_docstring(n, clean=True) for n in nodes) if d and d.strip()]
 
 
-def documents() -> list[tuple[str, str]]:
-    """``(name, text)`` per source file, with docstrings seen before removed; deterministic
-    for a given set of installed packages."""
+def documents(sources: tuple[str, ...] = SOURCES) -> list[tuple[str, str]]:
+    """``(name, text)`` per source file of ``sources``, with docstrings seen before removed;
+    deterministic for a given set of installed packages."""
     seen: set[str] = set()
     docs = []
-    for source in SOURCES:
+    for source in sources:
         for name, path in _files(source):
             kept = []
             for d in _docstrings(path):
