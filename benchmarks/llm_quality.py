@@ -170,7 +170,8 @@ def sweep(ratios: list[float], n_calib: int, recover_steps: int, tp_timeout: flo
     held = data.heldout_windows(limit=limit)
     calib = textlm.calibration(n_calib, textlm.SEQ)
     full = n_params(dense)
-    emit(f"{'dense':32s} {'':>5s} {0:>6.1%} {textlm.perplexity(dense, held):>9.2f} {full:>9d}")
+    emit(f"{'dense':32s} {'':>5s} {0:>6.1%} {textlm.perplexity(dense, held):>9.2f} {full:>9d}  next-token accuracy "
+         f"{textlm.next_token_accuracy(dense, held):.3f}; unigram perplexity {textlm.unigram_perplexity(data, held):.1f}")
     mine = Ours(dense)
     hung: dict[str, str] = {}
 
