@@ -66,6 +66,7 @@ def _phase(row: dict, key: str, fn: Callable[[], Any]) -> Any:
     """Run ``fn``; put its seconds in ``row[key + "_s"]`` and this process's peak resident
     memory during it in ``row[key + "_GiB"]`` (the peak is reset first, Linux's
     ``clear_refs``, so each phase reports its own)."""
+    print(f"phase {key}", file=sys.stderr, flush=True)  # a killed child's last phase (see _child)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     start = time.perf_counter()
@@ -75,13 +76,14 @@ def _phase(row: dict, key: str, fn: Callable[[], Any]) -> Any:
     return out
 
 
-def _model(name: str, weights: bool) -> tuple[Any, Any]:
-    """The config's model in eval mode: random bf16 weights (seed 0), or on meta tensors."""
+def _model(name: str, weights: bool, layers: int | None = None) -> tuple[Any, Any]:
+    """The config's model in eval mode: random bf16 weights (seed 0), or on meta tensors;
+    ``layers`` overrides its depth."""
     import torch
     import transformers
 
     cfg_cls, model_cls, fields = CONFIGS[name]
-    cfg = getattr(transformers, cfg_cls)(**fields)
+    cfg = getattr(transformers, cfg_cls)(**{**fields, **({"num_hidden_layers": layers} if layers else {})})
     torch.manual_seed(0)
     if weights:
         torch.set_default_dtype(torch.bfloat16)  # built in bf16: no float32 copy of a 7 GB model first
@@ -128,20 +130,6 @@ def run_one(name: str, weights: bool, params: float) -> dict:
 
 
 # ---------------------------------------------------------------------------- Torch-Pruning
-def _width_ratio(model: Any, params: float) -> float:
-    """The channel ratio ``r`` that removes ``params`` of the parameters when every width
-    (hidden, heads, MLP) loses the fraction ``r``: a decoder layer's matrices keep
-    ``(1 - r)**2`` of their entries, embeddings, the LM head (its outputs are not pruned)
-    and the norms ``1 - r``; the root of that quadratic.  Torch-Pruning rounds heads and
-    channels per layer, so what it removes is measured, not assumed."""
-    import torch
-
-    square = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
-    line = sum(p.numel() for p in model.parameters()) - square
-    keep = (-line + (line ** 2 + 4 * square * (1 - params) * (square + line)) ** 0.5) / (2 * square)
-    return float(torch.tensor(1 - keep).clamp(0, 0.9))
-
-
 def _tp_settings(model: Any, cfg: Any) -> tuple[dict, dict]:
     """Torch-Pruning's ``num_heads`` and ``out_channel_groups`` as its LLM example sets
     them: the query projection has the attention heads, key and value projections the
@@ -184,12 +172,63 @@ def _tp_forward(model: Any, cfg: Any, ids: Any) -> str:
     return "runs"
 
 
+def _tp_pruner(model: Any, cfg: Any, ids: Any, ratio: float) -> Any:
+    """Torch-Pruning's pruner as its LLM example sets it up: local magnitude pruning of
+    widths and whole heads at ``ratio`` (hidden width, MLP units, heads), the LM head's
+    outputs (the vocabulary) kept, widths rounded to multiples of 4.  Constructing it
+    builds the dependency graph."""
+    import torch_pruning as tp
+
+    heads, groups = _tp_settings(model, cfg)
+    return tp.pruner.BasePruner(
+        model, {"input_ids": ids, "use_cache": False}, importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio, head_pruning_ratio=ratio, num_heads=heads, prune_num_heads=True,
+        prune_head_dims=False, out_channel_groups=groups, ignored_layers=[model.lm_head],
+        output_transform=lambda out: out.logits, round_to=4)
+
+
+def _layer_split(model: Any) -> tuple[int, int]:
+    """Parameters inside the decoder layers, and the rest (embeddings, LM head, final norm)."""
+    inside = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+    return inside, sum(p.numel() for p in model.parameters()) - inside
+
+
+def _tp_ratio(name: str, params: float, ids: Any, layers: int = 2, steps: int = 7) -> tuple[float, float]:
+    """The ratio at which Torch-Pruning removes ``params`` of the full model's parameters,
+    and the fraction it predicts: bisection on a ``layers``-deep model of the same
+    widths (every layer is pruned alike, so the full model's removal is the shallow
+    one's per-layer removal times its depth, plus what goes outside the layers).  A
+    step on the full model would cost a copy of it per trial.  The full run's removal
+    is measured, not assumed."""
+    import copy
+
+    cfg, shallow = _model(name, True, layers)
+    depth = CONFIGS[name][2]["num_hidden_layers"]
+    inside, outside = _layer_split(shallow)
+    full = outside + inside / layers * depth
+
+    def removed(ratio: float) -> float:
+        model = copy.deepcopy(shallow)
+        _tp_pruner(model, cfg, ids, ratio).step()
+        now_in, now_out = _layer_split(model)
+        return ((outside - now_out) + (inside - now_in) / layers * depth) / full
+
+    lo, hi, best = 0.0, 0.6, (float("inf"), 0.0, 0.0)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        got = removed(mid)
+        best = min(best, (abs(got - params), mid, got))
+        lo, hi = (mid, hi) if got < params else (lo, mid)
+    return best[1], best[2]
+
+
 def run_torch_pruning(name: str, weights: bool, params: float) -> dict:
     """Torch-Pruning on one config in this process: its dependency-graph build (the
-    pruner's construction) and one step of local magnitude pruning at the width ratio
-    that removes ``params`` of the parameters.  Without weights the model is built under
-    a fake-tensor mode (meta storage; transformers' mask code reads values on plain meta
-    tensors, which fails) and only the build runs: the step ranks real weights."""
+    pruner's construction) and one step at the ratio that removes ``params`` of the
+    parameters (:func:`_tp_ratio`).  Without weights the model is built under a
+    fake-tensor mode (meta storage; transformers' mask code reads values on plain meta
+    tensors, which fails) and only the build runs: the step ranks real weights.  An
+    exception is reported with the phase that raised it."""
     import contextlib
 
     import torch_pruning as tp
@@ -199,31 +238,41 @@ def run_torch_pruning(name: str, weights: bool, params: float) -> dict:
     row: dict[str, Any] = {"config": name, "tp_version": tp.__version__, "tp_weights": "bf16" if weights else "fake"}
     cfg_cls, _, fields = CONFIGS[name]
     ids = _example(getattr(transformers, cfg_cls)(**fields))  # real: made before the fake mode
-    with contextlib.nullcontext() if weights else FakeTensorMode(allow_non_fake_inputs=True):
-        cfg, model = _phase(row, "tp_model", lambda: _model(name, True))
-        before = sum(p.numel() for p in model.parameters())
-        ratio = _width_ratio(model, params)
-        heads, groups = _tp_settings(model, cfg)
-        row["tp_ratio"] = ratio
-        pruner = _phase(row, "tp_build", lambda: tp.pruner.BasePruner(
-            model, {"input_ids": ids, "use_cache": False}, importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=ratio, head_pruning_ratio=ratio, num_heads=heads, prune_num_heads=True,
-            prune_head_dims=False, out_channel_groups=groups, ignored_layers=[model.lm_head],
-            output_transform=lambda out: out.logits, round_to=4))
-        if not weights:
-            row["tp_step"] = "needs weights (it ranks their values)"
-            return row
-        _phase(row, "tp_step", pruner.step)
-        row["tp_removed_params"] = 1 - sum(p.numel() for p in model.parameters()) / before
-        row["tp_forward"] = _tp_forward(model, cfg, ids)
+    errors = []
+    ratio = params  # without a search (no weights, or it raised): the build's time hardly depends on it
+    if weights:
+        try:
+            ratio, row["tp_predicted"] = _phase(row, "tp_ratio", lambda: _tp_ratio(name, params, ids))
+            row["tp_ratio"] = ratio
+        except Exception as exc:  # noqa: BLE001  (reported; the build and step are still timed)
+            errors.append(f"ratio search raises {type(exc).__name__}: {str(exc)[:90]}")
+    phase = "model"
+    try:
+        with contextlib.nullcontext() if weights else FakeTensorMode(allow_non_fake_inputs=True):
+            cfg, model = _phase(row, "tp_model", lambda: _model(name, True))
+            before = sum(p.numel() for p in model.parameters())
+            phase = "build"
+            pruner = _phase(row, "tp_build", lambda: _tp_pruner(model, cfg, ids, ratio))
+            if not weights:
+                row["tp_step"] = "needs weights (it ranks their values)"
+            else:
+                phase = f"step (r={ratio:.2f})"
+                _phase(row, "tp_step", pruner.step)
+                row["tp_removed_params"] = 1 - sum(p.numel() for p in model.parameters()) / before
+                row["tp_forward"] = _tp_forward(model, cfg, ids)
+    except Exception as exc:  # noqa: BLE001  (the table says which phase raised what)
+        errors.append(f"{phase} raises {type(exc).__name__}: {str(exc)[:90]}")
+    if errors:
+        row["tp_error"] = "; ".join(dict.fromkeys(errors))
     return row
 
 
 # ---------------------------------------------------------------------------- driver
 def _child(cmd: list[str], timeout: float, max_gib: float) -> dict:
     """Run ``cmd`` (prints one JSON row last) and return its row; a timeout, a resident
-    size over ``max_gib`` (killed: the machine is shared) or a crash is the row's
-    ``error``.  Output goes to files: a pipe nobody reads would block a chatty child."""
+    size over ``max_gib`` (killed: the machine is shared; the error names the phase it
+    was in) or a crash is the row's ``error``.  Output goes to files: a pipe nobody
+    reads would block a chatty child."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
         start, peak, why = time.monotonic(), 0.0, None
@@ -235,11 +284,13 @@ def _child(cmd: list[str], timeout: float, max_gib: float) -> dict:
             if time.monotonic() - start > timeout:
                 why = f"timeout after {timeout:.0f} s"
             elif peak > max_gib:
-                why = f"killed at {peak:.1f} GiB resident (limit {max_gib:.0f} GiB)"
+                why = f"killed at {peak:.1f} GiB resident (limit {max_gib:g} GiB)"
             if why:
                 proc.kill()
                 proc.wait()
-                return {"error": why}
+                err.seek(0)
+                phases = [line.split()[1] for line in err if line.startswith("phase ")]
+                return {"error": why + (f" in phase {phases[-1]}" if phases else "")}
             time.sleep(0.5)
         out.seek(0)
         err.seek(0)
@@ -276,20 +327,27 @@ def _table(rows: list[dict], tp_rows: list[dict], argv: list[str], tp_timeout: f
     version = next((r["tp_version"] for r in tp_rows if "tp_version" in r), "?")
     lines += ["",
               f"Torch-Pruning {version}: BasePruner as its LLM example sets it up (GroupMagnitudeImportance, local, "
-              f"heads per q/k/v projection, head and width ratio r, LM head outputs kept, round_to=4), r chosen so "
-              f"that uniform widths would remove the same fraction of parameters; timeout {tp_timeout:.0f} s per "
-              f"config; without weights under a fake-tensor mode (meta storage), build only",
-              f"{'config':14} {'tensors':7} {'r':>5} {'build (graph)':>14} {'step':>14} {'removed':>7}  pruned model"]
+              f"heads per q/k/v projection, head and width ratio r, LM head outputs kept, round_to=4); r by "
+              f"bisection on a 2-layer model of the same widths (predicted: its removal scaled to the full depth); "
+              f"timeout {tp_timeout:.0f} s per config (ratio search included); without weights under a fake-tensor "
+              f"mode (meta storage), build only; 'pruned model': a forward after setting the head counts",
+              f"{'config':14} {'tensors':7} {'r':>5} {'predict':>7} {'build (graph)':>14} {'step':>14} "
+              f"{'removed':>7}  pruned model"]
     for r in tp_rows:
         if "error" in r:
             lines.append(f"{r['config']:14} {r.get('tp_weights', ''):7} {r['error']}")
             continue
-        line = f"{r['config']:14} {r['tp_weights']:7} {r['tp_ratio']:5.3f} {r['tp_build_s']:7.1f} s {r['tp_build_GiB']:4.1f} G"
+        line = f"{r['config']:14} {r['tp_weights']:7} "
+        line += f"{r['tp_ratio']:5.3f} {r['tp_predicted']:7.1%}" if "tp_ratio" in r else f"{'':13}"
+        if "tp_build_s" in r:
+            line += f" {r['tp_build_s']:7.1f} s {r['tp_build_GiB']:4.1f} G"
         if "tp_step_s" in r:
             line += (f" {r['tp_step_s']:5.1f} s {r['tp_step_GiB']:4.1f} G {r['tp_removed_params']:7.1%}  "
                      f"{r['tp_forward']}")
-        else:
+        elif "tp_step" in r:
             line += f"  step: {r['tp_step']}"
+        if "tp_error" in r:
+            line += f"  {r['tp_error']}"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
