@@ -222,13 +222,27 @@ def _tp_ratio(name: str, params: float, ids: Any, layers: int = 2, steps: int = 
     return best[1], best[2]
 
 
-def run_torch_pruning(name: str, weights: bool, params: float) -> dict:
+def run_tp_ratio(name: str, params: float) -> dict:
+    """:func:`_tp_ratio` in a process of its own (its trial pruners keep their models
+    alive, 8 GiB on Llama-3.2-1B's: that is not Torch-Pruning's memory on the full model)."""
+    import transformers
+
+    cfg_cls, _, fields = CONFIGS[name]
+    row: dict[str, Any] = {"config": name}
+    try:
+        row["tp_ratio"], row["tp_predicted"] = _phase(row, "tp_search", lambda: _tp_ratio(
+            name, params, _example(getattr(transformers, cfg_cls)(**fields))))
+    except Exception as exc:  # noqa: BLE001  (reported; the build and step are still timed)
+        row["tp_error"] = f"ratio search raises {type(exc).__name__}: {str(exc)[:90]}"
+    return row
+
+
+def run_torch_pruning(name: str, weights: bool, ratio: float) -> dict:
     """Torch-Pruning on one config in this process: its dependency-graph build (the
-    pruner's construction) and one step at the ratio that removes ``params`` of the
-    parameters (:func:`_tp_ratio`).  Without weights the model is built under a
-    fake-tensor mode (meta storage; transformers' mask code reads values on plain meta
-    tensors, which fails) and only the build runs: the step ranks real weights.  An
-    exception is reported with the phase that raised it."""
+    pruner's construction) and one step at ``ratio`` (:func:`_tp_ratio`'s).  Without
+    weights the model is built under a fake-tensor mode (meta storage; transformers'
+    mask code reads values on plain meta tensors, which fails) and only the build runs:
+    the step ranks real weights.  An exception is reported with the phase that raised it."""
     import contextlib
 
     import torch_pruning as tp
@@ -238,14 +252,6 @@ def run_torch_pruning(name: str, weights: bool, params: float) -> dict:
     row: dict[str, Any] = {"config": name, "tp_version": tp.__version__, "tp_weights": "bf16" if weights else "fake"}
     cfg_cls, _, fields = CONFIGS[name]
     ids = _example(getattr(transformers, cfg_cls)(**fields))  # real: made before the fake mode
-    errors = []
-    ratio = params  # without a search (no weights, or it raised): the build's time hardly depends on it
-    if weights:
-        try:
-            ratio, row["tp_predicted"] = _phase(row, "tp_ratio", lambda: _tp_ratio(name, params, ids))
-            row["tp_ratio"] = ratio
-        except Exception as exc:  # noqa: BLE001  (reported; the build and step are still timed)
-            errors.append(f"ratio search raises {type(exc).__name__}: {str(exc)[:90]}")
     phase = "model"
     try:
         with contextlib.nullcontext() if weights else FakeTensorMode(allow_non_fake_inputs=True):
@@ -254,16 +260,15 @@ def run_torch_pruning(name: str, weights: bool, params: float) -> dict:
             phase = "build"
             pruner = _phase(row, "tp_build", lambda: _tp_pruner(model, cfg, ids, ratio))
             if not weights:
-                row["tp_step"] = "needs weights (it ranks their values)"
+                row["tp_step"] = (f"not run: it ranks weight values, and the config runs without weights "
+                                  f"(bf16: {before * 2 / 2 ** 30:.1f} GiB)")
             else:
                 phase = f"step (r={ratio:.2f})"
                 _phase(row, "tp_step", pruner.step)
                 row["tp_removed_params"] = 1 - sum(p.numel() for p in model.parameters()) / before
                 row["tp_forward"] = _tp_forward(model, cfg, ids)
     except Exception as exc:  # noqa: BLE001  (the table says which phase raised what)
-        errors.append(f"{phase} raises {type(exc).__name__}: {str(exc)[:90]}")
-    if errors:
-        row["tp_error"] = "; ".join(dict.fromkeys(errors))
+        row["tp_error"] = f"{phase} raises {type(exc).__name__}: {str(exc)[:90]}"
     return row
 
 
@@ -306,7 +311,7 @@ def _table(rows: list[dict], tp_rows: list[dict], argv: list[str], tp_timeout: f
 
     lines = [f"python benchmarks/llm.py {' '.join(argv)}  (torch {torch.__version__}, {torch.get_num_threads()} "
              f"threads, input 1x{TOKENS} tokens, one process per config and tool, run one at a time, each killed "
-             f"above {max_gib:.0f} GiB resident)",
+             f"above {max_gib:g} GiB resident)",
              "",
              "graphprune: trace + analysis (meta tensors, or the bf16 weights), groups found; with weights: "
              "prune (l2, uniform) and construct_subnet(mode='auto'); seconds / peak GiB resident per phase",
@@ -329,14 +334,11 @@ def _table(rows: list[dict], tp_rows: list[dict], argv: list[str], tp_timeout: f
               f"Torch-Pruning {version}: BasePruner as its LLM example sets it up (GroupMagnitudeImportance, local, "
               f"heads per q/k/v projection, head and width ratio r, LM head outputs kept, round_to=4); r by "
               f"bisection on a 2-layer model of the same widths (predicted: its removal scaled to the full depth); "
-              f"timeout {tp_timeout:.0f} s per config (ratio search included); without weights under a fake-tensor "
+              f"the search in a process of its own; timeout {tp_timeout:.0f} s per process; without weights under a fake-tensor "
               f"mode (meta storage), build only; 'pruned model': a forward after setting the head counts",
               f"{'config':14} {'tensors':7} {'r':>5} {'predict':>7} {'build (graph)':>14} {'step':>14} "
               f"{'removed':>7}  pruned model"]
     for r in tp_rows:
-        if "error" in r:
-            lines.append(f"{r['config']:14} {r.get('tp_weights', ''):7} {r['error']}")
-            continue
         line = f"{r['config']:14} {r['tp_weights']:7} "
         line += f"{r['tp_ratio']:5.3f} {r['tp_predicted']:7.1%}" if "tp_ratio" in r else f"{'':13}"
         if "tp_build_s" in r:
@@ -365,11 +367,17 @@ def main() -> None:
     ap.add_argument("--results", help="write the table here (temp file, then rename)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--tp-one", help=argparse.SUPPRESS)
+    ap.add_argument("--tp-search", help=argparse.SUPPRESS)
+    ap.add_argument("--tp-ratio", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one or args.tp_one:
-        run = run_one if args.one else run_torch_pruning
-        name = args.one or args.tp_one
-        print(json.dumps(run(name, name in args.weights, args.params)))
+    if args.one:
+        print(json.dumps(run_one(args.one, args.one in args.weights, args.params)))
+        return
+    if args.tp_search:
+        print(json.dumps(run_tp_ratio(args.tp_search, args.params)))
+        return
+    if args.tp_one:
+        print(json.dumps(run_torch_pruning(args.tp_one, args.tp_one in args.weights, args.tp_ratio)))
         return
     rows, tp_rows = [], []
     child = [sys.executable, __file__, "--params", str(args.params), "--weights", *args.weights]
@@ -377,8 +385,14 @@ def main() -> None:
         rows.append({"config": name, **_child([*child, "--one", name], float("inf"), args.max_gib)})
         print(rows[-1], flush=True)
         if not args.no_tp:
-            tp_rows.append({"config": name, "tp_weights": "bf16" if name in args.weights else "fake",
-                            **_child([*child, "--tp-one", name], args.tp_timeout, args.max_gib)})
+            row = {"config": name, "tp_weights": "bf16" if name in args.weights else "fake"}
+            if name in args.weights:  # the ratio only matters to the step
+                row.update(_child([*child, "--tp-search", name], args.tp_timeout, args.max_gib))
+            ratio = row.get("tp_ratio", args.params)  # without a search, the build's time hardly depends on it
+            done = _child([*child, "--tp-one", name, "--tp-ratio", str(ratio)], args.tp_timeout, args.max_gib)
+            errors = [e for e in (row.pop("tp_error", None) or row.pop("error", None),
+                                  done.pop("tp_error", None) or done.pop("error", None)) if e]
+            tp_rows.append({**row, **done, **({"tp_error": "; ".join(errors)} if errors else {})})
             print(tp_rows[-1], flush=True)
     text = _table(rows, tp_rows, sys.argv[1:], args.tp_timeout, args.max_gib)
     print(text)
