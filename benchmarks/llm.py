@@ -73,6 +73,7 @@ def _phase(row: dict, key: str, fn: Callable[[], Any]) -> Any:
     out = fn()
     row[key + "_s"] = time.perf_counter() - start
     row[key + "_GiB"] = _rss_gib()
+    print(json.dumps(row), flush=True)  # the row so far: a killed child's finished phases still count
     return out
 
 
@@ -274,10 +275,11 @@ def run_torch_pruning(name: str, weights: bool, ratio: float) -> dict:
 
 # ---------------------------------------------------------------------------- driver
 def _child(cmd: list[str], timeout: float, max_gib: float) -> dict:
-    """Run ``cmd`` (prints one JSON row last) and return its row; a timeout, a resident
-    size over ``max_gib`` (killed: the machine is shared; the error names the phase it
-    was in) or a crash is the row's ``error``.  Output goes to files: a pipe nobody
-    reads would block a chatty child."""
+    """Run ``cmd`` (prints its row so far after each phase, the whole row last) and return
+    its row; a timeout, a resident size over ``max_gib`` (killed: the machine is shared)
+    or a crash is the row's ``error``, naming the phase it was in, and the phases done
+    before it keep their figures.  Output goes to files: a pipe nobody reads would block
+    a chatty child."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
         start, peak, why = time.monotonic(), 0.0, None
@@ -292,18 +294,21 @@ def _child(cmd: list[str], timeout: float, max_gib: float) -> dict:
                 why = f"killed at {peak:.1f} GiB resident (limit {max_gib:g} GiB)"
             if why:
                 proc.kill()
-                proc.wait()
-                err.seek(0)
-                phases = [line.split()[1] for line in err if line.startswith("phase ")]
-                return {"error": why + (f" in phase {phases[-1]}" if phases else "")}
+                break
             time.sleep(0.5)
+        proc.wait()
         out.seek(0)
         err.seek(0)
-        lines = out.read().strip().splitlines()
-        if proc.returncode or not lines:
-            tail = err.read().strip().splitlines()
-            return {"error": f"exit {proc.returncode}: {tail[-1] if tail else '?'}"}
-        return json.loads(lines[-1])
+        rows = [line for line in out.read().splitlines() if line.startswith("{")]
+        row = json.loads(rows[-1]) if rows else {}
+        if why is None and proc.returncode == 0 and rows:
+            return row
+        tail = err.read().strip().splitlines()
+        phases = [line.split()[1] for line in tail if line.startswith("phase ")]
+        if why is None:
+            why = ("killed by signal 9 (the kernel's OOM killer? see dmesg)" if proc.returncode == -9 else
+                   f"exit {proc.returncode}: {tail[-1] if tail else '?'}")
+        return {**row, "error": why + (f" in phase {phases[-1]}" if phases else "")}
 
 
 def _table(rows: list[dict], tp_rows: list[dict], argv: list[str], tp_timeout: float, max_gib: float) -> str:
