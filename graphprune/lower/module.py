@@ -98,8 +98,9 @@ def shrunk_copy(model: nn.Module, ir: Graph, plan: CompactPlan,
             if d == 0 and t.dim() == 1:
                 rms.extend((path, t.shape[0], len(idx)) for path, _, _ in holders)
             t = t.index_select(d, idx.to(t.device))
-        memo[id(held)] = nn.Parameter(t.clone(), requires_grad=held.requires_grad) if isinstance(held, nn.Parameter) \
-            else t.clone()
+        # every sliced tensor went through index_select, which copies: no clone (a second
+        # copy of each of Phi-3-mini's MLP matrices took 8 s)
+        memo[id(held)] = nn.Parameter(t, requires_grad=held.requires_grad) if isinstance(held, nn.Parameter) else t
         out.layers.update(path for path, _, _ in holders)
     for name, t in tensors.items():  # weights given other than the module's own (a verification's copy)
         if name in owners and id(held := getattr(owners[name][0][1], owners[name][0][2])) not in memo \
