@@ -461,8 +461,9 @@ def theirs_limited(method: str, task: Task, full: float, ratio: float, timeout: 
 
 
 def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_timeout: float,
-          hesso_steps: int) -> list[str]:
-    """Table rows of one model: dense, then per MACs reduction every method."""
+          hesso_steps: int, emit: Callable[[list[str]], None]) -> list[str]:
+    """Table rows of one model: dense, then per MACs reduction every method; ``emit`` gets
+    the rows so far after each one (a partial table survives an interrupted run)."""
     base = task.dense
     full = macs(task, base)
     name = task.name
@@ -473,6 +474,7 @@ def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_t
 
     rows = [f"{name:9s} {'dense':>5s} {'dense':26s} {'':>6s} {cell(base):>20s}"]
     print(rows[-1], flush=True)
+    emit(rows)
     mine = Ours(task)
     calibrated = calibrated_criteria()
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in base.modules())
@@ -483,6 +485,7 @@ def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_t
         got_s = f"{got:>6.1%}" if got is not None else f"{'-':>6s}"
         rows.append(f"{name:9s} {ratio:>5.0%} {method:26s} {got_s} " + " ".join(f"{c:>20s}" for c in cells) + note)
         print(rows[-1], flush=True)
+        emit(rows)
 
     for ratio in ratios:
         target = gp.Target(flops=ratio)
@@ -569,9 +572,9 @@ def per_model(spec: str, names: list[str], default: int | None) -> dict[str, int
     return out
 
 
-def run_model(name: str, ratios: list[float], recover_steps: int, hesso_steps: int | None, alloc: bool,
-              tp_timeout: float) -> tuple[str, list[str]]:
-    """One model's header line and table rows."""
+def run_model(emit: Callable[[str, list[str]], None], name: str, ratios: list[float], recover_steps: int,
+              hesso_steps: int | None, alloc: bool, tp_timeout: float) -> None:
+    """One model's header line and table rows, given to ``emit`` as they grow."""
     t0 = time.perf_counter()
     task = TASKS[name]()
     steps = hesso_steps or task.train_steps
@@ -580,15 +583,17 @@ def run_model(name: str, ratios: list[float], recover_steps: int, hesso_steps: i
             f"({task.recover_options.get('loss', 'mse')} distillation); HESSO: {task.train_recipe}; "
             f"HESSO ran {steps} steps{short}")
     print(line, flush=True)
-    rows = sweep(task, ratios, recover_steps, alloc, tp_timeout, steps)
+    sweep(task, ratios, recover_steps, alloc, tp_timeout, steps, lambda rows: emit(line, rows))
     print(f"# {name}: {time.perf_counter() - t0:.0f}s", flush=True)
-    return line, rows
 
 
 def _run_to_file(out: str, *args: Any) -> None:
-    result = run_model(*args)
-    torch.save(result, out + ".tmp")
-    os.replace(out + ".tmp", out)
+    """A worker: :func:`run_model`, its rows saved to ``out`` as they grow."""
+    def save(line: str, rows: list[str]) -> None:
+        torch.save((line, rows), out + ".tmp")
+        os.replace(out + ".tmp", out)
+
+    run_model(save, *args)
 
 
 def main() -> None:
@@ -638,8 +643,11 @@ def main() -> None:
     args = {n: (n, ratios, recover[n], hesso_steps[n], a.alloc, a.tp_timeout) for n in names}
     if a.jobs <= 1:
         for n in names:
-            done[n] = run_model(*args[n])
-            write()
+            def emit(line: str, rows: list[str], n: str = n) -> None:
+                done[n] = (line, list(rows))
+                write()
+
+            run_model(emit, *args[n])
     else:  # forked workers (not a Pool: a worker forks again for Torch-Pruning's time limit)
         import multiprocessing
 
@@ -652,19 +660,22 @@ def main() -> None:
                 running[n] = multiprocessing.get_context("fork").Process(target=_run_to_file,
                                                                          args=(files[n], *args[n]))
                 running[n].start()
-            time.sleep(2)
+            time.sleep(5)
             for n, proc in list(running.items()):
-                if proc.is_alive():
+                alive = proc.is_alive()  # before reading: a finished worker's file is final
+                if os.path.exists(files[n]):
+                    done[n] = torch.load(files[n])
+                if alive:
                     continue
                 del running[n]
-                if proc.exitcode:
-                    done[n] = (f"# {n}: the sweep failed (exit {proc.exitcode}; traceback above)", [])
-                else:
-                    done[n] = torch.load(files[n])
+                if os.path.exists(files[n]):
                     os.unlink(files[n])
-                write()
-    print("\n".join(header + [done[n][0] for n in names] + table + [r for n in names for r in done[n][1]]),
-          flush=True)
+                if proc.exitcode:
+                    line, rows = done.get(n, (f"# {n}", []))
+                    done[n] = (line + f"; the sweep failed (exit {proc.exitcode}; traceback in the log)", rows)
+            write()
+    print("\n".join(header + [done[n][0] for n in names if n in done] + table
+                    + [r for n in names if n in done for r in done[n][1]]), flush=True)
 
 
 if __name__ == "__main__":
