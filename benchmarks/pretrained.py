@@ -462,26 +462,29 @@ def theirs_limited(method: str, task: Task, full: float, ratio: float, timeout: 
     return saved["model"], saved["got"]
 
 
+def cell(task: Task, model: nn.Module) -> str:
+    """The task metric of ``model`` and its detail, as a table cell."""
+    extra = task.detail(model)
+    return f"{task.metric(model):.3f}" + (f" ({extra})" if extra else "")
+
+
+def dense_row(task: Task) -> str:
+    return f"{task.name:9s} {'dense':>5s} {'dense':26s} {'':>6s} {cell(task, task.dense):>20s}"
+
+
 def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_timeout: float,
-          hesso_steps: int, emit: Callable[[list[str]], None]) -> list[str]:
-    """Table rows of one model: dense, then per MACs reduction every method; ``emit`` gets
-    the rows so far after each one (a partial table survives an interrupted run)."""
+          hesso_steps: int, emit: Callable[[list[str]], None], tp_broken: str | None = None) -> list[str]:
+    """Table rows of one model, per MACs reduction every method; ``emit`` gets the rows so
+    far after each one (a partial table survives an interrupted run).  ``tp_broken``: why
+    Torch-Pruning is not tried (a failure every try would repeat)."""
     base = task.dense
     full = macs(task, base)
     name = task.name
-
-    def cell(model: nn.Module) -> str:
-        extra = task.detail(model)
-        return f"{task.metric(model):.3f}" + (f" ({extra})" if extra else "")
-
-    rows = [f"{name:9s} {'dense':>5s} {'dense':26s} {'':>6s} {cell(base):>20s}"]
-    print(rows[-1], flush=True)
-    emit(rows)
+    rows: list[str] = []
     mine = Ours(task)
     calibrated = calibrated_criteria()
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in base.modules())
     methods = [c for c in criteria() if c != "bn_scale" or has_bn]
-    tp_broken: str | None = None  # a Torch-Pruning failure that every later try would repeat
 
     def row(method: str, ratio: float, got: float | None, cells: list[str], note: str = "") -> None:
         got_s = f"{got:>6.1%}" if got is not None else f"{'-':>6s}"
@@ -501,14 +504,14 @@ def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_t
                     row(c, ratio, None, [f"n/a ({type(exc).__name__})"])
                     continue
                 pruned = None
-            cells = [cell(pruned) if pruned is not None else "- (needs data)"]
+            cells = [cell(task, pruned) if pruned is not None else "- (needs data)"]
             if c in calibrated:
                 calib = mine(c, target, task.unlabeled)
                 if pruned is None:
                     pruned = calib
-                cells.append(cell(calib))
+                cells.append(cell(task, calib))
                 gp.recover(calib, base, task.unlabeled, steps=recover_steps, **task.recover_options)  # in place
-                cells.append(cell(calib))
+                cells.append(cell(task, calib))
             else:
                 cells += ["-"] * 2
             got = 1 - macs(task, pruned) / full
@@ -524,7 +527,7 @@ def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_t
                 pruned, got = (theirs_limited(method, task, full, ratio, tp_timeout) if task.tp_subprocess
                                else theirs_at(method, task, full, ratio))
             except TimeoutError as exc:
-                tp_broken = "timeout"
+                tp_broken = f"timeout ({tp_timeout:.0f} s)"
                 print(f"    Torch-Pruning on {name}: {exc}; not retried", flush=True)
                 row(label, ratio, None, [tp_broken])
                 continue
@@ -532,7 +535,7 @@ def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_t
                 row(label, ratio, None, [f"n/a ({type(exc).__name__})"])
                 print(f"    {method}: {exc}", flush=True)
                 continue
-            row(label, ratio, got, [cell(pruned), "-", "-"])
+            row(label, ratio, got, [cell(task, pruned), "-", "-"])
             print(f"    ({time.perf_counter() - t0:.0f}s)", flush=True)
         t0 = time.perf_counter()
         try:
@@ -543,7 +546,7 @@ def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_t
         else:
             got = 1 - macs(task, pruned) / full
             miss = f"  (missed the {ratio:.0%} target by {abs(got - ratio):.1%})" if abs(got - ratio) > 0.02 else ""
-            row("HESSO (full training)", ratio, got, [cell(pruned), "-", "-"], note=miss)
+            row("HESSO (full training)", ratio, got, [cell(task, pruned), "-", "-"], note=miss)
             print(f"    ({time.perf_counter() - t0:.0f}s)", flush=True)
         if alloc:  # the allocation rules before issue 19 and the variants the defaults were chosen from
             for c in ("obspa", "l1", "l2"):
@@ -558,7 +561,7 @@ def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_t
                     except Exception as exc:
                         row(f"{c} {label}", ratio, None, [f"n/a ({type(exc).__name__})"])
                         continue
-                    row(f"{c} {label}", ratio, 1 - macs(task, pruned) / full, [cell(pruned)])
+                    row(f"{c} {label}", ratio, 1 - macs(task, pruned) / full, [cell(task, pruned)])
     return rows
 
 
@@ -574,28 +577,38 @@ def per_model(spec: str, names: list[str], default: int | None) -> dict[str, int
     return out
 
 
-def run_model(emit: Callable[[str, list[str]], None], name: str, ratios: list[float], recover_steps: int,
-              hesso_steps: int | None, alloc: bool, tp_timeout: float) -> None:
-    """One model's header line and table rows, given to ``emit`` as they grow."""
-    t0 = time.perf_counter()
-    task = TASKS[name]()
-    steps = hesso_steps or task.train_steps
-    short = f" (the pretraining's {task.train_steps} cut to {steps} to fit the run)" if steps != task.train_steps else ""
-    line = (f"# {name}: {task.metric_name}; calibration: {task.calibration_note}; recovery: {recover_steps} steps "
-            f"({task.recover_options.get('loss', 'mse')} distillation); HESSO: {task.train_recipe}; "
-            f"HESSO ran {steps} steps{short}")
-    print(line, flush=True)
-    sweep(task, ratios, recover_steps, alloc, tp_timeout, steps, lambda rows: emit(line, rows))
-    print(f"# {name}: {time.perf_counter() - t0:.0f}s", flush=True)
+def model_line(task: Task, recover_steps: int, hesso_steps: int) -> str:
+    """The header line that states what one model's rows measured."""
+    short = (f" (the pretraining's {task.train_steps} cut to {hesso_steps} to fit the run)"
+             if hesso_steps != task.train_steps else "")
+    return (f"# {task.name}: {task.metric_name}; calibration: {task.calibration_note}; recovery: {recover_steps} "
+            f"steps ({task.recover_options.get('loss', 'mse')} distillation); HESSO: {task.train_recipe}; "
+            f"HESSO ran {hesso_steps} steps{short}")
 
 
-def _run_to_file(out: str, *args: Any) -> None:
-    """A worker: :func:`run_model`, its rows saved to ``out`` as they grow."""
-    def save(line: str, rows: list[str]) -> None:
-        torch.save((line, rows), out + ".tmp")
+def probe_tp(task: Task, ratio: float, timeout: float) -> str | None:
+    """For a task whose Torch-Pruning runs under a time limit: one try before the ratios are
+    swept side by side, so a graph build that never finishes costs one timeout, not one per
+    ratio.  Returns the cell every Torch-Pruning row then shows, or None (it ran)."""
+    if not task.tp_subprocess:
+        return None
+    try:
+        theirs_limited(task.tp_methods[0], task, macs(task, task.dense), ratio, timeout)
+    except TimeoutError as exc:
+        print(f"    Torch-Pruning on {task.name}: {exc}; not tried again", flush=True)
+        return f"timeout ({timeout:.0f} s)"
+    except Exception:  # noqa: BLE001  (the rows say n/a with the exception type, each on its own)
+        return None
+    return None
+
+
+def _unit_to_file(out: str, task: Task, ratio: float, *args: Any, tp_broken: str | None = None) -> None:
+    """A worker: one model at one ratio, its rows saved to ``out`` as they grow."""
+    def save(rows: list[str]) -> None:
+        torch.save(list(rows), out + ".tmp")
         os.replace(out + ".tmp", out)
 
-    run_model(save, *args)
+    sweep(task, [ratio], *args, save, tp_broken=tp_broken)
 
 
 def main() -> None:
@@ -610,7 +623,8 @@ def main() -> None:
                     help="also the allocation variants (floor, multiple, normalisation)")
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per model")
-    ap.add_argument("--jobs", type=int, default=1, help="models swept at once, each in its own process")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="(model, ratio) sweeps run at once, each in a forked process; in the order given")
     ap.add_argument("--out", default=None, help="also write the table here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -642,43 +656,68 @@ def main() -> None:
             atomic_write_text(a.out, "\n".join(header + [done[n][0] for n in got] + table
                                                + [r for n in got for r in done[n][1]]) + "\n")
 
-    args = {n: (n, ratios, recover[n], hesso_steps[n], a.alloc, a.tp_timeout) for n in names}
+    tasks: dict[str, Task] = {}
+    parts: dict[tuple[str, float], list[str]] = {}  # rows of each model at each ratio
+
+    def load(n: str) -> Task:
+        if n not in tasks:
+            t0 = time.perf_counter()
+            tasks[n] = TASKS[n]()
+            steps = hesso_steps[n] or tasks[n].train_steps
+            done[n] = (model_line(tasks[n], recover[n], steps), [dense_row(tasks[n])])
+            print(f"{done[n][0]}\n{done[n][1][0]}\n    ({time.perf_counter() - t0:.0f}s to load)", flush=True)
+        return tasks[n]
+
+    def update(n: str, ratio: float, rows: list[str]) -> None:
+        parts[(n, ratio)] = list(rows)
+        line, old = done[n]
+        done[n] = (line, old[:1] + [r for q in sorted(ratios) for r in parts.get((n, q), [])])
+        write()
+
+    def options(n: str) -> tuple:
+        return recover[n], a.alloc, a.tp_timeout, hesso_steps[n] or tasks[n].train_steps
+
     if a.jobs <= 1:
         for n in names:
-            def emit(line: str, rows: list[str], n: str = n) -> None:
-                done[n] = (line, list(rows))
-                write()
-
-            run_model(emit, *args[n])
-    else:  # forked workers (not a Pool: a worker forks again for Torch-Pruning's time limit)
-        import multiprocessing
+            task = load(n)
+            broken = probe_tp(task, ratios[0], a.tp_timeout)
+            for ratio in ratios:
+                sweep(task, [ratio], *options(n), lambda rows, n=n, ratio=ratio: update(n, ratio, rows),
+                      tp_broken=broken)
+    else:  # forked workers, one per model and ratio, which inherit the loaded task (not a Pool:
+        import multiprocessing  # a worker forks again for Torch-Pruning's time limit)
 
         CACHE.mkdir(parents=True, exist_ok=True)
-        files = {n: str(CACHE / f"rows-{n}-{os.getpid()}.pt") for n in names}
-        waiting, running = list(names), {}
+        waiting = [(n, r) for n in names for r in ratios]
+        running: dict[tuple[str, float], tuple[Any, str]] = {}
+        broken: dict[str, str | None] = {}
         while waiting or running:
             while waiting and len(running) < a.jobs:
-                n = waiting.pop(0)
-                running[n] = multiprocessing.get_context("fork").Process(target=_run_to_file,
-                                                                         args=(files[n], *args[n]))
-                running[n].start()
+                n, ratio = unit = waiting.pop(0)
+                task = load(n)
+                if n not in broken:
+                    broken[n] = probe_tp(task, ratio, a.tp_timeout)
+                out = str(CACHE / f"rows-{n}-{ratio}-{os.getpid()}.pt")
+                proc = multiprocessing.get_context("fork").Process(
+                    target=_unit_to_file, args=(out, task, ratio, *options(n)), kwargs=dict(tp_broken=broken[n]))
+                proc.start()
+                running[unit] = (proc, out)
             time.sleep(5)
-            for n, proc in list(running.items()):
+            for (n, ratio), (proc, out) in list(running.items()):
                 alive = proc.is_alive()  # before reading: a finished worker's file is final
-                if os.path.exists(files[n]):
-                    done[n] = torch.load(files[n])
+                if os.path.exists(out):
+                    update(n, ratio, torch.load(out))
                 if alive:
                     continue
-                del running[n]
-                if os.path.exists(files[n]):
-                    os.unlink(files[n])
+                del running[(n, ratio)]
+                if os.path.exists(out):
+                    os.unlink(out)
                 if proc.exitcode:
-                    line, rows = done.get(n, (f"# {n}", []))
-                    done[n] = (line + f"; the sweep failed (exit {proc.exitcode}; traceback in the log)", rows)
-            write()
+                    update(n, ratio, parts.get((n, ratio), []) + [
+                        f"{n:9s} {ratio:>5.0%} the sweep failed (exit {proc.exitcode}; traceback in the log)"])
+    write()
     print("\n".join(header + [done[n][0] for n in names if n in done] + table
                     + [r for n in names if n in done for r in done[n][1]]), flush=True)
-
 
 if __name__ == "__main__":
     main()
