@@ -120,9 +120,13 @@ def theirs(method: str, base: nn.Module, ratio: float, ex: torch.Tensor, calib) 
     return model.eval()
 
 
-def at_flops(make: Callable[[float], nn.Module], full: float, ratio: float, ex: torch.Tensor,
-             steps: int = 8, tol: float = 0.01) -> tuple[nn.Module, float]:
+def at_flops(make: Callable[[float], nn.Module], full: float, ratio: float, ex: torch.Tensor | None,
+             steps: int = 8, tol: float = 0.01,
+             measure: Callable[[nn.Module], float] | None = None) -> tuple[nn.Module, float]:
     """Search a method's knob until the measured FLOPs reduction lands in ``[ratio, ratio + tol)``.
+
+    The reduction is ``1 - macs(model, ex) / full``, or ``measure(model)`` for models that do
+    not take one tensor (a language model reads keyword ids).
 
     The first try is the ratio itself; then regula falsi between the closest tries
     below and above (bisection while only one side is known).  The result is the try
@@ -133,7 +137,7 @@ def at_flops(make: Callable[[float], nn.Module], full: float, ratio: float, ex: 
     for _ in range(steps):
         try:
             model = make(knob)
-            got = 1 - macs(model, ex) / full
+            got = measure(model) if measure is not None else 1 - macs(model, ex) / full
         except UnprunableTargetError:  # past what the guards allow: too far
             hi, got = (knob, None), None
         if got is not None and got >= ratio:

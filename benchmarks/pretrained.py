@@ -1,7 +1,8 @@
-"""Pruning a *pretrained* model with no training set: every criterion against Torch-Pruning.
+"""Pruning a *pretrained* model with no training set: every criterion against Torch-Pruning,
+with HESSO's full training as the ceiling.
 
-Not run in CI.  ``nice python benchmarks/pretrained.py [--models resnet20,vit] [--ratios 0.1,0.2,0.3,0.5]
-[--out benchmarks/results/pretrained.txt]``
+Not run in CI.  ``nice python benchmarks/pretrained.py [--models resnet20,vit,textlm]
+[--ratios 0.1,0.2,0.3,0.5] [--out benchmarks/results/pretrained.txt]``
 
 Issue 19's user holds a trained model and at most some unlabeled inputs.  This script
 first trains, here on CPU, models that are genuinely good at their task (cached under
@@ -13,18 +14,34 @@ first trains, here on CPU, models that are genuinely good at their task (cached 
   4 heads of 24, MLP 192);
 
 both trained with random affine augmentation (rotation, shift, scale) on the fixed
-1297-image split of ``benchmarks/digits.py`` and scored on its 500 held-out digits.
+1297-image split of ``benchmarks/digits.py`` and scored by accuracy on its 500 held-out
+digits; and
+
+* ``textlm``: the small Llama (grouped-query attention) of ``benchmarks/textlm.py``,
+  trained on docstrings of installed packages, scored by next-token accuracy on held-out
+  documents (its perplexity is printed beside it).  Only its attention heads (KV groups)
+  and MLP units are pruned, by every method: the hidden width stays, as Torch-Pruning's
+  LLM settings keep it.
+
+Each model is a :class:`Task`: its metric, example input, calibration batches, labelled
+batches, loss and training recipe; the sweep knows nothing else about it.
+
 Then, for each model and each MACs reduction, every criterion that ``gp.prune`` lists at
 run time (``graphprune.optim.scoring.CRITERIA``: criteria added later appear without an
 edit here) and Torch-Pruning's importances prune a copy of the dense model to the same
 *measured* MACs (PyTorch's ``FlopCounterMode``; each method's knob is searched as in
-``benchmarks/one_shot.py``).  The score is test accuracy with no fine-tuning.  Gradient
-criteria (ours and Torch-Pruning's Taylor) see 4 labelled batches of 64 training digits,
-which is more than issue 19's user has; they are marked ``(labels)``.
+``benchmarks/one_shot.py``).  The score is the task metric (higher is better), not
+agreement with the dense model.  Gradient criteria (ours and Torch-Pruning's Taylor) see
+4 labelled batches, which is more than issue 19's user has; they are marked ``(labels)``.
+Column "calibration" is graphprune's calibrated criteria (``gp.prune(..., data=unlabeled)``
+with the criteria that declare they read unlabeled inputs), "calib+recovery" the same
+followed by ``gp.recover`` (distillation from the dense model on the same inputs).
 
-Columns "calibration" and "calib+recovery" are filled once graphprune has calibrated
-criteria (``gp.prune(..., data=unlabeled)`` with a criterion that declares it reads
-unlabeled inputs) and a recovery function; until then they print ``n/a (not built)``.
+The "HESSO (full training)" row is the ceiling: graphprune's HESSO starts from the dense
+weights (the user's situation) and trains toward ``Target(flops=ratio)`` with every
+label, for as many steps as the model's pretraining and with its recipe (optimizer,
+schedule, augmentation, loss); then its compact model is measured like every other row.
+A HESSO row whose measured MACs miss the target by more than 2 points says so.
 
 ``--alloc`` also prints, for the data-free criteria obspa, l1 and l2, the accuracy under
 the allocation rules before issue 19 (no floor, no multiple), with the quarter floor, with
@@ -40,18 +57,21 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits import Attention, Block, batches, digits_split  # noqa: E402
-from one_shot import at_flops, macs  # noqa: E402
+from digits import Attention, Block, attention_heads, batches, digits_split, head_layer  # noqa: E402
+from one_shot import at_flops  # noqa: E402
 
 import graphprune as gp  # noqa: E402
 from graphprune.errors import GraphPruneError  # noqa: E402
+from graphprune.optim import HESSO  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"
@@ -98,8 +118,9 @@ class ViT(nn.Module):
         return self.head(self.norm(h).mean(dim=1))
 
 
+
 # name -> (factory, image side, training epochs, peak learning rate)
-MODELS = {"resnet20": (ResNet20, 32, 8, 3e-3), "vit": (ViT, 16, 30, 2e-3)}
+DIGIT_MODELS = {"resnet20": (ResNet20, 32, 8, 3e-3), "vit": (ViT, 16, 30, 2e-3)}
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -120,9 +141,32 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float(torch.cat([model(x[i:i + 250]).argmax(1) for i in range(0, len(x), 250)]).eq(y).float().mean())
 
 
+def digit_steps(name: str) -> int:
+    """Optimizer steps of a digits model's pretraining (epochs of the 1297 training digits)."""
+    return DIGIT_MODELS[name][2] * math.ceil(1297 / BATCH)
+
+
+def digit_recipe(name: str, model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int
+                 ) -> Iterator[torch.Tensor]:
+    """The digits pretraining recipe on ``opt``: one-cycle schedule (set here), augmented
+    batches, label-smoothed cross-entropy.  Yields each step's loss, backward already done;
+    the caller steps the optimizer."""
+    lr = DIGIT_MODELS[name][3]
+    xtr, ytr = digits_split(DIGIT_MODELS[name][1])[:2]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for x, y in batches(xtr, ytr, steps, BATCH, seed):
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(augment(x, gen)), y, label_smoothing=0.1)
+        loss.backward()
+        yield loss
+        sched.step()
+
+
 def pretrained(name: str, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """The trained dense model (from the cache, else trained now and cached) and its data split."""
-    factory, side, epochs, lr = MODELS[name]
+    """The trained dense digits model (from the cache, else trained now and cached) and its data split."""
+    factory, side, epochs, lr = DIGIT_MODELS[name]
     data = digits_split(side)
     torch.manual_seed(seed)
     model = factory()
@@ -130,22 +174,14 @@ def pretrained(name: str, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor,
     if path.exists():
         model.load_state_dict(torch.load(path))
         return model.eval(), data
-    xtr, ytr = data[0], data[1]
-    steps = epochs * math.ceil(len(ytr) / BATCH)
+    steps = digit_steps(name)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    model.train()
-    for step, (x, y) in enumerate(batches(xtr, ytr, steps, BATCH, seed)):
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(augment(x, gen)), y, label_smoothing=0.1).backward()
+    for step, _ in enumerate(digit_recipe(name, model, opt, steps, seed)):
         opt.step()
-        sched.step()
         if (step + 1) % (steps // 10) == 0:
             print(f"  {name} step {step + 1}/{steps} test acc {accuracy(model, data[2], data[3]):.3f} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
-            model.train()
     model.eval()
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -154,12 +190,165 @@ def pretrained(name: str, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor,
     return model, data
 
 
+# ---------------------------------------------------------------------------- tasks
+@dataclass
+class Task:
+    """One pretrained model and everything the sweep needs of it, so the sweep has no
+    per-model branches.
+
+    ``forward(model, x)`` is the model's task output (logits) for one input batch, used
+    for counting MACs on ``macs_input``; ``metric`` is the task score (higher is better),
+    ``detail`` an extra figure printed beside it; ``loss(output, y)`` reads what the
+    model returns for the gradient criteria's ``labelled`` pairs; ``unlabeled`` are the
+    calibration batches; ``train(model, opt, steps, seed)`` runs the pretraining recipe on
+    ``opt`` (yielding each step's loss, gradients ready), and ``train_steps`` is the
+    pretraining's length; ``tp_config(model)`` gives Torch-Pruning's keyword arguments, and
+    ``tp_subprocess`` runs it in a subprocess under a time limit (its graph build may hang)."""
+
+    name: str
+    dense: nn.Module
+    trace: dict[str, Any]
+    forward: Callable[[nn.Module, Any], torch.Tensor]
+    macs_input: Any
+    metric_name: str
+    metric: Callable[[nn.Module], float]
+    loss: Callable[[Any, torch.Tensor], torch.Tensor]
+    labelled: list[tuple[Any, torch.Tensor]]
+    unlabeled: list[Any]
+    train: Callable[[nn.Module, torch.optim.Optimizer, int, int], Iterator[torch.Tensor]]
+    train_steps: int
+    train_recipe: str
+    hesso_options: dict[str, Any]
+    tp_config: Callable[[nn.Module], dict[str, Any]]
+    tp_methods: list[str]
+    detail: Callable[[nn.Module], str] = lambda model: ""
+    keep_group: Callable[[Any], bool] = lambda grp: True
+    compact_mode: str = "graph"
+    tp_subprocess: bool = False
+    recover_options: dict[str, Any] = field(default_factory=dict)
+    calibration_note: str = ""
+
+
+def digits_task(name: str) -> Task:
+    """A digits classifier: test accuracy, 256 training digits as calibration and labelled data."""
+    base, (xtr, ytr, xte, yte) = pretrained(name)
+    side = DIGIT_MODELS[name][1]
+    ex = torch.zeros(2, 1, side, side)
+    gen = torch.Generator().manual_seed(100)
+    pick = torch.randperm(len(ytr), generator=gen)[:256]
+    labelled = [(xtr[pick[i:i + 64]], ytr[pick[i:i + 64]]) for i in range(0, 256, 64)]
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in base.modules())
+    epochs, lr = DIGIT_MODELS[name][2:]
+
+    def tp_config(model: nn.Module) -> dict[str, Any]:
+        return dict(ignored_layers=[head_layer(model)], num_heads=attention_heads(model), global_pruning=True)
+
+    return Task(
+        name=name, dense=base, trace=dict(example_inputs=(ex,)), forward=lambda m, x: m(x), macs_input=ex[:1],
+        metric_name="test accuracy on 500 held-out digits", metric=lambda m: accuracy(m, xte, yte),
+        loss=F.cross_entropy, labelled=labelled, unlabeled=[x for x, _ in labelled],
+        train=lambda m, opt, steps, seed: digit_recipe(name, m, opt, steps, seed), train_steps=digit_steps(name),
+        train_recipe=f"{epochs} epochs = {digit_steps(name)} steps of 64 augmented digits, AdamW (wd 0.05), "
+                     f"one-cycle to lr {lr:g}, label smoothing 0.1",
+        hesso_options=dict(lr=lr, variant="adamw", weight_decay=0.05),
+        tp_config=tp_config, tp_methods=["tp-l1", "tp-l2", "tp-taylor"] + (["tp-bnscale"] if has_bn else []),
+        calibration_note="256 unlabeled training digits (4 batches of 64)")
+
+
+#: textlm's sizes here: 128 calibration windows (issue 19); 64 held-out windows scored, spread evenly
+#: over the held-out documents (8k tokens: every cell is two passes over them, on CPU)
+LM_CALIBRATION, LM_HELDOUT = 128, 64
+
+
+def textlm_task() -> Task:
+    """textlm's Llama: held-out next-token accuracy; calibration windows of training text;
+    its own text as the labels (next tokens) of the gradient criteria and of HESSO."""
+    import textlm
+
+    dense, data = textlm.load()
+    dense.config.use_cache = False
+    every = data.heldout_windows()
+    held = every[::max(1, len(every) // LM_HELDOUT)][:LM_HELDOUT]
+    calib = textlm.calibration(LM_CALIBRATION, textlm.SEQ)
+    train_cfg = textlm.TRAIN
+
+    def logits(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return m(input_ids=ids, use_cache=False).logits
+
+    def lm_loss(out: Any, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy of a forward's output on the ids it read (labels are the ids)."""
+        lg = out.logits if hasattr(out, "logits") else out
+        return F.cross_entropy(lg[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    def recipe(m: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> Iterator[torch.Tensor]:
+        """textlm's pretraining recipe: random windows of the training stream, linear warm-up
+        then cosine to a tenth, gradient clipping."""
+        gen = torch.Generator().manual_seed(seed)
+        cfg = dict(train_cfg, steps=steps, warmup=max(1, train_cfg["warmup"] * steps // train_cfg["steps"]))
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = textlm._lr(step, cfg)
+            start = torch.randint(0, len(data.train) - textlm.SEQ - 1, (cfg["batch"],), generator=gen)
+            ids = torch.stack([data.train[s:s + textlm.SEQ] for s in start.tolist()])
+            m.train()
+            opt.zero_grad(set_to_none=True)
+            loss = lm_loss(logits(m, ids), ids)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), cfg["clip"])
+            yield loss
+
+    def tp_config(model: nn.Module) -> dict[str, Any]:
+        """Torch-Pruning's LLM settings: heads per q/k/v projection, whole heads removed at the
+        same ratio as channels, per-layer (not global) ranking, the hidden width kept."""
+        cfg = model.config
+        num_heads, ignored = {}, [model.lm_head, model.model.embed_tokens]
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            num_heads[attn.q_proj] = cfg.num_attention_heads
+            num_heads[attn.k_proj] = num_heads[attn.v_proj] = cfg.num_key_value_heads
+            ignored += [attn.o_proj, layer.mlp.down_proj]
+        return dict(ignored_layers=ignored, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+                    head_pruning_ratio_same=True, global_pruning=False, output_transform=lambda out: out.logits)
+
+    ids = textlm.example_input(textlm.SEQ)["input_ids"]
+    return Task(
+        name="textlm", dense=dense, trace=dict(example_kwargs=textlm.example_input(textlm.SEQ)), forward=logits,
+        macs_input=ids, metric_name=f"next-token accuracy on {held.numel()} held-out tokens "
+                                    f"({len(held)} windows of {textlm.SEQ})",
+        metric=lambda m: textlm.next_token_accuracy(m, held), detail=lambda m: f"ppl {textlm.perplexity(m, held):.1f}",
+        loss=lm_loss, labelled=[(b, b) for b in calib[:4]], unlabeled=calib,
+        train=recipe, train_steps=train_cfg["steps"],
+        train_recipe=f"{train_cfg['steps']} steps of {train_cfg['batch']} windows of {textlm.SEQ} tokens, AdamW "
+                     f"(wd {train_cfg['weight_decay']}), warm-up then cosine from lr {train_cfg['lr']:g}, clip "
+                     f"{train_cfg['clip']}",
+        hesso_options=dict(lr=train_cfg["lr"], variant="adamw", weight_decay=train_cfg["weight_decay"],
+                           betas=(0.9, 0.95)),
+        tp_config=tp_config, tp_methods=["tp-l1", "tp-l2", "tp-taylor"],
+        keep_group=lambda grp: grp.kind == "head" or ".mlp." in grp.name, compact_mode="module", tp_subprocess=True,
+        recover_options=dict(loss="kl"),
+        calibration_note=f"{LM_CALIBRATION} unlabeled training windows of {textlm.SEQ} tokens")
+
+
+TASKS: dict[str, Callable[[], Task]] = {"resnet20": lambda: digits_task("resnet20"),
+                                        "vit": lambda: digits_task("vit"), "textlm": textlm_task}
+
+
+def macs(task: Task, model: nn.Module) -> float:
+    """Multiply-accumulates of the task's one-sample input by PyTorch's own FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        task.forward(model, task.macs_input)
+    return counter.get_total_flops() / 2
+
+
 # ---------------------------------------------------------------------------- pruning
 def calibrated_criteria() -> tuple[str, ...]:
-    """Criteria that read unlabeled calibration inputs, as graphprune declares them (none before issue 19's item 1)."""
-    from graphprune.optim import scoring
+    """Criteria that read unlabeled calibration inputs, as graphprune declares them."""
+    from graphprune.optim.scoring import CALIBRATED
 
-    return tuple(getattr(scoring, "CALIBRATED", ()))
+    return tuple(CALIBRATED)
 
 
 def criteria() -> list[str]:
@@ -172,103 +361,193 @@ def criteria() -> list[str]:
 LABELLED = ("taylor", "hessian")  # read labels through the loss: marked in the table
 
 
+def traced(task: Task) -> tuple[nn.Module, Any]:
+    """A copy of the dense model and its graph, offering only the task's groups."""
+    model = copy.deepcopy(task.dense).eval()
+    g = gp.trace(model, verify=False, **task.trace)
+    g.groups = [grp for grp in g.groups if task.keep_group(grp)]
+    return model, g
+
+
 class Ours:
     """graphprune on one traced copy of the dense model, its weights restored before each try."""
 
-    def __init__(self, base: nn.Module, ex: torch.Tensor) -> None:
-        self.base = base
-        self.model = copy.deepcopy(base).eval()
-        self.g = gp.trace(self.model, (ex,), verify=False)
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.model, self.g = traced(task)
         self.state = copy.deepcopy(self.model.state_dict())
 
     def __call__(self, criterion: str, target: gp.Target, data=None, **options) -> nn.Module:
         self.model.load_state_dict(self.state)
-        gp.prune(self.g, criterion, target, data=data, loss_fn=F.cross_entropy if data is not None else None,
+        gp.prune(self.g, criterion, target, data=data, loss_fn=self.task.loss if data is not None else None,
                  **options)
-        return self.g.construct_subnet()
+        return self.g.construct_subnet(mode=self.task.compact_mode).eval()
 
 
-def theirs(method: str, base: nn.Module, ratio: float, ex: torch.Tensor, labelled) -> nn.Module:
-    """Torch-Pruning's global pruning with one of its importances (the classifier kept)."""
+def hesso(task: Task, ratio: float, steps: int, seed: int = 0) -> nn.Module:
+    """The ceiling: HESSO from the dense weights toward ``ratio`` of the MACs, trained with
+    labels for ``steps`` (the pretraining's, unless a run cuts them) on the pretraining's
+    recipe: warm-up a tenth, pruning over half, in 10 periods, then the rest as fine-tuning
+    of the kept units."""
+    model, g = traced(task)
+    opt = HESSO(g, target=gp.Target(flops=ratio), warmup_steps=steps // 10, pruning_steps=steps // 2,
+                pruning_periods=10, groups=g.groups, **task.hesso_options)
+    for loss in task.train(model, opt, steps, seed):
+        opt.record_loss(loss)
+        opt.step()
+    model.eval()
+    return g.construct_subnet(mode=task.compact_mode).eval()
+
+
+def theirs(method: str, task: Task, ratio: float) -> nn.Module:
+    """Torch-Pruning with one of its importances at ``ratio``, configured by the task."""
     import torch_pruning as tp
 
-    from digits import attention_heads, head_layer
-
-    model = copy.deepcopy(base).eval()
+    model = copy.deepcopy(task.dense).eval()
     imp = {"tp-l1": lambda: tp.importance.MagnitudeImportance(p=1),
            "tp-l2": lambda: tp.importance.MagnitudeImportance(p=2),
            "tp-taylor": tp.importance.TaylorImportance,
            "tp-bnscale": tp.importance.BNScaleImportance}[method]()
-    pruner = tp.pruner.MetaPruner(model, ex, importance=imp, pruning_ratio=ratio, global_pruning=True,
-                                  ignored_layers=[head_layer(model)], num_heads=attention_heads(model))
+    config = task.tp_config(model)
+    if config.pop("head_pruning_ratio_same", False):
+        config["head_pruning_ratio"] = ratio
+    pruner = tp.pruner.MetaPruner(model, task.macs_input, importance=imp, pruning_ratio=ratio, **config)
     if method == "tp-taylor":
         model.zero_grad()
-        for x, y in labelled:
-            F.cross_entropy(model(x), y).backward()
+        for x, y in task.labelled:
+            task.loss(model(x), y).backward()
     pruner.step()
+    if hasattr(model, "config") and hasattr(model.config, "num_key_value_heads"):
+        for layer in model.model.layers:  # transformers' attention reads its head counts from these
+            attn = layer.self_attn
+            attn.num_heads = attn.q_proj.out_features // attn.head_dim
+            attn.num_key_value_heads = attn.k_proj.out_features // attn.head_dim
+            attn.num_key_value_groups = attn.num_heads // attn.num_key_value_heads
     return model.eval()
 
 
-def sweep(name: str, ratios: list[float], recover_steps: int, alloc: bool) -> list[str]:
-    """Table rows of one model: dense, then per MACs reduction every method."""
-    base, (xtr, ytr, xte, yte) = pretrained(name)
-    side = MODELS[name][1]
-    ex = torch.zeros(2, 1, side, side)
-    full = macs(base, ex)
-    dense = accuracy(base, xte, yte)
-    rows = [f"{name:9s} {'dense':>5s} {'dense':26s} {'':>6s} {dense:>9.3f}"]
-    print(rows[-1], flush=True)
-    gen = torch.Generator().manual_seed(100)
-    pick = torch.randperm(len(ytr), generator=gen)[:256]
-    labelled = [(xtr[pick[i:i + 64]], ytr[pick[i:i + 64]]) for i in range(0, 256, 64)]
-    unlabeled = [x for x, _ in labelled]
-    mine = Ours(base, ex)
-    calibrated = calibrated_criteria()
-    recover = getattr(gp, "recover", None)
-    methods = [c for c in criteria() if c != "bn_scale" or any(isinstance(m, nn.BatchNorm2d) for m in base.modules())]
-    tp_methods = ["tp-l1", "tp-l2", "tp-taylor"] + (["tp-bnscale"] if "bn_scale" in methods else [])
+def theirs_at(method: str, task: Task, full: float, ratio: float) -> tuple[nn.Module, float]:
+    """Torch-Pruning searched to ``ratio`` of the measured MACs."""
+    return at_flops(lambda r: theirs(method, task, r), full, ratio, None, steps=6, tol=0.02,
+                    measure=lambda m: 1 - macs(task, m) / full)
 
-    def row(method: str, ratio: float, got: float, cells: list[str]) -> None:
-        rows.append(f"{name:9s} {ratio:>5.0%} {method:26s} {got:>6.1%} " + " ".join(f"{c:>16s}" for c in cells))
+
+def _tp_child(method: str, task: Task, full: float, ratio: float, out: str) -> None:
+    """In a forked process: :func:`theirs_at`, the pruned model saved to ``out``."""
+    pruned, got = theirs_at(method, task, full, ratio)
+    tmp = out + ".tmp"
+    torch.save({"model": pruned, "got": got}, tmp)
+    os.replace(tmp, out)
+
+
+def theirs_limited(method: str, task: Task, full: float, ratio: float, timeout: float) -> tuple[nn.Module, float]:
+    """:func:`theirs_at` in a forked process (it inherits the loaded task) under ``timeout``
+    seconds, since Torch-Pruning's dependency graph can take very long on grouped-query
+    attention; raises ``TimeoutError`` saying so."""
+    import multiprocessing
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    out = CACHE / f"tp-{task.name}-{method}-{ratio}-{os.getpid()}.pt"
+    child = multiprocessing.get_context("fork").Process(target=_tp_child, args=(method, task, full, ratio, str(out)))
+    child.start()
+    child.join(timeout)
+    if child.is_alive():
+        child.terminate()
+        child.join()
+        raise TimeoutError(f"no result in {timeout:.0f} s")
+    if child.exitcode:
+        raise RuntimeError(f"the Torch-Pruning process exited with {child.exitcode} (its traceback is above)")
+    saved = torch.load(out, weights_only=False)
+    out.unlink()
+    return saved["model"], saved["got"]
+
+
+def cell(task: Task, model: nn.Module) -> str:
+    """The task metric of ``model`` and its detail, as a table cell."""
+    extra = task.detail(model)
+    return f"{task.metric(model):.3f}" + (f" ({extra})" if extra else "")
+
+
+def dense_row(task: Task) -> str:
+    return f"{task.name:9s} {'dense':>5s} {'dense':26s} {'':>6s} {cell(task, task.dense):>20s}"
+
+
+def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_timeout: float,
+          hesso_steps: int, emit: Callable[[list[str]], None], tp_broken: str | None = None) -> list[str]:
+    """Table rows of one model, per MACs reduction every method; ``emit`` gets the rows so
+    far after each one (a partial table survives an interrupted run).  ``tp_broken``: why
+    Torch-Pruning is not tried (a failure every try would repeat)."""
+    base = task.dense
+    full = macs(task, base)
+    name = task.name
+    rows: list[str] = []
+    mine = Ours(task)
+    calibrated = calibrated_criteria()
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in base.modules())
+    methods = [c for c in criteria() if c != "bn_scale" or has_bn]
+
+    def row(method: str, ratio: float, got: float | None, cells: list[str], note: str = "") -> None:
+        got_s = f"{got:>6.1%}" if got is not None else f"{'-':>6s}"
+        rows.append(f"{name:9s} {ratio:>5.0%} {method:26s} {got_s} " + " ".join(f"{c:>20s}" for c in cells) + note)
         print(rows[-1], flush=True)
+        emit(rows)
 
     for ratio in ratios:
         target = gp.Target(flops=ratio)
         for c in methods:
             t0 = time.perf_counter()
-            data = labelled if c in LABELLED else None
+            data = task.labelled if c in LABELLED else None
             try:
                 pruned = mine(c, target, data)
             except Exception as exc:  # a criterion that cannot run here is a result too
                 if c not in calibrated or not isinstance(exc, GraphPruneError):  # calibrated ones need data
-                    row(c, ratio, 0.0, [f"n/a ({type(exc).__name__})"])
+                    row(c, ratio, None, [f"n/a ({type(exc).__name__})"])
                     continue
                 pruned = None
-            cells = [f"{accuracy(pruned, xte, yte):.3f}" if pruned is not None else "- (needs data)"]
+            cells = [cell(task, pruned) if pruned is not None else "- (needs data)"]
             if c in calibrated:
-                calib = mine(c, target, unlabeled)
+                calib = mine(c, target, task.unlabeled)
                 if pruned is None:
                     pruned = calib
-                cells.append(f"{accuracy(calib, xte, yte):.3f}")
-                if recover is not None:
-                    recover(calib, base, unlabeled, steps=recover_steps)  # trains the module in place
-                    cells.append(f"{accuracy(calib, xte, yte):.3f}")
-                else:
-                    cells.append("n/a (not built)")
+                cells.append(cell(task, calib))
+                gp.recover(calib, base, task.unlabeled, steps=recover_steps, **task.recover_options)  # in place
+                cells.append(cell(task, calib))
             else:
-                cells += ["n/a (not built)" if not calibrated else "-"] * 2
-            got = 1 - macs(pruned, ex) / full
+                cells += ["-"] * 2
+            got = 1 - macs(task, pruned) / full
             row(c + (" (labels)" if c in LABELLED else ""), ratio, got, cells)
             print(f"    ({time.perf_counter() - t0:.0f}s)", flush=True)
-        for method in tp_methods:
-            try:
-                pruned, got = at_flops(lambda r: theirs(method, base, r, ex, labelled), full, ratio, ex, steps=6,
-                                       tol=0.02)
-            except Exception as exc:
-                row(method, ratio, 0.0, [f"n/a ({type(exc).__name__})"])
+        for method in task.tp_methods:
+            label = method + (" (labels)" if method == "tp-taylor" else "")
+            if tp_broken is not None:
+                row(label, ratio, None, [tp_broken])
                 continue
-            row(method + (" (labels)" if method == "tp-taylor" else ""), ratio, got,
-                [f"{accuracy(pruned, xte, yte):.3f}", "-", "-"])
+            t0 = time.perf_counter()
+            try:
+                pruned, got = (theirs_limited(method, task, full, ratio, tp_timeout) if task.tp_subprocess
+                               else theirs_at(method, task, full, ratio))
+            except TimeoutError as exc:
+                tp_broken = f"timeout ({tp_timeout:.0f} s)"
+                print(f"    Torch-Pruning on {name}: {exc}; not retried", flush=True)
+                row(label, ratio, None, [tp_broken])
+                continue
+            except Exception as exc:
+                row(label, ratio, None, [f"n/a ({type(exc).__name__})"])
+                print(f"    {method}: {exc}", flush=True)
+                continue
+            row(label, ratio, got, [cell(task, pruned), "-", "-"])
+            print(f"    ({time.perf_counter() - t0:.0f}s)", flush=True)
+        t0 = time.perf_counter()
+        try:
+            pruned = hesso(task, ratio, hesso_steps)
+        except GraphPruneError as exc:
+            row("HESSO (full training)", ratio, None, [f"n/a ({type(exc).__name__})"])
+            print(f"    HESSO: {exc}", flush=True)
+        else:
+            got = 1 - macs(task, pruned) / full
+            miss = f"  (missed the {ratio:.0%} target by {abs(got - ratio):.1%})" if abs(got - ratio) > 0.02 else ""
+            row("HESSO (full training)", ratio, got, [cell(task, pruned), "-", "-"], note=miss)
+            print(f"    ({time.perf_counter() - t0:.0f}s)", flush=True)
         if alloc:  # the allocation rules before issue 19 and the variants the defaults were chosen from
             for c in ("obspa", "l1", "l2"):
                 for label, kw, norm in (("no floor, x1 (before)", dict(min_fraction=0.0, multiple=1), None),
@@ -280,48 +559,165 @@ def sweep(name: str, ratios: list[float], recover_steps: int, alloc: bool) -> li
                     try:
                         pruned = mine(c, gp.Target(flops=ratio, **kw), normalize=norm)
                     except Exception as exc:
-                        row(f"{c} {label}", ratio, 0.0, [f"n/a ({type(exc).__name__})"])
+                        row(f"{c} {label}", ratio, None, [f"n/a ({type(exc).__name__})"])
                         continue
-                    row(f"{c} {label}", ratio, 1 - macs(pruned, ex) / full, [f"{accuracy(pruned, xte, yte):.3f}"])
+                    row(f"{c} {label}", ratio, 1 - macs(task, pruned) / full, [cell(task, pruned)])
     return rows
+
+
+def per_model(spec: str, names: list[str], default: int | None) -> dict[str, int | None]:
+    """``"200"`` or ``"200,textlm=50"`` (a value for all, then per-model ones) -> {model: value}."""
+    out = dict.fromkeys(names, default)
+    for part in filter(None, spec.split(",")):
+        name, _, value = part.rpartition("=")
+        for n in ([name] if name else names):
+            if n not in out:
+                raise SystemExit(f"unknown model {n!r} in {spec!r}")
+            out[n] = int(value)
+    return out
+
+
+def model_line(task: Task, recover_steps: int, hesso_steps: int) -> str:
+    """The header line that states what one model's rows measured."""
+    short = (f" (the pretraining's {task.train_steps} cut to {hesso_steps} to fit the run)"
+             if hesso_steps != task.train_steps else "")
+    return (f"# {task.name}: {task.metric_name}; calibration: {task.calibration_note}; recovery: {recover_steps} "
+            f"steps ({task.recover_options.get('loss', 'mse')} distillation); HESSO: {task.train_recipe}; "
+            f"HESSO ran {hesso_steps} steps{short}")
+
+
+def probe_tp(task: Task, ratio: float, timeout: float) -> str | None:
+    """For a task whose Torch-Pruning runs under a time limit: one try before the ratios are
+    swept side by side, so a graph build that never finishes costs one timeout, not one per
+    ratio.  Returns the cell every Torch-Pruning row then shows, or None (it ran)."""
+    if not task.tp_subprocess:
+        return None
+    try:
+        theirs_limited(task.tp_methods[0], task, macs(task, task.dense), ratio, timeout)
+    except TimeoutError as exc:
+        print(f"    Torch-Pruning on {task.name}: {exc}; not tried again", flush=True)
+        return f"timeout ({timeout:.0f} s)"
+    except Exception:  # noqa: BLE001  (the rows say n/a with the exception type, each on its own)
+        return None
+    return None
+
+
+def _unit_to_file(out: str, task: Task, ratio: float, *args: Any, tp_broken: str | None = None) -> None:
+    """A worker: one model at one ratio, its rows saved to ``out`` as they grow."""
+    def save(rows: list[str]) -> None:
+        torch.save(list(rows), out + ".tmp")
+        os.replace(out + ".tmp", out)
+
+    sweep(task, [ratio], *args, save, tp_broken=tp_broken)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(TASKS))
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
-    ap.add_argument("--recover-steps", type=int, default=200)
+    ap.add_argument("--recover-steps", default="200", help="distillation steps: '200', or '200,textlm=50'")
+    ap.add_argument("--hesso-steps", default="", help="HESSO's steps where not the pretraining's: 'textlm=150'")
+    ap.add_argument("--tp-timeout", type=float, default=300,
+                    help="seconds for one Torch-Pruning MACs search (its graph build can hang on GQA)")
     ap.add_argument("--alloc", action="store_true",
                     help="also the allocation variants (floor, multiple, normalisation)")
     ap.add_argument("--train-only", action="store_true")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per model")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="(model, ratio) sweeps run at once, each in a forked process; in the order given")
     ap.add_argument("--out", default=None, help="also write the table here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore", message="Unwrapped parameters")
+    names = a.models.split(",")
     if a.train_only:
-        for name in a.models.split(","):
-            model, (_, _, xte, yte) = pretrained(name)
-            print(f"{name}: dense test accuracy {accuracy(model, xte, yte):.3f}", flush=True)
+        for name in names:
+            task = TASKS[name]()
+            print(f"{name}: dense {task.metric_name} {task.metric(task.dense):.3f}", flush=True)
         return
+    recover, hesso_steps = per_model(a.recover_steps, names, 200), per_model(a.hesso_steps, names, None)
+    ratios = [float(r) for r in a.ratios.split(",")]
     cmd = "python benchmarks/pretrained.py " + " ".join(sys.argv[1:])
     header = [f"# {cmd}",
-              "# test accuracy on 500 held-out digits, no fine-tuning; got = measured MACs removed (FlopCounterMode)",
-              f"# calibration: 256 unlabeled training digits; recovery: {a.recover_steps} distillation steps "
-              "on them; (labels): 256 labelled digits",
-              f"{'model':9s} {'MACs-':>5s} {'method':26s} {'got':>6s} {'no data':>16s} {'calibration':>16s} "
-              f"{'calib+recovery':>16s}"]
+              "# score = each model's task metric (higher is better), no fine-tuning unless stated; "
+              "got = measured MACs removed (FlopCounterMode); (labels): 4 labelled batches",
+              "# HESSO (full training): from the dense weights, toward the MACs target with all labels, on the "
+              "pretraining's recipe; the ceiling"]
+    table = [f"{'model':9s} {'MACs-':>5s} {'method':26s} {'got':>6s} {'no data':>20s} {'calibration':>20s} "
+             f"{'calib+recovery':>20s}"]
     print("\n".join(header), flush=True)
-    rows: list[str] = []
-    for name in a.models.split(","):
-        rows += sweep(name, [float(r) for r in a.ratios.split(",")], a.recover_steps, a.alloc)
-        if a.out:  # partial tables survive an interrupted run
-            out = Path(a.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text("\n".join(header + rows) + "\n")
-            os.replace(tmp, out)
+    done: dict[str, tuple[str, list[str]]] = {}
 
+    def write() -> None:  # partial tables survive an interrupted run
+        if a.out:
+            from graphprune.atomic import atomic_write_text
+
+            got = [n for n in names if n in done]
+            atomic_write_text(a.out, "\n".join(header + [done[n][0] for n in got] + table
+                                               + [r for n in got for r in done[n][1]]) + "\n")
+
+    tasks: dict[str, Task] = {}
+    parts: dict[tuple[str, float], list[str]] = {}  # rows of each model at each ratio
+
+    def load(n: str) -> Task:
+        if n not in tasks:
+            t0 = time.perf_counter()
+            tasks[n] = TASKS[n]()
+            steps = hesso_steps[n] or tasks[n].train_steps
+            done[n] = (model_line(tasks[n], recover[n], steps), [dense_row(tasks[n])])
+            print(f"{done[n][0]}\n{done[n][1][0]}\n    ({time.perf_counter() - t0:.0f}s to load)", flush=True)
+        return tasks[n]
+
+    def update(n: str, ratio: float, rows: list[str]) -> None:
+        parts[(n, ratio)] = list(rows)
+        line, old = done[n]
+        done[n] = (line, old[:1] + [r for q in sorted(ratios) for r in parts.get((n, q), [])])
+        write()
+
+    def options(n: str) -> tuple:
+        return recover[n], a.alloc, a.tp_timeout, hesso_steps[n] or tasks[n].train_steps
+
+    if a.jobs <= 1:
+        for n in names:
+            task = load(n)
+            broken = probe_tp(task, ratios[0], a.tp_timeout)
+            for ratio in ratios:
+                sweep(task, [ratio], *options(n), lambda rows, n=n, ratio=ratio: update(n, ratio, rows),
+                      tp_broken=broken)
+    else:  # forked workers, one per model and ratio, which inherit the loaded task (not a Pool:
+        import multiprocessing  # a worker forks again for Torch-Pruning's time limit)
+
+        CACHE.mkdir(parents=True, exist_ok=True)
+        waiting = [(n, r) for n in names for r in ratios]
+        running: dict[tuple[str, float], tuple[Any, str]] = {}
+        broken: dict[str, str | None] = {}
+        while waiting or running:
+            while waiting and len(running) < a.jobs:
+                n, ratio = unit = waiting.pop(0)
+                task = load(n)
+                if n not in broken:
+                    broken[n] = probe_tp(task, ratio, a.tp_timeout)
+                out = str(CACHE / f"rows-{n}-{ratio}-{os.getpid()}.pt")
+                proc = multiprocessing.get_context("fork").Process(
+                    target=_unit_to_file, args=(out, task, ratio, *options(n)), kwargs=dict(tp_broken=broken[n]))
+                proc.start()
+                running[unit] = (proc, out)
+            time.sleep(5)
+            for (n, ratio), (proc, out) in list(running.items()):
+                alive = proc.is_alive()  # before reading: a finished worker's file is final
+                if os.path.exists(out):
+                    update(n, ratio, torch.load(out))
+                if alive:
+                    continue
+                del running[(n, ratio)]
+                if os.path.exists(out):
+                    os.unlink(out)
+                if proc.exitcode:
+                    update(n, ratio, parts.get((n, ratio), []) + [
+                        f"{n:9s} {ratio:>5.0%} the sweep failed (exit {proc.exitcode}; traceback in the log)"])
+    write()
+    print("\n".join(header + [done[n][0] for n in names if n in done] + table
+                    + [r for n in names if n in done for r in done[n][1]]), flush=True)
 
 if __name__ == "__main__":
     main()
