@@ -50,6 +50,7 @@ class Recovery:
     loss_after: float
     batches: int
     skipped_batches: int = 0
+    lr: float = 0.0  # the learning rate of the run kept (after any back-off)
 
     @property
     def improved(self) -> bool:
@@ -57,8 +58,8 @@ class Recovery:
 
     def __repr__(self) -> str:
         skipped = f", {self.skipped_batches} batches of another shape skipped" if self.skipped_batches else ""
-        return (f"Recovery({self.steps} steps of {self.loss} distillation on {self.batches} batches: "
-                f"loss {self.loss_before:.4g} -> {self.loss_after:.4g}{skipped})")
+        return (f"Recovery({self.steps} steps of {self.loss} distillation at lr {self.lr:.3g} on {self.batches} "
+                f"batches: loss {self.loss_before:.4g} -> {self.loss_after:.4g}{skipped})")
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
@@ -133,7 +134,10 @@ def recover(compact: nn.Module | onnx.ModelProto, dense: Any, data: Iterable, *,
     the model before pruning (an ``nn.Module``, an ONNX ModelProto or path, or any
     callable).  The learning rate decays to zero on a cosine; the model runs in eval mode
     (BatchNorm keeps its statistics).  If distillation does not lower the loss on ``data``,
-    the model is returned as given (``Recovery.improved`` is False), never a worse one.
+    it is run again from the pruned weights at a tenth of the learning rate (twice at
+    most: a rate that suits a CNN left a small language model's loss where it was), and
+    if none lowers it the model is returned as given (``Recovery.improved`` is False),
+    never a worse one.
     An ``nn.Module`` is trained in place; an ONNX model is returned as a new ModelProto.
     """
     if steps < 0:
@@ -164,10 +168,10 @@ def recover(compact: nn.Module | onnx.ModelProto, dense: Any, data: Iterable, *,
     was = compact.training
     compact.eval()
     try:
-        before, after = _train(run, params, batches, targets, steps, lr, loss, temperature, seed)
+        before, after, used = _train(run, params, batches, targets, steps, lr, loss, temperature, seed)
     finally:
         compact.train(was)
-    return Recovery(compact, steps, loss, before, after, len(batches), skipped)
+    return Recovery(compact, steps, loss, before, after, len(batches), skipped, used)
 
 
 def _recover_onnx(compact: onnx.ModelProto, batches: list[tuple], targets: list[list[torch.Tensor]], steps: int,
@@ -179,9 +183,9 @@ def _recover_onnx(compact: onnx.ModelProto, batches: list[tuple], targets: list[
                if v.kind == "param" and v.data is not None and v.data.is_floating_point()}
     program = GraphProgram(ir, weights)
     run = lambda b: _leaves(program(*b))  # noqa: E731
-    before, after = _train(run, list(weights.values()), batches, targets, steps, lr, loss, temperature, seed)
+    before, after, used = _train(run, list(weights.values()), batches, targets, steps, lr, loss, temperature, seed)
     model = with_params(compact, weights) if after < before else compact
-    return Recovery(model, steps, loss, before, after, len(batches), skipped)
+    return Recovery(model, steps, loss, before, after, len(batches), skipped, used)
 
 
 def _evaluate(run: Callable, batches: list[tuple], targets: list, loss: Loss, temperature: float) -> float:
@@ -190,13 +194,27 @@ def _evaluate(run: Callable, batches: list[tuple], targets: list, loss: Loss, te
                               for b, t in zip(batches, targets)]))
 
 
+_BACK_OFF = (1.0, 0.1, 0.01)  # learning-rate factors tried in turn while the loss does not drop
+
+
 def _train(run: Callable, params: list[torch.Tensor], batches: list[tuple], targets: list, steps: int, lr: float,
-           loss: Loss, temperature: float, seed: int) -> tuple[float, float]:
-    """Adam on ``params`` with a cosine decay; keeps the best weights seen at the end. Returns the
-    loss over all batches before and after."""
+           loss: Loss, temperature: float, seed: int) -> tuple[float, float, float]:
+    """:func:`_run` at ``lr``, then at lower rates (:data:`_BACK_OFF`) while the loss does not
+    drop. Returns the loss over all batches before and after, and the rate kept."""
     before = _evaluate(run, batches, targets, loss, temperature)
     if steps == 0 or not params or not math.isfinite(before):
-        return before, before
+        return before, before, lr
+    for factor in _BACK_OFF:
+        after = _run(run, params, batches, targets, steps, lr * factor, loss, temperature, seed, before)
+        if after < before:
+            return before, after, lr * factor
+    return before, before, lr
+
+
+def _run(run: Callable, params: list[torch.Tensor], batches: list[tuple], targets: list, steps: int, lr: float,
+         loss: Loss, temperature: float, seed: int, before: float) -> float:
+    """Adam on ``params`` with a cosine decay; the weights are put back as they were when the
+    loss ends no lower than ``before``. Returns the loss over all batches after."""
     start = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -212,5 +230,4 @@ def _train(run: Callable, params: list[torch.Tensor], batches: list[tuple], targ
         with torch.no_grad():
             for p, s in zip(params, start):
                 p.copy_(s)
-        after = before
-    return before, after
+    return after

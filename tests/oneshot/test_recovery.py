@@ -76,3 +76,17 @@ def test_recovery_needs_batches_and_a_known_dense_model(digits):
         gp.recover(model, model, [], steps=1)
     with pytest.raises(GraphPruneError, match="dense model must be"):
         gp.recover(model, 3, [x[:4].flatten(1)], steps=1)
+
+
+def test_recovery_backs_off_a_learning_rate_that_does_not_lower_the_loss():
+    """At lr 3 Adam throws a small student far off; recovery retries from the pruned weights
+    at a tenth of the rate, twice, and keeps the first run that lowers the loss."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[0].weight.mul_(0.5)  # a damaged copy: distillation can repair it
+    data = [torch.randn(32, 8) for _ in range(4)]
+    result = gp.recover(student, teacher, data, steps=40, lr=3.0)
+    assert result.improved and result.lr < 3.0
+    assert gp.recover(copy.deepcopy(teacher), teacher, data, steps=5).improved is False  # nothing to lower
