@@ -242,7 +242,8 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
         if recovery is not None:
             report.recovery = {"steps": recovery.steps, "loss": recovery.loss, "loss_before": recovery.loss_before,
                                "loss_after": recovery.loss_after, "improved": recovery.improved,
-                               "batches": recovery.batches, "skipped_batches": recovery.skipped_batches}
+                               "batches": recovery.batches, "skipped_batches": recovery.skipped_batches,
+                               "lr": recovery.lr}
         report.unchanged = _unchanged(g, report, method)
         if scored is not None:
             report.accuracy_on = "eval_data" if eval_data is not None else "data"

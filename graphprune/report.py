@@ -164,7 +164,8 @@ class Report:
             lines.append(f"  criterion {self.criterion}: {self.criterion_reason}")
         if self.recovery:
             r = self.recovery
-            lines.append(f"  recovery: {r['steps']} steps of {r['loss']} distillation, loss {r['loss_before']:.4g} -> "
+            lines.append(f"  recovery: {r['steps']} steps of {r['loss']} distillation at lr {r['lr']:.3g}, "
+                         f"loss {r['loss_before']:.4g} -> "
                          f"{r['loss_after']:.4g}" + ("" if r["improved"] else " (no gain: weights kept as pruned)"))
         if self.flagged:
             lines.append(f"  {len(self.flagged)} groups cut below their floor or off their multiple: "
@@ -214,8 +215,8 @@ class Report:
             out.append(f"- calibration: {self.calibration}")
         if self.recovery:
             r = self.recovery
-            out.append(f"- recovery: {r['steps']} steps of {r['loss']} distillation on {r['batches']} calibration "
-                       f"batches, loss {r['loss_before']:.4g} -> {r['loss_after']:.4g}"
+            out.append(f"- recovery: {r['steps']} steps of {r['loss']} distillation at lr {r['lr']:.3g} on "
+                       f"{r['batches']} calibration batches, loss {r['loss_before']:.4g} -> {r['loss_after']:.4g}"
                        + ("" if r["improved"] else " (no gain: weights kept as pruned)"))
         if self.unchanged:
             out.append(f"- **{self.unchanged}**")
