@@ -56,28 +56,23 @@ def decompose_composites(ep: torch.export.ExportedProgram) -> torch.export.Expor
     whose decomposition cannot be written back (a size that is no tensor's dimension in a
     dynamic export) stays whole, and the analysis reports it as an op without a rule."""
     graph = ep.graph_module.graph
-    nodes = [n for n in graph.nodes if n.op == "call_function" and decomposes(n.target)]
-    if not nodes:
+    if not any(n.op == "call_function" and decomposes(n.target) for n in graph.nodes):
         return ep
-    sizes = _size_nodes(graph)
-    for node in nodes:
-        try:
-            _Inline(graph, node, sizes).run()
-        except UnsupportedModelError:
-            pass
+    sizes: dict[Any, fx.Node] = {}  # symbolic size -> a node before this point that holds it
+    for node in list(graph.nodes):
+        if getattr(node, "_erased", False):  # a getitem of a decomposed node, replaced with it
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt):
+            sizes.setdefault(val.node.expr, node)
+        if node.op == "call_function" and decomposes(node.target):
+            try:
+                _Inline(graph, node, sizes).run()
+            except UnsupportedModelError:
+                pass
     graph.lint()
     ep.graph_module.recompile()
     return ep
-
-
-def _size_nodes(graph: fx.Graph) -> dict[Any, fx.Node]:
-    """Symbolic size expression -> a node that holds it (the batch of a dynamic export)."""
-    out: dict[Any, fx.Node] = {}
-    for n in graph.nodes:
-        v = n.meta.get("val")
-        if isinstance(v, torch.SymInt):
-            out.setdefault(v.node.expr, n)
-    return out
 
 
 class _Inline:
