@@ -144,16 +144,30 @@ class _Inline:
 
     def _size(self, s: torch.SymInt) -> fx.Node:
         """A node holding symbolic size ``s``: one the graph has, else a ``sym_size`` of a
-        tensor the decomposition reads that has it as a dimension."""
+        tensor the decomposition reads that has it as a dimension, else such a size times
+        or plus a constant (``flatten(0, 1)`` of a dynamic batch: ``batch * 3``)."""
         expr = s.node.expr
         if expr not in self.sizes:
-            for t_node in list(self.env.values()):
-                dims = [d for d, dim in enumerate(t_node.meta["val"].shape)
-                        if isinstance(dim, torch.SymInt) and dim.node.expr == expr]
-                if dims:
-                    self.sizes[expr] = self._new(torch.ops.aten.sym_size.int, (t_node, dims[0]), {}, s)
-                    break
-            else:
+            node = self._dimension(expr, s)
+            if node is None and (expr.is_Mul or expr.is_Add):
+                const, rest = expr.as_coeff_Mul() if expr.is_Mul else expr.as_coeff_Add()
+                base = self.sizes.get(rest) or self._dimension(rest, s)
+                if base is not None and const.is_Integer:
+                    op = operator.mul if expr.is_Mul else operator.add
+                    node = self._new(op, (base, int(const)), {}, s)
+            if node is None:
                 raise UnsupportedModelError(f"decomposing {self.node.target} at node {self.node.name}: the size "
                                             f"{expr} is no tensor's dimension")
+            self.sizes[expr] = node
         return self.sizes[expr]
+
+    def _dimension(self, expr: Any, s: torch.SymInt) -> fx.Node | None:
+        """A ``sym_size`` of a tensor the decomposition reads whose dimension is ``expr``."""
+        for t_node in list(self.env.values()):
+            dims = [d for d, dim in enumerate(t_node.meta["val"].shape)
+                    if isinstance(dim, torch.SymInt) and dim.node.expr == expr]
+            if dims:
+                node = self._new(torch.ops.aten.sym_size.int, (t_node, dims[0]), {}, t_node.meta["val"].shape[dims[0]])
+                self.sizes[expr] = node
+                return node
+        return None

@@ -147,3 +147,23 @@ def test_the_registry_keeps_whole_only_the_composites_it_names() -> None:
                                          aten.type_as.default, aten.flatten.using_ints, aten.unflatten.int))
     assert not any(decomposes(op) for op in (aten.conv2d.default, aten.linear.default, aten.layer_norm.default,
                                              aten.scaled_dot_product_attention.default, aten.view.default))
+
+
+class FlattenBatch(nn.Module):
+    """``flatten(0, 1)`` folds the batch into another axis: with a dynamic batch its view
+    size is ``batch * 4``, which export's graph must compute from the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)).flatten(0, 1))
+
+
+def test_a_flatten_of_the_dynamic_batch_decomposes_in_export_too() -> None:
+    model, x = FlattenBatch().eval(), torch.randn(2, 4, 6)
+    recorded, exported = gp.trace(model, (x,)), gp.trace(model, (x,), recorder=False)
+    assert packets(recorded) == packets(exported) and not packets(exported) & SUGAR
+    g = check_zero_invariance(model, (torch.randn(3, 4, 6),))
+    assert [grp.size for grp in g.groups] == [16]
