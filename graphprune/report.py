@@ -153,6 +153,12 @@ class Report:
         return cls(**kept)
 
     # ---- human-readable ------------------------------------------------------------------
+    def _recovery_text(self) -> str:
+        r = self.recovery
+        return (f"{r['steps']} steps of {r['loss']} distillation at lr {r['lr']:.3g} on {r['batches']} calibration "
+                f"batches, loss {r['loss_before']:.4g} -> {r['loss_after']:.4g}"
+                + ("" if r["improved"] else " (no gain: weights kept as pruned)"))
+
     def summary(self) -> str:
         """A few lines for a terminal: reductions, accuracy, latency."""
         lines = [f"{self.method} on {self.source} ({self.frontend}), target {self.target}",
@@ -163,10 +169,7 @@ class Report:
         if self.criterion:
             lines.append(f"  criterion {self.criterion}: {self.criterion_reason}")
         if self.recovery:
-            r = self.recovery
-            lines.append(f"  recovery: {r['steps']} steps of {r['loss']} distillation at lr {r['lr']:.3g}, "
-                         f"loss {r['loss_before']:.4g} -> "
-                         f"{r['loss_after']:.4g}" + ("" if r["improved"] else " (no gain: weights kept as pruned)"))
+            lines.append(f"  recovery: {self._recovery_text()}")
         if self.flagged:
             lines.append(f"  {len(self.flagged)} groups cut below their floor or off their multiple: "
                          + "; ".join(f"{w.group} {w.before} -> {w.after} ({', '.join(w.flags)})"
@@ -214,10 +217,7 @@ class Report:
         if self.calibration:
             out.append(f"- calibration: {self.calibration}")
         if self.recovery:
-            r = self.recovery
-            out.append(f"- recovery: {r['steps']} steps of {r['loss']} distillation at lr {r['lr']:.3g} on "
-                       f"{r['batches']} calibration batches, loss {r['loss_before']:.4g} -> {r['loss_after']:.4g}"
-                       + ("" if r["improved"] else " (no gain: weights kept as pruned)"))
+            out.append(f"- recovery: {self._recovery_text()}")
         if self.unchanged:
             out.append(f"- **{self.unchanged}**")
         if self.verify_error is not None:
