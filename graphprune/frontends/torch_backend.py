@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..analysis import Analysis, analyse, same_groups, unit_map
+from ..analysis import Analysis, analyse, unit_map
 from ..errors import NotInPlace, RecorderMismatchWarning, UnsupportedModelError
 from ..lower.module import is_standard, shrunk_copy
 from ..lower.torch import CompactModule, TorchProgram, lower_torch, program_of_export
@@ -108,8 +108,7 @@ class TorchBackend:
             self.settled = True
             return pg.analysis
         analysis = analyse(ir)
-        if not same_groups(pg.groups, analysis.groups, pg.comp, analysis.comp) \
-                and unit_map(pg.groups, analysis.groups) is None:
+        if unit_map(pg.groups, analysis.groups) is None:  # same groups, whatever the unit numbering
             if not adopt_groups:
                 raise UnsupportedModelError(
                     "the recorded graph and torch.export's graph give different groups; trace again "
