@@ -2,8 +2,16 @@
 
 Not run in CI (tuning takes minutes per model).  ``python benchmarks/latency.py
 [--models resnet18,mobilenet_v2,vit,bert] [--runtimes torch,onnxruntime,tvm-default,tvm-tuned]
-[--flops 0.5] [--multiple LANES] [--criterion l2] [--threads 1] [--rounds 7] [--number 5] [--trials-per-task 16]
+[--flops 0.5] [--multiple LANES] [--criterion l2] [--threads 1,2] [--rounds 7] [--number 5]
+[--trials-per-task 16 | --tune-minutes 10] [--reuse-model deit_tiny] [--reuse-trials 16]
 [--out runs/latency] [--results benchmarks/results/latency.txt] [--bsr-only | --no-bsr]``
+
+With ``--tune-minutes M`` the budget is the issue's: at most M minutes of tuning per model
+(the dense form half, the pruned form the rest), every model tuning into one database that
+starts empty and is shared across the run, as a user's per-machine database is. One library
+per form, tuned for the largest thread count, is timed at every ``--threads`` count.
+``--reuse-model`` then compiles a model of another family twice with the same trials per
+task, into a copy of that database and into an empty one, and tables the tuning time saved.
 
 Every model is timed in two forms: dense, and pruned by graphprune's one-shot API
 (``gp.prune(g, criterion, Target(flops=...))`` on its random weights, then
@@ -57,7 +65,6 @@ MODELS = ["resnet18", "mobilenet_v2", "vit", "bert"]
 RUNTIMES = ["torch", "onnxruntime", "tvm-default", "tvm-tuned"]
 RESULTS = Path(__file__).resolve().parent / "results" / "latency.txt"
 SPEEDUP_FLOOR = 0.8   # done when: pruned speedup >= 0.8 x the FLOPs ratio
-TVM_WINS_NEEDED = 3   # done when: tuned TVM at least as fast as onnxruntime on 3 of the 4 pruned models
 EARLIER_LIGHT_RULE = "tasks under 1% of the FLOPs (task_budgets before b656b26)"  # rows saved without the field
 
 
@@ -72,7 +79,7 @@ class Variant:
     artifacts: dict[str, str] = field(default_factory=dict)   # runtime -> file its worker loads
     tuning: dict[str, int | str] | None = None                # tvm-tuned's budget: tasks, trials, light rule
     pruning: str | None = None                                # the PruneReport, for the record
-    ms: dict[str, float] = field(default_factory=dict)        # runtime -> median latency
+    ms: dict[str, dict[str, float]] = field(default_factory=dict)  # threads -> runtime -> median latency
 
 
 def make_model(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]] | None:
@@ -106,6 +113,13 @@ def make_model(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]] | 
                 return self.bert(input_ids=ids).last_hidden_state
 
         return Bert().eval(), (torch.randint(0, 30522, (1, 128)),)
+    if name == "deit_tiny":  # timm's DeiT-Tiny at the ViT's 96x96: another library's ViT, for the reuse table
+        try:
+            import timm
+        except ImportError:
+            return None
+        model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=96, num_classes=100)
+        return model.eval(), (torch.randn(1, 3, 96, 96),)
     raise ValueError(name)
 
 
@@ -119,7 +133,7 @@ def worker(args: argparse.Namespace) -> None:
     """Time one runtime on one artefact; print {"ms": median} as the last line."""
     spec = json.loads(Path(args.inputs).read_text())
     arrays = [_example(s, d) for s, d in zip(spec["shapes"], spec["dtypes"])]
-    call = LOADERS[args.worker](args.artifact, arrays, args.threads)
+    call = LOADERS[args.worker](args.artifact, arrays, int(args.threads))
     call()  # warm-up: lazy initialisation and first allocations stay out of the numbers
     print(json.dumps({"ms": statistics.median(_time(call, args.number))}))
 
@@ -233,8 +247,8 @@ def bsr_model_worker(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- preparation
-def prepare(name: str, out: Path, runtimes: list[str], trials_per_task: int, flops: float,
-            criterion: str, multiple: int, threads: int) -> list[Variant]:
+def prepare(name: str, out: Path, runtimes: list[str], trials_per_task: int | None, flops: float,
+            criterion: str, multiple: int, threads: int, minutes: float | None = None) -> list[Variant]:
     """Both forms of one model, with their artefacts built; [] when the model is unavailable.
 
     The pruned form is what a user gets from graphprune's one-shot API; its MACs come from
@@ -256,18 +270,23 @@ def prepare(name: str, out: Path, runtimes: list[str], trials_per_task: int, flo
     compact = g.construct_subnet()
     pruned = Variant(name, "pruned", gp.trace(compact, inputs, verify=False).total_flops, spec, pruning=repr(report))
     print(f"{name}: {report!r}; MMACs {dense.macs / 1e6:,.1f} -> {pruned.macs / 1e6:,.1f}", file=sys.stderr)
-    seed = None
+    seed, left = None, minutes
     for variant, module in ((dense, model), (pruned, compact)):
         stem = f"{name}-{variant.form}"
+        # a time budget is the model's: the dense form gets half, the pruned form what is left
+        budget = None if minutes is None else max(0.1, left / 2 if variant.form == "dense" else left)
         variant.artifacts, variant.tuning = build_artifacts(stem, module, inputs, out, runtimes, trials_per_task,
-                                                            threads, seed)
-        seed = tuning_folder(out, stem)
+                                                            threads, seed, budget)
+        if budget is not None and variant.tuning:
+            left -= variant.tuning["seconds"] / 60
+        seed = tuning_folder(out, stem, shared=minutes is not None)
     return [dense, pruned]
 
 
-def tuning_folder(out: Path, stem: str) -> Path:
-    """The tuning database of one form of one model."""
-    return out / f"tuning-{stem}"
+def tuning_folder(out: Path, stem: str, shared: bool = False) -> Path:
+    """The tuning database of one form of one model; ``shared`` (a time-budgeted run): the one
+    database every model of the run tunes into, as ``codegen.tune``'s per-machine database is."""
+    return out / "tuning-shared" if shared else out / f"tuning-{stem}"
 
 
 def write_input_spec(path: Path, inputs: tuple[torch.Tensor, ...]) -> str:
@@ -279,11 +298,13 @@ def write_input_spec(path: Path, inputs: tuple[torch.Tensor, ...]) -> str:
 
 
 def build_artifacts(stem: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: Path,
-                    runtimes: list[str], trials_per_task: int, threads: int,
-                    seed_db: Path | None = None) -> tuple[dict[str, str], dict[str, int | str] | None]:
+                    runtimes: list[str], trials_per_task: int | None, threads: int,
+                    seed_db: Path | None = None, minutes: float | None = None
+                    ) -> tuple[dict[str, str], dict[str, int | str] | None]:
     """One artefact per runtime for ``module``; returns runtime -> path and tvm-tuned's tuning budget.
 
-    TVM compiles for this CPU with ``threads`` cores, the thread count every runtime is timed with.
+    TVM tunes and compiles for this CPU with ``threads`` cores, the largest thread count the
+    runtimes are timed with (one library serves every count: its pool size is set at run time).
     """
     from graphprune.codegen.targets import host_cpu_target
 
@@ -302,14 +323,14 @@ def build_artifacts(stem: str, module: torch.nn.Module, inputs: tuple[torch.Tens
     databases: dict[str, str | None] = {"tvm-default": None}
     tuning = None
     if "tvm-tuned" in runtimes:
-        work_dir = tuning_folder(out, stem)
+        work_dir = tuning_folder(out, stem, shared=minutes is not None)
         if seed_db is not None and seed_db.is_dir() and not work_dir.exists():
             from graphprune.codegen.tuning import DATABASE_FILES
 
             work_dir.mkdir(parents=True)
             for table in DATABASE_FILES:
                 shutil.copy(seed_db / table, work_dir / table)
-        databases["tvm-tuned"], tuning = tune(onnx_path, work_dir, trials_per_task, target)
+        databases["tvm-tuned"], tuning = tune(onnx_path, work_dir, trials_per_task, target, minutes)
     for runtime, database in databases.items():
         if runtime in runtimes:
             artifacts[runtime] = build_library(onnx_path, database, target, out / f"{stem}-{runtime}.so")
@@ -326,17 +347,20 @@ def save_program(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path
     return str(path)
 
 
-def tune(onnx_path: Path, work_dir: Path, trials_per_task: int, target: object) -> tuple[str, dict[str, int | str]]:
-    """Tune into ``work_dir`` (a rerun resumes it); returns the database and the budget for the header."""
+def tune(onnx_path: Path, work_dir: Path, trials_per_task: int | None, target: object,
+         minutes: float | None = None) -> tuple[str, dict[str, int | str]]:
+    """Tune into ``work_dir`` (a rerun resumes it), for ``minutes`` when given (then
+    ``trials_per_task`` only caps a task); returns the database and the budget for the header."""
     import graphprune.codegen as codegen
     from graphprune.codegen.tuning import LIGHT_RULE
 
-    report = codegen.tune(onnx_path, None, target, work_dir, trials_per_task=trials_per_task)
+    report = codegen.tune(onnx_path, None, target, work_dir, trials_per_task=trials_per_task, minutes=minutes)
     print(report.summary(), file=sys.stderr)
-    return report.work_dir, {"tasks": report.tasks_total, "trials_per_task": trials_per_task,
+    return report.work_dir, {"tasks": report.tasks_total, "trials_per_task": report.trials_per_task,
                              "trials_budget": report.trials_budget, "trials_run": report.trials_run,
                              "tasks_reused": len(report.tasks_reused), "trials_saved": report.trials_saved,
-                             "seconds": round(report.seconds), "light": LIGHT_RULE}  # recorded with the row
+                             "seconds": round(report.seconds), "light": LIGHT_RULE,
+                             "minutes": minutes}  # recorded with the row
 
 
 def build_library(onnx_path: Path, database: str | None, target: object, library: Path) -> str:
@@ -356,62 +380,67 @@ def run_worker(extra: list[str], threads: int) -> dict | list:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def time_interleaved(variants: list[Variant], rounds: int, number: int, threads: int) -> None:
-    """Fill each variant's ``ms``.  Round r runs every (form, runtime) once, each in a fresh
-    process, so drift on a shared machine hits every cell alike; a cell is the median over rounds."""
-    samples: dict[tuple[str, str], list[float]] = defaultdict(list)
+def time_interleaved(variants: list[Variant], rounds: int, number: int, thread_counts: list[int]) -> None:
+    """Fill each variant's ``ms``.  Round r runs every (thread count, form, runtime) once, each in
+    a fresh process, so drift on a shared machine hits every cell alike; a cell is the median over rounds."""
+    samples: dict[tuple[int, str, str, str], list[float]] = defaultdict(list)
     for _ in range(rounds):
-        for v in variants:
-            for runtime, artifact in v.artifacts.items():
-                extra = ["--worker", runtime, "--artifact", artifact, "--inputs", v.inputs, "--number", str(number)]
-                samples[(v.form, runtime)].append(run_worker(extra, threads)["ms"])
+        for threads in thread_counts:
+            for v in variants:
+                for runtime, artifact in v.artifacts.items():
+                    extra = ["--worker", runtime, "--artifact", artifact, "--inputs", v.inputs, "--number", str(number)]
+                    samples[(threads, v.model, v.form, runtime)].append(run_worker(extra, threads)["ms"])
     for v in variants:
-        v.ms = {r: statistics.median(samples[(v.form, r)]) for r in v.artifacts}
+        v.ms = {str(t): {r: statistics.median(samples[(t, v.model, v.form, r)]) for r in v.artifacts}
+                for t in thread_counts}
 
 
 # ----------------------------------------------------------------------------- tables
-def speedup_per_flops(dense: Variant, pruned: Variant, runtime: str) -> float | None:
+def speedup_per_flops(dense: Variant, pruned: Variant, runtime: str, threads: int) -> float | None:
     """Pruned speedup over dense divided by the FLOPs ratio: 1.0 when latency fell exactly with
     FLOPs, below when overheads that pruning does not shrink dominate; None if not timed."""
-    if runtime not in dense.ms or runtime not in pruned.ms:
+    d, p = dense.ms.get(str(threads), {}), pruned.ms.get(str(threads), {})
+    if runtime not in d or runtime not in p:
         return None
-    return (dense.ms[runtime] / pruned.ms[runtime]) / (dense.macs / pruned.macs)
+    return (d[runtime] / p[runtime]) / (dense.macs / pruned.macs)
 
 
-def tuned_over_ort(v: Variant) -> float | None:
+def tuned_over_ort(v: Variant, threads: int) -> float | None:
     """Tuned TVM latency / onnxruntime latency on the same form (<= 1: TVM at least as fast)."""
-    if "tvm-tuned" not in v.ms or "onnxruntime" not in v.ms:
+    ms = v.ms.get(str(threads), {})
+    if "tvm-tuned" not in ms or "onnxruntime" not in ms:
         return None
-    return v.ms["tvm-tuned"] / v.ms["onnxruntime"]
+    return ms["tvm-tuned"] / ms["onnxruntime"]
 
 
 def _cell(x: float | None, spec: str = ".2f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def model_rows(dense: Variant, pruned: Variant, runtimes: list[str]) -> list[str]:
+def model_rows(dense: Variant, pruned: Variant, runtimes: list[str], threads: int) -> list[str]:
     """Three rows for one model: dense ms, pruned ms, and pruned speedup / FLOPs ratio per runtime."""
-    rows = [f"| {v.model} | {v.form} | {v.macs / 1e6:,.1f} | " + " | ".join(_cell(v.ms.get(r)) for r in runtimes)
-            + f" | {_cell(tuned_over_ort(v))} |" for v in (dense, pruned)]
+    rows = [f"| {v.model} | {v.form} | {v.macs / 1e6:,.1f} | "
+            + " | ".join(_cell(v.ms.get(str(threads), {}).get(r)) for r in runtimes)
+            + f" | {_cell(tuned_over_ort(v, threads))} |" for v in (dense, pruned)]
     ratio = dense.macs / pruned.macs
     rows.append(f"| {dense.model} | speedup / FLOPs ratio ({ratio:.2f}x) | | "
-                + " | ".join(_cell(speedup_per_flops(dense, pruned, r)) for r in runtimes) + " | |")
+                + " | ".join(_cell(speedup_per_flops(dense, pruned, r, threads)) for r in runtimes) + " | |")
     return rows
 
 
 def latency_table(pairs: list[tuple[Variant, Variant]], runtimes: list[str], threads: int, rounds: int) -> list[str]:
-    """The dense/pruned table for every model, then the issue's two checks."""
+    """The dense/pruned table for every model at one thread count, then the issue's checks."""
     lines = ["", f"### Latency, dense and pruned, {threads} thread(s), ms (median of {rounds} interleaved rounds)", "",
              "| model | form | MMACs | " + " | ".join(runtimes) + " | tvm-tuned / onnxruntime |",
              "|---|---|---|" + "---|" * (len(runtimes) + 1)]
     for dense, pruned in pairs:
-        lines += model_rows(dense, pruned, runtimes)
-    return lines + ["", *done_when(pairs, runtimes)]
+        lines += model_rows(dense, pruned, runtimes, threads)
+    return lines + ["", *done_when(pairs, runtimes, threads)]
 
 
-def done_when(pairs: list[tuple[Variant, Variant]], runtimes: list[str]) -> list[str]:
+def done_when(pairs: list[tuple[Variant, Variant]], runtimes: list[str], threads: int) -> list[str]:
     """The issue's criteria against these numbers: (a) tuned TVM at least as fast as onnxruntime on
-    the pruned form of >= 3 models, (b) pruned speedup >= 0.8 x the FLOPs ratio (per runtime)."""
+    the pruned form of every model, (b) pruned speedup >= 0.8 x the FLOPs ratio (per runtime)."""
     def models(ok: Callable[[Variant, Variant], bool]) -> str:
         hits = [d.model for d, p in pairs if ok(d, p)]
         return f"{len(hits)} of {len(pairs)} models ({', '.join(hits) or 'none'})"
@@ -419,10 +448,10 @@ def done_when(pairs: list[tuple[Variant, Variant]], runtimes: list[str]) -> list
     lines = []
     if "tvm-tuned" in runtimes and "onnxruntime" in runtimes:
         lines.append(f"- (a) pruned, tuned TVM <= onnxruntime: "
-                     f"{models(lambda d, p: (tuned_over_ort(p) or float('inf')) <= 1.0)}; needs {TVM_WINS_NEEDED}")
+                     f"{models(lambda d, p: (tuned_over_ort(p, threads) or float('inf')) <= 1.0)}")
     for r in runtimes:
         lines.append(f"- (b) {r}: speedup >= {SPEEDUP_FLOOR} x FLOPs ratio on "
-                     f"{models(lambda d, p: (speedup_per_flops(d, p, r) or 0.0) >= SPEEDUP_FLOOR)}")
+                     f"{models(lambda d, p: (speedup_per_flops(d, p, r, threads) or 0.0) >= SPEEDUP_FLOOR)}")
     return lines
 
 
@@ -441,16 +470,31 @@ def header(args: argparse.Namespace, variants: list[Variant]) -> list[str]:
                   "then construct_subnet(); MMACs: gp.trace(...).total_flops",
                   "# torch: the torch.export program run eagerly; onnxruntime: gp.export_onnx (static shapes); "
                   "TVM: graphprune.codegen.build of that same ONNX file for this CPU"]
-        tuned = (f"meta-schedule, {args.trials_per_task} trials per task in this run (each budget line gives its "
-                 f"row's; at most {LIGHT_TRIALS} for light tasks), measured at {args.threads} thread(s); "
-                 "pruned starts from a copy of the dense database"
-                 if any(v.tuning for v in variants) else "not run (--trials-per-task 0 or not in --runtimes)")
+        cores = max(args.thread_counts)
+        if not any(v.tuning for v in variants):
+            tuned = "not run (--trials-per-task 0 or not in --runtimes)"
+        elif args.tune_minutes:
+            tuned = (f"meta-schedule for at most {args.tune_minutes:g} minutes per model (dense form half, pruned "
+                     "form the rest), every model tuning into one database shared across the run and empty at "
+                     f"its start; tuned for {cores} core(s), one library timed at every thread count")
+        else:
+            tuned = (f"meta-schedule, {args.trials_per_task} trials per task in this run (each budget line gives "
+                     f"its row's; at most {LIGHT_TRIALS} for light tasks), tuned for {cores} core(s); "
+                     "pruned starts from a copy of the dense database")
         lines.append(f"# tvm-tuned: {tuned}")
-        lines += [f"# tvm-tuned budget, {v.model} {v.form}: {t['tasks']} tasks, {t['trials_per_task']} trials per task, "
-                  f"{t['trials_budget']} in all ({t['trials_run']} run in {t['seconds']} s; {t['tasks_reused']} tasks "
-                  f"reused, {t['trials_saved']} trials taken from the database; light: {t.get('light', EARLIER_LIGHT_RULE)})"
-                  for v in variants if (t := v.tuning)]
+        lines += [f"# tvm-tuned budget, {v.model} {v.form}: {_budget(t)}" for v in variants if (t := v.tuning)]
     return lines
+
+
+def _budget(t: dict) -> str:
+    """One tuning run's budget and what it spent, for the header."""
+    if t.get("minutes"):
+        spent = f"{t['trials_run']} trials in {t['seconds']} s of a {t['minutes'] * 60:.0f} s budget"
+    else:
+        spent = (f"{t['trials_per_task']} trials per task, {t['trials_budget']} in all ({t['trials_run']} run in "
+                 f"{t['seconds']} s)")
+    return (f"{t['tasks']} tasks, {spent}; {t['tasks_reused']} tasks reused, {t['trials_saved']} trials taken from "
+            f"the database; light: {t.get('light', EARLIER_LIGHT_RULE)}")
 
 
 def _version(package: str) -> str:
@@ -472,21 +516,90 @@ def _cpu_name() -> str:
 
 def bsr_tables(args: argparse.Namespace, out: Path) -> tuple[list[str], list[dict], list[dict]]:
     """The two BSR tables (each from one TVM-only process) and their rows."""
-    bsr_args = ["--worker", "bsr", "--out", str(out), "--trials-per-task", str(args.trials_per_task)]
+    trials = args.trials_per_task or 16  # a timed run's tables tune their one layer by trials
+    bsr_args = ["--worker", "bsr", "--out", str(out), "--trials-per-task", str(trials)]
     db_args = ["--tuning-db", args.tuning_db] if args.tuning_db else []
-    bsr = run_worker(bsr_args + db_args, args.threads)
-    bsr_model = run_worker(["--worker", "bsr-model"] + bsr_args[2:] + db_args, args.threads)
-    dense = "tuned dense" if args.trials_per_task > 0 or args.tuning_db else "default dense"
-    lines = ["", f"### BSR 512x512 linear vs {dense}, {args.threads} thread(s), ms", "",
+    threads = args.thread_counts[0]
+    bsr = run_worker(bsr_args + db_args, threads)
+    bsr_model = run_worker(["--worker", "bsr-model"] + bsr_args[2:] + db_args, threads)
+    dense = "tuned dense" if trials > 0 or args.tuning_db else "default dense"
+    lines = ["", f"### BSR 512x512 linear vs {dense}, {threads} thread(s), ms", "",
              "| sparsity | block | batch | dense | BSR | form | chosen |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['sparsity']:.0%} | {r['block']} | {r['batch']} | {r['dense_ms']:.4f} | {r['bsr_ms']:.4f} "
               f"| {r['form']} | {r['chosen']} |" for r in bsr]
     lines += ["", f"### BSR whole model: MLP 512-2048-512, 16x1 blocks, {dense} vs sparse=\"auto\", "
-                  f"{args.threads} thread(s), ms", "",
+                  f"{threads} thread(s), ms", "",
               "| sparsity | batch | dense | sparse build | BSR layers |", "|---|---|---|---|---|"]
     lines += [f"| {r['sparsity']:.0%} | {r['batch']} | {r['dense_ms']:.4f} | {r['sparse_ms']:.4f} "
               f"| {r['bsr_layers']} |" for r in bsr_model]
     return lines, bsr, bsr_model
+
+
+def reuse_table(args: argparse.Namespace, out: Path) -> tuple[list[str], list[dict]]:
+    """The second model, of another family, compiled after the table's models: tuned twice with
+    the same trials per task, once into a copy of the run's shared database and once into an
+    empty one, so the time the shared database saves is measured, not estimated; both builds
+    and onnxruntime are then timed like the table's cells."""
+    import graphprune as gp
+    from graphprune.codegen.targets import host_cpu_target
+    from graphprune.codegen.tuning import DATABASE_FILES
+
+    name = args.reuse_model
+    made = make_model(name)
+    if made is None:
+        return [f"# reuse: {name} skipped (its library is not installed)"], []
+    model, inputs = made
+    spec = write_input_spec(out / f"{name}.inputs.json", inputs)
+    onnx_path = out / f"{name}-reuse.onnx"
+    gp.export_onnx(model, inputs, onnx_path, dynamic_batch=False)
+    target = host_cpu_target(max(args.thread_counts))
+    shared = tuning_folder(out, "", shared=True)
+    variants = []
+    for kind in ("shared", "empty"):
+        work_dir = out / f"tuning-{name}-{kind}"
+        shutil.rmtree(work_dir, ignore_errors=True)
+        if kind == "shared":
+            work_dir.mkdir(parents=True)
+            for table in DATABASE_FILES:
+                shutil.copy(shared / table, work_dir / table)
+        database, tuning = tune(onnx_path, work_dir, args.reuse_trials, target)
+        library = build_library(onnx_path, database, target, out / f"{name}-{kind}-tvm-tuned.so")
+        artifacts = {"tvm-tuned": library, **({"onnxruntime": str(onnx_path)} if kind == "shared" else {})}
+        variants.append(Variant(name, f"{kind} database", 0.0, spec, artifacts, tuning))
+    time_interleaved(variants, args.rounds, args.number, args.thread_counts)
+    return reuse_lines(args, variants), [asdict(v) for v in variants]
+
+
+def reuse_lines(args: argparse.Namespace, variants: list[Variant]) -> list[str]:
+    """The reuse table: the shared-database build, then the empty-database one."""
+    name, counts, rows = variants[0].model, args.thread_counts, [v.tuning for v in variants]
+    lines = ["", f"### Reuse: {name} (timm) compiled after {args.models.replace(',', ', ')}, "
+                 f"{args.reuse_trials} trials per task, ms (median of {args.rounds} interleaved rounds)", "",
+             "| database | tasks | reused | trials run | tuning s | "
+             + " | ".join(f"tvm-tuned {t} thr | onnxruntime {t} thr" for t in counts) + " |",
+             "|---|---|---|---|---|" + "---|---|" * len(counts)]
+    ort = {t: variants[0].ms[str(t)].get("onnxruntime") for t in counts}
+    for v in variants:
+        t = v.tuning
+        lines.append(f"| {v.form} | {t['tasks']} | {t['tasks_reused']} | {t['trials_run']} | {t['seconds']} | "
+                     + " | ".join(f"{_cell(v.ms[str(n)]['tvm-tuned'])} | {_cell(ort[n])}" for n in counts) + " |")
+    saved, empty = rows[1]["seconds"] - rows[0]["seconds"], rows[1]["seconds"]
+    lines += ["", f"- shared database: {rows[0]['tasks_reused']} of {rows[0]['tasks']} tasks reused, tuning "
+                  f"{rows[0]['seconds']} s instead of {empty} s: {saved} s saved ({saved / max(empty, 1):.0%})"]
+    return lines
+
+
+def retime(args: argparse.Namespace, out: Path, runtimes: list[str]) -> str:
+    """``--retime``: time the artefacts an earlier run of the same command built (``<out>/latency.json``)
+    again, every model and the reuse table's builds interleaved in each round, and rewrite the tables:
+    building and tuning need no quiet machine, timing does."""
+    saved = json.loads((out / "latency.json").read_text())
+    variants = [Variant(**v) for v in saved["models"]]
+    reused = [Variant(**v) for v in saved.get("reuse", [])]
+    time_interleaved(variants + reused, args.rounds, args.number, args.thread_counts)
+    pairs = in_model_order(list(zip(variants[::2], variants[1::2])))
+    return write_results(args, out, pairs, runtimes, reuse_lines=reuse_lines(args, reused) if reused else (),
+                         reuse=[asdict(v) for v in reused])
 
 
 # ----------------------------------------------------------------------------- driver
@@ -500,26 +613,41 @@ def parse_args() -> argparse.Namespace:
                         help="kept widths rounded to this multiple (default: this CPU's float32 vector "
                              "lanes, 16 with AVX-512; 1: any width)")
     parser.add_argument("--criterion", default="l2", help="gp.prune criterion (data-free: l1, l2, obspa)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts, each timed")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--number", type=int, default=5, help="runs per worker process")
-    parser.add_argument("--trials-per-task", type=int, default=16, help="0: no tuning, no tvm-tuned column")
+    parser.add_argument("--trials-per-task", type=int, default=None,
+                        help="default 16; 0: no tuning, no tvm-tuned column; with --tune-minutes: a per-task cap "
+                             "(default none)")
+    parser.add_argument("--tune-minutes", type=float, default=None,
+                        help="tuning budget per model in minutes (dense form half, pruned form the rest), "
+                             "every model tuning into one database shared across the run; --trials-per-task "
+                             "then caps a task")
     parser.add_argument("--out", default="runs/latency", help="artefacts, tuning databases and latency.json")
     parser.add_argument("--results", default=str(RESULTS), help="the tables, with the command in the header")
     parser.add_argument("--tuning-db", default=None, help="BSR table: dense kernel from this database")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of <out>/latency.json for models not in --models (the header "
                              "names the run each row is from)")
+    parser.add_argument("--reuse-model", default=None,
+                        help="after the models, a model of another family (deit_tiny) tuned with --reuse-trials "
+                             "per task into a copy of the run's shared database and into an empty one")
+    parser.add_argument("--reuse-trials", type=int, default=16)
+    parser.add_argument("--retime", action="store_true",
+                        help="time again what an earlier run of this command built in --out, without building")
     parser.add_argument("--bsr-only", action="store_true")
     parser.add_argument("--no-bsr", action="store_true")
     parser.add_argument("--worker", choices=RUNTIMES + ["bsr", "bsr-model"], help=argparse.SUPPRESS)
     parser.add_argument("--artifact", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.thread_counts = [int(t) for t in args.threads.split(",")]
+    if args.trials_per_task is None and not args.tune_minutes:
+        args.trials_per_task = 16
     if args.multiple is None:
         from graphprune.codegen.targets import host_cpu_target, vector_lanes
 
-        args.multiple = vector_lanes(host_cpu_target(args.threads))
+        args.multiple = vector_lanes(host_cpu_target(max(args.thread_counts)))
     unknown = set(args.runtimes.split(",")) - set(RUNTIMES)
     if unknown:
         parser.error(f"unknown runtime(s) {', '.join(sorted(unknown))}; choose from {', '.join(RUNTIMES)}")
@@ -529,7 +657,7 @@ def parse_args() -> argparse.Namespace:
 def selected_runtimes(args: argparse.Namespace) -> list[str]:
     """The runtimes asked for, in table order; tvm-tuned only with a tuning budget."""
     asked = set(args.runtimes.split(","))
-    if "tvm-tuned" in asked and args.trials_per_task <= 0:
+    if "tvm-tuned" in asked and args.trials_per_task is not None and args.trials_per_task <= 0:
         print("--trials-per-task 0: no tvm-tuned column", file=sys.stderr)
         asked.discard("tvm-tuned")
     return [r for r in RUNTIMES if r in asked]
@@ -544,11 +672,11 @@ def measure_models(args: argparse.Namespace, out: Path, runtimes: list[str],
     pairs = list(kept)
     for name in args.models.split(","):
         variants = prepare(name, out, runtimes, args.trials_per_task, args.flops, args.criterion, args.multiple,
-                           args.threads)
+                           max(args.thread_counts), args.tune_minutes)
         if not variants:
             print(f"{name}: skipped (transformers not installed)", file=sys.stderr)
             continue
-        time_interleaved(variants, args.rounds, args.number, args.threads)
+        time_interleaved(variants, args.rounds, args.number, args.thread_counts)
         print(name, json.dumps({v.form: v.ms for v in variants}), file=sys.stderr)
         pairs.append((variants[0], variants[1]))
         write_results(args, out, in_model_order(pairs), runtimes, runs=runs)
@@ -568,6 +696,9 @@ def earlier_rows(out: Path, remeasured: set[str]) -> tuple[list[tuple[Variant, V
         return [], []
     saved = json.loads(path.read_text())
     variants = [Variant(**v) for v in saved["models"] if v["model"] not in remeasured]
+    if isinstance(saved["threads"], int):  # written before runs timed several thread counts
+        for v in variants:
+            v.ms = {str(saved["threads"]): v.ms}
     command = saved["command"]  # sys.argv in files written before runs were recorded
     command = command if isinstance(command, str) else shlex.join(["python", *command])
     runs = saved.get("runs") or [{"command": command, "models": sorted({v["model"] for v in saved["models"]})}]
@@ -577,23 +708,24 @@ def earlier_rows(out: Path, remeasured: set[str]) -> tuple[list[tuple[Variant, V
 
 def write_results(args: argparse.Namespace, out: Path, pairs: list[tuple[Variant, Variant]], runtimes: list[str],
                   bsr_lines: Sequence[str] = (), bsr: Sequence[dict] = (), bsr_model: Sequence[dict] = (),
-                  runs: Sequence[dict] = ()) -> str:
+                  runs: Sequence[dict] = (), reuse_lines: Sequence[str] = (), reuse: Sequence[dict] = ()) -> str:
     """The tables to ``--results`` and the numbers to ``<out>/latency.json``, each atomically;
     ``runs``: the earlier runs whose rows ``--merge`` kept."""
     from graphprune.atomic import atomic_write_text
 
-    lines = latency_table(pairs, runtimes, args.threads, args.rounds) if pairs else []
+    lines = [line for t in args.thread_counts for line in latency_table(pairs, runtimes, t, args.rounds)] if pairs else []
     variants = [v for pair in pairs for v in pair]
     this_run = {"command": shlex.join(["python", *sys.argv]), "models": args.models.split(",")}
     runs = [*runs, this_run]
     provenance = [f"# rows for {', '.join(r['models'])} from an earlier run: {r['command']}" for r in runs[:-1]]
-    text = "\n".join(header(args, variants) + provenance + lines + list(bsr_lines)) + "\n"
+    text = "\n".join(header(args, variants) + provenance + lines + list(reuse_lines) + list(bsr_lines)) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.results, text)
-    atomic_write_text(out / "latency.json", json.dumps({"command": sys.argv, "runs": runs, "threads": args.threads,
+    atomic_write_text(out / "latency.json", json.dumps({"command": sys.argv, "runs": runs, "threads": args.thread_counts,
                                                          "models": [asdict(v) for v in variants], "bsr": list(bsr),
-                                                         "bsr_model": list(bsr_model)}, indent=1))
+                                                         "bsr_model": list(bsr_model), "reuse": list(reuse)},
+                                                        indent=1))
     return text
 
 
@@ -606,13 +738,16 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    # tuning measures in this process's children: at the thread count every runtime is timed with
-    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    # tuning measures in this process's children: at the largest thread count, the one it tunes for
+    os.environ["TVM_NUM_THREADS"] = str(max(args.thread_counts))
     out, runtimes = Path(args.out), selected_runtimes(args)
+    if args.retime:
+        return print("\n" + retime(args, out, runtimes))
     kept, runs = earlier_rows(out, set(args.models.split(","))) if args.merge else ([], [])
     pairs = [] if args.bsr_only else measure_models(args, out, runtimes, kept, runs)
+    reuse_lines, reuse = reuse_table(args, out) if args.reuse_model and not args.bsr_only else ([], [])
     bsr_lines, bsr, bsr_model = ([], [], []) if args.no_bsr else bsr_tables(args, out)
-    text = write_results(args, out, pairs, runtimes, bsr_lines, bsr, bsr_model, runs)
+    text = write_results(args, out, pairs, runtimes, bsr_lines, bsr, bsr_model, runs, reuse_lines, reuse)
     # meta-schedule prints its task tables to stdout while tuning: the tables also go to a file
     print("\n" + text)
 

@@ -559,6 +559,15 @@ def _search_strategy(trials_per_task: int) -> ms.search_strategy.EvolutionarySea
                                                  init_min_unmeasured=min(50, population // 4))
 
 
+def _chunk_strategy() -> ms.search_strategy.EvolutionarySearch:
+    """The search for one chunk of a time-budgeted run: a small population and one round of
+    evolution. The default four rounds over 128 candidates took 24 s of a chunk's 34 s on 2
+    cores, ranking candidates with a cost model that has seen a handful of measurements; spent
+    on measuring instead, a 4-minute budget on a pruned ResNet-18 tuned 15 of 23 tasks (120
+    trials) instead of 8 (64 trials), and the model ran in 66 ms instead of 111 ms."""
+    return ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=16, genetic_num_iters=1)
+
+
 def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
          work_dir: str | os.PathLike | None = None, trials_per_task: int | None = None,
          incremental: bool = True, rpc_tracker: str | None = None, rpc_key: str | None = None,
@@ -606,9 +615,9 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     def run(phase: list[int], budget: int) -> None:
         """Tune ``todo[k]`` for each ``k`` in ``phase``, ``budget`` trials each."""
         recorder.phase = phase
+        strategy = _search_strategy(budget) if minutes is None else _chunk_strategy()
         contexts, weights = tune_contexts([tasks[todo[k]] for k in phase], loggers,
-                                          space=_space_generator(resolved.target),
-                                          strategy=_search_strategy(budget), seed=seed)
+                                          space=_space_generator(resolved.target), strategy=strategy, seed=seed)
         ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
                       max_trials_global=len(phase) * budget, max_trials_per_task=budget,
                       num_trials_per_iter=min(64, budget), builder=builder,
