@@ -18,6 +18,11 @@ FLOP than a dense one.  So the budget is met against measurements:
    misses what it cannot see (fusion, memory traffic between layers, the layers without
    weights), so the layers' budget is shifted by the measured miss and the selection
    repeated, until the measured latency is within ``tolerance`` of the budget.
+
+One-shot pruning does this once (:func:`meet_latency`); the OTO optimizers choose under a
+:class:`LatencyPlan` at every pruning period: partial budgets (the schedule's way from the
+dense latency to the budget) from the table alone, the whole budget with the correction, so
+the units a training run ends with meet the budget as compiled.
 """
 from __future__ import annotations
 
@@ -188,12 +193,14 @@ class LatencyModel:
 
 
 def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budget_ms: float,
-                       levels: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+                       levels: Sequence[Sequence[int]],
+                       protect: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     """Removal masks whose predicted layer time is at most ``budget_ms``, losing the least score per ms.
 
     ``levels[i]``: the kept widths group ``i`` may step down through, largest first (its
-    floor and multiple applied).  Units go lowest score first within a group.  Stops short
-    of the budget only when no step left saves anything predicted.
+    floor and multiple applied).  Units go lowest score first within a group (a score of
+    ``-inf`` forces a unit first); a step that would take a unit ``protect[i]`` marks is
+    never taken.  Stops short of the budget only when no step left saves anything predicted.
     """
     groups = model.groups
     removed = [0] * len(groups)
@@ -201,6 +208,7 @@ def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budg
     step = [0] * len(groups)  # next index into levels[i]
     current = model.predict(removed)
     flat = [s.detach().double().flatten() for s in scores]
+    guarded = [None if p is None or not bool(p.any()) else p.flatten() for p in (protect or [None] * len(groups))]
 
     def candidate(i: int) -> tuple[float, int, float] | None:
         """Group ``i``'s next step as (score lost per ms saved, step index, ms saved). On a plateau of the
@@ -208,6 +216,8 @@ def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budg
         step that does."""
         for j in range(step[i], len(levels[i])):
             more = groups[i].size - levels[i][j] - removed[i]
+            if guarded[i] is not None and bool(guarded[i][orders[i][removed[i]:removed[i] + more]].any()):
+                return None  # this step and every deeper one would take a protected unit
             saved = model.saving(removed, i, more)
             if saved > 1e-12:
                 return float(flat[i][orders[i][removed[i]:removed[i] + more]].sum()) / saved, j, saved
@@ -249,43 +259,96 @@ class LatencyRun:
         return self.rounds[-1]["measured_ms"] if self.rounds else self.dense_ms
 
 
+class LatencyPlan:
+    """A latency budget for a model whose weights change while it is pruned: the table
+    (:class:`LatencyModel`), each group's allowed widths, and a way to time a compact model.
+
+    :meth:`select` chooses for any share of the way from the dense latency to the budget
+    (the OTO optimizers' schedule; one-shot pruning asks for the whole way at once). The
+    time outside the table's layers is learnt from each measurement and kept for the next
+    choice, so a training run's later periods start from the last correction.
+    """
+
+    def __init__(self, model: LatencyModel, levels: Sequence[Sequence[int]], measure: MeasureMasks,
+                 tolerance: float = 0.05, rounds: int = 6) -> None:
+        self.model, self.levels, self.measure = model, list(levels), measure
+        self.tolerance, self.rounds = tolerance, rounds
+        self.dense_ms = measure([torch.zeros(g.size, dtype=torch.bool) for g in model.groups])
+        self.other_ms = self.dense_ms - model.predict([0] * len(model.groups))  # the rest assumed unchanged
+        self.run: LatencyRun | None = None
+        self.table: LatencyTable | None = None  # where the layer times came from, when measured here
+
+    def budget(self, budget_ms: float, progress: float = 1.0) -> float:
+        """The budget ``progress`` of the way from the dense latency to ``budget_ms``."""
+        return self.dense_ms - progress * max(self.dense_ms - budget_ms, 0.0)
+
+    def select(self, scores: Sequence[torch.Tensor], budget_ms: float, progress: float = 1.0,
+               protect: Sequence[torch.Tensor | None] | None = None, measured: bool = True) -> list[torch.Tensor]:
+        """Masks for ``progress`` of the way to ``budget_ms``: predicted from the table alone
+        below the whole way or when not ``measured`` (a probe); for the whole way, compiled and
+        timed until within ``tolerance`` (or the closest of ``rounds`` tries, preferring one
+        under budget), recorded in :attr:`run`."""
+        goal = self.budget(budget_ms, progress)
+        if progress < 1.0 or not measured:
+            return select_for_latency(self.model, scores, max(goal - self.other_ms, 0.0), self.levels, protect)
+        self.run = run = LatencyRun(budget_ms, self.dense_ms)
+        if budget_ms >= self.dense_ms:
+            return [torch.zeros(g.size, dtype=torch.bool) for g in self.model.groups]
+        best: tuple[float, list[torch.Tensor]] | None = None
+        for _ in range(self.rounds):
+            layer_budget = goal - self.other_ms
+            masks = select_for_latency(self.model, scores, max(layer_budget, 0.0), self.levels, protect)
+            measured = self.measure(masks)
+            predicted = self.model.predict([int(m.sum()) for m in masks])
+            run.rounds.append({"layer_budget_ms": layer_budget, "predicted_layers_ms": predicted,
+                               "measured_ms": measured})
+            miss = abs(measured - goal) / goal
+            rank = (miss if measured <= goal * (1 + self.tolerance) else 1.0 + miss)
+            if best is None or rank < best[0]:
+                best = (rank, masks)
+            if miss <= self.tolerance:
+                break
+            self.other_ms += measured - goal
+        assert best is not None
+        if best[0] > 1.0:
+            raise UnprunableTargetError(
+                f"latency budget {goal:.3f} ms not reached: the closest of {len(run.rounds)} compiled "
+                f"models measured {min(r['measured_ms'] for r in run.rounds):.3f} ms (dense {self.dense_ms:.3f} ms)",
+                hint="raise the budget, or lower the floor (min_fraction/min_units) that keeps layers wide")
+        final = best[1]
+        if final is not masks:  # report the kept masks' measurement last
+            run.rounds.append({"layer_budget_ms": goal - self.other_ms,
+                               "predicted_layers_ms": self.model.predict([int(m.sum()) for m in final]),
+                               "measured_ms": self.measure(final)})
+        return final
+
+    @classmethod
+    def for_graph(cls, g, groups: Sequence[Group], target, codegen: str = "x86",
+                  tuning_db: str | None = None) -> "LatencyPlan":
+        """The plan for traced graph ``g`` on ``codegen``: its layers measured (or read from the table
+        cached beside the tuning database), compact models compiled and timed with that database."""
+        from graphprune.codegen import layer_latency  # TVM on use only
+        from graphprune.target import kept_widths
+
+        table = LatencyTable(lambda layer, cin, cout: layer_latency.measure_layer(layer, cin, cout, codegen, tuning_db),
+                             layer_latency.table_path(codegen, tuning_db), codegen)
+        model = LatencyModel(graph_layers(g.ir), groups, table)
+        example = g.example[0]
+        measure = measure_masks_fn(g, lambda compact: layer_latency.measure_model(compact, example, codegen, tuning_db))
+        plan = cls(model, [kept_widths(grp, target) for grp in groups], measure)
+        plan.table = table
+        return plan
+
+
 def meet_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budget_ms: float,
                  levels: Sequence[Sequence[int]], measure: MeasureMasks, tolerance: float = 0.05,
                  rounds: int = 6) -> tuple[list[torch.Tensor], LatencyRun]:
-    """Masks whose compiled model measures within ``tolerance`` of ``budget_ms`` (or the closest
-    of ``rounds`` tries, preferring one under budget), and the record of the rounds."""
-    dense = measure([torch.zeros(g.size, dtype=torch.bool) for g in model.groups])
-    run = LatencyRun(budget_ms, dense)
-    if budget_ms >= dense:
-        return [torch.zeros(g.size, dtype=torch.bool) for g in model.groups], run
-    layers_full = model.predict([0] * len(model.groups))
-    layer_budget = budget_ms - (dense - layers_full)  # the rest of the model assumed unchanged
-    best: tuple[float, list[torch.Tensor]] | None = None
-    for _ in range(rounds):
-        masks = select_for_latency(model, scores, max(layer_budget, 0.0), levels)
-        measured = measure(masks)
-        predicted = model.predict([int(m.sum()) for m in masks])
-        run.rounds.append({"layer_budget_ms": layer_budget, "predicted_layers_ms": predicted,
-                           "measured_ms": measured})
-        miss = abs(measured - budget_ms) / budget_ms
-        rank = (miss if measured <= budget_ms * (1 + tolerance) else 1.0 + miss)
-        if best is None or rank < best[0]:
-            best = (rank, masks)
-        if miss <= tolerance:
-            break
-        layer_budget += budget_ms - measured
-    assert best is not None
-    if best[0] > 1.0:
-        raise UnprunableTargetError(
-            f"latency budget {budget_ms:.3f} ms not reached: the closest of {len(run.rounds)} compiled "
-            f"models measured {min(r['measured_ms'] for r in run.rounds):.3f} ms (dense {dense:.3f} ms)",
-            hint="raise the budget, or lower the floor (min_fraction/min_units) that keeps layers wide")
-    final = best[1]
-    if final is not masks:  # report the kept masks' measurement last
-        run.rounds.append({"layer_budget_ms": layer_budget,
-                           "predicted_layers_ms": model.predict([int(m.sum()) for m in final]),
-                           "measured_ms": measure(final)})
-    return final, run
+    """Masks whose compiled model measures within ``tolerance`` of ``budget_ms`` (see
+    :meth:`LatencyPlan.select`), and the record of the rounds."""
+    plan = LatencyPlan(model, levels, measure, tolerance, rounds)
+    masks = plan.select(scores, budget_ms)
+    assert plan.run is not None
+    return masks, plan.run
 
 
 def measure_masks_fn(g, measure_model: Callable[[object], float]) -> MeasureMasks:
@@ -295,5 +358,5 @@ def measure_masks_fn(g, measure_model: Callable[[object], float]) -> MeasureMask
     return measure
 
 
-__all__ = ["GRID", "LatencyModel", "LatencyRun", "LatencyTable", "graph_layers", "meet_latency",
+__all__ = ["GRID", "LatencyModel", "LatencyPlan", "LatencyRun", "LatencyTable", "graph_layers", "meet_latency",
            "measure_masks_fn", "select_for_latency"]

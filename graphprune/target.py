@@ -76,6 +76,9 @@ class Target:
     multiple: int | None = None
     slack: float = 0.005
     min_fraction: float = 0.25
+    #: a latency target's share of the way from the dense latency to ``latency_ms`` (a training
+    #: schedule's partial target, see :meth:`scaled`); 1 is the whole budget
+    progress: float = 1.0
 
     def __post_init__(self) -> None:
         given = [k for k in ("groups", "params", "flops", "latency_ms") if getattr(self, k) is not None]
@@ -102,6 +105,8 @@ class Target:
                                         hint="e.g. min_fraction=0.25 keeps a quarter of every group; 0 turns it off")
         if isinstance(self.slack, bool) or not isinstance(self.slack, (int, float)) or not 0.0 <= self.slack < 1.0:
             raise UnprunableTargetError(f"Target slack={self.slack!r} must be a fraction in [0, 1)")
+        if not 0.0 < self.progress <= 1.0 or (self.progress != 1.0 and self.latency_ms is None):
+            raise UnprunableTargetError(f"Target progress={self.progress!r} must be in (0, 1], and only with latency_ms")
 
     @property
     def kind(self) -> Kind:
@@ -156,8 +161,17 @@ class Target:
         return self if self.multiple is not None else replace(self, multiple=multiple)
 
     def scaled(self, factor: float) -> "Target":
-        """The same target with its fraction multiplied by ``factor`` (a schedule's partial target)."""
+        """The same target with its fraction multiplied by ``factor`` (a schedule's partial target);
+        for a latency budget, ``factor`` of the way from the dense latency to it (:attr:`progress`)."""
+        if self.kind == "latency":
+            return replace(self, progress=self.progress * factor)
         return replace(self, **{self.kind: self.fraction * factor})
+
+    def covers(self, other: "Target") -> bool:
+        """Whether this (partial) target reaches at least as far as ``other`` of the same kind."""
+        if self.kind == "latency":
+            return self.progress >= other.progress
+        return self.fraction >= other.fraction
 
     @classmethod
     def coerce(cls, x: "Target | float | int") -> "Target":
@@ -171,7 +185,7 @@ class Target:
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={getattr(self, k)}" for k, d in (("min_units", 1), ("multiple", None), ("slack", 0.005),
-                                                                  ("min_fraction", 0.25))
+                                                                  ("min_fraction", 0.25), ("progress", 1.0))
                         if getattr(self, k) != d)
         value = f"latency_ms={self.latency_ms:g}" if self.kind == "latency" else f"{self.kind}={self.fraction:g}"
         return f"Target({value}{extra})"

@@ -19,6 +19,7 @@ from torch import nn
 
 from graphprune.analysis.groups import Group
 from graphprune.errors import NumericalError, UnprunableTargetError
+from graphprune.latency import LatencyPlan
 from graphprune.optim.saliency import saliency, unit_criteria
 from graphprune.target import Target, achieved, select_units
 
@@ -96,11 +97,17 @@ class GroupOptimizer(torch.optim.Optimizer):
     (keep ``g.groups`` first: H2SPG's hierarchy indexes them).  Block units remove nothing
     in ``construct_subnet``; their zeros are for the block-sparse kernels of
     ``graphprune.codegen.build(..., sparse="auto")``.
+
+    A latency budget (``Target(latency_ms=...)``) is met as compiled: units are chosen under
+    ``latency``, a :class:`graphprune.latency.LatencyPlan` (default: measured for this CPU,
+    ``LatencyPlan.for_graph(g, groups, target)``), from its layer table while the schedule
+    is part-way and with the compact model compiled and timed for the whole budget.
     """
 
     def __init__(self, g: PrunableGraph, lr: float, *, target: Target | float = 0.5, variant: str = "sgd",
                  momentum: float = 0.9, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, check_finite: bool = True, groups: Sequence[Group] | None = None) -> None:
+                 eps: float = 1e-8, check_finite: bool = True, groups: Sequence[Group] | None = None,
+                 latency: LatencyPlan | None = None) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if variant not in ("sgd", "adamw"):
@@ -125,6 +132,11 @@ class GroupOptimizer(torch.optim.Optimizer):
         self.history: list[dict[str, Any]] = []
         self.last_loss: float | None = None
         self.param_macs: dict[str, float] = dict(g.param_macs)  # exact FLOPs accounting of overlaps
+        if latency is not None and self.target.kind != "latency":
+            raise ValueError(f"latency= is the plan for a Target(latency_ms=...); the target is {self.target!r}")
+        self.latency = latency
+        if self.target.kind == "latency" and latency is None:
+            self.latency = LatencyPlan.for_graph(g, self.groups, self.target)
 
     # ---- the step -----------------------------------------------------------------
 
@@ -239,9 +251,13 @@ class GroupOptimizer(torch.optim.Optimizer):
         rank; intermediate probes pass False so ranks need not make the same number of calls.
         """
         scores = [s.detach().cpu().double().masked_fill(m, float("-inf")) for s, m in zip(scores, self.masks)]
-        masks = select_units(self.groups, scores, target, total_params=getattr(self.graph, "total_params", None),
-                             total_flops=getattr(self.graph, "total_flops", None), protect=protect,
-                             params=self.named, param_macs=self.param_macs)
+        if target.kind == "latency":  # a probe (not broadcast) is predicted, a decision is also timed
+            assert self.latency is not None
+            masks = self.latency.select(scores, target.latency_ms, target.progress, protect, measured=broadcast)
+        else:
+            masks = select_units(self.groups, scores, target, total_params=getattr(self.graph, "total_params", None),
+                                 total_flops=getattr(self.graph, "total_flops", None), protect=protect,
+                                 params=self.named, param_macs=self.param_macs)
         if broadcast:
             masks = broadcast_masks(masks, self.named)
         return [m | old for m, old in zip(masks, self.masks)]

@@ -43,6 +43,9 @@ class H2SPG(DHSPG):
     def __init__(self, g: PrunableGraph, lr: float = 0.1, *, target: Target | float = 0.5,
                  candidates: Sequence[Candidate] | Callable[[Any], Sequence[Candidate]] | None = None,
                  connected: Callable[[list[torch.Tensor]], bool] | None = None, **kwargs: Any) -> None:
+        if Target.coerce(target).kind == "latency":
+            raise UnprunableTargetError("H2SPG's hierarchical search lands on a fraction to remove, not a latency budget",
+                                        hint="use HESSO or DHSPG with Target(latency_ms=...)")
         super().__init__(g, lr, target=target, **kwargs)
         if candidates is None and hasattr(g, "hierarchy"):
             # whole erasable groups (residual branches) first-class, single units as well

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 
 from graphprune.errors import UnprunableTargetError
-from graphprune.optim.base import GroupOptimizer, broadcast_masks
+from graphprune.optim.base import GroupOptimizer
 from graphprune.target import Target
 
 if TYPE_CHECKING:
@@ -76,14 +76,12 @@ class HESSO(GroupOptimizer):
         (all of a ViT's MLP channels rank below its heads), the last one could only
         overshoot with a whole head."""
         protect = list(protect) if protect is not None else self._empty()
+        if target.covers(self.target):  # the last period: the whole target is the choice
+            return self.select(scores, self.target, protect=protect, broadcast=broadcast)
         try:
             plan = self.select(scores, self.target, protect=protect, broadcast=False)
         except UnprunableTargetError:
-            if target.fraction >= self.target.fraction:
-                raise
             return self.select(scores, target, protect=protect, broadcast=broadcast)  # protected too much to plan
-        if target.fraction >= self.target.fraction:
-            return broadcast_masks(plan, self.named) if broadcast else plan
         return self.select(scores, target, protect=[p | ~m for p, m in zip(protect, plan)], broadcast=broadcast)
 
     def _held(self) -> list[torch.Tensor]:

@@ -36,13 +36,13 @@ from torch import nn
 from graphprune.analysis.groups import Group
 from graphprune.errors import GraphPruneError, UnprunableTargetError
 from graphprune.frontends.onnx_program import GraphProgram
-from graphprune.latency import LatencyModel, LatencyRun, LatencyTable, graph_layers, measure_masks_fn, meet_latency
+from graphprune.latency import LatencyPlan, LatencyRun
 from graphprune.optim.calibrated import absorb_means
 from graphprune.optim.calibration import Calibration, calibrate
 from graphprune.optim.obspa import Activation, GraphRoutes, InputMoments, compensate, consumer_moments
 from graphprune.optim.scoring import CALIBRATED, Normalize, normalize, score
 from graphprune.optim.uniform import select_uniform
-from graphprune.target import Target, achieved, kept_widths, select_units
+from graphprune.target import Target, achieved, select_units
 
 if TYPE_CHECKING:
     from graphprune.prunable import PrunableGraph
@@ -254,17 +254,11 @@ _normalize = normalize  # `prune`'s keyword shadows the function's name
 def _select_latency(g: PrunableGraph, groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Target,
                     codegen: str, tuning_db: str | None) -> tuple[list[torch.Tensor], LatencyRun]:
     """Masks meeting ``target.latency_ms`` as measured on ``codegen`` (see :mod:`graphprune.latency`)."""
-    from graphprune.codegen import layer_latency  # TVM on use only
-
-    measure_layer, measure_model = layer_latency.measure_layer, layer_latency.measure_model
-    table = LatencyTable(lambda layer, cin, cout: measure_layer(layer, cin, cout, codegen, tuning_db),
-                         layer_latency.table_path(codegen, tuning_db), codegen)
-    model = LatencyModel(graph_layers(g.ir), groups, table)
-    example = g.example[0]
-    measure = measure_masks_fn(g, lambda compact: measure_model(compact, example, codegen, tuning_db))
-    levels = [kept_widths(grp, target) for grp in groups]
-    masks, run = meet_latency(model, scores, target.latency_ms, levels, measure)
-    run.layers_measured, run.layers_cached = table.measured, len(table.entries) - table.measured
+    plan = LatencyPlan.for_graph(g, groups, target, codegen, tuning_db)
+    masks = plan.select(scores, target.latency_ms)
+    run = plan.run
+    assert run is not None and plan.table is not None
+    run.layers_measured, run.layers_cached = plan.table.measured, len(plan.table.entries) - plan.table.measured
     return masks, run
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.errors import UnprunableTargetError
-from graphprune.latency import LatencyModel, LatencyTable, graph_layers, meet_latency, select_for_latency
+from graphprune.latency import LatencyModel, LatencyPlan, LatencyTable, graph_layers, meet_latency, select_for_latency
 from graphprune.target import kept_widths
 
 
@@ -127,3 +127,46 @@ def test_latency_target_is_a_budget_not_a_fraction():
             gp.Target(latency_ms=bad)
     with pytest.raises(UnprunableTargetError, match="exactly one"):
         gp.Target(flops=0.5, latency_ms=3.0)
+
+
+@pytest.mark.parametrize("method", ["hesso", "dhspg"])
+def test_oto_optimizers_train_to_a_latency_budget(method):
+    """The OTO optimizers take a latency target as their target: part-way periods choose from
+    the table, the whole budget is corrected against the (synthetic) compiled model, and the
+    trained model's compact form is within 5% of the budget and equal to the zeroed model."""
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    g = gp.trace(net, (x,), verify=False)
+    model, _ = model_for(g)
+    whole = lambda masks: 0.5 + 1.3 * model.predict([int(m.sum()) for m in masks])  # noqa: E731
+    target = gp.Target(latency_ms=1.0, multiple=8, min_fraction=0)
+    plan = LatencyPlan(model, [kept_widths(grp, target) for grp in g.groups], whole)
+    target = gp.Target(latency_ms=0.6 * plan.dense_ms, multiple=8, min_fraction=0)
+    seen: list[tuple[float, float]] = []
+    select = plan.select
+    plan.select = lambda *a, **k: (lambda m: seen.append((a[2] if len(a) > 2 else k.get("progress", 1.0), whole(m)))
+                                   or m)(select(*a, **k))
+    if method == "hesso":
+        opt = gp.HESSO(g, lr=0.01, target=target, latency=plan, pruning_steps=4, pruning_periods=2)
+    else:
+        opt = gp.DHSPG(g, lr=0.01, target=target, latency=plan, warmup_steps=1, pruning_steps=3)
+    y = torch.randn(2, 10)
+    for _ in range(opt.window_end + 1):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+    assert abs(whole(opt.masks) / target.latency_ms - 1) <= 0.05
+    assert plan.run is not None and plan.run.rounds  # the whole budget was measured
+    if method == "hesso":  # the first period went part of the way: between the dense model and the budget
+        first = next(ms for progress, ms in seen if progress < 1.0)
+        assert target.latency_ms < first < plan.dense_ms
+    compact = g.construct_subnet()
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_h2spg_says_it_does_not_take_a_latency_budget(mobilenet):
+    _, g = mobilenet
+    with pytest.raises(UnprunableTargetError, match="latency budget"):
+        gp.H2SPG(g, target=gp.Target(latency_ms=1.0))
