@@ -15,6 +15,7 @@ from graphprune.frontends.batch_general import BatchSize, NotBatchGeneral, batch
 from graphprune.frontends.torch_record import record_call
 from graphprune.rel_error import max_rel_error
 from tests.analysis import hf_models
+from tests.frontends.test_torch_record import CachedTable
 from tests.helpers import zero_random_half
 
 OTHER_BATCHES = (1, 3, 5)
@@ -56,6 +57,8 @@ MODELS = {
     "bert": hf_models.bert,
     "llama_gqa": hf_models.llama_gqa,
     "flatten_batch": lambda: (FlattenBatch(), (torch.randn(2, 3, 4, 4),)),
+    # caches a table on its first call: each batch is recorded on a fresh copy of the model
+    "cached_table": lambda: (CachedTable(), (torch.randn(2, 5, 6),)),
 }
 
 
