@@ -32,10 +32,10 @@ def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shap
                  recorder: bool, notes: list[str]) -> tuple[Graph, TorchBackend]:
     """The IR (recorded, or from ``torch.export`` where recording fails) and the backend.
     Both run copies of ``model`` (:mod:`.frontends.model_copy`); export's is warmed by one
-    call on the example, made on first need.  A recording at a batch of one is also what
-    compact modules are lowered from (:mod:`.frontends.torch_replay`): nothing is exported
-    unless verification finds the replay does not reproduce the model.  At a batch over one
-    the program must take any batch (:mod:`.frontends.batch_general`): where the
+    call on the example, made on first need.  The recording is also what compact modules
+    are lowered from (:mod:`.frontends.torch_replay`): nothing is exported unless
+    verification finds the replay does not reproduce the model.  At a batch over one the
+    program must take any batch (:mod:`.frontends.batch_general`): where the
     recordings at other batches cannot show how, the model is exported with a dynamic
     batch, and the notes say why.  ``notes`` gets what the summary should say about how
     the model was captured."""
@@ -161,8 +161,10 @@ def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None
     withdrawn (see ``summary()``) if it is not.
 
     A PyTorch model is analysed from a recording of its ATen ops on meta tensors (fast, see
-    :mod:`.frontends.torch_record`) and exported with ``torch.export`` when a compact model
-    is first needed; ``recorder=False`` (or a model the recorder cannot run) exports at once.
+    :mod:`.frontends.torch_record`), which is also replayed as the program compact models
+    are lowered from, at any batch (:mod:`.frontends.batch_general`); where it cannot be,
+    the model is exported with ``torch.export`` when a compact model is first needed (the
+    notes say why); ``recorder=False`` (or a model the recorder cannot run) exports at once.
     ``dynamic_shapes`` (torch.export's) also exports at once.
     """
     args, kwargs = _as_args(example_inputs, example_kwargs)
