@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .analysis import analyse
 from .errors import UnsupportedModelError, VerificationError
@@ -27,23 +28,18 @@ def _as_args(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, d
     return (example_inputs,), dict(example_kwargs or {})
 
 
-def _batch_of_one(args: tuple, kwargs: dict) -> bool:
-    """Whether no tensor input has a batch over 1: export specialises such an example to
-    static shapes, as a replayed recording is (a larger batch is exported, dynamic)."""
-    from torch.utils import _pytree as pytree
-
-    return all(t.dim() == 0 or t.shape[0] <= 1
-               for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
-
-
 def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
                  recorder: bool, notes: list[str]) -> tuple[Graph, TorchBackend]:
     """The IR (recorded, or from ``torch.export`` where recording fails) and the backend.
     Both run copies of ``model`` (:mod:`.frontends.model_copy`); export's is warmed by one
-    call on the example, made on first need.  A recording at a batch of one is also what
-    compact modules are lowered from (:mod:`.frontends.torch_replay`): nothing is exported
-    unless verification finds the replay does not reproduce the model.  ``notes`` gets
-    what the summary should say about how the model was captured."""
+    call on the example, made on first need.  The recording is also what compact modules
+    are lowered from (:mod:`.frontends.torch_replay`): nothing is exported unless
+    verification finds the replay does not reproduce the model.  At a batch over one the
+    program must take any batch (:mod:`.frontends.batch_general`): where the
+    recordings at other batches cannot show how, the model is exported with a dynamic
+    batch, and the notes say why.  ``notes`` gets what the summary should say about how
+    the model was captured."""
+    from .frontends.batch_general import NotBatchGeneral, batch_general, example_batch
     from .frontends.model_copy import UncopyableModel, shared_copy, warm_copy
     from .frontends.torch_export import export_model, from_exported
     from .frontends.torch_record import RecordingFailed, record_call
@@ -85,17 +81,39 @@ def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shap
             notes.append(f"captured with torch.export (fake tensors): the meta-tensor recording failed: {exc}")
         else:
             replay = None
-            if _batch_of_one(args, kwargs):
-                try:
-                    replay = replay_program(rec, model)
-                except ReplayFailed as exc:
-                    log.info("replaying the recording of %s failed (%s): emitting from torch.export",
-                             type(model).__name__, exc)
+            batch = example_batch(args, kwargs)
+            try:
+                general = None
+                if batch is None and any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] > 1
+                                         for t in pytree.tree_leaves((args, kwargs))):
+                    raise NotBatchGeneral("the tensor inputs have different first dimensions: no one batch")
+                if batch is not None and batch > 1:
+                    general = batch_general(rec, batch, lambda b: record_call(_fresh(model, cold), args, kwargs, b))
+                replay = replay_program(rec, model, general)
+            except NotBatchGeneral as exc:
+                log.info("the recording of %s is not batch-general (%s): emitting from torch.export",
+                         type(model).__name__, exc)
+                notes.append(f"emitted from torch.export (dynamic batch): the recording is not batch-general: {exc}")
+            except ReplayFailed as exc:
+                log.info("replaying the recording of %s failed (%s): emitting from torch.export",
+                         type(model).__name__, exc)
             return rec.graph, TorchBackend(export, runner, replay=replay, reference=reference)
         finally:
             cold.train(was_training)
     backend = TorchBackend(export, runner, settled=True)
     return from_exported(backend.exported, backend.runner), backend
+
+
+def _fresh(model: torch.nn.Module, cold: torch.nn.Module) -> torch.nn.Module:
+    """A new copy of ``model`` in eval mode to record at another batch (what the first
+    recording cached on ``cold`` would be a tensor the recorder cannot name); ``cold``
+    itself where the model cannot be copied."""
+    from .frontends.model_copy import UncopyableModel, shared_copy
+
+    try:
+        return shared_copy(model).eval()
+    except UncopyableModel:
+        return cold
 
 
 def _verify_torch(pg: PrunableGraph, backend: TorchBackend, notes: list[str]) -> None:
@@ -143,8 +161,10 @@ def trace(model: Any, example_inputs: Any = None, *, example_kwargs: dict | None
     withdrawn (see ``summary()``) if it is not.
 
     A PyTorch model is analysed from a recording of its ATen ops on meta tensors (fast, see
-    :mod:`.frontends.torch_record`) and exported with ``torch.export`` when a compact model
-    is first needed; ``recorder=False`` (or a model the recorder cannot run) exports at once.
+    :mod:`.frontends.torch_record`), which is also replayed as the program compact models
+    are lowered from, at any batch (:mod:`.frontends.batch_general`); where it cannot be,
+    the model is exported with ``torch.export`` when a compact model is first needed (the
+    notes say why); ``recorder=False`` (or a model the recorder cannot run) exports at once.
     ``dynamic_shapes`` (torch.export's) also exports at once.
     """
     args, kwargs = _as_args(example_inputs, example_kwargs)

@@ -267,8 +267,23 @@ def _forward_arg_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> tup
     return tuple(names) + tuple(kwargs)
 
 
-def record_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Recording:
-    """:func:`record`, with the call's structure for replaying the graph."""
+def _meta_input(leaf: torch.Tensor, batch: int | None) -> torch.Tensor:
+    """A meta tensor like ``leaf``, its first dimension ``batch`` where given (a dense
+    contiguous or channels-last input: the recording at another batch must see the
+    layout the example has, or ``reshape`` may record other ops)."""
+    if batch is None or leaf.dim() == 0:
+        return torch.empty_like(leaf, device="meta")
+    shape = (batch, *leaf.shape[1:])
+    if leaf.is_contiguous():
+        return torch.empty(shape, dtype=leaf.dtype, device="meta")
+    if leaf.dim() == 4 and leaf.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty(shape, dtype=leaf.dtype, device="meta", memory_format=torch.channels_last)
+    raise RecordingFailed(f"an input of strides {leaf.stride()} cannot be recorded at another batch")
+
+
+def record_call(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | None = None) -> Recording:
+    """:func:`record`, with the call's structure for replaying the graph; ``batch``
+    records as if every tensor input's first dimension were that (see :mod:`.batch_general`)."""
     from torch._dispatch.python import enable_python_dispatcher
 
     names: dict[int, str] = {}
@@ -303,8 +318,8 @@ def record_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Recording:
             name = f"input_{name}" if name[0].isdigit() else name
             while name in values:
                 name += "_input"
-            meta = torch.empty_like(leaf, device="meta")
-            values[name] = Value(name, tuple(leaf.shape), leaf.dtype, "input", None, name)
+            meta = _meta_input(leaf, batch)
+            values[name] = Value(name, tuple(meta.shape), leaf.dtype, "input", None, name)
             names[id(meta)] = name
             inputs.append(name)
             in_leaves.append(name)

@@ -1,5 +1,4 @@
-"""The recorded graph as a runnable fx program: what compact modules are lowered from
-when the model was recorded at a batch of one.
+"""The recorded graph as a runnable fx program: what compact modules are lowered from.
 
 ``torch.export`` cost 0.9 s of resnet50's 2 s default path (and more on a ViT) only to
 rebuild, with fake tensors, the graph the recorder (:mod:`.torch_record`) had already
@@ -9,12 +8,15 @@ name (so the analysis is the program's own and nothing is re-analysed), the weig
 and lifted constants as attributes at the user's paths, and the call and output
 structure of the model's forward (pytree codegen, as export's unlifted module has).
 
-Every shape in a recording is the example's: the program is specialised to it, as
-export specialises a batch of one.  :func:`.trace` therefore replays only recordings at
-a batch of one (an example with a larger batch is exported, for a dynamic batch), and
-verification checks the replayed program against the user's model; a program that does
-not reproduce it is a capture problem and the model is exported instead.  Anything this
-module cannot build raises :class:`ReplayFailed`, which also sends the model to export.
+Every shape in a recording is the example's.  At a batch of one the program is
+specialised to it, as export specialises a batch of one.  At a larger batch,
+:mod:`.batch_general` finds which recorded integers are the batch, and the program
+computes those from its input's first dimension (``x.size(0) * 197``), so it takes any
+batch as export's dynamic-batch program does; where that cannot be shown, :func:`.trace`
+exports the model instead.  Verification checks the replayed program against the user's
+model; a program that does not reproduce it is a capture problem and the model is
+exported instead.  Anything this module cannot build raises :class:`ReplayFailed`, which
+also sends the model to export.
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ..ir.graph import Ref
+from ..ir.graph import Graph, Ref
 from ..lower.torch import TorchProgram
+from .batch_general import BatchGeneral, BatchSize
 from .torch_record import Recording
 
 
@@ -42,9 +45,39 @@ def _codegen(rec: Recording) -> Any:
     return _PyTreeCodeGen(_PyTreeInfo(list(rec.call.arg_names), rec.call.in_spec, rec.call.out_spec))
 
 
-def _template(rec: Recording, model: torch.nn.Module) -> tuple[torch.fx.Graph, dict[str, str], dict[str, torch.Tensor]]:
-    """The fx graph of the recording, each fixed value's attribute path, and what each
-    attribute holds (the user's tensors: lowering replaces them by the plan's slices)."""
+class _Sizes:
+    """The fx nodes that compute batch-dependent sizes: ``sym_size(x, 0)`` of the batch's
+    input, times and plus constants (as export writes a dynamic size, so
+    :func:`graphprune.lower.torch._sizes_as_methods` makes them ``x.size(0)`` for ONNX), each
+    made once, where first needed, under a name no recorded value has."""
+
+    def __init__(self, g: torch.fx.Graph, ir: Graph, source: torch.fx.Node) -> None:
+        self.g, self.ir, self.source = g, ir, source
+        self.made: dict[tuple[int, int], torch.fx.Node] = {}
+
+    def _new(self, target: Any, args: tuple) -> torch.fx.Node:
+        name = f"batch_size_{len(self.made)}"
+        while name in self.ir.values:
+            name += "_"
+        return self.g.create_node("call_function", target, args, name=name)
+
+    def node(self, size: BatchSize) -> torch.fx.Node:
+        key = (size.k, size.c)
+        if key not in self.made:
+            if key == (1, 0):
+                self.made[key] = self._new(torch.ops.aten.sym_size.int, (self.source, 0))
+            elif size.c == 0:
+                self.made[key] = self._new(operator.mul, (self.node(BatchSize(1, 0)), size.k))
+            else:
+                self.made[key] = self._new(operator.add, (self.node(BatchSize(size.k, 0)), size.c))
+        return self.made[key]
+
+
+def _template(rec: Recording, model: torch.nn.Module, general: BatchGeneral | None
+              ) -> tuple[torch.fx.Graph, dict[str, str], dict[str, torch.Tensor]]:
+    """The fx graph of the recording (its batch-dependent sizes computed at run time where
+    ``general`` gives them), each fixed value's attribute path, and what each attribute
+    holds (the user's tensors: lowering replaces them by the plan's slices)."""
     ir, call = rec.graph, rec.call
     if call.lost_outputs:
         raise ReplayFailed(f"{call.lost_outputs} output tensor(s) were made by no recorded op")
@@ -67,7 +100,11 @@ def _template(rec: Recording, model: torch.nn.Module) -> tuple[torch.fx.Graph, d
         env[name] = node
         return node
 
+    sizes = _Sizes(g, ir, env[general.source]) if general is not None else None
+
     def look(a: Any) -> Any:
+        if isinstance(a, BatchSize):
+            return sizes.node(a)
         if not isinstance(a, Ref):
             return a
         if a.name in env:
@@ -79,7 +116,9 @@ def _template(rec: Recording, model: torch.nn.Module) -> tuple[torch.fx.Graph, d
     for node in ir.nodes:
         if not isinstance(node.target, torch._ops.OpOverload):
             raise ReplayFailed(f"{node.name} calls {node.target!r}, not an ATen overload")
-        args, kwargs = pytree.tree_map(look, (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, Ref))
+        given = general.args.get(node.name) if general is not None else None
+        args, kwargs = pytree.tree_map(look, given or (node.args, node.kwargs),
+                                       is_leaf=lambda a: isinstance(a, (Ref, BatchSize)))
         fx = g.create_node("call_function", node.target, tuple(args), dict(kwargs), name=node.name)
         if fx.name != node.name:
             raise ReplayFailed(f"fx renamed node {node.name} to {fx.name}")
@@ -119,11 +158,12 @@ def _root(model: torch.nn.Module, held: dict[str, torch.Tensor]) -> torch.nn.Mod
     return root
 
 
-def replay_program(rec: Recording, model: torch.nn.Module) -> TorchProgram:
-    """The recording as a :class:`TorchProgram` for :func:`graphprune.lower.torch.lower_torch`.
+def replay_program(rec: Recording, model: torch.nn.Module, general: BatchGeneral | None = None) -> TorchProgram:
+    """The recording as a :class:`TorchProgram` for :func:`graphprune.lower.torch.lower_torch`:
+    at the example's shapes, or at any batch with ``general`` (:mod:`.batch_general`).
     The template graph is built (and checked) once; each lowering gets its own copy."""
     try:
-        graph, paths, held = _template(rec, model)
+        graph, paths, held = _template(rec, model, general)
         root = _root(model, held)
         probe = torch.fx.GraphModule(root, graph)
         probe.recompile()
@@ -139,4 +179,4 @@ def replay_program(rec: Recording, model: torch.nn.Module) -> TorchProgram:
         copy._codegen = graph._codegen
         return torch.fx.GraphModule(root, copy)
 
-    return TorchProgram(module, paths, lambda name: set())
+    return TorchProgram(module, paths, general.axes if general is not None else lambda name: set())

@@ -179,9 +179,26 @@ def _apply(node: Node, fx: torch.fx.Node, rw: Rewrite, source: str | None) -> No
         raise ZeroInvarianceError("a run-time shape rewrite met a PyTorch graph", node=node.name, op=node.source_op,
                                   source=source, hint="this is a graphprune bug; please report it")
     for name, value in rw.args.items():
-        set_arg(fx, name, value.apply(list(get_arg(fx, name))) if isinstance(value, Entries) else value)
+        set_arg(fx, name, _entries(node, fx, name, value) if isinstance(value, Entries) else value)
     if rw.call is not None:
         _call(node, fx, rw.call, source)
+
+
+def _entries(node: Node, fx: torch.fx.Node, name: str, value: Entries) -> list:
+    """``value`` applied to ``fx``'s list argument ``name``.  An entry computed at run time
+    (a dynamic batch) that a pruned axis also shrinks is a batch-dependent size times the
+    pruned one (``batch * heads`` in ``nn.MultiheadAttention``'s views): it becomes
+    ``size * new // old``, with ``new`` and ``old`` that entry at the example's batch, so
+    the compact module still takes any batch (the plain compact value fixed it)."""
+    old = list(get_arg(fx, name))
+    example = node.attrs[name]
+    at = dict(value.at)
+    for k, new in value.at.items():
+        if isinstance(old[k], torch.fx.Node):
+            with fx.graph.inserting_before(fx):
+                scaled = fx.graph.call_function(operator.mul, (old[k], new))
+                at[k] = fx.graph.call_function(operator.floordiv, (scaled, int(example[k])))
+    return Entries(at).apply(old)
 
 
 def _call(node: Node, fx: torch.fx.Node, call: Call, source: str | None) -> None:

@@ -522,6 +522,8 @@ class Permute(Movement):
     """Pure rearrangements whose constant arguments survive pruning unchanged."""
 
     def fast_field(self, node, lab, data) -> Field | None:
+        if node.source_op.startswith(("aten.cat.", "aten.concat.")):
+            return _cat_field(node, lab, data)
         f = _single(node, lab, data)
         perm = _permutation(node, len(lab.shape(data[0]))) if f is not None else None
         if perm is None:
@@ -529,6 +531,31 @@ class Permute(Movement):
         where = [perm.index(a) for a in f.axes]
         order = sorted(range(len(where)), key=lambda k: where[k])
         return Field(tuple(where[k] for k in order), f.labels.permute(order).contiguous())
+
+
+def _cat_field(node: Node, lab: Labels, data: list[str]) -> Field | None:
+    """``cat`` along ``dim`` of inputs labelled along that axis alone (a DenseNet's channel
+    concatenations): the inputs' labels concatenated, which is what running ``cat`` on
+    their label tensors gives, without building those over whole activations (2 s of a
+    batch-2 DenseNet-121's analysis); None (run it) for any other case."""
+    rank = len(lab.shape(node.outputs[0]))
+    dim = int(node.attrs.get("dim", 0)) % max(rank, 1)
+    parts = []
+    for a in node.attrs.get("tensors") or ():
+        name = ref_name(a)
+        if name is None or name not in data or len(lab.shape(name)) != rank:
+            return None
+        f = lab.field(name)
+        if f is None:
+            parts.append(torch.full((lab.shape(name)[dim],), -1, dtype=torch.long))
+        elif f.axes == (dim,):
+            parts.append(f.labels)
+        else:
+            return None
+    labels = torch.cat(parts) if parts else None
+    if labels is None or labels.numel() < 2 or bool((labels == labels[0]).all()):
+        return None  # no axis varies: running it pins or leaves unlabelled, as it must
+    return Field((dim,), labels)
 
 
 def _permutation(node: Node, rank: int) -> list[int] | None:

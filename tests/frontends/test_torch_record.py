@@ -67,7 +67,19 @@ def test_constants_and_factories() -> None:
     check_zero_invariance(Constants(), torch.randn(2, 5, 6))
 
 
-def test_export_is_deferred_until_a_compact_model_is_built() -> None:
+@pytest.fixture
+def no_replay(monkeypatch) -> None:
+    """Compact models come from torch.export, exported when first needed: the path of a
+    recording that cannot be replayed (a trace at batch > 1 is replayed otherwise, see
+    ``test_batch_general.py``), which these tests exercise on models that can."""
+    from graphprune.frontends import torch_replay
+
+    def refuse(*a, **k):
+        raise torch_replay.ReplayFailed("replay off for this test")
+    monkeypatch.setattr(torch_replay, "replay_program", refuse)
+
+
+def test_export_is_deferred_until_a_compact_model_is_built(no_replay) -> None:
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
     g = gp.trace(model, x, verify=False)
@@ -95,7 +107,7 @@ def _export_differs(monkeypatch) -> None:
     monkeypatch.setattr(torch_backend, "same_graph", lambda a, b: False)
 
 
-def test_disagreement_after_groups_are_handed_out_is_an_error(monkeypatch) -> None:
+def test_disagreement_after_groups_are_handed_out_is_an_error(monkeypatch, no_replay) -> None:
     _export_differs(monkeypatch)
     g = gp.trace(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), verify=False)
     g.groups = g.groups[1:]  # what an analysis that saw other ops would hold
@@ -103,7 +115,7 @@ def test_disagreement_after_groups_are_handed_out_is_an_error(monkeypatch) -> No
         g.construct_subnet()
 
 
-def test_an_export_of_the_same_graph_is_not_analysed_again(monkeypatch) -> None:
+def test_an_export_of_the_same_graph_is_not_analysed_again(monkeypatch, no_replay) -> None:
     """Export's graph of resnet18 is the recording node for node (names, ops, arguments,
     values): the recorded analysis is export's, kept as it is."""
     from graphprune.frontends import torch_backend
@@ -117,7 +129,7 @@ def test_an_export_of_the_same_graph_is_not_analysed_again(monkeypatch) -> None:
     assert g.analysis is recorded and g.backend._exported is not None and check is not None
 
 
-def test_settle_returns_a_new_analysis_and_leaves_the_graph_alone(monkeypatch) -> None:
+def test_settle_returns_a_new_analysis_and_leaves_the_graph_alone(monkeypatch, no_replay) -> None:
     from graphprune.frontends import torch_backend
     monkeypatch.setattr(torch_backend, "same_graph", lambda a, b: False)  # as for a graph export names otherwise
     g = gp.trace(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), verify=False)
@@ -135,7 +147,7 @@ def test_settle_returns_a_new_analysis_and_leaves_the_graph_alone(monkeypatch) -
     assert len(g.groups) == len(held) and all(a is b for a, b in zip(g.groups, held))  # same groups: held ones stay
 
 
-def test_a_refused_settle_changes_nothing(monkeypatch) -> None:
+def test_a_refused_settle_changes_nothing(monkeypatch, no_replay) -> None:
     _export_differs(monkeypatch)
     g = gp.trace(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), verify=False)
     g.groups = g.groups[1:]
@@ -145,7 +157,7 @@ def test_a_refused_settle_changes_nothing(monkeypatch) -> None:
     assert g.analysis is recorded and g.groups == held and not g.backend.settled
 
 
-def test_adopting_an_analysis_with_other_groups_replaces_the_held_ones(monkeypatch) -> None:
+def test_adopting_an_analysis_with_other_groups_replaces_the_held_ones(monkeypatch, no_replay) -> None:
     _export_differs(monkeypatch)
     g = gp.trace(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), verify=False)
     g.groups = g.groups[1:]
@@ -286,9 +298,9 @@ class CachedTable(nn.Module):
         return self.b(torch.relu(self.a(x)) * self.table.softmax(-1).sum(0).view(1, -1, 1))
 
 
-def test_groups_export_finds_over_other_unit_numbers_are_adopted() -> None:
+def test_groups_export_finds_over_other_unit_numbers_are_adopted(no_replay) -> None:
     model, x = CachedTable().eval(), torch.randn(2, 5, 6)
-    g = gp.trace(model, (x,), verify=False)  # a batch of 2: export is deferred to the first compact model
+    g = gp.trace(model, (x,), verify=False)  # no replay: export is deferred to the first compact model
     recorded = len(g.ir.nodes)
     zero_random_half(g)
     removed = g.removed_units()  # numbered by the recorder's analysis
