@@ -135,13 +135,20 @@ def _sizes_as_methods(gm: torch.fx.GraphModule) -> None:
             sizes.add(n)
         elif n.op == "call_function" and n.target in _SIZE_ARITHMETIC and sizes.intersection(n.all_input_nodes):
             sizes.add(n)  # ``n * 16``: traced as arithmetic on the Shape op's output
-        elif n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and not n.kwargs \
+        elif n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) \
                 and n.target.overloadpacket.__name__ in _SIZE_METHODS and sizes.intersection(n.all_input_nodes):
-            n.op, n.target = "call_method", n.target.overloadpacket.__name__
+            # keywords the method takes too (``new_zeros(..., pin_memory=False)``) stay; ``expand``'s
+            # ``implicit=False`` is its default and the method has no such keyword
+            kwargs = {k: v for k, v in n.kwargs.items() if not (k == "implicit" and v is False)}
+            if set(kwargs) <= _SIZE_METHODS[n.target.overloadpacket.__name__]:
+                n.op, n.target, n.kwargs = "call_method", n.target.overloadpacket.__name__, kwargs
 
 
 _SIZE_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg)
-_SIZE_METHODS = ("view", "reshape", "expand", "repeat", "new_zeros", "new_ones", "new_empty")
+_FACTORY_KEYWORDS = frozenset({"dtype", "layout", "device", "pin_memory", "requires_grad"})
+#: ops taking sizes that have a Tensor method of the same name, and the keywords that method takes
+_SIZE_METHODS = {"view": frozenset(), "reshape": frozenset(), "expand": frozenset(), "repeat": frozenset(),
+                 "new_zeros": _FACTORY_KEYWORDS, "new_ones": _FACTORY_KEYWORDS, "new_empty": _FACTORY_KEYWORDS}
 
 
 # ---- editors -------------------------------------------------------------------------

@@ -104,6 +104,24 @@ def test_a_compact_model_from_a_batch_of_two_equals_the_zeroed_model_at_any_batc
     assert g.backend._exported is None
 
 
+def test_the_onnx_of_a_compact_model_from_a_batch_of_two_keeps_a_dynamic_batch(tmp_path) -> None:
+    """A replayed compact model exports with its batch-dependent sizes as shapes read at run time."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model, inputs = MODELS["flatten_batch"]()
+    g = gp.trace(model.eval(), inputs)
+    zero_random_half(g)
+    compact = g.construct_subnet()
+    path = gp.export_onnx(compact, inputs, tmp_path / "c.onnx") and tmp_path / "c.onnx"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in OTHER_BATCHES:
+        (x,) = _shuffled(inputs, batch)
+        with torch.no_grad():
+            ref = model(x)
+        assert max_rel_error(ref, torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])) < 1e-4
+
+
 class HalfBatch(nn.Module):
     """Pairs the rows of its batch (an odd last row dropped): ``2 * (b // 2)`` is not ``k * b + c``."""
 
