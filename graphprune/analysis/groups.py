@@ -38,6 +38,14 @@ def row_stat(params: dict[str, torch.Tensor], param: str, dim: int, stat: str | 
         return cache[key]
     t = params[param].detach()
     p = float("inf") if stat == "nonzero" else float(stat)
+    if t.dim() == 2 and dim <= 1 and cache is not None and p in (2.0, float("inf")):
+        # a matrix's rows and columns from one elementwise pass: a layer's weight is cut
+        # along both (its outputs and its inputs), and each pass reads the whole weight
+        a = t.abs() if p == float("inf") else t.to(torch.float32).square()
+        for d in (0, 1):
+            r = a.amax(dim=1 - d).to(torch.float32) if p == float("inf") else a.sum(dim=1 - d).sqrt()
+            cache[(param, d, stat)] = r != 0 if stat == "nonzero" else r  # NaN is not zero
+        return cache[key]
     if t.dim() <= 2 or dim > 1:
         rest = [d for d in range(t.dim()) if d != dim]
         out = _norm(t, p, rest) if rest else t.abs().to(torch.float32)
