@@ -25,7 +25,9 @@ from .errors import GraphPruneError
 from .lower.module import resize_module
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_FUSED_ATTENTION = ("qkv_proj", "o_proj")  # Phi-3: q, k and v rows in one projection, in that order
 _MLP = ("gate_proj", "up_proj", "down_proj")
+_FUSED_MLP = ("gate_up_proj", "down_proj")
 
 
 def _layers(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
@@ -34,19 +36,23 @@ def _layers(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
 
 def _fields(model: nn.Module) -> dict[str, Any]:
     """The config fields the layers say (the largest per-layer value where they differ):
-    attention with separate ``q/k/v/o_proj`` and gated MLPs, the decoder families'
-    naming (Llama, Mistral, Qwen2/3, Gemma...)."""
+    attention with separate ``q/k/v/o_proj`` or a fused ``qkv_proj``, and gated MLPs with
+    separate or fused ``gate_up_proj`` projections, the decoder families' naming (Llama,
+    Mistral, Qwen2/3, Gemma, Phi-3...)."""
     cfg = model.config
     out: dict[str, Any] = {}
-    attn = _layers(model, _ATTENTION)
+    attn = _layers(model, _ATTENTION) + _layers(model, _FUSED_ATTENTION)
     if attn:
         head_dim = getattr(attn[0], "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         out["head_dim"] = head_dim
-        out["num_attention_heads"] = max(a.q_proj.out_features // head_dim for a in attn)
-        out["num_key_value_heads"] = max(a.k_proj.out_features // head_dim for a in attn)
-    mlp = _layers(model, _MLP)
+        queries = [a.o_proj.in_features // head_dim for a in attn]
+        keys = [a.k_proj.out_features if hasattr(a, "k_proj") else (a.qkv_proj.out_features - a.o_proj.in_features) // 2
+                for a in attn]
+        out["num_attention_heads"] = max(queries)
+        out["num_key_value_heads"] = max(k // head_dim for k in keys)
+    mlp = _layers(model, _MLP) + _layers(model, _FUSED_MLP)
     if mlp:
-        out["intermediate_size"] = max(m.gate_proj.out_features for m in mlp)
+        out["intermediate_size"] = max(m.down_proj.in_features for m in mlp)
     embed = model.get_input_embeddings()
     if isinstance(embed, nn.Embedding) and hasattr(cfg, "hidden_size"):
         out["hidden_size"] = embed.embedding_dim

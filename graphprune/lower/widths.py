@@ -11,6 +11,12 @@ if it scaled with a width that shrank beneath it; :func:`settle` tries combinati
 fewest changes first, until the copy reproduces the zeroed model.  The same decision
 is taken for an attribute in every instance of a class (every layer's ``num_heads``
 scales, or none does), which keeps the search small.
+
+A model's configuration object, when its modules keep one as ``config`` (transformers
+models), is watched like a module: Phi-3's attention slices its fused ``qkv_proj`` at
+``config.num_attention_heads * head_dim``. It is one object shared by every layer, so it
+is watched once, under the path of the outermost module holding it (``"#config"`` after
+the path), and can only take widths every layer shares.
 """
 from __future__ import annotations
 
@@ -36,29 +42,51 @@ class Candidate:
     options: tuple[int, ...]
 
 
-def _int_attrs(mod: nn.Module) -> set[str]:
+CONFIG = "#config"
+
+
+def _int_attrs(mod: object) -> set[str]:
     return {k for k, v in vars(mod).items() if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_")}
+
+
+def _watched(model: nn.Module) -> list[tuple[str, object]]:
+    """Every module by its path, then every distinct ``config`` object its modules hold,
+    under the outermost holder's path plus :data:`CONFIG`."""
+    out: list[tuple[str, object]] = []
+    configs: set[int] = set()
+    for path, mod in model.named_modules():
+        out.append((path, mod))
+        cfg = vars(mod).get("config")
+        if cfg is not None and not isinstance(cfg, nn.Module) and id(cfg) not in configs and hasattr(cfg, "__dict__"):
+            configs.add(id(cfg))
+            out.append((path + CONFIG, cfg))
+    return out
+
+
+def _resolve(model: nn.Module, path: str) -> object:
+    """The module at ``path``, or the config object a :data:`CONFIG` path names."""
+    if path.endswith(CONFIG):
+        return model.get_submodule(path[: -len(CONFIG)]).config
+    return model.get_submodule(path)
 
 
 def record_reads(model: nn.Module, run: Callable[[], Any]) -> dict[str, set[str]]:
     """Module path -> the integer attributes of that module its code read during ``run()``.
 
-    Each module's class is swapped for the duration for a subclass whose
-    ``__getattribute__`` notes the reads, and swapped back, whatever ``run`` does.  Only
-    modules' own attributes are watched: a width read from a shared config object
-    (Phi-3's fused ``qkv_proj`` reads ``config.num_attention_heads``) is not found, and
-    the check against the zeroed model then refuses the copy."""
+    Each module's (and config's, see the module docstring) class is swapped for the
+    duration for a subclass whose ``__getattribute__`` notes the reads, and swapped back,
+    whatever ``run`` does."""
     reads: dict[str, set[str]] = {}
-    swapped: list[tuple[nn.Module, type]] = []
+    swapped: list[tuple[object, type]] = []
     try:
-        for path, mod in model.named_modules():
+        for path, mod in _watched(model):
             watched = _int_attrs(mod)
             if not watched:
                 continue
             seen = reads.setdefault(path, set())
             cls = type(mod)
 
-            def getattribute(self: nn.Module, name: str, _cls: type = cls, _watched: set = watched,
+            def getattribute(self: object, name: str, _cls: type = cls, _watched: set = watched,
                              _seen: set = seen) -> Any:
                 if name in _watched:
                     _seen.add(name)
@@ -87,8 +115,9 @@ def candidates(model: nn.Module, reads: dict[str, set[str]], widths: list[tuple[
     for path, attrs in sorted(reads.items()):
         if path in skip:
             continue
-        mod = model.get_submodule(path)
-        below = {(old, new) for p, old, new in widths if old != new and (not path or p == path or p.startswith(path + "."))}
+        mod = _resolve(model, path)
+        root = path.removesuffix(CONFIG)
+        below = {(old, new) for p, old, new in widths if old != new and (not root or p == root or p.startswith(root + "."))}
         for attr in sorted(attrs):
             value = getattr(mod, attr)
             if value <= 0:
@@ -119,7 +148,7 @@ def settle(model: nn.Module, found: list[Candidate], check: Callable[[], str | N
         for c in found:
             pick = choice.get((c.cls, c.attr))
             new = c.options[pick] if pick is not None and pick < len(c.options) else c.value
-            setattr(model.get_submodule(c.path), c.attr, new)
+            setattr(_resolve(model, c.path), c.attr, new)
             if new != c.value:
                 applied[f"{c.path}.{c.attr}" if c.path else c.attr] = (c.value, new)
         reason = check()

@@ -23,6 +23,8 @@ def _model(family: str) -> torch.nn.Module:
                   intermediate_size=96, max_position_embeddings=64)
     if family == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
+    if family == "phi3":  # fused qkv_proj and gate_up_proj; its attention reads config.num_attention_heads
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, pad_token_id=0, eos_token_id=2)).eval()
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
 
 
@@ -47,7 +49,7 @@ def _generate(model: torch.nn.Module) -> torch.Tensor:
         return model.generate(PROMPT, max_new_tokens=16, do_sample=False, min_new_tokens=16)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
 def test_uniform_compact_model_round_trips_through_from_pretrained(family: str, tmp_path) -> None:
     model = _model(family)
     g = _trace(model)
