@@ -109,3 +109,12 @@ def test_analysis_work_grows_linearly_with_depth(monkeypatch: pytest.MonkeyPatch
     assert n8 < 2.2 * n4
     assert atoms8 < 2.2 * atoms4, work
     assert pairs8 < 2.2 * pairs4, work
+
+
+def test_an_expanded_parameter_in_onnx_gets_its_groups(tmp_path) -> None:
+    """The same through ONNX's Unsqueeze/Expand (a batch computed at run time), checked
+    at another batch size than the traced one."""
+    from ..frontends.test_onnx import check_onnx, export
+    x = torch.randn(2, 7, 5)
+    g = check_onnx(export(ExpandedTables(), x, tmp_path / "expanded.onnx"), x)
+    assert len(g.groups) == 3
