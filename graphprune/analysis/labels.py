@@ -145,13 +145,14 @@ class Labels:
         every value on the chain must have one reader.  ``claim=False`` only asks, and
         changes nothing."""
         v = self.graph.values[name]
-        if v.kind == "param":
-            # a field made by another use ties the parameter's elements already
-            return ParamView(name, tuple(range(len(v.shape)))) if self.fields.get(name) is None else None
-        if name in self.views:
-            return self.views[name]
         if self._users is None:
             self._users = self.graph.users()
+        if v.kind == "param":
+            # another reader would label its elements through a field the slicing ignores
+            alone = self.fields.get(name) is None and len(self._users.get(name, [])) == 1
+            return ParamView(name, tuple(range(len(v.shape)))) if alone else None
+        if name in self.views:
+            return self.views[name]
         chain, cur = [name], name
         while self.graph.values[cur].kind != "param":
             node = self.producer(cur)
