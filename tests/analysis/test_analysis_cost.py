@@ -118,3 +118,25 @@ def test_an_expanded_parameter_in_onnx_gets_its_groups(tmp_path) -> None:
     x = torch.randn(2, 7, 5)
     g = check_onnx(export(ExpandedTables(), x, tmp_path / "expanded.onnx"), x)
     assert len(g.groups) == 3
+
+
+class NothingPrunable(nn.Module):
+    """Two parameters whose channels something other than the output keeps: no output
+    carries channels (the sums reduce them away)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+        self.t = nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        rows = F.one_hot(pos, 6).float() @ self.t
+        return ((x * self.w) @ rows.transpose(1, 2)).sum((1, 2))
+
+
+def test_no_groups_is_explained_by_what_the_analysis_found() -> None:
+    g = gp.trace(NothingPrunable(), (torch.randn(2, 3, 4), torch.randint(0, 6, (2, 5))), verify=False)
+    assert not g.groups and not g.barriers
+    why = g.why_no_groups
+    assert "(w, t)" in why and "no model output carries channels" in why, why
+    assert "model input" not in why
