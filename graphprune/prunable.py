@@ -129,7 +129,40 @@ class PrunableGraph:
             named = "; ".join(f"{b.node} [{b.op}]: {b.reason}" for b in self.barriers[:5])
             more = f" (+{len(self.barriers) - 5} more)" if len(self.barriers) > 5 else ""
             return f"the parameters' channels are all held by barriers ({len(self.barriers)}): {named}{more}"
-        return "no channel of any parameter can be removed: each one is tied to a model input or output (never pruned)"
+        return self._why_all_kept()
+
+    def _why_all_kept(self) -> str:
+        """Why no parameter channel forms a unit when no barrier kept them, from what the
+        analysis actually found: the outputs are named only when one carries labels (the
+        message once blamed them for a parameter expanded before a bmm, which no output
+        touched: its elements were coupled to unlabelled entries)."""
+        pin = int(self.comp[0])
+        pinned, free = [], []
+        for name, v in self.ir.values.items():
+            if v.kind != "param":
+                continue
+            labels = list(self.labels.param_axes.get(name, {}).values())
+            f = self.labels.fields.get(name)
+            if f is not None:
+                labels.append(f.labels)
+            atoms = torch.cat([t.reshape(-1) for t in labels]) if labels else torch.zeros(0, dtype=torch.long)
+            atoms = atoms[atoms >= 0]
+            if atoms.numel() and bool((self.comp[atoms] == pin).all()):
+                pinned.append(v.source_name or name)
+            elif not self.labels.param_axes.get(name):
+                free.append(v.source_name or name)
+        outputs = any(self.labels.fields.get(o) is not None for o in self.ir.outputs)
+        ties = ("a model output, or an entry that must stay" if outputs else
+                "entries that must stay (no model output carries channels)")
+        parts = []
+        if pinned:
+            parts.append(f"the channels of {len(pinned)} parameter(s) ({', '.join(pinned[:3])}"
+                         f"{', ...' if len(pinned) > 3 else ''}) are coupled to {ties}: an operand "
+                         "computed without labels (a one-hot, a mask) or a value pruned as one unit")
+        if free:
+            parts.append(f"{len(free)} parameter(s) ({', '.join(free[:3])}{', ...' if len(free) > 3 else ''}) "
+                         "are read by no layer that produces channels (no rule slices them by dim)")
+        return "no channel of any parameter can be removed: " + ("; ".join(parts) or "no unit holds a parameter slice")
 
     # ---- pruning state --------------------------------------------------------------
     def zero_masks(self, tensors: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:

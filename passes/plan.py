@@ -91,7 +91,7 @@ def plan_compact(ir: Graph, lab: Labels, comp: torch.Tensor, removed: torch.Tens
     erased = frozenset(n.name for n in ir.nodes if er.removes(n))
     shapes = {}
     for name, v in ir.values.items():
-        if name in lab.fields and not v.fixed and name not in er.dead:
+        if (name in lab.fields or name in lab.views) and not v.fixed and name not in er.dead:
             new = shrink.new_shape(name)
             if new != v.shape:
                 shapes[name] = new

@@ -43,6 +43,9 @@ class Shrink:
         """Boolean mask of surviving indices along ``axis`` (None: all survive)."""
         f = self.lab.fields.get(name)
         axis = axis % max(1, len(self.old_shape(name)))
+        view = self.lab.views.get(name)
+        if view is not None:
+            return self._param_kept(view.param, view.dims[axis])
         if f is None or axis not in f.axes:
             return None
         k = self.kept_mask(f.labels)
@@ -55,6 +58,12 @@ class Shrink:
             return self._shapes[name]
         shape = list(self.old_shape(name))
         f = self.lab.fields.get(name)
+        view = self.lab.views.get(name)
+        if view is not None:  # a parameter's view keeps what the parameter keeps, dim by dim
+            for a, d in enumerate(view.dims):
+                kept = self._param_kept(view.param, d)
+                if kept is not None:
+                    shape[a] = int(kept.sum())
         if f is not None:
             k = self.kept_mask(f.labels)
             masks = []
@@ -76,6 +85,14 @@ class Shrink:
         return self._shapes[name]
 
     # ---- parameters ------------------------------------------------------------------
+    def _param_kept(self, param: str, dim: int | None) -> torch.Tensor | None:
+        """Boolean mask of the surviving indices of ``param`` along ``dim`` (None: all)."""
+        labels = self._param_labels.get((param, dim)) if dim is not None else None
+        if labels is None:
+            return None
+        keep = self.kept_mask(labels)
+        return None if bool(keep.all()) else keep
+
     def param_indices(self) -> dict[str, dict[int, torch.Tensor]]:
         """Fixed value -> dim -> LongTensor of surviving indices, for the dims that shrink."""
         out: dict[str, dict[int, torch.Tensor]] = {}

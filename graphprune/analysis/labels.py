@@ -57,6 +57,19 @@ class Deferred:
     pinned: bool = False
 
 
+@dataclass(frozen=True)
+class ParamView:
+    """An activation that is a parameter seen through broadcasts and axis moves
+    (``table.unsqueeze(0).expand(B, -1, -1)``): its axis ``i`` indexes the parameter's dim
+    ``dims[i]`` (None: a broadcast axis).  Its compact shape follows the parameter's kept
+    indices (:class:`graphprune.passes.shrink.Shrink`), so a rule that uses it as a weight
+    can slice two of the parameter's dims, which a field (one atom per element, pruned
+    along one axis) cannot express."""
+
+    param: str
+    dims: tuple[int | None, ...]
+
+
 @dataclass
 class Labels:
     graph: Graph
@@ -74,10 +87,12 @@ class Labels:
     deferred: list[Deferred] = field(default_factory=list)
     zero: set[str] = field(default_factory=set)  # activations zero where removed (see is_zero)
     folded: dict[str, torch.Tensor] = field(default_factory=dict)  # activations known from constants (see data)
+    views: dict[str, ParamView] = field(default_factory=dict)  # activations that are views of a parameter
     _edges: list[np.ndarray] = field(default_factory=list)
     _collapsed: dict = field(default_factory=dict)  # (id(labels), axis) -> (labels, per-index atoms)
     _pinned: dict = field(default_factory=dict)     # id(labels) -> labels already pinned whole
     _producers: dict | None = None                  # value -> the node computing it, built on first use
+    _users: dict | None = None                      # value -> the nodes reading it, built on first use
 
     # ---- atoms and couplings -------------------------------------------------------
     def fresh(self, n: int, node: Node, role: str = "out") -> torch.Tensor:
@@ -117,6 +132,58 @@ class Labels:
         if self._producers is None:
             self._producers = self.graph.producers()
         return self._producers.get(name)
+
+    def param_view(self, name: str, claim: bool = True) -> ParamView | None:
+        """``name`` as a view of one parameter, or None.  A parameter is its own view; an
+        activation is one when a chain of one-input ops (unsqueeze, expand, permute, a
+        reshape that moves no data across axes) leads back to a parameter read by nothing
+        else, and its labels show each axis indexing one whole parameter dim or none (the
+        labels are the parameter's own per-element atoms, so this is checked, not assumed:
+        a slice, a flatten or an added constant is no view).  The chain's per-element
+        fields are then dropped for views (:class:`ParamView`): a rule slices the parameter
+        by dim with :meth:`param_axis`, and nothing else may read those fields, which is why
+        every value on the chain must have one reader.  ``claim=False`` only asks, and
+        changes nothing."""
+        v = self.graph.values[name]
+        if self._users is None:
+            self._users = self.graph.users()
+        if v.kind == "param":
+            # another reader would label its elements through a field the slicing ignores
+            alone = self.fields.get(name) is None and len(self._users.get(name, [])) == 1
+            return ParamView(name, tuple(range(len(v.shape)))) if alone else None
+        if name in self.views:
+            return self.views[name]
+        chain, cur = [name], name
+        while self.graph.values[cur].kind != "param":
+            node = self.producer(cur)
+            if node is None or len(node.outputs) != 1 or len(chain) > 32:
+                return None
+            data = [i for i in dict.fromkeys(node.inputs)
+                    if self.fields.get(i) is not None or self.graph.values[i].dtype.is_floating_point]
+            if len(data) != 1 or len(self._users.get(data[0], [])) != 1:
+                return None
+            cur = data[0]
+            chain.append(cur)
+        param, pf = chain[-1], self.fields.get(chain[-1])
+        if pf is None:
+            return None
+        start = int(pf.labels.reshape(-1)[0])
+        if not torch.equal(pf.labels.reshape(-1), torch.arange(start, start + pf.labels.numel())):
+            return None  # not the parameter's own per-element atoms
+        views = {}
+        for c in chain[:-1]:
+            dims = _view_dims(self.fields.get(c), len(self.shape(c)), pf, start)
+            if dims is None:
+                return None
+            views[c] = ParamView(param, dims)
+        if not claim:
+            return views[name]
+        dropped = {id(self.fields[c].labels) for c in chain}
+        self.rects = [r for r in self.rects if id(r) not in dropped]
+        for c in chain:
+            self.fields[c] = None
+        self.views.update(views)
+        return views[name]
 
     def pin(self, a: torch.Tensor) -> None:
         if id(a) in self._pinned:  # a field flows through many ops as one tensor: pin it once
@@ -305,6 +372,34 @@ class Labels:
                     self.union(m[both], o[both])
                 merged[k] = torch.where(m >= 0, m, o)
         return merged
+
+
+def _view_dims(f: Field | None, rank: int, pf: Field, start: int) -> tuple[int | None, ...] | None:
+    """Which parameter dim each of a value's ``rank`` axes indexes, when its field ``f``
+    holds the parameter's atoms (field ``pf``, atoms from ``start`` in row-major order) with
+    each of the parameter's non-unit dims on one whole axis; None otherwise."""
+    if f is None:
+        return None
+    strides = [int(np.prod(pf.labels.shape[k + 1:])) for k in range(len(pf.axes))]
+    rel = f.labels - start
+    dims: list[int | None] = [None] * rank
+    expected = torch.zeros((), dtype=torch.long)
+    used = set()
+    for j, a in enumerate(f.axes):
+        n = f.labels.shape[j]
+        step = int(rel.select(j, 1).reshape(-1)[0] - rel.select(j, 0).reshape(-1)[0])
+        k = next((k for k in range(len(pf.axes)) if strides[k] == step and pf.labels.shape[k] == n
+                  and k not in used), None)
+        if k is None:
+            return None
+        used.add(k)
+        dims[a] = pf.axes[k]
+        shape = [1] * len(f.axes)
+        shape[j] = n
+        expected = expected + (torch.arange(n) * step).reshape(shape)
+    if len(used) != len(pf.axes) or not torch.equal(rel, expected.expand(rel.shape)):
+        return None
+    return tuple(dims)
 
 
 def unlabelled(shape: tuple[int, ...]) -> torch.Tensor:

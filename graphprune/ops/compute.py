@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..analysis.labels import Field, Labels, unlabelled
+from ..analysis.labels import Field, Labels, ParamView, unlabelled
 from ..ir.graph import Node
 from .common import as_list, numel, ref_name, same_pads
 from .registry import Layer, OnnxOp, Rule, register
@@ -350,6 +350,50 @@ def _contract(lab: Labels, la: torch.Tensor, lb: torch.Tensor, fa: Field | None,
     return a0[..., :1].unsqueeze(-1)
 
 
+def _known_view(lab: Labels, name: str) -> ParamView | None:
+    """``name`` as a parameter view already found (or the parameter itself)."""
+    if lab.graph.values[name].kind == "param":
+        return ParamView(name, tuple(range(len(lab.shape(name)))))
+    return lab.views.get(name)
+
+
+def _weight_side(lab: Labels, a: str, b: str) -> tuple[str, ParamView, bool] | None:
+    """(the other operand, the weight as a parameter view, whether the weight is B) when
+    one operand of ``A @ B`` is a parameter of rank >= 2 or a broadcast view of one whose
+    two matrix axes are two of its dims (a position table ``[2, P, D]`` under a one-hot,
+    ``table.unsqueeze(0).expand(B, -1, -1)`` under bmm): the product is then a batched linear
+    layer, labelled per dim, never per element (the element-wise coupling of the general
+    rule cost O(batch x K x N) and tied every row to every column of the weight)."""
+    for name, other, is_b in ((b, a, True), (a, b, False)):
+        view = lab.param_view(name, claim=False)
+        if view is None or view.dims[-1] is None or view.dims[-2] is None:
+            continue
+        if lab.param_view(other, claim=False) is not None:
+            return None  # a product of two weights: the general rule
+        return other, lab.param_view(name), is_b
+    return None
+
+
+def _batched_linear(lab: Labels, node: Node, x: str, w: ParamView, w_is_b: bool) -> None:
+    """``x @ W`` (``w_is_b``) or ``W @ x`` with W a parameter (view): W's own matrix axis
+    (columns of B, rows of A) produces new atoms, shared by all of W's batch entries (they
+    are sliced together); its contracted axis consumes ``x``'s contracted atoms.  Cost is
+    O(K + N) whatever the batch and row sizes."""
+    out = node.outputs[0]
+    rank = len(lab.shape(out))
+    own, contracted, x_axis, out_axis = (-1, -2, -1, rank - 1) if w_is_b else (-2, -1, -2, rank - 2)
+    outs = lab.fresh(lab.shape(out)[out_axis], node)
+    ins = lab.axis_labels(x, x_axis)
+    lab.param_axis(w.param, w.dims[own], outs, "producer")
+    lab.param_axis(w.param, w.dims[contracted], ins, "consumer")
+    macs = numel(lab.shape(out)) * lab.shape(x)[x_axis]
+    lab.total_macs += macs
+    lab.param_macs[w.param] = lab.param_macs.get(w.param, 0.0) + macs
+    lab.cost(outs, macs)
+    lab.cost(ins, macs)
+    lab.set_field(out, Field((out_axis,), outs))
+
+
 def _product_cost(lab: Labels, out: str, macs: float) -> None:
     """Count a product's MACs, attribute them to its output's atoms, and record atoms on a
     batch axis (attention heads) as heads."""
@@ -383,6 +427,9 @@ class MatMul(Rule):
             return _linear(lab, node, a_name, w, None, 1, False)
         if len(sa) < 2 or len(sb) < 2:
             return lab.barrier(node, "matmul with a vector operand")
+        weight = _weight_side(lab, a_name, b_name)
+        if weight is not None:
+            return _batched_linear(lab, node, *weight)
         fa, fb = lab.field(a_name), lab.field(b_name)
         res = _contract(lab, lab.full(a_name), lab.full(b_name), fa,
                         fa is not None and (len(sa) - 2) in fa.axes, fb is not None and (len(sb) - 1) in fb.axes)
@@ -396,6 +443,8 @@ class MatMul(Rule):
         b = node.inputs[-1]
         if len(lab.shape(b)) == 2 and lab.graph.values[b].kind == "param":
             return True
+        if any(lab.param_axes.get(v.param) for i in (node.inputs[0], b) if (v := _known_view(lab, i)) is not None):
+            return True  # a (batched) linear layer over a parameter: see _batched_linear
         return any(lab.fields.get(i) is not None and lab.is_zero(i) for i in node.inputs[:1] + node.inputs[-1:])
 
     def layer(self, node: Node, graph) -> Layer | None:
