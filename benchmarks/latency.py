@@ -696,9 +696,9 @@ def earlier_rows(out: Path, remeasured: set[str]) -> tuple[list[tuple[Variant, V
         return [], []
     saved = json.loads(path.read_text())
     variants = [Variant(**v) for v in saved["models"] if v["model"] not in remeasured]
-    if isinstance(saved["threads"], int):  # written before runs timed several thread counts
+    if isinstance(saved.get("threads", 1), int):  # written before runs timed several thread counts
         for v in variants:
-            v.ms = {str(saved["threads"]): v.ms}
+            v.ms = {str(saved.get("threads", 1)): v.ms}
     command = saved["command"]  # sys.argv in files written before runs were recorded
     command = command if isinstance(command, str) else shlex.join(["python", *command])
     runs = saved.get("runs") or [{"command": command, "models": sorted({v["model"] for v in saved["models"]})}]
