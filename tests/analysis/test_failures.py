@@ -87,12 +87,16 @@ class TwoBranches(nn.Module):
         return self.b(torch.relu(self.a(x)).roll(3, -1)) + self.d(torch.relu(self.c(x)))
 
 
-def test_a_broken_group_checked_with_good_ones_is_the_only_one_withdrawn(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_broken_group_checked_with_good_ones_is_the_only_one_withdrawn(monkeypatch: pytest.MonkeyPatch,
+                                                                         dtype: torch.dtype) -> None:
     """The default path checks every group in one zeroed forward and bisects only on a
     failure: a group broken by a wrong rule (``roll`` passed through as if elementwise)
-    is found among the good ones and withdrawn alone, on the replayed recording (batch 1)."""
+    is found among the good ones and withdrawn alone, on the replayed recording (batch 1).
+    In bf16 too: the tolerance follows the rounding, and the broken group still fails it."""
     roll, relu = rule_for(canonical_aten("roll")), rule_for(canonical_aten("relu"))
-    model, x = TwoBranches().eval(), torch.randn(1, 6)
+    torch.manual_seed(1)  # the wrong pairing moves the output by 0.6 of its size (seed 0: 0.017, under bf16's 0.03)
+    model, x = TwoBranches().eval().to(dtype), torch.randn(1, 6, dtype=dtype)
     calls = []
     honest = gp.trace(model, x)
     assert honest.backend.replay is not None and not honest.withdrawn
@@ -108,3 +112,16 @@ def test_a_broken_group_checked_with_good_ones_is_the_only_one_withdrawn(monkeyp
     assert "rel. error" in g.withdrawn[0][1] and "a" in g.summary()
     # one batched check, its two halves, then the full program checked alone (nothing removed)
     assert len(calls) == 4
+
+
+def test_a_bf16_model_keeps_its_groups() -> None:
+    """Half-precision rounding is no failure: a Llama in bf16 keeps every group the float32
+    one has (with float32's tolerance its compact model's rounding withdrew them)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=2, intermediate_size=1024, use_cache=False)
+    model, inputs = transformers.LlamaForCausalLM(cfg), (torch.randint(0, 512, (1, 16)),)  # wide enough to round
+    full = gp.trace(model.eval(), inputs)
+    half = gp.trace(model.to(torch.bfloat16), inputs)
+    assert not half.withdrawn and [g.name for g in half.groups] == [g.name for g in full.groups]
