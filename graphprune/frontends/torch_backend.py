@@ -10,7 +10,7 @@ import torch
 
 from ..analysis import Analysis, analyse, unit_map
 from ..errors import NotInPlace, RecorderMismatchWarning, UnsupportedModelError
-from ..lower.module import is_standard, shrunk_copy
+from ..lower.module import is_standard, module_biases, shrunk_copy
 from ..lower.torch import CompactModule, TorchProgram, lower_torch, program_of_export
 from ..lower.widths import candidates, record_reads, settle
 from ..passes.plan import CompactPlan, plan_compact
@@ -187,7 +187,7 @@ class TorchBackend:
             return InPlace(None, str(exc))
         model.eval()
         try:
-            ref = self._zeroed_output(pg, tensors, _as_module_biases(runner, biases or {}))
+            ref = self._zeroed_output(pg, tensors, module_biases(runner, biases or {}))
         except NotInPlace as exc:
             return InPlace(None, str(exc))
         # a half-precision model's compact form sums shorter rows in another order: its
@@ -257,22 +257,6 @@ class TorchBackend:
             runner.train(was_training)
         err = max_rel_error(ref, out)
         return max(err, max_rel_error(ref_logits, out_logits)) if logits else err
-
-
-def _as_module_biases(model: torch.nn.Module, biases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``biases`` (by weight name, ``path.weight``) as the ``path.bias`` entries that run
-    ``model`` with them: each weight's module must be a linear or convolution layer
-    without a bias (its forward adds ``self.bias`` when there is one)."""
-    out = {}
-    for name, b in biases.items():
-        path, _, leaf = name.rpartition(".")
-        mod = model.get_submodule(path) if path else model
-        if leaf != "weight" or not isinstance(mod, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) \
-                or mod.bias is not None:
-            raise NotInPlace(f"{name} gets an added bias, but {path or 'the model'} ({type(mod).__name__}) is not "
-                             f"a linear or convolution layer without one")
-        out[f"{path}.bias" if path else "bias"] = b
-    return out
 
 
 def _normalises_channels(mod: torch.nn.Module) -> bool:

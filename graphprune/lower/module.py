@@ -122,6 +122,23 @@ def shrunk_copy(model: nn.Module, ir: Graph, plan: CompactPlan,
     return compact, out
 
 
+def module_biases(model: nn.Module, biases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``biases`` (added biases by weight name, ``path.weight``) as the ``path.bias``
+    entries that run ``model`` with them through ``torch.func.functional_call``: each
+    weight's module must be a linear or convolution layer without a bias (its forward adds
+    ``self.bias`` when there is one).  The zeroed model plus these biases is what a
+    compensated compact model must reproduce."""
+    out = {}
+    for name, b in biases.items():
+        path, _, leaf = name.rpartition(".")
+        mod = model.get_submodule(path) if path else model
+        if leaf != "weight" or not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) or mod.bias is not None:
+            raise NotInPlace(f"{name} gets an added bias, but {path or 'the model'} ({type(mod).__name__}) is not "
+                             f"a linear or convolution layer without one")
+        out[f"{path}.bias" if path else "bias"] = b
+    return out
+
+
 def _give_bias(compact: nn.Module, owners: dict[str, list[tuple[str, nn.Module, str]]], added: AddedBias) -> None:
     """The layer holding ``added.weight`` in ``compact`` gets ``added.value`` as its bias
     parameter; only a linear or convolution layer without one can take it."""

@@ -223,8 +223,8 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
     if calibration is not None and criterion not in CALIBRATED:
         calibration = None  # a gradient or magnitude criterion: the statistics play no part
     moments = [calibration.moments(i) for i in range(len(groups))] if calibration is not None else None
-    if add_biases is None:
-        add_biases = calibration is not None
+    if add_biases is None:  # on with measured means, where the graph can keep the biases (not a bare stand-in)
+        add_biases = calibration is not None and hasattr(g, "added_biases")
     added = getattr(g, "added_biases", None) if add_biases else None
     if add_biases and added is None:
         raise GraphPruneError("add_biases needs a traced graph (gp.trace) to keep the biases in",

@@ -125,3 +125,31 @@ def test_an_added_bias_nothing_reads_is_an_error() -> None:
     g.added_biases["fc1.weight"] = torch.zeros(16)  # fc1 has a bias of its own: no site for another
     with pytest.raises(gp.GraphPruneError, match="fc1.weight"):
         g.construct_subnet()
+
+
+class _MatmulHead(nn.Module):
+    """The consumer is ``@`` with a bare parameter: no layer to hold a bias in module form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.w2 = nn.Linear(12, 16), nn.Parameter(torch.randn(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc1(x)) @ self.w2
+
+
+@pytest.mark.parametrize("kind", [_Mlp, _MatmulHead])
+def test_compile_checks_against_the_model_with_its_added_biases(kind) -> None:
+    """gp.compile verifies the compact model against the zeroed input model plus the added
+    biases (through the user's layer, or for a bare parameter's matmul through the graph);
+    against the zeroed model alone it would fail, the biases being far from zero."""
+    torch.manual_seed(0)
+    dense = kind().eval()
+    with torch.no_grad():
+        dense.fc1.weight[CONSTANT] = 0
+        dense.fc1.bias[CONSTANT] = 1.0
+    x0 = _inputs(_Mlp(), 4, 0)
+    result = gp.compile(dense, (x0,), method="obspa", target=gp.Target(groups=len(CONSTANT) / 16, multiple=1),
+                        calibration=[_inputs(_Mlp(), 32, s) for s in (1, 2)], recover_steps=0)
+    (bias,) = result.graph.added_biases.values()
+    assert result.report.verify_error < 1e-4 and bias.abs().max() > 0.1
