@@ -14,8 +14,10 @@ import copy
 import warnings
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import graphprune as gp
@@ -100,19 +102,41 @@ def test_without_the_added_bias_the_mean_is_lost() -> None:
         assert max_rel_error(dense(x), g.construct_subnet()(x)) > 0.05
 
 
-def test_onnx_matmul_consumer_gets_an_add(tmp_path) -> None:
+def _gemm_file(dense: _Mlp, path) -> None:
+    """The MLP as two ONNX Gemms (``transB``), the second without ``C`` and with ``beta`` 2."""
+    w = {k: v.detach().numpy() for k, v in dense.state_dict().items()}
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2", transB=1, beta=2.0)]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
+                              [numpy_helper.from_array(w["fc1.weight"], "w1"), numpy_helper.from_array(w["fc1.bias"], "b1"),
+                               numpy_helper.from_array(w["fc2.weight"], "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize("form", ["MatMul", "Gemm"])
+def test_onnx_consumer_gets_the_bias(form: str, tmp_path) -> None:
+    """A MatMul consumer (torch's export of a bias-free Linear) gets an Add after it; a Gemm
+    without ``C`` gets one (divided by its ``beta``)."""
     dense = _constant_units(_Mlp())
     path = tmp_path / "mlp.onnx"
     x0 = _inputs(dense, 4, 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(dense, (x0,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    if form == "Gemm":
+        _gemm_file(dense, path)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(dense, (x0,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
     g = gp.trace(str(path), (x0.numpy(),))
     _prune(g, [_inputs(dense, 32, s) for s in (1, 2)], add_biases=True)
     assert len(g.added_biases) == 1
     compact = g.construct_subnet()
-    assert "Add" in [n.op_type for n in compact.graph.node]
+    if form == "Gemm":
+        assert [len(n.input) for n in compact.graph.node if n.op_type == "Gemm"] == [3, 3]
+    else:
+        assert "Add" in [n.op_type for n in compact.graph.node]
     x = _inputs(dense, 8, 3)
     with torch.no_grad():
         expected = dense(x).numpy()
