@@ -113,9 +113,9 @@ def fit_config(model: nn.Module, read: set[str]) -> str | None:
                   f"{unflagged[0]}{f' (+{len(unflagged) - 1} more)' if len(unflagged) > 1 else ''}, which "
                   f"compensation added; from_pretrained would drop it")
     elif reason is None:
-        _zero_biases(model, _build(model))
         fresh = _build(model)
         if _differences(model, fresh, read) == ({}, {}):
+            _zero_biases(model, fresh)
             have = _numbers(model)
             for k, v in _numbers(fresh).items():  # widths no forward reads (LlamaMLP.intermediate_size)
                 if have.get(k) != v:
