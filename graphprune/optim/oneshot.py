@@ -57,7 +57,9 @@ class PruneReport:
     ``masks[i]`` is True for the removed units of ``groups[i]``; ``achieved`` holds the
     removed fractions of ``groups`` (units), ``params`` and ``flops`` in the same
     first-order accounting as the target.  ``reason`` says why ``criterion`` was run;
-    ``calibration`` holds the statistics measured on calibration data, if any.
+    ``calibration`` holds the statistics measured on calibration data, if any;
+    ``added_biases`` names the weights whose layers got a bias from this call
+    (``add_biases``, kept in the graph's ``added_biases``).
     """
 
     criterion: str
@@ -70,6 +72,7 @@ class PruneReport:
     reason: str = "asked for"
     calibration: Calibration | None = field(default=None, repr=False)
     latency: LatencyRun | None = None
+    added_biases: list[str] = field(default_factory=list)
 
     @property
     def removed(self) -> dict[str, tuple[int, int]]:
@@ -88,6 +91,8 @@ class PruneReport:
     def __repr__(self) -> str:
         got = ", ".join(f"{k}={v:.1%}" for k, v in self.achieved.items())
         comp = ", compensated" if self.compensated else ""
+        n = len(self.added_biases)
+        comp += f", a bias added to {n} layer{'s' if n > 1 else ''}" if n else ""
         return f"PruneReport({self.criterion}, {self.scope}, {self.target!r}{comp}: removed {got})"
 
 
@@ -226,6 +231,7 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
     if add_biases is None:  # on with measured means, where the graph can keep the biases (not a bare stand-in)
         add_biases = calibration is not None and hasattr(g, "added_biases")
     added = getattr(g, "added_biases", None) if add_biases else None
+    before = {k: v.clone() for k, v in added.items()} if added else {}
     if add_biases and added is None:
         raise GraphPruneError("add_biases needs a traced graph (gp.trace) to keep the biases in",
                               hint="pass add_biases=False")
@@ -255,8 +261,9 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
     done = achieved(groups, masks, **totals)
     if latency is not None:
         done["latency_ms"] = latency.achieved_ms
+    given = [k for k, v in (added or {}).items() if k not in before or not torch.equal(v, before[k])]
     return PruneReport(criterion, scope, target, do_comp, groups, masks, done, reason=reason,
-                       calibration=calibration, latency=latency)
+                       calibration=calibration, latency=latency, added_biases=given)
 
 
 _normalize = normalize  # `prune`'s keyword shadows the function's name

@@ -75,9 +75,10 @@ def test_added_bias_makes_the_compact_model_the_dense_one(kind) -> None:
     dense = _constant_units(kind())
     model = copy.deepcopy(dense)
     g = gp.trace(model, (_inputs(dense, 4, 0),), verify=False)
-    _prune(g, [_inputs(dense, 32, s) for s in (1, 2)], add_biases=True)
+    report = _prune(g, [_inputs(dense, 32, s) for s in (1, 2)], add_biases=True)
     consumer = "fc2.weight" if kind is _Mlp else "conv2.weight"
-    assert list(g.added_biases) == [consumer]
+    assert list(g.added_biases) == report.added_biases == [consumer]
+    assert "a bias added to 1 layer" in repr(report)
     x = _inputs(dense, 8, 3)  # inputs calibration never saw
     with torch.no_grad():
         expected = dense(x)
