@@ -19,6 +19,11 @@ Rows, each pruned from the dense weights:
   ``reconstruction`` and ``obspa`` with the measured input Hessian;
 * each of those also with ``uniform=True`` (every layer keeps the same KV groups and MLP width,
   so the compact model is a standard ``LlamaForCausalLM`` config);
+* bias compensation (``add_biases``, on by default with calibration): ``obspa`` and
+  ``reconstruction`` (FLAP-style: fluctuation score, removed units' mean into the bias) move
+  the removed units' measured mean contribution into the consumer's bias; Llama's
+  ``o_proj``/``down_proj`` have none, so the compact model gets one.  The "no added bias"
+  rows turn that off (the mean is lost there, as before), with and without recovery;
 * the calibrated criteria followed by ``gp.recover`` (KL distillation from the dense model on the
   calibration windows, ``--recover-steps`` Adam steps at ``--recover-lr``: recover's default 1e-3
   did not lower calibrated obspa's KL in 50 steps, so it handed the model back unchanged, where
@@ -58,6 +63,7 @@ import graphprune as gp  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CALIBRATED = ("wanda", "reconstruction", "obspa")
+COMPENSATING = ("reconstruction", "obspa")  # the calibrated criteria that move means into biases
 DATA_FREE = ("obspa", "l2")
 
 
@@ -76,9 +82,11 @@ class Ours:
         self.g.groups = [grp for grp in self.g.groups if grp.kind == "head" or ".mlp." in grp.name]
         self.state = copy.deepcopy(self.model.state_dict())
 
-    def __call__(self, criterion: str, ratio: float, data=None, uniform: bool = False) -> torch.nn.Module:
+    def __call__(self, criterion: str, ratio: float, data=None, uniform: bool = False,
+                 add_biases: bool | None = None) -> torch.nn.Module:
         self.model.load_state_dict(self.state)
-        gp.prune(self.g, criterion, gp.Target(params=ratio), data=data, uniform=uniform)
+        self.g.added_biases.clear()  # the biases of the previous try belong to its weights
+        gp.prune(self.g, criterion, gp.Target(params=ratio), data=data, uniform=uniform, add_biases=add_biases)
         compact = self.g.construct_subnet(mode="module")  # a LlamaForCausalLM: any sequence length
         compact.config.use_cache = False
         return compact.eval()
@@ -174,16 +182,16 @@ def sweep(ratios: list[float], n_calib: int, recover_steps: int, recover_lr: flo
     held = data.heldout_windows(limit=limit)
     calib = textlm.calibration(n_calib, textlm.SEQ)
     full = n_params(dense)
-    emit(f"{'dense':32s} {'':>5s} {0:>6.1%} {textlm.perplexity(dense, held):>9.2f} {full:>9d}  next-token accuracy "
+    emit(f"{'dense':44s} {'':>5s} {0:>6.1%} {textlm.perplexity(dense, held):>9.2f} {full:>9d}  next-token accuracy "
          f"{textlm.next_token_accuracy(dense, held):.3f}; unigram perplexity {textlm.unigram_perplexity(data, held):.1f}")
     mine = Ours(dense)
     hung: dict[str, str] = {}
 
     def row(method: str, ratio: float, model: torch.nn.Module | None, note: str = "") -> None:
         if model is None:
-            emit(f"{method:32s} {ratio:>5.0%} {'-':>6s} {'-':>9s} {'-':>9s}  {note}")
+            emit(f"{method:44s} {ratio:>5.0%} {'-':>6s} {'-':>9s} {'-':>9s}  {note}")
             return
-        emit(f"{method:32s} {ratio:>5.0%} {1 - n_params(model) / full:>6.1%} {textlm.perplexity(model, held):>9.2f} "
+        emit(f"{method:44s} {ratio:>5.0%} {1 - n_params(model) / full:>6.1%} {textlm.perplexity(model, held):>9.2f} "
              f"{n_params(model):>9d}  {note}")
 
     for ratio in ratios:
@@ -197,15 +205,18 @@ def sweep(ratios: list[float], n_calib: int, recover_steps: int, recover_lr: flo
                     f"{time.perf_counter() - t0:.0f} s")
         for crit in CALIBRATED:
             for uniform in (False, True):
-                t0 = time.perf_counter()
-                pruned = mine(crit, ratio, calib, uniform=uniform)
-                row(f"{crit}{' uniform' if uniform else ''} (calib)", ratio, pruned,
-                    f"{time.perf_counter() - t0:.0f} s")
-                if not uniform:
+                for add in ((True, False) if crit in COMPENSATING else (None,)):
+                    label = f"{crit}{' uniform' if uniform else ''} (calib{', no added bias' if add is False else ''})"
                     t0 = time.perf_counter()
-                    rec = gp.recover(pruned, dense, calib, steps=recover_steps, lr=recover_lr, loss="kl")
-                    row(f"{crit} (calib) + recover", ratio, pruned,
-                        f"KL {rec.loss_before:.3f} -> {rec.loss_after:.3f}, {time.perf_counter() - t0:.0f} s")
+                    pruned = mine(crit, ratio, calib, uniform=uniform, add_biases=add)
+                    biases = sum(1 for m in pruned.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+                    row(label, ratio, pruned, f"{time.perf_counter() - t0:.0f} s"
+                        + (f", {biases} linear layers with a bias" if add else ""))
+                    if not uniform:
+                        t0 = time.perf_counter()
+                        rec = gp.recover(pruned, dense, calib, steps=recover_steps, lr=recover_lr, loss="kl")
+                        row(f"{label} + recover", ratio, pruned,
+                            f"KL {rec.loss_before:.3f} -> {rec.loss_after:.3f}, {time.perf_counter() - t0:.0f} s")
         for variant in ("gqa", "mha"):
             if variant in hung:  # a graph build that did not finish at one ratio is not retried
                 row("tp (GQA, 4 KV heads)", ratio, None, f"not retried ({hung[variant]})")
@@ -242,7 +253,7 @@ def main() -> None:
              "held-out = whole unseen files), heads + MLP units pruned, embeddings kept",
              f"# calibration: {a.calibration} training windows of {textlm.SEQ} tokens; recover: {a.recover_steps} "
              f"Adam steps (lr {a.recover_lr:g}) of KL distillation on them; got = 1 - compact params / dense params",
-             f"{'method':32s} {'ratio':>5s} {'got':>6s} {'ppl':>9s} {'params':>9s}  note"]
+             f"{'method':44s} {'ratio':>5s} {'got':>6s} {'ppl':>9s} {'params':>9s}  note"]
     rows: list[str] = []
 
     def emit(line: str) -> None:

@@ -32,10 +32,11 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from graphprune.atomic import atomic_path
-from graphprune.errors import (GraphPruneError, TuningError, UnprunableTargetError, UnsupportedModelError,
-                               ZeroInvarianceError)
+from graphprune.errors import (GraphPruneError, NotInPlace, TuningError, UnprunableTargetError,
+                               UnsupportedModelError, ZeroInvarianceError)
 from graphprune.export import export_onnx
 from graphprune.frontends.onnx_weight_forms import with_params
+from graphprune.lower.module import module_biases
 from graphprune.reference import onnxruntime_latency
 from graphprune.optim import DHSPG, H2SPG, HESSO, HESSO_CRIC
 from graphprune.optim.oneshot import choose_criterion, prune
@@ -419,8 +420,31 @@ def _dense_copy(g: PrunableGraph, work: nn.Module | None) -> nn.Module | onnx.Mo
 
 def _reference(g: PrunableGraph, work: nn.Module | None) -> nn.Module | onnx.ModelProto:
     """The input model with its current weights: the PyTorch working copy, or the input
-    ONNX model with ``g.params`` written into its initializers (run by onnxruntime)."""
+    ONNX model with ``g.params`` written into its initializers (run by onnxruntime).
+
+    Where compensation gave layers without a bias one (``g.added_biases``) the model to
+    reproduce has them: the working copy runs with them set on its linear or convolution
+    layers; where they are other ops (a MatMul over a parameter, an ONNX input), the traced
+    graph is lowered with nothing removed and those biases added."""
+    if g.added_biases:
+        if work is not None:
+            try:
+                return _WithBiases(work, module_biases(work, g.added_biases))
+            except NotInPlace:
+                pass
+        return g.backend.emit(g, g.params, torch.zeros(0, dtype=torch.long), biases=g.added_biases)
     return work if work is not None else with_params(g.backend.proto, g.params)
+
+
+class _WithBiases(nn.Module):
+    """``model`` run with ``biases`` (``path.bias`` entries its layers hold as None) set."""
+
+    def __init__(self, model: nn.Module, biases: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.model, self.biases = model, biases
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.model, self.biases, args, kwargs, strict=False)
 
 
 def _verify(g: PrunableGraph, reference: nn.Module | onnx.ModelProto, compact: Any, example: tuple) -> float:

@@ -11,6 +11,13 @@ nothing from graphprune.  With per-layer widths no standard field can; the confi
 also records every tensor shape and width attribute that differs from what the class
 builds for it (``graphprune_shapes``, ``graphprune_widths``), plain ``from_pretrained``
 refuses the checkpoint with a size mismatch, and :func:`load_pretrained` rebuilds it.
+
+A bias that compensation added to a layer built without one (``o_proj``, ``down_proj``:
+:mod:`graphprune.passes.add_bias`) needs the config flag that makes the class build it
+(Llama's ``attention_bias`` for ``q/k/v/o_proj``, ``mlp_bias`` for the MLP): it is set,
+and the family's other layers get zero biases (what they computed without).  A class with
+no such flag (Qwen2, Mistral) keeps the config's fields, records the biases
+(``graphprune_biases``), and :func:`load_pretrained` builds them.
 """
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _FUSED_ATTENTION = ("qkv_proj", "o_proj")  # Phi-3: q, k and v rows in one projection, in that order
 _MLP = ("gate_proj", "up_proj", "down_proj")
 _FUSED_MLP = ("gate_up_proj", "down_proj")
+#: config flag -> the layers it gives a bias (transformers' Llama family)
+_BIAS_FLAGS = {"attention_bias": _ATTENTION, "mlp_bias": _MLP}
 
 
 def _layers(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
@@ -95,24 +104,31 @@ def fit_config(model: nn.Module, read: set[str]) -> str | None:
     why not; the config then keeps the full model's fields and records the shapes and
     width attributes that differ from what its class builds, for :func:`load_pretrained`."""
     cfg = model.config
-    for key in ("graphprune_shapes", "graphprune_widths"):
+    for key in ("graphprune_shapes", "graphprune_widths", "graphprune_biases"):
         if hasattr(cfg, key):
             delattr(cfg, key)
-    fields = _fields(model)
+    widths = _fields(model)
+    flags, unflagged = _bias_flags(model, _extra_biases(model))
+    fields = {**widths, **flags}
     original = {k: getattr(cfg, k) for k in fields if hasattr(cfg, k)}
     for key, value in fields.items():
         setattr(cfg, key, value)
     reason = _rejected(cfg)
-    if reason is None:
+    if reason is None and unflagged:
+        reason = (f"{type(cfg).__name__} has no field that makes {type(model).__name__} build a bias for "
+                  f"{unflagged[0]}{f' (+{len(unflagged) - 1} more)' if len(unflagged) > 1 else ''}, which "
+                  f"compensation added; from_pretrained would drop it")
+    elif reason is None:
         fresh = _build(model)
         if _differences(model, fresh, read) == ({}, {}):
+            _zero_biases(model, fresh)
             have = _numbers(model)
             for k, v in _numbers(fresh).items():  # widths no forward reads (LlamaMLP.intermediate_size)
                 if have.get(k) != v:
                     prefix, _, leaf = k.rpartition(".")
                     setattr(model.get_submodule(prefix) if prefix else model, leaf, v)
             return None
-        reason = ("the layers differ in width" if fields else
+        reason = ("the layers differ in width" if widths else
                   f"graphprune knows no config field for {type(model).__name__}'s widths")
     else:
         reason = f"{type(cfg).__name__} refuses the compact widths: {reason}"
@@ -122,7 +138,44 @@ def fit_config(model: nn.Module, read: set[str]) -> str | None:
         else:
             delattr(cfg, key)
     cfg.graphprune_shapes, cfg.graphprune_widths = _differences(model, _build(model), read)
+    extra = _extra_biases(model)
+    if extra:
+        cfg.graphprune_biases = {k: list(model.get_parameter(k).shape) for k in extra}
     return reason
+
+
+def _extra_biases(model: nn.Module) -> list[str]:
+    """Bias parameters of ``model`` that its class, built from its config, does not have
+    (added by compensation to layers built without one)."""
+    built = {k for k, _ in _build(model).named_parameters()}
+    return [k for k, _ in model.named_parameters() if k.endswith(".bias") and k not in built]
+
+
+def _bias_flags(model: nn.Module, extra: list[str]) -> tuple[dict[str, bool], list[str]]:
+    """The config flags (:data:`_BIAS_FLAGS`) that make the class build the ``extra``
+    biases, and the biases no flag of the config builds."""
+    flags, unflagged = {}, []
+    for name in extra:
+        layer = name.rsplit(".", 2)[-2]
+        flag = next((f for f, layers in _BIAS_FLAGS.items() if layer in layers and hasattr(model.config, f)), None)
+        if flag is None:
+            unflagged.append(name)
+        else:
+            flags[flag] = True
+    return flags, unflagged
+
+
+def _zero_biases(model: nn.Module, fresh: nn.Module) -> None:
+    """Give every linear layer that ``fresh`` (built with the bias flags set) builds a
+    bias for, and ``model`` has none, a zero bias: it computes what it did."""
+    built = dict(fresh.named_modules())
+    for path, mod in model.named_modules():
+        other = built.get(path)
+        if isinstance(mod, nn.Linear) and mod.bias is None and isinstance(other, nn.Linear) \
+                and other.bias is not None:
+            w = mod.weight
+            mod.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                    requires_grad=w.requires_grad)
 
 
 def _differences(model: nn.Module, fresh: nn.Module, read: set[str]
@@ -153,10 +206,14 @@ def load_pretrained(path: str | Path, **kwargs: Any) -> nn.Module:
         raise GraphPruneError(f"config.architectures={cfg.architectures!r} names no transformers class",
                               source=str(path), hint="save the model with save_pretrained, which records its class")
     shapes = getattr(cfg, "graphprune_shapes", None)
-    if not shapes:
+    biases = getattr(cfg, "graphprune_biases", None)
+    if not shapes and not biases:
         return cls.from_pretrained(path, config=cfg)
     model = cls(cfg)
-    resize_module(model, {k: tuple(v) for k, v in shapes.items()})
+    for name, shape in (biases or {}).items():  # compensation's biases, which the class does not build
+        layer = model.get_submodule(name.rpartition(".")[0])
+        layer.bias = nn.Parameter(torch.zeros(shape, dtype=layer.weight.dtype))
+    resize_module(model, {k: tuple(v) for k, v in (shapes or {}).items()})
     for key, value in getattr(cfg, "graphprune_widths", {}).items():
         prefix, _, leaf = key.rpartition(".")
         setattr(model.get_submodule(prefix) if prefix else model, leaf, value)

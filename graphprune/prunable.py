@@ -30,6 +30,13 @@ class PrunableGraph:
 
     The graph, labels and units come from one immutable :class:`~.analysis.Analysis`;
     ``groups`` are the groups still offered (those :meth:`verify` withdrew are gone).
+
+    ``added_biases`` holds, by weight name, the bias that calibrated compensation gave a
+    layer without one (the removed units' mean contribution, ``prune(...,
+    add_biases=True)``): there is no tensor of the user's to hold it, so it is kept here,
+    :meth:`construct_subnet` adds it to the compact model, and the model the compact one
+    must reproduce is the zeroed one with those biases.  It accumulates over calls to
+    ``prune``; clear it when restoring the weights to prune again from the dense model.
     """
 
     def __init__(self, analysis: Analysis, *, params: dict[str, torch.Tensor],
@@ -43,6 +50,7 @@ class PrunableGraph:
         self.withdrawn: list[tuple[Group, str]] = []
         self.notes: list[str] = []      # how the model was captured, where the summary should say
         self.compact_form: str | None = None  # what the last construct_subnet built, and why
+        self.added_biases: dict[str, torch.Tensor] = {}
 
     # ---- the analysis -----------------------------------------------------------------
     @property
@@ -216,7 +224,8 @@ class PrunableGraph:
         :attr:`compact_form` says which was built and why.
         ``fold_bn``: fold inference batch norms into the convolution or linear layer
         before them (graph only: for inference and code generation; a folded module has
-        no batch norm left to switch to training mode)."""
+        no batch norm left to switch to training mode).  Layers named in
+        :attr:`added_biases` get those biases."""
         if mode not in ("graph", "module", "auto"):
             raise GraphPruneError(f"unknown construct_subnet mode {mode!r}", hint="use 'graph', 'module' or 'auto'")
         if mode != "graph":
@@ -225,7 +234,7 @@ class PrunableGraph:
             if reason is None and emit_module is None:
                 reason = "there is no user module (the model was traced from ONNX)"
             if reason is None:
-                built = emit_module(self, self.params)
+                built = emit_module(self, self.params, biases=self.added_biases)
                 if built.module is not None:
                     self.compact_form = "module" + (f" (width attributes set: {built.widths})" if built.widths else "")
                     if _is_pretrained(built.module):
@@ -241,7 +250,7 @@ class PrunableGraph:
             self.compact_form = f"graph (module mode failed: {reason})"
         else:
             self.compact_form = "graph"
-        return self.backend.emit(self, self.params, fold_bn=fold_bn)
+        return self.backend.emit(self, self.params, fold_bn=fold_bn, biases=self.added_biases)
 
     # ---- self-check -------------------------------------------------------------------
     def zeroed_copy(self, masks: Iterable[tuple[Group, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,9 @@ computed from the IR, the analysis and the op registry alone.
 which operators are erased (:mod:`.erase`), which indices of every parameter survive,
 each value's compact shape, and, by asking each node's registry entry, every node's
 :class:`~graphprune.ops.rewrite.Rewrite`; with ``fold_bn`` it also folds inference
-batch norms into the convolution or linear layer before them (:mod:`.fold_bn`).  The
+batch norms into the convolution or linear layer before them (:mod:`.fold_bn`); with
+``biases`` it gives layers without a bias the one compensation computed for them
+(:mod:`.add_bias`).  The
 lowerings (:mod:`graphprune.lower.torch`, :mod:`graphprune.lower.onnx`) only apply a
 plan to an fx graph or an ONNX proto; neither decides anything.
 
@@ -26,6 +28,7 @@ from graphprune.ir.graph import Graph, Node
 from graphprune.ops.catalog import rule_for
 from graphprune.ops.rewrite import Rewrite
 
+from .add_bias import AddedBias, plan_biases
 from .erase import Evaluate, erase
 from .fold_bn import Fold, fold_batch_norms
 from .shrink import Shrink
@@ -42,6 +45,7 @@ class CompactPlan:
     ``constants``: frontier value -> the constant (compact, broadcastable) that replaces
     it; ``unerased``: dead values whose operators had to stay, with the reason (their
     groups keep one zero unit instead).  ``folds``: batch norms folded into their producer (only with ``fold_bn``).
+    ``biases``: biases added to layers that have none (compensated means, :mod:`.add_bias`).
     ``shrink``: the kept-index queries the plan was made from (fallback units of
     operators that could not be erased are kept in it).
     """
@@ -55,11 +59,12 @@ class CompactPlan:
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     unerased: dict[str, str] = field(default_factory=dict)
     folds: tuple[Fold, ...] = ()
+    biases: tuple[AddedBias, ...] = ()
 
     def __repr__(self) -> str:
         return (f"CompactPlan({len(self.shapes)} shapes, {len(self.params)} params sliced, "
                 f"{len(self.rewrites)} rewrites, {len(self.erased)} erased, {len(self.constants)} constants, "
-                f"{len(self.unerased)} unerased, {len(self.folds)} folds)")
+                f"{len(self.unerased)} unerased, {len(self.folds)} folds, {len(self.biases)} added biases)")
 
     def removes(self, node: Node) -> bool:
         """Whether ``node`` is erased."""
@@ -78,13 +83,15 @@ class CompactPlan:
 
 def plan_compact(ir: Graph, lab: Labels, comp: torch.Tensor, removed: torch.Tensor,
                  tensors: dict[str, torch.Tensor], *, dynamic: Callable[[str], set[int]],
-                 evaluate: Evaluate | None = None, fold_bn: bool = False) -> CompactPlan:
+                 evaluate: Evaluate | None = None, fold_bn: bool = False,
+                 biases: dict[str, torch.Tensor] | None = None) -> CompactPlan:
     """The plan for removing the components ``removed``.
 
     ``tensors``: current parameters and buffers (the IR's data where absent), read for
     the erased operators' constants and for batch-norm folding; ``dynamic``/``evaluate``:
     as for :func:`.erase.erase` (the batch axes of a value, and how to compute
-    input-independent values when the IR's callables cannot).
+    input-independent values when the IR's callables cannot); ``biases``: full-size biases
+    to add to layers that have none, by their weight's user-facing name (:mod:`.add_bias`).
     """
     er = erase(Shrink(lab, comp, removed), tensors, dynamic, evaluate, source=ir.source)
     shrink = er.shrink
@@ -104,7 +111,9 @@ def plan_compact(ir: Graph, lab: Labels, comp: torch.Tensor, removed: torch.Tens
         if rw is not None:
             rewrites[node.name] = rw
     plan = CompactPlan(shrink, shapes, params, rewrites, erased, frozenset(er.dead), er.constants, er.kept)
-    return replace(plan, folds=fold_batch_norms(ir, plan, tensors)) if fold_bn else plan
+    if fold_bn:
+        plan = replace(plan, folds=fold_batch_norms(ir, plan, tensors))
+    return replace(plan, biases=plan_biases(ir, plan, biases)) if biases else plan
 
 
 def _rewrite(node: Node, shrink: Shrink, source: str | None) -> Rewrite | None:

@@ -55,19 +55,21 @@ class OnnxBackend:
         return {name: v.data for name, v in ir.values.items() if v.kind == "param"}
 
     def plan(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], removed: torch.Tensor,
-             fold_bn: bool = False) -> CompactPlan:
-        """The compact plan for removing the components ``removed``."""
-        return plan_compact(pg.ir, pg.labels, pg.comp, removed, tensors, fold_bn=fold_bn,
+             fold_bn: bool = False, biases: dict[str, torch.Tensor] | None = None) -> CompactPlan:
+        """The compact plan for removing the components ``removed`` (adding ``biases``)."""
+        return plan_compact(pg.ir, pg.labels, pg.comp, removed, tensors, fold_bn=fold_bn, biases=biases,
                             dynamic=lambda name: pg.ir.values[name].dynamic_axes,
                             evaluate=_evaluator(pg.ir, self.proto, tensors))
 
     def emit(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None,
-             weights: dict[str, np.ndarray] | None = None, fold_bn: bool = False) -> onnx.ModelProto:
+             weights: dict[str, np.ndarray] | None = None, fold_bn: bool = False,
+             biases: dict[str, torch.Tensor] | None = None) -> onnx.ModelProto:
         """The compact ModelProto; with ``weights`` its fed weights stay stubs and their
         arrays go there (for ``run_onnx(model, feeds, weights)``); ``fold_bn``: fold
-        inference batch norms into the convolutions before them."""
+        inference batch norms into the convolutions before them; ``biases``: biases added
+        to layers without one (:attr:`PrunableGraph.added_biases`)."""
         units = pg.removed_units(tensors) if removed is None else removed
-        return lower_onnx(pg.ir, self.proto, self.plan(pg, tensors, units, fold_bn), tensors, weights)
+        return lower_onnx(pg.ir, self.proto, self.plan(pg, tensors, units, fold_bn, biases), tensors, weights)
 
     def full(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
              weights: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:

@@ -10,7 +10,7 @@ import torch
 
 from ..analysis import Analysis, analyse, unit_map
 from ..errors import NotInPlace, RecorderMismatchWarning, UnsupportedModelError
-from ..lower.module import is_standard, shrunk_copy
+from ..lower.module import is_standard, module_biases, shrunk_copy
 from ..lower.torch import CompactModule, TorchProgram, lower_torch, program_of_export
 from ..lower.widths import candidates, record_reads, settle
 from ..passes.plan import CompactPlan, plan_compact
@@ -128,31 +128,36 @@ class TorchBackend:
         return unit_map(held, pg.groups)[removed]
 
     def plan(self, pg: PrunableGraph, state: dict[str, torch.Tensor], removed: torch.Tensor,
-             fold_bn: bool = False) -> CompactPlan:
-        """The compact plan for removing the components ``removed`` (export's analysis)."""
+             fold_bn: bool = False, biases: dict[str, torch.Tensor] | None = None) -> CompactPlan:
+        """The compact plan for removing the components ``removed`` (export's analysis),
+        adding ``biases``."""
         removed = self._adopt(pg, removed)
-        return plan_compact(pg.ir, pg.labels, pg.comp, removed, state, fold_bn=fold_bn,
+        return plan_compact(pg.ir, pg.labels, pg.comp, removed, state, fold_bn=fold_bn, biases=biases,
                             dynamic=self.program(pg).dynamic)
 
     def emit(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None,
-             fold_bn: bool = False) -> CompactModule:
+             fold_bn: bool = False, biases: dict[str, torch.Tensor] | None = None) -> CompactModule:
         """The compact module for ``tensors`` (buffers from the user's model); ``removed``
         overrides which units go (default: every all-zero unit); ``fold_bn`` folds
         inference batch norms into the layers before them (the module then no longer
-        switches them to training mode)."""
+        switches them to training mode); ``biases``: biases added to layers without one
+        (:attr:`PrunableGraph.added_biases`)."""
         removed = self._adopt(pg, removed)
         units = pg.removed_units(tensors) if removed is None else removed
         state = dict(tensors)
         for k, v in self.runner.named_buffers(remove_duplicate=False):
             state.setdefault(k, v)
-        return lower_torch(pg.ir, self.program(pg), self.plan(pg, state, units, fold_bn), state)
+        return lower_torch(pg.ir, self.program(pg), self.plan(pg, state, units, fold_bn, biases), state)
 
-    def emit_module(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], rtol: float = 1e-4) -> InPlace:
+    def emit_module(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], rtol: float = 1e-4,
+                    biases: dict[str, torch.Tensor] | None = None) -> InPlace:
         """The compact model as a copy of the user's own module, its standard layers
         shrunk in place (:mod:`..lower.module`) and its width attributes found
         (:mod:`..lower.widths`), checked against the zeroed full model on the example
         like every compact model (``rtol``, raised to four rounding units of the model's
-        least precise float type); where that cannot be done, why not."""
+        least precise float type); where that cannot be done, why not.  ``biases`` (by
+        weight name) become bias parameters of the layers that have none, in the copy and
+        in the reference it is checked against."""
         if pg.model is None:
             return InPlace(None, "there is no user module (the model was traced from ONNX)")
         units = pg.removed_units(tensors)
@@ -160,12 +165,12 @@ class TorchBackend:
         for k, v in self.runner.named_buffers(remove_duplicate=False):
             state.setdefault(k, v)
         if self.settled:
-            plan = self.plan(pg, state, units)
+            plan = self.plan(pg, state, units, biases=biases)
         else:
             # no torch.export needed (an LLM's export is minutes): the recorder's analysis names
             # the same parameters, the plan is only read for kept indices, and a plan that
             # erases operators (where dynamic axes would matter) is refused below anyway
-            plan = plan_compact(pg.ir, pg.labels, pg.comp, units, state,
+            plan = plan_compact(pg.ir, pg.labels, pg.comp, units, state, biases=biases,
                                 dynamic=lambda name: set(range(len(pg.ir.values[name].shape))))
         args, kwargs = pg.example
         runner = self.runner  # the user's weights, shared: its full-size forward shows what is read
@@ -181,7 +186,10 @@ class TorchBackend:
         except NotInPlace as exc:
             return InPlace(None, str(exc))
         model.eval()
-        ref = self._zeroed_output(pg, tensors)
+        try:
+            ref = self._zeroed_output(pg, tensors, module_biases(runner, biases or {}))
+        except NotInPlace as exc:
+            return InPlace(None, str(exc))
         # a half-precision model's compact form sums shorter rows in another order: its
         # outputs differ by rounding (2e-2 on Llama-3.2-1B in bf16), a wrong width by O(1)
         floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
@@ -206,16 +214,18 @@ class TorchBackend:
             return InPlace(None, reason)
         return InPlace(model, None, changed, {f"{p}.{a}" if p else a for p, attrs in reads.items() for a in attrs})
 
-    def _zeroed_output(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> object:
-        """The full model's output on the example with ``tensors`` as weights (eval mode)."""
+    def _zeroed_output(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
+                       extra: dict[str, torch.Tensor] | None = None) -> object:
+        """The full model's output on the example with ``tensors`` as weights (eval mode);
+        ``extra``: module tensors to set that the model holds as None (added biases)."""
         args, kwargs = pg.example
         runner = self.runner
         was_training = runner.training
         runner.eval()
         try:
             with torch.no_grad():
-                return torch.func.functional_call(runner, one_name_per_slot(runner, tensors), args, kwargs,
-                                                  tie_weights=False, strict=False)
+                return torch.func.functional_call(runner, {**one_name_per_slot(runner, tensors), **(extra or {})},
+                                                  args, kwargs, tie_weights=False, strict=False)
         finally:
             runner.train(was_training)
 

@@ -4,7 +4,8 @@ The graph lowering (:mod:`.torch`) emits an exported graph; this one keeps the u
 ``nn.Module`` tree (its class, methods, ``generate()``, ``save_pretrained()``) and only
 swaps each sliced parameter or buffer for its kept rows, then sets the layer attributes
 that hold those widths (``out_features``, ``in_channels``, ``num_features``,
-``normalized_shape``...).  That is only sound where the layer's forward reads nothing
+``normalized_shape``...), and gives a linear or convolution layer the bias the plan adds
+to it (compensated means, :mod:`graphprune.passes.add_bias`).  That is only sound where the layer's forward reads nothing
 but its tensors and those attributes, so a sliced tensor must belong to a *standard
 layer* (:data:`LAYERS`, or a norm-like leaf holding only 1-D scales); anything else is a
 :class:`NotInPlace` with the reason, and the caller falls back to the graph.  Widths
@@ -22,6 +23,7 @@ from torch import nn
 
 from graphprune.errors import NotInPlace
 from graphprune.ir.graph import Graph
+from graphprune.passes.add_bias import AddedBias
 from graphprune.passes.plan import CompactPlan
 
 #: layers whose forward reads only their tensors and the attributes :func:`_set_layer_widths` sets
@@ -111,11 +113,45 @@ def shrunk_copy(model: nn.Module, ir: Graph, plan: CompactPlan,
         compact = copy.deepcopy(model, memo)
     except Exception as exc:  # noqa: BLE001  (a module that cannot be copied keeps the graph form)
         raise NotInPlace(f"the model cannot be deep-copied ({type(exc).__name__}: {exc})") from exc
+    for added in plan.biases:
+        _give_bias(compact, owners, added)
     for path in out.layers:
         _set_layer_widths(compact.get_submodule(path), path)
     for path, old, new in rms:
         _rescale_rms(compact.get_submodule(path), old, new)
     return compact, out
+
+
+def module_biases(model: nn.Module, biases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``biases`` (added biases by weight name, ``path.weight``) as the ``path.bias``
+    entries that run ``model`` with them through ``torch.func.functional_call``: each
+    weight's module must be a linear or convolution layer without a bias (its forward adds
+    ``self.bias`` when there is one).  The zeroed model plus these biases is what a
+    compensated compact model must reproduce."""
+    out = {}
+    for name, b in biases.items():
+        path, _, leaf = name.rpartition(".")
+        mod = model.get_submodule(path) if path else model
+        if leaf != "weight" or not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) or mod.bias is not None:
+            raise NotInPlace(f"{name} gets an added bias, but {path or 'the model'} ({type(mod).__name__}) is not "
+                             f"a linear or convolution layer without one")
+        out[f"{path}.bias" if path else "bias"] = b
+    return out
+
+
+def _give_bias(compact: nn.Module, owners: dict[str, list[tuple[str, nn.Module, str]]], added: AddedBias) -> None:
+    """The layer holding ``added.weight`` in ``compact`` gets ``added.value`` as its bias
+    parameter; only a linear or convolution layer without one can take it."""
+    holders = owners.get(added.weight, [])
+    for path, _, attr in holders:
+        mod = compact.get_submodule(path) if path else compact
+        if attr != "weight" or not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) or mod.bias is not None:
+            raise NotInPlace(f"{added.weight} gets an added bias, but {path or 'the model'} ({type(mod).__name__}) is "
+                             f"not a linear or convolution layer without one")
+        w = mod.weight
+        mod.bias = nn.Parameter(added.value.to(dtype=w.dtype, device=w.device).clone(), requires_grad=w.requires_grad)
+    if not holders:
+        raise NotInPlace(f"{added.weight} gets an added bias but is no parameter of the module")
 
 
 def _rescale_rms(mod: nn.Module, old: int, new: int) -> None:

@@ -1,7 +1,8 @@
 """Lower a compact plan to an ONNX model: sliced initializers, each node's
 :class:`~graphprune.ops.rewrite.Rewrite` applied (an attribute or a constant input set,
 a phantom op's model-local function called and then inlined), erased operators replaced
-by constant initializers, folded batch norms dropped, dead nodes removed, fresh shape
+by constant initializers, folded batch norms dropped, biases the plan adds to layers
+without one set (a Conv's or Gemm's bias input, an Add after a MatMul), dead nodes removed, fresh shape
 inference and ``onnx.checker`` passed.  Graph inputs, outputs and their dynamic axes are
 untouched (their channels are never pruned).
 
@@ -24,8 +25,9 @@ from graphprune.frontends.onnx_scopes import reads, rename_reads
 from graphprune.frontends.onnx_skeleton import check_model, fill, infer_shapes, put_weight
 from graphprune.frontends.onnx_weight_forms import cast_target, constant_value, is_view, set_constant
 from graphprune.ir.graph import Graph, Node
-from graphprune.ops.catalog import rule_for
+from graphprune.ops.catalog import onnx_op, rule_for
 from graphprune.ops.rewrite import Call, Entries, OnnxArg, OnnxContext, Rewrite
+from graphprune.passes.add_bias import AddedBias
 from graphprune.passes.fold_bn import Fold
 from graphprune.passes.plan import CompactPlan
 
@@ -51,6 +53,8 @@ def lower_onnx(ir: Graph, proto: onnx.ModelProto, plan: CompactPlan, tensors: di
             _apply(editor, node, by_name[node.name], rw, ctx)
     for fold in plan.folds:
         _fold(editor, by_name[fold.producer], by_name[fold.norm], fold, fed)
+    for added in plan.biases:
+        _add_bias(editor, by_name[added.node], added, fed)
     _erase(model.graph, plan)
     _drop_unused(model.graph)
     model = _inline_functions(model, proto)
@@ -259,6 +263,24 @@ def _fold(ed: _Editor, layer: onnx.NodeProto, norm: onnx.NodeProto, fold: Fold, 
         layer.input[2] = name
     layer.output[0] = norm.output[0]
     ed.model.graph.node.remove(norm)
+
+
+def _add_bias(ed: _Editor, layer: onnx.NodeProto, added: AddedBias, fed: dict[str, np.ndarray]) -> None:
+    """Give ``layer`` the initializer ``<layer>__added_bias``: as its bias input where its op
+    has one, else through an ``Add`` right after it that takes over its output's name."""
+    name = ed.fresh(f"{layer.name}__added_bias")
+    put_weight(ed.model.graph.initializer.add(), name, added.shaped().numpy(), fed)
+    if added.site.arg is not None:
+        index = onnx_op(layer.op_type).inputs.index(added.site.arg)
+        while len(layer.input) <= index:
+            layer.input.append("")
+        layer.input[index] = name
+        return
+    out = layer.output[0]
+    layer.output[0] = ed.fresh(f"{out}__without_bias")
+    nodes = ed.model.graph.node
+    add = helper.make_node("Add", [layer.output[0], name], [out], name=ed.fresh(f"{layer.name}__add_bias"))
+    nodes.insert(list(nodes).index(layer) + 1, add)
 
 
 def _erase(graph: onnx.GraphProto, plan: CompactPlan) -> None:

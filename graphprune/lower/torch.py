@@ -4,7 +4,8 @@ The program's module (export's unlifted module, or the replayed recording) is th
 by the plan's slices (the user's model is never touched), each node's
 :class:`~graphprune.ops.rewrite.Rewrite` is applied to its fx node (a schema argument
 set, or the target replaced by a phantom op's torch function), erased operators give
-way to constant buffers, and folded batch norms to their layer's output.  The result
+way to constant buffers, folded batch norms to their layer's output, and a bias the plan
+adds to a layer without one becomes its bias argument or an add after it.  The result
 has the original call signature and also works in training mode (batch norm and
 dropout flags follow ``.train()``/``.eval()``, as the op registry says which argument
 carries the mode).
@@ -22,6 +23,7 @@ from graphprune.errors import ZeroInvarianceError
 from graphprune.ir.graph import Graph, Node, Ref
 from graphprune.ops.catalog import canonical_aten, rule_for
 from graphprune.ops.rewrite import Call, Entries, Rewrite
+from graphprune.passes.add_bias import AddedBias
 from graphprune.passes.fold_bn import Fold
 from graphprune.passes.plan import CompactPlan
 
@@ -115,6 +117,8 @@ def lower_torch(ir: Graph, program: TorchProgram, plan: CompactPlan,
         _feed_constants(gm, plan, fx_nodes)
     for k, fold in enumerate(plan.folds):
         removed.add(_fold(gm, fx_nodes, fold, k))
+    for k, added in enumerate(plan.biases):
+        _add_bias(gm, fx_nodes[added.node], added, k)
     if removed:
         _drop(gm, removed)
     for n in gm.graph.nodes:  # full-model shapes are stale now; fake tensors and provenance chains block deepcopy
@@ -309,6 +313,22 @@ def _fold(gm: torch.fx.GraphModule, fx_nodes: dict[str, torch.fx.Node], fold: Fo
         else:
             user.replace_input_with(norm, layer)
     return fold.norm
+
+
+def _add_bias(gm: torch.fx.GraphModule, layer: torch.fx.Node, added: AddedBias, k: int) -> None:
+    """Give ``layer`` the bias ``_added_bias_<k>``: as its bias argument where its op has
+    one, else added to its output (read by its users instead)."""
+    g = gm.graph
+    gm.register_parameter(f"_added_bias_{k}", torch.nn.Parameter(added.shaped().clone()))
+    if added.site.arg is not None:
+        with g.inserting_before(layer):
+            set_arg(layer, added.site.arg, g.get_attr(f"_added_bias_{k}"))
+        return
+    with g.inserting_after(layer):
+        bias = g.get_attr(f"_added_bias_{k}")
+    with g.inserting_after(bias):
+        out = g.call_function(torch.ops.aten.add.Tensor, (layer, bias))
+    layer.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
 
 
 def _drop(gm: torch.fx.GraphModule, removed: set[str]) -> None:

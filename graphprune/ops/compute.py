@@ -17,7 +17,7 @@ import torch
 from ..analysis.labels import Field, Labels, ParamView, unlabelled
 from ..ir.graph import Node
 from .common import as_list, numel, ref_name, same_pads
-from .registry import Layer, OnnxOp, Rule, register
+from .registry import BiasSite, Layer, OnnxOp, Rule, register
 from .rewrite import OnnxArg, Rewrite
 
 F = torch.nn.functional
@@ -118,6 +118,14 @@ def _weight_param(node: Node, graph, arg: str, ndim: int) -> str | None:
     return w if ok else None
 
 
+def _bias_site(node: Node, graph, w: str | None, out_dim: int, axis: int, arg: str | None,
+               scale: float = 1.0) -> BiasSite | None:
+    """A :class:`BiasSite` over the weight parameter ``w`` when the node adds no bias yet."""
+    if w is None or graph.values[w].kind != "param" or (arg is not None and node.attrs.get(arg) is not None):
+        return None
+    return BiasSite(w, out_dim, axis, arg, scale)
+
+
 def _dense_layer(node: Node, graph, x: str | None, w: str | None, in_dim: int) -> Layer | None:
     """``x`` (``[..., in]``) times the 2-D parameter ``w`` whose dim ``in_dim`` is the input."""
     if x is None or w is None:
@@ -210,6 +218,12 @@ class Conv(Rule):
                      stride=(stride[0], stride[1]), padding=pads, dilation=(dilation[0], dilation[1]),
                      groups=int(a.get("groups", 1) or 1))
 
+    def bias_site(self, node: Node, graph) -> BiasSite | None:
+        """Output channels are axis 1 of the output and axis 0 of the weight (not transposed)."""
+        transposed = bool(node.attrs.get("transposed")) or "transpose" in node.source_op.lower()
+        w = ref_name(node.attrs.get("weight"))
+        return None if transposed else _bias_site(node, graph, w, 0, 1, "bias")
+
     def rewrite(self, node, shrink) -> Rewrite | None:
         """A grouped convolution keeps its group size: removed groups lower the count."""
         g = int(node.attrs.get("groups", 1) or 1)
@@ -264,6 +278,9 @@ class Linear(Rule):
     def layer(self, node: Node, graph) -> Layer | None:
         return _dense_layer(node, graph, ref_name(node.attrs.get("input")), _weight_param(node, graph, "weight", 2), 1)
 
+    def bias_site(self, node: Node, graph) -> BiasSite | None:
+        return _bias_site(node, graph, _weight_param(node, graph, "weight", 2), 0, -1, "bias")
+
 
 @register("addmm", aten=("addmm",))
 class Addmm(Rule):
@@ -308,6 +325,13 @@ class Gemm(Rule):
             return None
         return _dense_layer(node, graph, ref_name(node.attrs.get("A")), _weight_param(node, graph, "B", 2),
                             1 if node.attrs.get("transB", 0) else 0)
+
+    def bias_site(self, node: Node, graph) -> BiasSite | None:
+        """``C`` is added times ``beta``; B is ``[in, out]``, or ``[out, in]`` with transB."""
+        if node.attrs.get("transA", 0):
+            return None
+        return _bias_site(node, graph, _weight_param(node, graph, "B", 2), 0 if node.attrs.get("transB", 0) else 1,
+                          -1, "C", float(node.attrs.get("beta", 1.0)))
 
 
 def _transposed_param(lab: Labels, name: str) -> str | None:
@@ -453,6 +477,13 @@ class MatMul(Rule):
         if len(node.inputs) != 2 or graph.values[w].kind != "param" or len(graph.values[w].shape) != 2:
             return None
         return _dense_layer(node, graph, node.inputs[0], w, 0)
+
+    def bias_site(self, node: Node, graph) -> BiasSite | None:
+        """``x @ W`` with W ``[in, out]`` a parameter: a bias is an add after the product."""
+        w = node.inputs[-1]
+        if len(node.inputs) != 2 or len(graph.values[w].shape) != 2:
+            return None
+        return _bias_site(node, graph, w, 1, -1, None)
 
 
 @register("einsum", aten=("einsum",), onnx={"Einsum": OnnxOp(lambda *xs, equation, **_: torch.einsum(equation, *xs))})

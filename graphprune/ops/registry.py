@@ -89,6 +89,22 @@ class Layer:
         return self.kind == "conv2d" and self.groups > 1 and self.groups == self.channels[0]
 
 
+@dataclass(frozen=True)
+class BiasSite:
+    """Where a bias can be added to a layer's output: ``weight`` (an IR value) holds the
+    output channels along ``out_dim``, the output holds them along ``axis``; ``arg`` is the
+    op's own bias argument (set where the layer has none, ``scale`` times the bias: Gemm's
+    ``beta``), or None where the op takes no bias and an add follows it (a matmul).
+    Calibrated compensation moves removed units' mean into such a bias where the layer has
+    none (see :func:`graphprune.optim.obspa.compensate`)."""
+
+    weight: str
+    out_dim: int
+    axis: int
+    arg: str | None
+    scale: float = 1.0
+
+
 class Rule:
     """Base rule; subclasses override what applies to them."""
 
@@ -148,6 +164,12 @@ class Rule:
     def layer(self, node: "Node", graph: "Graph") -> Layer | None:
         """The node as a :class:`Layer` (a convolution or dense layer over a weight
         parameter), for latency tables; None for anything else."""
+        return None
+
+    def bias_site(self, node: "Node", graph: "Graph") -> BiasSite | None:
+        """Where a bias could be added to the node's output when its weight layer has none
+        (:class:`BiasSite`); None for an op that is no layer over a weight parameter, or
+        that already adds a bias."""
         return None
 
     def rewrite(self, node: "Node", shrink: "Shrink") -> "Rewrite | None":

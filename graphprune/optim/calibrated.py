@@ -11,7 +11,7 @@ measure that loss on the calibration inputs, both summed over the unit's consume
   ``Σ_r W[r,u,:] C_u W[r,u,:]ᵀ``, with ``C_u`` the measured second moments of the unit's
   columns (their covariance where the layer has a bias or a BatchNorm after it to take the
   unit's mean: the fluctuation idea of FLAP, whose bias compensation :func:`absorb_means`
-  applies after selection).  Unlike ``wanda`` it sees how a unit's columns co-vary (a
+  applies after selection, giving a bias to layers without one where asked).  Unlike ``wanda`` it sees how a unit's columns co-vary (a
   channel flattened into positions that move together).
 
 OBSPA with the measured input Hessian is the third calibrated criterion; it lives in
@@ -68,22 +68,25 @@ def wanda(groups: Sequence[Group], params: dict[str, torch.Tensor], *, calibrati
 
 def reconstruction(groups: Sequence[Group], params: dict[str, torch.Tensor], *,
                    calibration: Calibration | None = None, graph: GraphRoutes | None = None,
-                   **_: Any) -> list[torch.Tensor]:
-    """Measured output error of each consumer when the unit alone is removed (mean into the bias where possible)."""
+                   add_biases: bool = False, **_: Any) -> list[torch.Tensor]:
+    """Measured output error of each consumer when the unit alone is removed (mean into the
+    bias where possible: the layer's own, or with ``add_biases`` one it is given)."""
     cal = _needs(calibration, "reconstruction")
 
     def term(w: torch.Tensor, s: Slice, st: ConsumerStats) -> torch.Tensor:
         c = st.within
-        if mean_sink(s, params, graph) is not None:
+        if mean_sink(s, params, graph, add_biases) is not None:
             c = c - st.within_mean[:, :, None] * st.within_mean[:, None, :]
         return torch.einsum("rui,uij,ruj->u", w, c, w).clamp_min(0)
     return _per_unit(groups, params, cal, term)
 
 
 def absorb_means(groups: Sequence[Group], masks: Sequence[torch.Tensor], params: dict[str, torch.Tensor],
-                 calibration: Calibration, routes: GraphRoutes | None) -> None:
+                 calibration: Calibration, routes: GraphRoutes | None,
+                 added: dict[str, torch.Tensor] | None = None) -> None:
     """Move each removed unit's measured mean contribution ``W_Q μ_Q`` into its consumers'
-    bias (or the BatchNorm after them) and zero their columns; kept weights stay as they are.
+    bias (or the BatchNorm after them; with ``added``, a bias given to a layer without
+    one, kept there by weight name) and zero their columns; kept weights stay as they are.
 
     This is the OBS update with a diagonal input model (no unit can stand in for another),
     so :func:`~graphprune.optim.obspa.compensate` applies it, without its norm rescaling.
@@ -92,4 +95,4 @@ def absorb_means(groups: Sequence[Group], masks: Sequence[torch.Tensor], params:
         if not m.any():
             continue
         diag = [InputMoments(torch.diag(mo.cov.diagonal()), mo.mean, mo.block) for mo in calibration.moments(i)]
-        compensate(g, m, params, diag, graph=routes, rescale=1.0)
+        compensate(g, m, params, diag, graph=routes, rescale=1.0, added=added)

@@ -7,7 +7,8 @@ passed through the activation the traced graph shows between them (:class:`Graph
 ReLU, ReLU6, GELU, SiLU, attention values or none).  It scores unit q by the Optimal
 Brain Surgeon error ``||W[:, Q]||²_{([H⁻¹]_QQ)⁻¹}`` with ``H = M + damping``, and
 :func:`compensate` moves the removed units' contribution onto the kept ones (and their
-mean into the consumer's bias or the BatchNorm after it).
+mean into the consumer's bias or the BatchNorm after it, or, asked to, into a bias the
+consumer gets: :func:`mean_sink`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from graphprune.analysis.groups import Group, Slice
 from graphprune.errors import GraphPruneError
 from graphprune.ops.catalog import rule_for
-from graphprune.ops.registry import Rule
+from graphprune.ops.registry import BiasSite, Rule
 
 if TYPE_CHECKING:
     from graphprune.ir.graph import Graph
@@ -80,7 +81,7 @@ class GraphRoutes:
     """
 
     def __init__(self, ir: Graph, params: dict[str, torch.Tensor]) -> None:
-        self.values, self.params = ir.values, params
+        self.values, self.params, self._ir = ir.values, params, ir
         self.maker = ir.producers()
         self.key: dict[str, str] = {}
         for v in ir.values.values():
@@ -212,6 +213,15 @@ class GraphRoutes:
             return None
         eps = float(bn.attrs.get("eps", bn.attrs.get("epsilon", 1e-5)))
         return self.key[refs["weight"]], self.key[refs["bias"]], var.detach().double().cpu().reshape(-1), eps
+
+    def bias_site(self, param: str) -> BiasSite | None:
+        """Where the layer owning ``param`` (its only reader) could get a bias it lacks
+        (:meth:`~graphprune.ops.registry.Rule.bias_site`), with ``param`` as its weight."""
+        readers = self.readers.get(param)
+        if not readers or len(readers) != 1:
+            return None
+        site = rule_for(readers[0].op).bias_site(readers[0], self._ir)
+        return site if site is not None and self.key.get(site.weight) == param else None
 
     def _param(self, name: str) -> torch.Tensor:
         return self.params[name].detach().double().cpu().reshape(-1)
@@ -493,14 +503,16 @@ def consumer_moments(g: Group, params: dict[str, torch.Tensor], activation: Acti
 
 def obspa(groups: Sequence[Group], params: dict[str, torch.Tensor], *, damping: float = 0.1,
           activation: Activation | None = None, graph: Graph | GraphRoutes | None = None,
-          moments: Sequence[Sequence[InputMoments]] | None = None, **_: Any) -> list[torch.Tensor]:
+          moments: Sequence[Sequence[InputMoments]] | None = None, add_biases: bool = False,
+          **_: Any) -> list[torch.Tensor]:
     """Optimal-Brain-SPA: OBS error summed over every layer that reads the unit.
 
     Each consumer is scored under its own input model: ``moments[i]`` (one per consumer of
     ``groups[i]``, measured on calibration data by :mod:`graphprune.optim.calibration`)
     when given, else the data-free :func:`input_moments` (routed through ``graph``).
-    Consumers with a bias let the unit's mean go into the
-    bias, so they are scored with the covariance; others with the full second moment.
+    Consumers with a bias (or, with ``add_biases``, that can be given one) let the unit's
+    mean go into the bias, so they are scored with the covariance; others with the full
+    second moment.
     A group with no parametric consumer (e.g. attention scores) falls back to l2.
     """
     routes = _routes(graph, params)
@@ -513,7 +525,7 @@ def obspa(groups: Sequence[Group], params: dict[str, torch.Tensor], *, damping: 
         score = torch.zeros(g.size, dtype=torch.float64)
         moms = moments[i] if moments is not None else consumer_moments(g, params, activation, routes)
         for s, mom in zip(consumers, moms):
-            h = obs_hessian(mom.cov if mean_sink(s, params, routes) else mom.second, damping)
+            h = obs_hessian(mom.cov if mean_sink(s, params, routes, add_biases) else mom.second, damping)
             rows = consumer_rows(params[s.param], s, mom.block)
             score += obs_saliency(rows, h, mom.block)
         out.append(score.float())
@@ -522,7 +534,8 @@ def obspa(groups: Sequence[Group], params: dict[str, torch.Tensor], *, damping: 
 
 def compensate(g: Group, remove: torch.Tensor, params: dict[str, torch.Tensor],
                mom: InputMoments | Sequence[InputMoments] | None = None, damping: float = 0.1,
-               activation: Activation | None = None, graph: Graph | GraphRoutes | None = None, rescale: float = 2.0) -> None:
+               activation: Activation | None = None, graph: Graph | GraphRoutes | None = None, rescale: float = 2.0,
+               added: dict[str, torch.Tensor] | None = None) -> None:
     """Apply the OBS update to every consumer of ``g`` for the units in ``remove`` (in place).
 
     ``mom`` is one model for every consumer, or one per consumer (:func:`consumer_moments`,
@@ -530,7 +543,9 @@ def compensate(g: Group, remove: torch.Tensor, params: dict[str, torch.Tensor],
     where the consumer has a bias (``[out]``, output along dim 0) it absorbs the mean
     shift as well: ``b += Σ (W_Q μ_Q − δW_K μ_K)`` over taps; a bias-free consumer
     followed by an inference BatchNorm (found through ``graph``) shifts that norm's beta
-    by the same amount times ``gamma / sqrt(var + eps)``.  Removed columns are zeroed.
+    by the same amount times ``gamma / sqrt(var + eps)``; with ``added`` (a dict), a
+    consumer with neither gets the shift as a new bias, accumulated in ``added`` under its
+    weight's name (see :func:`mean_sink`).  Removed columns are zeroed.
 
     That norm's running statistics were measured on the full layer; with fewer inputs
     the layer's output spreads less, and every later layer sees a shrunken signal.
@@ -551,11 +566,11 @@ def compensate(g: Group, remove: torch.Tensor, params: dict[str, torch.Tensor],
     for s, m in zip(consumers, moms):
         p = params[s.param]
         rows = consumer_rows(p, s, m.block)
-        sink = mean_sink(s, params, routes)
+        sink = mean_sink(s, params, routes, new_bias=added is not None)
         h = obs_hessian(m.cov if sink else m.second, damping)
         new = obs_compensate(rows, h, remove.repeat_interleave(m.block))
         if sink:
-            name, scale = sink
+            name, scale = sink.param, sink.scale
             if rescale > 1.0 and isinstance(scale, torch.Tensor) and routes is not None:
                 # the norm was calibrated on the full layer's output: keep its modelled spread
                 gname = routes.following_norm(s.param)[0]
@@ -565,24 +580,53 @@ def compensate(g: Group, remove: torch.Tensor, params: dict[str, torch.Tensor],
                 with torch.no_grad():
                     params[gname].mul_(k.to(params[gname].dtype).to(params[gname].device))
                 scale = scale * k
-            shift = ((rows - new) @ m.mean).reshape(p.shape[0], -1).sum(1) * scale
-            with torch.no_grad():
-                params[name].add_(shift.to(params[name].dtype).to(params[name].device))
+            shift = ((rows - new) @ m.mean).reshape(sink.out, -1).sum(1) * scale
+            if sink.new:
+                held = added.get(name, torch.zeros(sink.out, dtype=p.dtype, device=p.device))
+                added[name] = held + shift.to(dtype=p.dtype, device=p.device)
+            else:
+                with torch.no_grad():
+                    params[name].add_(shift.to(params[name].dtype).to(params[name].device))
         _write_consumer_rows(p, s, new, m.block)
 
 
-def mean_sink(s: Slice, params: dict[str, torch.Tensor],
-               routes: GraphRoutes | None) -> tuple[str, torch.Tensor | float] | None:
-    """Where a consumer's output-mean shift can go: its own bias (scale 1), or the beta of
-    an inference BatchNorm right after it (scale ``gamma / sqrt(var + eps)``); None if nowhere."""
-    if s.dim != 1:
+@dataclass(frozen=True)
+class Sink:
+    """Where a consumer's output-mean shift goes: ``param`` (its bias, or the beta of an
+    inference BatchNorm after it) takes it times ``scale``.  With ``new`` the layer has no
+    bias: ``param`` is its weight's name, and the shift is kept apart, under that name, as
+    the bias the compact model gives the layer (:mod:`graphprune.passes.add_bias`)."""
+
+    param: str
+    scale: torch.Tensor | float
+    out: int
+    new: bool = False
+
+
+def mean_sink(s: Slice, params: dict[str, torch.Tensor], routes: GraphRoutes | None,
+              new_bias: bool = False) -> Sink | None:
+    """Where a consumer's output-mean shift can go: its own bias (scale 1), the beta of an
+    inference BatchNorm right after it (scale ``gamma / sqrt(var + eps)``), or with
+    ``new_bias`` a bias the layer gets (its registry entry says where: a linear layer's or
+    a convolution's bias argument, ONNX Gemm's ``C``, an add after a MatMul); None if nowhere.
+
+    The consumer's outputs are the weight's dim 0 when it reads its units along dim 1
+    (``[out, in, ...]``), or dim 1 of a 2-D ``[in, out]`` weight read along dim 0 (MatMul)."""
+    p = params[s.param]
+    if s.dim == 1:
+        out = p.shape[0]
+    elif s.dim == 0 and p.dim() == 2:
+        out = p.shape[1]
+    else:
         return None
-    out = params[s.param].shape[0]
     bias = _bias_of(s, params)
     if bias is not None:
-        return bias, 1.0
-    bn = routes.following_norm(s.param) if routes is not None else None
-    if bn is None or params[bn[0]].numel() != out:
-        return None
-    gamma, beta, var, eps = bn
-    return beta, params[gamma].detach().double().cpu().reshape(-1) / (var + eps).sqrt()
+        return Sink(bias, 1.0, out)
+    bn = routes.following_norm(s.param) if routes is not None and s.dim == 1 else None
+    if bn is not None and params[bn[0]].numel() == out:
+        gamma, beta, var, eps = bn
+        return Sink(beta, params[gamma].detach().double().cpu().reshape(-1) / (var + eps).sqrt(), out)
+    site = routes.bias_site(s.param) if new_bias and routes is not None else None
+    if site is not None and site.out_dim == (0 if s.dim == 1 else 1):
+        return Sink(s.param, 1.0, out, new=True)
+    return None

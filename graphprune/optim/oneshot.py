@@ -57,7 +57,9 @@ class PruneReport:
     ``masks[i]`` is True for the removed units of ``groups[i]``; ``achieved`` holds the
     removed fractions of ``groups`` (units), ``params`` and ``flops`` in the same
     first-order accounting as the target.  ``reason`` says why ``criterion`` was run;
-    ``calibration`` holds the statistics measured on calibration data, if any.
+    ``calibration`` holds the statistics measured on calibration data, if any;
+    ``added_biases`` names the weights whose layers got a bias from this call
+    (``add_biases``, kept in the graph's ``added_biases``).
     """
 
     criterion: str
@@ -70,6 +72,7 @@ class PruneReport:
     reason: str = "asked for"
     calibration: Calibration | None = field(default=None, repr=False)
     latency: LatencyRun | None = None
+    added_biases: list[str] = field(default_factory=list)
 
     @property
     def removed(self) -> dict[str, tuple[int, int]]:
@@ -88,6 +91,8 @@ class PruneReport:
     def __repr__(self) -> str:
         got = ", ".join(f"{k}={v:.1%}" for k, v in self.achieved.items())
         comp = ", compensated" if self.compensated else ""
+        n = len(self.added_biases)
+        comp += f", a bias added to {n} layer{'s' if n > 1 else ''}" if n else ""
         return f"PruneReport({self.criterion}, {self.scope}, {self.target!r}{comp}: removed {got})"
 
 
@@ -176,7 +181,7 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
           scope: Scope = "global", compensate_consumers: bool | None = None, batches: int = 4,
           damping: float = 0.1, activation: Activation | None = None, rescale: float = 2.0,
           calibration: Calibration | None = None, calibration_batches: int | None = None, uniform: bool = False,
-          codegen: str = "x86", tuning_db: str | None = None) -> PruneReport:
+          add_biases: bool | None = None, codegen: str = "x86", tuning_db: str | None = None) -> PruneReport:
     """Score, select and zero units of the traced graph ``g`` in place; returns a report.
 
     ``target`` is a :class:`~graphprune.target.Target` or a float (fraction of FLOPs to
@@ -191,7 +196,10 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
     ``compensate_consumers`` applies the OBS consumer update after selection (with the
     measured moments when there are some); it defaults to on for ``obspa`` and can be
     combined with any criterion; ``reconstruction`` by default moves the removed units'
-    measured means into the consumers' biases instead.
+    measured means into the consumers' biases instead.  ``add_biases``: where a consumer
+    has no bias (nor a BatchNorm after it) to take that mean, give it one (Llama's
+    ``o_proj``/``down_proj``), kept in ``g.added_biases`` and added by ``construct_subnet``;
+    on by default with calibration data, where the means are measured, off without.
     ``normalize`` makes scores comparable across groups before the global ranking
     (:func:`~graphprune.optim.scoring.normalize`); by default ``max`` for ``obspa`` (each
     group's most damaging unit is 1: OBS errors are heavy-tailed, and a group of four
@@ -220,10 +228,17 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
     if calibration is not None and criterion not in CALIBRATED:
         calibration = None  # a gradient or magnitude criterion: the statistics play no part
     moments = [calibration.moments(i) for i in range(len(groups))] if calibration is not None else None
+    if add_biases is None:  # on with measured means, where the graph can keep the biases (not a bare stand-in)
+        add_biases = calibration is not None and hasattr(g, "added_biases")
+    added = getattr(g, "added_biases", None) if add_biases else None
+    before = {k: v.clone() for k, v in added.items()} if added else {}
+    if add_biases and added is None:
+        raise GraphPruneError("add_biases needs a traced graph (gp.trace) to keep the biases in",
+                              hint="pass add_biases=False")
     with _differentiable(g, model, criterion) as program:
         raw = score(groups, params, criterion, model=program, data=data, loss_fn=loss_fn, batches=batches,
                     damping=damping, activation=activation, graph=routes, calibration=calibration,
-                    moments=moments)
+                    moments=moments, add_biases=add_biases)
     if normalize is None:
         normalize = "max" if criterion == "obspa" else "mean"
     latency = None
@@ -236,16 +251,19 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
         masks = select(groups, _normalize(raw, normalize), target, scope, uniform, **totals)
     do_comp = criterion == "obspa" if compensate_consumers is None else compensate_consumers
     if do_comp:
-        _compensate_all(groups, masks, params, damping, activation, routes, rescale, moments)
+        _compensate_all(groups, masks, params, damping, activation, routes, rescale, moments, added)
     elif compensate_consumers is None and criterion == "reconstruction" and calibration is not None:
-        absorb_means(groups, masks, params, calibration, routes)
+        absorb_means(groups, masks, params, calibration, routes, added)
     for grp, m in zip(groups, masks):
         grp.scatter_(params, m)
+    if added:
+        _zero_removed_outputs(groups, masks, added)
     done = achieved(groups, masks, **totals)
     if latency is not None:
         done["latency_ms"] = latency.achieved_ms
+    given = [k for k, v in (added or {}).items() if k not in before or not torch.equal(v, before[k])]
     return PruneReport(criterion, scope, target, do_comp, groups, masks, done, reason=reason,
-                       calibration=calibration, latency=latency)
+                       calibration=calibration, latency=latency, added_biases=given)
 
 
 _normalize = normalize  # `prune`'s keyword shadows the function's name
@@ -284,7 +302,8 @@ def _differentiable(g: PrunableGraph, model: nn.Module | None, criterion: str) -
 def _compensate_all(groups: Sequence[Group], masks: Sequence[torch.Tensor], params: dict[str, torch.Tensor],
                     damping: float, activation: Activation | None,
                     routes: GraphRoutes | None = None, rescale: float = 2.0,
-                    measured: Sequence[Sequence[InputMoments]] | None = None) -> None:
+                    measured: Sequence[Sequence[InputMoments]] | None = None,
+                    added: dict[str, torch.Tensor] | None = None) -> None:
     """OBS updates for every group, all estimated from the weights as they were before any update
     (or measured on calibration data before any update, ``measured``).
 
@@ -295,7 +314,20 @@ def _compensate_all(groups: Sequence[Group], masks: Sequence[torch.Tensor], para
     moments = [measured[i] if measured is not None else consumer_moments(grp, params, activation, routes)
                for i, grp, _ in active]
     for (_, grp, m), mom in zip(active, moments):
-        compensate(grp, m, params, mom, damping, graph=routes, rescale=rescale)
+        compensate(grp, m, params, mom, damping, graph=routes, rescale=rescale, added=added)
+
+
+def _zero_removed_outputs(groups: Sequence[Group], masks: Sequence[torch.Tensor],
+                          added: dict[str, torch.Tensor]) -> None:
+    """Zero the entries of added biases at output channels that are removed units
+    themselves (a pruned hidden width through ``o_proj``): the bias is part of those
+    units, which must be zero to be removed."""
+    for grp, m in zip(groups, masks):
+        if not m.any():
+            continue
+        for s in grp.slices:
+            if s.role == "producer" and s.param in added and not s.is_block:
+                added[s.param][s.index[m.to(s.index.device)].reshape(-1).to(added[s.param].device)] = 0
 
 
 def finetune(model: nn.Module, data: Iterable, loss_fn: Callable, epochs: int = 1, lr: float = 0.01,

@@ -125,3 +125,37 @@ def test_widths_the_config_validator_refuses_are_recorded_instead(tmp_path) -> N
     loaded = gp.load_pretrained(tmp_path)
     assert loaded.model.layers[0].self_attn.q_proj.out_features == 48
     assert torch.equal(_generate(loaded), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_compensated_biases_survive_save_and_load(family: str, tmp_path) -> None:
+    """Calibrated obspa gives ``o_proj``/``down_proj`` (no bias) the removed units' mean.
+    Llama's config has flags that build those biases (``attention_bias``, ``mlp_bias``):
+    they are set, the family's other projections get zero biases, and plain
+    ``from_pretrained`` generates as the compact model does.  Qwen2 has no such flag: the
+    compact form says so, plain ``from_pretrained`` would drop the biases, and
+    ``gp.load_pretrained`` builds them."""
+    model = _model(family)
+    g = _trace(model)
+    offered = [grp for grp in g.groups if grp.kind == "head" or ".mlp." in grp.name]  # the hidden width stays
+    calib = [torch.randint(0, 100, (4, 12), generator=torch.Generator().manual_seed(s)) for s in (3, 4)]
+    for heads, share in ((True, 0.5), (False, 0.25)):  # half the KV groups (4 of 8 query heads), a quarter of the MLP
+        g.groups = [grp for grp in offered if (grp.kind == "head") == heads]
+        gp.prune(g, "obspa", gp.Target(groups=share), data=calib, uniform=True)
+    g.groups = offered
+    assert {n.rsplit(".", 2)[-2] for n in g.added_biases} == {"o_proj", "down_proj"}
+    compact = g.construct_subnet(mode="module")  # checked against the zeroed model plus the biases
+    assert all(layer.self_attn.o_proj.bias is not None and layer.mlp.down_proj.bias.abs().max() > 0
+               for layer in compact.model.layers)
+    expected = _generate(compact)
+    compact.save_pretrained(tmp_path)
+    if family == "llama":
+        assert g.compact_form.endswith("config rewritten")
+        assert compact.config.attention_bias and compact.config.mlp_bias
+        assert torch.count_nonzero(compact.model.layers[0].self_attn.q_proj.bias) == 0
+        loaded = type(model).from_pretrained(tmp_path).eval()
+    else:
+        assert "no field that makes Qwen2ForCausalLM build a bias" in g.compact_form
+        loaded = gp.load_pretrained(tmp_path)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in compact.parameters())
+    assert torch.equal(_generate(loaded), expected)

@@ -168,7 +168,7 @@ def test_routed_compensation_never_beats_zeroing_in_reverse(tiny, seed: int) -> 
             sink = mean_sink(s, g.params, routes)
             absorbed = torch.zeros(out, dtype=torch.float64)
             if sink is not None:
-                name, scale = sink
+                name, scale = sink.param, sink.scale
                 absorbed = (g.params[name].detach().double() - before[name].double()) / scale
 
             def error(w: torch.Tensor, shift: torch.Tensor) -> float:
