@@ -7,9 +7,14 @@ downloaded), run in its own process, one at a time, so that its peak resident me
 its own (each phase's peak is reported: Linux's ``clear_refs`` resets it).
 Trace and analysis run on meta tensors (no weight is materialised: the recorder needs
 only shapes), so a 7B architecture costs about a GiB; ``--weights`` names the configs
-that are built in bf16 with weights instead, pruned (``l2``, ``uniform=True``, a
-fraction of the parameters) and rebuilt with ``construct_subnet(mode="auto")``, whose
-check against the zeroed model runs on the example input.  Memory with weights: the
+that are built in bf16 with weights instead, their groups verified at full size (the
+default check, :meth:`PrunableGraph.verify`: half of every group's units zeroed on a
+copy of the tensors they slice, all groups in one forward of the full model against one
+of the compact model; memory: the model, that copy and the compact model), pruned
+(``l2``, ``uniform=True``, a fraction of the parameters) and rebuilt with
+``construct_subnet(mode="auto")``, whose check against the zeroed model runs on the
+example input.  A config without weights (meta tensors) has nothing to run: its groups
+are found, not verified.  Memory with weights: the
 scores and zero masks are per-row reductions (no slice is gathered), so the peak is the
 model plus its compact copy (the user's model stays untouched) plus about 1 GiB.
 
@@ -18,7 +23,6 @@ graph build was over 300 s on small GQA configs, issue 21): the build and one st
 its LLM example's local magnitude pruning, with weights for the configs in
 ``--weights``, else the build alone under a fake-tensor mode (see
 :func:`run_torch_pruning`).  Any process above ``--max-gib`` resident is killed.
-Group verification on full-size activations (issue 21) is not here.
 
     nice python benchmarks/llm.py --weights llama-3.2-1b qwen2.5-1.5b phi-3-mini --results benchmarks/results/llm.txt
 """
@@ -121,6 +125,8 @@ def run_one(name: str, weights: bool, params: float) -> dict:
     row["mlp_units_per_layer"] = mlp[0].size if mlp else 0
     row["hidden_groups"] = len(g.groups) - len(heads) - len(mlp)
     if weights:
+        withdrawn = _phase(row, "verify", g.verify)
+        row["withdrawn"] = len(withdrawn)
         report = _phase(row, "prune", lambda: gp.prune(g, "l2", gp.Target(params=params), uniform=True))
         row["removed_params"] = report.achieved["params"]
         compact = _phase(row, "compact", lambda: g.construct_subnet(mode="auto"))
@@ -319,9 +325,10 @@ def _table(rows: list[dict], tp_rows: list[dict], argv: list[str], tp_timeout: f
              f"above {max_gib:g} GiB resident)",
              "",
              "graphprune: trace + analysis (meta tensors, or the bf16 weights), groups found; with weights: "
-             "prune (l2, uniform) and construct_subnet(mode='auto'); seconds / peak GiB resident per phase",
+             "verify (every group, full size, one forward), prune (l2, uniform) and construct_subnet(mode='auto'); "
+             "seconds / peak GiB resident per phase",
              f"{'config':14} {'tensors':7} {'params B':>8} {'trace+analysis':>16} {'KV groups x heads':>17} "
-             f"{'MLP units':>9} {'layers':>6} {'prune':>14} {'compact':>14} {'removed':>7}  form"]
+             f"{'MLP units':>9} {'layers':>6} {'verify (withdrawn)':>22} {'prune':>14} {'compact':>14} {'removed':>7}  form"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['config']:14} error: {r['error']}")
@@ -330,6 +337,8 @@ def _table(rows: list[dict], tp_rows: list[dict], argv: list[str], tp_timeout: f
                 f"{r['trace_s']:7.1f} s {r['trace_GiB']:4.1f} G "
                 f"{r['kv_groups_per_layer']:>9} x {r['heads_per_kv_group']:<5} {r['mlp_units_per_layer']:9} "
                 f"{r['head_layers']:6}")
+        if "verify_s" in r:
+            line += f" {r['verify_s']:6.1f} s {r['verify_GiB']:4.1f} G ({r['withdrawn']:>3})"
         if "prune_s" in r:
             line += (f" {r['prune_s']:5.1f} s {r['prune_GiB']:4.1f} G {r['compact_s']:5.1f} s {r['compact_GiB']:4.1f} G "
                      f"{r['removed_params']:7.1%}  {r['compact_form'][:70]}")
