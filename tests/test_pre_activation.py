@@ -39,8 +39,8 @@ def test_broken_group_behind_saturated_output_is_caught(final: str, monkeypatch:
     assert not g.verify()  # sound groups pass with the logits compared
     emit = type(g.backend).emit
 
-    def broken(self, pg, tensors, removed=None, fold_bn=False):
-        module = emit(self, pg, tensors, removed, fold_bn)
+    def broken(self, pg, tensors, removed=None, fold_bn=False, **kw):
+        module = emit(self, pg, tensors, removed, fold_bn, **kw)
         if removed is None or removed.numel():  # the compact model, not the full reference (nothing removed)
             with torch.no_grad():
                 module.gm.fc2.bias += 1e-2
@@ -74,8 +74,8 @@ def test_onnx_broken_group_behind_saturated_output_is_caught(tmp_path, monkeypat
     g = gp.trace(str(path), verify=False)
     emit = type(g.backend).emit
 
-    def broken(self, pg, tensors, removed=None, weights=None, fold_bn=False):
-        model = emit(self, pg, tensors, removed, weights, fold_bn)
+    def broken(self, pg, tensors, removed=None, weights=None, fold_bn=False, **kw):
+        model = emit(self, pg, tensors, removed, weights, fold_bn, **kw)
         if removed is None or removed.numel():  # the compact model, not the full reference (nothing removed)
             if weights is not None and "fc2.bias" in weights:
                 weights["fc2.bias"] = weights["fc2.bias"] + 1e-2
