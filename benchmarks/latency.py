@@ -462,6 +462,9 @@ def header(args: argparse.Namespace, variants: list[Variant]) -> list[str]:
     versions = ", ".join(f"{p} {_version(p)}" for p in ("torch", "onnxruntime", "apache-tvm"))
     lines = [f"# {shlex.join(['python', *sys.argv])}",
              f"# {_cpu_name()}, {args.threads} thread(s) per runtime, one runtime per process; {versions}"]
+    if args.retime:
+        lines.append("# --retime: built and tuned by this command without --retime (the budget lines below), "
+                     "timed again by this one")
     if variants:
         lines += [f"# cells: median over {args.rounds} interleaved rounds of a per-process median of "
                   f"{args.number} runs",
