@@ -8,16 +8,18 @@ its own (each phase's peak is reported: Linux's ``clear_refs`` resets it).
 Trace and analysis run on meta tensors (no weight is materialised: the recorder needs
 only shapes), so a 7B architecture costs about a GiB; ``--weights`` names the configs
 that are built in bf16 with weights instead, their groups verified at full size (the
-default check, :meth:`PrunableGraph.verify`: half of every group's units zeroed on a
-copy of the tensors they slice, all groups in one forward of the full model against one
-of the compact model; memory: the model, that copy and the compact model), pruned
-(``l2``, ``uniform=True``, a fraction of the parameters) and rebuilt with
-``construct_subnet(mode="auto")``, whose check against the zeroed model runs on the
-example input.  A config without weights (meta tensors) has nothing to run: its groups
-are found, not verified; one whose check would pass ``--max-gib`` (about
-:data:`VERIFY_FACTOR` times its weights) is not verified either, and the table says so.  Memory with weights: the
-scores and zero masks are per-row reductions (no slice is gathered), so the peak is the
-model plus its compact copy (the user's model stays untouched) plus about 1 GiB.
+default check, :meth:`PrunableGraph.verify`: half of every group's units zeroed in the
+weights themselves and put back after, all groups in one forward of the full model
+against one of the compact model; memory: the model, the values zeroed (past 1 GiB in a
+temporary folder) and the compact model), pruned (``l2``, ``uniform=True``, a fraction
+of the parameters) and rebuilt with ``construct_subnet(mode="auto")``, whose check
+against the zeroed model runs on the example input.  A config without weights (meta
+tensors) has nothing to run at full depth: its groups are verified on a sample, the
+same config at :data:`SAMPLED_LAYERS` layers with bf16 weights, and checked
+structurally against it (every full-depth group has the kind, size and slices, layer
+numbers aside, of a verified one).  Memory with weights: the scores and zero masks are
+per-row reductions (no slice is gathered), so the peak is the model plus its compact
+copy (the user's model stays untouched) plus about 1 GiB.
 
 Torch-Pruning runs in its own process per config under ``--tp-timeout`` (its dependency
 graph build was over 300 s on small GQA configs, issue 21): the build and one step of
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -107,13 +110,33 @@ def _example(cfg: Any) -> Any:
     return torch.randint(0, cfg.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(0))
 
 
-#: the check's resident memory over the weights: the model, a copy of the tensors its groups
-#: slice (all of them, through the hidden width) and the compact model (measured: Llama-3.2-1B
-#: 6.4 GiB, Qwen2.5-1.5B 7.5 GiB; Phi-3-mini passed 20 GiB)
-VERIFY_FACTOR = 2.7
+#: the depth at which a config without weights is verified (see :func:`_sampled_check`)
+SAMPLED_LAYERS = 2
 
 
-def run_one(name: str, weights: bool, params: float, max_gib: float = float("inf")) -> dict:
+def _layer_free(group: Any) -> tuple:
+    """A group's structure with the layer numbers taken out of its parameter names: a
+    group of a deep model has the signature of its counterpart in a shallow one of the
+    same widths (the hidden-column group, which spans every layer, too)."""
+    return (group.kind, group.size, frozenset((re.sub(r"\.\d+\.", ".#.", s.param), s.dim, s.index.shape[1], s.role)
+                                              for s in group.slices))
+
+
+def _sampled_check(name: str, full: Any) -> dict:
+    """Verify ``name`` at :data:`SAMPLED_LAYERS` layers with bf16 weights, then match
+    every group of ``full`` (the full-depth graph, on meta tensors) to a verified group of
+    the sample by :func:`_layer_free` signature: the groups found, not sampled."""
+    import graphprune as gp
+
+    cfg, model = _model(name, True, SAMPLED_LAYERS)
+    g = gp.trace(model, example_kwargs={"input_ids": _example(cfg), "use_cache": False}, verify=False)
+    withdrawn = g.verify()
+    verified = {_layer_free(grp) for grp in g.groups}
+    return {"sampled_layers": SAMPLED_LAYERS, "withdrawn": len(withdrawn),
+            "structural": f"{sum(_layer_free(grp) in verified for grp in full.groups)}/{len(full.groups)}"}
+
+
+def run_one(name: str, weights: bool, params: float) -> dict:
     """One config in this process: the row's figures (seconds and peak GiB per phase)."""
     import graphprune as gp
 
@@ -132,17 +155,14 @@ def run_one(name: str, weights: bool, params: float, max_gib: float = float("inf
     row["mlp_units_per_layer"] = mlp[0].size if mlp else 0
     row["hidden_groups"] = len(g.groups) - len(heads) - len(mlp)
     if weights:
-        need = VERIFY_FACTOR * sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30
-        if need < max_gib:
-            withdrawn = _phase(row, "verify", g.verify)
-            row["withdrawn"] = len(withdrawn)
-        else:
-            row["verify_skipped"] = f"needs ~{need:.0f} GiB"
+        row["withdrawn"] = len(_phase(row, "verify", g.verify))
         report = _phase(row, "prune", lambda: gp.prune(g, "l2", gp.Target(params=params), uniform=True))
         row["removed_params"] = report.achieved["params"]
         compact = _phase(row, "compact", lambda: g.construct_subnet(mode="auto"))
         row["compact_form"] = g.compact_form
         row["compact_params_B"] = sum(p.numel() for p in compact.parameters()) / 1e9
+    else:
+        row.update(_phase(row, "verify", lambda: _sampled_check(name, g)))
     row["peak_GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     return row
 
@@ -336,7 +356,8 @@ def _table(rows: list[dict], tp_rows: list[dict], argv: list[str], tp_timeout: f
              f"above {max_gib:g} GiB resident)",
              "",
              "graphprune: trace + analysis (meta tensors, or the bf16 weights), groups found; with weights: "
-             "verify (every group, full size, one forward), prune (l2, uniform) and construct_subnet(mode='auto'); "
+             "verify (every group, full size, one forward; without weights: at "
+             f"{SAMPLED_LAYERS} layers with weights, the full-depth groups matched to verified ones), prune (l2, uniform) and construct_subnet(mode='auto'); "
              "seconds / peak GiB resident per phase",
              f"{'config':14} {'tensors':7} {'params B':>8} {'trace+analysis':>16} {'KV groups x heads':>17} "
              f"{'MLP units':>9} {'layers':>6} {'verify (withdrawn)':>22} {'prune':>14} {'compact':>14} {'removed':>7}  form"]
@@ -350,8 +371,8 @@ def _table(rows: list[dict], tp_rows: list[dict], argv: list[str], tp_timeout: f
                 f"{r['head_layers']:6}")
         if "verify_s" in r:
             line += f" {r['verify_s']:6.1f} s {r['verify_GiB']:4.1f} G ({r['withdrawn']:>3})"
-        elif "verify_skipped" in r:
-            line += f" {r['verify_skipped']:>22}"
+        if "structural" in r:
+            line += f"  sampled: {r['sampled_layers']} layers with weights; groups matched {r['structural']}"
         if "prune_s" in r:
             line += (f" {r['prune_s']:5.1f} s {r['prune_GiB']:4.1f} G {r['compact_s']:5.1f} s {r['compact_GiB']:4.1f} G "
                      f"{r['removed_params']:7.1%}  {r['compact_form'][:70]}")
@@ -398,7 +419,7 @@ def main() -> None:
     ap.add_argument("--tp-ratio", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.one in args.weights, args.params, args.max_gib)))
+        print(json.dumps(run_one(args.one, args.one in args.weights, args.params)))
         return
     if args.tp_search:
         print(json.dumps(run_tp_ratio(args.tp_search, args.params)))

@@ -1,6 +1,7 @@
 """The traced, analysed model that users and optimizers work with."""
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import torch
@@ -10,9 +11,11 @@ from .analysis.groups import Group
 from .analysis.labels import Barrier, Labels
 from .analysis.liveness import Liveness
 from .errors import GraphPruneError, NotInPlace, VerificationError, ZeroInvarianceError
+from .in_place import ZeroedInPlace
 from .ir.graph import Graph
-from .pretrained import fit_config
 from .memory import release
+from .pretrained import fit_config
+from .rel_error import check_tolerance
 
 if TYPE_CHECKING:
     from .frontends.backend import Backend, CompactModel
@@ -264,23 +267,24 @@ class PrunableGraph:
             g.scatter_(tensors, m)
         return tensors
 
-    def verify(self, fraction: float = 0.5, seed: int = 0, rtol: float = 1e-4) -> list[tuple[Group, str]]:
+    def verify(self, fraction: float = 0.5, seed: int = 0, rtol: float = 1e-4,
+               spill_above: int = 1 << 30) -> list[tuple[Group, str]]:
         """Zero a random ``fraction`` of every group's units (rounded down, so a group's
-        last unit is never taken) on a copy of the weights and
+        last unit is never taken) and
         require the compact model without those units to reproduce the zeroed full model.
+        The units are zeroed in the weights themselves and put back bit for bit after each
+        forward (:class:`~.in_place.ZeroedInPlace`; what they held goes to a temporary
+        folder past ``spill_above`` bytes), so the check needs the weights plus one compact
+        model: a copy of what it zeroes would be most of a transformer's weights again.
         All groups are checked in one forward (they are checked together as a user prunes
         them); only a failure bisects, so each failing group is found and withdrawn alone,
         with the reason; returns them.  A compact model
         that cannot be built or run is a bug, raised as :class:`VerificationError`.
 
-        ``rtol`` holds for float32 weights; half-precision weights round every product, and
-        the compact model's narrower matmuls round differently (Llama-3.2-1B's config in
-        bf16, 2 layers: 0.003-0.007 with every group right), so the tolerance is at least 4
-        units of rounding of the least precise weight dtype (bf16: 0.03). A wrong pairing
-        that moves the outputs by less than that cannot be told from rounding in that
-        precision; one that does is still withdrawn."""
-        floats = {t.dtype for t in self.params.values() if t.is_floating_point()}
-        rtol = max([rtol] + [4 * torch.finfo(d).eps for d in floats])
+        ``rtol`` holds for float32 weights; half-precision weights round every product
+        and the compact model sums in another order, so the tolerance is raised to a few
+        units of their rounding (:func:`~.rel_error.check_tolerance`)."""
+        rtol = check_tolerance(rtol, self.params.values())
         gen = torch.Generator().manual_seed(seed)
         picks = {}
         for g in self.groups:
@@ -289,12 +293,12 @@ class PrunableGraph:
             picks[g.id] = mask
 
         def ok(groups: list[Group]) -> str | None:
-            tensors = self.zeroed_copy([(g, picks[g.id]) for g in groups])
             # the units zeroed here are the ones to remove: no pass over every weight to
             # find the all-zero ones (0.25 s of vit_b_16's check)
             removed = torch.cat([g.atoms[picks[g.id]] for g in groups])
             try:
-                err = self.backend.compare(self, tensors, removed)
+                with ZeroedInPlace(self.params, [(g, picks[g.id]) for g in groups], spill_above) as tensors:
+                    err = self.backend.compare(self, tensors, removed)
             except GraphPruneError:
                 raise  # names its node, op and file already
             except Exception as exc:
@@ -310,7 +314,8 @@ class PrunableGraph:
 
         def bisect(groups: list[Group]) -> None:
             reason = ok(groups)
-            release()  # the copy of the weights and the runs' buffers stay resident otherwise
+            gc.collect()  # the compact model's modules hold each other: 3 GiB per step on Phi-3 otherwise
+            release()  # the runs' buffers stay resident otherwise
             if reason is None:
                 return
             if len(groups) == 1:

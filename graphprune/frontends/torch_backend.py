@@ -15,7 +15,7 @@ from ..lower.torch import CompactModule, TorchProgram, lower_torch, program_of_e
 from ..lower.widths import candidates, record_reads, settle
 from ..passes.plan import CompactPlan, plan_compact
 from ..pre_activation import pre_activations, run_capturing
-from ..rel_error import max_rel_error
+from ..rel_error import check_tolerance, max_rel_error
 from .module_slots import one_name_per_slot
 
 if TYPE_CHECKING:
@@ -136,18 +136,19 @@ class TorchBackend:
                             dynamic=self.program(pg).dynamic)
 
     def emit(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None,
-             fold_bn: bool = False, biases: dict[str, torch.Tensor] | None = None) -> CompactModule:
+             fold_bn: bool = False, biases: dict[str, torch.Tensor] | None = None,
+             copy_uncut: bool = True) -> CompactModule:
         """The compact module for ``tensors`` (buffers from the user's model); ``removed``
         overrides which units go (default: every all-zero unit); ``fold_bn`` folds
         inference batch norms into the layers before them (the module then no longer
         switches them to training mode); ``biases``: biases added to layers without one
-        (:attr:`PrunableGraph.added_biases`)."""
+        (:attr:`PrunableGraph.added_biases`); ``copy_uncut``: see :func:`..lower.torch.lower_torch`."""
         removed = self._adopt(pg, removed)
         units = pg.removed_units(tensors) if removed is None else removed
         state = dict(tensors)
         for k, v in self.runner.named_buffers(remove_duplicate=False):
             state.setdefault(k, v)
-        return lower_torch(pg.ir, self.program(pg), self.plan(pg, state, units, fold_bn, biases), state)
+        return lower_torch(pg.ir, self.program(pg), self.plan(pg, state, units, fold_bn, biases), state, copy_uncut)
 
     def emit_module(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], rtol: float = 1e-4,
                     biases: dict[str, torch.Tensor] | None = None) -> InPlace:
@@ -190,10 +191,7 @@ class TorchBackend:
             ref = self._zeroed_output(pg, tensors, module_biases(runner, biases or {}))
         except NotInPlace as exc:
             return InPlace(None, str(exc))
-        # a half-precision model's compact form sums shorter rows in another order: its
-        # outputs differ by rounding (2e-2 on Llama-3.2-1B in bf16), a wrong width by O(1)
-        floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
-        rtol = max([rtol, *(4 * torch.finfo(d).eps for d in floats)])
+        rtol = check_tolerance(rtol, tensors.values())  # a half-precision model's rounding
 
         def check() -> str | None:
             try:
@@ -247,7 +245,7 @@ class TorchBackend:
             with torch.no_grad():
                 ref = torch.func.functional_call(runner, one_name_per_slot(runner, tensors), args, kwargs,
                                                  tie_weights=False, strict=False)
-                compact = self.emit(pg, tensors, removed)
+                compact = self.emit(pg, tensors, removed, copy_uncut=False)  # dropped after this forward
                 out = compact(*args, **kwargs)
                 logits = pre_activations(pg.ir)
                 if logits:  # saturated outputs hide differences: compare what the final activation took

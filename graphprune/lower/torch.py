@@ -99,14 +99,17 @@ class CompactModule(torch.nn.Module):
 
 
 def lower_torch(ir: Graph, program: TorchProgram, plan: CompactPlan,
-                tensors: dict[str, torch.Tensor]) -> CompactModule:
+                tensors: dict[str, torch.Tensor], copy_uncut: bool = True) -> CompactModule:
     """The compact module of ``plan``; ``tensors``: current values by the user's names
-    (parameters and buffers), the IR's data where absent."""
+    (parameters and buffers), the IR's data where absent.  A tensor no unit is cut from
+    is copied, so the compact model owns its weights; ``copy_uncut=False`` shares it,
+    for a model built to be compared once and dropped (the copies were a second Phi-3
+    when a check removed few units)."""
     gm = program.module()
     for name in ("train", "eval"):  # export's guards against mode switches; CompactModule owns modes
         gm.__dict__.pop(name, None)
     fx_nodes = {n.name: n for n in gm.graph.nodes}
-    _write_tensors(gm, ir, program.paths, plan, tensors)
+    _write_tensors(gm, ir, program.paths, plan, tensors, copy_uncut)
     for node in ir.nodes:
         rw = plan.rewrites.get(node.name)
         fx = fx_nodes.get(node.name)
@@ -249,8 +252,9 @@ def _get_tensor(root: torch.nn.Module, fqn: str) -> Any:
 
 
 def _write_tensors(gm: torch.fx.GraphModule, ir: Graph, paths: dict[str, str],
-                   plan: CompactPlan, tensors: dict[str, torch.Tensor]) -> None:
-    """Every parameter and buffer, sliced (and with folded norms' scale and shift)."""
+                   plan: CompactPlan, tensors: dict[str, torch.Tensor], copy_uncut: bool) -> None:
+    """Every parameter and buffer, sliced (and with folded norms' scale and shift); see
+    :func:`lower_torch` for ``copy_uncut``."""
     weights = {f.weight: f for f in plan.folds}
     biases = {f.bias: f for f in plan.folds if f.bias is not None}
     # a module shared under several paths (CoaT's cpe), or a tied weight (GPT-2's lm_head),
@@ -266,8 +270,9 @@ def _write_tensors(gm: torch.fx.GraphModule, ir: Graph, paths: dict[str, str],
         src = tensors.get(v.source_name, v.data)
         if src is None:
             continue
-        # a cut (index_select) is a new tensor already; an uncut one is the caller's and is copied
-        t = plan.slice(name, src.detach()) if plan.params.get(name) else src.detach().clone()
+        # a cut (index_select) is a new tensor already; an uncut one is the caller's
+        t = plan.slice(name, src.detach()) if plan.params.get(name) else \
+            src.detach().clone() if copy_uncut else src.detach()
         if name in weights:
             t = weights[name].scaled(t)
         elif name in biases:
