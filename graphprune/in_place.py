@@ -1,39 +1,26 @@
 """Zeroing groups' units in the weights themselves for a check, and putting them back.
 
-A copy of the weights a check zeroes is a second model when the groups span every
-weight (a transformer's hidden-column group slices every matrix): Phi-3-mini's check
-needed 2.7 times its 7 GiB of bf16 weights that way.  Zeroing in place keeps only the
-values it overwrote, and writes them to a temporary folder once they pass
-``spill_above`` bytes (written with ``write``, they sit in the page cache, not in the
-process), so a check needs the weights plus the compact model it builds.
-
-Restoring undoes the writes in reverse order: tensors that share storage (a tied
-embedding and LM head, both sliced by one group) get every value back exactly, whichever
-name zeroed it first.
+A copy of the weights a check zeroes, handed to the check in their place, is a second
+model when the groups span every weight (a transformer's hidden-column group slices
+every matrix): Phi-3-mini's check needed 2.7 times its 7 GiB of bf16 weights that way.
+Here each touched weight is saved once, before anything is zeroed, and written back
+after; past ``spill_above`` bytes the saved weights go to a temporary folder (written
+with ``write``, they sit in the page cache, not in the process), so a check needs the
+weights plus the compact model it builds.  Saving whole weights, not the zeroed slices,
+keeps a small model's check a memory copy (gathering a slice's columns took longer than
+the forward on ResNet-50), and tensors that share storage (a tied embedding and LM head)
+simply get their one original back.
 """
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Iterable
 
 import torch
 
-from .analysis.groups import Group, Slice
-
-
-@dataclass
-class _Undo:
-    """What one slice of one group overwrote: ``saved`` (or the file holding it) goes back
-    to ``units``' elements of ``param``."""
-
-    param: str
-    slice: Slice
-    units: torch.Tensor
-    saved: torch.Tensor | None
-    path: str | None = None
+from .analysis.groups import Group
 
 
 class ZeroedInPlace:
@@ -46,22 +33,30 @@ class ZeroedInPlace:
         self.params = params
         self.masks = [(g, m) for g, m in masks if m.any()]
         self.spill_above = spill_above
-        self._undo: list[_Undo] = []
-        self._kept = 0
+        self._saved: dict[str, torch.Tensor | str] = {}  # a weight's values, or the file holding them
         self._folder: tempfile.TemporaryDirectory | None = None
 
     @property
     def spilled(self) -> bool:
-        """Whether some overwritten values went to disk (over ``spill_above``)."""
+        """Whether some saved weights went to disk (over ``spill_above``)."""
         return self._folder is not None
 
     def __enter__(self) -> dict[str, torch.Tensor]:
         try:
-            with torch.no_grad():
-                for g, m in self.masks:
-                    units = m.nonzero().flatten().cpu()
-                    for s in g.slices:
-                        self._zero(s, units)
+            kept = 0
+            for name in dict.fromkeys(s.param for g, _ in self.masks for s in g.slices):
+                t = self.params[name].detach()
+                kept += t.numel() * t.element_size()
+                if kept <= self.spill_above:
+                    self._saved[name] = t.clone()
+                    continue
+                if self._folder is None:
+                    self._folder = tempfile.TemporaryDirectory(prefix="graphprune-verify-")
+                path = os.path.join(self._folder.name, f"{len(self._saved)}.pt")
+                torch.save(t.cpu(), path)
+                self._saved[name] = path
+            for g, m in self.masks:
+                g.scatter_(self.params, m)
         except BaseException:
             self._restore()
             raise
@@ -70,41 +65,14 @@ class ZeroedInPlace:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._restore()
 
-    def _zero(self, s: Slice, units: torch.Tensor) -> None:
-        p = self.params[s.param]
-        if s.is_block:
-            saved = s.gather_block(p, units)
-        else:
-            saved = p.index_select(s.dim, s.index[units].reshape(-1).to(p.device))
-        undo = _Undo(s.param, s, units, saved)
-        self._undo.append(undo)  # before the write: an interrupted write is still undone
-        nbytes = saved.numel() * saved.element_size()
-        if self._kept + nbytes > self.spill_above:
-            if self._folder is None:
-                self._folder = tempfile.TemporaryDirectory(prefix="graphprune-verify-")
-            undo.path = os.path.join(self._folder.name, f"{len(self._undo)}.pt")
-            torch.save(saved.cpu(), undo.path)
-            undo.saved = None
-        else:
-            self._kept += nbytes
-        if s.is_block:
-            s.put_block_(p, units, 0.0)
-        else:
-            p.index_fill_(s.dim, s.index[units].reshape(-1).to(p.device), 0.0)
-
     def _restore(self) -> None:
         try:
             with torch.no_grad():
-                while self._undo:
-                    u = self._undo.pop()
-                    p = self.params[u.param]
-                    saved = u.saved if u.path is None else torch.load(u.path).to(p.device)
-                    if u.slice.is_block:
-                        u.slice.put_block_(p, u.units, saved)
-                    else:
-                        p.index_copy_(u.slice.dim, u.slice.index[u.units].reshape(-1).to(p.device), saved)
+                for name, saved in self._saved.items():
+                    p = self.params[name]
+                    p.copy_(saved if isinstance(saved, torch.Tensor) else torch.load(saved))
         finally:
+            self._saved = {}
             if self._folder is not None:
                 self._folder.cleanup()
                 self._folder = None
-            self._kept = 0
