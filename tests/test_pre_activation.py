@@ -42,8 +42,8 @@ def test_broken_group_behind_saturated_output_is_caught(final: str, monkeypatch:
     def broken(self, pg, tensors, removed=None, fold_bn=False, **kw):
         module = emit(self, pg, tensors, removed, fold_bn, **kw)
         if removed is None or removed.numel():  # the compact model, not the full reference (nothing removed)
-            with torch.no_grad():
-                module.gm.fc2.bias += 1e-2
+            # a new tensor: the check's compact model shares uncut weights with the user's
+            module.gm.fc2.bias = torch.nn.Parameter(module.gm.fc2.bias.detach() + 1e-2)
         return module
     monkeypatch.setattr(type(g.backend), "emit", broken)
     x = torch.randn(3, 8)
