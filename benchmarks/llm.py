@@ -10,8 +10,8 @@ only shapes), so a 7B architecture costs about a GiB; ``--weights`` names the co
 that are built in bf16 with weights instead, their groups verified at full size (the
 default check, :meth:`PrunableGraph.verify`: half of every group's units zeroed in the
 weights themselves and put back after, all groups in one forward of the full model
-against one of the compact model; memory: the model, the values zeroed (past 1 GiB in a
-temporary folder) and the compact model), pruned (``l2``, ``uniform=True``, a fraction
+against one of the compact model; memory: the model, a saved copy of each weight it
+touches (past 1 GiB in a temporary folder) and the compact model), pruned (``l2``, ``uniform=True``, a fraction
 of the parameters) and rebuilt with ``construct_subnet(mode="auto")``, whose check
 against the zeroed model runs on the example input.  A config without weights (meta
 tensors) has nothing to run at full depth: its groups are verified on a sample, the
@@ -428,8 +428,7 @@ def main() -> None:
         print(json.dumps(run_torch_pruning(args.tp_one, args.tp_one in args.weights, args.tp_ratio)))
         return
     rows, tp_rows = [], []
-    child = [sys.executable, __file__, "--params", str(args.params), "--max-gib", str(args.max_gib),
-             "--weights", *args.weights]
+    child = [sys.executable, __file__, "--params", str(args.params), "--weights", *args.weights]
     for name in args.configs:  # one process at a time: a 4B model with weights takes half the machine
         rows.append({"config": name, **_child([*child, "--one", name], float("inf"), args.max_gib)})
         print(rows[-1], flush=True)

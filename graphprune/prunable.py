@@ -273,7 +273,7 @@ class PrunableGraph:
         last unit is never taken) and
         require the compact model without those units to reproduce the zeroed full model.
         The units are zeroed in the weights themselves and put back bit for bit after each
-        forward (:class:`~.in_place.ZeroedInPlace`; what they held goes to a temporary
+        forward (:class:`~.in_place.ZeroedInPlace`; the saved weights go to a temporary
         folder past ``spill_above`` bytes), so the check needs the weights plus one compact
         model: a copy of what it zeroes would be most of a transformer's weights again.
         All groups are checked in one forward (they are checked together as a user prunes
