@@ -93,25 +93,6 @@ class Ours:
 
 
 # ---------------------------------------------------------------------------- Torch-Pruning
-def as_mha(model: torch.nn.Module) -> torch.nn.Module:
-    """The same function with every KV head repeated for the query heads that read it
-    (``num_key_value_heads = num_attention_heads``): what Torch-Pruning can build a graph of."""
-    from transformers import LlamaForCausalLM
-
-    cfg = copy.deepcopy(model.config)
-    rep = cfg.num_attention_heads // cfg.num_key_value_heads
-    cfg.num_key_value_heads = cfg.num_attention_heads
-    out = LlamaForCausalLM(cfg).eval()
-    state = model.state_dict()
-    hd = cfg.head_dim
-    for k, v in list(state.items()):
-        if k.endswith(("k_proj.weight", "v_proj.weight")):
-            state[k] = v.view(-1, hd, v.shape[1]).repeat_interleave(rep, 0).reshape(-1, v.shape[1])
-    out.load_state_dict(state)
-    out.config.use_cache = False
-    return out
-
-
 def tp_prune(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
     """Torch-Pruning's LLM pruning of heads and MLP units at ``ratio`` (in place; returns it)."""
     import torch_pruning as tp
@@ -142,7 +123,7 @@ def tp_prune(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
 def _tp_child(variant: str, target: int, ratios: str, out: str) -> None:
     """In a subprocess: bisect Torch-Pruning's ratio to ``target`` parameters; save the pruned model."""
     dense, data = textlm.load()
-    base = as_mha(dense) if variant == "mha" else dense
+    base = textlm.as_mha(dense) if variant == "mha" else dense
     full = n_params(dense)
     lo, hi = [float(r) for r in ratios.split(",")]
     best = None

@@ -21,7 +21,11 @@ digits; and
   trained on docstrings of installed packages, scored by next-token accuracy on held-out
   documents (its perplexity is printed beside it).  Only its attention heads (KV groups)
   and MLP units are pruned, by every method: the hidden width stays, as Torch-Pruning's
-  LLM settings keep it.
+  LLM settings keep it.  Torch-Pruning does not finish building the dependency graph of
+  its grouped-query attention, so it prunes the same model with each KV head repeated for
+  the query heads that read it (``textlm.as_mha``: the same outputs, as in
+  ``llm_quality.py``); its measured MACs are counted against the grouped-query dense
+  model's (the repeated KV projections add 6%, which its ratio search has to remove too).
 
 Each model is a :class:`Task`: its metric, example input, calibration batches, labelled
 batches, loss and training recipe; the sweep knows nothing else about it.
@@ -52,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import math
 import os
 import sys
@@ -203,7 +208,9 @@ class Task:
     calibration batches; ``train(model, opt, steps, seed)`` runs the pretraining recipe on
     ``opt`` (yielding each step's loss, gradients ready), and ``train_steps`` is the
     pretraining's length; ``tp_config(model)`` gives Torch-Pruning's keyword arguments, and
-    ``tp_subprocess`` runs it in a subprocess under a time limit (its graph build may hang)."""
+    ``tp_subprocess`` runs it in a subprocess under a time limit (its graph build may hang);
+    ``tp_model(model)`` is the model Torch-Pruning is given: the dense one, or one computing
+    the same function whose graph it can build (``tp_note`` says which, in the header)."""
 
     name: str
     dense: nn.Module
@@ -225,6 +232,8 @@ class Task:
     keep_group: Callable[[Any], bool] = lambda grp: True
     compact_mode: str = "graph"
     tp_subprocess: bool = False
+    tp_model: Callable[[nn.Module], nn.Module] = lambda model: model
+    tp_note: str = ""
     recover_options: dict[str, Any] = field(default_factory=dict)
     calibration_note: str = ""
 
@@ -323,9 +332,12 @@ def textlm_task() -> Task:
                      f"{train_cfg['clip']}",
         hesso_options=dict(lr=train_cfg["lr"], variant="adamw", weight_decay=train_cfg["weight_decay"],
                            betas=(0.9, 0.95)),
-        tp_config=tp_config, tp_methods=["tp-l1", "tp-l2", "tp-taylor"],
+        tp_config=tp_config, tp_methods=["tp-l1", "tp-l2", "tp-taylor"], tp_model=textlm.as_mha,
+        tp_note="Torch-Pruning prunes the same model with its KV heads repeated to one per query head (same "
+                "outputs; its graph of the grouped-query one does not finish), its measured MACs counted "
+                "against the grouped-query dense model's",
         keep_group=lambda grp: grp.kind == "head" or ".mlp." in grp.name, compact_mode="module", tp_subprocess=True,
-        recover_options=dict(loss="kl"),
+        recover_options=dict(loss="kl", lr=3e-4),
         calibration_note=f"{LM_CALIBRATION} unlabeled training windows of {textlm.SEQ} tokens")
 
 
@@ -358,6 +370,7 @@ def criteria() -> list[str]:
     return list(CRITERIA)
 
 
+RECOVER_LR = inspect.signature(gp.recover).parameters["lr"].default  # where a task sets none
 LABELLED = ("taylor", "hessian")  # read labels through the loss: marked in the table
 
 
@@ -403,7 +416,7 @@ def theirs(method: str, task: Task, ratio: float) -> nn.Module:
     """Torch-Pruning with one of its importances at ``ratio``, configured by the task."""
     import torch_pruning as tp
 
-    model = copy.deepcopy(task.dense).eval()
+    model = task.tp_model(copy.deepcopy(task.dense)).eval()
     imp = {"tp-l1": lambda: tp.importance.MagnitudeImportance(p=1),
            "tp-l2": lambda: tp.importance.MagnitudeImportance(p=2),
            "tp-taylor": tp.importance.TaylorImportance,
@@ -582,8 +595,9 @@ def model_line(task: Task, recover_steps: int, hesso_steps: int) -> str:
     short = (f" (the pretraining's {task.train_steps} cut to {hesso_steps} to fit the run)"
              if hesso_steps != task.train_steps else "")
     return (f"# {task.name}: {task.metric_name}; calibration: {task.calibration_note}; recovery: {recover_steps} "
-            f"steps ({task.recover_options.get('loss', 'mse')} distillation); HESSO: {task.train_recipe}; "
-            f"HESSO ran {hesso_steps} steps{short}")
+            f"steps ({task.recover_options.get('loss', 'mse')} distillation, lr "
+            f"{task.recover_options.get('lr', RECOVER_LR):g}); HESSO: {task.train_recipe}; "
+            f"HESSO ran {hesso_steps} steps{short}" + (f"; {task.tp_note}" if task.tp_note else ""))
 
 
 def probe_tp(task: Task, ratio: float, timeout: float) -> str | None:

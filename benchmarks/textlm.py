@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -314,6 +315,26 @@ def unigram_perplexity(data: TextData, ids: torch.Tensor) -> float:
     counts = torch.bincount(data.train, minlength=VOCAB).double() + 1
     logp = (counts / counts.sum()).log()
     return math.exp(-float(logp[ids[:, 1:].flatten()].mean()))
+
+
+def as_mha(model):
+    """The same function with every KV head repeated for the query heads that read it
+    (``num_key_value_heads = num_attention_heads``): Torch-Pruning's dependency graph of the
+    grouped-query original does not finish building, this one's does."""
+    from transformers import LlamaForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    cfg.num_key_value_heads = cfg.num_attention_heads
+    out = LlamaForCausalLM(cfg).eval()
+    state = model.state_dict()
+    hd = cfg.head_dim
+    for k, v in list(state.items()):
+        if k.endswith(("k_proj.weight", "v_proj.weight")):
+            state[k] = v.view(-1, hd, v.shape[1]).repeat_interleave(rep, 0).reshape(-1, v.shape[1])
+    out.load_state_dict(state)
+    out.config.use_cache = False
+    return out
 
 
 def calibration(n: int, seq: int = SEQ, batch: int = 8, seed: int = 1) -> list[torch.Tensor]:

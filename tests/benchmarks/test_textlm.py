@@ -20,3 +20,22 @@ def test_corpus_and_tokenizer_are_deterministic() -> None:
     assert first.to_str() == second.to_str()
     sample = docs[0][1][:500]
     assert first.decode(first.encode(sample).ids) == sample  # byte-level: lossless
+
+
+def test_kv_heads_repeated_compute_the_same_function() -> None:
+    """Torch-Pruning is compared on ``as_mha(model)`` because it cannot build the
+    grouped-query model's graph: that is fair only if both give the same logits."""
+    import torch
+
+    textlm = load_benchmark("textlm")
+    gqa = textlm.new_model(seed=3).eval()
+    with torch.no_grad():  # weights unlike the initialisation's, so a mis-ordered repeat shows
+        for p in gqa.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    mha = textlm.as_mha(gqa)
+    assert mha.config.num_key_value_heads == gqa.config.num_attention_heads > gqa.config.num_key_value_heads
+    ids = torch.randint(0, gqa.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        want = gqa(input_ids=ids, use_cache=False).logits
+        got = mha(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
