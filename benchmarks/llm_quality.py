@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import os
 import subprocess
 import sys
@@ -124,7 +122,6 @@ def _tp_child(variant: str, target: int, ratios: str, out: str) -> None:
     """In a subprocess: bisect Torch-Pruning's ratio to ``target`` parameters; save the pruned model."""
     dense, data = textlm.load()
     base = textlm.as_mha(dense) if variant == "mha" else dense
-    full = n_params(dense)
     lo, hi = [float(r) for r in ratios.split(",")]
     best = None
     for _ in range(12):
