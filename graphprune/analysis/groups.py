@@ -30,38 +30,42 @@ def row_stat(params: dict[str, torch.Tensor], param: str, dim: int, stat: str | 
     any entry is nonzero, NaN included; a number ``p``: the row's ``p``-norm in float32),
     cached in ``cache`` (a producer's rows and its consumers' columns are read by two
     groups each: resnet50's masks and norms took 0.3 s each, index-copying every weight).
-    Dims 0 and 1 of a convolution's weight (its outputs and inputs) are reduced from one
-    pass over it: its kernel dims reduced first (max of ``|w|``, or the ``p``-norm, both of
-    which compose), then the other of the two."""
+    With a cache, dims 0 and 1 of a layer's weight (its outputs and its inputs, which two
+    groups cut) come from one elementwise pass (:func:`_rows_and_columns`)."""
     key = (param, dim, stat)
     if cache is not None and key in cache:
         return cache[key]
     t = params[param].detach()
     p = float("inf") if stat == "nonzero" else float(stat)
-    if t.dim() == 2 and dim <= 1 and cache is not None and p in (2.0, float("inf")):
-        # a matrix's rows and columns from one elementwise pass: a layer's weight is cut
-        # along both (its outputs and its inputs), and each pass reads the whole weight
-        a = t.abs() if p == float("inf") else t.to(torch.float32).square()
-        for d in (0, 1):
-            r = a.amax(dim=1 - d).to(torch.float32) if p == float("inf") else a.sum(dim=1 - d).sqrt()
+    if cache is not None and t.dim() >= 2 and dim <= 1 and p > 0 and t.numel():
+        for d, r in enumerate(_rows_and_columns(t, p)):
             cache[(param, d, stat)] = r != 0 if stat == "nonzero" else r  # NaN is not zero
         return cache[key]
-    if t.dim() <= 2 or dim > 1:
-        rest = [d for d in range(t.dim()) if d != dim]
-        out = _norm(t, p, rest) if rest else t.abs().to(torch.float32)
-    else:
-        base_key = (param, -1, stat)
-        base = cache.get(base_key) if cache is not None else None
-        if base is None:
-            base = _norm(t, p, list(range(2, t.dim())))
-            if cache is not None:
-                cache[base_key] = base
-        out = _norm(base, p, [1 - dim])
+    rest = [d for d in range(t.dim()) if d != dim]
+    out = _norm(t, p, rest) if rest else t.abs().to(torch.float32)
     if stat == "nonzero":
         out = out != 0  # NaN is not zero
     if cache is not None:
         cache[key] = out
     return out
+
+
+def _rows_and_columns(t: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``p``-norms (``p > 0``, float32) of ``t``'s slices along dim 0 and along dim 1.
+    ``t`` is read as the matrix ``[out, in * kernel]``: one elementwise pass (``|t|`` or
+    ``|t|^p``), reduced along its rows and along its columns, then each input's kernel
+    columns together.  Reducing a convolution's kernel dims first, as trailing dims of 1
+    or 9 entries, ran 5-10x slower per element than these long reductions (most of
+    resnet50's l2 scoring and zero masks)."""
+    m = t.reshape(t.shape[0], -1)
+    if p == float("inf"):
+        a = m.abs()
+        rows, cols = a.amax(dim=1), a.amax(dim=0).reshape(t.shape[1], -1).amax(dim=1)
+        return rows.to(torch.float32), cols.to(torch.float32)
+    a = m.to(torch.float32)
+    a = a.square() if p == 2 else a.abs() if p == 1 else a.abs().pow(p)
+    rows, cols = a.sum(dim=1), a.sum(dim=0).reshape(t.shape[1], -1).sum(dim=1)
+    return (rows.sqrt(), cols.sqrt()) if p == 2 else (rows, cols) if p == 1 else (rows.pow(1 / p), cols.pow(1 / p))
 
 
 def _norm(t: torch.Tensor, p: float, dims: list[int]) -> torch.Tensor:
@@ -215,9 +219,34 @@ class Group:
                 continue
             idx = s.index[units].reshape(-1).to(p.device)
             with torch.no_grad():
-                p.index_fill_(s.dim, idx, value)
+                fill_rows_(p, s.dim, idx, value)
 
     def __repr__(self) -> str:
         names = ", ".join(f"{s.param}[{s.dim}]" for s in self.slices[:4])
         more = f", +{len(self.slices) - 4}" if len(self.slices) > 4 else ""
         return f"Group#{self.id}({self.name!r}, {self.kind} x{self.size}: {names}{more})"
+
+
+#: below this many elements ``index_fill_`` is as fast as a masked multiply (whose finiteness
+#: check is a second pass)
+_FILL_BY_MULTIPLY = 1 << 14
+
+
+def fill_rows_(t: torch.Tensor, dim: int, index: torch.Tensor, value: float = 0.0) -> None:
+    """``t.index_fill_(dim, index, value)``.  Zeros go in as a multiply by a 0/1 mask along
+    ``dim`` (a contiguous pass; ``index_fill_`` took 5-10x longer on a large weight, most
+    along dim 1: zeroing a hidden-column group, which cuts every matrix of a transformer,
+    was a sixth of vit_b_16's check); where anything non-finite is left after it (a NaN
+    or inf times 0 is NaN), ``index_fill_`` writes the exact zeros as well."""
+    if value != 0 or t.numel() < _FILL_BY_MULTIPLY or not t.is_floating_point() or not t.is_contiguous():
+        t.index_fill_(dim, index, value)
+        return
+    n = t.shape[dim]
+    outer, inner = t.shape[:dim].numel(), t.shape[dim + 1:].numel()
+    keep = torch.ones(n, dtype=t.dtype, device=t.device).index_fill_(0, index, 0)
+    if inner >= 64:  # broadcast along long rows
+        t.view(outer, n, inner).mul_(keep.view(1, n, 1))
+    else:  # a kernel's few entries per row: broadcast a whole [n * inner] row of the mask instead
+        t.view(outer, n * inner).mul_(keep.view(n, 1).expand(n, inner).reshape(1, -1))
+    if not bool(t.sum().isfinite()):
+        t.index_fill_(dim, index, value)

@@ -161,22 +161,29 @@ def _root(model: torch.nn.Module, held: dict[str, torch.Tensor]) -> torch.nn.Mod
 def replay_program(rec: Recording, model: torch.nn.Module, general: BatchGeneral | None = None) -> TorchProgram:
     """The recording as a :class:`TorchProgram` for :func:`graphprune.lower.torch.lower_torch`:
     at the example's shapes, or at any batch with ``general`` (:mod:`.batch_general`).
-    The template graph is built (and checked) once; each lowering gets its own copy."""
+    The template graph is built (and checked, by making a module of it) once; each
+    lowering gets its own copy, the first one that checked module (generating a large
+    graph's code is 15-25 ms, and the default path lowers twice: the check's compact
+    model and ``construct_subnet``'s)."""
     try:
         graph, paths, held = _template(rec, model, general)
         root = _root(model, held)
-        probe = torch.fx.GraphModule(root, graph)
-        probe.recompile()
+        unused = [torch.fx.GraphModule(root, _copy(graph))]  # generates (checks) its code
     except ReplayFailed:
         raise
     except Exception as exc:  # fx or pytree refusing the graph: export it instead
         raise ReplayFailed(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
 
     def module() -> torch.fx.GraphModule:
-        copy = torch.fx.Graph()
-        out = copy.graph_copy(graph, {})
-        copy.output(out)
-        copy._codegen = graph._codegen
-        return torch.fx.GraphModule(root, copy)
+        return unused.pop() if unused else torch.fx.GraphModule(root, _copy(graph))
 
     return TorchProgram(module, paths, general.axes if general is not None else lambda name: set())
+
+
+def _copy(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy of ``graph`` for one lowering to edit (with its pytree codegen)."""
+    copy = torch.fx.Graph()
+    out = copy.graph_copy(graph, {})
+    copy.output(out)
+    copy._codegen = graph._codegen
+    return copy
