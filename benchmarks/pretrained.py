@@ -3,7 +3,7 @@ with HESSO's full training as the ceiling.
 
 Not run in CI.  ``nice python benchmarks/pretrained.py [--models resnet20,vit,textlm]
 [--ratios 0.1,0.2,0.3,0.5] [--jobs 2] [--out benchmarks/results/pretrained.txt]``; the results
-file comes from ``--models textlm,resnet20,vit --jobs 2 --threads 1 --recover-steps 200,textlm=600``.
+file comes from ``--models textlm,resnet20,vit --jobs 2 --threads 1 --recover-steps 200,textlm=600 --hesso-steps textlm=600``.
 
 Issue 19's user holds a trained model and at most some unlabeled inputs.  This script
 first trains, here on CPU, models that are genuinely good at their task (cached under
