@@ -67,6 +67,31 @@ def test_constants_and_factories() -> None:
     check_zero_invariance(Constants(), torch.randn(2, 5, 6))
 
 
+class ListIndex(nn.Module):
+    """Tokens reordered by a Python list (timm's csatv2 zigzag): indexing makes the index
+    tensor outside the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 12), nn.Linear(12, 3)
+        self.order = [4, 0, 3, 1, 2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))[:, self.order])
+
+
+@pytest.mark.parametrize("cls", [Constants, ListIndex])
+def test_lifted_constants_are_recorded_and_replayed(cls: type[nn.Module]) -> None:
+    """A plain tensor attribute and a list index both become lifted constants, which the
+    replayed program holds: nothing is exported."""
+    x = torch.randn(2, 5, 6)
+    g = gp.trace(cls().eval(), x)
+    assert g.backend.replay is not None and not g.notes and g.backend._exported is None, g.notes
+    assert g.groups and not g.withdrawn
+    _agree(cls(), (x,))
+    check_zero_invariance(cls(), x)
+
+
 @pytest.fixture
 def no_replay(monkeypatch) -> None:
     """Compact models come from torch.export, exported when first needed: the path of a
