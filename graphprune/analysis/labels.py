@@ -306,10 +306,16 @@ class Labels:
         key = (id(f.labels), axis)
         if key not in self._collapsed:
             j = f.axes.index(axis)
-            rows = f.labels.movedim(j, 0).reshape(f.labels.shape[j], -1)
-            if rows.shape[1] > 1:
-                self.union(rows[:, :1], rows)
-            self._collapsed[key] = (f.labels, rows[:, 0].clone())
+            first = f.labels[tuple(slice(None) if k == j else 0 for k in range(len(f.axes)))].clone()
+            if f.labels.numel() > len(first):
+                # each hyperplane coupled with its first entry, in the labels' own layout: a
+                # weight's per-element atoms then arrive in order, which union takes as
+                # distinct pairs without hashing them (qwen3_vit's [2304, 768] learned
+                # positions, transposed into rows, were hashed for 1.5 s)
+                shape = [1] * len(f.axes)
+                shape[j] = len(first)
+                self.union(first.reshape(shape).expand_as(f.labels), f.labels)
+            self._collapsed[key] = (f.labels, first)
         collapsed = self._collapsed[key][1]
         if len(f.axes) > 1:
             # every hyperplane is one unit from here on: later uses of the value see the

@@ -197,6 +197,31 @@ class _FactoryAliases(TorchFunctionMode):
         return out
 
 
+def _int_list(obj: Any) -> bool:
+    """A non-empty (nested) list or tuple of Python ints: an index that is data."""
+    if isinstance(obj, (list, tuple)):
+        return bool(obj) and all(_int_list(o) for o in obj)
+    return isinstance(obj, int) and not isinstance(obj, bool)
+
+
+class _ListIndices(TorchFunctionMode):
+    """``x[:, :, perm]`` with ``perm`` a Python list of ints: indexing turns the list into
+    an index tensor on ``x``'s device without the dispatcher, so on meta the recorder
+    meets a tensor with neither a name nor contents (timm's csatv2 was exported instead,
+    4.9 s for a trace the recorder makes in under one).  Here such a list becomes a CPU
+    tensor first, which the recorder lifts as a constant (what export does with it)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) > 1:
+            index = args[1]
+            if isinstance(index, tuple):
+                index = tuple(torch.tensor(i) if isinstance(i, list) and _int_list(i) else i for i in index)
+            elif isinstance(index, list) and _int_list(index):
+                index = torch.tensor(index)
+            args = (args[0], index, *args[2:])
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def _module_stack(model: torch.nn.Module, stack: list[str]) -> Iterator[None]:
     """Keep ``stack`` equal to the module paths being executed (export's nn_module_stack)."""
@@ -333,7 +358,8 @@ def record_call(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | 
     stack: list[str] = []
     rec = _Recorder(names, values, stack, real[0].device if real else torch.device("cpu"))
     try:
-        with _as_if_exporting(), enable_python_dispatcher(), _module_stack(model, stack), rec, _FactoryAliases(rec):
+        with _as_if_exporting(), enable_python_dispatcher(), _module_stack(model, stack), rec, _FactoryAliases(rec), \
+                _ListIndices():
             out = torch.func.functional_call(model, one_name_per_slot(model, metas), margs, mkwargs,
                                              tie_weights=False, strict=False)
     except RecordingFailed:

@@ -152,10 +152,20 @@ def _root(model: torch.nn.Module, held: dict[str, torch.Tensor]) -> torch.nn.Mod
         if path in params:
             mod.register_parameter(leaf, torch.nn.Parameter(t.detach(), requires_grad=t.requires_grad))
         else:
-            owner = model.get_submodule(".".join(parents)) if path.rpartition(".")[0] else model
-            persistent = leaf not in getattr(owner, "_non_persistent_buffers_set", ()) if not path.startswith("_const.") else False
-            mod.register_buffer(leaf, t.detach(), persistent=persistent)
+            mod.register_buffer(leaf, t.detach(), persistent=_persistent(model, path))
     return root
+
+
+def _persistent(model: torch.nn.Module, path: str) -> bool:
+    """Whether the buffer at ``path`` is in the user's state dict; a lifted constant
+    (``_const.<name>``, a plain tensor the forward read) is not.  Its path names no user
+    module, so it must be told apart before one is looked up (that lookup raised, and
+    every model with a lifted constant was exported instead of replayed)."""
+    if path.startswith("_const."):
+        return False
+    parent, _, leaf = path.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    return leaf not in getattr(owner, "_non_persistent_buffers_set", ())
 
 
 def replay_program(rec: Recording, model: torch.nn.Module, general: BatchGeneral | None = None) -> TorchProgram:

@@ -115,7 +115,26 @@ rnn_kept.mode_arg = "train"  # a compact module sets it on .train()/.eval(): dro
 RNN_KEPT = Phantom("rnn_kept", rnn_kept, None)
 
 
-@register("rnn", aten=("lstm", "gru", "rnn_tanh", "rnn_relu"))
+def _rnn_shape(args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
+    """A padded recurrent layer's outputs on meta tensors: the sequence ``[T, B, dirs * H]``
+    (``[B, T, ...]`` batch first) and final states shaped like the initial ones.  ATen's
+    meta path runs the op's decomposition step by step, every gate a dozen meta kernels in
+    Python: the three recordings of timm's sequencer2d_s (36 LSTM calls each) were 8 of
+    the 9 s of its verified trace.  None (the kernel runs) for an unbatched input or
+    keyword arguments."""
+    if kwargs or len(args) != 9 or args[0].dim() != 3:
+        return None
+    x, hx, bidirectional, batch_first = args[0], args[1], args[7], args[8]
+    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    steps, batch = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+    features = (2 if bidirectional else 1) * states[0].shape[-1]
+    out = torch.empty((batch, steps, features) if batch_first else (steps, batch, features),
+                      dtype=x.dtype, device="meta")
+    return (out, *(torch.empty_like(h) for h in states))
+
+
+@register("rnn", aten=("lstm", "gru", "rnn_tanh", "rnn_relu"),
+          shape_only={f"{kind}.input": _rnn_shape for kind in ("lstm", "gru", "rnn_tanh", "rnn_relu")})
 class AtenRNN(Rule):
     """One atom per hidden index, across every gate, layer and direction (one hidden_size)."""
 
