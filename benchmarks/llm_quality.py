@@ -84,7 +84,9 @@ class Ours:
                  add_biases: bool | None = None) -> torch.nn.Module:
         self.model.load_state_dict(self.state)
         self.g.added_biases.clear()  # the biases of the previous try belong to its weights
-        gp.prune(self.g, criterion, gp.Target(params=ratio), data=data, uniform=uniform, add_biases=add_biases)
+        # its data-free rows are the weights-only estimates (a generative LM would sample its own data)
+        gp.prune(self.g, criterion, gp.Target(params=ratio), data=data, uniform=uniform, add_biases=add_biases,
+                 generate=False if data is None else None)
         compact = self.g.construct_subnet(mode="module")  # a LlamaForCausalLM: any sequence length
         compact.config.use_cache = False
         return compact.eval()

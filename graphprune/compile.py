@@ -39,7 +39,9 @@ from graphprune.frontends.onnx_weight_forms import with_params
 from graphprune.lower.module import module_biases
 from graphprune.reference import onnxruntime_latency
 from graphprune.optim import DHSPG, H2SPG, HESSO, HESSO_CRIC
+from graphprune.optim.generated import can_generate, generated_inputs
 from graphprune.optim.oneshot import choose_criterion, prune
+from graphprune.optim.scoring import CALIBRATED
 from graphprune.optim.recovery import recover
 from graphprune.prunable import PrunableGraph
 from graphprune.rel_error import max_rel_error
@@ -125,6 +127,16 @@ def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
 
 # ---- the pipeline -------------------------------------------------------------------------
 
+def _sampled_like(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
+    """Sequences a generative LM samples itself, in batches shaped like its example token
+    ids: the compact graph keeps the shape arithmetic of the size it was traced at, and
+    recovery runs it on them."""
+    ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) and example_inputs else example_inputs
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
+        return generated_inputs(model, length=ids.shape[1], batch=ids.shape[0])
+    return generated_inputs(model)
+
+
 def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, example_inputs: Any = None, *,
             method: str | None = None, target: Target | float = 0.5, train_fn: TrainStep | None = None,
             data: Iterable | None = None, eval_data: Iterable | None = None, steps: int | None = None,
@@ -176,11 +188,21 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     (default :data:`DEFAULT_RECOVER_STEPS` with calibration data, 0 without;
     :func:`graphprune.recover`).  ``method`` None picks the best one-shot criterion for
     what is given (:func:`graphprune.optim.oneshot.choose_criterion`); the report says
-    which and why.
+    which and why.  A generative language model (a transformers causal LM) given no
+    calibration samples its own (:mod:`graphprune.optim.generated`) for a calibrated or
+    default one-shot method.
     """
     calibration = list(calibration) if calibration is not None else None  # read twice: scoring and recovery
+    sampled = None
+    if (calibration is None and isinstance(model_or_onnx, nn.Module) and can_generate(model_or_onnx)
+            and (method is None or ONESHOT.get(method, method) in CALIBRATED)):
+        calibration = _sampled_like(model_or_onnx, example_inputs)
+        sampled = sum(len(b) for b in calibration)
     criterion, reason = choose_criterion(ONESHOT.get(method, method) if method is not None else None,
                                          calibration is not None)
+    if sampled is not None:
+        reason = (f"no calibration given, so {sampled} sequences the model sampled itself (a generative LM) "
+                  f"serve as calibration and recovery data; {reason}")
     if method is None:
         method = criterion
     if recover_steps is None:

@@ -39,6 +39,7 @@ from graphprune.frontends.onnx_program import GraphProgram
 from graphprune.latency import LatencyPlan, LatencyRun
 from graphprune.optim.calibrated import absorb_means
 from graphprune.optim.calibration import Calibration, calibrate
+from graphprune.optim.generated import can_generate, generated_inputs
 from graphprune.optim.obspa import Activation, GraphRoutes, InputMoments, compensate, consumer_moments
 from graphprune.optim.scoring import CALIBRATED, Normalize, normalize, score
 from graphprune.optim.uniform import select_uniform
@@ -181,7 +182,8 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
           scope: Scope = "global", compensate_consumers: bool | None = None, batches: int = 4,
           damping: float = 0.1, activation: Activation | None = None, rescale: float = 2.0,
           calibration: Calibration | None = None, calibration_batches: int | None = None, uniform: bool = False,
-          add_biases: bool | None = None, codegen: str = "x86", tuning_db: str | None = None) -> PruneReport:
+          add_biases: bool | None = None, codegen: str = "x86", tuning_db: str | None = None,
+          generate: bool | None = None) -> PruneReport:
     """Score, select and zero units of the traced graph ``g`` in place; returns a report.
 
     ``target`` is a :class:`~graphprune.target.Target` or a float (fraction of FLOPs to
@@ -215,11 +217,30 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
     compiler in the loop (:mod:`graphprune.latency`: per-layer tables measured with the
     tuning database ``tuning_db``, the machine's shared one by default); the report's
     ``latency`` holds the measurements.
+    ``generate``: a generative language model (a transformers causal LM) given no data
+    calibrates on sequences it samples itself (:mod:`.generated`: as good as real text on
+    the benchmarks' LM, and far ahead of the weights-only estimate), unless ``False``; the
+    report says so.  ``True`` requires it.
     Call ``g.construct_subnet()`` afterwards for the compact model.
     """
     target = Target.coerce(target)
-    criterion, reason = choose_criterion(criterion, data is not None or calibration is not None)
     model, params, groups = getattr(g, "model", None), g.params, list(g.groups)
+    sampled = None
+    if generate and criterion is not None and criterion not in CALIBRATED:
+        raise GraphPruneError(f"generate=True gives calibration data, which {criterion!r} does not read",
+                              hint=f"use a calibrated criterion ({', '.join(sorted(CALIBRATED))}) or leave generate unset")
+    if data is None and calibration is None and generate is not False and (criterion is None or criterion in CALIBRATED):
+        if can_generate(model):
+            data = generated_inputs(model)
+            sampled = sum(len(b) for b in data)
+        elif generate:
+            raise GraphPruneError(f"generate=True needs a generative language model; this graph's model is "
+                                  f"{type(model).__name__ if model is not None else 'none (an ONNX file)'}",
+                                  hint="pass calibration data, or leave generate unset")
+    criterion, reason = choose_criterion(criterion, data is not None or calibration is not None)
+    if sampled is not None:
+        reason = (f"no data given, so calibrated on {sampled} sequences the model sampled itself (a generative "
+                  f"LM: no data from outside it); {reason}")
     ir = getattr(g, "ir", None)
     routes = GraphRoutes(ir, params) if ir is not None else None
     totals = _totals(g)

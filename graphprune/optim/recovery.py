@@ -33,6 +33,7 @@ from graphprune.frontends.onnx_program import GraphProgram
 from graphprune.frontends.onnx_skeleton import run_onnx
 from graphprune.frontends.onnx_weight_forms import with_params
 from graphprune.optim.calibration import arity, as_inputs
+from graphprune.optim import generated
 
 Loss = Literal["mse", "kl"]
 
@@ -124,7 +125,7 @@ def distillation_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.T
     return torch.stack(terms).mean()
 
 
-def recover(compact: nn.Module | onnx.ModelProto, dense: Any, data: Iterable, *, steps: int = 200,
+def recover(compact: nn.Module | onnx.ModelProto, dense: Any, data: Iterable | None = None, *, steps: int = 200,
             lr: float = 1e-3, loss: Loss = "mse", temperature: float = 1.0, seed: int = 0) -> Recovery:
     """Distil ``compact`` from ``dense`` on the unlabeled batches ``data`` for ``steps`` Adam steps.
 
@@ -139,9 +140,17 @@ def recover(compact: nn.Module | onnx.ModelProto, dense: Any, data: Iterable, *,
     if none lowers it the model is returned as given (``Recovery.improved`` is False),
     never a worse one.
     An ``nn.Module`` is trained in place; an ONNX model is returned as a new ModelProto.
+    ``data`` None: a generative language model ``dense`` samples its own
+    (:func:`~graphprune.optim.generated.generated_inputs`, 512 sequences); other models need data.
     """
     if steps < 0:
         raise GraphPruneError(f"steps must be >= 0, got {steps}")
+    if data is None:
+        if not generated.can_generate(dense):
+            raise GraphPruneError("recovery distils on unlabeled inputs, and none were given",
+                                  hint="pass data= (unlabeled batches of model inputs); only a generative "
+                                       "language model can sample its own")
+        data = generated.generated_inputs(dense, n=2 * generated.DEFAULT_SEQUENCES, seed=1)
     teacher = _teacher(dense)
     if isinstance(compact, onnx.ModelProto):
         names = [vi.name for vi in graph_inputs(compact)]
