@@ -39,9 +39,8 @@ from graphprune.frontends.onnx_weight_forms import with_params
 from graphprune.lower.module import module_biases
 from graphprune.reference import onnxruntime_latency
 from graphprune.optim import DHSPG, H2SPG, HESSO, HESSO_CRIC
-from graphprune.optim.generated import can_generate, generated_inputs
+from graphprune.optim.generated import generated_inputs, sampled_reason, samples_for
 from graphprune.optim.oneshot import choose_criterion, prune
-from graphprune.optim.scoring import CALIBRATED
 from graphprune.optim.recovery import recover
 from graphprune.prunable import PrunableGraph
 from graphprune.rel_error import max_rel_error
@@ -193,16 +192,14 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     default one-shot method.
     """
     calibration = list(calibration) if calibration is not None else None  # read twice: scoring and recovery
+    named = ONESHOT.get(method, method) if method is not None else None  # the criterion asked for, if any
     sampled = None
-    if (calibration is None and isinstance(model_or_onnx, nn.Module) and can_generate(model_or_onnx)
-            and (method is None or ONESHOT.get(method, method) in CALIBRATED)):
+    if calibration is None and samples_for(model_or_onnx, named):
         calibration = _sampled_like(model_or_onnx, example_inputs)
         sampled = sum(len(b) for b in calibration)
-    criterion, reason = choose_criterion(ONESHOT.get(method, method) if method is not None else None,
-                                         calibration is not None)
+    criterion, reason = choose_criterion(named, calibration is not None)
     if sampled is not None:
-        reason = (f"no calibration given, so {sampled} sequences the model sampled itself (a generative LM) "
-                  f"serve as calibration and recovery data; {reason}")
+        reason = sampled_reason(sampled, reason)
     if method is None:
         method = criterion
     if recover_steps is None:

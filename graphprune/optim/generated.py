@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import GraphPruneError
+from graphprune.optim.scoring import CALIBRATED
 
 #: sequences and tokens per sequence sampled when ``gp.prune``/``gp.recover`` generate their own
 DEFAULT_SEQUENCES, DEFAULT_LENGTH = 256, 128
@@ -31,10 +32,20 @@ def can_generate(model: Any) -> bool:
     check = getattr(model, "can_generate", None)
     if config is None or not callable(check) or getattr(config, "is_encoder_decoder", False):
         return False
-    try:
-        return bool(check())
-    except Exception:  # a model class whose check itself needs what this one lacks
-        return False
+    return bool(check())
+
+
+def samples_for(model: Any, criterion: str | None) -> bool:
+    """Whether a one-shot run of ``criterion`` given no data calibrates on ``model``'s own
+    samples: a generative LM, and a criterion that reads calibration (or none named, where
+    the default picks one that does)."""
+    return (criterion is None or criterion in CALIBRATED) and can_generate(model)
+
+
+def sampled_reason(sampled: int, reason: str) -> str:
+    """A report's reason for its criterion, prefixed with where its calibration came from."""
+    return (f"no data given, so {sampled} sequences the model sampled itself (a generative LM: no data from "
+            f"outside it) serve as calibration; {reason}")
 
 
 def generated_inputs(model: nn.Module, n: int | None = None, length: int = DEFAULT_LENGTH, batch: int = 8,
@@ -70,9 +81,8 @@ def generated_inputs(model: nn.Module, n: int | None = None, length: int = DEFAU
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(seed)
-            while sum(len(r) for r in rows) < n:
-                k = min(64, n - sum(len(r) for r in rows))
-                ids = torch.full((k, 1), int(start), dtype=torch.long, device=device)
+            for first in range(0, n, 64):  # 64 sequences per call: a big LM's KV cache stays small
+                ids = torch.full((min(64, n - first), 1), int(start), dtype=torch.long, device=device)
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                      temperature=temperature, top_k=0, top_p=1.0, max_length=length,
                                      eos_token_id=None, pad_token_id=int(start), use_cache=True)

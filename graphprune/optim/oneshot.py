@@ -39,7 +39,7 @@ from graphprune.frontends.onnx_program import GraphProgram
 from graphprune.latency import LatencyPlan, LatencyRun
 from graphprune.optim.calibrated import absorb_means
 from graphprune.optim.calibration import Calibration, calibrate
-from graphprune.optim.generated import can_generate, generated_inputs
+from graphprune.optim.generated import generated_inputs, sampled_reason, samples_for
 from graphprune.optim.obspa import Activation, GraphRoutes, InputMoments, compensate, consumer_moments
 from graphprune.optim.scoring import CALIBRATED, Normalize, normalize, score
 from graphprune.optim.uniform import select_uniform
@@ -229,8 +229,8 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
     if generate and criterion is not None and criterion not in CALIBRATED:
         raise GraphPruneError(f"generate=True gives calibration data, which {criterion!r} does not read",
                               hint=f"use a calibrated criterion ({', '.join(sorted(CALIBRATED))}) or leave generate unset")
-    if data is None and calibration is None and generate is not False and (criterion is None or criterion in CALIBRATED):
-        if can_generate(model):
+    if data is None and calibration is None and generate is not False:
+        if samples_for(model, criterion):
             data = generated_inputs(model)
             sampled = sum(len(b) for b in data)
         elif generate:
@@ -239,8 +239,7 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
                                   hint="pass calibration data, or leave generate unset")
     criterion, reason = choose_criterion(criterion, data is not None or calibration is not None)
     if sampled is not None:
-        reason = (f"no data given, so calibrated on {sampled} sequences the model sampled itself (a generative "
-                  f"LM: no data from outside it); {reason}")
+        reason = sampled_reason(sampled, reason)
     ir = getattr(g, "ir", None)
     routes = GraphRoutes(ir, params) if ir is not None else None
     totals = _totals(g)
