@@ -58,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import textlm  # noqa: E402
 
 import graphprune as gp  # noqa: E402
+from graphprune.optim.recovery import default_augment  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CALIBRATED = ("wanda", "reconstruction", "obspa")
@@ -232,7 +233,9 @@ def main() -> None:
              "# held-out perplexity of textlm's Llama (docstrings of stdlib/numpy/networkx/sklearn; "
              "held-out = whole unseen files), heads + MLP units pruned, embeddings kept",
              f"# calibration: {a.calibration} training windows of {textlm.SEQ} tokens; recover: {a.recover_steps} "
-             f"Adam steps (lr {a.recover_lr:g}) of KL distillation on them; got = 1 - compact params / dense params",
+             f"Adam steps (lr {a.recover_lr:g}) of KL distillation on them and on "
+             f"{default_augment(a.recover_steps, 8, a.calibration)} sequences the dense model writes on from their "
+             f"openings (gp.recover's default); got = 1 - compact params / dense params",
              f"{'method':44s} {'ratio':>5s} {'got':>6s} {'ppl':>9s} {'params':>9s}  note"]
     rows: list[str] = []
 

@@ -84,6 +84,7 @@ from one_shot import at_flops  # noqa: E402
 import graphprune as gp  # noqa: E402
 from graphprune.errors import GraphPruneError  # noqa: E402
 from graphprune.optim import HESSO  # noqa: E402
+from graphprune.optim.recovery import default_augment  # noqa: E402
 from graphprune.optim.generated import DEFAULT_LENGTH, DEFAULT_SEQUENCES, can_generate  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -608,9 +609,12 @@ def model_line(task: Task, recover_steps: int, hesso_steps: int) -> str:
     """The header line that states what one model's rows measured."""
     short = (f" (the pretraining's {task.train_steps} cut to {hesso_steps} to fit the run)"
              if hesso_steps != task.train_steps else "")
+    written = default_augment(recover_steps, len(task.unlabeled[0]), sum(map(len, task.unlabeled)))
+    augment = (f", on the calibration and {written} sequences the dense model writes on from their openings "
+               f"(gp.recover's default for a generative LM)" if can_generate(task.dense) and written else "")
     return (f"# {task.name}: {task.metric_name}; calibration: {task.calibration_note}; recovery: {recover_steps} "
             f"steps ({task.recover_options.get('loss', 'mse')} distillation, lr "
-            f"{task.recover_options.get('lr', RECOVER_LR):g}); HESSO: {task.train_recipe}; "
+            f"{task.recover_options.get('lr', RECOVER_LR):g}{augment}); HESSO: {task.train_recipe}; "
             f"HESSO ran {hesso_steps} steps{short}" + (f"; {task.tp_note}" if task.tp_note else ""))
 
 

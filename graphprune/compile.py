@@ -263,7 +263,7 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
             report.recovery = {"steps": recovery.steps, "loss": recovery.loss, "loss_before": recovery.loss_before,
                                "loss_after": recovery.loss_after, "improved": recovery.improved,
                                "batches": recovery.batches, "skipped_batches": recovery.skipped_batches,
-                               "lr": recovery.lr}
+                               "augmented_batches": recovery.augmented_batches, "lr": recovery.lr}
         report.unchanged = _unchanged(g, report, method)
         if scored is not None:
             report.accuracy_on = "eval_data" if eval_data is not None else "data"

@@ -155,8 +155,10 @@ class Report:
     # ---- human-readable ------------------------------------------------------------------
     def _recovery_text(self) -> str:
         r = self.recovery
+        more = (f" and {r['augmented_batches']} of the dense model's continuations of them"
+                if r.get("augmented_batches") else "")
         return (f"{r['steps']} steps of {r['loss']} distillation at lr {r['lr']:.3g} on {r['batches']} calibration "
-                f"batches, loss {r['loss_before']:.4g} -> {r['loss_after']:.4g}"
+                f"batches{more}, loss {r['loss_before']:.4g} -> {r['loss_after']:.4g}"
                 + ("" if r["improved"] else " (no gain: weights kept as pruned)"))
 
     def summary(self) -> str:

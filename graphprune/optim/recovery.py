@@ -52,6 +52,7 @@ class Recovery:
     batches: int
     skipped_batches: int = 0
     lr: float = 0.0  # the learning rate of the run kept (after any back-off)
+    augmented_batches: int = 0  # batches of the dense LM's continuations distilled on besides the data
 
     @property
     def improved(self) -> bool:
@@ -59,8 +60,9 @@ class Recovery:
 
     def __repr__(self) -> str:
         skipped = f", {self.skipped_batches} batches of another shape skipped" if self.skipped_batches else ""
+        more = f" (+{self.augmented_batches} of the dense model's continuations)" if self.augmented_batches else ""
         return (f"Recovery({self.steps} steps of {self.loss} distillation at lr {self.lr:.3g} on {self.batches} "
-                f"batches: loss {self.loss_before:.4g} -> {self.loss_after:.4g}{skipped})")
+                f"batches{more}: loss {self.loss_before:.4g} -> {self.loss_after:.4g}{skipped})")
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
@@ -126,7 +128,8 @@ def distillation_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.T
 
 
 def recover(compact: nn.Module | onnx.ModelProto, dense: Any, data: Iterable | None = None, *, steps: int = 200,
-            lr: float = 1e-3, loss: Loss = "mse", temperature: float = 1.0, seed: int = 0) -> Recovery:
+            lr: float = 1e-3, loss: Loss = "mse", temperature: float = 1.0, seed: int = 0,
+            augment: int | None = None) -> Recovery:
     """Distil ``compact`` from ``dense`` on the unlabeled batches ``data`` for ``steps`` Adam steps.
 
     ``data`` yields batches of model inputs as :func:`graphprune.optim.prune` takes them
@@ -142,6 +145,13 @@ def recover(compact: nn.Module | onnx.ModelProto, dense: Any, data: Iterable | N
     An ``nn.Module`` is trained in place; an ONNX model is returned as a new ModelProto.
     ``data`` None: a generative language model ``dense`` samples its own
     (:func:`~graphprune.optim.generated.generated_inputs`, 512 sequences); other models need data.
+
+    ``augment``: sequences a generative language model ``dense`` writes on from the openings
+    of the data's token rows (:func:`~graphprune.optim.generated.continuations`) to distil
+    on besides the data, each teacher output computed when its batch is drawn; by default
+    as many as the steps draw beyond the data (``steps x batch - sequences``, at most
+    :data:`AUGMENT_CAP` times the data), none for other models; 0 distils on the data
+    alone.  The loss before and after (and the rule above) is measured on the data alone.
     """
     if steps < 0:
         raise GraphPruneError(f"steps must be >= 0, got {steps}")
@@ -169,22 +179,69 @@ def recover(compact: nn.Module | onnx.ModelProto, dense: Any, data: Iterable | N
         kept = [b for b, s in zip(batches, shapes) if s == shapes[0]]
         skipped, batches = len(batches) - len(kept), kept
     targets = [teacher(b) for b in batches]
+    extra = _Extra(_continued(dense, batches, steps, augment, seed), teacher)
     if isinstance(compact, onnx.ModelProto):
-        return _recover_onnx(compact, batches, targets, steps, lr, loss, temperature, seed, skipped)
+        extra.batches = [b for b in extra.batches if tuple(x.shape for x in b) == shapes[0]]
+        return _recover_onnx(compact, batches, targets, extra, steps, lr, loss, temperature, seed, skipped)
     params = [p for p in compact.parameters() if p.requires_grad and p.is_floating_point()]
     device = params[0].device if params else torch.device("cpu")
     run = lambda b: _leaves(compact(*(x.to(device) for x in b)))  # noqa: E731
     was = compact.training
     compact.eval()
     try:
-        before, after, used = _train(run, params, batches, targets, steps, lr, loss, temperature, seed)
+        before, after, used = _train(run, params, batches, targets, extra, steps, lr, loss, temperature, seed)
     finally:
         compact.train(was)
-    return Recovery(compact, steps, loss, before, after, len(batches), skipped, used)
+    return Recovery(compact, steps, loss, before, after, len(batches), skipped, used, len(extra.batches))
 
 
-def _recover_onnx(compact: onnx.ModelProto, batches: list[tuple], targets: list[list[torch.Tensor]], steps: int,
-                  lr: float, loss: Loss, temperature: float, seed: int, skipped: int) -> Recovery:
+#: the default ``augment`` writes at most this many times the data's sequences
+AUGMENT_CAP = 8
+
+
+def default_augment(steps: int, batch: int, sequences: int) -> int:
+    """The continuations :func:`recover` has a generative LM write by default: as many as
+    ``steps`` batches of ``batch`` draw beyond the data's ``sequences``, at most
+    :data:`AUGMENT_CAP` times them."""
+    return min(max(0, steps * batch - sequences), AUGMENT_CAP * sequences)
+
+
+def _continued(dense: Any, batches: list[tuple], steps: int, augment: int | None, seed: int) -> list[tuple]:
+    """Batches of the dense LM's continuations of the data (see :func:`recover`'s ``augment``)."""
+    rows = [b[0] for b in batches]
+    ids = (len(batches[0]) == 1 and all(r.dim() == 2 and not r.is_floating_point() and not r.is_complex()
+                                        and r.shape[1] == rows[0].shape[1] for r in rows))
+    if augment is None:
+        if not (ids and isinstance(dense, nn.Module) and generated.can_generate(dense)):
+            return []
+        augment = default_augment(steps, len(rows[0]), sum(len(r) for r in rows))
+    if augment < 0:
+        raise GraphPruneError(f"augment must be >= 0, got {augment}")
+    if augment == 0:
+        return []
+    if not (isinstance(dense, nn.Module) and generated.can_generate(dense)):
+        raise GraphPruneError("augment writes more text with the dense model, and it cannot generate",
+                              hint="augment=0 (or leave it unset): distil on the data alone")
+    if not ids:
+        raise GraphPruneError("augment continues token-id rows; the data's batches are not one (batch, tokens) "
+                              "integer tensor of one length", hint="augment=0: distil on the data alone")
+    tokens = rows[0].shape[1]
+    new = generated.continuations(dense, torch.cat(rows), augment, prefix=max(1, tokens // 4), batch=len(rows[0]),
+                                  seed=seed + 1)
+    return [(b,) for b in new]
+
+
+@dataclass
+class _Extra:
+    """Distillation batches beyond the data, their teacher outputs computed when drawn (a
+    vocabulary of logits per token for thousands of sequences would not fit in memory)."""
+
+    batches: list[tuple]
+    teacher: Callable[[tuple], list[torch.Tensor]]
+
+
+def _recover_onnx(compact: onnx.ModelProto, batches: list[tuple], targets: list[list[torch.Tensor]], extra: _Extra,
+                  steps: int, lr: float, loss: Loss, temperature: float, seed: int, skipped: int) -> Recovery:
     from graphprune.frontends.onnx_import import load_onnx
 
     ir, _, _ = load_onnx(compact, [x.numpy() for x in batches[0]])
@@ -192,9 +249,10 @@ def _recover_onnx(compact: onnx.ModelProto, batches: list[tuple], targets: list[
                if v.kind == "param" and v.data is not None and v.data.is_floating_point()}
     program = GraphProgram(ir, weights)
     run = lambda b: _leaves(program(*b))  # noqa: E731
-    before, after, used = _train(run, list(weights.values()), batches, targets, steps, lr, loss, temperature, seed)
+    before, after, used = _train(run, list(weights.values()), batches, targets, extra, steps, lr, loss, temperature,
+                                 seed)
     model = with_params(compact, weights) if after < before else compact
-    return Recovery(model, steps, loss, before, after, len(batches), skipped, used)
+    return Recovery(model, steps, loss, before, after, len(batches), skipped, used, len(extra.batches))
 
 
 def _evaluate(run: Callable, batches: list[tuple], targets: list, loss: Loss, temperature: float) -> float:
@@ -206,32 +264,34 @@ def _evaluate(run: Callable, batches: list[tuple], targets: list, loss: Loss, te
 _BACK_OFF = (1.0, 0.1, 0.01)  # learning-rate factors tried in turn while the loss does not drop
 
 
-def _train(run: Callable, params: list[torch.Tensor], batches: list[tuple], targets: list, steps: int, lr: float,
-           loss: Loss, temperature: float, seed: int) -> tuple[float, float, float]:
+def _train(run: Callable, params: list[torch.Tensor], batches: list[tuple], targets: list, extra: _Extra, steps: int,
+           lr: float, loss: Loss, temperature: float, seed: int) -> tuple[float, float, float]:
     """:func:`_run` at ``lr``, then at lower rates (:data:`_BACK_OFF`) while the loss does not
     drop. Returns the loss over all batches before and after, and the rate kept."""
     before = _evaluate(run, batches, targets, loss, temperature)
     if steps == 0 or not params or not math.isfinite(before):
         return before, before, lr
     for factor in _BACK_OFF:
-        after = _run(run, params, batches, targets, steps, lr * factor, loss, temperature, seed, before)
+        after = _run(run, params, batches, targets, extra, steps, lr * factor, loss, temperature, seed, before)
         if after < before:
             return before, after, lr * factor
     return before, before, lr
 
 
-def _run(run: Callable, params: list[torch.Tensor], batches: list[tuple], targets: list, steps: int, lr: float,
-         loss: Loss, temperature: float, seed: int, before: float) -> float:
+def _run(run: Callable, params: list[torch.Tensor], batches: list[tuple], targets: list, extra: _Extra, steps: int,
+         lr: float, loss: Loss, temperature: float, seed: int, before: float) -> float:
     """Adam on ``params`` with a cosine decay; the weights are put back as they were when the
     loss ends no lower than ``before``. Returns the loss over all batches after."""
     start = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(len(batches) + len(extra.batches), generator=torch.Generator().manual_seed(seed))
     for step in range(steps):
-        k = int(order[step % len(batches)])
+        k = int(order[step % len(order)])
+        batch = batches[k] if k < len(batches) else extra.batches[k - len(batches)]
+        target = targets[k] if k < len(batches) else extra.teacher(batch)
         opt.zero_grad(set_to_none=True)
-        distillation_loss(run(batches[k]), targets[k], loss, temperature).backward()
+        distillation_loss(run(batch), target, loss, temperature).backward()
         opt.step()
         sched.step()
     after = _evaluate(run, batches, targets, loss, temperature)

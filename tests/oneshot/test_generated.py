@@ -10,7 +10,7 @@ import torch
 import graphprune as gp
 from graphprune.errors import GraphPruneError
 from graphprune.optim import generated
-from graphprune.optim.generated import can_generate, generated_inputs
+from graphprune.optim.generated import can_generate, continuations, generated_inputs
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,13 +98,68 @@ def test_recover_without_data_distils_on_the_dense_models_samples() -> None:
         gp.recover(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3), steps=1)
 
 
+def test_continuations_write_on_from_the_rows_openings() -> None:
+    model = _lm().train()
+    rows = torch.randint(3, 64, (3, 20), generator=torch.Generator().manual_seed(0))
+    rng = torch.get_rng_state()
+    out = continuations(model, rows, n=7, prefix=5, batch=4, seed=2)
+    assert torch.equal(torch.get_rng_state(), rng) and model.training  # RNG and mode as they were
+    ids = torch.cat(out)
+    assert [len(b) for b in out] == [4, 3] and ids.shape == (7, 20)
+    assert torch.equal(ids[:, :5], rows[torch.arange(7) % 3, :5])  # each row's opening, cycled through
+    assert not torch.equal(ids[:, 5:], rows[torch.arange(7) % 3, 5:])  # and the model's own text after it
+    assert torch.equal(torch.cat(continuations(model, rows, n=7, prefix=5, batch=4, seed=2)), ids)
+    # at a vanishing temperature the continuation is the model's greedy one
+    cold = torch.cat(continuations(model.eval(), rows[:1], n=1, prefix=5, temperature=1e-4))
+    with torch.no_grad():
+        greedy = model.generate(rows[:1, :5], attention_mask=torch.ones_like(rows[:1, :5]), do_sample=False,
+                                max_length=20, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(cold, greedy)
+    with pytest.raises(GraphPruneError, match="integer ids"):
+        continuations(model, rows.float(), n=2)
+    with pytest.raises(GraphPruneError, match="prefix"):
+        continuations(model, rows, n=2, prefix=20)
+    with pytest.raises(GraphPruneError, match="cannot generate"):
+        continuations(torch.nn.Linear(3, 3), rows, n=2)
+
+
+def test_recover_distils_on_the_dense_models_continuations_too() -> None:
+    dense = _lm()
+    data = [torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def recovered(**kw) -> tuple[gp.Recovery, torch.nn.Module]:
+        g = _trace(_lm())
+        gp.prune(g, "l2", gp.Target(flops=0.4))
+        compact = g.construct_subnet(mode="module")
+        return gp.recover(compact, dense, data, steps=6, loss="kl", **kw), compact
+
+    # by default, as many sequences as the steps draw beyond the data: 6 x 4 - 8 = 16, in batches of 4
+    default, a = recovered()
+    assert default.augmented_batches == 4 and default.batches == 2 and "continuations" in repr(default)
+    alone, b = recovered(augment=0)
+    assert alone.augmented_batches == 0
+    # the continuations are trained on (the loss itself is measured on the data alone)
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    capped, _ = recovered(augment=3)
+    assert capped.augmented_batches == 1  # three sequences: one short batch
+    # a dense model that cannot write text takes no augment, and says so when one is asked for
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).eval()
+    images = [torch.randn(2, 3, 6, 6)]
+    assert gp.recover(conv, conv, images, steps=2).augmented_batches == 0
+    with pytest.raises(GraphPruneError, match="cannot generate"):
+        gp.recover(conv, conv, images, steps=2, augment=4)
+
+
 def test_compile_without_calibration_samples_for_scoring_and_recovery() -> None:
     ids = torch.arange(1, 9).view(1, 8)
     model = _lm()
     model.config.use_cache = False  # the plain forward: a KV cache is no tensor to trace
-    result = gp.compile(model, (ids,), target=0.3, recover_steps=3)
+    result = gp.compile(model, (ids,), target=0.3, recover_steps=20)
     report = result.report
     assert "sampled itself" in report.criterion_reason and report.calibration is not None
-    # the 16 sampled sequences, shaped like the example (the compact graph is traced at that size)
-    assert report.recovery["batches"] == 16 and report.recovery["steps"] == 3 and not report.recovery["skipped_batches"]
+    # the 16 sampled sequences, shaped like the example (the compact graph is traced at that size),
+    # and 20 - 16 continuations of them, shaped alike
+    recovery = report.recovery
+    assert recovery["batches"] == 16 and recovery["steps"] == 20 and not recovery["skipped_batches"]
+    assert recovery["augmented_batches"] == 4 and "4 of the dense model's continuations" in report.summary()
     assert report.flops_removed > 0.25
