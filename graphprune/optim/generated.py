@@ -94,7 +94,9 @@ def continuations(model: nn.Module, rows: torch.Tensor, n: int, prefix: int = 32
     if not can_generate(model):
         raise GraphPruneError(f"{type(model).__name__} cannot generate text to continue",
                               hint="augment=0: distil on the given data alone")
-    if rows.dim() != 2 or rows.dtype not in (torch.long, torch.int32, torch.int64) or not len(rows):
+    if n < 1:
+        raise GraphPruneError(f"need n >= 1 continuations, got {n}")
+    if rows.dim() != 2 or rows.dtype not in (torch.int32, torch.int64) or not len(rows):
         raise GraphPruneError(f"continuations start from (sequences, tokens) integer ids; got {rows.dtype} "
                               f"{tuple(rows.shape)}", hint="augment=0: distil on the given data alone")
     length = rows.shape[1]
