@@ -4,6 +4,10 @@ with HESSO's full training as the ceiling.
 Not run in CI.  ``nice python benchmarks/pretrained.py [--models resnet20,vit,textlm]
 [--ratios 0.1,0.2,0.3,0.5] [--jobs 2] [--out benchmarks/results/pretrained.txt]``; the results
 file comes from ``--models textlm,resnet20,vit --jobs 2 --threads 1 --recover-steps 200,textlm=600 --hesso-steps textlm=600``.
+Each finished (model, ratio) sweep is kept under ``benchmarks/cache/units/``, keyed by its
+options and a digest of the code, so ``--resume`` finishes an interrupted run of the same
+command on the same code: with ``textlm=2400`` recovery steps the LM alone needs about three
+hours of both cores, more than one sitting.
 
 Issue 19's user holds a trained model and at most some unlabeled inputs.  This script
 first trains, here on CPU, models that are genuinely good at their task (cached under
@@ -63,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import inspect
 import math
 import os
@@ -643,6 +648,25 @@ def _unit_to_file(out: str, task: Task, ratio: float, *args: Any, tp_broken: str
     sweep(task, [ratio], *args, save, tp_broken=tp_broken)
 
 
+def code_digest() -> str:
+    """A digest of the code a sweep's rows depend on: graphprune (with its passes and codegen)
+    and the benchmark scripts beside this one; a unit saved under another digest is stale."""
+    root = HERE.parent
+    files = sorted([*root.glob("graphprune/**/*.py"), *root.glob("passes/**/*.py"), *root.glob("codegen/**/*.py"),
+                    *HERE.glob("*.py")])
+    h = hashlib.sha1()
+    for f in files:
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def unit_file(name: str, ratio: float, options: tuple, threads: int, digest: str) -> Path:
+    """Where one finished (model, ratio) sweep's rows are kept for ``--resume``: keyed by the
+    sweep's options, the thread count and :func:`code_digest`."""
+    key = hashlib.sha1(repr((name, ratio, options, threads, digest)).encode()).hexdigest()[:16]
+    return CACHE / "units" / f"{name}-{ratio}-{key}.pt"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(TASKS))
@@ -658,6 +682,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1,
                     help="(model, ratio) sweeps run at once, each in a forked process; in the order given")
     ap.add_argument("--out", default=None, help="also write the table here")
+    ap.add_argument("--resume", action="store_true",
+                    help="take the (model, ratio) sweeps an interrupted run of the same command on the same code "
+                         "finished (every finished sweep is kept under benchmarks/cache/units/)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore", message="Unwrapped parameters")
@@ -709,20 +736,45 @@ def main() -> None:
     def options(n: str) -> tuple:
         return recover[n], a.alloc, a.tp_timeout, hesso_steps[n] or tasks[n].train_steps
 
+    digest = code_digest()
+
+    def finished(n: str, ratio: float) -> None:
+        path = unit_file(n, ratio, options(n), a.threads, digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(parts[(n, ratio)], path)
+
+    units, resumed = [], []
+    for n in names:
+        load(n)
+        for ratio in ratios:
+            path = unit_file(n, ratio, options(n), a.threads, digest)
+            if a.resume and path.exists():
+                update(n, ratio, torch.load(path))
+                resumed.append(f"{n} {ratio:.0%}")
+            else:
+                units.append((n, ratio))
+    if resumed:
+        header.append(f"# resumed: {', '.join(resumed)} from an earlier run of this command on the same code "
+                      f"(digest {digest})")
+        write()
+        print(header[-1], flush=True)
+
     if a.jobs <= 1:
-        for n in names:
+        broken: dict[str, str | None] = {}
+        for n, ratio in units:
             task = load(n)
-            broken = probe_tp(task, ratios[0], a.tp_timeout)
-            for ratio in ratios:
-                sweep(task, [ratio], *options(n), lambda rows, n=n, ratio=ratio: update(n, ratio, rows),
-                      tp_broken=broken)
+            if n not in broken:
+                broken[n] = probe_tp(task, ratio, a.tp_timeout)
+            sweep(task, [ratio], *options(n), lambda rows, n=n, ratio=ratio: update(n, ratio, rows),
+                  tp_broken=broken[n])
+            finished(n, ratio)
     else:  # forked workers, one per model and ratio, which inherit the loaded task (not a Pool:
         import multiprocessing  # a worker forks again for Torch-Pruning's time limit)
 
         CACHE.mkdir(parents=True, exist_ok=True)
-        waiting = [(n, r) for n in names for r in ratios]
+        waiting = list(units)
         running: dict[tuple[str, float], tuple[Any, str]] = {}
-        broken: dict[str, str | None] = {}
+        broken = {}
         while waiting or running:
             while waiting and len(running) < a.jobs:
                 n, ratio = unit = waiting.pop(0)
@@ -747,6 +799,8 @@ def main() -> None:
                 if proc.exitcode:
                     update(n, ratio, parts.get((n, ratio), []) + [
                         f"{n:9s} {ratio:>5.0%} the sweep failed (exit {proc.exitcode}; traceback in the log)"])
+                else:
+                    finished(n, ratio)
     write()
     print("\n".join(header + [done[n][0] for n in names if n in done] + table
                     + [r for n in names if n in done for r in done[n][1]]), flush=True)
