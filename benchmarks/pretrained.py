@@ -87,6 +87,7 @@ from digits import Attention, Block, attention_heads, batches, digits_split, hea
 from one_shot import at_flops  # noqa: E402
 
 import graphprune as gp  # noqa: E402
+from graphprune.atomic import atomic_path  # noqa: E402
 from graphprune.errors import GraphPruneError  # noqa: E402
 from graphprune.optim import HESSO  # noqa: E402
 from graphprune.optim.recovery import default_augment  # noqa: E402
@@ -738,16 +739,20 @@ def main() -> None:
 
     digest = code_digest()
 
-    def finished(n: str, ratio: float) -> None:
-        path = unit_file(n, ratio, options(n), a.threads, digest)
+    def kept(n: str, ratio: float) -> Path:
+        return unit_file(n, ratio, options(n), a.threads, digest)
+
+    def finished(n: str, ratio: float) -> None:  # whole or not at all: an interrupted save is no unit
+        path = kept(n, ratio)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(parts[(n, ratio)], path)
+        with atomic_path(path) as tmp:
+            torch.save(parts[(n, ratio)], tmp)
 
     units, resumed = [], []
     for n in names:
         load(n)
         for ratio in ratios:
-            path = unit_file(n, ratio, options(n), a.threads, digest)
+            path = kept(n, ratio)
             if a.resume and path.exists():
                 update(n, ratio, torch.load(path))
                 resumed.append(f"{n} {ratio:.0%}")
@@ -759,8 +764,8 @@ def main() -> None:
         write()
         print(header[-1], flush=True)
 
+    broken: dict[str, str | None] = {}  # per model: why Torch-Pruning is not tried, after one probe
     if a.jobs <= 1:
-        broken: dict[str, str | None] = {}
         for n, ratio in units:
             task = load(n)
             if n not in broken:
@@ -774,7 +779,6 @@ def main() -> None:
         CACHE.mkdir(parents=True, exist_ok=True)
         waiting = list(units)
         running: dict[tuple[str, float], tuple[Any, str]] = {}
-        broken = {}
         while waiting or running:
             while waiting and len(running) < a.jobs:
                 n, ratio = unit = waiting.pop(0)
