@@ -13,6 +13,7 @@ from .errors import UnsupportedModelError, VerificationError
 from .frontends.backend import Backend
 from .frontends.torch_backend import TorchBackend
 from .ir.graph import Graph
+from .lower.call_binding import CallBinding
 from .prunable import PrunableGraph
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shap
             return model  # noted when it was recorded
 
     export = lambda: export_model(runner(), args, kwargs, dynamic_shapes)  # noqa: E731
+    binding = CallBinding.of(model, args, kwargs)
     if recorder and dynamic_shapes is None:
         try:
             cold = shared_copy(model)
@@ -97,10 +99,10 @@ def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shap
             except ReplayFailed as exc:
                 log.info("replaying the recording of %s failed (%s): emitting from torch.export",
                          type(model).__name__, exc)
-            return rec.graph, TorchBackend(export, runner, replay=replay, reference=reference)
+            return rec.graph, TorchBackend(export, runner, replay=replay, reference=reference, binding=binding)
         finally:
             cold.train(was_training)
-    backend = TorchBackend(export, runner, settled=True)
+    backend = TorchBackend(export, runner, settled=True, binding=binding)
     return from_exported(backend.exported, backend.runner), backend
 
 

@@ -10,6 +10,7 @@ import torch
 
 from ..analysis import Analysis, analyse, unit_map
 from ..errors import NotInPlace, RecorderMismatchWarning, UnsupportedModelError
+from ..lower.call_binding import CallBinding
 from ..lower.module import is_standard, module_biases, shrunk_copy
 from ..lower.torch import CompactModule, TorchProgram, lower_torch, program_of_export
 from ..lower.widths import candidates, record_reads, settle
@@ -57,13 +58,16 @@ class TorchBackend:
     already the PrunableGraph's, and ``reference`` (a plain copy of the user's model,
     with no warm-up call: export is what needs one) is what verification runs against.
     :meth:`stop_replay` goes back to export, where the replayed program turned out not
-    to reproduce the model.
+    to reproduce the model.  ``binding`` lets compact modules be called as the user's
+    model is (:mod:`..lower.call_binding`).
     """
 
     def __init__(self, export: Callable[[], torch.export.ExportedProgram], runner: Callable[[], torch.nn.Module],
                  *, settled: bool = False, replay: TorchProgram | None = None,
-                 reference: Callable[[], torch.nn.Module] | None = None) -> None:
+                 reference: Callable[[], torch.nn.Module] | None = None,
+                 binding: CallBinding | None = None) -> None:
         self._export = export
+        self.binding = binding
         self._runner = runner
         self._exported: torch.export.ExportedProgram | None = None
         self._program: TorchProgram | None = None
@@ -148,7 +152,8 @@ class TorchBackend:
         state = dict(tensors)
         for k, v in self.runner.named_buffers(remove_duplicate=False):
             state.setdefault(k, v)
-        return lower_torch(pg.ir, self.program(pg), self.plan(pg, state, units, fold_bn, biases), state, copy_uncut)
+        return lower_torch(pg.ir, self.program(pg), self.plan(pg, state, units, fold_bn, biases), state, copy_uncut,
+                           self.binding)
 
     def emit_module(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], rtol: float = 1e-4,
                     biases: dict[str, torch.Tensor] | None = None) -> InPlace:

@@ -12,6 +12,7 @@ carries the mode).
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from graphprune.errors import ZeroInvarianceError
 from graphprune.ir.graph import Graph, Node, Ref
+from graphprune.lower.call_binding import CallBinding
 from graphprune.ops.catalog import canonical_aten, rule_for
 from graphprune.ops.rewrite import Call, Entries, Rewrite
 from graphprune.passes.add_bias import AddedBias
@@ -52,13 +54,17 @@ def program_of_export(exported: torch.export.ExportedProgram, dynamic: Callable[
 class CompactModule(torch.nn.Module):
     """A rewritten exported graph that honours train/eval like an ordinary module."""
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, binding: CallBinding | None = None) -> None:
         """``gm``'s code is regenerated here once, in eval mode (lowering edits its graph
-        without regenerating: each regeneration of resnet50's code took 25 ms)."""
+        without regenerating: each regeneration of resnet50's code took 25 ms).
+        ``binding`` maps a call of the user's model onto ``gm``'s inputs
+        (:mod:`graphprune.lower.call_binding`); without it ``gm`` is called as it is."""
         super().__init__()
         self.gm = gm
         self._set_mode(False)
         self.gm.recompile()
+        names = set(inspect.signature(self.gm.forward).parameters)
+        self.binding = binding if binding is not None and names == binding.traced else None
 
     def _mode_nodes(self) -> list[tuple[torch.fx.Node, str]]:
         """The nodes whose registry entry names an argument that follows the mode."""
@@ -95,16 +101,20 @@ class CompactModule(torch.nn.Module):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.binding is None:
+            return self.gm(*args, **kwargs)
+        args, kwargs = self.binding.inputs(args, kwargs)
         return self.gm(*args, **kwargs)
 
 
 def lower_torch(ir: Graph, program: TorchProgram, plan: CompactPlan,
-                tensors: dict[str, torch.Tensor], copy_uncut: bool = True) -> CompactModule:
+                tensors: dict[str, torch.Tensor], copy_uncut: bool = True,
+                binding: CallBinding | None = None) -> CompactModule:
     """The compact module of ``plan``; ``tensors``: current values by the user's names
     (parameters and buffers), the IR's data where absent.  A tensor no unit is cut from
     is copied, so the compact model owns its weights; ``copy_uncut=False`` shares it,
     for a model built to be compared once and dropped (the copies were a second Phi-3
-    when a check removed few units)."""
+    when a check removed few units); ``binding``: see :class:`CompactModule`."""
     gm = program.module()
     for name in ("train", "eval"):  # export's guards against mode switches; CompactModule owns modes
         gm.__dict__.pop(name, None)
@@ -127,7 +137,7 @@ def lower_torch(ir: Graph, program: TorchProgram, plan: CompactPlan,
     for n in gm.graph.nodes:  # full-model shapes are stale now; fake tensors and provenance chains block deepcopy
         n.meta.clear()
     _sizes_as_methods(gm)
-    return CompactModule(gm)  # regenerates gm's code
+    return CompactModule(gm, binding)  # regenerates gm's code
 
 
 def _sizes_as_methods(gm: torch.fx.GraphModule) -> None:
