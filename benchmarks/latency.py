@@ -360,6 +360,7 @@ def tune(onnx_path: Path, work_dir: Path, trials_per_task: int | None, target: o
                              "trials_budget": report.trials_budget, "trials_run": report.trials_run,
                              "tasks_reused": len(report.tasks_reused), "trials_saved": report.trials_saved,
                              "seconds": round(report.seconds), "light": LIGHT_RULE,
+                             "tasks_seeded": len(report.tasks_seeded), "trials_transferred": report.trials_transferred,
                              "minutes": minutes}  # recorded with the row
 
 
@@ -496,8 +497,10 @@ def _budget(t: dict) -> str:
     else:
         spent = (f"{t['trials_per_task']} trials per task, {t['trials_budget']} in all ({t['trials_run']} run in "
                  f"{t['seconds']} s)")
+    carried = (f"; {t['tasks_seeded']} tasks seeded with {t['trials_transferred']} schedules carried over from "
+               f"tuned functions of other extents (measured, besides the trials run)" if "tasks_seeded" in t else "")
     return (f"{t['tasks']} tasks, {spent}; {t['tasks_reused']} tasks reused, {t['trials_saved']} trials taken from "
-            f"the database; light: {t.get('light', EARLIER_LIGHT_RULE)}")
+            f"the database{carried}; light: {t.get('light', EARLIER_LIGHT_RULE)}")
 
 
 def _version(package: str) -> str:

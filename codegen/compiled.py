@@ -21,6 +21,7 @@ from graphprune.errors import TuningError
 
 from .frontend import RelaxProgram
 from .pipeline import compile_fused, fuse
+from .transfer import CarriedOver, Donors
 from .targets import CodegenTarget
 from .tuning import database_coverage, open_database
 
@@ -40,7 +41,7 @@ class CompiledModel:
 
     def __init__(self, executable: relax.VMExecutable, target: CodegenTarget, program: RelaxProgram,
                  tuned_functions: int, total_functions: int,
-                 kernel_choices: list[KernelChoice] | None = None) -> None:
+                 kernel_choices: list[KernelChoice] | None = None, carried_functions: int = 0) -> None:
         self.executable = executable
         #: per dense layer, BSR or dense and the timings behind it (empty unless built with ``sparse=``)
         self.kernel_choices = kernel_choices or []
@@ -48,6 +49,8 @@ class CompiledModel:
         self.program = program
         self.tuned_functions = tuned_functions
         self.total_functions = total_functions
+        #: functions without a record that got a record of another extent (:mod:`.transfer`)
+        self.carried_functions = carried_functions
         self._vm: relax.VirtualMachine | None = None
 
     @property
@@ -119,7 +122,9 @@ class CompiledModel:
 
     def summary(self) -> str:
         lines = [self.program.summary(), f"  target: {self.target}",
-                 f"  tuned functions: {self.tuned_functions}/{self.total_functions} (others: default schedules)"]
+                 f"  tuned functions: {self.tuned_functions}/{self.total_functions}, carried over from tuned "
+                 f"functions of other extents (not measured at these): {self.carried_functions}, others: default "
+                 f"schedules"]
         lines += [f"  {choice}" for choice in self.kernel_choices]
         return "\n".join(lines)
 
@@ -138,13 +143,17 @@ def compile_program(program: RelaxProgram, target: CodegenTarget,
                     tuning_db: str | os.PathLike | ms.Database | None = None, default_schedules: bool = True,
                     kernel_choices: list[KernelChoice] | None = None) -> CompiledModel:
     """Bind ``program``'s weights, fuse, and compile it for ``target`` with ``tuning_db``'s
-    records (a meta-schedule work directory or a ``Database``) and default schedules for
-    the functions without one."""
+    records (a meta-schedule work directory or a ``Database``); on CPU a function without a
+    record gets one of a function that differs only in extents where the database has one
+    (:class:`.transfer.CarriedOver`, counted in ``carried_functions``), the rest default schedules."""
     database = open_database(tuning_db) if isinstance(tuning_db, (str, os.PathLike)) else tuning_db
     fused = fuse(program.bound(), target.target)
     tuned, total = database_coverage(database, fused, target.target)
+    cpu = target.target.kind.name == "llvm"
+    carried = CarriedOver(Donors(database)) if database is not None and default_schedules and cpu else None
     try:
-        executable = compile_fused(fused, target.target, database, default_schedules)
+        executable = compile_fused(fused, target.target, database, default_schedules, carried)
     except Exception as exc:  # TVM reports compile failures as several internal error types
         raise TuningError(f"TVM failed to compile {program.name} for {target.name}: {exc}") from exc
-    return CompiledModel(executable, target, program, tuned, total, kernel_choices)
+    return CompiledModel(executable, target, program, tuned, total, kernel_choices,
+                         carried.applied if carried is not None else 0)

@@ -18,6 +18,7 @@ from .fold_norms import fold_batch_norms
 from .fusible import fusible_forms
 from .phantom_norm import fuse_phantom_layer_norm
 from .schedules import default_schedule_pass
+from .transfer import CarriedOver
 
 _LOG = logging.getLogger("graphprune.codegen")
 
@@ -130,9 +131,10 @@ def _prepack_weights(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.
 
 
 def compile_pipeline(target: Target, database: ms.Database | None,
-                     default_schedules: bool = True) -> tvm.transform.Pass:
+                     default_schedules: bool = True, carried: CarriedOver | None = None) -> tvm.transform.Pass:
     """A Relax pipeline for ``tvm.compile`` of a :func:`fuse`-d module: records from ``database``
-    first, then default schedules, then lowering to the VM."""
+    first, then schedules ``carried`` over from records of other extents (CPU), then default
+    schedules, then lowering to the VM."""
     backend = _backend(target)
 
     @tvm.transform.module_pass(opt_level=3, name="GraphpruneCompile")
@@ -142,7 +144,7 @@ def compile_pipeline(target: Target, database: ms.Database | None,
                 with database:
                     mod = relax.transform.MetaScheduleApplyDatabase()(mod)
             if default_schedules:
-                mod = default_schedule_pass(target)(mod)
+                mod = default_schedule_pass(target, carried)(mod)
             if target.kind.name == "llvm":  # only CPU schedules re-lay weights out (fuse marks them)
                 mod = _prepack_weights(mod)
             return tvm.transform.Sequential(backend.dataflow_lower_passes(target)
@@ -152,7 +154,7 @@ def compile_pipeline(target: Target, database: ms.Database | None,
 
 
 def compile_fused(fused: tvm.IRModule, target: Target, database: ms.Database | None = None,
-                  default_schedules: bool = True) -> relax.VMExecutable:
+                  default_schedules: bool = True, carried: CarriedOver | None = None) -> relax.VMExecutable:
     """Compile a module returned by :func:`fuse` for ``target`` into a VM executable.
 
     Fusing once, before both the database lookup and compilation, is what makes tuning
@@ -160,4 +162,4 @@ def compile_fused(fused: tvm.IRModule, target: Target, database: ms.Database | N
     """
     with tvm.transform.PassContext(opt_level=3):
         return tvm.compile(fused, target=target,
-                           relax_pipeline=compile_pipeline(target, database, default_schedules))
+                           relax_pipeline=compile_pipeline(target, database, default_schedules, carried))

@@ -22,8 +22,8 @@ from .intrinsics import register_intrinsics
 # meta-schedule logs an INFO line per schedule rule that does not apply; not news here. A logger
 # of our own at WARNING, made without the logging registry (so importing this module sets no
 # level anywhere), that still hands its warnings up to graphprune.codegen's handlers.
-_QUIET = logging.Logger("graphprune.codegen.schedules", logging.WARNING)
-_QUIET.parent = logging.getLogger("graphprune.codegen")
+QUIET_LOGGER = logging.Logger("graphprune.codegen.schedules", logging.WARNING)
+QUIET_LOGGER.parent = logging.getLogger("graphprune.codegen")
 
 
 class SampledSketch(dl.ScheduleRule):
@@ -35,16 +35,17 @@ class SampledSketch(dl.ScheduleRule):
     def apply(self, func: tvm.tirx.PrimFunc, target: Target, _tunable: bool) -> Schedule | None:
         register_intrinsics(target)
         context = ms.TuneContext(tvm.IRModule({"main": func}), target=target,
-                                 space_generator="post-order-apply", rand_state=self.seed, logger=_QUIET)
+                                 space_generator="post-order-apply", rand_state=self.seed, logger=QUIET_LOGGER)
         for sketch in context.generate_design_space():
             if all(postproc.apply(sketch) for postproc in context.space_generator.postprocs):
                 return sketch
         return None
 
 
-def default_schedule_pass(target: Target) -> tvm.transform.Pass:
-    """Schedule every PrimFunc not yet marked ``tirx.is_scheduled`` (tuned ones are left alone)."""
+def default_schedule_pass(target: Target, first: dl.ScheduleRule | None = None) -> tvm.transform.Pass:
+    """Schedule every PrimFunc not yet marked ``tirx.is_scheduled`` (tuned ones are left alone);
+    ``first`` (a CPU rule, such as :class:`.transfer.CarriedOver`) is tried before the sample."""
     if target.kind.name == "cuda":
         return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())
-    return dl.ApplyDefaultSchedule(SampledSketch())
+    return dl.ApplyDefaultSchedule(*([first] if first is not None else []), SampledSketch())

@@ -48,11 +48,11 @@ from .frontend import import_model
 from .intrinsics import register_intrinsics
 from .padding import cpu_schedule_rules
 from .pipeline import fuse
+from .records import FAILED_RUN_SECS, measured_seconds
 from .targets import CodegenTarget, resolve_target
 from .time_budget import TaskState, run_for
+from .transfer import Seeded, seed_tasks
 
-#: meta-schedule writes this run time for candidates that failed to run.
-_FAILED_RUN_SECS = 1e9
 #: trials per call when the budget is time: small enough that the run ends close to its
 #: budget, large enough that a call's fixed cost (search start, builder round) stays minor
 CHUNK_TRIALS = 8
@@ -159,15 +159,7 @@ def _best_seconds(database: ms.Database | None, task: ms.ExtractedTask, target: 
     if database is None:
         return None
     record = database.query_tuning_record(task.dispatched[0], target, task.task_name)
-    return None if record is None else _measured_seconds(record)
-
-
-def _measured_seconds(record: ms.database.TuningRecord) -> float | None:
-    """Mean run time of a record; None when it failed or was never run."""
-    if not record.run_secs:
-        return None
-    seconds = sum(float(s) for s in record.run_secs) / len(record.run_secs)
-    return seconds if seconds < _FAILED_RUN_SECS else None
+    return None if record is None else measured_seconds(record)
 
 
 def trials_done(database: ms.Database, tasks: Sequence[ms.ExtractedTask]) -> list[int]:
@@ -181,7 +173,7 @@ def trials_done(database: ms.Database, tasks: Sequence[ms.ExtractedTask]) -> lis
     for record in database.get_all_tuning_records():
         key = tvm_ffi.structural_hash(record.workload.mod)
         counts[key] = counts.get(key, 0) + 1
-        if _measured_seconds(record) is not None:
+        if measured_seconds(record) is not None:
             succeeded.add(key)
     keys = [tvm_ffi.structural_hash(task.dispatched[0]) for task in tasks]
     return [counts[key] if key in succeeded else 0 for key in keys]
@@ -279,7 +271,7 @@ class CurveRecorder(PyMeasureCallback):
         task_id = self.phase[task_id]
         for runner_result in runner_results:
             secs = [float(s) for s in (runner_result.run_secs or [])]
-            ok = runner_result.error_msg is None and secs and min(secs) < _FAILED_RUN_SECS
+            ok = runner_result.error_msg is None and secs and min(secs) < FAILED_RUN_SECS
             run = sum(secs) / len(secs) if ok else math.inf
             self.best[task_id] = min(self.best[task_id], run)
             total = sum(w * b for w, b in zip(self.weights, self.best))
@@ -309,12 +301,17 @@ class TuningReport:
     temporary: bool
     curve: list[dict[str, Any]] = field(default_factory=list, repr=False)
     minutes: float | None = None  # the time budget, when the run had one
+    tasks_seeded: list[str] = field(default_factory=list)  # given schedules carried over (.transfer)
+    trials_transferred: int = 0  # carried-over schedules measured (not in trials_run; in each task's budget)
+    transfer_seconds: float = 0.0
 
     def summary(self) -> str:
         where = f"{self.work_dir} (TEMPORARY: no device to measure on)" if self.temporary else self.work_dir
         return (f"tuning for {self.target} in {where}\n"
                 f"  tasks: {self.tasks_total}, tuned now {len(self.tasks_tuned)}, "
                 f"reused from the database {len(self.tasks_reused)}\n"
+                f"  carried over: {len(self.tasks_seeded)} tasks seeded with {self.trials_transferred} schedules "
+                f"of tuned functions of other extents ({self.transfer_seconds:.0f} s)\n"
                 f"  trials: budget {self.trials_budget} ({self.trials_per_task} per task, at most "
                 f"{LIGHT_TRIALS} per light task), run {self.trials_run}, saved by reuse {self.trials_saved}, "
                 f"time: {self.seconds:.0f} s" + (f" of a {self.minutes:g} min budget" if self.minutes else ""))
@@ -448,7 +445,7 @@ def warm_cost_model(database: ms.Database, target: Target) -> ms.cost_model.XGBM
     model = ms.cost_model.XGBModel(num_tuning_cores=_cores(target), tree_method="auto")
     by_workload: dict[ms.database.Workload, list[ms.database.TuningRecord]] = {}
     for record in database.get_all_tuning_records():
-        if _measured_seconds(record) is not None and record.args_info is not None:
+        if measured_seconds(record) is not None and record.args_info is not None:
             by_workload.setdefault(record.workload, []).append(record)
     for workload, records in by_workload.items():
         context = ms.TuneContext(mod=workload.mod, target=target, num_threads=_cores(target))
@@ -571,7 +568,7 @@ def _chunk_strategy() -> ms.search_strategy.EvolutionarySearch:
 def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
          work_dir: str | os.PathLike | None = None, trials_per_task: int | None = None,
          incremental: bool = True, rpc_tracker: str | None = None, rpc_key: str | None = None,
-         seed: int = 0, minutes: float | None = None) -> TuningReport:
+         seed: int = 0, minutes: float | None = None, transfer: bool = True) -> TuningReport:
     """Tune a model's functions for ``target`` into the database in ``work_dir``.
 
     >>> report = tune(model, (x,), "x86", trials_per_task=16)   # into the machine's shared database
@@ -591,6 +588,11 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     how many trials that saved. Targets this machine cannot run are measured through
     ``rpc_tracker``/``rpc_key``; without one the run goes to a temporary folder (its records
     are all failures, 1e10 s, and must never poison a real database).
+
+    With ``transfer`` every task without a measured record first gets schedules carried over
+    from the database's records of functions that differ only in extents (a pruned form's
+    from its dense form's, :mod:`.transfer`), measured like trials and counted in its budget:
+    the build has them, and the search starts from them.
     """
     if minutes is not None and not minutes > 0:
         raise ValueError(f"minutes must be positive, got {minutes}")
@@ -603,12 +605,24 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     database = open_database(work_dir)
     tasks = extract_tasks(fuse(program.bound(), resolved.target), resolved.target)
     budgets = task_budgets(tasks, trials_per_task)
+    start = time.perf_counter()
+    builder = PooledBuilder()
+    prior = trials_done(database, tasks) if incremental else [0] * len(tasks)
+    fresh = [t for t in tasks if _best_seconds(database, t, resolved.target) is None]
+    seeded = Seeded([], 0, 0.0)
+    if transfer and fresh and not temporary:
+        postprocs = ms.TuneContext(mod=fresh[0].dispatched[0], target=resolved.target,
+                                   space_generator=_space_generator(resolved.target)).space_generator.postprocs
+        try:
+            seeded = seed_tasks(database, fresh, resolved.target, builder, make_runner(rpc_tracker, rpc_key),
+                                postprocs)
+        except BaseException:
+            builder.close()
+            raise
     done = trials_done(database, tasks) if incremental else [0] * len(tasks)
     left = [max(0, budget - have) for budget, have in zip(budgets, done)]
     todo = [i for i, n in enumerate(left) if n]
     recorder = CurveRecorder([tasks[i].task_name for i in todo], [tasks[i].weight for i in todo])
-    start = time.perf_counter()
-    builder = PooledBuilder()
     cost_model = warm_cost_model(database, resolved.target) if todo else None
     loggers = TaskLoggers(work_dir / "logs")
 
@@ -643,15 +657,16 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
         builder.close()
         loggers.close()
     run_now = {recorder.names.index(r["task"]) for r in recorder.rows}
-    reused = [i for i, n in enumerate(left) if not n]
+    reused = [i for i, n in enumerate(left) if not n and tasks[i].task_name not in seeded.tasks]
     report = TuningReport(work_dir=str(work_dir), target=resolved.name, tasks_total=len(tasks),
                           tasks_tuned=[tasks[todo[k]].task_name for k in sorted(run_now)],
                           tasks_reused=[tasks[i].task_name for i in reused],
                           trials_per_task=trials_per_task, trials_budget=sum(budgets),
                           trials_run=len(recorder.rows),
-                          trials_saved=sum(min(have, budget) for budget, have in zip(budgets, done)),
+                          trials_saved=sum(min(have, budget) for budget, have in zip(budgets, prior)),
                           seconds=time.perf_counter() - start, temporary=temporary, curve=recorder.rows,
-                          minutes=minutes)
+                          minutes=minutes, tasks_seeded=seeded.tasks, trials_transferred=seeded.measured,
+                          transfer_seconds=seeded.seconds)
     write_report(report)
     return report
 

@@ -185,13 +185,30 @@ def test_incremental_retune_only_tunes_changed_layers(tuned):
     """Pruning the hidden layer changes two of the three matmuls; the first one is reused."""
     work_dir, first = tuned
     records = len(open_database(work_dir).get_all_tuning_records())
-    pruned = codegen.tune(mlp(24), (X,), "x86", work_dir, trials_per_task=TRIALS)
-    assert pruned.tasks_reused and pruned.tasks_tuned
+    pruned = codegen.tune(mlp(24), (X,), "x86", work_dir, trials_per_task=TRIALS, transfer=False)
+    assert pruned.tasks_reused and pruned.tasks_tuned and not pruned.tasks_seeded
     assert len(pruned.tasks_reused) + len(pruned.tasks_tuned) == pruned.tasks_total
     assert pruned.trials_saved == len(pruned.tasks_reused) * TRIALS  # TRIALS < LIGHT_TRIALS: one budget for all
     assert len(open_database(work_dir).get_all_tuning_records()) > records  # appended, not rewritten
     compiled = codegen.build(mlp(24), (X,), "x86", tuning_db=work_dir)
     assert compiled.tuned_functions == compiled.total_functions
+
+
+def test_a_pruned_form_starts_from_the_dense_forms_schedules(tuned, tmp_path):
+    """The two matmuls pruning changed have no record; each gets schedules carried over from
+    the dense form's records (tile sizes refactored to its extents), measured and committed,
+    so the build tunes every function and the search has nothing left to run at this budget."""
+    work_dir, first = tuned
+    db = tmp_path / "db"
+    shutil.copytree(work_dir, db)
+    pruned = codegen.tune(mlp(20), (X,), "x86", db, trials_per_task=TRIALS)
+    changed = pruned.tasks_total - len(pruned.tasks_reused)
+    assert changed >= 2 and len(pruned.tasks_seeded) == changed, pruned.summary()
+    assert pruned.trials_transferred >= changed and "2 tasks seeded" in pruned.summary()
+    assert pruned.trials_run < changed * TRIALS  # the carried-over schedules count in each budget
+    compiled = codegen.build(mlp(20), (X,), "x86", tuning_db=db)
+    assert compiled.tuned_functions == compiled.total_functions
+    assert rel_err(compiled.run(X), mlp(20)(X)) < 1e-4
 
 
 def test_no_device_means_temporary_database(tmp_path):
