@@ -3,15 +3,18 @@
 Pruning changes channel counts, not operators: the pruned form of a tuned model has the
 same fused functions (a 3x3 convolution with bias and ReLU, a matmul with its add) at
 new widths, and none of them has a record.  A build then gives them default schedules
-(a pruned CNN ran 6-9 ms where its tuned dense form ran 2.7 ms), and meta-schedule's
+(a pruned ResNet-18 ran 4.5 times slower than its tuned dense form), and meta-schedule's
 search starts each of them blind.  But a tuned schedule is a trace of scheduling steps
 whose only shape-bound parts are its tile sizes: replayed on a function of the same
 structure with each ``SamplePerfectTile`` decision refactored to the new loop extent
 (the innermost factors kept where they divide it, the rest in the outer loop), it is a
 valid, usually good schedule there.  :func:`seed_tasks` does that for every task without a
 measured record, from the best records of the most similar functions in the database,
-measures the candidates like tuning trials and commits them: the same pruned CNN then ran
-in 1.6 ms after 23 measurements (20 s), and the evolutionary search starts from them.
+measures the candidates like tuning trials and commits them; :class:`CarriedOver` gives a
+build the nearest one unmeasured.  ResNet-18 pruned to half its MACs (widths multiples
+of 16), with only its dense form tuned (4 minutes, 39 ms on 2 busy cores): default
+schedules 175 ms, carried over 21 ms, carried over and measured (75 candidates, 30 s)
+18.5 ms.
 """
 from __future__ import annotations
 
@@ -54,12 +57,16 @@ def signature(mod: tvm.IRModule) -> tuple[Signature, tuple[int, ...]] | None:
 
 def rescaled(decision: Sequence[int], extent: int) -> list[int]:
     """Tile sizes for ``extent`` like ``decision`` (the sizes of a loop of another extent):
-    from the innermost out, the divisor of what is left nearest to the old size (log scale,
-    the smaller on a tie), the outermost taking the rest."""
+    from the innermost out, the divisor of what is left that shares the most with the old
+    size, then the nearest to it (log scale, the smaller on a tie), the outermost taking
+    the rest.  Sharing first keeps a vector tile a multiple of the vector width: 176
+    channels where a 32-wide tile was tuned get 16, not the nearer 44 (a 44-lane tile of
+    a ResNet-18 convolution ran 20 times slower than the 16-lane one)."""
     out, left = [1] * len(decision), extent
     for i in range(len(decision) - 1, 0, -1):
         want = max(1, int(decision[i]))
-        out[i] = min((d for d in range(1, left + 1) if left % d == 0), key=lambda d: (abs(math.log(d / want)), d))
+        out[i] = min((d for d in range(1, left + 1) if left % d == 0),
+                     key=lambda d: (-math.gcd(d, want), abs(math.log(d / want)), d))
         left //= out[i]
     out[0] = left
     return out

@@ -33,6 +33,7 @@ def test_rescaled_tiles_multiply_to_the_new_extent(seed):
 def test_rescaled_keeps_a_decision_that_already_fits():
     assert rescaled([4, 2, 8], 64) == [4, 2, 8]
     assert rescaled([1, 4, 16], 48) == [1, 3, 16]
+    assert rescaled([1, 4, 2, 32], 176)[-1] == 16  # a multiple of the vector width, not the nearer 44
 
 
 def _tasks(model):
