@@ -81,6 +81,9 @@ class Report:
     accuracy_on: str | None = None
     codegen: str | None = None
     codegen_inputs: dict[str, list[int]] | None = None  # the input shapes the library is built for (static)
+    #: how the built functions were scheduled: "tuned" (a record at their shape), "carried" (a
+    #: record of a function of other extents, graphprune.codegen.transfer), "default"
+    schedules: dict[str, int] | None = None
     latency: dict[str, Any] | None = None
     reference: dict[str, Any] | None = None
     tuning: dict[str, Any] | None = None
@@ -184,6 +187,8 @@ class Report:
         if self.codegen_inputs:
             lines.append(f"  built ({self.codegen}) for inputs " +
                          ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in self.codegen_inputs.items()))
+        if self.schedules:
+            lines.append(f"  {self.schedules_line}")
         if self.latency is not None:
             lines.append(f"  latency ({self.codegen}, TVM) {self.latency['median_ms']:.3f} ms median, "
                          f"{self.latency.get('threads', '?')} threads")
@@ -194,6 +199,14 @@ class Report:
         if self.verify_error is not None:
             lines.append(f"  compact == zeroed model: max rel. error {self.verify_error:.1e}")
         return "\n".join(lines)
+
+    @property
+    def schedules_line(self) -> str:
+        """How many built functions were tuned at their shape, carried over, or default."""
+        n = self.schedules or {}
+        line = (f"schedules: {n.get('tuned', 0)} tuned, {n.get('carried', 0)} carried over from tuned functions of "
+                f"other extents (not measured at theirs), {n.get('default', 0)} default")
+        return line + (" (tune for more: --tune-minutes)" if n.get("default") or n.get("carried") else "")
 
     @property
     def latency_budget_line(self) -> str:
@@ -248,6 +261,8 @@ class Report:
                 out.append("- latency: not measured (the target does not run on this machine)")
             if self.versus_reference:
                 out.append(f"- {self.versus_reference}")
+            if self.schedules:
+                out.append(f"- {self.schedules_line}")
             if self.tuning is not None:
                 t = self.tuning
                 out.append(f"- tuning: {t['tasks_total']} tasks, {len(t['tasks_tuned'])} tuned now, "

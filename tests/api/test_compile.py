@@ -151,6 +151,10 @@ def test_codegen_x86_times_the_compact_model(cnn, example, tmp_path):
     assert result.report.latency_ratio == pytest.approx(ratio)
     assert "onnxruntime on the same compact ONNX" in result.summary()
     assert "onnxruntime on the same compact ONNX" in (tmp_path / "report.md").read_text()
+    n = result.report.schedules  # how each built function was scheduled, said in the summary and report
+    assert sum(n.values()) == result.runtime.total_functions and n["tuned"] == result.runtime.tuned_functions
+    assert f"schedules: {n['tuned']} tuned, {n['carried']} carried over" in result.summary()
+    assert "schedules: " in (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "report.json").read_text())["latency_ratio"] == pytest.approx(ratio)
 
 
