@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from tvm.s_tir import meta_schedule as ms
 
-#: meta-schedule writes this run time (1e10 s) for candidates that failed to run: anything
-#: past it is a failure
+#: the run time meta-schedule stores for a candidate that failed to run
+STORED_FAILURE = 1e10
+#: any run time past this is a failure
 FAILED_RUN_SECS = 1e9
 
 

@@ -30,7 +30,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.utils import remove_build_dir
 from tvm.target import Target
 
-from .records import measured_seconds
+from .records import STORED_FAILURE, measured_seconds
 from .schedules import QUIET_LOGGER
 
 #: candidates measured per task: the best records of the two nearest functions
@@ -131,8 +131,9 @@ class Seeded:
     seconds: float
 
 
-def seed_tasks(database: ms.Database, tasks: Sequence[ms.ExtractedTask], target: Target, builder: ms.builder.Builder,
-         runner: ms.runner.Runner, postprocs: Sequence[ms.Postproc], limit: int = CANDIDATES) -> Seeded:
+def seed_tasks(database: ms.Database, tasks: Sequence[ms.ExtractedTask], target: Target,
+               builder: ms.builder.Builder, runner: ms.runner.Runner, postprocs: Sequence[ms.Postproc],
+               limit: int = CANDIDATES) -> Seeded:
     """For each of ``tasks``: up to ``limit`` schedules :func:`carried_over` from the nearest
     donors' records, built by ``builder``, measured by ``runner`` and committed to
     ``database`` as that task's records (failed ones too, as tuning stores them)."""
@@ -154,12 +155,12 @@ def seed_tasks(database: ms.Database, tasks: Sequence[ms.ExtractedTask], target:
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in jobs]) if jobs else []
     runs = [(task, sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True), b)
             for (task, sch), b in zip(jobs, built) if b.error_msg is None]
-    device = tvm_ffi.Device._DEVICE_TYPE_TO_NAME[target.get_target_device_type()]  # "cpu" for llvm
+    device = tvm_ffi.Device(target.get_target_device_type(), 0).type  # "cpu" for llvm, as runners name it
     futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device, args) for _, _, args, b in runs])
     seeded: set[str] = set()
     for (task, sch, args, b), future in zip(runs, futures):
         result = future.result()
-        secs = result.run_secs if result.error_msg is None else [1e10]
+        secs = result.run_secs if result.error_msg is None else [STORED_FAILURE]
         database.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, database.commit_workload(task.dispatched[0]), secs, target, args))
         if result.error_msg is None:
