@@ -619,7 +619,7 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
         except BaseException:
             builder.close()
             raise
-    done = trials_done(database, tasks) if incremental else [0] * len(tasks)
+    done = trials_done(database, tasks) if incremental and seeded.measured else prior
     left = [max(0, budget - have) for budget, have in zip(budgets, done)]
     todo = [i for i, n in enumerate(left) if n]
     recorder = CurveRecorder([tasks[i].task_name for i in todo], [tasks[i].weight for i in todo])
