@@ -73,6 +73,13 @@ def einsum_padding(block: tvm.tirx.SBlock, layout_free: set[tvm.tirx.Var]) -> li
     return padding if changed else None
 
 
+def block_padding(sch: Schedule, block: tvm.s_tir.schedule.SBlockRV) -> list[int] | None:
+    """What :class:`PadAwkwardEinsum` pads ``block`` of ``sch``'s function to (None: nothing)."""
+    func = sch.mod["main"]
+    layout_free = {func.params[int(i)] for i in (func.attrs or {}).get("layout_free_buffers", [])}
+    return einsum_padding(sch.get(block), layout_free)
+
+
 @derived_object
 class PadAwkwardEinsum(PyScheduleRule):
     """Schedule rule: ``pad_einsum`` awkward activation axes of matmul-like blocks, then leave
@@ -82,9 +89,7 @@ class PadAwkwardEinsum(PyScheduleRule):
         pass
 
     def apply(self, sch: Schedule, block: tvm.s_tir.schedule.SBlockRV) -> list[Schedule]:
-        func = sch.mod["main"]
-        layout_free = {func.params[int(i)] for i in (func.attrs or {}).get("layout_free_buffers", [])}
-        padding = einsum_padding(sch.get(block), layout_free)
+        padding = block_padding(sch, block)
         if padding is None:
             return [sch]
         padded = sch.copy()

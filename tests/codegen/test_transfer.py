@@ -94,3 +94,26 @@ def test_a_build_gives_unrecorded_functions_the_nearest_tuned_schedule(dense_db,
     assert f"not measured at these): {compiled.carried_functions}" in compiled.summary()
     assert rel_err(compiled.run(X), pruned(X)) < 1e-4
     assert codegen.build(pruned, (X,), "x86", tuning_db=tmp_path / "empty").carried_functions == 0  # no donor
+
+
+def test_a_carried_padding_is_the_new_functions_own(tmp_path):
+    """A matmul over 37 tokens is tuned padded (to 40 rows, :mod:`.padding`); its record
+    carried to a narrower layer pads to that layer's widths, not the tuned one's (which
+    would copy the weights to the old size on every call)."""
+    from torch import nn
+
+    tokens = torch.randn(37, 32)
+    torch.manual_seed(0)
+    wide, narrow = nn.Linear(32, 64).eval(), nn.Linear(32, 48).eval()
+    codegen.tune(wide, (tokens,), "x86", tmp_path / "db", trials_per_task=2)
+    target = resolve_target("x86").target
+    (task,) = [t for t in extract_tasks(fuse(codegen.import_model(narrow, (tokens,)).bound(), target), target)
+               if signature(t.dispatched[0])[1][:3] == (37, 48, 32)]
+    postprocs = ms.TuneContext(mod=task.dispatched[0], target=target,
+                               space_generator=_space_generator(target)).space_generator.postprocs
+    records = Donors(open_database(tmp_path / "db")).nearest(task.dispatched[0])
+    assert any("padding=[40, 64, 32]" in str(r.trace) for r in records)  # the tuned function's own
+    carried = [carried_over(task.dispatched[0], r.trace, postprocs) for r in records]
+    texts = [str(s.trace) for s in carried if s is not None]
+    assert texts and all("padding=[40, 48, 32]" in t for t in texts if "pad_einsum" in t)
+    assert any("pad_einsum" in t for t in texts)
