@@ -116,6 +116,12 @@ class CompiledModel:
         return Path(path)
 
     @property
+    def schedules(self) -> dict[str, int]:
+        """How many functions were tuned at their shape, carried over, or given defaults."""
+        return {"tuned": self.tuned_functions, "carried": self.carried_functions,
+                "default": self.total_functions - self.tuned_functions - self.carried_functions}
+
+    @property
     def bsr_layers(self) -> list[str]:
         """The layers compiled as block-sparse kernels."""
         return [c.layer for c in self.kernel_choices if c.kernel == "bsr"]

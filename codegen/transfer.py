@@ -18,6 +18,7 @@ schedules 175 ms, carried over 21 ms, carried over and measured (75 candidates, 
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -124,19 +125,25 @@ def carried_over(mod: tvm.IRModule, trace: ms.Trace, postprocs: Sequence[ms.Post
 
 
 class Donors:
-    """The measured records of a database by function structure, best first."""
+    """The measured records of a database by function structure, best first; indexed on the
+    first :meth:`nearest` (a build whose functions all have records reads no record here)."""
 
     def __init__(self, database: ms.Database) -> None:
+        self._database = database
+
+    @functools.cached_property
+    def _by_structure(self) -> dict[Signature, list[tuple[tuple[int, ...], list[ms.database.TuningRecord], int]]]:
         by_workload: dict[ms.database.Workload, list[ms.database.TuningRecord]] = {}
-        for record in database.get_all_tuning_records():
+        for record in self._database.get_all_tuning_records():
             if measured_seconds(record) is not None:
                 by_workload.setdefault(record.workload, []).append(record)
-        self._by_structure: dict[Signature, list[tuple[tuple[int, ...], list[ms.database.TuningRecord], int]]] = {}
+        index: dict[Signature, list[tuple[tuple[int, ...], list[ms.database.TuningRecord], int]]] = {}
         for workload, records in by_workload.items():
             sig = signature(workload.mod)
             if sig is not None:
-                self._by_structure.setdefault(sig[0], []).append(
+                index.setdefault(sig[0], []).append(
                     (sig[1], sorted(records, key=measured_seconds), tvm_ffi.structural_hash(workload.mod)))
+        return index
 
     def nearest(self, mod: tvm.IRModule) -> list[ms.database.TuningRecord]:
         """Records of functions structured like ``mod`` (not ``mod`` itself), the nearest

@@ -569,11 +569,7 @@ def _run_codegen(result: CompileResult, target: str, tune_trials: int, tune_minu
     if latency is not None:
         result.report.reference = onnxruntime_latency(result.onnx, result.example_inputs, int(latency["threads"]))
     result.report.codegen, result.report.latency, result.report.tuning = target, latency, tuning_report
-    runtime = result.runtime
-    if hasattr(runtime, "tuned_functions"):
-        carried = getattr(runtime, "carried_functions", 0)
-        result.report.schedules = {"tuned": runtime.tuned_functions, "carried": carried,
-                                   "default": runtime.total_functions - runtime.tuned_functions - carried}
+    result.report.schedules = result.runtime.schedules
     program = result.runtime.program  # shapes bound at import: the library takes exactly these
     result.report.codegen_inputs = {n: [int(d) for d in shape]
                                      for n, shape in zip(program.input_names, program.input_shapes)}
