@@ -3,7 +3,8 @@ measured latency, met with the compiler in the loop (``gp.Target(latency_ms=...)
 
 Not run in CI (each model measures tens of compiled layers and several whole models).
 ``python benchmarks/latency_target.py [--models resnet18,mobilenet_v2,vit,bert] [--budgets 0.6,0.4]
-[--criterion l2] [--multiple 8] [--threads 1] [--tuning-db DIR] [--results benchmarks/results/latency_target.txt]``
+[--criterion l2] [--multiple 8] [--threads 1] [--tuning-db DIR] [--quality-models resnet20,vit]
+[--quality-criterion obspa] [--recover-steps 200] [--results benchmarks/results/latency_target.txt]``
 
 Per model: the dense model is compiled and timed (``graphprune.codegen``, the same build a
 compile does, tuning records from ``--tuning-db`` or the machine's shared database), then for
@@ -13,6 +14,15 @@ what the pruning's last round measured, the independent re-measure, their miss a
 budget (done when: within 5%), the MACs removed, the rounds, the layer timings measured and
 reused from the table cache, and the wall time.  The models are the latency benchmark's
 (random weights: latency does not depend on them).
+
+The second table asks whether spending the budget by measured latency keeps more of a model
+than spending it by FLOPs.  It takes the pretrained-quality benchmark's trained digits models
+(``benchmarks/pretrained.py``: the latency benchmark's models have no trained weights here),
+prunes each to a latency budget, measures the compact model, then finds by bisection the
+FLOPs target whose compact model measures the same (within 2%, else the nearest of 8 tries),
+and scores both: test accuracy after one-shot pruning with calibration, and after the same
+recovery.  Both use one criterion, calibration set and width multiple; only the allocation
+differs.
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "latency_target.txt"
@@ -36,6 +47,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--multiple", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tuning-db", help="tuning database (default: the machine's shared one)")
+    ap.add_argument("--quality-models", default="resnet20,vit",
+                    help="pretrained digits models for the quality comparison ('' to skip it)")
+    ap.add_argument("--quality-criterion", default="obspa")
+    ap.add_argument("--recover-steps", type=int, default=200)
     ap.add_argument("--results", default=str(RESULTS))
     return ap.parse_args()
 
@@ -53,7 +68,7 @@ def main() -> None:
     from latency import make_model
 
     rows = []
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         made = make_model(name)
         if made is None:
             rows.append(f"| {name} | n/a (not installed) |" + " |" * 9)
@@ -74,6 +89,7 @@ def main() -> None:
                         f"{remeasured:.2f} | {remeasured / budget - 1:+.1%} | {report.achieved['flops']:.1%} | "
                         f"{len(run.rounds)} | {run.layers_measured} / {run.layers_cached} | {seconds:.0f} |")
             print(rows[-1], flush=True)
+    quality = quality_rows(args) if args.quality_models else []
     within = sum(abs(float(r.split("|")[6].strip().rstrip("%")) / 100) <= 0.05 for r in rows if "n/a" not in r)
     measured = sum("n/a" not in r for r in rows)
     lines = [f"# {shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])}",
@@ -84,10 +100,68 @@ def main() -> None:
              "| layer timings measured / cached | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
              f"re-measured within 5% of the budget: {within} of {measured}"]
+    if quality:
+        kept = sum(r.endswith("yes |") for r in quality)
+        lines += ["", f"## At equal measured latency: latency-targeted against FLOPs-targeted pruning "
+                      f"({args.quality_criterion} with calibration, widths multiple of {args.multiple}, "
+                      f"recovery {args.recover_steps} steps)", "",
+                  "| model | dense ms / acc | budget | latency-targeted ms | MACs removed | acc | acc recovered "
+                  "| FLOPs target | FLOPs-targeted ms | MACs removed | acc | acc recovered | latency-targeted keeps at least |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *quality, "",
+                  f"latency-targeted pruning keeps at least the FLOPs-targeted accuracy (after recovery) "
+                  f"at equal latency: {kept} of {len(quality)}"]
     text = "\n".join(lines) + "\n"
     print(text)
     with atomic_path(args.results) as tmp:
         Path(tmp).write_text(text)
+
+
+def quality_rows(args: argparse.Namespace) -> list[str]:
+    """The second table's rows (see the module docstring)."""
+    import graphprune as gp
+    from graphprune.codegen.layer_latency import measure_model
+    from pretrained import Ours, digits_task, macs
+
+    rows = []
+    for name in filter(None, args.quality_models.split(",")):
+        task = digits_task(name)
+        example = task.trace["example_inputs"]
+        mine = Ours(task)
+        full = macs(task, task.dense)
+
+        def measured(model: Any) -> float:
+            return measure_model(model, example, "x86", args.tuning_db)
+
+        def pruned(target: gp.Target, **options: Any) -> Any:
+            return mine(args.quality_criterion, target, task.unlabeled, tuning_db=args.tuning_db, **options)
+
+        def scores(model: Any) -> tuple[str, str, str]:
+            removed, before = 1 - macs(task, model) / full, task.metric(model)
+            gp.recover(model, task.dense, task.unlabeled, steps=args.recover_steps, **task.recover_options)
+            return f"{removed:.1%}", f"{before:.3f}", f"{task.metric(model):.3f}"
+
+        dense_ms = measured(task.dense)
+        for fraction in (float(b) for b in args.budgets.split(",")):
+            by_latency = pruned(gp.Target(latency_ms=fraction * dense_ms, multiple=args.multiple))
+            goal = measured(by_latency)
+            lo, hi, best = 0.0, 0.95, None
+            for _ in range(8):  # measured latency falls as the FLOPs target rises (noise aside)
+                mid = (lo + hi) / 2
+                model = pruned(gp.Target(flops=mid, multiple=args.multiple))
+                ms = measured(model)
+                if best is None or abs(ms / goal - 1) < abs(best[1] / goal - 1):
+                    best = (mid, ms, model)
+                if abs(ms / goal - 1) <= 0.02:
+                    break
+                lo, hi = (mid, hi) if ms > goal else (lo, mid)
+            ratio, ms, by_flops = best
+            mine_cells, theirs_cells = scores(by_latency), scores(by_flops)
+            verdict = "yes" if float(mine_cells[2]) >= float(theirs_cells[2]) else "no"
+            rows.append(f"| {name} | {dense_ms:.3f} / {task.metric(task.dense):.3f} | {fraction:.0%} | {goal:.3f} | "
+                        + " | ".join(mine_cells) + f" | {ratio:.1%} | {ms:.3f} | " + " | ".join(theirs_cells)
+                        + f" | {verdict} |")
+            print(rows[-1], flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -105,10 +105,20 @@ def _widths(full: int, quantum: int) -> list[int]:
 
 
 class _Curve:
-    """A layer's time along one width, linear between measured widths (flat below the lowest)."""
+    """A layer's time along one width, linear between measured widths (flat below the lowest).
+
+    A width measured slower than a wider one is taken at the wider one's time: a narrower
+    layer is never predicted slower.  Such a point is timing noise or a schedule's bad luck
+    (a 72-wide matmul at 57 us beside the 96-wide one at 47 us); believed, it makes the
+    first step down look like a loss, so the selection skips it and takes two at once."""
 
     def __init__(self, points: list[tuple[int, float]]) -> None:
-        self.points = sorted(points)
+        ordered = sorted(points)
+        kept, lowest = [], float("inf")
+        for w, t in reversed(ordered):
+            lowest = min(lowest, t)
+            kept.append((w, lowest))
+        self.points = kept[::-1]
 
     def __call__(self, width: float) -> float:
         pts = self.points
@@ -201,8 +211,18 @@ def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budg
     floor and multiple applied).  Units go lowest score first within a group (a score of
     ``-inf`` forces a unit first); a step that would take a unit ``protect[i]`` marks is
     never taken.  Stops short of the budget only when no step left saves anything predicted.
+
+    A step's price is its units' scores times their FLOPs per unit, per millisecond saved.
+    Scores are normalised per group (:func:`~graphprune.optim.scoring.normalize`), so a head
+    and an MLP neuron both score about 1 at most: dividing those by the time each saves alone
+    made a small ViT give up all but one head per block, a cut worth a tenth of its accuracy
+    against FLOPs-targeted pruning at the same measured latency.  Weighted by FLOPs, the
+    order is the FLOPs-targeted order (:func:`graphprune.target.select_units`) wherever a
+    layer's time follows its FLOPs, and departs from it only where the measurements say
+    the time does not: a plateau that saves nothing, a layer slower than its FLOPs.
     """
     groups = model.groups
+    weight = [g.flops_per_unit or float(g.params_per_unit) or 1.0 for g in groups]
     removed = [0] * len(groups)
     orders = [torch.sort(s.detach().double().flatten(), stable=True).indices for s in scores]
     step = [0] * len(groups)  # next index into levels[i]
@@ -220,7 +240,7 @@ def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budg
                 return None  # this step and every deeper one would take a protected unit
             saved = model.saving(removed, i, more)
             if saved > 1e-12:
-                return float(flat[i][orders[i][removed[i]:removed[i] + more]].sum()) / saved, j, saved
+                return float(flat[i][orders[i][removed[i]:removed[i] + more]].sum()) * weight[i] / saved, j, saved
         return None
 
     # a step changes the savings of the groups sharing a layer with it, and only theirs

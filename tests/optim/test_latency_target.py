@@ -16,7 +16,7 @@ from torch import nn
 import graphprune as gp
 from graphprune.errors import UnprunableTargetError
 from graphprune.latency import LatencyModel, LatencyPlan, LatencyTable, graph_layers, meet_latency, select_for_latency
-from graphprune.target import kept_widths
+from graphprune.target import kept_widths, select_units
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,51 @@ def test_correction_loop_lands_within_tolerance_when_the_table_misses(mobilenet)
     assert abs(whole(masks) / (0.6 * dense) - 1) <= 0.05
     assert run.achieved_ms == pytest.approx(whole(masks)) and len(run.rounds) >= 2  # the first round missed
     assert table.measured == len(table.entries)  # each (geometry, widths) measured once
+
+
+def by_macs(layer, cin: int, cout: int) -> float:
+    """A kernel's time exactly proportional to its multiply-accumulates."""
+    work = layer.rows * layer.size[0] * layer.size[1] * layer.kernel[0] * layer.kernel[1]
+    return 1e-6 * work * (1 if layer.depthwise else cin) * cout
+
+
+@pytest.mark.parametrize("share", [0.6, 0.4])
+def test_a_time_that_follows_the_flops_picks_what_a_flops_target_picks(mobilenet, share):
+    """Where every layer's time is its FLOPs, a latency budget is a FLOPs budget, and the
+    selection must remove (nearly) the units a FLOPs target removes at the FLOPs it reached.
+    Dividing each group's normalised scores by the time a unit saves alone instead took
+    whole wide groups first (a tenth of the units in common)."""
+    _, g = mobilenet
+    model, _ = model_for(g, by_macs)
+    full = model.predict([0] * len(g.groups))
+    scores = [torch.rand(grp.size, generator=torch.Generator().manual_seed(i)) for i, grp in enumerate(g.groups)]
+    levels = [kept_widths(grp, gp.Target(latency_ms=1.0, multiple=1, min_fraction=0)) for grp in g.groups]
+    masks = select_for_latency(model, scores, share * full, levels)
+    reached = 1 - model.predict([int(m.sum()) for m in masks]) / full
+    by_flops = select_units(g.groups, scores, gp.Target(flops=reached, multiple=1, min_fraction=0),
+                            total_flops=g.total_flops)
+    common = sum(int((a & b).sum()) for a, b in zip(masks, by_flops))
+    either = sum(int((a | b).sum()) for a, b in zip(masks, by_flops))
+    assert common / either > 0.85
+
+
+def test_a_narrower_width_is_never_predicted_slower(mobilenet):
+    """A width measured slower than a wider one (noise, an unlucky schedule) is read at the
+    wider one's time, so one step down is never predicted to cost time."""
+    _, g = mobilenet
+
+    def bumpy(layer, cin: int, cout: int) -> float:
+        bump = 2.0 if 0.6 < cout / layer.channels[1] < 0.9 else 1.0  # the 75% width measures slow
+        return by_macs(layer, cin, layer.channels[1]) * bump * cout / layer.channels[1]
+
+    model, _ = model_for(g, bumpy)
+    for layer in model.layers:
+        if layer.by_out is not None:
+            cout = layer.layer.channels[1]
+            widths = range(1, cout + 1)
+            times = [layer.by_out(w) for w in widths]
+            assert all(a <= b + 1e-15 for a, b in zip(times, times[1:]))
+            assert layer.by_out(cout) == pytest.approx(bumpy(layer.layer, layer.layer.channels[0], cout))
 
 
 def test_an_unreachable_budget_is_a_clear_error(mobilenet):
