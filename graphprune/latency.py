@@ -13,11 +13,13 @@ FLOP than a dense one.  So the budget is met against measurements:
    with the same layer shapes measures nothing.
 2. **Selection.**  Greedy knapsack: each group steps down through its allowed widths
    (floor, multiple); the next step taken anywhere is the one that loses the least score
-   per millisecond the table says it saves, until the predicted latency meets the budget.
+   (weighted by its FLOPs, see :func:`select_for_latency`) per millisecond the table says
+   it saves, until the predicted latency meets the budget.
 3. **Correction.**  The whole compact model is compiled and timed; the table's prediction
    misses what it cannot see (fusion, memory traffic between layers, the layers without
-   weights), so the layers' budget is shifted by the measured miss and the selection
-   repeated, until the measured latency is within ``tolerance`` of the budget.
+   weights, which shrink with the widths too), so the layers' next budget is interpolated
+   between the tries measured under and over the budget (:func:`_next_layer_budget`) and the
+   selection repeated, until the measured latency is within ``tolerance`` of the budget.
 
 One-shot pruning does this once (:func:`meet_latency`); the OTO optimizers choose under a
 :class:`LatencyPlan` at every pruning period: partial budgets (the schedule's way from the
