@@ -214,7 +214,8 @@ def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budg
     ``-inf`` forces a unit first); a step that would take a unit ``protect[i]`` marks is
     never taken.  Stops short of the budget only when no step left saves anything predicted.
 
-    A step's price is its units' scores times their FLOPs per unit, per millisecond saved.
+    A step's price is its units' scores times their FLOPs per unit (parameters per unit for a
+    group without multiply-accumulates, such as an embedding's columns), per millisecond saved.
     Scores are normalised per group (:func:`~graphprune.optim.scoring.normalize`), so a head
     and an MLP neuron both score about 1 at most: dividing those by the time each saves alone
     made a small ViT give up all but one head per block, a cut worth a tenth of its accuracy
