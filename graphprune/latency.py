@@ -387,7 +387,7 @@ def _next_layer_budget(seen: Sequence[tuple[float, float]], goal: float, last: f
     else:
         (p0, m0), (p1, m1) = sorted(seen)[:2]
     if p1 == p0 or m1 == m0:
-        return last + goal - m0  # nothing to interpolate: shift by the miss
+        return last + goal - seen[-1][1]  # nothing to interpolate: shift by the last try's miss
     slope = (m1 - m0) / (p1 - p0)
     if slope <= 0:  # noise: slower at fewer layer-milliseconds; shift by the miss of the fastest
         return p0 + goal - m0
