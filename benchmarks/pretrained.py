@@ -3,7 +3,7 @@ with HESSO's full training as the ceiling.
 
 Not run in CI.  ``nice python benchmarks/pretrained.py [--models resnet20,vit,textlm]
 [--ratios 0.1,0.2,0.3,0.5] [--jobs 2] [--out benchmarks/results/pretrained.txt]``; the results
-file comes from ``--models textlm,resnet20,vit --jobs 2 --threads 1 --recover-steps 200,textlm=600 --hesso-steps textlm=600``.
+file comes from ``--models textlm,resnet20,vit --jobs 2 --threads 1 --recover-steps 200,textlm=2400 --hesso-steps textlm=600`` (produced at aefe904).
 Each finished (model, ratio) sweep is kept under ``benchmarks/cache/units/``, keyed by its
 options and a digest of the code, so ``--resume`` finishes an interrupted run of the same
 command on the same code: with ``textlm=2400`` recovery steps the LM alone needs about three
