@@ -164,7 +164,7 @@ def quality_rows(args: argparse.Namespace, tuned: Callable[[Any, Any], None]) ->
             return f"{removed:.1%}", f"{before:.3f}", f"{task.metric(model):.3f}"
 
         tuned(task.dense, example)
-        dense_ms = measured(task.dense)
+        dense_ms, dense_metric = measured(task.dense), task.metric(task.dense)
         for fraction in (float(b) for b in args.budgets.split(",")):
             by_latency = pruned(gp.Target(latency_ms=fraction * dense_ms, multiple=args.multiple))
             goal = measured(by_latency)
@@ -181,7 +181,7 @@ def quality_rows(args: argparse.Namespace, tuned: Callable[[Any, Any], None]) ->
             ratio, ms, by_flops = best
             mine_cells, theirs_cells = scores(by_latency), scores(by_flops)
             verdict = "yes" if float(mine_cells[2]) >= float(theirs_cells[2]) else "no"
-            rows.append(f"| {name} | {dense_ms:.3f} / {task.metric(task.dense):.3f} | {fraction:.0%} | {goal:.3f} | "
+            rows.append(f"| {name} | {dense_ms:.3f} / {dense_metric:.3f} | {fraction:.0%} | {goal:.3f} | "
                         + " | ".join(mine_cells) + f" | {ratio:.1%} | {ms:.3f} | " + " | ".join(theirs_cells)
                         + f" | {verdict} |")
             print(rows[-1], flush=True)

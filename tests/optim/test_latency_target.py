@@ -26,11 +26,15 @@ def mobilenet():
     return model, gp.trace(model, (torch.randn(1, 3, 32, 32),), verify=False)
 
 
+def work(layer) -> int:
+    """A layer's multiply-accumulates per input channel per output channel."""
+    return layer.rows * layer.size[0] * layer.size[1] * layer.kernel[0] * layer.kernel[1]
+
+
 def staircase(layer, cin: int, cout: int) -> float:
     """A kernel's time that falls only per tile of 8 channels (what SIMD lanes do), scaled by its work."""
-    work = layer.rows * layer.size[0] * layer.size[1] * layer.kernel[0] * layer.kernel[1]
     per_group = 1 if layer.depthwise else cin
-    return 1e-6 * work * math.ceil(per_group / 8) * 8 * math.ceil(cout / 8) * 8 + 1e-3
+    return 1e-6 * work(layer) * math.ceil(per_group / 8) * 8 * math.ceil(cout / 8) * 8 + 1e-3
 
 
 def test_every_conv_and_linear_is_a_layer_with_its_modules_geometry(mobilenet):
@@ -116,8 +120,7 @@ def test_correction_lands_when_the_rest_of_the_model_moves_with_the_layers(mobil
 
 def by_macs(layer, cin: int, cout: int) -> float:
     """A kernel's time exactly proportional to its multiply-accumulates."""
-    work = layer.rows * layer.size[0] * layer.size[1] * layer.kernel[0] * layer.kernel[1]
-    return 1e-6 * work * (1 if layer.depthwise else cin) * cout
+    return 1e-6 * work(layer) * (1 if layer.depthwise else cin) * cout
 
 
 @pytest.mark.parametrize("share", [0.6, 0.4])
