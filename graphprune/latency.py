@@ -19,7 +19,9 @@ FLOP than a dense one.  So the budget is met against measurements:
    misses what it cannot see (fusion, memory traffic between layers, the layers without
    weights, which shrink with the widths too), so the layers' next budget is interpolated
    between the tries measured under and over the budget (:func:`_next_layer_budget`) and the
-   selection repeated, until the measured latency is within ``tolerance`` of the budget.
+   selection repeated, until the measured latency is within half the ``tolerance`` of the
+   budget (a model compiled and timed again measures a few percent apart, so a try at the
+   edge of the tolerance is not settled for while rounds remain).
 
 One-shot pruning does this once (:func:`meet_latency`); the OTO optimizers choose under a
 :class:`LatencyPlan` at every pruning period: partial budgets (the schedule's way from the
@@ -309,8 +311,10 @@ class LatencyPlan:
                protect: Sequence[torch.Tensor | None] | None = None, measured: bool = True) -> list[torch.Tensor]:
         """Masks for ``progress`` of the way to ``budget_ms``: predicted from the table alone
         below the whole way or when not ``measured`` (a probe); for the whole way, compiled and
-        timed until within ``tolerance`` (or the closest of ``rounds`` tries, preferring one
-        under budget), recorded in :attr:`run`."""
+        timed until within half the ``tolerance`` (a re-measure of the same model moves by
+        a few percent: resnet18's last round at 4.7% under its budget re-measured at 7.4%
+        under), else the closest of ``rounds`` tries, preferring one not over the budget by more
+        than ``tolerance``, recorded in :attr:`run`."""
         goal = self.budget(budget_ms, progress)
         if progress < 1.0 or not measured:
             return select_for_latency(self.model, scores, max(goal - self.other_ms, 0.0), self.levels, protect)
@@ -333,7 +337,7 @@ class LatencyPlan:
             rank = (miss if measured <= goal * (1 + self.tolerance) else 1.0 + miss)
             if best is None or rank < best[0]:
                 best = (rank, masks, layer_budget)
-            if miss <= self.tolerance:
+            if miss <= self.tolerance / 2:
                 break
             seen.append((predicted, measured))
             layer_budget = _next_layer_budget(seen, goal, layer_budget)
