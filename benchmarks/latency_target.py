@@ -10,7 +10,10 @@ Per model: the dense model is tuned for ``--tune-minutes`` (as a user tunes once
 compiled and timed (``graphprune.codegen``, the same build a compile does: every pruned form
 starts from the dense form's schedules, carried over to its widths), then for
 each budget a fresh trace of the model is pruned to it with ``gp.prune`` and the compact model
-compiled and timed again, independently of the pruning's own rounds.  Columns: the budget,
+compiled and timed again, independently of the pruning's own rounds.  Every timing here (and
+in the pruning's rounds) alternates with the dense model compiled once and is read on its
+scale (:class:`graphprune.codegen.layer_latency.PairedTimer`: the machine's drift over minutes
+is larger than 5% for mobilenet_v2).  Columns: the budget,
 what the pruning's last round measured, the independent re-measure, their miss against the
 budget (done when: within 5%), the MACs removed, the rounds, the layer timings measured and
 reused from the table cache, and the wall time.  The models are the latency benchmark's
@@ -73,7 +76,7 @@ def main() -> None:
     import graphprune as gp
     from graphprune import codegen
     from graphprune.atomic import atomic_path
-    from graphprune.codegen.layer_latency import measure_model
+    from graphprune.codegen.layer_latency import PairedTimer
     from latency import make_model
 
     fresh = args.tuning_db is None
@@ -92,7 +95,8 @@ def main() -> None:
             continue
         model, inputs = made
         tuned(model, inputs)
-        dense = measure_model(model, inputs, "x86", args.tuning_db)
+        timer = PairedTimer(model, inputs, "x86", args.tuning_db)
+        dense = timer.reference_ms
         for fraction in (float(b) for b in args.budgets.split(",")):
             budget = fraction * dense
             work = copy.deepcopy(model)
@@ -101,7 +105,7 @@ def main() -> None:
             report = gp.prune(g, args.criterion, gp.Target(latency_ms=budget, multiple=args.multiple),
                               tuning_db=args.tuning_db)
             seconds = time.perf_counter() - start
-            remeasured = measure_model(g.construct_subnet(), inputs, "x86", args.tuning_db)
+            remeasured = timer(g.construct_subnet())
             run = report.latency
             rows.append(f"| {name} | {dense:.2f} | {fraction:.0%} = {budget:.2f} | {run.achieved_ms:.2f} | "
                         f"{remeasured:.2f} | {remeasured / budget - 1:+.1%} | {report.achieved['flops']:.1%} | "
@@ -141,7 +145,7 @@ def quality_rows(args: argparse.Namespace, tuned: Callable[[Any, Any], None]) ->
     import torch
 
     import graphprune as gp
-    from graphprune.codegen.layer_latency import measure_model
+    from graphprune.codegen.layer_latency import PairedTimer
     from pretrained import Ours, digits_task, macs
 
     rows = []
@@ -152,9 +156,6 @@ def quality_rows(args: argparse.Namespace, tuned: Callable[[Any, Any], None]) ->
         mine = Ours(task)
         full = macs(task, task.dense)
 
-        def measured(model: Any) -> float:
-            return measure_model(model, example, "x86", args.tuning_db)
-
         def pruned(target: gp.Target, **options: Any) -> Any:
             return mine(args.quality_criterion, target, task.unlabeled, tuning_db=args.tuning_db, **options)
 
@@ -164,7 +165,8 @@ def quality_rows(args: argparse.Namespace, tuned: Callable[[Any, Any], None]) ->
             return f"{removed:.1%}", f"{before:.3f}", f"{task.metric(model):.3f}"
 
         tuned(task.dense, example)
-        dense_ms, dense_metric = measured(task.dense), task.metric(task.dense)
+        measured = PairedTimer(task.dense, example, "x86", args.tuning_db)
+        dense_ms, dense_metric = measured.reference_ms, task.metric(task.dense)
         for fraction in (float(b) for b in args.budgets.split(",")):
             by_latency = pruned(gp.Target(latency_ms=fraction * dense_ms, multiple=args.multiple))
             goal = measured(by_latency)

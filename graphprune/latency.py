@@ -360,15 +360,17 @@ class LatencyPlan:
     def for_graph(cls, g, groups: Sequence[Group], target, codegen: str = "x86",
                   tuning_db: str | None = None) -> "LatencyPlan":
         """The plan for traced graph ``g`` on ``codegen``: its layers measured (or read from the table
-        cached beside the tuning database), compact models compiled and timed with that database."""
+        cached beside the tuning database), compact models compiled with that database and timed
+        in turn with the dense model (:class:`~graphprune.codegen.layer_latency.PairedTimer`), so
+        the machine's drift between rounds is not read as a miss."""
         from graphprune.codegen import layer_latency  # TVM on use only
         from graphprune.target import kept_widths
 
         table = LatencyTable(lambda layer, cin, cout: layer_latency.measure_layer(layer, cin, cout, codegen, tuning_db),
                              layer_latency.table_path(codegen, tuning_db), codegen)
         model = LatencyModel(graph_layers(g.ir), groups, table)
-        example = g.example[0]
-        measure = measure_masks_fn(g, lambda compact: layer_latency.measure_model(compact, example, codegen, tuning_db))
+        dense = g.backend.emit(g, g.zeroed_copy([]))
+        measure = measure_masks_fn(g, layer_latency.PairedTimer(dense, g.example[0], codegen, tuning_db))
         plan = cls(model, [kept_widths(grp, target) for grp in groups], measure)
         plan.table = table
         return plan

@@ -1,0 +1,38 @@
+"""PairedTimer: a model timed in turn with a reference, read on the reference's scale."""
+import pytest
+import torch
+from torch import nn
+
+from graphprune.codegen import layer_latency
+
+
+class FakeCompiled:
+    """A compiled model whose time is its base times the machine's current slowness."""
+
+    def __init__(self, base_ms: float, slowness: list[float]) -> None:
+        self.base_ms, self.slowness = base_ms, slowness
+
+    def benchmark(self, repeat: int = 7) -> dict[str, float]:
+        return {"median_ms": self.base_ms * self.slowness[0]}
+
+
+def test_drift_after_the_reference_was_timed_cancels_in_the_ratio(monkeypatch):
+    """The machine slows by 20% after the dense reference was timed: a half-size model timed
+    then reads at half the reference, where timing it alone would read 60%."""
+    slowness = [1.0]
+    monkeypatch.setattr(layer_latency, "build", lambda model, *a, **k: FakeCompiled(model, slowness))
+    timer = layer_latency.PairedTimer(4.0, (torch.zeros(1),), rounds=3)
+    assert timer.reference_ms == pytest.approx(4.0)
+    slowness[0] = 1.2
+    assert timer(2.0) == pytest.approx(2.0)
+    assert FakeCompiled(2.0, slowness).benchmark()["median_ms"] / timer.reference_ms == pytest.approx(0.6)
+
+
+def test_times_a_real_compiled_model_on_the_reference_scale():
+    """Two real compiled models: the narrower one reads faster than the reference."""
+    pytest.importorskip("tvm")
+    torch.manual_seed(0)
+    wide, narrow = nn.Linear(512, 512), nn.Linear(512, 64)
+    x = (torch.randn(64, 512),)
+    timer = layer_latency.PairedTimer(wide, x, "x86", rounds=2, repeat=3)
+    assert 0 < timer(narrow) < timer.reference_ms
