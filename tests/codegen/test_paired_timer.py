@@ -24,8 +24,21 @@ def test_drift_after_the_reference_was_timed_cancels_in_the_ratio(monkeypatch):
     timer = layer_latency.PairedTimer(4.0, (torch.zeros(1),), rounds=3)
     assert timer.reference_ms == pytest.approx(4.0)
     slowness[0] = 1.2
+    assert timer(2.0) == pytest.approx(0.5 * timer.reference_ms)
+    assert FakeCompiled(2.0, slowness).benchmark()["median_ms"] / 4.0 == pytest.approx(0.6)
+
+
+def test_a_slow_start_does_not_set_the_scale(monkeypatch):
+    """The reference was first timed during a slow minute (25% slow): once the machine is
+    back, the scale follows the median of all the reference's timings, not the first ones."""
+    slowness = [1.25]
+    monkeypatch.setattr(layer_latency, "build", lambda model, *a, **k: FakeCompiled(model, slowness))
+    timer = layer_latency.PairedTimer(4.0, (torch.zeros(1),), rounds=3)
+    slowness[0] = 1.0
+    for width in (3.0, 2.5, 2.0):
+        timer(width)
+    assert timer.reference_ms == pytest.approx(4.0)
     assert timer(2.0) == pytest.approx(2.0)
-    assert FakeCompiled(2.0, slowness).benchmark()["median_ms"] / timer.reference_ms == pytest.approx(0.6)
 
 
 def test_times_a_real_compiled_model_on_the_reference_scale():
