@@ -55,8 +55,9 @@ class PairedTimer:
     5.7 ms over a few minutes, so two timings of one model can differ by more than the 5% a
     latency budget is met within.  Drift slows the model and the reference alike; their ratio
     keeps what pruning changed.  The scale, :attr:`reference_ms`, is the median of every
-    timing of the reference so far, not of the first few: anchored on the first alone, a ViT
-    timed during a slow minute read every later model 21% slow."""
+    timing of the reference so far, not of the first few: a reference first timed in a slow
+    minute would read every later model slow (anchored on its first timings, a ViT's compact
+    models read 21% slower in the pruning's rounds than in an independent re-measure)."""
 
     def __init__(self, reference: Any, example_inputs: Any, target: str = "x86",
                  tuning_db: str | os.PathLike | None = None, rounds: int = 3, repeat: int = 7) -> None:
