@@ -86,6 +86,13 @@ def test_selection_meets_the_predicted_budget_through_plateaus(mobilenet, multip
             assert s[m].max() <= s[~m].min()
 
 
+def random_scores_and_widths(g):
+    """Seeded random scores per group, and each group's widths at a multiple of 8 with no floor."""
+    scores = [torch.rand(grp.size, generator=torch.Generator().manual_seed(i)) for i, grp in enumerate(g.groups)]
+    levels = [kept_widths(grp, gp.Target(latency_ms=1.0, multiple=8, min_fraction=0)) for grp in g.groups]
+    return scores, levels
+
+
 def test_correction_loop_lands_within_tolerance_when_the_table_misses(mobilenet):
     """The whole compiled model costs more than its layers (a fixed part and 30% on top of
     the layers, as fusion and memory traffic do): measuring and correcting reaches the budget."""
@@ -93,8 +100,7 @@ def test_correction_loop_lands_within_tolerance_when_the_table_misses(mobilenet)
     model, table = model_for(g)
     whole = lambda masks: 0.5 + 1.3 * model.predict([int(m.sum()) for m in masks])  # noqa: E731
     dense = whole([torch.zeros(grp.size, dtype=torch.bool) for grp in g.groups])
-    scores = [torch.rand(grp.size, generator=torch.Generator().manual_seed(i)) for i, grp in enumerate(g.groups)]
-    levels = [kept_widths(grp, gp.Target(latency_ms=1.0, multiple=8, min_fraction=0)) for grp in g.groups]
+    scores, levels = random_scores_and_widths(g)
     masks, run = meet_latency(model, scores, 0.6 * dense, levels, whole)
     assert abs(whole(masks) / (0.6 * dense) - 1) <= 0.05
     assert run.achieved_ms == pytest.approx(whole(masks)) and len(run.rounds) >= 2  # the first round missed
@@ -111,8 +117,7 @@ def test_correction_lands_when_the_rest_of_the_model_moves_with_the_layers(mobil
     model, _ = model_for(g)
     whole = lambda masks: 0.2 + scale * model.predict([int(m.sum()) for m in masks])  # noqa: E731
     dense = whole([torch.zeros(grp.size, dtype=torch.bool) for grp in g.groups])
-    scores = [torch.rand(grp.size, generator=torch.Generator().manual_seed(i)) for i, grp in enumerate(g.groups)]
-    levels = [kept_widths(grp, gp.Target(latency_ms=1.0, multiple=8, min_fraction=0)) for grp in g.groups]
+    scores, levels = random_scores_and_widths(g)
     masks, run = meet_latency(model, scores, 0.6 * dense, levels, whole)
     assert abs(whole(masks) / (0.6 * dense) - 1) <= 0.05
     assert len(run.rounds) <= 4
@@ -246,7 +251,6 @@ def test_a_try_at_the_edge_of_the_tolerance_is_not_settled_for(mobilenet, scale)
     model, _ = model_for(g)
     whole = lambda masks: 0.3 + scale * model.predict([int(m.sum()) for m in masks])  # noqa: E731
     dense = whole([torch.zeros(grp.size, dtype=torch.bool) for grp in g.groups])
-    scores = [torch.rand(grp.size, generator=torch.Generator().manual_seed(i)) for i, grp in enumerate(g.groups)]
-    levels = [kept_widths(grp, gp.Target(latency_ms=1.0, multiple=8, min_fraction=0)) for grp in g.groups]
+    scores, levels = random_scores_and_widths(g)
     masks, run = meet_latency(model, scores, 0.6 * dense, levels, whole, tolerance=0.05, rounds=6)
     assert abs(whole(masks) / (0.6 * dense) - 1) <= 0.025
