@@ -295,10 +295,12 @@ class LatencyPlan:
     """
 
     def __init__(self, model: LatencyModel, levels: Sequence[Sequence[int]], measure: MeasureMasks,
-                 tolerance: float = 0.05, rounds: int = 6) -> None:
+                 tolerance: float = 0.05, rounds: int = 6, dense_ms: float | None = None) -> None:
         self.model, self.levels, self.measure = model, list(levels), measure
         self.tolerance, self.rounds = tolerance, rounds
-        self.dense_ms = measure([torch.zeros(g.size, dtype=torch.bool) for g in model.groups])
+        # the dense time, where the caller has timed the dense model already (a timer's reference)
+        self.dense_ms = dense_ms if dense_ms is not None else measure(
+            [torch.zeros(g.size, dtype=torch.bool) for g in model.groups])
         self.other_ms = self.dense_ms - model.predict([0] * len(model.groups))  # the rest assumed unchanged
         self.run: LatencyRun | None = None
         self.table: LatencyTable | None = None  # where the layer times came from, when measured here
@@ -369,9 +371,9 @@ class LatencyPlan:
         table = LatencyTable(lambda layer, cin, cout: layer_latency.measure_layer(layer, cin, cout, codegen, tuning_db),
                              layer_latency.table_path(codegen, tuning_db), codegen)
         model = LatencyModel(graph_layers(g.ir), groups, table)
-        dense = g.backend.emit(g, g.zeroed_copy([]))
-        measure = measure_masks_fn(g, layer_latency.PairedTimer(dense, g.example[0], codegen, tuning_db))
-        plan = cls(model, [kept_widths(grp, target) for grp in groups], measure)
+        timer = layer_latency.PairedTimer(g.backend.emit(g, g.zeroed_copy([])), g.example[0], codegen, tuning_db)
+        plan = cls(model, [kept_widths(grp, target) for grp in groups], measure_masks_fn(g, timer),
+                   dense_ms=timer.reference_ms)
         plan.table = table
         return plan
 
