@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import graphprune as gp
+from graphprune.latency import LatencyPlan
 
 
 @pytest.mark.slow
@@ -15,8 +16,7 @@ def test_a_latency_budget_is_met_on_a_compiled_cnn(tmp_path):
                         nn.Conv2d(64, 10, 1)).eval()
     x = torch.randn(1, 3, 32, 32)
     g = gp.trace(net, (x,))
-    probe = gp.trace(net, (x,))
-    from graphprune.latency import LatencyPlan
+    probe = gp.trace(net, (x,))  # a plan of its own, for the dense time the budget is a share of
     plan = LatencyPlan.for_graph(probe, probe.groups, gp.Target(latency_ms=1.0, multiple=8), "x86", str(tmp_path))
     budget = 0.6 * plan.dense_ms
     report = gp.prune(g, "l2", gp.Target(latency_ms=budget, multiple=8), tuning_db=str(tmp_path))
