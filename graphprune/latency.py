@@ -278,10 +278,12 @@ class LatencyRun:
     rounds: list[dict[str, float]] = field(default_factory=list)
     layers_measured: int = 0
     layers_cached: int = 0
+    chosen: int | None = None  # the index in ``rounds`` of the try that was kept
 
     @property
     def achieved_ms(self) -> float:
-        return self.rounds[-1]["measured_ms"] if self.rounds else self.dense_ms
+        """The kept try's measurement (the dense time when nothing was pruned)."""
+        return self.rounds[self.chosen]["measured_ms"] if self.chosen is not None else self.dense_ms
 
 
 class LatencyPlan:
@@ -323,7 +325,7 @@ class LatencyPlan:
         self.run = run = LatencyRun(budget_ms, self.dense_ms)
         if budget_ms >= self.dense_ms:
             return [torch.zeros(g.size, dtype=torch.bool) for g in self.model.groups]
-        best: tuple[float, list[torch.Tensor], float] | None = None  # (rank, masks, layer budget)
+        best: tuple[float, list[torch.Tensor], int] | None = None  # (rank, masks, index in run.rounds)
         seen = [(self.model.predict([0] * len(self.model.groups)), self.dense_ms)]  # (layers predicted, measured)
         layer_budget = goal - self.other_ms
         for _ in range(self.rounds):
@@ -334,11 +336,10 @@ class LatencyPlan:
             measured = self.measure(masks)
             run.rounds.append({"layer_budget_ms": layer_budget, "predicted_layers_ms": predicted,
                                "measured_ms": measured})
-            self.other_ms = measured - predicted
             miss = abs(measured - goal) / goal
             rank = (miss if measured <= goal * (1 + self.tolerance) else 1.0 + miss)
             if best is None or rank < best[0]:
-                best = (rank, masks, layer_budget)
+                best = (rank, masks, len(run.rounds) - 1)
             if miss <= self.tolerance / 2:
                 break
             seen.append((predicted, measured))
@@ -349,13 +350,12 @@ class LatencyPlan:
                 f"latency budget {goal:.3f} ms not reached: the closest of {len(run.rounds)} compiled "
                 f"models measured {min(r['measured_ms'] for r in run.rounds):.3f} ms (dense {self.dense_ms:.3f} ms)",
                 hint="raise the budget, or lower the floor (min_fraction/min_units) that keeps layers wide")
-        _, final, layer_budget = best
-        if final is not masks:  # report the kept masks' measurement last, and learn from it
-            predicted = self.model.predict([int(m.sum()) for m in final])
-            measured = self.measure(final)
-            self.other_ms = measured - predicted
-            run.rounds.append({"layer_budget_ms": layer_budget, "predicted_layers_ms": predicted,
-                               "measured_ms": measured})
+        _, final, run.chosen = best
+        # the time outside the table, as the kept try measured it, is where a later choice starts;
+        # the kept try is not timed again: a second timing of the same model would be another
+        # draw of the machine's noise, reported as if it were the kept model's time
+        kept = run.rounds[run.chosen]
+        self.other_ms = kept["measured_ms"] - kept["predicted_layers_ms"]
         return final
 
     @classmethod

@@ -254,3 +254,26 @@ def test_a_try_at_the_edge_of_the_tolerance_is_not_settled_for(mobilenet, scale)
     scores, levels = random_scores_and_widths(g)
     masks, run = meet_latency(model, scores, 0.6 * dense, levels, whole, tolerance=0.05, rounds=6)
     assert abs(whole(masks) / (0.6 * dense) - 1) <= 0.025
+
+
+def test_the_kept_try_is_reported_as_it_was_measured_and_never_timed_again(mobilenet):
+    """Timings of one compiled model differ from draw to draw (on CI one compact CNN read
+    3.18 ms, then 3.48 ms). When the kept try is not the last, timing it again would report
+    a fresh draw of the noise as the kept model's time; the loop reports the kept try's own
+    measurement and measures each set of widths once."""
+    _, g = mobilenet
+    model, _ = model_for(g)
+    timed: list[tuple[int, ...]] = []
+    noise = [1.04, 0.96, 1.035, 0.965, 1.03, 0.97, 1.2]  # no try within half the tolerance
+
+    def noisy(masks):
+        timed.append(tuple(int(m.sum()) for m in masks))
+        return (0.3 + model.predict([int(m.sum()) for m in masks])) * noise[len(timed) - 1]
+
+    dense = 0.3 + model.predict([0] * len(g.groups))
+    scores, levels = random_scores_and_widths(g)
+    masks, run = meet_latency(model, scores, 0.6 * dense, levels, noisy, tolerance=0.05, rounds=6)
+    assert len(timed) == len(set(timed))  # no widths timed twice
+    kept = tuple(int(m.sum()) for m in masks)
+    assert run.achieved_ms == run.rounds[timed.index(kept) - 1]["measured_ms"]  # timed[0] is the dense model
+    assert abs(run.achieved_ms / (0.6 * dense) - 1) <= 0.05
