@@ -13,7 +13,8 @@ each budget a fresh trace of the model is pruned to it with ``gp.prune`` and the
 compiled and timed again, independently of the pruning's own rounds.  Every timing here (and
 in the pruning's rounds) alternates with the dense model compiled once and is read on its
 scale (:class:`graphprune.codegen.layer_latency.PairedTimer`: the machine's drift over minutes
-is larger than 5% for mobilenet_v2).  Columns: the budget,
+is larger than 5% for mobilenet_v2), each model's carried-over schedules measured first as
+the pruning's rounds measure them.  Columns: the budget,
 what the pruning's last round measured, the independent re-measure, their miss against the
 budget (done when: within 5%), the MACs removed, the rounds, the layer timings measured and
 reused from the table cache, and the wall time.  The models are the latency benchmark's
@@ -87,7 +88,7 @@ def main() -> None:
         if args.tune_minutes > 0:
             codegen.tune(model, inputs, "x86", args.tuning_db, minutes=args.tune_minutes)
 
-    rows = []
+    rows, details = [], []
     for name in filter(None, args.models.split(",")):
         made = make_model(name)
         if made is None:
@@ -95,7 +96,7 @@ def main() -> None:
             continue
         model, inputs = made
         tuned(model, inputs)
-        timer = PairedTimer(model, inputs, "x86", args.tuning_db)
+        timer = PairedTimer(model, inputs, "x86", args.tuning_db, measure_schedules=True)
         dense = timer.reference_ms
         for fraction in (float(b) for b in args.budgets.split(",")):
             budget = fraction * dense
@@ -110,7 +111,10 @@ def main() -> None:
             rows.append(f"| {name} | {dense:.2f} | {fraction:.0%} = {budget:.2f} | {run.achieved_ms:.2f} | "
                         f"{remeasured:.2f} | {remeasured / budget - 1:+.1%} | {report.achieved['flops']:.1%} | "
                         f"{len(run.rounds)} | {run.layers_measured} / {run.layers_cached} | {seconds:.0f} |")
-            print(rows[-1], flush=True)
+            tries = ", ".join(f"{r['layer_budget_ms']:.2f} / {r['predicted_layers_ms']:.2f} / {r['measured_ms']:.2f}"
+                              + (" (kept)" if i == run.chosen else "") for i, r in enumerate(run.rounds))
+            details.append(f"- {name} {fraction:.0%}: {tries}")
+            print(rows[-1], details[-1], sep="\n", flush=True)
     quality = quality_rows(args, tuned) if args.quality_models else []
     within = sum(abs(float(r.split("|")[6].strip().rstrip("%")) / 100) <= 0.05 for r in rows if "n/a" not in r)
     measured = sum("n/a" not in r for r in rows)
@@ -122,7 +126,9 @@ def main() -> None:
              "| model | dense ms | budget | last round ms | re-measured ms | miss | MACs removed | rounds "
              "| layer timings measured / cached | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
-             f"re-measured within 5% of the budget: {within} of {measured}"]
+             f"re-measured within 5% of the budget: {within} of {measured}", "",
+             "Each round of the pruning: the layers' budget / their predicted ms (the table) / the compiled "
+             "model measured, ms", "", *details]
     if quality:
         kept = sum(r.endswith("yes |") for r in quality)
         lines += ["", f"## At equal measured latency: latency-targeted against FLOPs-targeted pruning "
@@ -146,6 +152,7 @@ def quality_rows(args: argparse.Namespace, tuned: Callable[[Any, Any], None]) ->
 
     import graphprune as gp
     from graphprune.codegen.layer_latency import PairedTimer
+    from graphprune.errors import UnprunableTargetError
     from pretrained import Ours, digits_task, macs
 
     rows = []
@@ -165,7 +172,7 @@ def quality_rows(args: argparse.Namespace, tuned: Callable[[Any, Any], None]) ->
             return f"{removed:.1%}", f"{before:.3f}", f"{task.metric(model):.3f}"
 
         tuned(task.dense, example)
-        measured = PairedTimer(task.dense, example, "x86", args.tuning_db)
+        measured = PairedTimer(task.dense, example, "x86", args.tuning_db, measure_schedules=True)
         dense_ms, dense_metric = measured.reference_ms, task.metric(task.dense)
         for fraction in (float(b) for b in args.budgets.split(",")):
             by_latency = pruned(gp.Target(latency_ms=fraction * dense_ms, multiple=args.multiple))
@@ -173,7 +180,11 @@ def quality_rows(args: argparse.Namespace, tuned: Callable[[Any, Any], None]) ->
             lo, hi, best = 0.0, 0.95, None
             for _ in range(8):  # measured latency falls as the FLOPs target rises (noise aside)
                 mid = (lo + hi) / 2
-                model = pruned(gp.Target(flops=mid, multiple=args.multiple))
+                try:
+                    model = pruned(gp.Target(flops=mid, multiple=args.multiple))
+                except UnprunableTargetError:  # past what the floors leave to remove: look lower
+                    hi = mid
+                    continue
                 ms = measured(model)
                 if best is None or abs(ms / goal - 1) < abs(best[1] / goal - 1):
                     best = (mid, ms, model)

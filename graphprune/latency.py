@@ -364,14 +364,16 @@ class LatencyPlan:
         """The plan for traced graph ``g`` on ``codegen``: its layers measured (or read from the table
         cached beside the tuning database), compact models compiled with that database and timed
         in turn with the dense model (:class:`~graphprune.codegen.layer_latency.PairedTimer`), so
-        the machine's drift between rounds is not read as a miss."""
+        the machine's drift between rounds is not read as a miss, each after its carried-over
+        schedules were measured into the database (what a compile that tunes would build)."""
         from graphprune.codegen import layer_latency  # TVM on use only
         from graphprune.target import kept_widths
 
         table = LatencyTable(lambda layer, cin, cout: layer_latency.measure_layer(layer, cin, cout, codegen, tuning_db),
                              layer_latency.table_path(codegen, tuning_db), codegen)
         model = LatencyModel(graph_layers(g.ir), groups, table)
-        timer = layer_latency.PairedTimer(g.backend.emit(g, g.zeroed_copy([])), g.example[0], codegen, tuning_db)
+        timer = layer_latency.PairedTimer(g.backend.emit(g, g.zeroed_copy([])), g.example[0], codegen, tuning_db,
+                                          measure_schedules=True)
         plan = cls(model, [kept_widths(grp, target) for grp in groups], measure_masks_fn(g, timer),
                    dense_ms=timer.reference_ms)
         plan.table = table
