@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--units", type=_fraction, help="fraction of all group units (channels, heads) to remove")
     what.add_argument("--latency-ms", type=_positive_float, help="latency budget in ms for the compiled compact "
                       "model on the codegen target (x86 for prune), met with the compiler in the loop")
+    what.add_argument("--latency", type=_fraction, help="fraction of the dense model's latency on the codegen "
+                      "target to remove (0.4: 60%% of its time), timed in turn with the dense model")
     target.add_argument("--min-units", type=_positive, default=1, help="fewest units any group keeps (default 1)")
     target.add_argument("--multiple", type=_positive_int, default=None,
                         help="round kept widths (channels) to a multiple of this (default: the --codegen target's "
@@ -264,9 +266,9 @@ def _interface(path: str) -> Any:
 def _target(args: argparse.Namespace) -> Any:
     from graphprune.target import Target
 
-    if args.latency_ms is not None:
-        return Target(latency_ms=args.latency_ms, min_units=args.min_units, multiple=args.multiple,
-                      min_fraction=args.min_fraction)
+    if args.latency_ms is not None or args.latency is not None:
+        return Target(latency_ms=args.latency_ms, latency=args.latency, min_units=args.min_units,
+                      multiple=args.multiple, min_fraction=args.min_fraction)
     kind = "params" if args.params is not None else "groups" if args.units is not None else "flops"
     value = {"params": args.params, "groups": args.units, "flops": args.flops}[kind]
     return Target(**{kind: 0.5 if value is None else value}, min_units=args.min_units, multiple=args.multiple,

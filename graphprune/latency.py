@@ -43,6 +43,7 @@ from graphprune.atomic import atomic_path
 from graphprune.errors import UnprunableTargetError
 from graphprune.ops.catalog import rule_for
 from graphprune.ops.registry import Layer
+from graphprune.target import Target
 
 #: Widths (fractions of the full width) each layer curve is measured at.
 GRID = (1.0, 0.75, 0.5, 0.25)
@@ -271,7 +272,10 @@ def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budg
 
 @dataclass
 class LatencyRun:
-    """What :func:`meet_latency` measured: the dense model, each round's prediction and measurement."""
+    """What :meth:`LatencyPlan.select` measured: the dense model, each round's prediction and
+    measurement.  Each round keeps the dense time it was read against (``dense_ms`` in the
+    round), so a try is compared with the budget as a share of the dense model at its time,
+    and :attr:`achieved_ms` states it on the run's last dense time."""
 
     budget_ms: float
     dense_ms: float
@@ -282,8 +286,16 @@ class LatencyRun:
 
     @property
     def achieved_ms(self) -> float:
-        """The kept try's measurement (the dense time when nothing was pruned)."""
-        return self.rounds[self.chosen]["measured_ms"] if self.chosen is not None else self.dense_ms
+        """The kept try's measurement, on the last dense time (the dense time when nothing was pruned)."""
+        return self.achieved_share * self.dense_ms
+
+    @property
+    def achieved_share(self) -> float:
+        """The kept try's time as a share of the dense model's, as they were timed together."""
+        if self.chosen is None:
+            return 1.0
+        kept = self.rounds[self.chosen]
+        return kept["measured_ms"] / kept["dense_ms"]
 
 
 class LatencyPlan:
@@ -294,68 +306,88 @@ class LatencyPlan:
     (the OTO optimizers' schedule; one-shot pruning asks for the whole way at once). The
     time outside the table's layers is learnt from each measurement and kept for the next
     choice, so a training run's later periods start from the last correction.
+
+    ``dense_ms`` is the dense model's time: a number, or a function that reads it anew (a
+    :class:`~graphprune.codegen.layer_latency.PairedTimer`'s reference, whose estimate
+    improves with every timing), measured through ``measure`` when not given.  Every try is
+    judged as a share of the dense time read with it, so a machine that slows or speeds up
+    between rounds moves the budget with the tries.
     """
 
     def __init__(self, model: LatencyModel, levels: Sequence[Sequence[int]], measure: MeasureMasks,
-                 tolerance: float = 0.05, rounds: int = 6, dense_ms: float | None = None) -> None:
+                 tolerance: float = 0.05, rounds: int = 6,
+                 dense_ms: float | Callable[[], float] | None = None) -> None:
         self.model, self.levels, self.measure = model, list(levels), measure
         self.tolerance, self.rounds = tolerance, rounds
-        # the dense time, where the caller has timed the dense model already (a timer's reference)
-        self.dense_ms = dense_ms if dense_ms is not None else measure(
-            [torch.zeros(g.size, dtype=torch.bool) for g in model.groups])
+        if dense_ms is None:
+            dense_ms = measure([torch.zeros(g.size, dtype=torch.bool) for g in model.groups])
+        self._dense = dense_ms if callable(dense_ms) else (lambda: float(dense_ms))
         self.other_ms = self.dense_ms - model.predict([0] * len(model.groups))  # the rest assumed unchanged
         self.run: LatencyRun | None = None
         self.table: LatencyTable | None = None  # where the layer times came from, when measured here
 
-    def budget(self, budget_ms: float, progress: float = 1.0) -> float:
-        """The budget ``progress`` of the way from the dense latency to ``budget_ms``."""
-        return self.dense_ms - progress * max(self.dense_ms - budget_ms, 0.0)
+    @property
+    def dense_ms(self) -> float:
+        """The dense model's time as now known."""
+        return float(self._dense())
 
-    def select(self, scores: Sequence[torch.Tensor], budget_ms: float, progress: float = 1.0,
+    def budget(self, target: Target) -> float:
+        """``target``'s budget in ms, :attr:`~graphprune.target.Target.progress` of the way from
+        the dense latency to its whole budget."""
+        dense = self.dense_ms
+        return dense - target.progress * max(dense - target.budget_ms(dense), 0.0)
+
+    def select(self, scores: Sequence[torch.Tensor], target: Target,
                protect: Sequence[torch.Tensor | None] | None = None, measured: bool = True) -> list[torch.Tensor]:
-        """Masks for ``progress`` of the way to ``budget_ms``: predicted from the table alone
-        below the whole way or when not ``measured`` (a probe); for the whole way, compiled and
-        timed until within half the ``tolerance`` (a re-measure of the same model moves by
-        a few percent: resnet18's last round at 4.7% under its budget re-measured at 7.4%
-        under), else the closest of ``rounds`` tries, preferring one not over the budget by more
-        than ``tolerance``, recorded in :attr:`run`."""
-        goal = self.budget(budget_ms, progress)
-        if progress < 1.0 or not measured:
-            return select_for_latency(self.model, scores, max(goal - self.other_ms, 0.0), self.levels, protect)
-        self.run = run = LatencyRun(budget_ms, self.dense_ms)
-        if budget_ms >= self.dense_ms:
+        """Masks for ``target`` (a latency target, maybe part of the way): predicted from the
+        table alone below the whole way or when not ``measured`` (a probe); for the whole
+        way, compiled and timed until within half the ``tolerance`` (a re-measure of the same
+        model moves by a few percent: resnet18's last round at 4.7% under its budget
+        re-measured at 7.4% under), else the closest of ``rounds`` tries, preferring one not
+        over the budget by more than ``tolerance``, recorded in :attr:`run`."""
+        if target.progress < 1.0 or not measured:
+            return select_for_latency(self.model, scores, max(self.budget(target) - self.other_ms, 0.0),
+                                      self.levels, protect)
+        dense = self.dense_ms
+        self.run = run = LatencyRun(target.budget_ms(dense), dense)
+        if run.budget_ms >= dense:
             return [torch.zeros(g.size, dtype=torch.bool) for g in self.model.groups]
         best: tuple[float, list[torch.Tensor], int] | None = None  # (rank, masks, index in run.rounds)
-        seen = [(self.model.predict([0] * len(self.model.groups)), self.dense_ms)]  # (layers predicted, measured)
-        layer_budget = goal - self.other_ms
+        dense_layers = self.model.predict([0] * len(self.model.groups))
+        layer_budget = run.budget_ms - self.other_ms
         for _ in range(self.rounds):
             masks = select_for_latency(self.model, scores, max(layer_budget, 0.0), self.levels, protect)
             predicted = self.model.predict([int(m.sum()) for m in masks])
-            if run.rounds and any(predicted == p for p, _ in seen[1:]):
+            if run.rounds and any(predicted == r["predicted_layers_ms"] for r in run.rounds):
                 break  # the units allow nothing between the tries that bracket the budget
             measured = self.measure(masks)
             run.rounds.append({"layer_budget_ms": layer_budget, "predicted_layers_ms": predicted,
-                               "measured_ms": measured})
-            miss = abs(measured - goal) / goal
-            rank = (miss if measured <= goal * (1 + self.tolerance) else 1.0 + miss)
+                               "measured_ms": measured, "dense_ms": self.dense_ms})
+            # every try and the budget on the dense time as now known
+            run.dense_ms = dense = self.dense_ms
+            run.budget_ms = goal = target.budget_ms(dense)
+            share = measured / run.rounds[-1]["dense_ms"]
+            miss = abs(share * dense - goal) / goal
+            rank = (miss if share * dense <= goal * (1 + self.tolerance) else 1.0 + miss)
             if best is None or rank < best[0]:
                 best = (rank, masks, len(run.rounds) - 1)
             if miss <= self.tolerance / 2:
                 break
-            seen.append((predicted, measured))
+            seen = [(dense_layers, dense)] + [(r["predicted_layers_ms"], r["measured_ms"] / r["dense_ms"] * dense)
+                                              for r in run.rounds]
             layer_budget = _next_layer_budget(seen, goal, layer_budget)
         assert best is not None
         if best[0] > 1.0:
+            fastest = min(r["measured_ms"] / r["dense_ms"] for r in run.rounds) * run.dense_ms
             raise UnprunableTargetError(
-                f"latency budget {goal:.3f} ms not reached: the closest of {len(run.rounds)} compiled "
-                f"models measured {min(r['measured_ms'] for r in run.rounds):.3f} ms (dense {self.dense_ms:.3f} ms)",
+                f"latency budget {run.budget_ms:.3f} ms not reached: the closest of {len(run.rounds)} compiled "
+                f"models measured {fastest:.3f} ms (dense {run.dense_ms:.3f} ms)",
                 hint="raise the budget, or lower the floor (min_fraction/min_units) that keeps layers wide")
         _, final, run.chosen = best
         # the time outside the table, as the kept try measured it, is where a later choice starts;
         # the kept try is not timed again: a second timing of the same model would be another
         # draw of the machine's noise, reported as if it were the kept model's time
-        kept = run.rounds[run.chosen]
-        self.other_ms = kept["measured_ms"] - kept["predicted_layers_ms"]
+        self.other_ms = run.achieved_ms - run.rounds[run.chosen]["predicted_layers_ms"]
         return final
 
     @classmethod
@@ -375,7 +407,7 @@ class LatencyPlan:
         timer = layer_latency.PairedTimer(g.backend.emit(g, g.zeroed_copy([])), g.example[0], codegen, tuning_db,
                                           measure_schedules=True)
         plan = cls(model, [kept_widths(grp, target) for grp in groups], measure_masks_fn(g, timer),
-                   dense_ms=timer.reference_ms)
+                   dense_ms=lambda: timer.reference_ms)
         plan.table = table
         return plan
 
@@ -404,13 +436,13 @@ def _next_layer_budget(seen: Sequence[tuple[float, float]], goal: float, last: f
     return p0 + (goal - m0) / slope
 
 
-def meet_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budget_ms: float,
+def meet_latency(model: LatencyModel, scores: Sequence[torch.Tensor], target: Target,
                  levels: Sequence[Sequence[int]], measure: MeasureMasks, tolerance: float = 0.05,
                  rounds: int = 6) -> tuple[list[torch.Tensor], LatencyRun]:
-    """Masks whose compiled model measures within ``tolerance`` of ``budget_ms`` (see
+    """Masks whose compiled model measures within ``tolerance`` of ``target``'s budget (see
     :meth:`LatencyPlan.select`), and the record of the rounds."""
     plan = LatencyPlan(model, levels, measure, tolerance, rounds)
-    masks = plan.select(scores, budget_ms)
+    masks = plan.select(scores, target)
     assert plan.run is not None
     return masks, plan.run
 

@@ -98,7 +98,7 @@ class GroupOptimizer(torch.optim.Optimizer):
     in ``construct_subnet``; their zeros are for the block-sparse kernels of
     ``graphprune.codegen.build(..., sparse="auto")``.
 
-    A latency budget (``Target(latency_ms=...)``) is met as compiled: units are chosen under
+    A latency budget (``Target(latency_ms=...)`` or ``Target(latency=...)``) is met as compiled: units are chosen under
     ``latency``, a :class:`graphprune.latency.LatencyPlan` (default: measured for this CPU,
     ``LatencyPlan.for_graph(g, groups, target)``), from its layer table while the schedule
     is part-way and with the compact model compiled and timed for the whole budget.
@@ -133,7 +133,7 @@ class GroupOptimizer(torch.optim.Optimizer):
         self.last_loss: float | None = None
         self.param_macs: dict[str, float] = dict(g.param_macs)  # exact FLOPs accounting of overlaps
         if latency is not None and self.target.kind != "latency":
-            raise ValueError(f"latency= is the plan for a Target(latency_ms=...); the target is {self.target!r}")
+            raise ValueError(f"latency= is the plan for a latency target; the target is {self.target!r}")
         self.latency = latency
         if self.target.kind == "latency" and latency is None:
             self.latency = LatencyPlan.for_graph(g, self.groups, self.target)
@@ -253,7 +253,7 @@ class GroupOptimizer(torch.optim.Optimizer):
         scores = [s.detach().cpu().double().masked_fill(m, float("-inf")) for s, m in zip(scores, self.masks)]
         if target.kind == "latency":  # a probe (not broadcast) is predicted, a decision is also timed
             assert self.latency is not None
-            masks = self.latency.select(scores, target.latency_ms, target.progress, protect, measured=broadcast)
+            masks = self.latency.select(scores, target, protect, measured=broadcast)
         else:
             masks = select_units(self.groups, scores, target, total_params=getattr(self.graph, "total_params", None),
                                  total_flops=getattr(self.graph, "total_flops", None), protect=protect,

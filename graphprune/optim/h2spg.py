@@ -45,7 +45,7 @@ class H2SPG(DHSPG):
                  connected: Callable[[list[torch.Tensor]], bool] | None = None, **kwargs: Any) -> None:
         if Target.coerce(target).kind == "latency":
             raise UnprunableTargetError("H2SPG's hierarchical search lands on a fraction to remove, not a latency budget",
-                                        hint="use HESSO or DHSPG with Target(latency_ms=...)")
+                                        hint="use HESSO or DHSPG with a latency target")
         super().__init__(g, lr, target=target, **kwargs)
         if candidates is None and hasattr(g, "hierarchy"):
             # whole erasable groups (residual branches) first-class, single units as well

@@ -213,10 +213,11 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
     ``uniform`` removes the same number of units from the groups of one role in every
     layer (:mod:`.uniform`: heads per layer, MLP width), so a transformer's compact model
     fits its standard config; ``scope="layer"`` already gives groups of one size one count.
-    A latency target (``Target(latency_ms=...)``) is met on the ``codegen`` target with the
-    compiler in the loop (:mod:`graphprune.latency`: per-layer tables measured with the
-    tuning database ``tuning_db``, the machine's shared one by default); the report's
-    ``latency`` holds the measurements.
+    A latency target (``Target(latency_ms=...)``, or ``Target(latency=...)`` as a share of
+    the dense model's time) is met on the ``codegen`` target with the compiler in the loop
+    (:mod:`graphprune.latency`: per-layer tables measured with the tuning database
+    ``tuning_db``, the machine's shared one by default); the report's ``latency`` holds the
+    measurements.
     ``generate``: a generative language model (a transformers causal LM) given no data
     calibrates on sequences it samples itself (:mod:`.generated`: as good as real text on
     the benchmarks' LM, and far ahead of the weights-only estimate), unless ``False``; the
@@ -265,7 +266,7 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
     if target.kind == "latency":
         if scope != "global" or uniform:
             raise GraphPruneError("a latency target is met by one global, per-group selection",
-                                  hint="use scope='global' and uniform=False with Target(latency_ms=...)")
+                                  hint="use scope='global' and uniform=False with a latency target")
         masks, latency = _select_latency(g, groups, _normalize(raw, normalize), target, codegen, tuning_db)
     else:
         masks = select(groups, _normalize(raw, normalize), target, scope, uniform, **totals)
@@ -291,9 +292,9 @@ _normalize = normalize  # `prune`'s keyword shadows the function's name
 
 def _select_latency(g: PrunableGraph, groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Target,
                     codegen: str, tuning_db: str | None) -> tuple[list[torch.Tensor], LatencyRun]:
-    """Masks meeting ``target.latency_ms`` as measured on ``codegen`` (see :mod:`graphprune.latency`)."""
+    """Masks meeting ``target``'s latency budget as measured on ``codegen`` (see :mod:`graphprune.latency`)."""
     plan = LatencyPlan.for_graph(g, groups, target, codegen, tuning_db)
-    masks = plan.select(scores, target.latency_ms)
+    masks = plan.select(scores, target)
     run = plan.run
     assert run is not None and plan.table is not None
     run.layers_measured, run.layers_cached = plan.table.measured, len(plan.table.entries) - plan.table.measured

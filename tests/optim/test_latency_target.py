@@ -101,7 +101,7 @@ def test_correction_loop_lands_within_tolerance_when_the_table_misses(mobilenet)
     whole = lambda masks: 0.5 + 1.3 * model.predict([int(m.sum()) for m in masks])  # noqa: E731
     dense = whole([torch.zeros(grp.size, dtype=torch.bool) for grp in g.groups])
     scores, levels = random_scores_and_widths(g)
-    masks, run = meet_latency(model, scores, 0.6 * dense, levels, whole)
+    masks, run = meet_latency(model, scores, gp.Target(latency_ms=0.6 * dense), levels, whole)
     assert abs(whole(masks) / (0.6 * dense) - 1) <= 0.05
     assert run.achieved_ms == pytest.approx(whole(masks)) and len(run.rounds) >= 2  # the first round missed
     assert table.measured == len(table.entries)  # each (geometry, widths) measured once
@@ -118,7 +118,7 @@ def test_correction_lands_when_the_rest_of_the_model_moves_with_the_layers(mobil
     whole = lambda masks: 0.2 + scale * model.predict([int(m.sum()) for m in masks])  # noqa: E731
     dense = whole([torch.zeros(grp.size, dtype=torch.bool) for grp in g.groups])
     scores, levels = random_scores_and_widths(g)
-    masks, run = meet_latency(model, scores, 0.6 * dense, levels, whole)
+    masks, run = meet_latency(model, scores, gp.Target(latency_ms=0.6 * dense), levels, whole)
     assert abs(whole(masks) / (0.6 * dense) - 1) <= 0.05
     assert len(run.rounds) <= 4
 
@@ -174,7 +174,7 @@ def test_an_unreachable_budget_is_a_clear_error(mobilenet):
     scores = [torch.ones(grp.size) for grp in g.groups]
     levels = [kept_widths(grp, gp.Target(latency_ms=1.0, multiple=8, min_fraction=0)) for grp in g.groups]
     with pytest.raises(UnprunableTargetError, match="latency budget"):
-        meet_latency(model, scores, 50.0, levels, whole)
+        meet_latency(model, scores, gp.Target(latency_ms=50.0), levels, whole)
 
 
 def test_the_table_is_cached_on_disk_and_reused(mobilenet, tmp_path):
@@ -215,8 +215,8 @@ def test_oto_optimizers_train_to_a_latency_budget(method):
     target = gp.Target(latency_ms=0.6 * plan.dense_ms, multiple=8, min_fraction=0)
     seen: list[tuple[float, float]] = []
     select = plan.select
-    plan.select = lambda *a, **k: (lambda m: seen.append((a[2] if len(a) > 2 else k.get("progress", 1.0), whole(m)))
-                                   or m)(select(*a, **k))
+    plan.select = lambda scores, target, *a, **k: (lambda m: seen.append((target.progress, whole(m))) or m)(
+        select(scores, target, *a, **k))
     if method == "hesso":
         opt = gp.HESSO(g, lr=0.01, target=target, latency=plan, pruning_steps=4, pruning_periods=2)
     else:
@@ -252,7 +252,7 @@ def test_a_try_at_the_edge_of_the_tolerance_is_not_settled_for(mobilenet, scale)
     whole = lambda masks: 0.3 + scale * model.predict([int(m.sum()) for m in masks])  # noqa: E731
     dense = whole([torch.zeros(grp.size, dtype=torch.bool) for grp in g.groups])
     scores, levels = random_scores_and_widths(g)
-    masks, run = meet_latency(model, scores, 0.6 * dense, levels, whole, tolerance=0.05, rounds=6)
+    masks, run = meet_latency(model, scores, gp.Target(latency_ms=0.6 * dense), levels, whole, tolerance=0.05, rounds=6)
     assert abs(whole(masks) / (0.6 * dense) - 1) <= 0.025
 
 
@@ -272,8 +272,94 @@ def test_the_kept_try_is_reported_as_it_was_measured_and_never_timed_again(mobil
 
     dense = 0.3 + model.predict([0] * len(g.groups))
     scores, levels = random_scores_and_widths(g)
-    masks, run = meet_latency(model, scores, 0.6 * dense, levels, noisy, tolerance=0.05, rounds=6)
+    masks, run = meet_latency(model, scores, gp.Target(latency_ms=0.6 * dense), levels, noisy, tolerance=0.05, rounds=6)
     assert len(timed) == len(set(timed))  # no widths timed twice
     kept = tuple(int(m.sum()) for m in masks)
     assert run.achieved_ms == run.rounds[timed.index(kept) - 1]["measured_ms"]  # timed[0] is the dense model
     assert abs(run.achieved_ms / (0.6 * dense) - 1) <= 0.05
+
+
+def test_a_share_of_the_dense_time_is_judged_against_the_dense_time_read_with_each_try(mobilenet):
+    """The dense model first timed in a slow minute (1.3x, as right after a tuning run) must
+    not set the budget for good: a 40% cut of that reading is a budget the pruning meets by
+    removing far less.  The plan reads the dense time anew with each try (a paired timer's
+    reference), so the kept model is 60% of the dense model as the machine runs now."""
+    _, g = mobilenet
+    model, _ = model_for(g)
+    true = lambda masks: 0.3 + model.predict([int(m.sum()) for m in masks])  # noqa: E731
+    dense = 0.3 + model.predict([0] * len(g.groups))
+    speed = [1.3]
+
+    def measure(masks):
+        speed[0] = 1.0  # the slow minute is over by the time the compact models are timed
+        return true(masks) * speed[0]
+
+    scores, levels = random_scores_and_widths(g)
+    plan = LatencyPlan(model, levels, measure, dense_ms=lambda: dense * speed[0])
+    assert plan.dense_ms == pytest.approx(1.3 * dense)
+    masks = plan.select(scores, gp.Target(latency=0.4))
+    assert abs(true(masks) / (0.6 * dense) - 1) <= 0.05
+    assert plan.run.budget_ms == pytest.approx(0.6 * dense) and plan.run.dense_ms == pytest.approx(dense)
+    assert plan.run.achieved_ms == pytest.approx(true(masks))
+
+
+def test_each_try_is_read_against_the_dense_time_of_its_own_round(mobilenet):
+    """A try timed while the machine ran 10% slow, dense model and try alike, is that share
+    of the dense model; the run states it on the last dense time, not as it was read."""
+    _, g = mobilenet
+    model, _ = model_for(g)
+    true = lambda masks: 0.3 + model.predict([int(m.sum()) for m in masks])  # noqa: E731
+    dense = 0.3 + model.predict([0] * len(g.groups))
+    speeds = iter([1.1, 1.0, 1.0, 1.0, 1.0, 1.0])
+    speed = [1.1]
+
+    def measure(masks):
+        speed[0] = next(speeds)
+        return true(masks) * speed[0]
+
+    scores, levels = random_scores_and_widths(g)
+    plan = LatencyPlan(model, levels, measure, dense_ms=lambda: dense * speed[0])
+    masks = plan.select(scores, gp.Target(latency=0.4))
+    assert all(r["measured_ms"] / r["dense_ms"] <= 1 for r in plan.run.rounds)
+    assert plan.run.achieved_share == pytest.approx(true(masks) / dense)
+    assert abs(plan.run.achieved_share / 0.6 - 1) <= 0.05
+
+
+def test_a_latency_share_is_a_target_of_its_own():
+    target = gp.Target(latency=0.4, multiple=8)
+    assert target.kind == "latency" and repr(target) == "Target(latency=0.4, multiple=8)"
+    assert target.budget_ms(10.0) == pytest.approx(6.0)
+    assert gp.Target(latency_ms=4.5).budget_ms(10.0) == 4.5
+    assert target.scaled(0.5).progress == 0.5
+    with pytest.raises(UnprunableTargetError, match="not a fraction"):
+        target.fraction
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(UnprunableTargetError, match="latency="):
+            gp.Target(latency=bad)
+    with pytest.raises(UnprunableTargetError, match="exactly one"):
+        gp.Target(latency=0.4, latency_ms=3.0)
+    with pytest.raises(UnprunableTargetError, match="not a latency target"):
+        gp.Target(flops=0.4).budget_ms(10.0)
+
+
+@pytest.mark.parametrize("argv, expected", [(["--latency", "0.4"], gp.Target(latency=0.4)),
+                                            (["--latency-ms", "3.5"], gp.Target(latency_ms=3.5))])
+def test_the_cli_reads_either_latency_target(argv, expected):
+    from graphprune.cli import _target, build_parser
+
+    args = build_parser().parse_args(["prune", "model.onnx", *argv])
+    assert _target(args) == expected
+
+
+def test_the_report_states_the_kept_try_not_the_last():
+    """The kept try is the closest, not the last (a later try can miss by more)."""
+    from graphprune.report import Report
+
+    rounds = [{"layer_budget_ms": 4.0, "predicted_layers_ms": 4.0, "measured_ms": 6.1, "dense_ms": 10.0},
+              {"layer_budget_ms": 3.0, "predicted_layers_ms": 3.0, "measured_ms": 5.0, "dense_ms": 10.0}]
+    report = Report(source="m", frontend="torch", method="l2", target="Target(latency=0.4)", params_before=10,
+                    params_after=5, flops_before=10.0, flops_after=5.0,
+                    latency_target=dict(budget_ms=6.0, dense_ms=10.0, rounds=rounds, chosen=0, layers_measured=8,
+                                        layers_cached=0, codegen="x86"))
+    assert "measured 6.100 ms (+1.7%)" in report.latency_budget_line
+    assert "(kept)" in report.to_markdown().split("round 1:")[1].splitlines()[0]
