@@ -3,11 +3,15 @@ with HESSO's full training as the ceiling.
 
 Not run in CI.  ``nice python benchmarks/pretrained.py [--models resnet20,vit,textlm]
 [--ratios 0.1,0.2,0.3,0.5] [--jobs 2] [--out benchmarks/results/pretrained.txt]``; the results
-file comes from ``--models textlm,resnet20,vit --jobs 2 --threads 1 --recover-steps 200,textlm=2400 --hesso-steps textlm=600`` (produced at aefe904).
+file comes from ``--models textlm,resnet20,vit --ratios 0.3,0.5,0.1,0.2 --jobs 2 --threads 1
+--recover-steps 200,textlm=4800 --hesso-steps textlm=600``: at 2400 steps textlm kept 0.423
+of 0.433 at 30% (the bar is 98%, 0.424); 4800 steps reached 0.4244 (wanda) and 0.4237
+(reconstruction), a warm-up with gradient clipping 0.4233 and twice the rate 0.4222 at 2400.
 Each finished (model, ratio) sweep is kept under ``benchmarks/cache/units/``, keyed by its
-options and a digest of the code, so ``--resume`` finishes an interrupted run of the same
-command on the same code: with ``textlm=2400`` recovery steps the LM alone needs about three
-hours of both cores, more than one sitting.
+options and a digest of the code, and so are the rows of each sweep still running, so
+``--resume`` finishes an interrupted run of the same command on the same code, taking the
+finished sweeps and rows as they are: with ``textlm=4800`` recovery steps (41 minutes each on
+one core) the LM alone needs about five hours of both cores, more than one sitting.
 
 Issue 19's user holds a trained model and at most some unlabeled inputs.  This script
 first trains, here on CPU, models that are genuinely good at their task (cached under
@@ -76,7 +80,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -502,11 +506,19 @@ def dense_row(task: Task) -> str:
     return f"{task.name:9s} {'dense':>5s} {'dense':26s} {'':>6s} {cell(task, task.dense):>20s}"
 
 
+def row_label(row: str) -> str:
+    """The method a table row is for (its third column)."""
+    return row[16:42].strip()
+
+
 def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_timeout: float,
-          hesso_steps: int, emit: Callable[[list[str]], None], tp_broken: str | None = None) -> list[str]:
+          hesso_steps: int, emit: Callable[[list[str]], None], tp_broken: str | None = None,
+          finished: Sequence[str] = ()) -> list[str]:
     """Table rows of one model, per MACs reduction every method; ``emit`` gets the rows so
     far after each one (a partial table survives an interrupted run).  ``tp_broken``: why
-    Torch-Pruning is not tried (a failure every try would repeat)."""
+    Torch-Pruning is not tried (a failure every try would repeat).  ``finished``: rows an
+    interrupted run of the same sweep wrote (one ratio), taken as they are instead of
+    measured again (a textlm sweep recovers three models for an hour each)."""
     base = task.dense
     full = macs(task, base)
     name = task.name
@@ -522,37 +534,56 @@ def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_t
         print(rows[-1], flush=True)
         emit(rows)
 
+    earlier = {row_label(r): r for r in finished}
+
+    def reused(label: str) -> bool:
+        """Whether the interrupted run finished ``label``'s row (then it is taken as it is)."""
+        if label not in earlier:
+            return False
+        rows.append(earlier[label])
+        print(rows[-1] + "  (from the interrupted run)", flush=True)
+        emit(rows)
+        return True
+
+    def criterion_row(c: str, ratio: float, target: gp.Target) -> None:
+        """``c``'s row: no data, calibrated, calibrated and recovered (where ``c`` reads data)."""
+        t0 = time.perf_counter()
+        data = task.labelled if c in LABELLED else None
+        label = c + (" (labels)" if c in LABELLED else "")
+        try:
+            pruned = mine(c, target, data)
+        except Exception as exc:  # a criterion that cannot run here is a result too
+            if c not in calibrated or not isinstance(exc, GraphPruneError):  # calibrated ones need data
+                row(label, ratio, None, [f"n/a ({type(exc).__name__})"])
+                return
+            pruned = None
+        cells = [cell(task, pruned) if pruned is not None else "- (needs data)"]
+        if c in calibrated:
+            calib = mine(c, target, task.unlabeled)
+            if pruned is None:
+                pruned = calib
+            cells.append(cell(task, calib))
+            gp.recover(calib, base, task.unlabeled, steps=recover_steps, **task.recover_options)  # in place
+            cells.append(cell(task, calib))
+        else:
+            cells += ["-"] * 2
+        row(label, ratio, 1 - macs(task, pruned) / full, cells)
+        print(f"    ({time.perf_counter() - t0:.0f}s)", flush=True)
+
     for ratio in ratios:
         target = gp.Target(flops=ratio)
         for c in methods:
-            t0 = time.perf_counter()
-            data = task.labelled if c in LABELLED else None
-            try:
-                pruned = mine(c, target, data)
-            except Exception as exc:  # a criterion that cannot run here is a result too
-                if c not in calibrated or not isinstance(exc, GraphPruneError):  # calibrated ones need data
-                    row(c, ratio, None, [f"n/a ({type(exc).__name__})"])
-                    continue
-                pruned = None
-            cells = [cell(task, pruned) if pruned is not None else "- (needs data)"]
-            if c in calibrated:
-                calib = mine(c, target, task.unlabeled)
-                if pruned is None:
-                    pruned = calib
-                cells.append(cell(task, calib))
-                gp.recover(calib, base, task.unlabeled, steps=recover_steps, **task.recover_options)  # in place
-                cells.append(cell(task, calib))
-            else:
-                cells += ["-"] * 2
-            got = 1 - macs(task, pruned) / full
-            row(c + (" (labels)" if c in LABELLED else ""), ratio, got, cells)
-            print(f"    ({time.perf_counter() - t0:.0f}s)", flush=True)
-            if c == "obspa" and can_generate(base):  # the estimate a generative LM's default replaces
+            if not reused(c + (" (labels)" if c in LABELLED else "")):
+                criterion_row(c, ratio, target)
+            # the estimate a generative LM's default replaces
+            if c == "obspa" and can_generate(base) and not reused("obspa (weights only)"):
                 weights_only = mine(c, target, None, generate=False)
                 row("obspa (weights only)", ratio, 1 - macs(task, weights_only) / full,
                     [cell(task, weights_only), "-", "-"])
         for method in task.tp_methods:
             label = method + (" (labels)" if method == "tp-taylor" else "")
+            if reused(label):
+                continue
             if tp_broken is not None:
                 row(label, ratio, None, [tp_broken])
                 continue
@@ -571,17 +602,18 @@ def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_t
                 continue
             row(label, ratio, got, [cell(task, pruned), "-", "-"])
             print(f"    ({time.perf_counter() - t0:.0f}s)", flush=True)
-        t0 = time.perf_counter()
-        try:
-            pruned = hesso(task, ratio, hesso_steps)
-        except GraphPruneError as exc:
-            row("HESSO (full training)", ratio, None, [f"n/a ({type(exc).__name__})"])
-            print(f"    HESSO: {exc}", flush=True)
-        else:
-            got = 1 - macs(task, pruned) / full
-            miss = f"  (missed the {ratio:.0%} target by {abs(got - ratio):.1%})" if abs(got - ratio) > 0.02 else ""
-            row("HESSO (full training)", ratio, got, [cell(task, pruned), "-", "-"], note=miss)
-            print(f"    ({time.perf_counter() - t0:.0f}s)", flush=True)
+        if not reused("HESSO (full training)"):
+            t0 = time.perf_counter()
+            try:
+                pruned = hesso(task, ratio, hesso_steps)
+            except GraphPruneError as exc:
+                row("HESSO (full training)", ratio, None, [f"n/a ({type(exc).__name__})"])
+                print(f"    HESSO: {exc}", flush=True)
+            else:
+                got = 1 - macs(task, pruned) / full
+                miss = f"  (missed the {ratio:.0%} target by {abs(got - ratio):.1%})" if abs(got - ratio) > 0.02 else ""
+                row("HESSO (full training)", ratio, got, [cell(task, pruned), "-", "-"], note=miss)
+                print(f"    ({time.perf_counter() - t0:.0f}s)", flush=True)
         if alloc:  # the allocation rules before issue 19 and the variants the defaults were chosen from
             for c in ("obspa", "l1", "l2"):
                 for label, kw, norm in (("no floor, x1 (before)", dict(min_fraction=0.0, multiple=1), None),
@@ -640,13 +672,14 @@ def probe_tp(task: Task, ratio: float, timeout: float) -> str | None:
     return None
 
 
-def _unit_to_file(out: str, task: Task, ratio: float, *args: Any, tp_broken: str | None = None) -> None:
+def _unit_to_file(out: str, task: Task, ratio: float, *args: Any, tp_broken: str | None = None,
+                  finished: Sequence[str] = ()) -> None:
     """A worker: one model at one ratio, its rows saved to ``out`` as they grow."""
     def save(rows: list[str]) -> None:
         torch.save(list(rows), out + ".tmp")
         os.replace(out + ".tmp", out)
 
-    sweep(task, [ratio], *args, save, tp_broken=tp_broken)
+    sweep(task, [ratio], *args, save, tp_broken=tp_broken, finished=finished)
 
 
 def code_digest() -> str:
@@ -742,13 +775,24 @@ def main() -> None:
     def kept(n: str, ratio: float) -> Path:
         return unit_file(n, ratio, options(n), a.threads, digest)
 
+    def partial(n: str, ratio: float) -> Path:  # the rows of a sweep still running
+        return kept(n, ratio).with_suffix(".partial.pt")
+
+    def progress(n: str, ratio: float, rows: list[str]) -> None:
+        update(n, ratio, rows)
+        path = partial(n, ratio)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(list(rows), tmp)
+
     def finished(n: str, ratio: float) -> None:  # whole or not at all: an interrupted save is no unit
         path = kept(n, ratio)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             torch.save(parts[(n, ratio)], tmp)
+        partial(n, ratio).unlink(missing_ok=True)
 
-    units, resumed = [], []
+    units, resumed, earlier = [], [], {}
     for n in names:
         load(n)
         for ratio in ratios:
@@ -756,8 +800,11 @@ def main() -> None:
             if a.resume and path.exists():
                 update(n, ratio, torch.load(path))
                 resumed.append(f"{n} {ratio:.0%}")
-            else:
-                units.append((n, ratio))
+                continue
+            units.append((n, ratio))
+            if a.resume and partial(n, ratio).exists():
+                earlier[(n, ratio)] = torch.load(partial(n, ratio))
+                resumed.append(f"{n} {ratio:.0%} ({len(earlier[(n, ratio)])} rows)")
     if resumed:
         header.append(f"# resumed: {', '.join(resumed)} from an earlier run of this command on the same code "
                       f"(digest {digest})")
@@ -770,8 +817,8 @@ def main() -> None:
             task = load(n)
             if n not in broken:
                 broken[n] = probe_tp(task, ratio, a.tp_timeout)
-            sweep(task, [ratio], *options(n), lambda rows, n=n, ratio=ratio: update(n, ratio, rows),
-                  tp_broken=broken[n])
+            sweep(task, [ratio], *options(n), lambda rows, n=n, ratio=ratio: progress(n, ratio, rows),
+                  tp_broken=broken[n], finished=earlier.get((n, ratio), ()))
             finished(n, ratio)
     else:  # forked workers, one per model and ratio, which inherit the loaded task (not a Pool:
         import multiprocessing  # a worker forks again for Torch-Pruning's time limit)
@@ -787,14 +834,15 @@ def main() -> None:
                     broken[n] = probe_tp(task, ratio, a.tp_timeout)
                 out = str(CACHE / f"rows-{n}-{ratio}-{os.getpid()}.pt")
                 proc = multiprocessing.get_context("fork").Process(
-                    target=_unit_to_file, args=(out, task, ratio, *options(n)), kwargs=dict(tp_broken=broken[n]))
+                    target=_unit_to_file, args=(out, task, ratio, *options(n)),
+                    kwargs=dict(tp_broken=broken[n], finished=earlier.get(unit, ())))
                 proc.start()
                 running[unit] = (proc, out)
             time.sleep(5)
             for (n, ratio), (proc, out) in list(running.items()):
                 alive = proc.is_alive()  # before reading: a finished worker's file is final
                 if os.path.exists(out):
-                    update(n, ratio, torch.load(out))
+                    progress(n, ratio, torch.load(out))
                 if alive:
                     continue
                 del running[(n, ratio)]
