@@ -153,8 +153,9 @@ def compile(model_or_onnx: nn.Module | onnx.ModelProto | str | os.PathLike, exam
     pruning removed nothing.
     ``target``: a :class:`~graphprune.Target` or a float, the fraction of FLOPs to remove.
     ``Target(latency_ms=...)`` is a budget for the compiled compact model on ``codegen`` (x86
-    when none is given), ``Target(latency=0.4)`` one of 60% of the dense model's time, met by the one-shot methods with the compiler in the loop
-    (:mod:`graphprune.latency`); the report shows the measured latency against it.
+    when none is given), ``Target(latency=0.4)`` one of 60% of the dense model's time, met by
+    the one-shot methods with the compiler in the loop (:mod:`graphprune.latency`); the
+    report shows the measured latency against it.
     Kept widths are rounded to the hardware's multiple unless the target sets one
     (``Target(flops=0.5, multiple=1)`` for none): ``codegen``'s vector lanes
     (:func:`graphprune.codegen.targets.prune_multiple`), else

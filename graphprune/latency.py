@@ -361,14 +361,13 @@ class LatencyPlan:
             if run.rounds and any(predicted == r["predicted_layers_ms"] for r in run.rounds):
                 break  # the units allow nothing between the tries that bracket the budget
             measured = self.measure(masks)
+            dense = self.dense_ms  # as now known, read with this try; the budget and earlier tries move with it
             run.rounds.append({"layer_budget_ms": layer_budget, "predicted_layers_ms": predicted,
-                               "measured_ms": measured, "dense_ms": self.dense_ms})
-            # every try and the budget on the dense time as now known
-            run.dense_ms = dense = self.dense_ms
-            run.budget_ms = goal = target.budget_ms(dense)
-            share = measured / run.rounds[-1]["dense_ms"]
-            miss = abs(share * dense - goal) / goal
-            rank = (miss if share * dense <= goal * (1 + self.tolerance) else 1.0 + miss)
+                               "measured_ms": measured, "dense_ms": dense})
+            run.dense_ms, run.budget_ms = dense, target.budget_ms(dense)
+            goal = run.budget_ms
+            miss = abs(measured - goal) / goal
+            rank = (miss if measured <= goal * (1 + self.tolerance) else 1.0 + miss)
             if best is None or rank < best[0]:
                 best = (rank, masks, len(run.rounds) - 1)
             if miss <= self.tolerance / 2:

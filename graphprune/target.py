@@ -118,7 +118,7 @@ class Target:
 
     @property
     def kind(self) -> Kind:
-        """Which quantity the fraction measures: "groups", "params" or "flops"."""
+        """What the target measures: "groups", "params" or "flops" (a fraction), or "latency"."""
         if self.latency_ms is not None or self.latency is not None:
             return "latency"
         return "groups" if self.groups is not None else "params" if self.params is not None else "flops"

@@ -98,10 +98,11 @@ class GroupOptimizer(torch.optim.Optimizer):
     in ``construct_subnet``; their zeros are for the block-sparse kernels of
     ``graphprune.codegen.build(..., sparse="auto")``.
 
-    A latency budget (``Target(latency_ms=...)`` or ``Target(latency=...)``) is met as compiled: units are chosen under
-    ``latency``, a :class:`graphprune.latency.LatencyPlan` (default: measured for this CPU,
-    ``LatencyPlan.for_graph(g, groups, target)``), from its layer table while the schedule
-    is part-way and with the compact model compiled and timed for the whole budget.
+    A latency budget (``Target(latency_ms=...)`` or ``Target(latency=...)``) is met as
+    compiled: units are chosen under ``latency``, a :class:`graphprune.latency.LatencyPlan`
+    (default: measured for this CPU, ``LatencyPlan.for_graph(g, groups, target)``), from its
+    layer table while the schedule is part-way and with the compact model compiled and timed
+    for the whole budget.
     """
 
     def __init__(self, g: PrunableGraph, lr: float, *, target: Target | float = 0.5, variant: str = "sgd",
