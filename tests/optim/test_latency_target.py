@@ -187,16 +187,29 @@ def test_the_table_is_cached_on_disk_and_reused(mobilenet, tmp_path):
     assert first.measured > 0 and again.measured == 0 and again.entries == first.entries
 
 
-def test_latency_target_is_a_budget_not_a_fraction():
-    target = gp.Target(latency_ms=4.5, multiple=8)
-    assert target.kind == "latency" and repr(target) == "Target(latency_ms=4.5, multiple=8)"
+@pytest.mark.parametrize("field, value, bad", [("latency_ms", 4.5, (0, -1.0, True)),
+                                               ("latency", 0.4, (1.0, -0.1, True))])
+def test_a_latency_target_is_a_budget_not_a_fraction_of_the_network(field, value, bad):
+    """In ms, or as a share of the dense model's time to remove."""
+    target = gp.Target(**{field: value}, multiple=8)
+    assert target.kind == "latency" and repr(target) == f"Target({field}={value}, multiple=8)"
+    assert target.scaled(0.5).progress == 0.5
     with pytest.raises(UnprunableTargetError, match="not a fraction"):
         target.fraction
-    for bad in (0, -1.0, True):
-        with pytest.raises(UnprunableTargetError, match="latency_ms"):
-            gp.Target(latency_ms=bad)
+    for v in bad:
+        with pytest.raises(UnprunableTargetError, match=f"{field}="):
+            gp.Target(**{field: v})
     with pytest.raises(UnprunableTargetError, match="exactly one"):
-        gp.Target(flops=0.5, latency_ms=3.0)
+        gp.Target(flops=0.5, **{field: value})
+
+
+def test_a_latency_target_states_its_budget_in_ms():
+    assert gp.Target(latency=0.4).budget_ms(10.0) == pytest.approx(6.0)
+    assert gp.Target(latency_ms=4.5).budget_ms(10.0) == 4.5
+    with pytest.raises(UnprunableTargetError, match="exactly one"):
+        gp.Target(latency=0.4, latency_ms=3.0)
+    with pytest.raises(UnprunableTargetError, match="not a latency target"):
+        gp.Target(flops=0.4).budget_ms(10.0)
 
 
 @pytest.mark.parametrize("method, share", [("hesso", False), ("dhspg", False), ("hesso", True)])
@@ -325,23 +338,6 @@ def test_each_try_is_read_against_the_dense_time_of_its_own_round(mobilenet):
     assert all(r["measured_ms"] / r["dense_ms"] <= 1 for r in plan.run.rounds)
     assert plan.run.achieved_share == pytest.approx(true(masks) / dense)
     assert abs(plan.run.achieved_share / 0.6 - 1) <= 0.05
-
-
-def test_a_latency_share_is_a_target_of_its_own():
-    target = gp.Target(latency=0.4, multiple=8)
-    assert target.kind == "latency" and repr(target) == "Target(latency=0.4, multiple=8)"
-    assert target.budget_ms(10.0) == pytest.approx(6.0)
-    assert gp.Target(latency_ms=4.5).budget_ms(10.0) == 4.5
-    assert target.scaled(0.5).progress == 0.5
-    with pytest.raises(UnprunableTargetError, match="not a fraction"):
-        target.fraction
-    for bad in (1.0, -0.1, True):
-        with pytest.raises(UnprunableTargetError, match="latency="):
-            gp.Target(latency=bad)
-    with pytest.raises(UnprunableTargetError, match="exactly one"):
-        gp.Target(latency=0.4, latency_ms=3.0)
-    with pytest.raises(UnprunableTargetError, match="not a latency target"):
-        gp.Target(flops=0.4).budget_ms(10.0)
 
 
 @pytest.mark.parametrize("argv, expected", [(["--latency", "0.4"], gp.Target(latency=0.4)),
