@@ -545,11 +545,10 @@ def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_t
         emit(rows)
         return True
 
-    def criterion_row(c: str, ratio: float, target: gp.Target) -> None:
+    def criterion_row(c: str, label: str, ratio: float, target: gp.Target) -> None:
         """``c``'s row: no data, calibrated, calibrated and recovered (where ``c`` reads data)."""
         t0 = time.perf_counter()
         data = task.labelled if c in LABELLED else None
-        label = c + (" (labels)" if c in LABELLED else "")
         try:
             pruned = mine(c, target, data)
         except Exception as exc:  # a criterion that cannot run here is a result too
@@ -573,8 +572,9 @@ def sweep(task: Task, ratios: list[float], recover_steps: int, alloc: bool, tp_t
     for ratio in ratios:
         target = gp.Target(flops=ratio)
         for c in methods:
-            if not reused(c + (" (labels)" if c in LABELLED else "")):
-                criterion_row(c, ratio, target)
+            label = c + (" (labels)" if c in LABELLED else "")
+            if not reused(label):
+                criterion_row(c, label, ratio, target)
             # the estimate a generative LM's default replaces
             if c == "obspa" and can_generate(base) and not reused("obspa (weights only)"):
                 weights_only = mine(c, target, None, generate=False)
@@ -778,20 +778,17 @@ def main() -> None:
     def partial(n: str, ratio: float) -> Path:  # the rows of a sweep still running
         return kept(n, ratio).with_suffix(".partial.pt")
 
-    def progress(n: str, ratio: float, rows: list[str]) -> None:
+    def progress(n: str, ratio: float, rows: list[str]) -> None:  # one sweep's rows, run here
         update(n, ratio, rows)
-        path = partial(n, ratio)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
+        with atomic_path(partial(n, ratio)) as tmp:
             torch.save(list(rows), tmp)
 
     def finished(n: str, ratio: float) -> None:  # whole or not at all: an interrupted save is no unit
-        path = kept(n, ratio)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
+        with atomic_path(kept(n, ratio)) as tmp:
             torch.save(parts[(n, ratio)], tmp)
         partial(n, ratio).unlink(missing_ok=True)
 
+    (CACHE / "units").mkdir(parents=True, exist_ok=True)
     units, resumed, earlier = [], [], {}
     for n in names:
         load(n)
@@ -823,7 +820,6 @@ def main() -> None:
     else:  # forked workers, one per model and ratio, which inherit the loaded task (not a Pool:
         import multiprocessing  # a worker forks again for Torch-Pruning's time limit)
 
-        CACHE.mkdir(parents=True, exist_ok=True)
         waiting = list(units)
         running: dict[tuple[str, float], tuple[Any, str]] = {}
         while waiting or running:
@@ -832,7 +828,7 @@ def main() -> None:
                 task = load(n)
                 if n not in broken:
                     broken[n] = probe_tp(task, ratio, a.tp_timeout)
-                out = str(CACHE / f"rows-{n}-{ratio}-{os.getpid()}.pt")
+                out = str(partial(n, ratio))  # the worker keeps its rows where --resume finds them
                 proc = multiprocessing.get_context("fork").Process(
                     target=_unit_to_file, args=(out, task, ratio, *options(n)),
                     kwargs=dict(tp_broken=broken[n], finished=earlier.get(unit, ())))
@@ -841,14 +837,13 @@ def main() -> None:
             time.sleep(5)
             for (n, ratio), (proc, out) in list(running.items()):
                 alive = proc.is_alive()  # before reading: a finished worker's file is final
-                if os.path.exists(out):
-                    progress(n, ratio, torch.load(out))
+                rows = torch.load(out) if os.path.exists(out) else None
+                if rows is not None and rows != parts.get((n, ratio)):
+                    update(n, ratio, rows)
                 if alive:
                     continue
                 del running[(n, ratio)]
-                if os.path.exists(out):
-                    os.unlink(out)
-                if proc.exitcode:
+                if proc.exitcode:  # its rows stay in the partial file for --resume
                     update(n, ratio, parts.get((n, ratio), []) + [
                         f"{n:9s} {ratio:>5.0%} the sweep failed (exit {proc.exitcode}; traceback in the log)"])
                 else:
