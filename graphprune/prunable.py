@@ -280,6 +280,10 @@ class PrunableGraph:
         them); only a failure bisects, so each failing group is found and withdrawn alone,
         with the reason; returns them.  A compact model
         that cannot be built or run is a bug, raised as :class:`VerificationError`.
+        Where the program takes any batch, an example of a larger batch is checked on its
+        first two samples (:meth:`~.frontends.backend.Backend.check_example`: a user's
+        example batch of 32 made the check 16 times the work); only a pass counts there, and
+        anything else is checked again at the example's batch, which alone withdraws groups.
 
         ``rtol`` holds for float32 weights; half-precision weights round every product
         and the compact model sums in another order, so the tolerance is raised to a few
@@ -291,33 +295,59 @@ class PrunableGraph:
             mask = torch.zeros(g.size, dtype=torch.bool)
             mask[torch.randperm(g.size, generator=gen)[: int(g.size * fraction)]] = True
             picks[g.id] = mask
-
-        def ok(groups: list[Group]) -> str | None:
-            # the units zeroed here are the ones to remove: no pass over every weight to
-            # find the all-zero ones (0.25 s of vit_b_16's check)
-            removed = torch.cat([g.atoms[picks[g.id]] for g in groups])
+        if not self.groups:
+            return []
+        small = self.backend.check_example(self)
+        if small is not None:
+            # a pass at the small batch is the verdict; anything else is judged at the
+            # example's own batch, so the small batch never withdraws a group
             try:
-                with ZeroedInPlace(self.params, [(g, picks[g.id]) for g in groups], spill_above) as tensors:
-                    err = self.backend.compare(self, tensors, removed)
-            except GraphPruneError:
-                raise  # names its node, op and file already
-            except Exception as exc:
-                # a rewrite or emitter that raises has a bug: withdrawing the groups would
-                # hide it as less pruning
-                names = ", ".join(g.name for g in groups[:4]) + (f" (+{len(groups) - 4})" if len(groups) > 4 else "")
-                raise VerificationError(f"emitting or running the compact model raised {type(exc).__name__}: "
-                                        f"{exc} (checking groups {names})", source=self.ir.source,
-                                        hint="this is a graphprune bug: please report it with the model") from exc
-            return None if err < rtol else f"compact output differs (rel. error {err:.2e})"
+                if self._check(self.groups, picks, rtol, spill_above, small) is None:
+                    return []
+            except VerificationError:
+                pass
+            self.notes.append("verification on the first samples of the example found a difference: "
+                              "checked again on the whole batch")
+        bad = self._failures(picks, rtol, spill_above)
+        if bad:
+            ids = {g.id for g, _ in bad}
+            self.groups = [g for g in self.groups if g.id not in ids]
+            self.withdrawn.extend(bad)
+        return bad
 
+    def _check(self, groups: list[Group], picks: dict[int, torch.Tensor], rtol: float, spill_above: int,
+               example: tuple[tuple, dict] | None) -> str | None:
+        """Why the compact model without ``groups``' picked units fails to reproduce the
+        zeroed model on ``example`` (None: the model's own), or None where it does."""
+        # the units zeroed here are the ones to remove: no pass over every weight to find
+        # the all-zero ones (0.25 s of vit_b_16's check)
+        removed = torch.cat([g.atoms[picks[g.id]] for g in groups])
+        try:
+            with ZeroedInPlace(self.params, [(g, picks[g.id]) for g in groups], spill_above) as tensors:
+                err = self.backend.compare(self, tensors, removed, example)
+        except GraphPruneError:
+            raise  # names its node, op and file already
+        except Exception as exc:
+            # a rewrite or emitter that raises has a bug: withdrawing the groups would hide
+            # it as less pruning
+            names = ", ".join(g.name for g in groups[:4]) + (f" (+{len(groups) - 4})" if len(groups) > 4 else "")
+            raise VerificationError(f"emitting or running the compact model raised {type(exc).__name__}: "
+                                    f"{exc} (checking groups {names})", source=self.ir.source,
+                                    hint="this is a graphprune bug: please report it with the model") from exc
+        reason = None if err < rtol else f"compact output differs (rel. error {err:.2e})"
+        if reason is not None or sum(t.numel() * t.element_size() for t in self.params.values()) > 1 << 30:
+            gc.collect()  # the compact model's modules hold each other: 3 GiB per bisection step on
+            # Phi-3 until collected (0.25 s with the analysis alive)
+        release()  # the runs' buffers stay resident otherwise
+        return reason
+
+    def _failures(self, picks: dict[int, torch.Tensor], rtol: float, spill_above: int) -> list[tuple[Group, str]]:
+        """:meth:`verify`'s check of every group on the model's example, bisecting on
+        failure: the groups that fail alone, with the reason."""
         bad: list[tuple[Group, str]] = []
-        large = sum(t.numel() * t.element_size() for t in self.params.values()) > 1 << 30
 
         def bisect(groups: list[Group]) -> None:
-            reason = ok(groups)
-            if reason is not None or large:  # the compact model's modules hold each other: 3 GiB
-                gc.collect()  # per bisection step on Phi-3 until collected (0.25 s with the analysis alive)
-            release()  # the runs' buffers stay resident otherwise
+            reason = self._check(groups, picks, rtol, spill_above, None)
             if reason is None:
                 return
             if len(groups) == 1:
@@ -327,12 +357,7 @@ class PrunableGraph:
             bisect(groups[:mid])
             bisect(groups[mid:])
 
-        if self.groups:
-            bisect(list(self.groups))
-        if bad:
-            ids = {g.id for g, _ in bad}
-            self.groups = [g for g in self.groups if g.id not in ids]
-            self.withdrawn.extend(bad)
+        bisect(list(self.groups))
         return bad
 
     def assert_zero_invariant(self, **kw: Any) -> None:

@@ -32,7 +32,12 @@ class Backend(Protocol):
         ...
 
     def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
-                removed: torch.Tensor | None = None) -> float:
+                removed: torch.Tensor | None = None, example: tuple[tuple, dict] | None = None) -> float:
         """Max relative error between the compact model (``removed`` as for :meth:`emit`)
-        and the zeroed full model on the example."""
+        and the zeroed full model on ``example`` (default: the model's example)."""
+        ...
+
+    def check_example(self, pg: PrunableGraph) -> tuple[tuple, dict] | None:
+        """A cheaper example that verification may pass groups on (never withdraw them:
+        :meth:`PrunableGraph.verify`), or None."""
         ...

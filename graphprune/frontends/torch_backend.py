@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ..analysis import Analysis, analyse, unit_map
 from ..errors import NotInPlace, RecorderMismatchWarning, UnsupportedModelError
@@ -17,11 +18,15 @@ from ..lower.widths import candidates, record_reads, settle
 from ..passes.plan import CompactPlan, plan_compact
 from ..pre_activation import pre_activations, run_capturing
 from ..rel_error import check_tolerance, max_rel_error
+from .batch_general import example_batch
 from .module_slots import one_name_per_slot
 
 if TYPE_CHECKING:
     from ..ir.graph import Graph
     from ..prunable import PrunableGraph
+
+#: the batch verification may pass groups at (:meth:`TorchBackend.check_example`)
+CHECK_BATCH = 2
 
 
 @dataclass
@@ -236,13 +241,28 @@ class TorchBackend:
         """The full model with ``tensors`` as weights (nothing removed)."""
         return self.emit(pg, tensors, torch.zeros(0, dtype=torch.long))
 
-    def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
-                removed: torch.Tensor | None = None) -> float:
-        """Relative error between the compact and the zeroed full model on the example
-        (``removed`` as for :meth:`emit`), on the outputs and on the inputs of a final
-        sigmoid/softmax (:mod:`..pre_activation`).  The reference is :attr:`runner` (the
-        user's weights) run on ``tensors`` in eval mode: no second full-size module is built."""
+    def check_example(self, pg: PrunableGraph) -> tuple[tuple, dict] | None:
+        """The example's first :data:`CHECK_BATCH` samples, where the replayed program
+        takes any batch and the example has more; else None.  Two, not one: models and
+        torch special-case a batch of one, and an op that mixes the batch axis (attention
+        run over it by a layout mistake) still mixes two samples."""
+        if self.replay is None or not self.replay.any_batch:
+            return None
         args, kwargs = pg.example
+        batch = example_batch(args, kwargs)
+        if batch is None or batch <= CHECK_BATCH:
+            return None
+        return pytree.tree_map(lambda t: t[:CHECK_BATCH] if isinstance(t, torch.Tensor) and t.dim() > 0 else t,
+                               (tuple(args), dict(kwargs)))
+
+    def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
+                removed: torch.Tensor | None = None, example: tuple[tuple, dict] | None = None) -> float:
+        """Relative error between the compact and the zeroed full model on ``example``
+        (default: the model's; ``removed`` as for :meth:`emit`), on the outputs and on the
+        inputs of a final sigmoid/softmax (:mod:`..pre_activation`).  The reference is
+        :attr:`runner` (the user's weights) run on ``tensors`` in eval mode: no second
+        full-size module is built."""
+        args, kwargs = example if example is not None else pg.example
         runner = self.runner
         was_training = runner.training  # the user's own model where it could not be copied
         runner.eval()

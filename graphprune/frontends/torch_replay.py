@@ -187,7 +187,9 @@ def replay_program(rec: Recording, model: torch.nn.Module, general: BatchGeneral
     def module() -> torch.fx.GraphModule:
         return unused.pop() if unused else torch.fx.GraphModule(root, _copy(graph))
 
-    return TorchProgram(module, paths, general.axes if general is not None else lambda name: set())
+    if general is None:
+        return TorchProgram(module, paths, lambda name: set())
+    return TorchProgram(module, paths, general.axes, any_batch=True)
 
 
 def _copy(graph: torch.fx.Graph) -> torch.fx.Graph:

@@ -35,13 +35,15 @@ class TorchProgram:
     """What a compact module is lowered from: ``module()`` gives a fresh template module
     (the full model's graph, calling ATen ops) for each lowering to edit, ``paths`` the
     attribute path of each fixed IR value in it where that differs from the value's
-    source name, ``dynamic`` a value's symbolic axes.  The frontend makes it, from an
+    source name, ``dynamic`` a value's symbolic axes, ``any_batch`` whether its modules
+    take any batch (a batch-general recording's do).  The frontend makes it, from an
     ExportedProgram (:func:`program_of_export`) or from a recording
     (:mod:`graphprune.frontends.torch_replay`)."""
 
     module: Callable[[], torch.fx.GraphModule]
     paths: dict[str, str]
     dynamic: Callable[[str], set[int]]
+    any_batch: bool = False
 
 
 def program_of_export(exported: torch.export.ExportedProgram, dynamic: Callable[[str], set[int]]) -> TorchProgram:

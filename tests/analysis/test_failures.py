@@ -53,7 +53,7 @@ def test_a_check_that_raises_is_an_error_not_a_withdrawn_group(monkeypatch: pyte
     g = gp.trace(Mlp(), torch.randn(3, 6), verify=False)
     assert g.groups
 
-    def broken(pg: object, tensors: object, removed: object = None) -> float:
+    def broken(pg: object, tensors: object, removed: object = None, example: object = None) -> float:
         raise KeyError("fc.weight")
     monkeypatch.setattr(g.backend, "compare", broken)
     with pytest.raises(VerificationError, match="KeyError") as info:
@@ -65,7 +65,8 @@ def test_a_group_that_fails_the_numeric_check_is_withdrawn_and_reported(monkeypa
     g = gp.trace(Mlp(), torch.randn(3, 6), verify=False)
     bad = g.groups[0]
 
-    def compare(pg: gp.PrunableGraph, tensors: dict[str, torch.Tensor], removed: object = None) -> float:
+    def compare(pg: gp.PrunableGraph, tensors: dict[str, torch.Tensor], removed: object = None,
+                example: object = None) -> float:
         touched = any(bool((tensors[s.param] == 0).any()) for s in bad.slices)
         return 1.0 if touched else 0.0
     monkeypatch.setattr(g.backend, "compare", compare)
@@ -125,3 +126,58 @@ def test_a_bf16_model_keeps_its_groups() -> None:
     full = gp.trace(model.eval(), inputs)
     half = gp.trace(model.to(torch.bfloat16), inputs)
     assert not half.withdrawn and [g.name for g in half.groups] == [g.name for g in full.groups]
+
+
+class Branching(nn.Module):
+    """Two linear layers with a pre-hook that logs the batch of every real (non-meta) call;
+    ``odd_at`` is a batch at which the forward returns something else."""
+
+    def __init__(self, odd_at: int | None = None) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 4)
+        self.odd_at = odd_at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(torch.relu(self.a(x)))
+        return -y if x.shape[0] == self.odd_at else y
+
+
+def _batches_seen(model: nn.Module) -> list[int]:
+    seen: list[int] = []
+    model.a.register_forward_pre_hook(lambda m, args: None if args[0].is_meta else seen.append(args[0].shape[0]))
+    return seen
+
+
+def test_an_example_batch_of_eight_is_verified_on_two_samples() -> None:
+    """The replayed program takes any batch, so the check runs the zeroed model on two of
+    the example's samples, not on all eight."""
+    model = Branching().eval()
+    seen = _batches_seen(model)
+    g = gp.trace(model, torch.randn(8, 6))
+    assert g.backend.replay is not None and g.backend.replay.any_batch
+    assert seen == [2] and g.groups and not g.withdrawn and not g.notes
+
+
+def test_a_difference_at_the_small_batch_is_judged_at_the_examples_batch() -> None:
+    """A model that computes something else at a batch of two (here: the output negated)
+    fails the small check; nothing is withdrawn for it: the check runs again at the
+    example's batch, which passes, and the summary says so."""
+    model = Branching(odd_at=2).eval()
+    seen = _batches_seen(model)
+    g = gp.trace(model, torch.randn(8, 6))
+    assert seen == [2, 8] and [grp.name for grp in g.groups] == ["a"] and not g.withdrawn
+    assert any("first samples" in n for n in g.notes)
+
+
+def test_a_broken_group_is_withdrawn_at_the_examples_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong rule fails the batch-2 check and then the example's batch, where it is
+    withdrawn alone as at a batch of one."""
+    roll, relu = rule_for(canonical_aten("roll")), rule_for(canonical_aten("relu"))
+    monkeypatch.setattr(type(roll), "propagate", lambda self, node, lab: type(relu).propagate(relu, node, lab))
+    torch.manual_seed(1)
+    model = TwoBranches().eval()
+    seen: list[int] = []
+    model.a.register_forward_pre_hook(lambda m, args: None if args[0].is_meta else seen.append(args[0].shape[0]))
+    g = gp.trace(model, torch.randn(8, 6))
+    assert [w.name for w, _ in g.withdrawn] == ["a"] and [grp.name for grp in g.groups] == ["c"]
+    assert seen[0] == 2 and set(seen[1:]) == {8}, seen
