@@ -61,15 +61,21 @@ def signature(mod: tvm.IRModule) -> tuple[Signature, tuple[int, ...]] | None:
 def rescaled(decision: Sequence[int], extent: int) -> list[int]:
     """Tile sizes for ``extent`` like ``decision`` (the sizes of a loop of another extent):
     from the innermost out, the divisor of what is left that shares the most with the old
-    size, then the nearest to it (log scale, the smaller on a tie), the outermost taking
-    the rest.  Sharing first keeps a vector tile a multiple of the vector width: 176
-    channels where a 32-wide tile was tuned get 16, not the nearer 44 (a 44-lane tile of
-    a ResNet-18 convolution ran 20 times slower than the 16-lane one)."""
+    size, then one no larger than the old size, then the nearest to it (log scale, the
+    smaller on a tie), the outermost taking the rest.  Sharing first keeps a vector tile a
+    multiple of the vector width: 176 channels where a 32-wide tile was tuned get 16, not
+    the nearer 44 (a 44-lane tile of a ResNet-18 convolution ran 20 times slower than the
+    16-lane one).  An inner tile never grows past the tuned one on a tie: a tuned tile is a
+    register and cache block, and a larger one spills.  A 32-lane tile carried to 48
+    channels as 48 lanes made ResNet-18's pruned stem 17 times slower than the dense one
+    (42 ms against 2.5); as 16 lanes it runs in 2.2 ms.  Over the functions of ResNet-18
+    and MobileNetV2 pruned to half their MACs, with only the dense forms tuned, the rule
+    took the carried-over schedules from 78.7 to 24.7 ms and from 10.3 to 5.0 ms."""
     out, left = [1] * len(decision), extent
     for i in range(len(decision) - 1, 0, -1):
         want = max(1, int(decision[i]))
         out[i] = min((d for d in range(1, left + 1) if left % d == 0),
-                     key=lambda d: (-math.gcd(d, want), abs(math.log(d / want)), d))
+                     key=lambda d: (-math.gcd(d, want), d > want, abs(math.log(d / want)), d))
         left //= out[i]
     out[0] = left
     return out

@@ -36,6 +36,13 @@ def test_rescaled_keeps_a_decision_that_already_fits():
     assert rescaled([1, 4, 2, 32], 176)[-1] == 16  # a multiple of the vector width, not the nearer 44
 
 
+def test_rescaled_never_grows_an_inner_tile_on_a_tie():
+    """A tuned 32-lane tile on 48 channels: 16 and 48 share 16 with it; 48 lanes is a
+    larger register block than was tuned (ResNet-18's pruned stem ran 17x slower)."""
+    assert rescaled([1, 2, 1, 32], 48) == [3, 1, 1, 16]
+    assert rescaled([1, 1, 64], 48)[-1] == 48  # a smaller tile than the tuned one is kept nearest
+
+
 def _tasks(model):
     target = resolve_target("x86").target
     return target, extract_tasks(fuse(codegen.import_model(model, (X,)).bound(), target), target)
