@@ -18,7 +18,6 @@ from ..lower.widths import candidates, record_reads, settle
 from ..passes.plan import CompactPlan, plan_compact
 from ..pre_activation import pre_activations, run_capturing
 from ..rel_error import check_tolerance, max_rel_error
-from .batch_general import example_batch
 from .module_slots import one_name_per_slot
 
 if TYPE_CHECKING:
@@ -248,6 +247,8 @@ class TorchBackend:
         run over it by a layout mistake) still mixes two samples."""
         if self.replay is None or not self.replay.any_batch:
             return None
+        from .batch_general import example_batch  # the recorder's imports set warning filters
+
         args, kwargs = pg.example
         batch = example_batch(args, kwargs)
         if batch is None or batch <= CHECK_BATCH:

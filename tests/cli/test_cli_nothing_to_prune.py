@@ -68,7 +68,7 @@ def test_every_group_withdrawn_is_explained(tmp_path, capsys, monkeypatch):
     check) withdraws every group; the summary and the CLI give the first reasons."""
     src, out = tmp_path / "mlp.onnx", tmp_path / "mlp.small.onnx"
     onnx.save(mlp_proto(), src)
-    monkeypatch.setattr(OnnxBackend, "compare", lambda self, pg, tensors, removed=None: 0.5)
+    monkeypatch.setattr(OnnxBackend, "compare", lambda self, pg, tensors, removed=None, example=None: 0.5)
     g = gp.trace(str(src))
     assert not g.groups and len(g.withdrawn) == 1
     summary = g.summary()
