@@ -393,6 +393,31 @@ def make_runner(rpc_tracker: str | None = None, rpc_key: str | None = None) -> m
     return ms.runner.RPCRunner(rpc_config=config, max_workers=boards)
 
 
+class Runners:
+    """The runner for each of a tuning run's ``ms.tune_tasks`` calls: one local runner for the
+    whole run, or a fresh RPC runner per call (made as the call starts, so its board count
+    lands in the call's log).  A ``LocalRunner`` starts a worker process that imports TVM
+    (about 5 s on 2 busy cores): made per call, a time-budgeted run paid that for every chunk
+    of :data:`CHUNK_TRIALS` trials."""
+
+    def __init__(self, rpc_tracker: str | None = None, rpc_key: str | None = None) -> None:
+        self.rpc_tracker, self.rpc_key = rpc_tracker, rpc_key
+        self._local: ms.runner.LocalRunner | None = None
+
+    def __call__(self) -> ms.runner.Runner:
+        if self.rpc_tracker is not None:
+            return make_runner(self.rpc_tracker, self.rpc_key)
+        if self._local is None:
+            self._local = make_runner()
+        return self._local
+
+    def close(self) -> None:
+        """Stop the local runner's worker (the tuning run is over)."""
+        if self._local is not None:
+            self._local.pool.shutdown()
+            self._local = None
+
+
 #: Trials for a light task, one that reduces nothing (see :func:`task_budgets`).
 LIGHT_TRIALS = 4
 #: Which tasks :func:`task_budgets` counts as light, in words (benchmark headers record it).
@@ -606,7 +631,7 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     tasks = extract_tasks(fuse(program.bound(), resolved.target), resolved.target)
     budgets = task_budgets(tasks, trials_per_task)
     start = time.perf_counter()
-    builder = PooledBuilder()
+    builder, runners = PooledBuilder(), Runners(rpc_tracker, rpc_key)
     prior = trials_done(database, tasks) if incremental else [0] * len(tasks)
     fresh = [t for t in tasks if _best_seconds(database, t, resolved.target) is None]
     seeded = Seeded([], 0, 0.0)
@@ -614,10 +639,10 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
         postprocs = ms.TuneContext(mod=fresh[0].dispatched[0], target=resolved.target,
                                    space_generator=_space_generator(resolved.target)).space_generator.postprocs
         try:
-            seeded = seed_tasks(database, fresh, resolved.target, builder, make_runner(rpc_tracker, rpc_key),
-                                postprocs)
+            seeded = seed_tasks(database, fresh, resolved.target, builder, runners(), postprocs)
         except BaseException:
             builder.close()
+            runners.close()
             raise
     done = trials_done(database, tasks) if incremental and seeded.measured else prior
     left = [max(0, budget - have) for budget, have in zip(budgets, done)]
@@ -635,9 +660,7 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
         ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
                       max_trials_global=len(phase) * budget, max_trials_per_task=budget,
                       num_trials_per_iter=min(64, budget), builder=builder,
-                      # a runner per call: made before the call's log is set up, it would
-                      # log its board count nowhere
-                      runner=make_runner(rpc_tracker, rpc_key), database=database, cost_model=cost_model,
+                      runner=runners(), database=database, cost_model=cost_model,
                       measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [recorder])
 
     try:
@@ -655,6 +678,7 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
             run_for(minutes * 60 - (time.perf_counter() - start), states, chunk, CHUNK_TRIALS)
     finally:
         builder.close()
+        runners.close()
         loggers.close()
     run_now = {recorder.names.index(r["task"]) for r in recorder.rows}
     reused = [i for i, n in enumerate(left) if not n and tasks[i].task_name not in seeded.tasks]
