@@ -4,6 +4,7 @@ import json
 import pytest
 
 import graphprune.codegen as codegen
+from graphprune.codegen import tuning
 from graphprune.codegen.time_budget import TaskState, next_task, run_for
 from graphprune.codegen.tuning import extract_tasks, open_database, trials_done
 from graphprune.codegen.pipeline import fuse
@@ -57,15 +58,18 @@ def test_run_ends_when_every_task_has_used_its_trials_and_gives_up_on_a_task_tha
 
 
 @pytest.mark.slow  # 30 s of real tuning; CI runs it with the codegen slow set
-def test_a_timed_tune_records_its_budget_and_resumes(tmp_path):
+def test_a_timed_tune_records_its_budget_and_resumes(tmp_path, monkeypatch):
     """A real run on the 3-layer MLP: two short timed runs in one folder (stopping on time is
     the policy's, tested above on a fake clock); the second counts the first's trials as done, and
     every record it adds is either a search trial or a schedule carried over to a task the first
-    run's budget did not reach."""
+    run's budget did not reach.  Each run measures with one local runner, however many chunks."""
     work_dir = tmp_path / "db"
     minutes = 0.2
+    made = []
+    real = tuning.make_runner
+    monkeypatch.setattr(tuning, "make_runner", lambda *a: made.append(a) or real(*a))
     first = codegen.tune(mlp(32), (X,), "x86", work_dir, minutes=minutes)
-    assert first.minutes == minutes and first.trials_run > 0
+    assert first.minutes == minutes and first.trials_run > 0 and len(made) == 1
     target = resolve_target("x86")
     tasks = extract_tasks(fuse(import_model(mlp(32), (X,)).bound(), target.target), target.target)
     before = sum(trials_done(open_database(work_dir), tasks))
@@ -75,6 +79,29 @@ def test_a_timed_tune_records_its_budget_and_resumes(tmp_path):
     assert after == before + second.trials_run + second.trials_transferred
     assert json.loads((work_dir / "tuning_report.json").read_text())["minutes"] == minutes
     assert "of a 0.2 min budget" in second.summary()
+
+
+class _StubRunner:
+    def __init__(self) -> None:
+        self.pool = self
+        self.stopped = False
+
+    def shutdown(self) -> None:
+        self.stopped = True
+
+
+def test_one_local_runner_serves_every_chunk_and_rpc_runners_are_made_per_call(monkeypatch):
+    """A LocalRunner's worker imports TVM (seconds): a run keeps one; an RPC runner is made as
+    each call starts, so its board count is logged there."""
+    made = []
+    monkeypatch.setattr(tuning, "make_runner", lambda *a: made.append(a) or _StubRunner())
+    local = tuning.Runners()
+    runner = local()
+    assert local() is runner and made == [()]
+    local.close()
+    assert runner.stopped and local() is not runner and len(made) == 2
+    remote = tuning.Runners("host:9190", "board")
+    assert remote() is not remote() and made[2:] == [("host:9190", "board")] * 2
 
 
 def test_a_time_budget_must_be_positive():
