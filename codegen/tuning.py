@@ -397,8 +397,8 @@ class Runners:
     """The runner for each of a tuning run's ``ms.tune_tasks`` calls: one local runner for the
     whole run, or a fresh RPC runner per call (made as the call starts, so its board count
     lands in the call's log).  A ``LocalRunner`` starts a worker process that imports TVM
-    (about 5 s on 2 busy cores): made per call, a time-budgeted run paid that for every chunk
-    of :data:`CHUNK_TRIALS` trials."""
+    (about 5 s on 2 busy cores), which a time-budgeted run would otherwise pay for every
+    chunk of :data:`CHUNK_TRIALS` trials."""
 
     def __init__(self, rpc_tracker: str | None = None, rpc_key: str | None = None) -> None:
         self.rpc_tracker, self.rpc_key = rpc_tracker, rpc_key
