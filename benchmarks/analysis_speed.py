@@ -127,7 +127,7 @@ def end_to_end(name: str, repeat: int) -> dict[str, float]:
     ratio = _tp_ratio(model, x, full)
     out: dict[str, Any] = {}
 
-    checks: list[float] = []
+    in_verify: list[float] = []  # seconds of each verify() call in the run being timed
     verify = gp.PrunableGraph.verify
 
     def timed_verify(self: gp.PrunableGraph, *a: Any, **k: Any) -> Any:
@@ -135,7 +135,7 @@ def end_to_end(name: str, repeat: int) -> dict[str, float]:
         try:
             return verify(self, *a, **k)
         finally:
-            checks.append(time.perf_counter() - t)
+            in_verify.append(time.perf_counter() - t)
 
     def ours(m: torch.nn.Module) -> torch.nn.Module:
         g = gp.trace(m, x)
@@ -155,15 +155,15 @@ def end_to_end(name: str, repeat: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in runs}
     for k, fn in runs.items():  # warm-up: imports, first-call caches
         out[k + " flops"] = 1 - _macs(fn(copy.deepcopy(model)), x) / full
-    check: list[float] = []
+    check: list[float] = []  # per graphprune run: its seconds in verify()
     gp.PrunableGraph.verify = timed_verify  # type: ignore[method-assign]
     try:
         for _ in range(repeat):
             for k, fn in runs.items():
-                checks.clear()
+                in_verify.clear()
                 times[k].append(_seconds(functools.partial(fn, copy.deepcopy(model))))  # the copy is not timed
                 if k == "graphprune":
-                    check.append(sum(checks))
+                    check.append(sum(in_verify))
     finally:
         gp.PrunableGraph.verify = verify  # type: ignore[method-assign]
     out.update({k: statistics.median(v) for k, v in times.items()})

@@ -295,59 +295,34 @@ class PrunableGraph:
             mask = torch.zeros(g.size, dtype=torch.bool)
             mask[torch.randperm(g.size, generator=gen)[: int(g.size * fraction)]] = True
             picks[g.id] = mask
-        if not self.groups:
-            return []
-        small = self.backend.check_example(self)
-        if small is not None:
-            # a pass at the small batch is the verdict; anything else is judged at the
-            # example's own batch, so the small batch never withdraws a group
+        large = sum(t.numel() * t.element_size() for t in self.params.values()) > 1 << 30
+
+        def ok(groups: list[Group], example: tuple[tuple, dict] | None = None) -> str | None:
+            # the units zeroed here are the ones to remove: no pass over every weight to
+            # find the all-zero ones (0.25 s of vit_b_16's check)
+            removed = torch.cat([g.atoms[picks[g.id]] for g in groups])
             try:
-                if self._check(self.groups, picks, rtol, spill_above, small) is None:
-                    return []
-            except VerificationError:
-                pass
-            self.notes.append("verification on the first samples of the example found a difference: "
-                              "checked again on the whole batch")
-        bad = self._failures(picks, rtol, spill_above)
-        if bad:
-            ids = {g.id for g, _ in bad}
-            self.groups = [g for g in self.groups if g.id not in ids]
-            self.withdrawn.extend(bad)
-        return bad
+                with ZeroedInPlace(self.params, [(g, picks[g.id]) for g in groups], spill_above) as tensors:
+                    err = self.backend.compare(self, tensors, removed, example)
+            except GraphPruneError:
+                raise  # names its node, op and file already
+            except Exception as exc:
+                # a rewrite or emitter that raises has a bug: withdrawing the groups would
+                # hide it as less pruning
+                names = ", ".join(g.name for g in groups[:4]) + (f" (+{len(groups) - 4})" if len(groups) > 4 else "")
+                raise VerificationError(f"emitting or running the compact model raised {type(exc).__name__}: "
+                                        f"{exc} (checking groups {names})", source=self.ir.source,
+                                        hint="this is a graphprune bug: please report it with the model") from exc
+            reason = None if err < rtol else f"compact output differs (rel. error {err:.2e})"
+            if reason is not None or large:  # the compact model's modules hold each other: 3 GiB
+                gc.collect()  # per bisection step on Phi-3 until collected (0.25 s with the analysis alive)
+            release()  # the runs' buffers stay resident otherwise
+            return reason
 
-    def _check(self, groups: list[Group], picks: dict[int, torch.Tensor], rtol: float, spill_above: int,
-               example: tuple[tuple, dict] | None) -> str | None:
-        """Why the compact model without ``groups``' picked units fails to reproduce the
-        zeroed model on ``example`` (None: the model's own), or None where it does."""
-        # the units zeroed here are the ones to remove: no pass over every weight to find
-        # the all-zero ones (0.25 s of vit_b_16's check)
-        removed = torch.cat([g.atoms[picks[g.id]] for g in groups])
-        try:
-            with ZeroedInPlace(self.params, [(g, picks[g.id]) for g in groups], spill_above) as tensors:
-                err = self.backend.compare(self, tensors, removed, example)
-        except GraphPruneError:
-            raise  # names its node, op and file already
-        except Exception as exc:
-            # a rewrite or emitter that raises has a bug: withdrawing the groups would hide
-            # it as less pruning
-            names = ", ".join(g.name for g in groups[:4]) + (f" (+{len(groups) - 4})" if len(groups) > 4 else "")
-            raise VerificationError(f"emitting or running the compact model raised {type(exc).__name__}: "
-                                    f"{exc} (checking groups {names})", source=self.ir.source,
-                                    hint="this is a graphprune bug: please report it with the model") from exc
-        reason = None if err < rtol else f"compact output differs (rel. error {err:.2e})"
-        if reason is not None or sum(t.numel() * t.element_size() for t in self.params.values()) > 1 << 30:
-            gc.collect()  # the compact model's modules hold each other: 3 GiB per bisection step on
-            # Phi-3 until collected (0.25 s with the analysis alive)
-        release()  # the runs' buffers stay resident otherwise
-        return reason
-
-    def _failures(self, picks: dict[int, torch.Tensor], rtol: float, spill_above: int) -> list[tuple[Group, str]]:
-        """:meth:`verify`'s check of every group on the model's example, bisecting on
-        failure: the groups that fail alone, with the reason."""
         bad: list[tuple[Group, str]] = []
 
         def bisect(groups: list[Group]) -> None:
-            reason = self._check(groups, picks, rtol, spill_above, None)
+            reason = ok(groups)
             if reason is None:
                 return
             if len(groups) == 1:
@@ -357,7 +332,24 @@ class PrunableGraph:
             bisect(groups[:mid])
             bisect(groups[mid:])
 
+        if not self.groups:
+            return bad
+        small = self.backend.check_example(self)
+        if small is not None:
+            # a pass at the small batch is the verdict; anything else is judged at the
+            # example's own batch, so the small batch never withdraws a group
+            try:
+                if ok(self.groups, small) is None:
+                    return bad
+            except VerificationError:
+                pass
+            self.notes.append("verification on the first samples of the example found a difference: "
+                              "checked again on the whole batch")
         bisect(list(self.groups))
+        if bad:
+            ids = {g.id for g, _ in bad}
+            self.groups = [g for g in self.groups if g.id not in ids]
+            self.withdrawn.extend(bad)
         return bad
 
     def assert_zero_invariant(self, **kw: Any) -> None:
