@@ -20,25 +20,48 @@ from .compile import build
 from .tuning import tune
 
 
-def layer_module(layer: Layer, cin: int, cout: int) -> tuple[nn.Module, torch.Tensor]:
-    """The layer alone at input width ``cin`` and output width ``cout``, with an input for it."""
+class _WithEpilogue(nn.Module):
+    """A layer followed by its :attr:`~graphprune.ops.registry.Layer.epilogue`: activations, and
+    residual adds of extra inputs, so it compiles to the fused kernel the model runs."""
+
+    def __init__(self, core: nn.Module, epilogue: tuple[str, ...]) -> None:
+        super().__init__()
+        self.core, self.epilogue = core, epilogue
+
+    def forward(self, x: torch.Tensor, *residuals: torch.Tensor) -> torch.Tensor:
+        y, rest = self.core(x), iter(residuals)
+        for op in self.epilogue:
+            y = y + next(rest) if op == "add" else _ACTIVATIONS[op](y)
+        return y
+
+
+_ACTIVATIONS = {"relu": torch.relu, "relu6": lambda y: torch.clamp(y, 0.0, 6.0), "gelu": nn.functional.gelu,
+                "silu": nn.functional.silu, "sigmoid": torch.sigmoid, "hardswish": nn.functional.hardswish}
+
+
+def layer_module(layer: Layer, cin: int, cout: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The layer at input width ``cin`` and output width ``cout`` with its epilogue, and inputs for it
+    (the activation, then one tensor per residual add)."""
     torch.manual_seed(0)
     if layer.kind == "conv2d":
         groups = cin if layer.depthwise else layer.groups
-        module = nn.Conv2d(cin, cout, layer.kernel, layer.stride, layer.padding, layer.dilation, groups=groups)
+        core = nn.Conv2d(cin, cout, layer.kernel, layer.stride, layer.padding, layer.dilation, groups=groups)
         x = torch.randn(layer.rows, cin, *layer.size)
     elif layer.kind == "dense":
-        module, x = nn.Linear(cin, cout), torch.randn(layer.rows, cin)
+        core, x = nn.Linear(cin, cout), torch.randn(*(layer.lead or (layer.rows,)), cin)
     else:
         raise ValueError(f"no layer module for kind {layer.kind!r}")
-    return module.eval(), x
+    with torch.no_grad():
+        shape = core(x).shape
+    residuals = tuple(torch.randn(shape) for op in layer.epilogue if op == "add")
+    return _WithEpilogue(core, layer.epilogue).eval(), (x, *residuals)
 
 
 def measure_layer(layer: Layer, cin: int, cout: int, target: str = "x86",
                   tuning_db: str | os.PathLike | None = None, repeat: int = 5) -> float:
     """Median milliseconds of the compiled layer at widths ``cin`` x ``cout`` on ``target``."""
-    module, x = layer_module(layer, cin, cout)
-    return measure_model(module, (x,), target, tuning_db, repeat)
+    module, inputs = layer_module(layer, cin, cout)
+    return measure_model(module, inputs, target, tuning_db, repeat)
 
 
 def measure_model(model: Any, example_inputs: Any, target: str = "x86",

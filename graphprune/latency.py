@@ -5,9 +5,10 @@ lanes, so latency falls in steps as channels go, and a depthwise layer costs far
 FLOP than a dense one.  So the budget is met against measurements:
 
 1. **Latency tables.**  Every layer with a weight (the registry's :meth:`Rule.layer`) is
-   rebuilt alone at several widths and compiled and timed on the codegen target
+   rebuilt alone at several widths, with the elementwise ops the compiler fuses into it
+   (:func:`epilogue`), and compiled and timed on the codegen target
    (:func:`graphprune.codegen.layer_latency.measure_layer`, which reads the shared tuning
-   database).  A layer's time at input width ``i`` and output width ``o`` is taken as
+   database: with its epilogue a layer is the kernel the model tuned).  A layer's time at input width ``i`` and output width ``o`` is taken as
    ``T(i, C_out) * T(C_in, o) / T(C_in, C_out)`` from two measured curves, linear between
    the measured widths.  Tables are cached per target in a JSON file, so the next model
    with the same layer shapes measures nothing.
@@ -30,6 +31,7 @@ the units a training run ends with meet the budget as compiled.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -53,13 +55,83 @@ MeasureMasks = Callable[[Sequence[torch.Tensor]], float]
 
 
 def graph_layers(ir) -> list[tuple[Layer, str]]:
-    """Every layer of the traced graph with its weight's user-facing name (what group slices name)."""
-    out = []
+    """Every layer of the traced graph with its weight's user-facing name (what group slices name),
+    with the :func:`epilogue` the compiler fuses into it."""
+    out, users = [], ir.users()
     for node in ir:
         layer = rule_for(node.op).layer(node, ir)
         if layer is not None:
+            layer = dataclasses.replace(layer, epilogue=epilogue(node, ir, users), lead=_lead(layer, node, ir))
             out.append((layer, ir.values[layer.weight].source_name or layer.weight))
     return out
+
+
+def _lead(layer: Layer, node, ir) -> tuple[int, ...]:
+    """A dense layer's input dims before its channels where there are several (a transformer's
+    batch and tokens): a 3-d matmul is another kernel than the 2-d one of the same rows."""
+    if layer.kind != "dense":
+        return ()
+    acts = [ir.values[i].shape for i in node.inputs if ir.values[i].kind == "act"]
+    shape = tuple(acts[0]) if acts else ()
+    return shape[:-1] if len(shape) > 2 and shape[-1] == layer.channels[0] else ()
+
+
+#: activations a layer's kernel takes as its epilogue, by op name (ATen or ONNX, lower case)
+_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "sigmoid": "sigmoid", "hardswish": "hardswish"}
+#: per-channel affine ops that fold into a layer's bias before code generation
+_FOLDED = {"batch_norm", "_native_batch_norm_legit_no_training", "batchnormalization"}
+#: ops an inference graph compiles to nothing
+_IDENTITY = {"dropout", "identity", "clone", "contiguous"}
+
+
+def _op_name(node) -> str:
+    """``aten.relu_.default`` -> ``relu``, ``onnx::Clip`` -> ``clip``."""
+    name = str(node.source_op or node.target)
+    name = name.split("::")[-1] if "::" in name else name.removeprefix("aten.").split(".")[0]
+    return name.rstrip("_").lower()
+
+
+def _clip_bounds(node, ir) -> tuple[float, float] | None:
+    """A clip's constant bounds (hardtanh's arguments, ONNX Clip's constant inputs), or None."""
+    if str(node.source_op).startswith("aten."):
+        bounds = [a for a in node.args[1:3] if isinstance(a, (int, float))]
+        return (float(bounds[0]), float(bounds[1])) if len(bounds) == 2 else None
+    data = [ir.values[i].data for i in node.inputs[1:3]]
+    if len(data) != 2 or any(d is None or d.numel() != 1 for d in data):
+        return None
+    return float(data[0]), float(data[1])
+
+
+def epilogue(node, ir, users: dict | None = None) -> tuple[str, ...]:
+    """The elementwise ops after layer ``node`` that fuse into its kernel, in order: ``relu``,
+    ``relu6``, ``gelu``..., and ``add`` for a residual (another activation of the output's
+    shape).  Batch norms and constant bias adds fold into the layer's own bias and are not
+    listed.  A layer is timed with them (:func:`graphprune.codegen.layer_latency.layer_module`)
+    because the compiler fuses them: timed bare, a convolution is a different kernel from the
+    one the model runs, with no tuned record (a resnet18 stem alone ran on default schedules
+    at 77 ms, 30 times its tuned time in the model).  The walk stops where the value has
+    another user or the op is anything else."""
+    users = ir.users() if users is None else users
+    ops: list[str] = []
+    value = node.outputs[0]
+    while len(users.get(value, [])) == 1:
+        user = users[value][0]
+        name = _op_name(user)
+        acts = [i for i in user.inputs if i != value and ir.values[i].kind == "act"]
+        if name in _FOLDED or name in _IDENTITY:
+            pass
+        elif name in _ACTIVATIONS:
+            ops.append(_ACTIVATIONS[name])
+        elif name in ("hardtanh", "clip", "clamp") and _clip_bounds(user, ir) == (0.0, 6.0):
+            ops.append("relu6")
+        elif name == "add" and not acts:
+            pass  # a constant bias
+        elif name == "add" and len(acts) == 1 and ir.values[acts[0]].shape == ir.values[value].shape:
+            ops.append("add")
+        else:
+            break
+        value = user.outputs[0]
+    return tuple(ops)
 
 
 class LatencyTable:
@@ -81,7 +153,9 @@ class LatencyTable:
     def key(self, layer: Layer, cin: int, cout: int) -> str:
         g = _groups_at(layer, cin)
         return (f"{self.target}|{layer.kind}|rows={layer.rows}|size={layer.size}|k={layer.kernel}|s={layer.stride}"
-                f"|p={layer.padding}|d={layer.dilation}|g={g}|{cin}x{cout}")
+                f"|p={layer.padding}|d={layer.dilation}|g={g}|{cin}x{cout}"
+                + (f"|then={'+'.join(layer.epilogue)}" if layer.epilogue else "")
+                + (f"|lead={layer.lead}" if layer.lead else ""))
 
     def ms(self, layer: Layer, cin: int, cout: int) -> float:
         k = self.key(layer, cin, cout)
@@ -354,7 +428,7 @@ class LatencyPlan:
             return [torch.zeros(g.size, dtype=torch.bool) for g in self.model.groups]
         best: tuple[float, list[torch.Tensor], int] | None = None  # (rank, masks, index in run.rounds)
         dense_layers = self.model.predict([0] * len(self.model.groups))
-        layer_budget = run.budget_ms - self.other_ms
+        layer_budget = _first_layer_budget(dense_layers, dense, self.other_ms, run.budget_ms)
         for _ in range(self.rounds):
             masks = select_for_latency(self.model, scores, max(layer_budget, 0.0), self.levels, protect)
             predicted = self.model.predict([int(m.sum()) for m in masks])
@@ -374,7 +448,7 @@ class LatencyPlan:
                 break
             seen = [(dense_layers, dense)] + [(r["predicted_layers_ms"], r["measured_ms"] / r["dense_ms"] * dense)
                                               for r in run.rounds]
-            layer_budget = _next_layer_budget(seen, goal, layer_budget)
+            layer_budget = min(max(_next_layer_budget(seen, goal, layer_budget), 0.0), dense_layers)
         assert best is not None
         if best[0] > 1.0:
             fastest = min(r["measured_ms"] / r["dense_ms"] for r in run.rounds) * run.dense_ms
@@ -411,6 +485,16 @@ class LatencyPlan:
         return plan
 
 
+def _first_layer_budget(dense_layers: float, dense_ms: float, other_ms: float, budget_ms: float) -> float:
+    """The layers' time to ask for first: the budget less the time outside the layers, where
+    the table and the model agree that there is such time; else (the layers alone predicted
+    slower than the whole model: kernels the table times on other schedules than the model's)
+    the layers' predicted time scaled by the budget's share of the dense time."""
+    if 0.0 <= other_ms < dense_ms:
+        return budget_ms - other_ms
+    return dense_layers * budget_ms / dense_ms
+
+
 def _next_layer_budget(seen: Sequence[tuple[float, float]], goal: float, last: float) -> float:
     """The layers' time to ask for next, from each try's (predicted layer time, measured
     model time): interpolated between the nearest tries under and over ``goal`` where there
@@ -427,8 +511,10 @@ def _next_layer_budget(seen: Sequence[tuple[float, float]], goal: float, last: f
         (p0, m0), (p1, m1) = max(under), min(over)
     else:
         (p0, m0), (p1, m1) = sorted(seen)[:2]
-    if p1 == p0 or m1 == m0:
-        return last + goal - seen[-1][1]  # nothing to interpolate: shift by the last try's miss
+    if abs(p1 - p0) <= 1e-3 * max(p0, p1) or m1 == m0:
+        # nothing to interpolate: scale by the last try's miss (a ratio holds where the table's
+        # milliseconds are not the model's; a shift by the miss does not)
+        return last * goal / seen[-1][1]
     slope = (m1 - m0) / (p1 - p0)
     if slope <= 0:  # noise: slower at fewer layer-milliseconds; shift by the miss of the fastest
         return p0 + goal - m0

@@ -68,7 +68,11 @@ class Layer:
     """A layer with a weight, as a standalone computation a latency table can rebuild at
     other widths: its weight (an IR value), the weight dims that hold its input and output
     channels, and its geometry.  ``kind``: "conv2d" (``rows`` is the batch, ``size`` the input's
-    height and width) or "dense" (``rows`` the activation rows: batch x tokens)."""
+    height and width) or "dense" (``rows`` the activation rows: batch x tokens).
+    ``epilogue``: the elementwise ops after it in the graph that the compiler fuses into
+    its kernel, and ``lead`` a dense layer's input dims before its channels where there are
+    more than one, e.g. (batch, tokens) (see :func:`graphprune.latency.graph_layers`): a layer
+    is timed as the kernel the model runs."""
 
     weight: str
     kind: str
@@ -82,6 +86,8 @@ class Layer:
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+    epilogue: tuple[str, ...] = ()
+    lead: tuple[int, ...] = ()
 
     @property
     def depthwise(self) -> bool:

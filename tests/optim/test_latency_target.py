@@ -59,8 +59,75 @@ def test_onnx_graphs_have_the_same_layers(mobilenet, tmp_path):
     torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(path), dynamo=False, opset_version=17)
     onnx_layers = [layer for layer, _ in graph_layers(gp.trace(str(path), verify=False).ir)]
     torch_layers = [layer for layer, _ in graph_layers(g.ir)]
-    key = lambda l: (l.kind, l.channels, l.rows, l.size, l.kernel, l.stride, l.padding, l.groups)  # noqa: E731
+    key = lambda l: (l.kind, l.channels, l.rows, l.size, l.kernel, l.stride, l.padding, l.groups,  # noqa: E731
+                     l.epilogue)
     assert sorted(map(key, onnx_layers)) == sorted(map(key, torch_layers))
+
+
+def test_each_layer_carries_the_elementwise_ops_its_kernel_fuses(mobilenet):
+    """MobileNetV2: a ReLU6 after every expansion and depthwise convolution (after its batch
+    norm), the residual add after the projections of the blocks that keep their shape."""
+    model, g = mobilenet
+    layers = {name: layer for layer, name in graph_layers(g.ir)}
+    for i, block in enumerate(model.features[1:-1], start=1):
+        convs = [f"features.{i}.{n}.weight" for n, m in block.named_modules() if isinstance(m, nn.Conv2d)]
+        assert [layers[c].epilogue for c in convs[:-1]] == [("relu6",)] * (len(convs) - 1)
+        assert layers[convs[-1]].epilogue == (("add",) if block.use_res_connect else ())
+    assert layers["features.0.0.weight"].epilogue == ("relu6",) and layers["classifier.1.weight"].epilogue == ()
+
+
+def test_a_residual_block_and_a_transformer_mlp_read_their_epilogues():
+    """ResNet: the add and ReLU after a block's second convolution; ViT: GELU after the first
+    MLP layer, whose input is (batch, tokens, channels) and is timed as such."""
+    resnet = torchvision.models.resnet18(num_classes=10).eval()
+    layers = {n: l for l, n in graph_layers(gp.trace(resnet, (torch.randn(1, 3, 32, 32),), verify=False).ir)}
+    assert layers["conv1.weight"].epilogue == ("relu",) == layers["layer1.0.conv1.weight"].epilogue
+    assert layers["layer1.0.conv2.weight"].epilogue == ("add", "relu") == layers["layer2.0.downsample.0.weight"].epilogue
+    vit = torchvision.models.VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10).eval()
+    layers = {n: l for l, n in graph_layers(gp.trace(vit, (torch.randn(2, 3, 32, 32),), verify=False).ir)}
+    fc1 = layers["encoder.layers.encoder_layer_0.mlp.0.weight"]
+    assert (fc1.epilogue, fc1.lead) == (("gelu",), (2, 17))
+
+
+def test_a_layer_module_computes_its_layer_then_its_epilogue():
+    from graphprune.codegen.layer_latency import layer_module
+    from graphprune.ops.registry import Layer
+
+    layer = Layer("w", "conv2d", 1, 0, (8, 16), size=(6, 6), kernel=(3, 3), padding=(1, 1), epilogue=("add", "relu"))
+    module, (x, residual) = layer_module(layer, 4, 8)
+    conv = module.core
+    assert (conv.in_channels, conv.out_channels) == (4, 8) and residual.shape == (1, 8, 6, 6)
+    torch.testing.assert_close(module(x, residual), torch.relu(conv(x) + residual))
+    dense = Layer("w", "dense", 1, 0, (8, 16), rows=6, lead=(2, 3), epilogue=("gelu",))
+    module, (x,) = layer_module(dense, 8, 4)
+    assert x.shape == (2, 3, 8)
+    torch.testing.assert_close(module(x), nn.functional.gelu(module.core(x)))
+
+
+def test_a_table_slower_than_the_whole_model_still_lands():
+    """Layers timed alone on worse schedules than the model's (six times its time here): the
+    time outside the layers reads negative, so the first try asks for the budget's share of
+    the layers' time, and no round asks for less than nothing."""
+    from graphprune.latency import _first_layer_budget, _next_layer_budget
+
+    assert _first_layer_budget(213.0, 37.6, 37.6 - 213.0, 22.5) == pytest.approx(213.0 * 22.5 / 37.6)
+    assert _first_layer_budget(30.0, 37.6, 7.6, 22.5) == pytest.approx(22.5 - 7.6)
+    # two tries at one predicted time, both over: scaled by the miss, not shifted by it
+    assert _next_layer_budget([(213.0, 37.6), (213.0, 37.3)], 22.4, 213.0) == pytest.approx(213.0 * 22.4 / 37.3)
+
+
+@pytest.mark.parametrize("scale", [0.6, 2.5])
+def test_correction_lands_when_the_table_is_several_times_the_model(mobilenet, scale):
+    """The layers alone predicted 2.4 to 10 times the whole model (default schedules against tuned ones)."""
+    _, g = mobilenet
+    model, _ = model_for(g)
+    whole = lambda masks: model.predict([int(m.sum()) for m in masks]) / 6 * scale + 0.01  # noqa: E731
+    dense = whole([torch.zeros(grp.size, dtype=torch.bool) for grp in g.groups])
+    scores, levels = random_scores_and_widths(g)
+    masks, run = meet_latency(model, scores, gp.Target(latency_ms=0.6 * dense), levels, whole)
+    assert abs(whole(masks) / (0.6 * dense) - 1) <= 0.05
+    # the first try already lands: asked for the budget less a negative "rest", it removed next to nothing
+    assert abs(run.rounds[0]["measured_ms"] / (0.6 * dense) - 1) <= 0.05
 
 
 def model_for(g, measure=staircase) -> tuple[LatencyModel, LatencyTable]:
