@@ -35,6 +35,7 @@ class _WithEpilogue(nn.Module):
         return y
 
 
+#: the epilogue's activations (:data:`graphprune.latency.ACTIVATIONS`, and ``relu6``)
 _ACTIVATIONS = {"relu": torch.relu, "relu6": lambda y: torch.clamp(y, 0.0, 6.0), "gelu": nn.functional.gelu,
                 "silu": nn.functional.silu, "sigmoid": torch.sigmoid, "hardswish": nn.functional.hardswish}
 

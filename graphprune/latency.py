@@ -8,8 +8,8 @@ FLOP than a dense one.  So the budget is met against measurements:
    rebuilt alone at several widths, with the elementwise ops the compiler fuses into it
    (:func:`epilogue`), and compiled and timed on the codegen target
    (:func:`graphprune.codegen.layer_latency.measure_layer`, which reads the shared tuning
-   database: with its epilogue a layer is the kernel the model tuned).  A layer's time at input width ``i`` and output width ``o`` is taken as
-   ``T(i, C_out) * T(C_in, o) / T(C_in, C_out)`` from two measured curves, linear between
+   database: with its epilogue a layer is the kernel the model tuned).  A layer's time at
+   input width ``i`` and output width ``o`` is taken as ``T(i, C_out) * T(C_in, o) / T(C_in, C_out)`` from two measured curves, linear between
    the measured widths.  Tables are cached per target in a JSON file, so the next model
    with the same layer shapes measures nothing.
 2. **Selection.**  Greedy knapsack: each group steps down through its allowed widths
@@ -31,10 +31,9 @@ the units a training run ends with meet the budget as compiled.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -61,7 +60,7 @@ def graph_layers(ir) -> list[tuple[Layer, str]]:
     for node in ir:
         layer = rule_for(node.op).layer(node, ir)
         if layer is not None:
-            layer = dataclasses.replace(layer, epilogue=epilogue(node, ir, users), lead=_lead(layer, node, ir))
+            layer = replace(layer, epilogue=epilogue(node, ir, users), lead=_lead(layer, node, ir))
             out.append((layer, ir.values[layer.weight].source_name or layer.weight))
     return out
 
@@ -76,8 +75,9 @@ def _lead(layer: Layer, node, ir) -> tuple[int, ...]:
     return shape[:-1] if len(shape) > 2 and shape[-1] == layer.channels[0] else ()
 
 
-#: activations a layer's kernel takes as its epilogue, by op name (ATen or ONNX, lower case)
-_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "sigmoid": "sigmoid", "hardswish": "hardswish"}
+#: activations a layer's kernel takes as its epilogue, by op name (ATen or ONNX, lower case),
+#: each an epilogue entry of its own name (and ``relu6``: a clip to [0, 6])
+ACTIVATIONS = frozenset({"relu", "gelu", "silu", "sigmoid", "hardswish"})
 #: per-channel affine ops that fold into a layer's bias before code generation
 _FOLDED = {"batch_norm", "_native_batch_norm_legit_no_training", "batchnormalization"}
 #: ops an inference graph compiles to nothing
@@ -110,7 +110,8 @@ def epilogue(node, ir, users: dict | None = None) -> tuple[str, ...]:
     because the compiler fuses them: timed bare, a convolution is a different kernel from the
     one the model runs, with no tuned record (a resnet18 stem alone ran on default schedules
     at 77 ms, 30 times its tuned time in the model).  The walk stops where the value has
-    another user or the op is anything else."""
+    another user or the op is anything else.  An add that joins two layers' outputs (a
+    residual block's shortcut convolution) is listed for both: it fuses into one of them."""
     users = ir.users() if users is None else users
     ops: list[str] = []
     value = node.outputs[0]
@@ -120,8 +121,8 @@ def epilogue(node, ir, users: dict | None = None) -> tuple[str, ...]:
         acts = [i for i in user.inputs if i != value and ir.values[i].kind == "act"]
         if name in _FOLDED or name in _IDENTITY:
             pass
-        elif name in _ACTIVATIONS:
-            ops.append(_ACTIVATIONS[name])
+        elif name in ACTIVATIONS:
+            ops.append(name)
         elif name in ("hardtanh", "clip", "clamp") and _clip_bounds(user, ir) == (0.0, 6.0):
             ops.append("relu6")
         elif name == "add" and not acts:
@@ -419,15 +420,15 @@ class LatencyPlan:
         model moves by a few percent: resnet18's last round at 4.7% under its budget
         re-measured at 7.4% under), else the closest of ``rounds`` tries, preferring one not
         over the budget by more than ``tolerance``, recorded in :attr:`run`."""
+        dense_layers = self.model.predict([0] * len(self.model.groups))
         if target.progress < 1.0 or not measured:
-            return select_for_latency(self.model, scores, max(self.budget(target) - self.other_ms, 0.0),
-                                      self.levels, protect)
+            layers = _first_layer_budget(dense_layers, self.dense_ms, self.other_ms, self.budget(target))
+            return select_for_latency(self.model, scores, max(layers, 0.0), self.levels, protect)
         dense = self.dense_ms
         self.run = run = LatencyRun(target.budget_ms(dense), dense)
         if run.budget_ms >= dense:
             return [torch.zeros(g.size, dtype=torch.bool) for g in self.model.groups]
         best: tuple[float, list[torch.Tensor], int] | None = None  # (rank, masks, index in run.rounds)
-        dense_layers = self.model.predict([0] * len(self.model.groups))
         layer_budget = _first_layer_budget(dense_layers, dense, self.other_ms, run.budget_ms)
         for _ in range(self.rounds):
             masks = select_for_latency(self.model, scores, max(layer_budget, 0.0), self.levels, protect)
@@ -539,5 +540,5 @@ def measure_masks_fn(g, measure_model: Callable[[object], float]) -> MeasureMask
     return measure
 
 
-__all__ = ["GRID", "LatencyModel", "LatencyPlan", "LatencyRun", "LatencyTable", "graph_layers", "meet_latency",
+__all__ = ["ACTIVATIONS", "GRID", "LatencyModel", "LatencyPlan", "LatencyRun", "LatencyTable", "epilogue", "graph_layers", "meet_latency",
            "measure_masks_fn", "select_for_latency"]

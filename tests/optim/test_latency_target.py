@@ -90,8 +90,11 @@ def test_a_residual_block_and_a_transformer_mlp_read_their_epilogues():
 
 
 def test_a_layer_module_computes_its_layer_then_its_epilogue():
-    from graphprune.codegen.layer_latency import layer_module
+    from graphprune.codegen.layer_latency import _ACTIVATIONS, layer_module
+    from graphprune.latency import ACTIVATIONS
     from graphprune.ops.registry import Layer
+
+    assert set(_ACTIVATIONS) == ACTIVATIONS | {"relu6"}  # every activation an epilogue names can be built
 
     layer = Layer("w", "conv2d", 1, 0, (8, 16), size=(6, 6), kernel=(3, 3), padding=(1, 1), epilogue=("add", "relu"))
     module, (x, residual) = layer_module(layer, 4, 8)
