@@ -540,5 +540,5 @@ def measure_masks_fn(g, measure_model: Callable[[object], float]) -> MeasureMask
     return measure
 
 
-__all__ = ["ACTIVATIONS", "GRID", "LatencyModel", "LatencyPlan", "LatencyRun", "LatencyTable", "epilogue", "graph_layers", "meet_latency",
-           "measure_masks_fn", "select_for_latency"]
+__all__ = ["ACTIVATIONS", "GRID", "LatencyModel", "LatencyPlan", "LatencyRun", "LatencyTable", "epilogue",
+           "graph_layers", "meet_latency", "measure_masks_fn", "select_for_latency"]
