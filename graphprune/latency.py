@@ -43,7 +43,7 @@ from graphprune.analysis.groups import Group
 from graphprune.atomic import atomic_path
 from graphprune.errors import UnprunableTargetError
 from graphprune.ops.catalog import rule_for
-from graphprune.ops.registry import Layer
+from graphprune.ops.registry import Layer, op_kind
 from graphprune.target import Target
 
 #: Widths (fractions of the full width) each layer curve is measured at.
@@ -84,13 +84,6 @@ _FOLDED = {"batch_norm", "_native_batch_norm_legit_no_training", "batchnormaliza
 _IDENTITY = {"dropout", "identity", "clone", "contiguous"}
 
 
-def _op_name(node) -> str:
-    """``aten.relu_.default`` -> ``relu``, ``onnx::Clip`` -> ``clip``."""
-    name = str(node.source_op or node.target)
-    name = name.split("::")[-1] if "::" in name else name.removeprefix("aten.").split(".")[0]
-    return name.rstrip("_").lower()
-
-
 def _clip_bounds(node, ir) -> tuple[float, float] | None:
     """A clip's constant bounds (hardtanh's arguments, ONNX Clip's constant inputs), or None."""
     if str(node.source_op).startswith("aten."):
@@ -117,7 +110,7 @@ def epilogue(node, ir, users: dict | None = None) -> tuple[str, ...]:
     value = node.outputs[0]
     while len(users.get(value, [])) == 1:
         user = users[value][0]
-        name = _op_name(user)
+        name = op_kind(user).rstrip("_").lower()  # relu_ and Relu read as relu
         acts = [i for i in user.inputs if i != value and ir.values[i].kind == "act"]
         if name in _FOLDED or name in _IDENTITY:
             pass

@@ -14,18 +14,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .ir.graph import Graph
+from .ops.registry import op_kind
 
-# ops that squash their input into a bounded range, by the IR's source_op spelling
-_SATURATING_ATEN = frozenset({"softmax", "_softmax", "log_softmax", "_log_softmax", "sigmoid", "sigmoid_",
-                              "_safe_softmax"})
-_SATURATING_ONNX = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "HardSigmoid"})
-
-
-def _saturating(source_op: str) -> bool:
-    if source_op.startswith("onnx::"):
-        return source_op[len("onnx::"):] in _SATURATING_ONNX
-    parts = source_op.split(".")
-    return len(parts) >= 2 and parts[0] == "aten" and parts[1] in _SATURATING_ATEN
+# ops that squash their input into a bounded range (ATen packets and ONNX op types)
+_SATURATING = frozenset({"softmax", "_softmax", "log_softmax", "_log_softmax", "sigmoid", "sigmoid_",
+                         "_safe_softmax", "Softmax", "LogSoftmax", "Sigmoid", "HardSigmoid"})
 
 
 def pre_activations(ir: Graph) -> list[str]:
@@ -35,7 +28,7 @@ def pre_activations(ir: Graph) -> list[str]:
     out: list[str] = []
     for name in ir.outputs:
         node = producer.get(name)
-        if node is not None and _saturating(node.source_op) and node.inputs:
+        if node is not None and op_kind(node) in _SATURATING and node.inputs:
             x = node.inputs[0]
             if x not in out and ir.values[x].kind not in ("param", "buffer", "const"):
                 out.append(x)

@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..ir.graph import Graph, Node, Ref, Value
 from ..ops.catalog import canonical_aten, decomposes, shape_only
+from ..ops.registry import op_kind
 from .composites import mode_base
 from .module_slots import one_name_per_slot
 from .torch_export import named_args
@@ -190,7 +191,7 @@ class _FactoryAliases(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if isinstance(out, torch.Tensor) and id(out) not in self.rec.names and len(self.rec.nodes) > before:
             last = self.rec.nodes[-1]
-            factory = not last.inputs or last.source_op.split(".")[1].endswith("_like")
+            factory = not last.inputs or op_kind(last).endswith("_like")
             if factory and len(last.outputs) == 1 and self.rec.values[last.outputs[0]].shape == tuple(out.shape):
                 self.rec.names[id(out)] = last.outputs[0]
                 self.rec.keep.append(out)

@@ -12,7 +12,7 @@ import torch
 from ..analysis.labels import Field, Labels
 from ..ir.graph import Node, Ref
 from .common import broadcast, in_place, same_shape, tensor_attr, torch_dtype, true_division
-from .registry import OnnxOp, Rule, register
+from .registry import OnnxOp, Rule, op_kind, register
 
 F = torch.nn.functional
 
@@ -87,12 +87,11 @@ ZERO_PRESERVING = (  # f(0) == 0: a removed (zero) entry stays zero
     "sin", "erf", "square", "sign", "floor", "ceil", "round", "trunc", "dropout", "dropout_", "feature_dropout",
     "clone", "contiguous", "alias", "detach", "detach_", "to", "_to_copy", "float", "half", "bfloat16",
     "nan_to_num", "lift_fresh_copy", "prelu_scalar", "asin", "asinh", "atan", "atanh", "sinh", "tan", "expm1",
-    "bernoulli", "onnx::Asin", "onnx::Asinh", "onnx::Atan", "onnx::Atanh", "onnx::Sinh", "onnx::Tan", "onnx::Swish",
-    "onnx::Bernoulli",
-    "onnx::Relu", "onnx::Tanh", "onnx::Gelu", "onnx::HardSwish", "onnx::LeakyRelu", "onnx::Elu", "onnx::Selu",
-    "onnx::Mish", "onnx::Neg", "onnx::Sqrt", "onnx::Abs", "onnx::Sin", "onnx::Erf", "onnx::Sign", "onnx::Floor",
-    "onnx::Ceil", "onnx::Round", "onnx::Dropout", "onnx::Identity", "onnx::Cast", "onnx::CastLike", "onnx::Celu",
-    "onnx::ThresholdedRelu", "onnx::Softsign",
+    "bernoulli",
+    # ONNX
+    "Asin", "Asinh", "Atan", "Atanh", "Sinh", "Tan", "Swish", "Bernoulli", "Relu", "Tanh", "Gelu", "HardSwish",
+    "LeakyRelu", "Elu", "Selu", "Mish", "Neg", "Sqrt", "Abs", "Sin", "Erf", "Sign", "Floor", "Ceil", "Round",
+    "Dropout", "Identity", "Cast", "CastLike", "Celu", "ThresholdedRelu", "Softsign",
 )
 ONNX_UNARY = {
     "Relu": _unary(torch.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),
@@ -147,11 +146,11 @@ ONNX_NARY = {
 # the nonlinearity each activation op applies, as the optimizers model it (leaky and
 # parametric ReLUs as ReLU, clamps and Clip as ReLU6, GELU's erf form as GELU)
 ACTIVATIONS = {
-    **dict.fromkeys(("relu", "relu_", "leaky_relu", "leaky_relu_", "prelu_scalar", "onnx::Relu", "onnx::LeakyRelu",
-                     "onnx::ThresholdedRelu", "prelu", "_prelu_kernel", "onnx::PRelu"), "relu"),
-    **dict.fromkeys(("relu6", "hardtanh", "hardtanh_", "clamp", "clamp_", "clamp_min", "clamp_max", "onnx::Clip"),
+    **dict.fromkeys(("relu", "relu_", "leaky_relu", "leaky_relu_", "prelu_scalar", "Relu", "LeakyRelu",
+                     "ThresholdedRelu", "prelu", "_prelu_kernel", "PRelu"), "relu"),
+    **dict.fromkeys(("relu6", "hardtanh", "hardtanh_", "clamp", "clamp_", "clamp_min", "clamp_max", "Clip"),
                     "relu6"),
-    **dict.fromkeys(("gelu", "gelu_", "erf", "onnx::Gelu", "onnx::Erf"), "gelu"),
+    **dict.fromkeys(("gelu", "gelu_", "erf", "Gelu", "Erf"), "gelu"),
     **dict.fromkeys(("silu", "silu_"), "silu"),
 }
 
@@ -179,8 +178,8 @@ class Unary(Rule):
         whose range holds 0."""
         if not node.inputs or not lab.is_zero(node.inputs[0]):
             return False
-        kind = _kind(node)
-        if kind == "onnx::Shrink":  # 0 lies inside [-lambd, lambd] and maps to 0
+        kind = op_kind(node)
+        if kind == "Shrink":  # 0 lies inside [-lambd, lambd] and maps to 0
             return float(node.attrs.get("lambd", 0.5)) >= 0 or float(node.attrs.get("bias", 0.0)) == 0
         if kind in ("clamp", "clamp_", "clamp_min", "clamp_max", "hardtanh", "hardtanh_"):
             lo = node.attrs.get("min", node.attrs.get("min_val", -1.0 if "hardtanh" in kind else None))
@@ -190,7 +189,7 @@ class Unary(Rule):
         return kind in ZERO_PRESERVING
 
     def activation(self, node: Node) -> str | None:
-        return ACTIVATIONS.get(_kind(node))
+        return ACTIVATIONS.get(op_kind(node))
 
 
 @register("elementwise", aten=NARY, onnx=ONNX_NARY, shape_only={
@@ -266,7 +265,7 @@ class Elementwise(Rule):
         operand whose atoms are coupled with the output's at every position counts: an
         unlabelled one broadcast onto removed positions puts its entries there, and a
         product's smaller factor may be pinned instead (``union_unless_whole``)."""
-        kind, ins, out = _kind(node), list(dict.fromkeys(node.inputs)), node.outputs[0]
+        kind, ins, out = op_kind(node), list(dict.fromkeys(node.inputs)), node.outputs[0]
         if kind in ADDITIVE:  # every operand is coupled elementwise (propagate's plain union)
             scalars = [node.attrs.get(k) for k in ("input", "other") if k in node.attrs]
             return all(_zero_operand(lab, i, out, broadcast=True) for i in ins) \
@@ -276,9 +275,9 @@ class Elementwise(Rule):
         first = node.args[0] if node.args else None
         if not (isinstance(first, Ref) and _zero_operand(lab, first.name, out)):
             return False
-        if kind in ("div", "div_", "onnx::Div", "prelu", "_prelu_kernel", "onnx::PRelu"):
+        if kind in ("div", "div_", "Div", "prelu", "_prelu_kernel", "PRelu"):
             return True
-        if kind in ("pow", "pow_", "onnx::Pow"):
+        if kind in ("pow", "pow_", "Pow"):
             e = node.attrs.get("exponent", node.args[1] if len(node.args) > 1 else None)
             if isinstance(e, Ref):
                 v = lab.graph.values[e.name]
@@ -289,7 +288,7 @@ class Elementwise(Rule):
         return False
 
     def activation(self, node: Node) -> str | None:
-        return ACTIVATIONS.get(_kind(node))  # a parametric ReLU
+        return ACTIVATIONS.get(op_kind(node))  # a parametric ReLU
 
 
 def _representative(labelled: list, lab: Labels) -> tuple:
@@ -332,32 +331,25 @@ def _collapse(lab: Labels, f: Field, axes: tuple[int, ...], keep: tuple[int, ...
     return Field(tuple(f.axes[k] for k in shared), rows[..., 0].contiguous()), tuple(axes[k] for k in shared)
 
 
-def _kind(node: Node) -> str:
-    """``add`` for ``aten.add.Tensor``, ``onnx::Add`` for ONNX."""
-    return node.source_op.split(".")[1] if node.source_op.startswith("aten.") else node.source_op
-
-
-ADDITIVE = ("add", "add_", "sub", "sub_", "maximum", "minimum", "onnx::Add", "onnx::Sub", "onnx::Sum",
-            "onnx::Mean", "onnx::Max", "onnx::Min")
-PRODUCT = ("mul", "mul_", "onnx::Mul")
-ARITHMETIC = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",
-              "onnx::Add", "onnx::Sub", "onnx::Mul", "onnx::Div")
+ADDITIVE = ("add", "add_", "sub", "sub_", "maximum", "minimum", "Add", "Sub", "Sum", "Mean", "Max", "Min")
+PRODUCT = ("mul", "mul_", "Mul")
+ARITHMETIC = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "Add", "Sub", "Mul", "Div")
 
 
 def is_arithmetic(node: Node) -> bool:
     """Whether ``node`` is a plain binary broadcasting add/sub/mul/div, so an operand may be
     replaced by any tensor that broadcasts to the same values (operator erasure swaps an
     erased residual branch for its constant output this way)."""
-    return _kind(node) in ARITHMETIC and len(node.inputs) == 2
+    return op_kind(node) in ARITHMETIC and len(node.inputs) == 2
 
 
 def _zero_preserving(node: Node, rep: str) -> bool:
     """Whether a zero entry of ``rep`` stays zero whatever the other operand holds
     (``rep * other``, ``rep / other``): only then may ``rep`` lose entries alone."""
-    kind = _kind(node)
-    if kind in ("mul", "mul_", "onnx::Mul"):
+    kind = op_kind(node)
+    if kind in ("mul", "mul_", "Mul"):
         return True
-    return kind in ("div", "div_", "onnx::Div") and node.inputs[0] == rep
+    return kind in ("div", "div_", "Div") and node.inputs[0] == rep
 
 
 def _expand_to(labels: torch.Tensor, axes: tuple[int, ...], target: tuple[int, ...],
@@ -437,12 +429,12 @@ class Creation(Rule):
     (each entry is made alone: nothing couples), and ``zeros_like`` is zero where removed."""
 
     def propagate(self, node: Node, lab: Labels) -> None:
-        like = _kind(node) in LIKE and node.inputs and lab.shape(node.inputs[0]) == lab.shape(node.outputs[0])
+        like = op_kind(node) in LIKE and node.inputs and lab.shape(node.inputs[0]) == lab.shape(node.outputs[0])
         for o in node.outputs:
             lab.fields[o] = lab.field(node.inputs[0]) if like else None
 
     def keeps_zero(self, node: Node, lab: Labels) -> bool:
-        kind = _kind(node)
+        kind = op_kind(node)
         return kind == "zeros_like" or (kind == "full_like" and node.attrs.get("fill_value") == 0)
 
 

@@ -17,7 +17,7 @@ from ..analysis.labels import Field, Labels
 from ..errors import GraphPruneError
 from ..ir.graph import Node
 from .common import as_list, ref_name, same_pads
-from .registry import OnnxOp, Rule, register
+from .registry import OnnxOp, Rule, op_kind, register
 from .rewrite import Call, OnnxArg, OnnxCall, OnnxContext, Phantom, Rewrite
 
 F = torch.nn.functional
@@ -250,11 +250,6 @@ SUMS = ("sum", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2")  # exact 
 MEANS = ("mean", "ReduceMean")  # exact as a sum over the original count (rewritten below)
 
 
-def _kind(node: Node) -> str:
-    """``sum`` for ``aten.sum.dim_IntList``, ``ReduceSum`` for ``onnx::ReduceSum``."""
-    return node.source_op.split(".")[1] if node.source_op.startswith("aten.") else node.source_op[len("onnx::"):]
-
-
 def mean_of_original(x: torch.Tensor, dim: list[int] | None, keepdim: bool, n: int,
                      dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x.mean(dim)`` as if the reduced axes still had ``n`` entries in all, the missing
@@ -307,7 +302,7 @@ MEAN_OF_ORIGINAL = Phantom("mean_of_original", mean_of_original, _mean_onnx)
 def _mixes_channels(node: Node, lab: Labels) -> str:
     """Why a reduction over labelled (channel) entries keeps them: what it computes
     changes when one is removed (a sum or mean only unless its input is zero where removed)."""
-    kind = _kind(node)
+    kind = op_kind(node)
     if kind in SUMS + MEANS:
         what = "a mean" if kind in MEANS else "a sum"
         why = "its input is not zero where channels would be removed" if not lab.is_zero(node.inputs[0]) \
@@ -346,15 +341,15 @@ class Reduce(Rule):
         x = node.inputs[0]
         f = lab.field(x)
         reduced = [a for a in f.axes if a in dims]
-        return _kind(node) in SUMS + MEANS and len(node.outputs) == 1 and lab.is_zero(x) \
+        return op_kind(node) in SUMS + MEANS and len(node.outputs) == 1 and lab.is_zero(x) \
             and (len(reduced) == len(f.axes) or len(reduced) == 1)
 
     def keeps_zero(self, node: Node, lab: Labels) -> bool:
-        return _kind(node) in ZERO_PRESERVING and lab.is_zero(node.inputs[0])
+        return op_kind(node) in ZERO_PRESERVING and lab.is_zero(node.inputs[0])
 
     def rewrite(self, node, shrink) -> Rewrite | None:
         """A mean over a shrunk axis divides by the original count."""
-        if _kind(node) not in MEANS:
+        if op_kind(node) not in MEANS:
             return None
         x = node.inputs[0]
         old, new = shrink.old_shape(x), shrink.new_shape(x)

@@ -195,6 +195,14 @@ class DeclaredBarrier(Rule):
         lab.barrier(node, self.reason)
 
 
+def op_kind(node: "Node") -> str:
+    """The op's name as the entries compare it: the ATen packet (``add_`` for
+    ``aten.add_.Tensor``) or the ONNX op type (``Add`` for ``onnx::Add``); ONNX types are
+    capitalised, so the two vocabularies never collide."""
+    op = node.source_op
+    return op.split(".")[1] if op.startswith("aten.") else op.removeprefix("onnx::")
+
+
 def declare_barrier(op: str, reason: str, *, aten: tuple[str, ...] = (), onnx: tuple[str, ...] = ()) -> None:
     """Register canonical ``op`` as a barrier with ``reason`` under ATen names and ONNX op
     types.  Its ONNX types have no torch implementation: nothing is pruned through them,

@@ -24,7 +24,7 @@ import torch
 from ..analysis.labels import Field, Labels
 from ..ir.graph import Node
 from .common import ref_name, tensor_attr
-from .registry import OnnxOp, Rule, register
+from .registry import OnnxOp, Rule, op_kind, register
 from .rewrite import Call, OnnxCall, OnnxContext, Phantom, Rewrite
 
 aten = torch.ops.aten
@@ -37,10 +37,6 @@ _STATE_PATH = ("aten.slice", "aten.expand", "aten.view", "aten.reshape", "aten.u
                "aten.contiguous", "aten.clone", "aten._to_copy", "onnx::Slice", "onnx::Expand", "onnx::Unsqueeze",
                "onnx::Reshape", "onnx::Squeeze", "onnx::Identity", "onnx::Cast", "onnx::Gather")
 _ZERO_MAKERS = ("aten.zeros.", "aten.new_zeros.", "aten.zeros_like.")
-
-
-def _kind(node: Node) -> str:
-    return node.source_op.split(".")[1] if node.source_op.startswith("aten.") else node.source_op[len("onnx::"):]
 
 
 def _zero_state(lab: Labels, name: str) -> bool:
@@ -143,7 +139,7 @@ class AtenRNN(Rule):
     def propagate(self, node: Node, lab: Labels) -> None:
         if "batch_sizes" in node.attrs:
             return lab.barrier(node, "a packed sequence (batch_sizes): not analysed; pad the batch instead")
-        a, kind = node.attrs, _kind(node)
+        a, kind = node.attrs, op_kind(node)
         gates, dirs, layers = GATES[kind], 2 if a.get("bidirectional") else 1, int(a.get("num_layers", 1))
         params = [ref_name(p) for p in a["params"]]
         per = 4 if a.get("has_biases", True) else 2
@@ -192,7 +188,7 @@ class AtenRNN(Rule):
         a = node.attrs
         hx = [ref_name(h) for h in (a["hx"] if isinstance(a["hx"], (list, tuple)) else [a["hx"]])]
         index = kept.nonzero().reshape(-1).tolist()
-        attrs = dict(kind=_kind(node), n_hx=len(hx),
+        attrs = dict(kind=op_kind(node), n_hx=len(hx),
                      kept=[index if shrink.lab.fields.get(h) is None else None for h in hx],
                      has_biases=bool(a.get("has_biases", True)), num_layers=int(a.get("num_layers", 1)),
                      dropout=float(a.get("dropout", 0.0)), train=bool(a.get("train", False)),
@@ -305,7 +301,7 @@ class OnnxRNN(Rule):
     """One atom per hidden index of the node, across gates and directions."""
 
     def propagate(self, node: Node, lab: Labels) -> None:
-        a, op = node.attrs, _kind(node)
+        a, op = node.attrs, op_kind(node)
         gates = GATES[op]
         names = {k: ref_name(a.get(k)) for k in _ONNX_INPUTS}
         x, w, r, b, p = names["X"], names["W"], names["R"], names["B"], names["P"]
