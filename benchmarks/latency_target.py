@@ -4,7 +4,7 @@ measured latency, met with the compiler in the loop (``gp.Target(latency=0.4)`` 
 Not run in CI (each model measures tens of compiled layers and several whole models).
 ``python benchmarks/latency_target.py [--models resnet18,mobilenet_v2,vit,bert] [--budgets 0.6,0.4]
 [--criterion l2] [--multiple 8] [--threads 1] [--tuning-db DIR] [--tune-minutes 3] [--quality-models resnet20,vit]
-[--quality-criterion obspa] [--recover-steps 200] [--results benchmarks/results/latency_target.txt]``
+[--quality-criterion obspa] [--recover-steps 200] [--resume] [--results benchmarks/results/latency_target.txt]``
 
 Per model: the dense model is tuned for ``--tune-minutes`` (as a user tunes once), then
 compiled and timed (``graphprune.codegen``, the same build a compile does: every pruned form
@@ -32,11 +32,19 @@ FLOPs target whose compact model measures the same (within 2%, else the nearest 
 and scores both: test accuracy after one-shot pruning with calibration, and after the same
 recovery.  Both use one criterion, calibration set and width multiple; only the allocation
 differs.
+
+A whole run takes about three hours on 2 cores.  Each model's finished rows (both tables)
+are kept under ``benchmarks/cache/latency_target/``, keyed by the options and a digest of the
+code (:func:`pretrained.code_digest`), so ``--resume`` finishes an interrupted run of the same
+command on the same code, measuring only the models it had not finished; the header names
+those it took from the earlier run.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import os
 import shlex
 import sys
@@ -47,6 +55,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "latency_target.txt"
+UNITS = ROOT / "benchmarks" / "cache" / "latency_target"
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,7 +76,37 @@ def parse_args() -> argparse.Namespace:
                     help="the batch the digits models are timed at (at batch 2 a 16-token ViT is mostly overhead)")
     ap.add_argument("--recover-steps", type=int, default=200)
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--resume", action="store_true",
+                    help="take the models an earlier run of this command on the same code finished")
     return ap.parse_args()
+
+
+class Units:
+    """One model's finished rows of one table, kept for ``--resume`` in a JSON file keyed by
+    the table, the model, the options that change its rows and the code's digest."""
+
+    def __init__(self, args: argparse.Namespace, digest: str) -> None:
+        options = {k: v for k, v in vars(args).items() if k not in ("results", "resume", "models", "quality_models")}
+        options["tuning_db"] = args.tuning_db  # None: a fresh database per run, whatever its folder
+        self.options, self.digest, self.resume, self.resumed = options, digest, args.resume, []
+
+    def path(self, table: str, model: str) -> Path:
+        key = hashlib.sha1(repr((table, model, sorted(self.options.items()), self.digest)).encode()).hexdigest()[:16]
+        return UNITS / f"{table}-{model}-{key}.json"
+
+    def load(self, table: str, model: str) -> dict | None:
+        path = self.path(table, model)
+        if not (self.resume and path.exists()):
+            return None
+        self.resumed.append(f"{model} ({table})")
+        return json.loads(path.read_text())
+
+    def save(self, table: str, model: str, rows: dict) -> None:
+        from graphprune.atomic import atomic_path
+
+        UNITS.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path(table, model)) as tmp:
+            Path(tmp).write_text(json.dumps(rows))
 
 
 def main() -> None:
@@ -83,6 +122,9 @@ def main() -> None:
     from graphprune.codegen.layer_latency import PairedTimer
     from latency import make_model
 
+    from pretrained import code_digest
+
+    units = Units(args, code_digest())
     fresh = args.tuning_db is None
     if fresh:
         args.tuning_db = tempfile.mkdtemp(prefix="graphprune-latency-target-")
@@ -93,6 +135,12 @@ def main() -> None:
 
     rows, details = [], []
     for name in filter(None, args.models.split(",")):
+        done = units.load("budgets", name)
+        if done is not None:
+            rows += done["rows"]
+            details += done["details"]
+            continue
+        first = len(rows)
         made = make_model(name)
         if made is None:
             rows.append(f"| {name} | n/a (not installed) |" + " |" * 9)
@@ -118,13 +166,16 @@ def main() -> None:
                               for i, r in enumerate(run.rounds))
             details.append(f"- {name} {fraction:.0%}: {tries}")
             print(rows[-1], details[-1], sep="\n", flush=True)
-    quality = quality_rows(args, tuned) if args.quality_models else []
+        units.save("budgets", name, {"rows": rows[first:], "details": details[first:]})
+    quality = quality_rows(args, tuned, units) if args.quality_models else []
     within = sum(abs(float(r.split("|")[6].strip().rstrip("%")) / 100) <= 0.05 for r in rows if "n/a" not in r)
     measured = sum("n/a" not in r for r in rows)
     lines = [f"# {shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])}",
              f"# x86 (TVM), {args.threads} thread(s), criterion {args.criterion}, widths multiple of {args.multiple}, "
              f"each dense model tuned {args.tune_minutes:g} min into "
              f"{'one database that starts empty' if fresh else args.tuning_db} (pruned forms carry its schedules over)",
+             *([f"# resumed: {', '.join(units.resumed)} from an earlier run of this command on the same code "
+                f"(digest {units.digest}; its own database)"] if units.resumed else []),
              "",
              "| model | dense ms | budget (share = ms) | pruning's kept try | re-measured | miss | MACs removed | rounds "
              "| layer timings measured / cached | seconds |",
@@ -149,7 +200,7 @@ def main() -> None:
         Path(tmp).write_text(text)
 
 
-def quality_rows(args: argparse.Namespace, tuned: Callable[[Any, Any], None]) -> list[str]:
+def quality_rows(args: argparse.Namespace, tuned: Callable[[Any, Any], None], units: Units) -> list[str]:
     """The second table's rows (see the module docstring); ``tuned(model, inputs)`` tunes a dense model."""
     import torch
 
@@ -160,6 +211,11 @@ def quality_rows(args: argparse.Namespace, tuned: Callable[[Any, Any], None]) ->
 
     rows = []
     for name in filter(None, args.quality_models.split(",")):
+        done = units.load("quality", name)
+        if done is not None:
+            rows += done["rows"]
+            continue
+        first = len(rows)
         task = digits_task(name)
         example = tuple(torch.cat([x[:1]] * args.quality_batch) for x in task.trace["example_inputs"])
         task.trace = {**task.trace, "example_inputs": example}  # what the latency target measures at
@@ -201,6 +257,7 @@ def quality_rows(args: argparse.Namespace, tuned: Callable[[Any, Any], None]) ->
                         + " | ".join(mine_cells) + f" | {ratio:.1%} | {ms:.3f} | " + " | ".join(theirs_cells)
                         + f" | {verdict} |")
             print(rows[-1], flush=True)
+        units.save("quality", name, {"rows": rows[first:]})
     return rows
 
 
