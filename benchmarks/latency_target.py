@@ -33,7 +33,7 @@ and scores both: test accuracy after one-shot pruning with calibration, and afte
 recovery.  Both use one criterion, calibration set and width multiple; only the allocation
 differs.
 
-A whole run takes about three hours on 2 cores.  Each model's finished rows (both tables)
+A whole run takes about two and a half hours on 2 cores.  Each model's finished rows (both tables)
 are kept under ``benchmarks/cache/latency_target/``, keyed by the options and a digest of the
 code (:func:`pretrained.code_digest`), so ``--resume`` finishes an interrupted run of the same
 command on the same code, measuring only the models it had not finished; the header names
@@ -121,7 +121,6 @@ def main() -> None:
     from graphprune.atomic import atomic_path
     from graphprune.codegen.layer_latency import PairedTimer
     from latency import make_model
-
     from pretrained import code_digest
 
     units = Units(args, code_digest())
