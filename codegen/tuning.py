@@ -269,15 +269,24 @@ class CurveRecorder(PyMeasureCallback):
     def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any,
               builder_results: Any, runner_results: Any) -> None:
         task_id = self.phase[task_id]
-        for runner_result in runner_results:
+        for builder_result, runner_result in zip(builder_results, runner_results):
             secs = [float(s) for s in (runner_result.run_secs or [])]
             ok = runner_result.error_msg is None and secs and min(secs) < FAILED_RUN_SECS
             run = sum(secs) / len(secs) if ok else math.inf
             self.best[task_id] = min(self.best[task_id], run)
             total = sum(w * b for w, b in zip(self.weights, self.best))
-            self.rows.append({"trial": len(self.rows) + 1, "task": self.names[task_id],
-                              "run_ms": _ms(run), "task_best_ms": _ms(self.best[task_id]),
-                              "model_estimate_ms": _ms(total)})
+            row = {"trial": len(self.rows) + 1, "task": self.names[task_id], "run_ms": _ms(run),
+                   "task_best_ms": _ms(self.best[task_id]), "model_estimate_ms": _ms(total)}
+            if not ok:
+                error = builder_result.error_msg or runner_result.error_msg or "no run time measured"
+                row["error"] = _last_line(str(error))
+            self.rows.append(row)
+
+
+def _last_line(error: str) -> str:
+    """The line of a (often traceback-long) build or run error that says what went wrong."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else error
 
 
 def _ms(seconds: float) -> float | None:
@@ -305,8 +314,20 @@ class TuningReport:
     trials_transferred: int = 0  # carried-over schedules measured (not in trials_run; in each task's budget)
     transfer_seconds: float = 0.0
 
+    @property
+    def trials_failed(self) -> int:
+        """Trials of this run whose candidate failed to build or run (stored with a 1e9 s time)."""
+        return sum("error" in row for row in self.curve)
+
+    @property
+    def failures(self) -> list[str]:
+        """The distinct errors of the failed trials, in the order they first happened."""
+        return list(dict.fromkeys(row["error"] for row in self.curve if "error" in row))
+
     def summary(self) -> str:
         where = f"{self.work_dir} (TEMPORARY: no device to measure on)" if self.temporary else self.work_dir
+        failed = (f"\n  failed trials: {self.trials_failed} of {self.trials_run}; first error: {self.failures[0]}"
+                  if self.trials_failed else "")
         return (f"tuning for {self.target} in {where}\n"
                 f"  tasks: {self.tasks_total}, tuned now {len(self.tasks_tuned)}, "
                 f"reused from the database {len(self.tasks_reused)}\n"
@@ -314,7 +335,8 @@ class TuningReport:
                 f"of tuned functions of other extents ({self.transfer_seconds:.0f} s)\n"
                 f"  trials: budget {self.trials_budget} ({self.trials_per_task} per task, at most "
                 f"{LIGHT_TRIALS} per light task), run {self.trials_run}, saved by reuse {self.trials_saved}, "
-                f"time: {self.seconds:.0f} s" + (f" of a {self.minutes:g} min budget" if self.minutes else ""))
+                f"time: {self.seconds:.0f} s" + (f" of a {self.minutes:g} min budget" if self.minutes else "")
+                + failed)
 
 
 #: overrides the shared database's folder (one folder for every target: name one per target)
@@ -703,10 +725,11 @@ def _flops(task: ms.ExtractedTask) -> float:
 def write_report(report: TuningReport) -> None:
     """Write ``tuning_report.json`` and the curve as CSV, JSON and PNG, each atomically."""
     folder = Path(report.work_dir)
-    atomic_write_text(folder / "tuning_report.json", json.dumps(asdict(report), indent=1))
+    fields = {**asdict(report), "trials_failed": report.trials_failed, "failures": report.failures}
+    atomic_write_text(folder / "tuning_report.json", json.dumps(fields, indent=1))
     atomic_write_text(folder / "tuning_curve.json", json.dumps(report.curve, indent=1))
     text = io.StringIO()
-    writer = csv.DictWriter(text, ["trial", "task", "run_ms", "task_best_ms", "model_estimate_ms"])
+    writer = csv.DictWriter(text, ["trial", "task", "run_ms", "task_best_ms", "model_estimate_ms", "error"])
     writer.writeheader()
     writer.writerows(report.curve)
     atomic_write_text(folder / "tuning_curve.csv", text.getvalue())

@@ -9,8 +9,9 @@ from torch import nn
 import graphprune.codegen as codegen
 from graphprune.codegen.targets import resolve_target
 from graphprune.codegen.pipeline import fuse
-from graphprune.codegen.tuning import (LIGHT_TRIALS, REJECTED_RECORDS, PooledBuilder, extract_tasks, open_database,
-                                       task_budgets, trials_done, tuning_dir, warm_cost_model)
+from graphprune.codegen.tuning import (LIGHT_TRIALS, REJECTED_RECORDS, CurveRecorder, PooledBuilder, TuningReport,
+                                       extract_tasks, open_database, task_budgets, trials_done, tuning_dir,
+                                       warm_cost_model, write_report)
 
 from .models import TinyTransformerBlock, mlp, rel_err, seeded
 
@@ -289,3 +290,26 @@ def test_a_task_tuned_in_two_budget_phases_keeps_one_log(tmp_path):
     assert not first.handlers and not second.handlers
     files = {p.name: p.read_text() for p in tmp_path.glob("task_*.log")}  # a file appears with its first line
     assert list(files) == ["task_001_fused_tanh.log"] and "tanh trial" in files["task_001_fused_tanh.log"]
+
+
+def test_failed_trials_are_counted_and_named_in_the_report(tmp_path):
+    """A candidate that fails to build or to run is a trial like any other in the curve, with
+    the line of its error that says why; the report counts them and the summary names the first."""
+    from tvm.s_tir import meta_schedule as ms
+
+    recorder = CurveRecorder(["dense", "relu"], [1.0, 1.0])
+    built, broken = ms.builder.BuilderResult("/tmp/x.tar", None), ms.builder.BuilderResult(
+        None, "build failed:\nTraceback (most recent call last):\n  File \"x.py\"\nValueError: bad split")
+    ran = ms.runner.RunnerResult(run_secs=[2e-3], error_msg=None)
+    dropped = ms.runner.RunnerResult(run_secs=None, error_msg="RPCSessionTimeoutError: session closed\n")
+    recorder.apply(ms.TaskScheduler.create("round-robin"), 0, [], [built, broken, built], [ran, dropped, dropped])
+    report = TuningReport(work_dir=str(tmp_path), target="x86", tasks_total=2, tasks_tuned=["dense"], tasks_reused=[],
+                          trials_per_task=3, trials_budget=6, trials_run=3, trials_saved=0, seconds=1.0,
+                          temporary=False, curve=recorder.rows)
+    assert [row.get("error") for row in report.curve] == [None, "ValueError: bad split",
+                                                          "RPCSessionTimeoutError: session closed"]
+    assert report.trials_failed == 2 and report.curve[2]["task_best_ms"] == 2.0
+    assert "failed trials: 2 of 3; first error: ValueError: bad split" in report.summary()
+    write_report(report)
+    assert json.loads((tmp_path / "tuning_report.json").read_text())["failures"] == report.failures
+    assert (tmp_path / "tuning_curve.csv").read_text().splitlines()[2].endswith(",ValueError: bad split")
