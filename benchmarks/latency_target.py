@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import shlex
@@ -91,8 +90,10 @@ class Units:
         self.options, self.digest, self.resume, self.resumed = options, digest, args.resume, []
 
     def path(self, table: str, model: str) -> Path:
-        key = hashlib.sha1(repr((table, model, sorted(self.options.items()), self.digest)).encode()).hexdigest()[:16]
-        return UNITS / f"{table}-{model}-{key}.json"
+        from pretrained import unit_path
+
+        return unit_path(UNITS, f"{table}-{model}", table, model, sorted(self.options.items()), self.digest,
+                         suffix=".json")
 
     def load(self, table: str, model: str) -> dict | None:
         path = self.path(table, model)

@@ -694,11 +694,11 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def unit_file(name: str, ratio: float, options: tuple, threads: int, digest: str) -> Path:
-    """Where one finished (model, ratio) sweep's rows are kept for ``--resume``: keyed by the
-    sweep's options, the thread count and :func:`code_digest`."""
-    key = hashlib.sha1(repr((name, ratio, options, threads, digest)).encode()).hexdigest()[:16]
-    return CACHE / "units" / f"{name}-{ratio}-{key}.pt"
+def unit_path(folder: Path, label: str, *key: object, suffix: str) -> Path:
+    """Where one finished unit of a resumable benchmark is kept: ``label`` names it for people,
+    a hash of ``key`` (everything that changes its result, the code's digest included) makes a
+    changed option or changed code miss it instead of reusing a stale one."""
+    return folder / f"{label}-{hashlib.sha1(repr(key).encode()).hexdigest()[:16]}{suffix}"
 
 
 def main() -> None:
@@ -773,7 +773,7 @@ def main() -> None:
     digest = code_digest()
 
     def kept(n: str, ratio: float) -> Path:
-        return unit_file(n, ratio, options(n), a.threads, digest)
+        return unit_path(CACHE / "units", f"{n}-{ratio}", n, ratio, options(n), a.threads, digest, suffix=".pt")
 
     def partial(n: str, ratio: float) -> Path:  # the rows of a sweep still running
         return kept(n, ratio).with_suffix(".partial.pt")
