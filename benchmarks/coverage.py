@@ -34,7 +34,8 @@ two sets, and totals are printed per set.  Columns per tool:
   imports at all (``n/a`` with the import's exception otherwise).
 
 **How memory is measured.** Every (model, tool) cell runs in its own subprocess (one
-thread).  The model is built (and, for ONNX, exported and freed as a module) first; then the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``),
+thread).  The model is built first (for ONNX, built and exported by a child process of
+the cell, so the exporter's own peak is not the cell's); then the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``),
 the resident size is read from ``/proc/self/statm``, and the cell's number is the growth
 of the process's peak resident size (``ru_maxrss``) over it during the timed analysis
 alone.  So the model's own weights and the imports are not counted; everything
@@ -420,22 +421,44 @@ def _property_onnx(g: Any, inputs: tuple) -> str:
     return "ok"
 
 
-def run_graphprune_onnx(name: str, model: torch.nn.Module | list, inputs: tuple, repeat: int,
-                        dynamo_only: bool = False) -> dict:
-    """``model`` may come in a one-element list, which is emptied: the module is freed
-    once exported.  The file is traced as a user hands it over (``gp.trace(path)``, what
-    the CLI does): its external weights are memory-mapped, and the analysis reads none.
-    ``dynamo_only``: exported by the dynamo exporter alone (see :func:`export_onnx_file`)."""
+def export_in_child(name: str, size: int, folder: str, dynamo_only: bool = False) -> tuple[str, tuple]:
+    """(exporter, example inputs) of ``name`` exported to ``folder``/m.onnx by a child process.
+
+    An exporter's memory is not graphprune's: torch.onnx.export of vit_l_16 (1.2 GB of
+    weights) peaks at 5.9 GB, and in the cell's own process that peak, with the heap it
+    leaves behind, put the cell past the memory cap before the analysis had begun (the
+    analysis and check alone peak at 3.3 GB).  The child builds the model as :func:`build`
+    does (same seed) and saves the example inputs beside the file; the driver's cap still
+    watches it, as a child of the cell."""
+    cmd = [sys.executable, __file__, "--export", name, "--size", str(size), "--out", folder] + \
+        (["--dynamo"] if dynamo_only else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise RuntimeError((done.stderr.strip().splitlines() or [f"export exited {done.returncode}"])[-1])
+    return done.stdout.strip().splitlines()[-1], torch.load(f"{folder}/inputs.pt")
+
+
+def export_worker(name: str, size: int, folder: str, dynamo_only: bool) -> None:
+    """The child of :func:`export_in_child`: prints the exporter that wrote the file."""
+    torch.set_num_threads(1)
+    model, inputs = build(name, size)
+    exporter = export_onnx_file(name, model, inputs, f"{folder}/m.onnx", dynamo_only)
+    torch.save(inputs, f"{folder}/inputs.pt")
+    print(exporter, flush=True)
+
+
+def run_graphprune_onnx(name: str, size: int, repeat: int, dynamo_only: bool = False) -> dict:
+    """The file is exported by a child process (:func:`export_in_child`) and traced as a user
+    hands it over (``gp.trace(path)``, what the CLI does): its external weights are
+    memory-mapped, and the analysis reads none.  ``dynamo_only``: exported by the dynamo
+    exporter alone (see :func:`export_onnx_file`)."""
     import graphprune as gp
-    if isinstance(model, list):
-        model = model.pop()
-    if len(inputs) != 1:
-        raise ValueError("the ONNX column exports single-input models only")
     with tempfile.TemporaryDirectory() as tmp:
+        exporter, inputs = export_in_child(name, size, tmp, dynamo_only)
+        if len(inputs) != 1:
+            raise ValueError("the ONNX column exports single-input models only")
         path = f"{tmp}/m.onnx"
-        exporter = export_onnx_file(name, model, inputs, path, dynamo_only)
-        file_mib = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2 ** 20
-        del model
+        file_mib = sum(f.stat().st_size for f in Path(tmp).iterdir() if f.name != "inputs.pt") / 2 ** 20
         g, secs, mib, runs = _timed(lambda: gp.trace(path, inputs, verify=False), repeat)
     row = {"exporter": exporter, "file_mib": file_mib, "groups": len(g.groups),
            "grouped": g.grouped_params / max(1, g.total_params), "seconds": secs, "runs": runs, "peak_mib": mib,
@@ -448,15 +471,11 @@ def run_graphprune_onnx(name: str, model: torch.nn.Module | list, inputs: tuple,
     return row
 
 
-def run_graphprune_onnx_dynamo(name: str, model: torch.nn.Module | list, inputs: tuple, repeat: int) -> dict:
-    """The ONNX column through a second exporter: ``torch.onnx.export(dynamo=True)``."""
-    return run_graphprune_onnx(name, model, inputs, repeat, dynamo_only=True)
-
-
+#: the ONNX columns, by whether the dynamo exporter alone writes the file
+ONNX_TOOLS = {"graphprune-onnx": False, "graphprune-onnx-dynamo": True}
+#: the columns that analyse the module itself
 TOOLS: dict[str, Callable[[str, torch.nn.Module, tuple, int], dict]] = {
     "graphprune": run_graphprune,
-    "graphprune-onnx": run_graphprune_onnx,
-    "graphprune-onnx-dynamo": run_graphprune_onnx_dynamo,
     "torch-pruning": run_torch_pruning,
     "oto": run_oto,
 }
@@ -468,10 +487,11 @@ def worker(name: str, tool: str, size: int, repeat: int) -> None:
     """Run one (model, tool) cell and print its row as the last line of stdout."""
     torch.set_num_threads(1)
     try:
-        model, inputs = build(name, size)
-        box: Any = [model] if tool.startswith("graphprune-onnx") else model
-        del model
-        row = {"status": "ok", "memory_method": MEMORY_METHOD, **TOOLS[tool](name, box, inputs, repeat)}
+        if tool in ONNX_TOOLS:
+            cell = run_graphprune_onnx(name, size, repeat, dynamo_only=ONNX_TOOLS[tool])
+        else:
+            cell = TOOLS[tool](name, *build(name, size), repeat)
+        row = {"status": "ok", "memory_method": MEMORY_METHOD, **cell}
     except Exception as exc:
         row = {"status": "fail", "reason": _reason(exc), "trace": traceback.format_exc(limit=4)[-1200:]}
     print(json.dumps(row, default=str), flush=True)
@@ -700,7 +720,7 @@ def main() -> None:
     ap.add_argument("--suite", default="all", choices=["all", "torchvision+hf", "timm", "zoo"],
                     help="which models (default: all); --models overrides")
     ap.add_argument("--first", help="comma-separated models to run (and with --retry-failed, retry) before the others")
-    ap.add_argument("--tools", help=f"comma-separated, from {','.join(TOOLS)} (default: all)")
+    ap.add_argument("--tools", help=f"comma-separated, from {','.join([*TOOLS, *ONNX_TOOLS])} (default: all)")
     ap.add_argument("--skip-peers", action="store_true", help="graphprune columns only")
     ap.add_argument("--size", type=int, default=64, help="input side for models that take any size")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per cell; the median is reported")
@@ -716,9 +736,14 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only print the table from the results file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--tool", help=argparse.SUPPRESS)
+    ap.add_argument("--export", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--dynamo", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker, args.tool, args.size, args.repeat)
+    if args.export:
+        return export_worker(args.export, args.size, args.out, args.dynamo)
     names = args.models.split(",") if args.models else model_names(args.suite)
     if args.first:  # e.g. the architectures a change is about, before the long tail
         first = [n for n in args.first.split(",") if n in names]
