@@ -324,6 +324,10 @@ class TuningReport:
         """The distinct errors of the failed trials, in the order they first happened."""
         return list(dict.fromkeys(row["error"] for row in self.curve if "error" in row))
 
+    def as_dict(self) -> dict[str, Any]:
+        """The fields and the failure counts, as ``tuning_report.json`` and the compile report hold them."""
+        return {**asdict(self), "trials_failed": self.trials_failed, "failures": self.failures}
+
     def summary(self) -> str:
         where = f"{self.work_dir} (TEMPORARY: no device to measure on)" if self.temporary else self.work_dir
         failed = (f"\n  failed trials: {self.trials_failed} of {self.trials_run}; first error: {self.failures[0]}"
@@ -725,8 +729,7 @@ def _flops(task: ms.ExtractedTask) -> float:
 def write_report(report: TuningReport) -> None:
     """Write ``tuning_report.json`` and the curve as CSV, JSON and PNG, each atomically."""
     folder = Path(report.work_dir)
-    fields = {**asdict(report), "trials_failed": report.trials_failed, "failures": report.failures}
-    atomic_write_text(folder / "tuning_report.json", json.dumps(fields, indent=1))
+    atomic_write_text(folder / "tuning_report.json", json.dumps(report.as_dict(), indent=1))
     atomic_write_text(folder / "tuning_curve.json", json.dumps(report.curve, indent=1))
     text = io.StringIO()
     writer = csv.DictWriter(text, ["trial", "task", "run_ms", "task_best_ms", "model_estimate_ms", "error"])

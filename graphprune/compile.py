@@ -558,8 +558,7 @@ def _run_codegen(result: CompileResult, target: str, tune_trials: int, tune_minu
             result.tuning = codegen_api("tune")(result.model, result.example_inputs, target, work_dir=tuning_db,
                                                 trials_per_task=tune_trials or None, minutes=tune_minutes)
         tuning_db = result.tuning.work_dir
-        tuning_report = dataclasses.asdict(result.tuning) if dataclasses.is_dataclass(result.tuning) \
-            else dict(vars(result.tuning))
+        tuning_report = result.tuning.as_dict()
     with _codegen_errors(f"building for {target}"):
         result.runtime = codegen_api("build")(result.model, result.example_inputs, target=target,
                                               tuning_db=tuning_db)

@@ -269,7 +269,9 @@ class Report:
             if self.tuning is not None:
                 t = self.tuning
                 out.append(f"- tuning: {t['tasks_total']} tasks, {len(t['tasks_tuned'])} tuned now, "
-                           f"{len(t['tasks_reused'])} reused from {t['work_dir']}, {t['trials_run']} trials")
+                           f"{len(t['tasks_reused'])} reused from {t['work_dir']}, {t['trials_run']} trials"
+                           + (f", {t['trials_failed']} failed (first error: {t['failures'][0]})"
+                              if t.get("trials_failed") else ""))
         if self.seconds:
             out += ["", "## Time per stage", "",
                     _md_table(("stage", "seconds"), [(k, f"{v:.1f}") for k, v in self.seconds.items()])]

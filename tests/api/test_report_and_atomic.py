@@ -96,3 +96,12 @@ def test_inspect_page_draws_every_node_and_colours_groups(cnn, example):
     data = inspect_data(g)
     assert [grp["size"] for grp in data["groups"]] == [8, 16]
     assert json.loads(json.dumps(data)) == data
+
+
+def test_tuning_line_counts_failed_trials_with_the_first_error():
+    tuning = {"tasks_total": 3, "tasks_tuned": ["a", "b"], "tasks_reused": ["c"], "work_dir": "db", "trials_run": 12,
+              "trials_failed": 2, "failures": ["RPCSessionTimeoutError: session closed", "ValueError: bad split"]}
+    text = report(codegen="x86", tuning=tuning).to_markdown()
+    assert ("- tuning: 3 tasks, 2 tuned now, 1 reused from db, 12 trials, 2 failed "
+            "(first error: RPCSessionTimeoutError: session closed)") in text
+    assert ", 0 failed" not in report(codegen="x86", tuning={**tuning, "trials_failed": 0}).to_markdown()
