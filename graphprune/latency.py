@@ -35,7 +35,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -46,6 +46,10 @@ from graphprune.ops.catalog import rule_for
 from graphprune.ops.registry import Layer, op_kind
 from graphprune.target import Target
 
+if TYPE_CHECKING:
+    from graphprune.ir.graph import Graph, Node
+    from graphprune.prunable import PrunableGraph
+
 #: Widths (fractions of the full width) each layer curve is measured at.
 GRID = (1.0, 0.75, 0.5, 0.25)
 
@@ -53,7 +57,7 @@ MeasureLayer = Callable[[Layer, int, int], float]
 MeasureMasks = Callable[[Sequence[torch.Tensor]], float]
 
 
-def graph_layers(ir) -> list[tuple[Layer, str]]:
+def graph_layers(ir: Graph) -> list[tuple[Layer, str]]:
     """Every layer of the traced graph with its weight's user-facing name (what group slices name),
     with the :func:`epilogue` the compiler fuses into it."""
     out, users = [], ir.users()
@@ -65,7 +69,7 @@ def graph_layers(ir) -> list[tuple[Layer, str]]:
     return out
 
 
-def _lead(layer: Layer, node, ir) -> tuple[int, ...]:
+def _lead(layer: Layer, node: Node, ir: Graph) -> tuple[int, ...]:
     """A dense layer's input dims before its channels where there are several (a transformer's
     batch and tokens): a 3-d matmul is another kernel than the 2-d one of the same rows."""
     if layer.kind != "dense":
@@ -84,7 +88,7 @@ _FOLDED = {"batch_norm", "_native_batch_norm_legit_no_training", "batchnormaliza
 _IDENTITY = {"dropout", "identity", "clone", "contiguous"}
 
 
-def _clip_bounds(node, ir) -> tuple[float, float] | None:
+def _clip_bounds(node: Node, ir: Graph) -> tuple[float, float] | None:
     """A clip's constant bounds (hardtanh's arguments, ONNX Clip's constant inputs), or None."""
     if str(node.source_op).startswith("aten."):
         bounds = [a for a in node.args[1:3] if isinstance(a, (int, float))]
@@ -95,7 +99,7 @@ def _clip_bounds(node, ir) -> tuple[float, float] | None:
     return float(data[0]), float(data[1])
 
 
-def epilogue(node, ir, users: dict | None = None) -> tuple[str, ...]:
+def epilogue(node: Node, ir: Graph, users: dict[str, list[Node]] | None = None) -> tuple[str, ...]:
     """The elementwise ops after layer ``node`` that fuse into its kernel, in order: ``relu``,
     ``relu6``, ``gelu``..., and ``add`` for a residual (another activation of the output's
     shape).  Batch norms and constant bias adds fold into the layer's own bias and are not
@@ -458,7 +462,7 @@ class LatencyPlan:
         return final
 
     @classmethod
-    def for_graph(cls, g, groups: Sequence[Group], target, codegen: str = "x86",
+    def for_graph(cls, g: PrunableGraph, groups: Sequence[Group], target: Target, codegen: str = "x86",
                   tuning_db: str | None = None) -> "LatencyPlan":
         """The plan for traced graph ``g`` on ``codegen``: its layers measured (or read from the table
         cached beside the tuning database), compact models compiled with that database and timed
@@ -526,7 +530,7 @@ def meet_latency(model: LatencyModel, scores: Sequence[torch.Tensor], target: Ta
     return masks, plan.run
 
 
-def measure_masks_fn(g, measure_model: Callable[[object], float]) -> MeasureMasks:
+def measure_masks_fn(g: PrunableGraph, measure_model: Callable[[object], float]) -> MeasureMasks:
     """Time the compact model of ``g`` with ``masks`` removed (``g``'s weights untouched)."""
     def measure(masks: Sequence[torch.Tensor]) -> float:
         return float(measure_model(g.backend.emit(g, g.zeroed_copy(zip(g.groups, masks)))))

@@ -124,7 +124,8 @@ def _accumulate(groups: Sequence[Group], params: dict[str, torch.Tensor], per_ba
     return [(t / count).float() for t in total]
 
 
-def taylor(groups: Sequence[Group], params: dict[str, torch.Tensor], *, model=None, data=None, loss_fn=None,
+def taylor(groups: Sequence[Group], params: dict[str, torch.Tensor], *, model: nn.Module | None = None,
+           data: Iterable | None = None, loss_fn: Callable | None = None,
            batches: int = 4, **_: Any) -> list[torch.Tensor]:
     """First-order loss change of removing the unit: |Σ w·∂L/∂w| over its slices (Molchanov et al.).
 
@@ -134,7 +135,8 @@ def taylor(groups: Sequence[Group], params: dict[str, torch.Tensor], *, model=No
     return _accumulate(groups, params, lambda w, gr: (w * gr).sum(1).abs(), model, data, loss_fn, batches)
 
 
-def hessian(groups: Sequence[Group], params: dict[str, torch.Tensor], *, model=None, data=None, loss_fn=None,
+def hessian(groups: Sequence[Group], params: dict[str, torch.Tensor], *, model: nn.Module | None = None,
+            data: Iterable | None = None, loss_fn: Callable | None = None,
             batches: int = 4, **_: Any) -> list[torch.Tensor]:
     """Optimal Brain Damage saliency Σ H_ii w_i² / 2 with the empirical Fisher H_ii ≈ E[g_i²].
 
