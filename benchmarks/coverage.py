@@ -425,11 +425,11 @@ def export_in_child(name: str, size: int, folder: str, dynamo_only: bool = False
     """(exporter, example inputs) of ``name`` exported to ``folder``/m.onnx by a child process.
 
     An exporter's memory is not graphprune's: torch.onnx.export of vit_l_16 (1.2 GB of
-    weights) peaks at 5.9 GB, and in the cell's own process that peak, with the heap it
-    leaves behind, put the cell past the memory cap before the analysis had begun (the
-    analysis and check alone peak at 3.3 GB).  The child builds the model as :func:`build`
-    does (same seed) and saves the example inputs beside the file; the driver's cap still
-    watches it, as a child of the cell."""
+    weights) peaks at 5.9 GB, more than graphprune's trace and check of the file (3.3 GB),
+    and in the cell's own process that peak, and the heap it leaves, would count against
+    the cell's memory cap.  The child builds the model as :func:`build` does (same seed) and
+    saves the example inputs beside the file; the driver's cap still watches it, as a child
+    of the cell."""
     cmd = [sys.executable, __file__, "--export", name, "--size", str(size), "--out", folder] + \
         (["--dynamo"] if dynamo_only else [])
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
