@@ -90,8 +90,11 @@ class CompiledModel:
                   inputs: Sequence[Any] | None = None) -> dict[str, float | int | str]:
         """Time ``main`` with TVM's time evaluator: ``repeat`` medians of ``number`` runs each.
 
-        With ``number=None`` each repeat runs for at least ``min_repeat_ms``. Thread count is the
-        TVM runtime's (set ``TVM_NUM_THREADS`` before the first run to fix it).
+        With ``number=None`` each repeat runs for at least ``min_repeat_ms``. ``threads`` is the
+        count the TVM runtime ran with, asked of the runtime after timing: set
+        ``TVM_NUM_THREADS`` before the first run to fix it. Unset, TVM takes half the logical
+        CPUs on x86 (it assumes two hardware threads per core): one on a 2-vCPU machine, where
+        ``os.cpu_count()`` says 2 and a reference timed at 2 threads would not be like for like.
         """
         args = self._to_device(list(inputs) if inputs is not None else self.example_inputs())
         timer = self.vm.time_evaluator("main", self._device(), number=number or 1, repeat=repeat,
@@ -99,8 +102,7 @@ class CompiledModel:
         times_ms = np.array(timer(*args).results) * 1e3
         return {"median_ms": float(np.median(times_ms)), "mean_ms": float(times_ms.mean()),
                 "std_ms": float(times_ms.std()), "min_ms": float(times_ms.min()), "repeat": repeat,
-                "threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
-                "target": self.target.name}
+                "threads": int(tvm.runtime.num_threads()), "target": self.target.name}
 
     def export(self, path: str | os.PathLike) -> Path:
         """Write a shared library loadable by the TVM runtime on the target (atomic: temp file + rename)."""

@@ -123,6 +123,32 @@ def test_benchmark_reports_medians(cnn_build):
     assert stats["median_ms"] > 0
 
 
+_THREADS = """
+import torch, graphprune.codegen as codegen
+model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU()).eval()
+print(codegen.build(model, (torch.randn(1, 16),), "x86").benchmark(repeat=2, number=1)["threads"])
+"""
+
+
+@pytest.mark.parametrize("given", [None, "2"])
+def test_benchmark_reports_the_threads_tvm_ran_with(given):
+    """Unset, TVM runs half the logical CPUs on x86 (one on a 2-vCPU machine): the count a
+    compile report prints, and times its onnxruntime reference at, is that one, not os.cpu_count()."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("TVM's default thread count halves the logical CPUs on x86 only")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    if given:
+        env["TVM_NUM_THREADS"] = given
+    out = subprocess.run([sys.executable, "-c", _THREADS], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = int(given) if given else max(1, (os.cpu_count() or 1) // 2)
+    assert int(out.stdout.split()[-1]) == expected
+
+
 def test_export_is_atomic_and_loadable(cnn_build, tmp_path):
     import tvm
     from tvm import relax
