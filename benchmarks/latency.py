@@ -124,8 +124,12 @@ def make_model(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]] | 
 
 
 def thread_env(threads: int) -> dict[str, str]:
+    """A worker's environment: every runtime's pool at ``threads``, and the TVM runtime's
+    settings a compiled model runs with in graphprune (:data:`graphprune.codegen.compiled.RUNTIME_ENV`)."""
+    from graphprune.codegen.compiled import runtime_env
+
     names = ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TVM_NUM_THREADS"]
-    return dict(os.environ, **{n: str(threads) for n in names})
+    return runtime_env(dict(os.environ, **{n: str(threads) for n in names}))
 
 
 # ----------------------------------------------------------------------------- workers

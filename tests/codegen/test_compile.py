@@ -203,3 +203,33 @@ def test_pooling_builds_without_unknown_rule_warnings(capfd):
     compiled = codegen.build(model, (x,), target="x86")
     assert "Unknown schedule rule" not in capfd.readouterr().err
     assert rel_err(compiled.run(x), model(x)) < 1e-4
+
+
+_AFFINITY = """
+import glob, os, torch, graphprune.codegen as codegen
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3)).eval()
+x = torch.randn(1, 3, 64, 64)
+codegen.build(model, (x,), "x86").run(x)
+tasks = glob.glob(f"/proc/{os.getpid()}/task/*/status")
+print(os.environ.get("TVM_BIND_THREADS"), sum(len(os.sched_getaffinity(int(t.split("/")[-2]))) == 1 for t in tasks))
+"""
+
+
+@pytest.mark.parametrize("bind", [None, "1"])
+def test_runtime_threads_are_not_pinned_unless_asked(bind):
+    """TVM pins its pool's workers to cores (see ``RUNTIME_ENV``); a compiled model runs
+    unpinned unless the environment says otherwise, and a user's ``TVM_BIND_THREADS=1`` holds."""
+    import subprocess
+    import sys
+
+    if not os.path.isdir("/proc/self/task") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux and two CPUs to pin a worker to one of them")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    env["TVM_NUM_THREADS"] = "2"
+    if bind:
+        env["TVM_BIND_THREADS"] = bind
+    out = subprocess.run([sys.executable, "-c", _AFFINITY], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    setting, pinned = out.stdout.split()[-2:]
+    assert setting == (bind or "0")
+    assert (int(pinned) > 0) == (bind == "1")
