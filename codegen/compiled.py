@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, MutableMapping, Sequence
 
 import numpy as np
 import torch
@@ -41,10 +41,9 @@ CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++"}
 RUNTIME_ENV = {"TVM_BIND_THREADS": "0"}
 
 
-def runtime_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """``base`` (default: this process's environment) with :data:`RUNTIME_ENV` where it has no
-    setting of its own: what a process that runs a compiled library should start with."""
-    env = dict(os.environ if base is None else base)
+def runtime_env(env: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """``env`` (``os.environ``, or a child process's environment) given :data:`RUNTIME_ENV`'s
+    settings where it has none of its own; returns it."""
     for key, value in RUNTIME_ENV.items():
         env.setdefault(key, value)
     return env
@@ -78,8 +77,7 @@ class CompiledModel:
         this process's environment, where it has none of its own, before the first run."""
         if self._vm is None:
             device = self._device()
-            for key, value in RUNTIME_ENV.items():
-                os.environ.setdefault(key, value)
+            runtime_env(os.environ)
             self._vm = relax.VirtualMachine(self.executable, device)
         return self._vm
 
