@@ -123,6 +123,17 @@ def test_benchmark_reports_medians(cnn_build):
     assert stats["median_ms"] > 0
 
 
+def _fresh_process(code: str, env: dict[str, str]) -> list[str]:
+    """The words ``code`` prints, run in a new Python process with ``env`` (TVM's thread pool
+    reads its settings once per process)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
 _THREADS = """
 import torch, graphprune.codegen as codegen
 model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU()).eval()
@@ -135,18 +146,14 @@ def test_benchmark_reports_the_threads_tvm_ran_with(given):
     """Unset, TVM runs half the logical CPUs on x86 (one on a 2-vCPU machine): the count a
     compile report prints, and times its onnxruntime reference at, is that one, not os.cpu_count()."""
     import platform
-    import subprocess
-    import sys
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("TVM's default thread count halves the logical CPUs on x86 only")
     env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
     if given:
         env["TVM_NUM_THREADS"] = given
-    out = subprocess.run([sys.executable, "-c", _THREADS], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
     expected = int(given) if given else max(1, (os.cpu_count() or 1) // 2)
-    assert int(out.stdout.split()[-1]) == expected
+    assert int(_fresh_process(_THREADS, env)[-1]) == expected
 
 
 def test_export_is_atomic_and_loadable(cnn_build, tmp_path):
@@ -219,17 +226,12 @@ print(os.environ.get("TVM_BIND_THREADS"), sum(len(os.sched_getaffinity(int(t.spl
 def test_runtime_threads_are_not_pinned_unless_asked(bind):
     """TVM pins its pool's workers to cores (see ``RUNTIME_ENV``); a compiled model runs
     unpinned unless the environment says otherwise, and a user's ``TVM_BIND_THREADS=1`` holds."""
-    import subprocess
-    import sys
-
     if not os.path.isdir("/proc/self/task") or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs Linux and two CPUs to pin a worker to one of them")
     env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
     env["TVM_NUM_THREADS"] = "2"
     if bind:
         env["TVM_BIND_THREADS"] = bind
-    out = subprocess.run([sys.executable, "-c", _AFFINITY], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    setting, pinned = out.stdout.split()[-2:]
+    setting, pinned = _fresh_process(_AFFINITY, env)[-2:]
     assert setting == (bind or "0")
     assert (int(pinned) > 0) == (bind == "1")
