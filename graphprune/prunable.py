@@ -11,6 +11,7 @@ from .analysis.groups import Group
 from .analysis.labels import Barrier, Labels
 from .analysis.liveness import Liveness
 from .errors import GraphPruneError, NotInPlace, VerificationError, ZeroInvarianceError
+from .frontends.backend import NotConclusive
 from .in_place import ZeroedInPlace
 from .ir.graph import Graph
 from .memory import release
@@ -280,10 +281,11 @@ class PrunableGraph:
         them); only a failure bisects, so each failing group is found and withdrawn alone,
         with the reason; returns them.  A compact model
         that cannot be built or run is a bug, raised as :class:`VerificationError`.
-        Where the program takes any batch, an example of a larger batch is checked on its
-        first two samples (:meth:`~.frontends.backend.Backend.check_example`: a user's
-        example batch of 32 made the check 16 times the work); only a pass counts there, and
-        anything else is checked again at the example's batch, which alone withdraws groups.
+        Where the backend has a cheaper example (:meth:`~.frontends.backend.Backend.check_example`:
+        a batch of 32 checked on its first two samples, a 224x224 picture on a 64x64 crop
+        where the model runs the same ops there, :mod:`~.frontends.small_check`), groups are
+        checked on it first; only a pass counts there, and anything else is checked again
+        on the example itself, which alone withdraws groups.
 
         ``rtol`` holds for float32 weights; half-precision weights round every product
         and the compact model sums in another order, so the tolerance is raised to a few
@@ -304,8 +306,8 @@ class PrunableGraph:
             try:
                 with ZeroedInPlace(self.params, [(g, picks[g.id]) for g in groups], spill_above) as tensors:
                     err = self.backend.compare(self, tensors, removed, example)
-            except GraphPruneError:
-                raise  # names its node, op and file already
+            except (GraphPruneError, NotConclusive):
+                raise  # names its node, op and file already; or no verdict on a cheaper example
             except Exception as exc:
                 # a rewrite or emitter that raises has a bug: withdrawing the groups would
                 # hide it as less pruning
@@ -336,15 +338,19 @@ class PrunableGraph:
             return bad
         small = self.backend.check_example(self)
         if small is not None:
-            # a pass at the small batch is the verdict; anything else is judged at the
-            # example's own batch, so the small batch never withdraws a group
+            # a pass on the cheaper example is the verdict; anything else is judged on the
+            # example itself, so the cheaper one never withdraws a group
             try:
                 if ok(self.groups, small) is None:
                     return bad
-            except VerificationError:
-                pass
-            self.notes.append("verification on the first samples of the example found a difference: "
-                              "checked again on the whole batch")
+                found = "found a difference"
+            except NotConclusive:
+                found = None  # the plan rewrites sizes the cheaper example changes: no verdict there
+            except VerificationError as exc:
+                found = f"could not build or run the compact model ({str(exc)[:120]})"
+            if found is not None:
+                self.notes.append(f"verification on the first samples or a crop of the example {found}: "
+                                  f"checked again on the example")
         bisect(list(self.groups))
         if bad:
             ids = {g.id for g, _ in bad}

@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 from .analysis import analyse
 from .errors import UnsupportedModelError, VerificationError
-from .frontends.backend import Backend
+from .frontends.backend import Backend, CheckExample
 from .frontends.torch_backend import TorchBackend
 from .ir.graph import Graph
 from .lower.call_binding import CallBinding
 from .prunable import PrunableGraph
+
+if TYPE_CHECKING:  # the recorder's imports set warning filters: imported on first use
+    from .frontends.torch_record import Recording
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shap
     from .frontends.model_copy import UncopyableModel, shared_copy, warm_copy
     from .frontends.torch_export import export_model, from_exported
     from .frontends.torch_record import RecordingFailed, record_call
+    from .frontends.small_check import small_check
     from .frontends.torch_replay import ReplayFailed, replay_program
 
     @functools.cache
@@ -99,11 +103,32 @@ def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shap
             except ReplayFailed as exc:
                 log.info("replaying the recording of %s failed (%s): emitting from torch.export",
                          type(model).__name__, exc)
-            return rec.graph, TorchBackend(export, runner, replay=replay, reference=reference, binding=binding)
+            small = None
+            if replay is not None:
+                def small() -> CheckExample | None:  # made on the first check: a trace without one needs none
+                    found, why = small_check(rec, args, kwargs, replay.any_batch, functools.partial(_record_eval, cold),
+                                             lambda r, general: replay_program(r, model, general))
+                    if found is None:
+                        log.info("%s is verified on its example: %s", type(model).__name__, why)
+                    return found
+            return rec.graph, TorchBackend(export, runner, replay=replay, reference=reference, binding=binding,
+                                           small=small)
         finally:
             cold.train(was_training)
     backend = TorchBackend(export, runner, settled=True, binding=binding)
     return from_exported(backend.exported, backend.runner), backend
+
+
+def _record_eval(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | None) -> Recording:
+    """``model`` recorded in eval mode (as the first recording was), its mode then restored."""
+    from .frontends.torch_record import record_call
+
+    was_training = model.training
+    model.eval()
+    try:
+        return record_call(model, args, kwargs, batch)
+    finally:
+        model.train(was_training)
 
 
 def _fresh(model: torch.nn.Module, cold: torch.nn.Module) -> torch.nn.Module:

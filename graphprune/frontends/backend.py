@@ -6,7 +6,8 @@ protocol; :class:`.torch_backend.TorchBackend` emits ``nn.Module`` s,
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
 
 import torch
 
@@ -17,6 +18,26 @@ if TYPE_CHECKING:
 
 #: what a backend emits: a PyTorch module or an ONNX model
 CompactModel = Union[torch.nn.Module, "onnx.ModelProto"]
+
+
+class NotConclusive(RuntimeError):
+    """A compact model checked on a :class:`CheckExample` would not speak for the
+    model's example (its plan rewrites a node whose sizes the cheaper example changes)."""
+
+
+@dataclass(frozen=True)
+class CheckExample:
+    """A cheaper example that verification may pass groups on (never withdraw them:
+    :meth:`PrunableGraph.verify`): ``args`` and ``kwargs`` as the model takes them;
+    ``program``, what its compact models are lowered from where the backend's own program
+    cannot take it (None: the backend's own); ``varying``, the nodes whose integer
+    arguments differ from the example's, which a compact plan checked here must not
+    rewrite (:mod:`.small_check`)."""
+
+    args: tuple
+    kwargs: dict
+    program: Any = None
+    varying: frozenset[str] = frozenset()
 
 
 @runtime_checkable
@@ -32,12 +53,11 @@ class Backend(Protocol):
         ...
 
     def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
-                removed: torch.Tensor | None = None, example: tuple[tuple, dict] | None = None) -> float:
+                removed: torch.Tensor | None = None, example: CheckExample | None = None) -> float:
         """Max relative error between the compact model (``removed`` as for :meth:`emit`)
         and the zeroed full model on ``example`` (default: the model's example)."""
         ...
 
-    def check_example(self, pg: PrunableGraph) -> tuple[tuple, dict] | None:
-        """A cheaper example that verification may pass groups on (never withdraw them:
-        :meth:`PrunableGraph.verify`), or None."""
+    def check_example(self, pg: PrunableGraph) -> CheckExample | None:
+        """A cheaper example than the model's to verify on, or None."""
         ...

@@ -22,6 +22,7 @@ from ..rel_error import max_rel_error
 
 if TYPE_CHECKING:
     from ..prunable import PrunableGraph
+    from .backend import CheckExample
 
 
 class OnnxBackend:
@@ -84,7 +85,7 @@ class OnnxBackend:
         return None
 
     def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
-                removed: torch.Tensor | None = None, example: tuple[tuple, dict] | None = None) -> float:
+                removed: torch.Tensor | None = None, example: CheckExample | None = None) -> float:
         """Relative error of the compact model (``removed`` as for :meth:`emit`) against
         the zeroed full model (onnxruntime); ``example`` is not used (see :meth:`check_example`).
         A model that onnxruntime runs with its weights fed is emitted with them as stubs and

@@ -2,12 +2,12 @@
 lowered by :mod:`graphprune.lower.torch`) and checking compact modules."""
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from torch.utils import _pytree as pytree
 
 from ..analysis import Analysis, analyse, unit_map
 from ..errors import NotInPlace, RecorderMismatchWarning, UnsupportedModelError
@@ -18,15 +18,12 @@ from ..lower.widths import candidates, record_reads, settle
 from ..passes.plan import CompactPlan, plan_compact
 from ..pre_activation import pre_activations, run_capturing
 from ..rel_error import check_tolerance, max_rel_error
+from .backend import CheckExample, NotConclusive
 from .module_slots import one_name_per_slot
 
 if TYPE_CHECKING:
     from ..ir.graph import Graph
     from ..prunable import PrunableGraph
-
-#: the batch verification may pass groups at (:meth:`TorchBackend.check_example`)
-CHECK_BATCH = 2
-
 
 @dataclass
 class InPlace:
@@ -63,14 +60,17 @@ class TorchBackend:
     with no warm-up call: export is what needs one) is what verification runs against.
     :meth:`stop_replay` goes back to export, where the replayed program turned out not
     to reproduce the model.  ``binding`` lets compact modules be called as the user's
-    model is (:mod:`..lower.call_binding`).
+    model is (:mod:`..lower.call_binding`); ``small`` makes the replay's cheaper example
+    to verify on (:mod:`.small_check`), called once, on first need.
     """
 
     def __init__(self, export: Callable[[], torch.export.ExportedProgram], runner: Callable[[], torch.nn.Module],
                  *, settled: bool = False, replay: TorchProgram | None = None,
                  reference: Callable[[], torch.nn.Module] | None = None,
-                 binding: CallBinding | None = None) -> None:
+                 binding: CallBinding | None = None,
+                 small: Callable[[], CheckExample | None] | None = None) -> None:
         self._export = export
+        self._small = functools.cache(small) if small is not None else None
         self.binding = binding
         self._runner = runner
         self._exported: torch.export.ExportedProgram | None = None
@@ -145,19 +145,27 @@ class TorchBackend:
 
     def emit(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], removed: torch.Tensor | None = None,
              fold_bn: bool = False, biases: dict[str, torch.Tensor] | None = None,
-             copy_uncut: bool = True) -> CompactModule:
+             copy_uncut: bool = True, program: TorchProgram | None = None,
+             fixed: frozenset[str] = frozenset()) -> CompactModule:
         """The compact module for ``tensors`` (buffers from the user's model); ``removed``
         overrides which units go (default: every all-zero unit); ``fold_bn`` folds
         inference batch norms into the layers before them (the module then no longer
         switches them to training mode); ``biases``: biases added to layers without one
-        (:attr:`PrunableGraph.added_biases`); ``copy_uncut``: see :func:`..lower.torch.lower_torch`."""
+        (:attr:`PrunableGraph.added_biases`); ``copy_uncut``: see :func:`..lower.torch.lower_torch`.
+        ``program``: lowered instead of the model's own (a check's smaller example's, with
+        the plan made for the model's), where the plan must not rewrite or erase the
+        nodes in ``fixed`` (else :class:`.backend.NotConclusive`)."""
         removed = self._adopt(pg, removed)
         units = pg.removed_units(tensors) if removed is None else removed
         state = dict(tensors)
         for k, v in self.runner.named_buffers(remove_duplicate=False):
             state.setdefault(k, v)
-        return lower_torch(pg.ir, self.program(pg), self.plan(pg, state, units, fold_bn, biases), state, copy_uncut,
-                           self.binding)
+        plan = self.plan(pg, state, units, fold_bn, biases)
+        touched = fixed & (plan.rewrites.keys() | plan.erased)
+        if touched:
+            raise NotConclusive(f"the compact plan rewrites {sorted(touched)[0]}, whose sizes the smaller "
+                                f"example changes")
+        return lower_torch(pg.ir, program or self.program(pg), plan, state, copy_uncut, self.binding)
 
     def emit_module(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor], rtol: float = 1e-4,
                     biases: dict[str, torch.Tensor] | None = None) -> InPlace:
@@ -240,42 +248,39 @@ class TorchBackend:
         """The full model with ``tensors`` as weights (nothing removed)."""
         return self.emit(pg, tensors, torch.zeros(0, dtype=torch.long))
 
-    def check_example(self, pg: PrunableGraph) -> tuple[tuple, dict] | None:
-        """The example's first :data:`CHECK_BATCH` samples, where the replayed program
-        takes any batch and the example has more; else None.  Two, not one: models and
-        torch special-case a batch of one, and an op that mixes the batch axis (attention
-        run over it by a layout mistake) still mixes two samples."""
-        if self.replay is None or not self.replay.any_batch:
+    def check_example(self, pg: PrunableGraph) -> CheckExample | None:
+        """The replayed recording's cheaper example (:mod:`.small_check`), made on first
+        need; None when emitting from an export."""
+        if self.replay is None or self._small is None:
             return None
-        from .batch_general import example_batch  # the recorder's imports set warning filters
-
-        args, kwargs = pg.example
-        batch = example_batch(args, kwargs)
-        if batch is None or batch <= CHECK_BATCH:
-            return None
-        return pytree.tree_map(lambda t: t[:CHECK_BATCH] if isinstance(t, torch.Tensor) and t.dim() > 0 else t,
-                               (tuple(args), dict(kwargs)))
+        return self._small()
 
     def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
-                removed: torch.Tensor | None = None, example: tuple[tuple, dict] | None = None) -> float:
+                removed: torch.Tensor | None = None, example: CheckExample | None = None) -> float:
         """Relative error between the compact and the zeroed full model on ``example``
         (default: the model's; ``removed`` as for :meth:`emit`), on the outputs and on the
         inputs of a final sigmoid/softmax (:mod:`..pre_activation`).  The reference is
         :attr:`runner` (the user's weights) run on ``tensors`` in eval mode: no second
-        full-size module is built."""
-        args, kwargs = example if example is not None else pg.example
+        full-size module is built.  Raises :class:`.backend.NotConclusive` where the
+        compact plan rewrites a node whose integers ``example`` changes."""
+        args, kwargs = (example.args, example.kwargs) if example is not None else pg.example
+        program = example.program if example is not None else None
+        fixed = example.varying if example is not None else frozenset()
         runner = self.runner
         was_training = runner.training  # the user's own model where it could not be copied
         runner.eval()
         try:
             with torch.no_grad():
+                # built first: a plan the example cannot judge is refused before any forward;
+                # dropped after this comparison
+                compact = self.emit(pg, tensors, removed, copy_uncut=False, program=program, fixed=fixed)
                 ref = torch.func.functional_call(runner, one_name_per_slot(runner, tensors), args, kwargs,
                                                  tie_weights=False, strict=False)
-                compact = self.emit(pg, tensors, removed, copy_uncut=False)  # dropped after this forward
                 out = compact(*args, **kwargs)
                 logits = pre_activations(pg.ir)
                 if logits:  # saturated outputs hide differences: compare what the final activation took
-                    ref_logits = run_capturing(self.full(pg, tensors).gm, logits, args, kwargs)
+                    full = self.emit(pg, tensors, torch.zeros(0, dtype=torch.long), program=program)
+                    ref_logits = run_capturing(full.gm, logits, args, kwargs)
                     out_logits = run_capturing(compact.gm, logits, args, kwargs)
         finally:
             runner.train(was_training)
