@@ -244,9 +244,10 @@ class TorchBackend:
         finally:
             runner.train(was_training)
 
-    def full(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor]) -> CompactModule:
-        """The full model with ``tensors`` as weights (nothing removed)."""
-        return self.emit(pg, tensors, torch.zeros(0, dtype=torch.long))
+    def full(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
+             program: TorchProgram | None = None) -> CompactModule:
+        """The full model with ``tensors`` as weights (nothing removed); ``program`` as for :meth:`emit`."""
+        return self.emit(pg, tensors, torch.zeros(0, dtype=torch.long), program=program)
 
     def check_example(self, pg: PrunableGraph) -> CheckExample | None:
         """The replayed recording's cheaper example (:mod:`.small_check`), made on first
@@ -279,8 +280,7 @@ class TorchBackend:
                 out = compact(*args, **kwargs)
                 logits = pre_activations(pg.ir)
                 if logits:  # saturated outputs hide differences: compare what the final activation took
-                    full = self.emit(pg, tensors, torch.zeros(0, dtype=torch.long), program=program)
-                    ref_logits = run_capturing(full.gm, logits, args, kwargs)
+                    ref_logits = run_capturing(self.full(pg, tensors, program).gm, logits, args, kwargs)
                     out_logits = run_capturing(compact.gm, logits, args, kwargs)
         finally:
             runner.train(was_training)

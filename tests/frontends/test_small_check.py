@@ -70,6 +70,19 @@ def test_a_picture_is_verified_on_a_crop() -> None:
         assert max_rel_error(model(x), g.construct_subnet()(x)) < 1e-5
 
 
+def test_a_classifier_ending_in_softmax_compares_its_logits_on_the_crop() -> None:
+    """A final softmax's inputs are compared too (saturated outputs hide differences):
+    the full model they are read from is lowered from the crop's program as well."""
+    class Softmaxed(Net):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(super().forward(x), -1)
+
+    model = Softmaxed().eval()
+    seen = _sizes_seen(model)
+    g = gp.trace(model, torch.randn(1, 3, 128, 128))
+    assert seen == [(1, 32)] and not g.withdrawn and not g.notes
+
+
 def test_a_batch_of_pictures_is_verified_on_two_cropped_samples() -> None:
     model = Net().eval()
     seen = _sizes_seen(model)
