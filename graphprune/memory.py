@@ -40,6 +40,18 @@ def resident_bytes() -> int:
         return 0
 
 
+def available_bytes() -> int:
+    """Memory the system can give without swapping (``MemAvailable``; 0 where unknown)."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def release() -> None:
     """Give the C heap's free pages back to the system now (a few ms)."""
     if _TRIM is not None:

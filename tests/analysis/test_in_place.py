@@ -71,3 +71,24 @@ def test_verify_runs_on_the_weights_themselves_and_restores_tied_ones(monkeypatc
     assert any(grp.kind == "channel" and len(grp.slices) > 10 for grp in g.groups)  # the hidden columns
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_verify_spills_the_saved_weights_only_where_memory_is_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default the saved weights stay in memory while the available memory holds them
+    beside two more copies of the weights (a compact model, a forward); past 1 GiB else."""
+    import graphprune.prunable as prunable
+
+    g = gp.trace(torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 32, 32), verify=False)
+    weights = sum(t.numel() * t.element_size() for t in g.params.values())
+    seen: list[int] = []
+
+    class Spying(ZeroedInPlace):
+        def __init__(self, params, masks, spill_above):  # type: ignore[no-untyped-def]
+            seen.append(spill_above)
+            super().__init__(params, masks, spill_above)
+
+    monkeypatch.setattr(prunable, "ZeroedInPlace", Spying)
+    for available in (0, 8 << 30):
+        monkeypatch.setattr(prunable, "available_bytes", lambda: available)
+        assert g.verify() == []
+    assert seen == [1 << 30, (8 << 30) - 2 * weights]
