@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import torch
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 
 #: what :meth:`PrunableGraph.construct_subnet` builds (see there)
 SubnetMode = Literal["graph", "module", "auto"]
+
+
+log = logging.getLogger(__name__)
 
 
 class PrunableGraph:
@@ -347,16 +351,19 @@ class PrunableGraph:
             # a pass on the cheaper example is the verdict; anything else is judged on the
             # example itself, so the cheaper one never withdraws a group
             try:
-                if ok(self.groups, small) is None:
+                found = ok(self.groups, small)
+                if found is None:
                     return bad
-                found = "found a difference"
             except NotConclusive:
                 found = None  # the plan rewrites sizes the cheaper example changes: no verdict there
             except VerificationError as exc:
-                found = f"could not build or run the compact model ({str(exc)[:120]})"
-            if found is not None:
-                self.notes.append(f"verification on the first samples or a crop of the example {found}: "
-                                  f"checked again on the example")
+                found = str(exc)[:200]
+            if found is not None and small.program is None:  # the model's own program, which takes any batch
+                self.notes.append(f"verification on the first samples of the example failed ({found}): "
+                                  f"checked again on the whole batch")
+            elif found is not None:  # a model may not run on a crop (a position table of the example's size)
+                log.info("%s: the check on a crop of the example failed (%s): checked on the example",
+                         self.ir.source, found)
         bisect(list(self.groups))
         if bad:
             ids = {g.id for g, _ in bad}

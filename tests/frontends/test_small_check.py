@@ -4,6 +4,8 @@ counts there; a plan that rewrites a size following the picture, a model that ru
 other ops on the crop and a broken group are all judged on the example itself."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -128,7 +130,8 @@ def test_a_model_running_other_ops_on_the_crop_is_not_compared_there() -> None:
     assert seen == [(1, 128)]
 
 
-def test_a_broken_group_fails_on_the_crop_and_is_withdrawn_on_the_example(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_broken_group_fails_on_the_crop_and_is_withdrawn_on_the_example(monkeypatch: pytest.MonkeyPatch,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
     """The check is not weakened: with roll given relu's rule (channels kept in place), the
     group of ``a`` is wrong; the crop finds it, and the example, bisected, withdraws it alone."""
     torch.manual_seed(0)
@@ -138,7 +141,29 @@ def test_a_broken_group_fails_on_the_crop_and_is_withdrawn_on_the_example(monkey
     roll, relu = rule_for(canonical_aten("roll")), rule_for(canonical_aten("relu"))
     monkeypatch.setattr(type(roll), "propagate", lambda self, node, lab: type(relu).propagate(relu, node, lab))
     seen = _sizes_seen(model)
-    g = gp.trace(model, torch.randn(1, 3, 128, 128))
+    with caplog.at_level(logging.INFO, logger="graphprune.prunable"):
+        g = gp.trace(model, torch.randn(1, 3, 128, 128))
     assert [w.name for w, _ in g.withdrawn] == ["a"] and "rel. error" in g.withdrawn[0][1]
     assert seen[0] == (1, 32) and set(seen[1:]) == {(1, 128)}, seen
-    assert any("a crop of the example found a difference" in n for n in g.notes)
+    assert "the check on a crop of the example failed" in caplog.text and not g.notes
+
+
+def test_a_model_that_fails_on_the_crop_is_checked_on_the_example_without_a_note() -> None:
+    """A position table of the example's size passes the meta recording on the crop (its
+    broadcast is not checked there) but fails to run: the example is checked, and a crop
+    that does not apply is no news for the summary."""
+    class Biased(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(1, 1, 32 * 32))  # a bias per key pixel at 64x64
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.b(torch.relu(self.bn(self.a(x))))
+            q = h.flatten(2).transpose(1, 2)  # (b, pixels, c)
+            att = nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=self.table)
+            return self.head(att.mean(1))
+
+    model = Biased().eval()
+    seen = _sizes_seen(model)
+    g = gp.trace(model, torch.randn(1, 3, 64, 64))
+    assert seen == [(1, 32), (1, 64)] and not g.withdrawn and not g.notes
