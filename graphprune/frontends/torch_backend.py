@@ -272,12 +272,12 @@ class TorchBackend:
         runner.eval()
         try:
             with torch.no_grad():
-                # built first: a plan the example cannot judge is refused before any forward;
-                # dropped after this comparison
-                compact = self.emit(pg, tensors, removed, copy_uncut=False, program=program, fixed=fixed)
+                # the reference first: a model that does not run on a cheaper example fails
+                # before anything is emitted for it
                 ref = torch.func.functional_call(runner, one_name_per_slot(runner, tensors), args, kwargs,
                                                  tie_weights=False, strict=False)
-                out = compact(*args, **kwargs)
+                compact = self.emit(pg, tensors, removed, copy_uncut=False, program=program, fixed=fixed)
+                out = compact(*args, **kwargs)  # the compact model is dropped after this comparison
                 logits = pre_activations(pg.ir)
                 if logits:  # saturated outputs hide differences: compare what the final activation took
                     ref_logits = run_capturing(self.full(pg, tensors, program).gm, logits, args, kwargs)
