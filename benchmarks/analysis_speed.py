@@ -13,8 +13,10 @@ machine load) of what a user runs, each on a fresh copy of the model (copying un
   models do not run).
 The FLOPs each actually removed are printed beside the times, and so is the part of
 graphprune's time its check took (``PrunableGraph.verify``: the zeroed full model's
-forward, the compact model built and run), with the ratio TP / graphprune without it: the
-check runs the full model once, which Torch-Pruning's build also does, and a compact one.
+forward, the compact model built and run, on a 64x64 crop of the picture where the model
+runs the same ops there, else on the example; recording the crop is part of it), with the
+ratio TP / graphprune without it: the check runs the full model once, which
+Torch-Pruning's build also does, and a compact one.
 
 **Narrow** (the second table), the analysis alone, interleaved:
 - ``gp.trace(model, x, verify=False)``: the default path, recording ATen ops on meta
