@@ -7,9 +7,10 @@ Not run in CI (tuning takes minutes per model).  ``python benchmarks/latency.py
 [--out runs/latency] [--results benchmarks/results/latency.txt] [--bsr-only | --no-bsr]``
 
 With ``--tune-minutes M`` the budget is the issue's: at most M minutes of tuning per model
-(the dense form half, the pruned form the rest), every model tuning into one database that
-starts empty and is shared across the run, as a user's per-machine database is. One library
-per form, tuned for the largest thread count, is timed at every ``--threads`` count.
+(the dense form ``--dense-share`` of it, half by default, the pruned form the rest), every
+model tuning into one database that starts empty and is shared across the run, as a user's
+per-machine database is. One library per form, tuned for the largest thread count, is
+timed at every ``--threads`` count.
 ``--reuse-model`` then compiles a model of another family twice with the same trials per
 task, into a copy of that database and into an empty one, and tables the tuning time saved.
 
@@ -252,7 +253,8 @@ def bsr_model_worker(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- preparation
 def prepare(name: str, out: Path, runtimes: list[str], trials_per_task: int | None, flops: float,
-            criterion: str, multiple: int, threads: int, minutes: float | None = None) -> list[Variant]:
+            criterion: str, multiple: int, threads: int, minutes: float | None = None,
+            dense_share: float = 0.5) -> list[Variant]:
     """Both forms of one model, with their artefacts built; [] when the model is unavailable.
 
     The pruned form is what a user gets from graphprune's one-shot API; its MACs come from
@@ -277,8 +279,8 @@ def prepare(name: str, out: Path, runtimes: list[str], trials_per_task: int | No
     seed, left = None, minutes
     for variant, module in ((dense, model), (pruned, compact)):
         stem = f"{name}-{variant.form}"
-        # a time budget is the model's: the dense form gets half, the pruned form what is left
-        budget = None if minutes is None else max(0.1, left / 2 if variant.form == "dense" else left)
+        # a time budget is the model's: the dense form gets its share, the pruned form what is left
+        budget = None if minutes is None else max(0.1, left * dense_share if variant.form == "dense" else left)
         variant.artifacts, variant.tuning = build_artifacts(stem, module, inputs, out, runtimes, trials_per_task,
                                                             threads, seed, budget)
         if budget is not None and variant.tuning:
@@ -482,8 +484,9 @@ def header(args: argparse.Namespace, variants: list[Variant]) -> list[str]:
         if not any(v.tuning for v in variants):
             tuned = "not run (--trials-per-task 0 or not in --runtimes)"
         elif args.tune_minutes:
-            tuned = (f"meta-schedule for at most {args.tune_minutes:g} minutes per model (dense form half, pruned "
-                     "form the rest), every model tuning into one database shared across the run and empty at "
+            tuned = (f"meta-schedule for at most {args.tune_minutes:g} minutes per model (dense form "
+                     f"{args.dense_share:.0%}, pruned form the rest), every model tuning into one database shared "
+                     "across the run and empty at "
                      f"its start; tuned for {cores} core(s), one library timed at every thread count")
         else:
             tuned = (f"meta-schedule, {args.trials_per_task} trials per task in this run (each budget line gives "
@@ -630,9 +633,12 @@ def parse_args() -> argparse.Namespace:
                         help="default 16; 0: no tuning, no tvm-tuned column; with --tune-minutes: a per-task cap "
                              "(default none)")
     parser.add_argument("--tune-minutes", type=float, default=None,
-                        help="tuning budget per model in minutes (dense form half, pruned form the rest), "
+                        help="tuning budget per model in minutes (see --dense-share), "
                              "every model tuning into one database shared across the run; --trials-per-task "
                              "then caps a task")
+    parser.add_argument("--dense-share", type=float, default=0.5,
+                        help="with --tune-minutes: the dense form's share of a model's budget (the pruned form, "
+                             "what users run, gets the rest and the dense form's schedules carried over)")
     parser.add_argument("--out", default="runs/latency", help="artefacts, tuning databases and latency.json")
     parser.add_argument("--results", default=str(RESULTS), help="the tables, with the command in the header")
     parser.add_argument("--tuning-db", default=None, help="BSR table: dense kernel from this database")
@@ -682,7 +688,7 @@ def measure_models(args: argparse.Namespace, out: Path, runtimes: list[str],
     pairs = list(kept)
     for name in args.models.split(","):
         variants = prepare(name, out, runtimes, args.trials_per_task, args.flops, args.criterion, args.multiple,
-                           max(args.thread_counts), args.tune_minutes)
+                           max(args.thread_counts), args.tune_minutes, args.dense_share)
         if not variants:
             print(f"{name}: skipped (transformers not installed)", file=sys.stderr)
             continue
