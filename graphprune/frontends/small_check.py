@@ -140,15 +140,26 @@ def small_check(full: Recording, args: tuple, kwargs: dict, any_batch: bool,
     ``program(recording, general)`` makes what the crop's compact models are lowered
     from: with ``any_batch`` (the model's own program takes any batch) that program is
     made batch-general too (:mod:`.batch_general`) and runs the crop's first samples.
-    Uncropped, the first samples run on the model's own program where it takes them."""
+    Uncropped, or where the crop does not replay, the first samples run on the model's
+    own program where it takes them."""
+    crop = cropped(args, kwargs)
+    why = "the example is as small as a check" if crop is None else None
+    if crop is not None:
+        found, why = _on_crop(full, crop, any_batch, record, program)
+        if found is not None:
+            return found, None
+    few = first_samples(args, kwargs) if any_batch else None
+    return (CheckExample(*few), None) if few is not None else (None, why)
+
+
+def _on_crop(full: Recording, crop: tuple[tuple, dict], any_batch: bool,
+             record: Callable[[tuple, dict, int | None], Recording],
+             program: Callable[[Recording, Any], Any]) -> tuple[CheckExample | None, str | None]:
+    """:func:`small_check` on the cropped example ``crop``."""
     from .batch_general import NotBatchGeneral, batch_general, example_batch
     from .torch_record import RecordingFailed
     from .torch_replay import ReplayFailed
 
-    crop = cropped(args, kwargs)
-    if crop is None:
-        few = first_samples(args, kwargs) if any_batch else None
-        return (CheckExample(*few), None) if few is not None else (None, "the example is as small as a check")
     try:
         rec = record(*crop, None)
         varying = varying_nodes(full, rec)

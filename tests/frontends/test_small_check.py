@@ -116,6 +116,15 @@ def test_a_model_tied_to_its_example_size_is_verified_on_the_example() -> None:
     assert seen == [(1, 128)] and not g.withdrawn
 
 
+def test_a_batch_that_does_not_crop_is_still_verified_on_two_samples() -> None:
+    """Where the crop does not replay (a learned map of the example's size), a batch of
+    eight is still checked on its first two samples, on the model's own program."""
+    model = Net(pos=128).eval()
+    seen = _sizes_seen(model)
+    g = gp.trace(model, torch.randn(8, 3, 128, 128))
+    assert seen == [(2, 128)] and not g.withdrawn and not g.notes
+
+
 def test_a_model_running_other_ops_on_the_crop_is_not_compared_there() -> None:
     class Doubling(Net):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
