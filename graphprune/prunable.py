@@ -288,11 +288,11 @@ class PrunableGraph:
         them); only a failure bisects, so each failing group is found and withdrawn alone,
         with the reason; returns them.  A compact model
         that cannot be built or run is a bug, raised as :class:`VerificationError`.
-        Where the backend has a cheaper example (:meth:`~.frontends.backend.Backend.check_example`:
-        a batch of 32 checked on its first two samples, a 224x224 picture on a 64x64 crop
-        where the model runs the same ops there, :mod:`~.frontends.small_check`), groups are
-        checked on it first; only a pass counts there, and anything else is checked again
-        on the example itself, which alone withdraws groups.
+        Where the backend has cheaper examples (:meth:`~.frontends.backend.Backend.check_examples`,
+        :mod:`~.frontends.small_check`: a 224x224 picture cropped to 64x64 where the model
+        runs the same ops there, then a batch of 32's first two samples), groups are checked
+        on those first, cheapest first; only a pass counts there, anything else goes on to
+        the next and at last to the example itself, which alone withdraws groups.
 
         ``rtol`` holds for float32 weights; half-precision weights round every product
         and the compact model sums in another order, so the tolerance is raised to a few
@@ -346,10 +346,9 @@ class PrunableGraph:
 
         if not self.groups:
             return bad
-        small = self.backend.check_example(self)
-        if small is not None:
-            # a pass on the cheaper example is the verdict; anything else is judged on the
-            # example itself, so the cheaper one never withdraws a group
+        for small in self.backend.check_examples(self):
+            # a pass on a cheaper example is the verdict; anything else is judged on the
+            # next one, and at last on the example itself, so a cheaper one never withdraws a group
             try:
                 found = ok(self.groups, small)
                 if found is None:
@@ -362,7 +361,7 @@ class PrunableGraph:
                 self.notes.append(f"verification on the first samples of the example failed ({found}): "
                                   f"checked again on the whole batch")
             elif found is not None:  # a model may not run on a crop (a position table of the example's size)
-                log.info("%s: the check on a crop of the example failed (%s): checked on the example",
+                log.info("%s: the check on a crop of the example failed (%s): checked on the next example",
                          self.ir.source, found)
         bisect(list(self.groups))
         if bad:

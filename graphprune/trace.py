@@ -105,11 +105,11 @@ def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shap
                          type(model).__name__, exc)
             small = None
             if replay is not None:
-                def small() -> CheckExample | None:  # made on the first check: a trace without one needs none
+                def small() -> list[CheckExample]:  # made on the first check: a trace without one needs none
                     found, why = small_check(rec, args, kwargs, replay.any_batch, functools.partial(_record_eval, cold),
                                              lambda r, general: replay_program(r, model, general))
-                    if found is None:
-                        log.info("%s is verified on its example: %s", type(model).__name__, why)
+                    if why:
+                        log.info("%s: %s", type(model).__name__, "; ".join(why))
                     return found
             return rec.graph, TorchBackend(export, runner, replay=replay, reference=reference, binding=binding,
                                            small=small)

@@ -58,6 +58,6 @@ class Backend(Protocol):
         and the zeroed full model on ``example`` (default: the model's example)."""
         ...
 
-    def check_example(self, pg: PrunableGraph) -> CheckExample | None:
-        """A cheaper example than the model's to verify on, or None."""
+    def check_examples(self, pg: PrunableGraph) -> list[CheckExample]:
+        """Cheaper examples than the model's to verify on, cheapest first (maybe none)."""
         ...

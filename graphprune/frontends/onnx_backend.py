@@ -80,14 +80,14 @@ class OnnxBackend:
         plan = self.plan(pg, tensors, torch.zeros(0, dtype=torch.long))
         return lower_onnx(pg.ir, self.proto, plan, tensors, weights, check=not is_large(self.proto))
 
-    def check_example(self, pg: PrunableGraph) -> None:
+    def check_examples(self, pg: PrunableGraph) -> list[CheckExample]:
         """None: an ONNX model is checked at its example's sizes and at the second ones."""
-        return None
+        return []
 
     def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],
                 removed: torch.Tensor | None = None, example: CheckExample | None = None) -> float:
         """Relative error of the compact model (``removed`` as for :meth:`emit`) against
-        the zeroed full model (onnxruntime); ``example`` is not used (see :meth:`check_example`).
+        the zeroed full model (onnxruntime); ``example`` is not used (see :meth:`check_examples`).
         A model that onnxruntime runs with its weights fed is emitted with them as stubs and
         fed straight from ``tensors`` (and their slices): no serialised copy of them.
         With dynamic axes both models run at the example's sizes and at the second ones:

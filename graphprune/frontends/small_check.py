@@ -134,22 +134,26 @@ def _same_but_ints(x: Any, y: Any) -> bool | None:
 
 def small_check(full: Recording, args: tuple, kwargs: dict, any_batch: bool,
                 record: Callable[[tuple, dict, int | None], Recording],
-                program: Callable[[Recording, Any], Any]) -> tuple[CheckExample | None, str | None]:
-    """The cheaper example to verify on, or None and why not.  Where the example crops
-    (:func:`cropped`), ``record(args, kwargs, batch)`` records the model at the crop and
-    ``program(recording, general)`` makes what the crop's compact models are lowered
-    from: with ``any_batch`` (the model's own program takes any batch) that program is
-    made batch-general too (:mod:`.batch_general`) and runs the crop's first samples.
-    Uncropped, or where the crop does not replay, the first samples run on the model's
-    own program where it takes them."""
+                program: Callable[[Recording, Any], Any]) -> tuple[list[CheckExample], list[str]]:
+    """The cheaper examples to verify on, cheapest first, and why others are not.  Where
+    the example crops (:func:`cropped`), ``record(args, kwargs, batch)`` records the model
+    at the crop and ``program(recording, general)`` makes what the crop's compact models
+    are lowered from: with ``any_batch`` (the model's own program takes any batch) that
+    program is made batch-general too (:mod:`.batch_general`) and runs the crop's first
+    samples.  Then, where ``any_batch``, the example's first samples on the model's own
+    program (what is checked where the model does not run on the crop)."""
+    found, why = [], []
     crop = cropped(args, kwargs)
-    why = "the example is as small as a check" if crop is None else None
     if crop is not None:
-        found, why = _on_crop(full, crop, any_batch, record, program)
-        if found is not None:
-            return found, None
+        on_crop, reason = _on_crop(full, crop, any_batch, record, program)
+        found += [on_crop] if on_crop is not None else []
+        why += [reason] if reason is not None else []
     few = first_samples(args, kwargs) if any_batch else None
-    return (CheckExample(*few), None) if few is not None else (None, why)
+    if few is not None:
+        found.append(CheckExample(*few))
+    if not found:
+        why.append("the example is as small as a check")
+    return found, why
 
 
 def _on_crop(full: Recording, crop: tuple[tuple, dict], any_batch: bool,

@@ -60,7 +60,7 @@ class TorchBackend:
     with no warm-up call: export is what needs one) is what verification runs against.
     :meth:`stop_replay` goes back to export, where the replayed program turned out not
     to reproduce the model.  ``binding`` lets compact modules be called as the user's
-    model is (:mod:`..lower.call_binding`); ``small`` makes the replay's cheaper example
+    model is (:mod:`..lower.call_binding`); ``small`` makes the replay's cheaper examples
     to verify on (:mod:`.small_check`), called once, on first need.
     """
 
@@ -68,7 +68,7 @@ class TorchBackend:
                  *, settled: bool = False, replay: TorchProgram | None = None,
                  reference: Callable[[], torch.nn.Module] | None = None,
                  binding: CallBinding | None = None,
-                 small: Callable[[], CheckExample | None] | None = None) -> None:
+                 small: Callable[[], list[CheckExample]] | None = None) -> None:
         self._export = export
         self._small = functools.cache(small) if small is not None else None
         self.binding = binding
@@ -249,11 +249,11 @@ class TorchBackend:
         """The full model with ``tensors`` as weights (nothing removed); ``program`` as for :meth:`emit`."""
         return self.emit(pg, tensors, torch.zeros(0, dtype=torch.long), program=program)
 
-    def check_example(self, pg: PrunableGraph) -> CheckExample | None:
-        """The replayed recording's cheaper example (:mod:`.small_check`), made on first
-        need; None when emitting from an export."""
+    def check_examples(self, pg: PrunableGraph) -> list[CheckExample]:
+        """The replayed recording's cheaper examples (:mod:`.small_check`), made on first
+        need; none when emitting from an export."""
         if self.replay is None or self._small is None:
-            return None
+            return []
         return self._small()
 
     def compare(self, pg: PrunableGraph, tensors: dict[str, torch.Tensor],

@@ -109,6 +109,15 @@ def test_a_rewritten_size_that_follows_the_picture_is_judged_on_the_example() ->
     assert seen == [(1, 32), (1, 128)] and not g.withdrawn and not g.notes
 
 
+def test_a_batch_whose_crop_cannot_judge_the_plan_is_verified_on_two_samples() -> None:
+    """The crop cannot judge the reshape's rewrite; the batch's first two samples, on the
+    model's own any-batch program, can: eight samples are never run."""
+    model = Net(flat=True).eval()
+    seen = _sizes_seen(model)
+    g = gp.trace(model, torch.randn(8, 3, 128, 128))
+    assert seen == [(2, 32), (2, 128)] and not g.withdrawn and not g.notes
+
+
 def test_a_model_tied_to_its_example_size_is_verified_on_the_example() -> None:
     model = Net(pos=128).eval()
     seen = _sizes_seen(model)
