@@ -100,7 +100,7 @@ def _compare(recs: list[Recording], batches: tuple[int, ...]) -> BatchGeneral:
             raise NotBatchGeneral(f"at batch {b} the graph has other values, inputs or outputs")
         if other.call.in_leaves != first.call.in_leaves or other.call.out_leaves != first.call.out_leaves:
             raise NotBatchGeneral(f"at batch {b} the call has another structure")
-        if not _same(other.call.out_consts, first.call.out_consts):
+        if not same_value(other.call.out_consts, first.call.out_consts):
             raise NotBatchGeneral(f"at batch {b} the model returns other non-tensor outputs "
                                   f"({other.call.out_consts} against {first.call.out_consts})")
     source = next((n for n in ir.inputs if ir.values[n].shape), None)
@@ -115,7 +115,7 @@ def _compare(recs: list[Recording], batches: tuple[int, ...]) -> BatchGeneral:
         axes = frozenset(i for i in range(len(v.shape)) if any(w.shape[i] != v.shape[i] for w in others))
         if axes and v.fixed:
             raise NotBatchGeneral(f"{v.kind} {v.source_name or name} changes shape with the batch")
-        if v.kind == "const" and not all(_same(w.data, v.data) for w in others):
+        if v.kind == "const" and not all(same_value(w.data, v.data) for w in others):
             raise NotBatchGeneral(f"constant {name} changes contents with the batch")
         if axes:
             dynamic[name] = axes
@@ -139,12 +139,14 @@ def _first_other(a: list, b: list) -> str:
     return f"{len(b)} ops against {len(a)}"
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two recorded arguments or constants are equal: tensors of the same shape,
+    dtype and contents, sequences of equal items, NaN equal to NaN, else ``==`` on one type."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
                 and a.dtype == b.dtype and torch.equal(a, b))
     if isinstance(a, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
     if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
         return True  # NaN
     return type(a) is type(b) and a == b
@@ -166,7 +168,7 @@ def _general(seen: list[Any], batches: tuple[int, ...], where: str) -> Any:
             if any(not isinstance(v, dict) or v.keys() != a.keys() for v in vals):
                 raise NotBatchGeneral(f"{where}: its keyword arguments change with the batch")
             return {key: merge([v[key] for v in vals]) for key in a}
-        if all(_same(v, a) for v in vals):
+        if all(same_value(v, a) for v in vals):
             return a
         if all(type(v) is int for v in vals):
             size = _affine(vals, batches)

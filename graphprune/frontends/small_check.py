@@ -1,4 +1,4 @@
-"""A cheaper example to verify groups on: the first samples, cropped in height and width.
+"""Cheaper examples to verify groups on: the picture cropped, and a batch's first samples.
 
 Verification (:meth:`graphprune.prunable.PrunableGraph.verify`) runs the zeroed full
 model and a compact one on the example.  On an image model at 224x224 those two forwards
@@ -6,7 +6,8 @@ are most of the check, and the check was 40% of ResNet-50's trace, prune and com
 model.  Which channels feed which does not depend on the picture's size, so where the
 model runs the very same ops on a smaller picture the check can run there: the example
 cropped to about a quarter of its height and width (a multiple of 32, so the usual
-strides still divide it), and to its first :data:`CHECK_BATCH` samples.
+strides still divide it), and to its first :data:`CHECK_BATCH` samples; where it cannot, a
+batch is still checked on its first samples, on the model's own any-batch program.
 
 A pass there is a pass at the example's size when two things hold, and this module
 holds the checker to them:
@@ -18,10 +19,10 @@ holds the checker to them:
 - the compact plan rewrites no node whose integers differ between the sizes (a flatten
   of channels times height times width): the compact model at the small size is then the
   full-size one with only integers the recording itself chose changed.  A plan that does
-  is not judged small (:class:`NotConclusive`).
+  is not judged small (:class:`.backend.NotConclusive`).
 
-Only a pass counts at the small size: anything else is checked again on the example
-itself, which alone withdraws groups.
+Only a pass counts on a cheaper example: anything else goes on to the next one, and at
+last to the example itself, which alone withdraws groups.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..ir.graph import Ref
-from .backend import CheckExample, NotConclusive
+from .backend import CheckExample
 
 if TYPE_CHECKING:  # the recorder's imports set warning filters: imported on first use
     from .torch_record import Recording
@@ -87,7 +88,7 @@ def varying_nodes(full: Recording, small: Recording) -> frozenset[str] | None:
     two sizes, where the recordings are otherwise the same program; None where they are
     not (other ops, other tensors read, weights or constants of other shapes or contents,
     another call structure)."""
-    from .batch_general import _same
+    from .batch_general import same_value
 
     a, b = full.graph, small.graph
     if [(n.name, n.target, n.outputs) for n in a.nodes] != [(n.name, n.target, n.outputs) for n in b.nodes]:
@@ -100,7 +101,7 @@ def varying_nodes(full: Recording, small: Recording) -> frozenset[str] | None:
         w = b.values[name]
         if w.dtype != v.dtype or len(w.shape) != len(v.shape) or w.kind != v.kind:
             return None
-        if v.fixed and (w.shape != v.shape or (v.kind == "const" and not _same(v.data, w.data))):
+        if v.fixed and (w.shape != v.shape or (v.kind == "const" and not same_value(v.data, w.data))):
             return None
     varying = set()
     for m, n in zip(a.nodes, b.nodes):
@@ -114,7 +115,7 @@ def varying_nodes(full: Recording, small: Recording) -> frozenset[str] | None:
 
 def _same_but_ints(x: Any, y: Any) -> bool | None:
     """True where equal, False where they differ only in integers, None otherwise."""
-    from .batch_general import _same
+    from .batch_general import same_value
 
     if isinstance(x, Ref) or isinstance(y, Ref):
         return (x == y) if isinstance(x, Ref) and isinstance(y, Ref) else None
@@ -127,7 +128,7 @@ def _same_but_ints(x: Any, y: Any) -> bool | None:
         if not isinstance(y, dict) or x.keys() != y.keys():
             return None
         return _same_but_ints(tuple(x.values()), tuple(y[k] for k in x))
-    if _same(x, y):
+    if same_value(x, y):
         return True
     return False if type(x) is int and type(y) is int else None
 
