@@ -12,7 +12,7 @@ from .analysis.groups import Group
 from .analysis.labels import Barrier, Labels
 from .analysis.liveness import Liveness
 from .errors import GraphPruneError, NotInPlace, VerificationError, ZeroInvarianceError
-from .frontends.backend import NotConclusive
+from .frontends.backend import CheckExample, NotConclusive
 from .in_place import ZeroedInPlace
 from .ir.graph import Graph
 from .memory import available_bytes, release
@@ -309,7 +309,7 @@ class PrunableGraph:
             picks[g.id] = mask
         large = weights > 1 << 30
 
-        def ok(groups: list[Group], example: tuple[tuple, dict] | None = None) -> str | None:
+        def ok(groups: list[Group], example: CheckExample | None = None) -> str | None:
             # the units zeroed here are the ones to remove: no pass over every weight to
             # find the all-zero ones (0.25 s of vit_b_16's check)
             removed = torch.cat([g.atoms[picks[g.id]] for g in groups])

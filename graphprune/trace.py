@@ -45,9 +45,9 @@ def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shap
     the model was captured."""
     from .frontends.batch_general import NotBatchGeneral, batch_general, example_batch
     from .frontends.model_copy import UncopyableModel, shared_copy, warm_copy
+    from .frontends.small_check import small_check
     from .frontends.torch_export import export_model, from_exported
     from .frontends.torch_record import RecordingFailed, record_call
-    from .frontends.small_check import small_check
     from .frontends.torch_replay import ReplayFailed, replay_program
 
     @functools.cache
@@ -103,16 +103,16 @@ def _trace_torch(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shap
             except ReplayFailed as exc:
                 log.info("replaying the recording of %s failed (%s): emitting from torch.export",
                          type(model).__name__, exc)
-            small = None
-            if replay is not None:
-                def small() -> list[CheckExample]:  # made on the first check: a trace without one needs none
-                    found, why = small_check(rec, args, kwargs, replay.any_batch, functools.partial(_record_eval, cold),
-                                             lambda r, general: replay_program(r, model, general))
-                    if why:
-                        log.info("%s: %s", type(model).__name__, "; ".join(why))
-                    return found
+
+            def small() -> list[CheckExample]:  # made on the first check: a trace without one needs none
+                found, why = small_check(rec, args, kwargs, bool(replay and replay.any_batch),
+                                         functools.partial(_record_eval, cold),
+                                         lambda r, general: replay_program(r, model, general))
+                if why:
+                    log.info("%s: %s", type(model).__name__, "; ".join(why))
+                return found
             return rec.graph, TorchBackend(export, runner, replay=replay, reference=reference, binding=binding,
-                                           small=small)
+                                           small=small if replay is not None else None)
         finally:
             cold.train(was_training)
     backend = TorchBackend(export, runner, settled=True, binding=binding)
