@@ -1,7 +1,8 @@
-"""Verification on a cheaper example (:mod:`graphprune.frontends.small_check`): a picture
+"""Verification on cheaper examples (:mod:`graphprune.frontends.small_check`): a picture
 is checked on a crop of it where the model runs the same ops there, and only a pass
 counts there; a plan that rewrites a size following the picture, a model that runs
-other ops on the crop and a broken group are all judged on the example itself."""
+other ops on (or fails on) the crop and a broken group all go on to the next example:
+a batch's first samples, and at last the example itself."""
 from __future__ import annotations
 
 import logging
