@@ -89,20 +89,41 @@ def batch_general(rec: Recording, batch: int,
     return _compare(recs, batches)
 
 
+def program_difference(first: Recording, other: Recording) -> str | None:
+    """Why two recordings of one model at two input sizes are not one program but for their
+    sizes, or None: other ops (names, targets, outputs), other values, inputs, outputs or call
+    structure, other non-tensor outputs, a value of another dtype, rank or kind, a weight
+    of another shape, a constant of other contents.  Their integer arguments may differ."""
+    ir, g = first.graph, other.graph
+    if [n.name for n in g.nodes] != [n.name for n in ir.nodes]:
+        return f"the model runs other ops ({_first_other(ir.nodes, g.nodes)})"
+    if g.values.keys() != ir.values.keys() or g.inputs != ir.inputs or g.outputs != ir.outputs:
+        return "the graph has other values, inputs or outputs"
+    if other.call.in_leaves != first.call.in_leaves or other.call.out_leaves != first.call.out_leaves:
+        return "the call has another structure"
+    if not same_value(other.call.out_consts, first.call.out_consts):
+        return f"the model returns other non-tensor outputs ({other.call.out_consts} against {first.call.out_consts})"
+    for name, v in ir.values.items():
+        w = g.values[name]
+        if w.dtype != v.dtype or len(w.shape) != len(v.shape) or w.kind != v.kind:
+            return f"value {name} changes dtype, rank or kind"
+        if v.fixed and w.shape != v.shape:
+            return f"{v.kind} {v.source_name or name} changes shape"
+        if v.kind == "const" and not same_value(w.data, v.data):
+            return f"constant {name} changes contents"
+    for m, n in zip(ir.nodes, g.nodes):
+        if n.target is not m.target or n.outputs != m.outputs:
+            return f"node {m.name} ({m.source_op}) is another op"
+    return None
+
+
 def _compare(recs: list[Recording], batches: tuple[int, ...]) -> BatchGeneral:
     first = recs[0]
     ir = first.graph
     for other, b in zip(recs[1:], batches[1:]):
-        g = other.graph
-        if [n.name for n in g.nodes] != [n.name for n in ir.nodes]:
-            raise NotBatchGeneral(f"at batch {b} the model runs other ops ({_first_other(ir.nodes, g.nodes)})")
-        if g.values.keys() != ir.values.keys() or g.inputs != ir.inputs or g.outputs != ir.outputs:
-            raise NotBatchGeneral(f"at batch {b} the graph has other values, inputs or outputs")
-        if other.call.in_leaves != first.call.in_leaves or other.call.out_leaves != first.call.out_leaves:
-            raise NotBatchGeneral(f"at batch {b} the call has another structure")
-        if not same_value(other.call.out_consts, first.call.out_consts):
-            raise NotBatchGeneral(f"at batch {b} the model returns other non-tensor outputs "
-                                  f"({other.call.out_consts} against {first.call.out_consts})")
+        why = program_difference(first, other)
+        if why is not None:
+            raise NotBatchGeneral(f"at batch {b} {why}")
     source = next((n for n in ir.inputs if ir.values[n].shape), None)
     if source is None:
         raise NotBatchGeneral("no input has a dimension to take the batch from")
@@ -110,21 +131,13 @@ def _compare(recs: list[Recording], batches: tuple[int, ...]) -> BatchGeneral:
     dynamic: dict[str, frozenset[int]] = {}
     for name, v in ir.values.items():
         others = [r.graph.values[name] for r in recs[1:]]
-        if any(w.dtype != v.dtype or len(w.shape) != len(v.shape) for w in others):
-            raise NotBatchGeneral(f"value {name} changes dtype or rank with the batch")
         axes = frozenset(i for i in range(len(v.shape)) if any(w.shape[i] != v.shape[i] for w in others))
-        if axes and v.fixed:
-            raise NotBatchGeneral(f"{v.kind} {v.source_name or name} changes shape with the batch")
-        if v.kind == "const" and not all(same_value(w.data, v.data) for w in others):
-            raise NotBatchGeneral(f"constant {name} changes contents with the batch")
         if axes:
             dynamic[name] = axes
 
     general: dict[str, tuple[tuple, dict]] = {}
     for k, node in enumerate(ir.nodes):
         seen = [r.graph.nodes[k] for r in recs]
-        if any(n.target is not node.target or n.outputs != node.outputs for n in seen):
-            raise NotBatchGeneral(f"node {node.name} ({node.source_op}) is another op at another batch")
         where = f"node {node.name} ({node.source_op}, module {node.module or '<root>'})"
         args = _general([(n.args, n.kwargs) for n in seen], batches, where)
         if args is not None:

@@ -85,26 +85,15 @@ def first_samples(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
 
 def varying_nodes(full: Recording, small: Recording) -> frozenset[str] | None:
     """The nodes whose integer arguments differ between two recordings of one model at
-    two sizes, where the recordings are otherwise the same program; None where they are
-    not (other ops, other tensors read, weights or constants of other shapes or contents,
-    another call structure)."""
-    from .batch_general import same_value
+    two sizes, where the recordings are otherwise the same program
+    (:func:`.batch_general.program_difference`); None where they are not, or where an
+    argument other than an integer differs."""
+    from .batch_general import program_difference
 
-    a, b = full.graph, small.graph
-    if [(n.name, n.target, n.outputs) for n in a.nodes] != [(n.name, n.target, n.outputs) for n in b.nodes]:
+    if program_difference(full, small) is not None:
         return None
-    if a.values.keys() != b.values.keys() or a.inputs != b.inputs or a.outputs != b.outputs:
-        return None
-    if (full.call.in_leaves, full.call.out_leaves) != (small.call.in_leaves, small.call.out_leaves):
-        return None
-    for name, v in a.values.items():
-        w = b.values[name]
-        if w.dtype != v.dtype or len(w.shape) != len(v.shape) or w.kind != v.kind:
-            return None
-        if v.fixed and (w.shape != v.shape or (v.kind == "const" and not same_value(v.data, w.data))):
-            return None
     varying = set()
-    for m, n in zip(a.nodes, b.nodes):
+    for m, n in zip(full.graph.nodes, small.graph.nodes):
         same = _same_but_ints((m.args, m.kwargs), (n.args, n.kwargs))
         if same is None:
             return None
