@@ -10,7 +10,8 @@ The same goes for the custom schedule rules meta-schedule looks up by name: TOPI
 pooling blocks with ``schedule_rule = "meta_schedule.pool_max"`` (and avg, adaptive), which
 no TVM build registers for CPU or GPU, so every pooling function logs a C++ warning the user
 can do nothing about, then drops the annotation and schedules the block like any other.
-:func:`register_pool_rules` registers rules that do exactly that, without the warning.
+:func:`register_pool_rules` registers the rules instead: on CPU, window max pools get
+:func:`.pooling.schedule_window_pool`; the others are scheduled like any other block.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from tvm.target import Target
 
 _PACKAGE = "tvm.s_tir.tensor_intrin"
 _POOL_RULES = ("pool_max", "pool_avg", "adaptive_pool_max", "adaptive_pool_avg")
+_WINDOW_POOLS = ("pool_max",)  # an average pool's rule sits on its division, not its window sum
 
 
 def _intrinsic_modules(target: Target) -> list[str]:
@@ -54,9 +56,12 @@ def _drop_rule_annotation(sch, block):  # noqa: ANN001 (TVM's Schedule and Block
 
 
 def register_pool_rules() -> None:
-    """Schedule annotated pooling blocks like any other block (see the module docstring)."""
+    """The rules for annotated pooling blocks (see the module docstring)."""
+    from .pooling import schedule_window_pool
+
     for key in ("cpu", "gpu"):
         for rule in _POOL_RULES:
             name = f"s_tir.meta_schedule.{key}.meta_schedule.{rule}"
             if tvm_ffi.get_global_func(name, allow_missing=True) is None:
-                tvm_ffi.register_global_func(name, _drop_rule_annotation)
+                window = key == "cpu" and rule in _WINDOW_POOLS
+                tvm_ffi.register_global_func(name, schedule_window_pool if window else _drop_rule_annotation)
