@@ -33,18 +33,18 @@ CHANNEL_SPLITS = (16, 8, 4)
 def schedule_window_pool(sch: Schedule, block: SBlockRV) -> list[Schedule]:
     """The schedule of one pooling ``block``; a block of another shape is only freed of its
     annotation, for the generic rules to schedule."""
-    for producer in sch.get_producers(block):  # the padding: read in place, no padded copy
-        made = sch.get(producer)
-        if made.init is None and all(iv.iter_type == tirx.IterVar.DataPar for iv in made.iter_vars):
-            sch.compute_inline(producer)
-    node = sch.get(block)
     loops = sch.get_loops(block)
-    kinds = [iv.iter_type for iv in node.iter_vars]
+    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
     spatial = kinds.count(tirx.IterVar.DataPar)
     if (len(loops) != len(kinds) or spatial < 2 or kinds[:spatial] != [tirx.IterVar.DataPar] * spatial
             or not all(k == tirx.IterVar.CommReduce for k in kinds[spatial:])):
         sch.unannotate(block, "schedule_rule")
         return [sch]
+    for producer in sch.get_producers(block):  # the padding: read in place, no padded copy
+        made = sch.get(producer)
+        if made.init is None and all(iv.iter_type == tirx.IterVar.DataPar for iv in made.iter_vars):
+            sch.compute_inline(producer)
+    node = sch.get(block)  # reading the input now, not the padded copy
     inner = node.iter_vars[spatial - 1].var
     inputs = [r for r in node.reads if not r.source.same_as(node.writes[0].source)]
     extent = sch.get(loops[spatial - 1]).extent
