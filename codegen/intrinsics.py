@@ -23,6 +23,8 @@ import types
 import tvm_ffi
 from tvm.target import Target
 
+from .pooling import schedule_window_pool
+
 _PACKAGE = "tvm.s_tir.tensor_intrin"
 _POOL_RULES = ("pool_max", "pool_avg", "adaptive_pool_max", "adaptive_pool_avg")
 _WINDOW_POOLS = ("pool_max",)  # an average pool's rule sits on its division, not its window sum
@@ -57,8 +59,6 @@ def _drop_rule_annotation(sch, block):  # noqa: ANN001 (TVM's Schedule and Block
 
 def register_pool_rules() -> None:
     """The rules for annotated pooling blocks (see the module docstring)."""
-    from .pooling import schedule_window_pool
-
     for key in ("cpu", "gpu"):
         for rule in _POOL_RULES:
             name = f"s_tir.meta_schedule.{key}.meta_schedule.{rule}"
