@@ -119,12 +119,16 @@ def _prepack_weights(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.
 
     TVM's split pass parses every PrimFunc as a root block; hand-written kernels in plain loops
     (the BSR kernels of :mod:`.sparse`) have none and pack nothing, so they are set aside for it.
+    Folding leaves each call's tuple of packed weights built and unpacked though nothing reads
+    it: four VM instructions per kernel (over half of a CNN's), which dead-code elimination drops.
     """
     aside = {gv: f for gv, f in mod.functions_items()
              if isinstance(f, tvm.tirx.PrimFunc) and not isinstance(f.body, SBlockRealize)}
     rest = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in aside}, attrs=mod.attrs)
     rest = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
-                                     relax.transform.FoldConstant()])(rest)
+                                     relax.transform.FoldConstant(),
+                                     relax.transform.CanonicalizeBindings(),
+                                     relax.transform.DeadCodeElimination()])(rest)
     for gv, func in aside.items():
         rest[gv] = func
     return rest

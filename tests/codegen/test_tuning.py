@@ -50,6 +50,8 @@ def test_tuned_weights_are_prepacked_at_compile_time(tuned):
     text = codegen.build(mlp(32), (X,), "x86", tuning_db=work_dir).executable.as_text()
     assert "_prepacked" in text
     assert "layout_rewrite_preproc" not in text and "te_layout_transform" not in text
+    # nor a tuple of the packed weights (constants) built and taken apart around each call
+    assert "make_tuple in: c[" not in text and "tuple_getitem" not in text
 
 
 def _tasks(model: nn.Module, x: torch.Tensor = X) -> list:
