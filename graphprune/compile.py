@@ -43,7 +43,7 @@ from graphprune.optim.generated import generated_inputs, sampled_reason, samples
 from graphprune.optim.oneshot import choose_criterion, prune
 from graphprune.optim.recovery import recover
 from graphprune.prunable import PrunableGraph
-from graphprune.rel_error import max_rel_error
+from graphprune.rel_error import check_tolerance, max_rel_error
 from graphprune.report import LayerWidth, Report
 from graphprune.target import PORTABLE_MULTIPLE, Target
 from graphprune.trace import trace
@@ -58,6 +58,9 @@ TRAINING = {"hesso": HESSO, "hesso-cric": HESSO_CRIC, "dhspg": DHSPG, "h2spg": H
 METHODS = (*ONESHOT, *TRAINING)
 #: Largest relative difference allowed between the compact and the zeroed model.
 VERIFY_RTOL = 1e-4
+#: how far a compiled library may be from the compact model it was built from (float32): it
+#: sums in another order and uses TVM's own exp/erf/tanh; a wrong kernel moves outputs by tenths
+CODEGEN_RTOL = 1e-3
 
 TrainStep = Callable[[nn.Module, torch.optim.Optimizer], Any]
 
@@ -549,6 +552,30 @@ def _codegen_errors(what: str) -> Iterator[None]:
                           hint="run with --debug (CLI) for the traceback; try another target") from exc
 
 
+def _check_compiled(result: CompileResult, target: str) -> float:
+    """Max relative error of the compiled library against the compact model on the example;
+    raises past :data:`CODEGEN_RTOL`.  TVM's importers and schedules are code graphprune does
+    not own (its torch importer returns zeros for a max pool's indices, which an unpooling
+    layer would read): a library that computes something else must not ship as the model."""
+    reference = _outputs(result.model, result.example_inputs)
+    compiled = result.runtime.run(*result.example_inputs)
+    compiled = compiled if isinstance(compiled, list) else [compiled]
+    if len(compiled) != len(reference):
+        raise TuningError(f"the library built for {target} returns {len(compiled)} outputs, the compact model "
+                          f"{len(reference)}", source=result.report.source,
+                          hint="build without codegen and run the compact ONNX with onnxruntime; please report "
+                               "the model to graphprune")
+    error = max_rel_error(reference, compiled)
+    tolerance = check_tolerance(CODEGEN_RTOL, [torch.as_tensor(a) for a in reference])
+    if not error <= tolerance:
+        worst = max(range(len(compiled)), key=lambda i: max_rel_error([reference[i]], [compiled[i]]))
+        raise TuningError(f"the library built for {target} differs from the compact model on the example "
+                          f"(max rel. error {error:.2e}, output {worst})", source=result.report.source,
+                          hint="the compact model itself is checked (compile without codegen to get it); "
+                               "this is a code generation bug: please report it with the model")
+    return error
+
+
 def _run_codegen(result: CompileResult, target: str, tune_trials: int, tune_minutes: float | None,
                  tuning_db: str | os.PathLike | None) -> None:
     """Tune (optional), build and time the compact model; fills ``result.runtime``/``.tuning`` and the report."""
@@ -567,6 +594,7 @@ def _run_codegen(result: CompileResult, target: str, tune_trials: int, tune_minu
     except TuningError:  # a cross target (ARM from x86, CUDA without a GPU) builds but cannot run here
         latency = None
     if latency is not None:
+        result.report.codegen_error = _check_compiled(result, target)
         result.report.reference = onnxruntime_latency(result.onnx, result.example_inputs, int(latency["threads"]))
     result.report.codegen, result.report.latency, result.report.tuning = target, latency, tuning_report
     result.report.schedules = result.runtime.schedules

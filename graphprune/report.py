@@ -57,7 +57,8 @@ class Report:
 
     ``flops`` are multiply-accumulates at the example input's shape.  ``verify_error``
     is the largest relative difference between the compact model and the zeroed full
-    model on the example input (the zero-invariance check).  ``latency`` is the
+    model on the example input (the zero-invariance check), ``codegen_error`` the same
+    between the compiled library and the compact model.  ``latency`` is the
     codegen runtime's ``benchmark()`` of the compact model, ``reference`` onnxruntime's
     latency on the same compact ONNX at the same thread count; ``tuning`` the tuning run's
     summary, with its ``curve`` of trials.
@@ -85,6 +86,7 @@ class Report:
     #: record of a function of other extents, graphprune.codegen.transfer), "default"
     schedules: dict[str, int] | None = None
     latency: dict[str, Any] | None = None
+    codegen_error: float | None = None  # the compiled library against the compact model, on the example
     reference: dict[str, Any] | None = None
     tuning: dict[str, Any] | None = None
     latency_target: dict[str, Any] | None = None  # a latency budget's measurements (graphprune.latency.LatencyRun)
@@ -194,6 +196,8 @@ class Report:
                          f"{self.latency.get('threads', '?')} threads")
         if self.versus_reference:
             lines.append(f"  {self.versus_reference}")
+        if self.codegen_error is not None:
+            lines.append(f"  compiled ({self.codegen}) == compact model: max rel. error {self.codegen_error:.1e}")
         if self.latency_target:
             lines.append(f"  {self.latency_budget_line}")
         if self.verify_error is not None:
@@ -262,6 +266,9 @@ class Report:
                            f"repeats, {self.latency.get('threads', '?')} threads")
             else:
                 out.append("- latency: not measured (the target does not run on this machine)")
+            if self.codegen_error is not None:
+                out.append(f"- the compiled library reproduces the compact model: max relative error "
+                           f"{self.codegen_error:.1e}")
             if self.versus_reference:
                 out.append(f"- {self.versus_reference}")
             if self.schedules:

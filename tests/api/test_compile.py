@@ -5,6 +5,7 @@ import copy
 import json
 import sys
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -144,6 +145,9 @@ def test_codegen_x86_times_the_compact_model(cnn, example, tmp_path):
     assert "x86" in repr(result) and "latency (x86" in result.summary()
     assert (tmp_path / "model.x86.so").stat().st_size > 0
     assert "## Code generation (x86)" in (tmp_path / "report.md").read_text()
+    assert result.report.codegen_error < 1e-4  # the library was checked against the compact model
+    assert "compiled (x86) == compact model" in result.summary()
+    assert "the compiled library reproduces the compact model" in (tmp_path / "report.md").read_text()
     reference = result.report.reference  # onnxruntime on the same compact ONNX, same threads
     assert reference["runtime"] == "onnxruntime" and reference["median_ms"] > 0
     assert reference["threads"] == result.report.latency["threads"]
@@ -156,6 +160,24 @@ def test_codegen_x86_times_the_compact_model(cnn, example, tmp_path):
     assert f"schedules: {n['tuned']} tuned, {n['carried']} carried over" in result.summary()
     assert "schedules: " in (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "report.json").read_text())["latency_ratio"] == pytest.approx(ratio)
+
+
+def test_a_library_that_computes_something_else_is_an_error(cnn, example, tmp_path, monkeypatch):
+    """A miscompiled library (here: every output nudged by 1% of its range) is refused, naming
+    the target and the output, and nothing is saved."""
+    pytest.importorskip("tvm")
+    from graphprune.codegen.compiled import CompiledModel
+
+    run = CompiledModel.run
+
+    def nudged(self, *inputs):
+        out = run(self, *inputs)
+        return out + 0.01 * np.abs(out).max()
+
+    monkeypatch.setattr(CompiledModel, "run", nudged)
+    with pytest.raises(TuningError, match=r"built for x86 differs from the compact model .*output 0"):
+        compile(cnn, example, method="l2", target=Target(flops=0.5, multiple=1), codegen="x86", output=tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_report_says_plainly_when_the_build_is_slower_than_onnxruntime():

@@ -97,6 +97,8 @@ def test_compile_with_codegen_prints_the_onnxruntime_reference(tmp_path, onnx_di
     assert "latency (x86, TVM)" in text and "onnxruntime on the same compact ONNX" in text
     report = json.loads((out / "report.json").read_text())
     assert report["reference"]["runtime"] == "onnxruntime" and report["latency_ratio"] > 0
+    # the library was run against the compact ONNX (onnxruntime) before it was reported
+    assert report["codegen_error"] < 1e-4 and "compiled (x86) == compact model" in text
 
 
 @pytest.mark.slow
