@@ -11,7 +11,7 @@ import logging
 
 import tvm
 from tvm import relax, te, tirx, topi
-from tvm.s_tir import SBlockRealize, meta_schedule as ms
+from tvm.s_tir import SBlockRealize, Schedule, meta_schedule as ms
 from tvm.target import Target
 
 from .fold_norms import fold_batch_norms
@@ -108,9 +108,32 @@ def fuse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
         relax.transform.FuseTIR(),
     ]
     if target.kind.name == "llvm":
-        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
+        passes += [relax.transform.AttachAttrLayoutFreeBuffers(), _unmark_unpackable]
     with target:
         return tvm.transform.Sequential(passes)(mod)
+
+
+@tvm.transform.module_pass(opt_level=0, name="UnmarkUnpackable")
+def _unmark_unpackable(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Functions whose marked weights ``RewriteLayout`` cannot pack, unmarked: TVM 0.27 raises
+    on a weight read only through a reshape (a group norm's affine in NHWC, poolformer's),
+    in tuning and in default schedules alike. Packing such a weight would buy nothing, and
+    every other function keeps its mark, so the database's records still match them."""
+    out = tvm.IRModule(attrs=mod.attrs)
+    for gv, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and "layout_free_buffers" in func.attrs and not _packable(func):
+            func = func.without_attr("layout_free_buffers")
+        out[gv] = func
+    return out
+
+
+def _packable(func: tvm.tirx.PrimFunc) -> bool:
+    """Whether meta-schedule's ``RewriteLayout`` runs on ``func`` as it is, unscheduled."""
+    try:
+        ms.postproc.RewriteLayout().apply(Schedule(tvm.IRModule({"main": func})))
+    except tvm.error.InternalError:
+        return False
+    return True
 
 
 @tvm.transform.module_pass(opt_level=0, name="PrepackWeights")

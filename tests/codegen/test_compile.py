@@ -64,6 +64,29 @@ def test_cpu_fusion_uses_fast_math_and_marks_weights_layout_free():
     assert "T.erf(" in gpu.script() or "T.exp(" in gpu.script()  # GPUs keep their own intrinsics
 
 
+def test_group_norm_weights_read_through_a_reshape_are_not_marked(tmp_path):
+    """In NHWC a group norm reads its affine weights through a reshape, which TVM's RewriteLayout
+    cannot pack (it raised, failing poolformer's build and any tuning of it): those functions are
+    left unmarked, the convolutions keep their mark, and building and tuning both work."""
+    import tvm
+
+    from graphprune.codegen.pipeline import fuse
+    from graphprune.codegen.targets import resolve_target
+
+    model = seeded(torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.GroupNorm(1, 16),
+                                       torch.nn.GELU(), torch.nn.Conv2d(16, 16, 1), torch.nn.GroupNorm(4, 16)))
+    x = torch.randn(1, 3, 12, 12)
+    fused = fuse(codegen.import_model(model, (x,)).bound(), resolve_target("x86").target)
+    functions = {gv.name_hint: f for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    norms = [f for name, f in functions.items() if "group_norm" in name]
+    convs = [f for name, f in functions.items() if "conv2d" in name]
+    assert len(norms) == 2 and all("layout_free_buffers" not in f.attrs for f in norms)
+    assert convs and all(f.attrs.get("layout_free_buffers") for f in convs)
+    assert rel_err(codegen.build(model, (x,), target="x86").run(x), model(x)) < 1e-5
+    codegen.tune(model, (x,), "x86", tmp_path / "db", trials_per_task=2)
+    assert rel_err(codegen.build(model, (x,), target="x86", tuning_db=tmp_path / "db").run(x), model(x)) < 1e-5
+
+
 def test_cpu_convolutions_run_in_nhwc():
     """Channels innermost, where tuned loops vectorise: the first convolution reads a (1, 16, 16, 3) image."""
     from graphprune.codegen.pipeline import fuse
