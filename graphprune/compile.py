@@ -578,17 +578,36 @@ def _check_compiled(result: CompileResult, target: str) -> float:
 
 def _run_codegen(result: CompileResult, target: str, tune_trials: int, tune_minutes: float | None,
                  tuning_db: str | os.PathLike | None) -> None:
-    """Tune (optional), build and time the compact model; fills ``result.runtime``/``.tuning`` and the report."""
+    """Tune (optional), build and time the compact model; fills ``result.runtime``/``.tuning`` and the report.
+
+    TVM imports the compact module as PyTorch input gives it (the form the latency-target
+    rounds build, so their tuning records apply), and the compact ONNX where its torch
+    importer refuses the module (the index op torch.export makes of ``nn.Unfold``, in timm's
+    TNT): the report says so."""
+    source: Any = result.model
+
+    def imported(step: Callable[[Any], Any]) -> Any:
+        nonlocal source
+        try:
+            return step(source)
+        except UnsupportedModelError as exc:  # the module could not be imported into Relax
+            if isinstance(source, onnx.ModelProto):
+                raise
+            result.report.codegen_from = f"the compact ONNX (TVM's torch importer: {str(exc).splitlines()[0][:200]})"
+            source = result.onnx
+            return step(source)
+
     tuning_report = None
     if tune_trials > 0 or tune_minutes:
         with _codegen_errors(f"tuning for {target}"):
-            result.tuning = codegen_api("tune")(result.model, result.example_inputs, target, work_dir=tuning_db,
-                                                trials_per_task=tune_trials or None, minutes=tune_minutes)
+            result.tuning = imported(lambda model: codegen_api("tune")(
+                model, result.example_inputs, target, work_dir=tuning_db, trials_per_task=tune_trials or None,
+                minutes=tune_minutes))
         tuning_db = result.tuning.work_dir
         tuning_report = result.tuning.as_dict()
     with _codegen_errors(f"building for {target}"):
-        result.runtime = codegen_api("build")(result.model, result.example_inputs, target=target,
-                                              tuning_db=tuning_db)
+        result.runtime = imported(lambda model: codegen_api("build")(model, result.example_inputs, target=target,
+                                                                     tuning_db=tuning_db))
     try:
         latency = result.runtime.benchmark()
     except TuningError:  # a cross target (ARM from x86, CUDA without a GPU) builds but cannot run here

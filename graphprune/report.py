@@ -82,6 +82,7 @@ class Report:
     accuracy_on: str | None = None
     codegen: str | None = None
     codegen_inputs: dict[str, list[int]] | None = None  # the input shapes the library is built for (static)
+    codegen_from: str | None = None  # what TVM imported, when not the compact model as given, and why
     #: how the built functions were scheduled: "tuned" (a record at their shape), "carried" (a
     #: record of a function of other extents, graphprune.codegen.transfer), "default"
     schedules: dict[str, int] | None = None
@@ -189,6 +190,8 @@ class Report:
         if self.codegen_inputs:
             lines.append(f"  built ({self.codegen}) for inputs " +
                          ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in self.codegen_inputs.items()))
+        if self.codegen_from:
+            lines.append(f"  built from {self.codegen_from}")
         if self.schedules:
             lines.append(f"  {self.schedules_line}")
         if self.latency is not None:
@@ -266,6 +269,8 @@ class Report:
                            f"repeats, {self.latency.get('threads', '?')} threads")
             else:
                 out.append("- latency: not measured (the target does not run on this machine)")
+            if self.codegen_from:
+                out.append(f"- built from {self.codegen_from}")
             if self.codegen_error is not None:
                 out.append(f"- the compiled library reproduces the compact model: max relative error "
                            f"{self.codegen_error:.1e}")

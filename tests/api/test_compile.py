@@ -146,6 +146,7 @@ def test_codegen_x86_times_the_compact_model(cnn, example, tmp_path):
     assert (tmp_path / "model.x86.so").stat().st_size > 0
     assert "## Code generation (x86)" in (tmp_path / "report.md").read_text()
     assert result.report.codegen_error < 1e-4  # the library was checked against the compact model
+    assert result.report.codegen_from is None  # TVM imported the compact module itself
     assert "compiled (x86) == compact model" in result.summary()
     assert "the compiled library reproduces the compact model" in (tmp_path / "report.md").read_text()
     reference = result.report.reference  # onnxruntime on the same compact ONNX, same threads
@@ -160,6 +161,24 @@ def test_codegen_x86_times_the_compact_model(cnn, example, tmp_path):
     assert f"schedules: {n['tuned']} tuned, {n['carried']} carried over" in result.summary()
     assert "schedules: " in (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "report.json").read_text())["latency_ratio"] == pytest.approx(ratio)
+
+
+def test_codegen_builds_the_compact_onnx_where_tvm_cannot_import_the_module():
+    """TVM's torch importer rejects the index op torch.export makes of ``nn.Unfold`` (timm's
+    TNT); its ONNX importer takes the compact ONNX, which is built instead, and the report says so."""
+    pytest.importorskip("tvm")
+    import graphprune.codegen as codegen
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3, padding=1),
+                                torch.nn.Unfold(2, stride=2), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 16, 10)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(UnsupportedModelError, match="index_tensor"):
+        codegen.build(model, (x,), target="x86")
+    result = compile(model, x, method="l2", target=Target(flops=0.3, multiple=1), codegen="x86")
+    assert result.report.flops_removed > 0.25 and result.report.codegen_error < 1e-4
+    assert result.report.codegen_inputs == {i.name: [1, 3, 8, 8] for i in result.onnx.graph.input}
+    assert "built from the compact ONNX (TVM's torch importer: " in result.summary()
 
 
 def test_a_library_that_computes_something_else_is_an_error(cnn, example, tmp_path, monkeypatch):
