@@ -31,7 +31,12 @@ two sets, and totals are printed per set.  Columns per tool:
   and keeps its output shape;
 * **oto** (Only-Train-Once): groups, seconds of building ``OTO(model, dummy_input)`` and
   whether ``construct_subnet`` after zeroing random groups runs, where the package
-  imports at all (``n/a`` with the import's exception otherwise).
+  imports at all (``n/a`` with the import's exception otherwise);
+* **codegen-x86** (only when named in ``--tools``: a TVM build per model): seconds of
+  ``gp.compile(model, inputs, method="l2", target=Target(flops=0.3), codegen="x86")``, the
+  compiled library's relative error against the compact model (compile refuses one past
+  1e-3) and its latency over onnxruntime's on the same compact ONNX (default schedules, no
+  tuning: a first build, not the tuned bar of ``latency.py``).
 
 **How memory is measured.** Every (model, tool) cell runs in its own subprocess (one
 thread).  The model is built first (for ONNX, built and exported by a child process of
@@ -471,6 +476,20 @@ def run_graphprune_onnx(name: str, size: int, repeat: int, dynamo_only: bool = F
     return row
 
 
+def run_codegen_x86(name: str, model: torch.nn.Module, inputs: tuple, repeat: int) -> dict:
+    """What a user of ``gp.compile(..., codegen="x86")`` meets: the model pruned by
+    :data:`CODEGEN_FLOPS` of its FLOPs, the compact model built by TVM with default
+    schedules (no tuning) and checked against it, and timed beside onnxruntime."""
+    import graphprune as gp
+    t = time.perf_counter()
+    report = gp.compile(model, inputs, method="l2", target=gp.Target(flops=CODEGEN_FLOPS), codegen="x86").report
+    return {"seconds": time.perf_counter() - t, "flops_removed": report.flops_removed,
+            "codegen_error": report.codegen_error, "latency_ratio": report.latency_ratio,
+            "codegen_from": report.codegen_from}
+
+
+#: the share of the FLOPs the codegen column prunes before building
+CODEGEN_FLOPS = 0.3
 #: the ONNX columns, by whether the dynamo exporter alone writes the file
 ONNX_TOOLS = {"graphprune-onnx": False, "graphprune-onnx-dynamo": True}
 #: the columns that analyse the module itself
@@ -478,6 +497,7 @@ TOOLS: dict[str, Callable[[str, torch.nn.Module, tuple, int], dict]] = {
     "graphprune": run_graphprune,
     "torch-pruning": run_torch_pruning,
     "oto": run_oto,
+    "codegen-x86": run_codegen_x86,  # not a default column: a build per model (minutes for the large ones)
 }
 PEERS = ("torch-pruning", "oto")
 
@@ -570,7 +590,7 @@ def _commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "graphprune", "passes"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "graphprune", "passes", "codegen"],
                                cwd=root, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -640,6 +660,8 @@ def print_table(cells: dict[tuple[str, str], dict], tools: list[str]) -> None:
         head += f" | {'tp grp':>6} {'s':>6} {'MiB':>6} {'runs':>5}"
     if "oto" in tools:
         head += f" | {'oto':>4}"
+    if "codegen-x86" in tools:
+        head += f" | {'x86 s':>6} {'x86 err':>7} {'tvm/ort':>7}"
     print(head)
     for name in _ordered(cells):
         line = f"{name[:22]:22}"
@@ -655,6 +677,10 @@ def print_table(cells: dict[tuple[str, str], dict], tools: list[str]) -> None:
         if "oto" in tools:
             o = cells.get((name, "oto"), {})
             line += f" | {(_cell(o, 'groups') if _ok(o) else o.get('status', '.')):>4}"
+        if "codegen-x86" in tools:
+            c = cells.get((name, "codegen-x86"), {})
+            line += (f" | {_cell(c, 'seconds', '{:.0f}'):>6} {_cell(c, 'codegen_error', '{:.0e}'):>7} "
+                     f"{_cell(c, 'latency_ratio', '{:.2f}'):>7}")
         print(line)
 
 
@@ -688,6 +714,11 @@ def print_totals(cells: dict[tuple[str, str], dict], tools: list[str], names: li
                     line += (f", default gp.trace (verified) median "
                              f"{statistics.median(r['default_seconds'] for r in timed):.2f} s, max "
                              f"{slowest['default_seconds']:.2f} s ({slowest.get('model', '?')}) over {len(timed)}")
+            elif tool == "codegen-x86" and ok:
+                ratios = [r["latency_ratio"] for r in ok if r.get("latency_ratio") is not None]
+                line += (f" (built, and matching the compact model within 1e-3: compile refuses a library that does "
+                         f"not), built from the compact ONNX {sum(bool(r.get('codegen_from')) for r in ok)}"
+                         + (f", untuned TVM / onnxruntime median {statistics.median(ratios):.2f}" if ratios else ""))
             elif ok:
                 line += f", pruned model runs {sum(r.get('pruned_runs') == 'ok' for r in ok)}"
             na = [r for r in rows if r.get("status") == "n/a"]
@@ -765,7 +796,7 @@ def main() -> None:
         for retry, name, tool in [(r, n, t) for r in passes for n in names for t in tools]:
             done = read_results(args.results).get((name, tool))
             # the checkout may move during a long run: a cell is stale against the code a new run would use
-            stale = args.stale and tool.startswith("graphprune") and done and done.get("commit") != _commit()
+            stale = args.stale and tool not in PEERS and done and done.get("commit") != _commit()
             if done and not stale and not ((retry or (args.retry_failed and name in first)) and _failed(done)):
                 continue
             if tool == "oto" and oto_error:
