@@ -807,7 +807,8 @@ def main() -> None:
                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": _commit()}  # each cell imports anew
             append_result(args.results, r)
             print(f"[{name} / {tool}] {r.get('status')} {r.get('reason', '')}"
-                  f"{'' if not _ok(r) else ' %.2fs %.0fMiB' % (r.get('seconds', 0), r.get('peak_mib', 0))}",
+                  f"{'' if not _ok(r) else ' %.2fs' % r.get('seconds', 0)}"
+                  f"{' %.0fMiB' % r['peak_mib'] if 'peak_mib' in r else ''}",
                   file=sys.stderr, flush=True)
     cells = {k: v for k, v in read_results(args.results).items() if k[0] in names and k[1] in tools}
     print_table(cells, tools)

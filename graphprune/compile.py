@@ -553,10 +553,10 @@ def _codegen_errors(what: str) -> Iterator[None]:
 
 
 def _check_compiled(result: CompileResult, target: str) -> float:
-    """Max relative error of the compiled library against the compact model on the example;
-    raises past :data:`CODEGEN_RTOL`.  TVM's importers and schedules are code graphprune does
-    not own (its torch importer returns zeros for a max pool's indices, which an unpooling
-    layer would read): a library that computes something else must not ship as the model."""
+    """Max relative error of the compiled library against the compact model on the example
+    (floating-point outputs; an integer output such as an argmax may flip on a rounding tie);
+    raises past :data:`CODEGEN_RTOL`.  TVM's importers, passes and schedules are code graphprune
+    does not own: a library that computes something else must not ship as the model."""
     reference = _outputs(result.model, result.example_inputs)
     compiled = result.runtime.run(*result.example_inputs)
     compiled = compiled if isinstance(compiled, list) else [compiled]
