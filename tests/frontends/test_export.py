@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import onnxruntime as ort
 import torch
 import torchvision
@@ -89,3 +90,44 @@ def test_compact_module_keeps_a_run_time_batch_in_onnx(tmp_path):
     with torch.no_grad():
         ref = model(x).numpy()
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+class PoolAfterBatchReshape(torch.nn.Module):
+    """An adaptive pool after a reshape of the batch (timm's csatv2): the TorchScript exporter
+    cannot see the pool's input size and refuses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        b, c, height, width = h.shape
+        return torch.nn.functional.adaptive_avg_pool2d(h.reshape(b * 2, c // 2, height, width), 3).flatten(1)
+
+
+def test_the_dynamo_exporter_writes_what_torchscript_cannot(tmp_path):
+    model, x = PoolAfterBatchReshape().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(torch.onnx.errors.SymbolicValueError, match="adaptive_avg_pool2d"):
+        torch.onnx.export(model, (x,), str(tmp_path / "ts.onnx"), dynamo=False, dynamic_axes={"x": {0: "b"}},
+                          input_names=["x"])
+    path = tmp_path / "model.onnx"
+    proto = gp.export_onnx(model, (x,), path)
+    assert [i.name for i in proto.graph.input] == ["input_0"] and [o.name for o in proto.graph.output] == ["output_0"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch stays dynamic
+    x = torch.randn(3, 3, 8, 8)  # another batch than the export's
+    out = ort.InferenceSession(str(path)).run(None, {"input_0": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # the failed attempt left nothing
+
+
+def test_a_module_no_exporter_takes_names_both_failures(tmp_path):
+    class Bad(torch.nn.Module):
+        def forward(self, t):
+            return torch.linalg.eig(t)[0].real  # complex intermediates: neither exporter writes them
+
+    with pytest.raises(gp.errors.UnsupportedModelError, match="ONNX export failed: torchscript: .*; dynamo: "):
+        gp.export_onnx(Bad(), (torch.randn(2, 3, 3),), tmp_path / "bad.onnx")
+    assert not list(tmp_path.iterdir())
