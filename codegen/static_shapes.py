@@ -8,7 +8,10 @@ whose amounts come from ``Shape`` leaves a tensor of unknown shape, and the next
 Tensor that has ShapeExpr shape``); with a symbolic batch even a ``Resize`` to a computed
 size fails.  So the model is made static first: the graph inputs get the concrete shapes
 the build is for, and every value that then depends only on shapes and constants is
-computed once by onnxruntime and written in as an initializer.  The batch is bound too:
+computed once by onnxruntime and written in as a ``Constant`` node: an initializer would
+reach TVM as a parameter (the importer keeps them as inputs, to bind the weights later),
+and an ``Expand`` to a parameter's shape leaves a tensor of symbolic shape, which the
+next op's legalisation refuses (``F.normalize`` in timm's EdgeNeXt).  The batch is bound too:
 TVM 0.27 fails on ``Resize`` with sizes computed from a symbolic batch, so a compiled
 model takes the batch it was built for (``graphprune compile``'s report says which).
 """
@@ -44,12 +47,17 @@ def bind_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
         for d in shapes[vi.name]:
             shape.dim.add().dim_value = int(d)
     # folding the pads of a Pad makes its output's shape known, which makes the Shape of a
-    # later feature map foldable: repeat until nothing changes
+    # later feature map foldable: repeat until nothing is folded (a fold removes computed nodes)
     while True:
-        count = len(out.graph.node)
+        computed = _computed(out)
         out = fold_shape_arithmetic(out, shapes)
-        if len(out.graph.node) == count:
+        if _computed(out) == computed:
             return out
+
+
+def _computed(model: onnx.ModelProto) -> int:
+    """How many nodes compute something (every node but ``Constant``)."""
+    return sum(n.op_type != "Constant" for n in model.graph.node)
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -87,8 +95,8 @@ def _foldable(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> lis
 
 def fold_shape_arithmetic(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
     """``model`` (its inputs static) with the values that depend only on shapes and
-    constants replaced by initializers, computed by one onnxruntime run on zeros of the
-    input ``shapes``; nodes nothing reads any more are dropped.  Changes ``model``."""
+    constants replaced by ``Constant`` nodes, computed by one onnxruntime run on zeros of
+    the input ``shapes``; nodes nothing reads any more are dropped.  Changes ``model``."""
     static = _static_shapes(model)
     folded = _foldable(model, static)
     if not folded:
@@ -105,10 +113,11 @@ def fold_shape_arithmetic(model: onnx.ModelProto, shapes: Mapping[str, Sequence[
              for vi in graph.input if vi.name not in inits}
     values = dict(zip(wanted, run_onnx(probe, feeds)))
     drop = {id(n) for n in folded}
-    keep = [n for n in graph.node if id(n) not in drop]
+    constants = [helper.make_node("Constant", [], [o], value=numpy_helper.from_array(np.asarray(values[o]), o))
+                 for o in wanted]
+    keep = constants + [n for n in graph.node if id(n) not in drop]
     del graph.node[:]
     graph.node.extend(keep)
-    graph.initializer.extend(numpy_helper.from_array(np.asarray(values[o]), o) for o in wanted)
     _drop_dead(graph)
     del graph.value_info[:]
     return infer_shapes(model, inplace=True, strict_mode=False)
