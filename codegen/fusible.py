@@ -12,6 +12,9 @@
   through an index tensor, so ``FuseOps`` keeps it a kernel of its own; attention's
   ``q, k, v = qkv[0], qkv[1], qkv[2]`` (ONNX ``Gather``) cost three extra kernels per layer
   in a small ViT. A slice is injective and fuses into the reshapes around it.
+- **Empty operands dropped from ``concat``.** timm's ViTs with no prefix tokens rotate
+  ``cat([q[:, :, :0], rope(q[:, :, 0:])])``: TVM 0.27 cannot build the empty slice (it
+  vectorises a loop of extent 0 and fails), and a concat without it is the same tensor.
 """
 from __future__ import annotations
 
@@ -84,6 +87,26 @@ def _constant_take_as_slice(bb: relax.BlockBuilder, call: relax.Call) -> relax.E
     return relax.op.squeeze(bb.emit(relax.op.strided_slice(x, axes=[axis], begin=[k], end=[k + 1])), axis=[axis])
 
 
+def _concat_without_empty(call: relax.Call) -> relax.Expr | None:
+    """``concat`` of the operands that are not empty along its axis (statically), if any is."""
+    operands = call.args[0]
+    if not isinstance(operands, relax.Tuple):
+        return None
+    axis = int(call.attrs.axis) if call.attrs.axis is not None else 0
+
+    def empty(t: relax.Expr) -> bool:
+        ty = t.ty
+        if not isinstance(ty, relax.TensorType) or ty.shape is None:
+            return False
+        extent = ty.shape[axis % ty.ndim]
+        return isinstance(extent, tirx.IntImm) and int(extent) == 0
+
+    kept = [t for t in operands.fields if not empty(t)]
+    if not kept or len(kept) == len(operands.fields):
+        return None
+    return relax.op.concat(kept, axis=axis)
+
+
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
@@ -98,6 +121,8 @@ class _Rewriter(relax.PyExprMutator):
             replaced = _clip_as_bounds(self.builder_, call)
         elif op == "relax.take":
             replaced = _constant_take_as_slice(self.builder_, call)
+        elif op == "relax.concat":
+            replaced = _concat_without_empty(call)
         elif call.op.same_as(_CALL_TIR) and len(call.args[1].fields) == 2:
             callee = self.mod[call.args[0]]
             if isinstance(callee, tirx.PrimFunc):
@@ -115,7 +140,7 @@ class _Rewriter(relax.PyExprMutator):
 def fusible_forms(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     """``relax.clip(x, lo, hi)`` -> ``minimum(maximum(x, lo), hi)`` (infinite bounds dropped), the
     ONNX frontend's TOPI maximum/minimum calls against a scalar -> the Relax ops, ``take`` of a
-    constant index -> a slice. Constants are folded first: the ONNX frontend computes Gather's
+    constant index -> a slice, a concat's empty operands dropped. Constants are folded first: the ONNX frontend computes Gather's
     index (negative-index wrap) and Clip's bounds (NaN check) in the graph. PrimFuncs nothing
     calls any more go with dead-code elimination."""
     return relax.transform.DeadCodeElimination()(_Rewriter(relax.transform.FoldConstant()(mod)).rewrite())

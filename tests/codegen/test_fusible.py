@@ -128,3 +128,28 @@ def test_takes_out_of_range_or_by_tensor_stay():
         bb.emit_func_output(out)
     script = fusible_forms(bb.get())["main"].script()
     assert script.count("R.take") == 2 and script.count("R.strided_slice") == 1, script
+
+
+class PrefixRope(nn.Module):
+    """timm's rotary ViTs with no prefix tokens: ``cat([q[:, :0], rotate(q[:, 0:])])``."""
+
+    def __init__(self, prefix: int) -> None:
+        super().__init__()
+        self.fc, self.prefix = nn.Linear(16, 16), prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.fc(x)
+        return torch.cat([q[:, :self.prefix], torch.sin(q[:, self.prefix:])], dim=1)
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_empty_concat_operands_are_dropped(prefix):
+    """TVM cannot build a slice of extent 0 (it vectorises a loop of extent 0); the concat
+    without it builds and matches, and a non-empty prefix stays."""
+    torch.manual_seed(0)
+    model, x = PrefixRope(prefix).eval(), torch.randn(2, 8, 16)
+    program = codegen.import_model(model, (x,))
+    script = fusible_forms(program.bound())["main"].script()
+    # export writes q[:, 0:] as q itself: with no prefix no slice is left at all
+    assert script.count("R.strided_slice") == (0 if prefix == 0 else 2), script
+    assert rel_err(codegen.build(model, (x,), target="x86").run(x), model(x)) < 1e-5
