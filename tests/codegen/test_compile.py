@@ -131,6 +131,26 @@ def test_transposed_convolution_after_a_convolution_builds_and_matches_torch():
     assert rel_err(compiled.run(x), model(x)) < 1e-4
 
 
+def test_transposed_convolution_kernels_are_not_packed():
+    """A transposed convolution reads its kernel flipped; TVM's RewriteLayout packed that kernel
+    wrongly (NaN out of timm's LowFormer, k=4, stride 2): its function is left unmarked and the
+    build matches torch."""
+    import tvm
+
+    from graphprune.codegen.pipeline import fuse
+    from graphprune.codegen.targets import resolve_target
+
+    model = seeded(torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(),
+                                       torch.nn.ConvTranspose2d(64, 128, 4, stride=2, padding=1))).eval()
+    x = torch.randn(1, 3, 7, 7)
+    fused = fuse(codegen.import_model(model, (x,)).bound(), resolve_target("x86").target)
+    marks = {gv.name_hint: "layout_free_buffers" in f.attrs for gv, f in fused.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint}
+    assert [m for name, m in marks.items() if "transpose" in name] == [False], marks
+    assert [m for name, m in marks.items() if "transpose" not in name] == [True], marks
+    assert rel_err(codegen.build(model, (x,), "x86").run(x), model(x)) < 1e-4
+
+
 def test_onnx_path_matches_torch(tmp_path):
     model, x = seeded(SmallCNN()), torch.randn(1, 3, 16, 16)
     path = tmp_path / "cnn.onnx"
