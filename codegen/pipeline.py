@@ -133,6 +133,8 @@ def _unmark_unpackable(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tv
 def _packable(func: tvm.tirx.PrimFunc) -> bool:
     """Whether every block that reads one of ``func``'s marked weights indexes it by its own
     iteration variables and constants alone (no flip, no reshape arithmetic)."""
+    if not isinstance(func.body, SBlockRealize):  # hand-written loops (the BSR kernels): no blocks, nothing packed
+        return True
     marked = {func.params[int(i)].name for i in func.attrs["layout_free_buffers"]}
     sch = Schedule(tvm.IRModule({"main": func}))
     for block in sch.get_child_blocks(sch.get_sblock("root")):
