@@ -140,7 +140,7 @@ class _Rewriter(relax.PyExprMutator):
 def fusible_forms(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     """``relax.clip(x, lo, hi)`` -> ``minimum(maximum(x, lo), hi)`` (infinite bounds dropped), the
     ONNX frontend's TOPI maximum/minimum calls against a scalar -> the Relax ops, ``take`` of a
-    constant index -> a slice, a concat's empty operands dropped. Constants are folded first: the ONNX frontend computes Gather's
-    index (negative-index wrap) and Clip's bounds (NaN check) in the graph. PrimFuncs nothing
-    calls any more go with dead-code elimination."""
+    constant index -> a slice, a concat's empty operands dropped. Constants are folded first:
+    the ONNX frontend computes Gather's index (negative-index wrap) and Clip's bounds (NaN
+    check) in the graph. PrimFuncs nothing calls any more go with dead-code elimination."""
     return relax.transform.DeadCodeElimination()(_Rewriter(relax.transform.FoldConstant()(mod)).rewrite())

@@ -133,32 +133,39 @@ def _unmark_unpackable(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tv
 def _packable(func: tvm.tirx.PrimFunc) -> bool:
     """Whether every block that reads one of ``func``'s marked weights indexes it by its own
     iteration variables and constants alone (no flip, no reshape arithmetic)."""
-    if not isinstance(func.body, SBlockRealize):  # hand-written loops (the BSR kernels): no blocks, nothing packed
+    if _plain_loops(func):  # nothing is packed in a hand-written kernel
         return True
     marked = {func.params[int(i)].name for i in func.attrs["layout_free_buffers"]}
     sch = Schedule(tvm.IRModule({"main": func}))
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         stmt = sch.get(block)
-        own = {v.var.same_as for v in stmt.iter_vars}
-        for region in stmt.reads:
-            if region.source.name in marked and not all(
-                    isinstance(r.min, tirx.IntImm) or isinstance(r.min, tirx.Var) and any(same(r.min) for same in own)
-                    for r in region.region):
-                return False
+        own = [v.var for v in stmt.iter_vars]
+
+        def plain(index: tirx.PrimExpr) -> bool:
+            return isinstance(index, tirx.IntImm) or any(index.same_as(v) for v in own)
+
+        if any(region.source.name in marked and not all(plain(r.min) for r in region.region)
+               for region in stmt.reads):
+            return False
     return True
+
+
+def _plain_loops(func: tvm.tirx.PrimFunc) -> bool:
+    """A hand-written kernel in plain loops (the BSR kernels of :mod:`.sparse`), with no root
+    block for TVM's block-level passes to parse."""
+    return not isinstance(func.body, SBlockRealize)
 
 
 @tvm.transform.module_pass(opt_level=0, name="PrepackWeights")
 def _prepack_weights(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     """Split the weight packing off the tuned functions and fold it into the constants, once.
 
-    TVM's split pass parses every PrimFunc as a root block; hand-written kernels in plain loops
-    (the BSR kernels of :mod:`.sparse`) have none and pack nothing, so they are set aside for it.
+    TVM's split pass parses every PrimFunc as a root block; hand-written kernels
+    (:func:`_plain_loops`) have none and pack nothing, so they are set aside for it.
     Folding leaves each call's tuple of packed weights built and unpacked though nothing reads
     it: four VM instructions per kernel (over half of a CNN's), which dead-code elimination drops.
     """
-    aside = {gv: f for gv, f in mod.functions_items()
-             if isinstance(f, tvm.tirx.PrimFunc) and not isinstance(f.body, SBlockRealize)}
+    aside = {gv: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and _plain_loops(f)}
     rest = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in aside}, attrs=mod.attrs)
     rest = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
                                      relax.transform.FoldConstant(),

@@ -593,7 +593,8 @@ def _run_codegen(result: CompileResult, target: str, tune_trials: int, tune_minu
         except UnsupportedModelError as exc:  # the module could not be imported into Relax
             if isinstance(source, onnx.ModelProto):
                 raise
-            result.report.codegen_from = f"the compact ONNX (TVM's torch importer: {str(exc).splitlines()[0][:200]})"
+            refusal = str(exc).partition("\n")[0][:200]
+            result.report.codegen_from = f"the compact ONNX (TVM's torch importer: {refusal})"
             source = result.onnx
             return step(source)
 

@@ -37,7 +37,8 @@ def export_onnx(module: torch.nn.Module, example_inputs: Any, path: str | os.Pat
                     onnx.checker.check_model(proto)
                 return proto
             except Exception as exc:  # each exporter fails in its own exception types
-                errors.append(f"{exporter.__name__.strip('_')}: {type(exc).__name__}: {str(exc).splitlines()[0][:240]}")
+                first_line = str(exc).partition("\n")[0]  # an exception may have no message at all
+                errors.append(f"{exporter.__name__.strip('_')}: {type(exc).__name__}: {first_line[:240]}")
     finally:
         module.train(was_training)
     raise UnsupportedModelError(f"ONNX export failed: {'; '.join(errors)}", source=os.fspath(path),
