@@ -15,7 +15,7 @@ from tvm.s_tir import SBlockRealize, Schedule, meta_schedule as ms
 from tvm.target import Target
 
 from .fold_norms import fold_batch_norms
-from .fusible import fusible_forms
+from .fusible import flat_matmuls, fusible_forms
 from .phantom_norm import fuse_phantom_layer_norm
 from .schedules import default_schedule_pass
 from .transfer import CarriedOver
@@ -92,6 +92,7 @@ def fuse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     """
     cpu, legalize = _cpu_passes(target)
     passes = [
+        flat_matmuls,  # linear layers as 2-d matmuls, however torch decomposed them (before any folding)
         fold_batch_norms,  # into the convolutions before them: scaled weights, no norm epilogue
         fuse_phantom_layer_norm,  # pruned-width layer norms: one kernel each, not five
         fusible_forms,  # clips and constant-index takes as ops layout conversion and FuseOps see through

@@ -153,3 +153,57 @@ def test_empty_concat_operands_are_dropped(prefix):
     # export writes q[:, 0:] as q itself: with no prefix no slice is left at all
     assert script.count("R.strided_slice") == (0 if prefix == 0 else 2), script
     assert rel_err(codegen.build(model, (x,), target="x86").run(x), model(x)) < 1e-5
+
+
+class StridedTokens(nn.Module):
+    """A patch embedding transposed to tokens and shifted by a position table: torch keeps the
+    transposed strides through the elementwise ops, so ``linear`` decomposes to a batched
+    matmul by the weight broadcast over the batch, not to ``addmm`` on the rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 24, 4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 16, 24))
+        self.fc1, self.fc2 = nn.Linear(24, 40), nn.Linear(40, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return h + self.fc2(nn.functional.gelu(self.fc1(h * 2.0)))
+
+
+def _matmul_ranks(mod: tvm.IRModule) -> list[int]:
+    """The output rank of every matmul block in the fused program's PrimFuncs."""
+    from tvm.s_tir import Schedule
+
+    ranks = []
+    for _, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            sch = Schedule(func)
+            blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
+            ranks += [len(b.iter_vars) - 1 for b in blocks if b.name_hint == "matmul"]
+    return ranks
+
+
+def test_linear_layers_on_strided_tokens_are_2d_matmuls_with_their_epilogues():
+    """Every linear layer compiles to one 2-d matmul of the token rows, its bias, GELU and the
+    residual add in its kernel, and no constant holds the weight once per image (the broadcast
+    folded: 8 copies here, 32 for a batch of 32); the result is unchanged."""
+    from graphprune.codegen.pipeline import fuse
+    from graphprune.codegen.targets import resolve_target
+
+    torch.manual_seed(0)
+    model, x = StridedTokens().eval(), torch.randn(8, 3, 16, 16)
+    program = codegen.import_model(model, (x,))
+    target = resolve_target("x86").target
+    fused = fuse(program.bound(), target)
+    assert _matmul_ranks(fused) == [2, 2], _matmul_ranks(fused)
+    largest = max(p.size for p in program.params)
+    consts: list[int] = []
+    relax.analysis.post_order_visit(fused["main"], lambda e: consts.append(int(e.value.numpy().size))
+                                    if isinstance(e, tvm.ir.expr.GenericConst) else None)
+    assert max(consts) <= largest
+    kernels = fused_kernels(model, (x,))
+    assert any("matmul" in k and "gelu" in k for k in kernels), kernels
+    assert any("matmul" in k and k.count("add") >= 2 for k in kernels), kernels   # bias and residual
+    compiled = codegen.build(model, (x,), target="x86")
+    assert rel_err(compiled.run(x), model(x)) < 1e-5
