@@ -15,7 +15,8 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.errors import UnprunableTargetError
-from graphprune.latency import LatencyModel, LatencyPlan, LatencyTable, graph_layers, meet_latency, select_for_latency
+from graphprune.latency import (LatencyModel, LatencyPlan, LatencyTable, graph_layers, layer_macs, meet_latency,
+                                op_traffic, select_for_latency)
 from graphprune.target import kept_widths, select_units
 
 
@@ -24,6 +25,12 @@ def mobilenet():
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(num_classes=10).eval()
     return model, gp.trace(model, (torch.randn(1, 3, 32, 32),), verify=False)
+
+
+def small_vit() -> tuple[nn.Module, gp.PrunableGraph]:
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(32, 8, 2, 4, 64, 128, num_classes=10).eval()
+    return vit, gp.trace(vit, (torch.randn(2, 3, 32, 32),), verify=False)
 
 
 def work(layer) -> int:
@@ -195,22 +202,28 @@ def test_correction_lands_when_the_rest_of_the_model_moves_with_the_layers(mobil
 
 def by_macs(layer, cin: int, cout: int) -> float:
     """A kernel's time exactly proportional to its multiply-accumulates."""
-    return 1e-6 * work(layer) * (1 if layer.depthwise else cin) * cout
+    return 1e-6 * layer_macs(layer, cin, cout)
 
 
 @pytest.mark.parametrize("share", [0.6, 0.4])
-def test_a_time_that_follows_the_flops_picks_what_a_flops_target_picks(mobilenet, share):
+@pytest.mark.parametrize("net", ["mobilenet", "vit"])
+def test_a_time_that_follows_the_flops_picks_what_a_flops_target_picks(mobilenet, net, share):
     """Where every layer's time is its FLOPs, a latency budget is a FLOPs budget, and the
     selection must remove (nearly) the units a FLOPs target removes at the FLOPs it reached.
     Dividing each group's normalised scores by the time a unit saves alone instead took
-    whole wide groups first (a tenth of the units in common)."""
-    _, g = mobilenet
+    whole wide groups first (a tenth of the units in common); pricing a ViT's hidden
+    channels by their dense FLOPs after the heads they fed were gone kept 60 of 64 (a third
+    to a half of the units in common)."""
+    g = mobilenet[1] if net == "mobilenet" else small_vit()[1]
     model, _ = model_for(g, by_macs)
     full = model.predict([0] * len(g.groups))
     scores = [torch.rand(grp.size, generator=torch.Generator().manual_seed(i)) for i, grp in enumerate(g.groups)]
+    if net == "vit":  # heads first: each one cut leaves the hidden channels less to save
+        scores = [s * 0.3 + 0.5 if grp.kind == "head" else s + 0.5 for s, grp in zip(scores, g.groups)]
     levels = [kept_widths(grp, gp.Target(latency_ms=1.0, multiple=1, min_fraction=0)) for grp in g.groups]
     masks = select_for_latency(model, scores, share * full, levels)
-    reached = 1 - model.predict([int(m.sum()) for m in masks]) / full
+    # the FLOPs removed as a FLOPs target counts them: each unit's own, to first order
+    reached = sum(int(m.sum()) * grp.flops_per_unit for m, grp in zip(masks, g.groups)) / g.total_flops
     by_flops = select_units(g.groups, scores, gp.Target(flops=reached, multiple=1, min_fraction=0),
                             total_flops=g.total_flops)
     common = sum(int((a & b).sum()) for a, b in zip(masks, by_flops))
@@ -235,6 +248,84 @@ def test_a_narrower_width_is_never_predicted_slower(mobilenet):
             times = [layer.by_out(w) for w in widths]
             assert all(a <= b + 1e-15 for a, b in zip(times, times[1:]))
             assert layer.by_out(cout) == pytest.approx(bumpy(layer.layer, layer.layer.channels[0], cout))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_elements_outside_the_layers_fall_by_what_each_unit_carries(seed):
+    """For any heads and MLP units removed, the compact model's ops outside the timed layers
+    write the dense model's elements less each removed unit's share: traced again, the
+    compact graph counts exactly what the dense one predicts. A ViT's hidden channels carry
+    its norms and class-token concat, its heads the attention products, softmax and copies;
+    its MLP units carry nothing (their GELU is the first layer's epilogue). (Cut hidden
+    channels turn each layer norm into graphprune's width-corrected form, other ops.)"""
+    model, g = small_vit()
+    total, per_unit = op_traffic(g.ir, g.analysis.labels, g.analysis.comp, g.groups)
+    mlp = [e for grp, e in zip(g.groups, per_unit) if "mlp" in grp.name]
+    others = [e for grp, e in zip(g.groups, per_unit) if "mlp" not in grp.name]
+    assert mlp and all(e == 0 for e in mlp) and others and all(e > 0 for e in others)
+    assert {grp.kind for grp, e in zip(g.groups, per_unit) if e > 0} == {"head", "channel"}
+    gen = torch.Generator().manual_seed(seed)
+    masks = []
+    for grp in g.groups:
+        m = torch.zeros(grp.size, dtype=torch.bool)
+        if grp.kind == "head" or "mlp" in grp.name:  # the hidden width's norms take another form when cut
+            m[torch.randperm(grp.size, generator=gen)[: int(torch.randint(0, grp.size, (1,), generator=gen))]] = True
+        masks.append(m)
+    predicted = total - sum(int(m.sum()) * e for m, e in zip(masks, per_unit))
+    compact = g.backend.emit(g, g.zeroed_copy(zip(g.groups, masks)))
+    h = gp.trace(compact, (torch.randn(2, 3, 32, 32),), verify=False)
+    assert op_traffic(h.ir, h.analysis.labels, h.analysis.comp, h.groups)[0] == pytest.approx(predicted)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_macs_a_step_saves_are_counted_at_the_widths_already_chosen(seed):
+    """Removing units group after group, the layer MACs each step saves add up to exactly what
+    the compact model's layers no longer compute (traced again): a hidden channel saves less
+    once heads are gone, and the selection prices it by what it saves then."""
+    _, g = small_vit()
+    model = LatencyModel(graph_layers(g.ir), g.groups, LatencyTable(staircase))
+    gen = torch.Generator().manual_seed(seed)
+    removed, saved, masks = [0] * len(g.groups), 0.0, []
+    for i, grp in enumerate(g.groups):
+        n = int(torch.randint(0, grp.size, (1,), generator=gen))
+        saved += model.macs_saved(removed, i, n)
+        removed[i] = n
+        m = torch.zeros(grp.size, dtype=torch.bool)
+        m[:n] = True
+        masks.append(m)
+    compact = g.backend.emit(g, g.zeroed_copy(zip(g.groups, masks)))
+    h = gp.trace(compact, (torch.randn(2, 3, 32, 32),), verify=False)
+
+    def macs(graph) -> float:  # the layers' MACs, each as the analysis counted it
+        layers = [layer for layer, _ in graph_layers(graph.ir)]
+        assert [layer_macs(layer, *layer.channels) for layer in layers] == [
+            graph.analysis.labels.param_macs[layer.weight] for layer in layers]
+        return sum(layer_macs(layer, *layer.channels) for layer in layers)
+    assert macs(g) - saved == pytest.approx(macs(h))
+    hidden = next(i for i, grp in enumerate(g.groups) if grp.kind == "channel" and "mlp" not in grp.name)
+    heads = [i for i, grp in enumerate(g.groups) if grp.kind == "head"]
+    fewer = [grp.size - 1 if i in heads else 0 for i, grp in enumerate(g.groups)]
+    assert model.macs_saved(fewer, hidden, 1) < model.macs_saved([0] * len(g.groups), hidden, 1)
+
+
+def test_the_dense_time_beyond_the_layers_is_saved_with_the_units_that_carry_it():
+    """Given the traffic and the measured dense time, the model predicts the dense time, and a
+    head saves its layers' time plus its share of the rest; without them, its layers' only."""
+    _, g = small_vit()
+    traffic = op_traffic(g.ir, g.analysis.labels, g.analysis.comp, g.groups)
+    bare = LatencyModel(graph_layers(g.ir), g.groups, LatencyTable(staircase))
+    layers = bare.predict([0] * len(g.groups))
+    full = LatencyModel(graph_layers(g.ir), g.groups, LatencyTable(staircase), traffic, dense_ms=1.5 * layers)
+    assert full.predict([0] * len(g.groups)) == pytest.approx(1.5 * layers)
+    head = next(i for i, grp in enumerate(g.groups) if grp.kind == "head")
+    rest = 0.5 * layers * traffic[1][head] / traffic[0]
+    assert full.saving([0] * len(g.groups), head, 1) == pytest.approx(bare.saving([0] * len(g.groups), head, 1) + rest)
+    removed = [grp.size - 1 for grp in g.groups]
+    assert full.predict(removed) - bare.predict(removed) == pytest.approx(
+        0.5 * layers * (1 - sum(r * e for r, e in zip(removed, traffic[1])) / traffic[0]))
+    # layers timed slower than the whole model (other schedules): no rest to spread
+    slow = LatencyModel(graph_layers(g.ir), g.groups, LatencyTable(staircase), traffic, dense_ms=0.5 * layers)
+    assert slow.predict([0] * len(g.groups)) == pytest.approx(layers) and slow.rest_per_unit[head] == 0
 
 
 def test_an_unreachable_budget_is_a_clear_error(mobilenet):
