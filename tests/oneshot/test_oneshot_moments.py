@@ -40,7 +40,10 @@ def test_smooth_moments_match_monte_carlo(seed: int, n: int, act: str) -> None:
     got = smooth_activation(mom, act)
     scale = y.std(0)
     torch.testing.assert_close(got.mean, y.mean(0), atol=0.02 * float(scale.max()) + 1e-3, rtol=0)
-    torch.testing.assert_close(got.cov.diagonal().sqrt(), scale, rtol=0.03, atol=1e-3)
+    # a unit that is (almost) never active has a Monte Carlo spread of a few active samples
+    # (relu6 at seed 334: 0.0110 against 0.0094 by quadrature, beside units of 0.73), so the
+    # floor follows the largest spread
+    torch.testing.assert_close(got.cov.diagonal().sqrt(), scale, rtol=0.03, atol=1e-3 + 0.01 * float(scale.max()))
     mc = torch.cov(y.T)
     off = ~torch.eye(n, dtype=torch.bool)
     # Correlation error; a unit that is (almost) never active has no meaningful correlation,
