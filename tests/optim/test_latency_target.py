@@ -27,6 +27,7 @@ def mobilenet():
     return model, gp.trace(model, (torch.randn(1, 3, 32, 32),), verify=False)
 
 
+@pytest.fixture(scope="module")
 def small_vit() -> tuple[nn.Module, gp.PrunableGraph]:
     torch.manual_seed(0)
     vit = torchvision.models.VisionTransformer(32, 8, 2, 4, 64, 128, num_classes=10).eval()
@@ -206,19 +207,19 @@ def by_macs(layer, cin: int, cout: int) -> float:
 
 
 @pytest.mark.parametrize("share", [0.6, 0.4])
-@pytest.mark.parametrize("net", ["mobilenet", "vit"])
-def test_a_time_that_follows_the_flops_picks_what_a_flops_target_picks(mobilenet, net, share):
+@pytest.mark.parametrize("net", ["mobilenet", "small_vit"])
+def test_a_time_that_follows_the_flops_picks_what_a_flops_target_picks(request, net, share):
     """Where every layer's time is its FLOPs, a latency budget is a FLOPs budget, and the
     selection must remove (nearly) the units a FLOPs target removes at the FLOPs it reached.
     Dividing each group's normalised scores by the time a unit saves alone instead took
     whole wide groups first (a tenth of the units in common); pricing a ViT's hidden
     channels by their dense FLOPs after the heads they fed were gone kept 60 of 64 (a third
     to a half of the units in common)."""
-    g = mobilenet[1] if net == "mobilenet" else small_vit()[1]
+    _, g = request.getfixturevalue(net)
     model, _ = model_for(g, by_macs)
     full = model.predict([0] * len(g.groups))
     scores = [torch.rand(grp.size, generator=torch.Generator().manual_seed(i)) for i, grp in enumerate(g.groups)]
-    if net == "vit":  # heads first: each one cut leaves the hidden channels less to save
+    if net == "small_vit":  # heads first: each one cut leaves the hidden channels less to save
         scores = [s * 0.3 + 0.5 if grp.kind == "head" else s + 0.5 for s, grp in zip(scores, g.groups)]
     levels = [kept_widths(grp, gp.Target(latency_ms=1.0, multiple=1, min_fraction=0)) for grp in g.groups]
     masks = select_for_latency(model, scores, share * full, levels)
@@ -251,14 +252,14 @@ def test_a_narrower_width_is_never_predicted_slower(mobilenet):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_elements_outside_the_layers_fall_by_what_each_unit_carries(seed):
+def test_the_elements_outside_the_layers_fall_by_what_each_unit_carries(small_vit, seed):
     """For any heads and MLP units removed, the compact model's ops outside the timed layers
     write the dense model's elements less each removed unit's share: traced again, the
     compact graph counts exactly what the dense one predicts. A ViT's hidden channels carry
     its norms and class-token concat, its heads the attention products, softmax and copies;
     its MLP units carry nothing (their GELU is the first layer's epilogue). (Cut hidden
     channels turn each layer norm into graphprune's width-corrected form, other ops.)"""
-    model, g = small_vit()
+    _, g = small_vit
     total, per_unit = op_traffic(g.ir, g.analysis.labels, g.analysis.comp, g.groups)
     mlp = [e for grp, e in zip(g.groups, per_unit) if "mlp" in grp.name]
     others = [e for grp, e in zip(g.groups, per_unit) if "mlp" not in grp.name]
@@ -278,11 +279,11 @@ def test_the_elements_outside_the_layers_fall_by_what_each_unit_carries(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_the_macs_a_step_saves_are_counted_at_the_widths_already_chosen(seed):
+def test_the_macs_a_step_saves_are_counted_at_the_widths_already_chosen(small_vit, seed):
     """Removing units group after group, the layer MACs each step saves add up to exactly what
     the compact model's layers no longer compute (traced again): a hidden channel saves less
     once heads are gone, and the selection prices it by what it saves then."""
-    _, g = small_vit()
+    _, g = small_vit
     model = LatencyModel(graph_layers(g.ir), g.groups, LatencyTable(staircase))
     gen = torch.Generator().manual_seed(seed)
     removed, saved, masks = [0] * len(g.groups), 0.0, []
@@ -308,10 +309,10 @@ def test_the_macs_a_step_saves_are_counted_at_the_widths_already_chosen(seed):
     assert model.macs_saved(fewer, hidden, 1) < model.macs_saved([0] * len(g.groups), hidden, 1)
 
 
-def test_the_dense_time_beyond_the_layers_is_saved_with_the_units_that_carry_it():
+def test_the_dense_time_beyond_the_layers_is_saved_with_the_units_that_carry_it(small_vit):
     """Given the traffic and the measured dense time, the model predicts the dense time, and a
     head saves its layers' time plus its share of the rest; without them, its layers' only."""
-    _, g = small_vit()
+    _, g = small_vit
     traffic = op_traffic(g.ir, g.analysis.labels, g.analysis.comp, g.groups)
     bare = LatencyModel(graph_layers(g.ir), g.groups, LatencyTable(staircase))
     layers = bare.predict([0] * len(g.groups))
