@@ -207,3 +207,28 @@ def test_linear_layers_on_strided_tokens_are_2d_matmuls_with_their_epilogues():
     assert any("matmul" in k and k.count("add") >= 2 for k in kernels), kernels   # bias and residual
     compiled = codegen.build(model, (x,), target="x86")
     assert rel_err(compiled.run(x), model(x)) < 1e-5
+
+
+class ViewedRows(nn.Module):
+    """Rows of tokens through a linear layer, viewed as (batch, tokens, channels) and back before
+    the residual add (as graphprune's compact modules write a transformer block), after an
+    ``expand`` of the input to its own shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(24, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x.expand(128, 24)).view(8, 16, 24).reshape(128, 24)
+        return x + y
+
+
+def test_views_that_undo_each_other_leave_no_copy_kernels():
+    """The residual add lands in the matmul's kernel and nothing is left to copy rows: no
+    kernel of reshapes or broadcasts alone; the result is unchanged."""
+    torch.manual_seed(0)
+    model, x = ViewedRows().eval(), torch.randn(128, 24)
+    kernels = fused_kernels(model, (x,))
+    assert len(kernels) == 1 and "matmul" in kernels[0] and kernels[0].count("add") == 2, kernels
+    compiled = codegen.build(model, (x,), target="x86")
+    assert rel_err(compiled.run(x), model(x)) < 1e-5
