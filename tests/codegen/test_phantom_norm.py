@@ -3,10 +3,14 @@ to one kernel, from the compact PyTorch module and from its ONNX file (codegen/p
 
 import pytest
 import torch
+import tvm
 from torch import nn
 
 import graphprune as gp
 import graphprune.codegen as codegen
+from graphprune.codegen.pipeline import fuse
+from graphprune.codegen.targets import resolve_target
+from graphprune.codegen.transfer import signature
 from graphprune.ops.normalization import phantom_layer_norm
 
 from tests.analysis.test_hidden_groups import PreNorm, _randomised
@@ -66,3 +70,31 @@ def test_te_kernel_matches_the_reference():
     x = torch.randn(4, 7, 16) * 3 + 1
     assert [k for k in fused_kernels(Norm(), (x,)) if "phantom" in k]
     assert rel_err(codegen.build(Norm(), (x,), "x86").run(x), Norm()(x)) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["torch", "onnx"])
+def test_dense_layer_norms_are_the_kernel_their_pruned_forms_carry_schedules_from(compact, form, tmp_path):
+    """The dense model's norms compile to the same kernel structure as its pruned forms' (what
+    :mod:`graphprune.codegen.transfer` matches a tuned schedule by), with their output unchanged."""
+    model, small, x = compact
+
+    def norm_structures(m: nn.Module, name: str) -> set:
+        source = m if form == "torch" else str(gp.export_onnx(m, (x,), tmp_path / name) and tmp_path / name)
+        mod = fuse(codegen.import_model(source, (x,)).bound(), resolve_target("x86").target)
+        return {signature(tvm.IRModule({"main": f}))[0] for gv, f in mod.functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc) and "layer_norm" in gv.name_hint}
+
+    dense = norm_structures(model, "d.onnx")
+    assert dense and dense == norm_structures(small, "c.onnx")
+    with torch.no_grad():
+        assert rel_err(codegen.build(model, (x,), "x86").run(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(16, elementwise_affine=False), nn.LayerNorm((7, 16))])
+def test_plain_layer_norms_keep_their_output(norm):
+    """Without scale and shift as the one kernel; over two axes left to TVM's own."""
+    x = torch.randn(4, 7, 16) * 3 + 1
+    kernels = fused_kernels(norm.eval(), (x,))
+    assert bool([k for k in kernels if "phantom" in k]) == (len(norm.normalized_shape) == 1), kernels
+    with torch.no_grad():
+        assert rel_err(codegen.build(norm.eval(), (x,), "x86").run(x), norm(x)) < 1e-5
