@@ -160,7 +160,8 @@ def main() -> None:
             rows.append(f"| {name} | {dense:.2f} | {fraction:.0%} = {fraction * dense:.2f} | "
                         f"{run.achieved_share:.1%} = {run.achieved_share * dense:.2f} | {share:.1%} = {share * dense:.2f} "
                         f"| {share / fraction - 1:+.1%} | {report.achieved['flops']:.1%} | "
-                        f"{len(run.rounds)} | {run.layers_measured} / {run.layers_cached} | {seconds:.0f} |")
+                        f"{len(run.rounds)} | {run.layers_measured} / {run.layers_refreshed} / {run.layers_cached} "
+                        f"| {seconds:.0f} |")
             tries = ", ".join(f"{r['layer_budget_ms']:.2f} / {r['predicted_layers_ms']:.2f} / {r['measured_ms']:.2f} "
                               f"of {r['dense_ms']:.2f}" + (" (kept)" if i == run.chosen else "")
                               for i, r in enumerate(run.rounds))
@@ -178,7 +179,7 @@ def main() -> None:
                 f"(digest {units.digest}; its own database)"] if units.resumed else []),
              "",
              "| model | dense ms | budget (share = ms) | pruning's kept try | re-measured | miss | MACs removed | rounds "
-             "| layer timings measured / cached | seconds |",
+             "| layer timings measured / of them re-timed / cached | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
              f"re-measured within 5% of the budget: {within} of {measured}", "",
              "Each round of the pruning: the layers' budget / their predicted ms (the table) / the compiled "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,12 @@ from torch import nn
 from graphprune.ops.registry import Layer
 
 from .compile import build
-from .tuning import tune
+from .compiled import compile_program
+from .frontend import import_model
+from .pipeline import fuse
+from .targets import resolve_target
+from .tuning import (best_seconds, best_by_function, extract_tasks, function_key, has_records, open_database,
+                     shared_database_dir, tune)
 
 
 class _WithEpilogue(nn.Module):
@@ -58,18 +63,53 @@ def layer_module(layer: Layer, cin: int, cout: int) -> tuple[nn.Module, tuple[to
     return _WithEpilogue(core, layer.epilogue).eval(), (x, *residuals)
 
 
-def measure_layer(layer: Layer, cin: int, cout: int, target: str = "x86",
-                  tuning_db: str | os.PathLike | None = None, repeat: int = 5) -> float:
-    """Median milliseconds of the compiled layer at widths ``cin`` x ``cout`` on ``target``."""
-    module, inputs = layer_module(layer, cin, cout)
-    return measure_model(module, inputs, target, tuning_db, repeat)
+def measure_layers(requests: Sequence[tuple[Layer, int, int]], target: str = "x86",
+                   tuning_db: str | os.PathLike | None = None, repeat: int = 5
+                   ) -> list[tuple[float, dict[str, float | None]]]:
+    """Median milliseconds of each compiled layer ``(layer, in width, out width)`` on ``target``,
+    with the database's best seconds for its functions at the time (a
+    :class:`graphprune.latency.LayerTime`'s fields).
+
+    First every function without a record of its own has its carried-over schedules measured
+    and the best recorded (one tuning run for the whole batch, as :class:`PairedTimer` does for
+    a whole model), so a width is timed on the schedule a compile would keep, not on whichever
+    carried-over schedule comes first: unmeasured, a narrower layer can read as slow as the
+    full one."""
+    resolved = resolve_target(target)
+    modules = [layer_module(*r) for r in requests]
+    bundle = _Bundle([m for m, _ in modules], [len(x) for _, x in modules])
+    tune(bundle, tuple(t for _, x in modules for t in x), target, tuning_db, trials_per_task=1)
+    database = open_database(tuning_db if tuning_db is not None else shared_database_dir(resolved))
+    times = []
+    for module, inputs in modules:
+        program = import_model(module, inputs)
+        tasks = extract_tasks(fuse(program.bound(), resolved.target), resolved.target)
+        schedules = {function_key(t.dispatched[0]): best_seconds(database, t, resolved.target) for t in tasks}
+        compiled = compile_program(program, resolved, database)
+        times.append((float(compiled.benchmark(repeat=repeat)["median_ms"]), schedules))
+    return times
 
 
-def measure_model(model: Any, example_inputs: Any, target: str = "x86",
-                  tuning_db: str | os.PathLike | None = None, repeat: int = 7) -> float:
-    """Median milliseconds of ``model`` (a module or ONNX model) compiled for ``target``."""
-    compiled = build(model, example_inputs, target=target, tuning_db=tuning_db)
-    return float(compiled.benchmark(repeat=repeat)["median_ms"])
+def best_known(target: str = "x86", tuning_db: str | os.PathLike | None = None) -> dict[str, float]:
+    """The database's best seconds per function now (:func:`.tuning.best_by_function`), which
+    :class:`~graphprune.latency.LatencyTable` compares its entries' schedules with."""
+    folder = tuning_db if tuning_db is not None else shared_database_dir(resolve_target(target))
+    return best_by_function(open_database(folder)) if has_records(folder) else {}
+
+
+class _Bundle(nn.Module):
+    """Several layer modules side by side, so one tuning run covers all their functions."""
+
+    def __init__(self, layers: Sequence[nn.Module], arity: Sequence[int]) -> None:
+        super().__init__()
+        self.layers, self.arity = nn.ModuleList(layers), list(arity)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs, at = [], 0
+        for layer, n in zip(self.layers, self.arity):
+            outs.append(layer(*inputs[at:at + n]))
+            at += n
+        return tuple(outs)
 
 
 class PairedTimer:
@@ -132,8 +172,5 @@ class PairedTimer:
 def table_path(target: str = "x86", tuning_db: str | os.PathLike | None = None) -> Path:
     """Where the layer latency table for ``target`` is cached: next to the tuning records it
     was measured with (the given database, else the machine's shared one)."""
-    from .targets import resolve_target
-    from .tuning import shared_database_dir
-
     folder = Path(tuning_db) if tuning_db is not None else shared_database_dir(resolve_target(target))
     return folder / "layer_latency.json"

@@ -154,7 +154,7 @@ def repair_table(path: Path) -> str | None:
         return "added the missing newline"
 
 
-def _best_seconds(database: ms.Database | None, task: ms.ExtractedTask, target: Target) -> float | None:
+def best_seconds(database: ms.Database | None, task: ms.ExtractedTask, target: Target) -> float | None:
     """Best measured time of ``task`` in ``database``; None if it has no successful record."""
     if database is None:
         return None
@@ -179,6 +179,23 @@ def trials_done(database: ms.Database, tasks: Sequence[ms.ExtractedTask]) -> lis
     return [counts[key] if key in succeeded else 0 for key in keys]
 
 
+def best_by_function(database: ms.Database) -> dict[str, float]:
+    """The best measured seconds of every function ``database`` holds a successful record of,
+    keyed by :func:`function_key`."""
+    best: dict[str, float] = {}
+    for record in database.get_all_tuning_records():
+        seconds = measured_seconds(record)
+        if seconds is not None:
+            key = function_key(record.workload.mod)
+            best[key] = min(seconds, best.get(key, math.inf))
+    return best
+
+
+def function_key(mod: tvm.IRModule) -> str:
+    """A tuning task's function, as :func:`best_by_function` keys it: its structural hash."""
+    return str(tvm_ffi.structural_hash(mod))
+
+
 def extract_tasks(fused: tvm.IRModule, target: Target) -> list[ms.ExtractedTask]:
     """The tuning tasks of a :func:`.pipeline.fuse`-d module (structurally equal functions merged)."""
     return list(ms.relax_integration.extract_tasks(fused, target))
@@ -187,7 +204,7 @@ def extract_tasks(fused: tvm.IRModule, target: Target) -> list[ms.ExtractedTask]
 def database_coverage(database: ms.Database | None, fused: tvm.IRModule, target: Target) -> tuple[int, int]:
     """(tasks with a measured record, all tasks) for a fused module."""
     tasks = extract_tasks(fused, target)
-    return sum(_best_seconds(database, t, target) is not None for t in tasks), len(tasks)
+    return sum(best_seconds(database, t, target) is not None for t in tasks), len(tasks)
 
 
 def build_candidate(mod: tvm.IRModule, target: Target) -> tvm.runtime.Module:
@@ -659,7 +676,7 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     start = time.perf_counter()
     builder, runners = PooledBuilder(), Runners(rpc_tracker, rpc_key)
     prior = trials_done(database, tasks) if incremental else [0] * len(tasks)
-    fresh = [t for t in tasks if _best_seconds(database, t, resolved.target) is None]
+    fresh = [t for t in tasks if best_seconds(database, t, resolved.target) is None]
     seeded = Seeded([], 0, 0.0)
     if transfer and fresh and not temporary:
         postprocs = ms.TuneContext(mod=fresh[0].dispatched[0], target=resolved.target,
@@ -694,12 +711,12 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
             for budget in sorted({left[i] for i in todo}, reverse=True):  # most trials first
                 run([k for k, i in enumerate(todo) if left[i] == budget], budget)
         else:
-            states = [TaskState(tasks[i].weight, _flops(tasks[i]), _best_seconds(database, tasks[i], resolved.target),
+            states = [TaskState(tasks[i].weight, _flops(tasks[i]), best_seconds(database, tasks[i], resolved.target),
                                 left[i]) for i in todo]
 
             def chunk(k: int) -> float | None:
                 run([k], min(CHUNK_TRIALS, states[k].trials_left))
-                return _best_seconds(database, tasks[todo[k]], resolved.target)
+                return best_seconds(database, tasks[todo[k]], resolved.target)
 
             run_for(minutes * 60 - (time.perf_counter() - start), states, chunk, CHUNK_TRIALS)
     finally:

@@ -7,11 +7,12 @@ FLOP than a dense one.  So the budget is met against measurements:
 1. **Latency tables.**  Every layer with a weight (the registry's :meth:`Rule.layer`) is
    rebuilt alone at several widths, with the elementwise ops the compiler fuses into it
    (:func:`epilogue`), and compiled and timed on the codegen target
-   (:func:`graphprune.codegen.layer_latency.measure_layer`, which reads the shared tuning
+   (:func:`graphprune.codegen.layer_latency.measure_layers`, which reads the shared tuning
    database: with its epilogue a layer is the kernel the model tuned).  A layer's time at
    input width ``i`` and output width ``o`` is taken as ``T(i, C_out) * T(C_in, o) / T(C_in, C_out)`` from two measured curves, linear between
    the measured widths.  Tables are cached per target in a JSON file, so the next model
-   with the same layer shapes measures nothing.  The dense model's time beyond its layers'
+   with the same layer shapes measures nothing, except where the database has since learnt
+   a faster schedule for a layer's function.  The dense model's time beyond its layers'
    (norms, attention products, softmax, copies) is spread over the elements those other ops
    write (:func:`op_traffic`), so a unit also saves its share of them.
 2. **Selection.**  Greedy knapsack: each group steps down through its allowed widths
@@ -37,7 +38,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 #: Widths (fractions of the full width) each layer curve is measured at.
 GRID = (1.0, 0.75, 0.5, 0.25)
 
-MeasureLayer = Callable[[Layer, int, int], float]
+MeasureLayers = Callable[[Sequence[tuple[Layer, int, int]]], Sequence[tuple[float, dict[str, float | None]]]]
 MeasureMasks = Callable[[Sequence[torch.Tensor]], float]
 
 
@@ -184,21 +185,40 @@ def op_traffic(ir: Graph, labels: Labels, comp: torch.Tensor, groups: Sequence[G
     return total, [float(e) / max(g.size, 1) for e, g in zip(per_group, groups)]
 
 
+class LayerTime(NamedTuple):
+    """One compiled layer's milliseconds, and the tuning database's best seconds for each of
+    its functions (by structural hash; None: no measured record) when it was timed."""
+    ms: float
+    schedules: dict[str, float | None]
+
+
 class LatencyTable:
     """Measured milliseconds per (layer geometry, widths), cached in a JSON file per target.
 
-    ``measure(layer, in_width, out_width)`` times one layer; it is called only for a key
-    the cache lacks.  The file is rewritten atomically after each new measurement batch
-    (:meth:`save`), so an interrupted run keeps what it measured.
+    ``measure(requests)`` times a batch of ``(layer, in_width, out_width)`` (each a
+    :class:`LayerTime`'s fields); it is called only
+    for keys the cache lacks, or, given ``best_known`` (the database's best seconds per
+    function now), whose functions the database has since learnt faster schedules for.  An
+    entry is as good as the schedules it was timed on: a digits ViT's ``mlp.0`` at 144 of 192
+    outputs, timed before the database held a schedule of its own, read 0.195 ms (its full
+    width's time) where the same width re-timed later took 0.168 ms, and the flat curve told
+    the selection that its first 48 units saved nothing.  The file is rewritten atomically
+    after each batch (:meth:`save`), so an interrupted run keeps what it measured.
     """
 
-    def __init__(self, measure: MeasureLayer, path: str | os.PathLike | None = None, target: str = "") -> None:
-        self.measure, self.target = measure, target
+    def __init__(self, measure: MeasureLayers, path: str | os.PathLike | None = None, target: str = "",
+                 best_known: Callable[[], Mapping[str, float]] | None = None) -> None:
+        self.measure, self.target, self.best_known = measure, target, best_known
         self.path = Path(path) if path is not None else None
-        self.entries: dict[str, float] = {}
+        self.entries: dict[str, LayerTime] = {}
         self.measured = 0  # new measurements this session (the rest came from the cache)
+        self.refreshed = 0  # of those, entries the database had improved on since they were timed
+        self.reused = 0  # entries read from the cache this session
+        self._checked: set[str] = set()  # entries timed or found current in this session
         if self.path is not None and self.path.exists():
-            self.entries = {k: float(v) for k, v in json.loads(self.path.read_text()).items()}
+            for k, v in json.loads(self.path.read_text()).items():
+                if isinstance(v, dict) and "ms" in v:  # older files (bare numbers) are timed anew
+                    self.entries[k] = LayerTime(float(v["ms"]), dict(v.get("schedules", {})))
 
     def key(self, layer: Layer, cin: int, cout: int) -> str:
         g = _groups_at(layer, cin)
@@ -207,19 +227,54 @@ class LatencyTable:
                 + (f"|then={'+'.join(layer.epilogue)}" if layer.epilogue else "")
                 + (f"|lead={layer.lead}" if layer.lead else ""))
 
+    def fill(self, requests: Sequence[tuple[Layer, int, int]]) -> None:
+        """Time, in one batch, the requests missing from the table or timed on schedules the
+        database has since improved on."""
+        todo: dict[str, tuple[Layer, int, int]] = {}
+        best: Mapping[str, float] | None = None  # read once, when a cached entry is first checked
+        for layer, cin, cout in requests:
+            k = self.key(layer, cin, cout)
+            if k in todo or k in self._checked:
+                continue
+            if k in self.entries and self.best_known is not None and best is None:
+                best = self.best_known()
+            if k not in self.entries:
+                todo[k] = (layer, cin, cout)
+            elif best is not None and _improved(self.entries[k].schedules, best):
+                todo[k] = (layer, cin, cout)
+                self.refreshed += 1
+            else:
+                self._checked.add(k)
+                self.reused += 1
+        if not todo:
+            return
+        for k, timed in zip(todo, self.measure(list(todo.values()))):
+            self.entries[k] = LayerTime(*timed)
+            self._checked.add(k)
+        self.measured += len(todo)
+        self.save()
+
     def ms(self, layer: Layer, cin: int, cout: int) -> float:
-        k = self.key(layer, cin, cout)
-        if k not in self.entries:
-            self.entries[k] = float(self.measure(layer, cin, cout))
-            self.measured += 1
-        return self.entries[k]
+        self.fill([(layer, cin, cout)])
+        return self.entries[self.key(layer, cin, cout)].ms
 
     def save(self) -> None:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as tmp:
-            Path(tmp).write_text(json.dumps(self.entries, indent=0, sort_keys=True))
+            Path(tmp).write_text(json.dumps({k: v._asdict() for k, v in self.entries.items()}, indent=0,
+                                            sort_keys=True))
+
+
+def _improved(schedules: Mapping[str, float | None], best: Mapping[str, float]) -> bool:
+    """Whether ``best`` (seconds per function now) is faster than the ``schedules`` an entry
+    was timed on, for any of its functions (beyond rounding in the records)."""
+    for h, then in schedules.items():
+        now = best.get(h)
+        if now is not None and (then is None or now < then * (1 - 1e-6)):
+            return True
+    return False
 
 
 def _groups_at(layer: Layer, cin: int) -> int:
@@ -296,6 +351,7 @@ class LatencyModel:
         self.macs: list[_LayerModel] = []  # the layers' multiply-accumulates, modelled alike
         self.touching: list[list[int]] = [[] for _ in groups]  # group -> layers it changes
         self.users: list[list[int]] = []  # layer -> groups that change it
+        changed: list[tuple[Layer, list[tuple[int, int]], list[tuple[int, int]]]] = []
         for layer, name in layers:
             ins, outs = [], []
             for gi, g in enumerate(groups):
@@ -307,15 +363,15 @@ class LatencyModel:
                         ins.append((gi, rows))
                     elif s.dim == layer.out_dim:
                         outs.append((gi, rows))
-            if not ins and not outs:
-                continue
-            idx = len(self.layers)
+            if ins or outs:
+                changed.append((layer, ins, outs))
+        table.fill([r for layer, ins, outs in changed for r in _requests(layer, ins, outs)])
+        for idx, (layer, ins, outs) in enumerate(changed):
             self.layers.append(_layer_model(layer, ins, outs, table.ms))
             self.macs.append(_layer_model(layer, ins, outs, layer_macs))
             self.users.append(sorted({gi for gi, _ in ins + outs}))
             for gi in self.users[-1]:
                 self.touching[gi].append(idx)
-        table.save()
         # ms per element of the other ops, and each group's elements per unit
         self.rest_per_element, self.rest_per_unit = 0.0, [0.0] * len(self.groups)
         if traffic is not None and dense_ms is not None and traffic[0] > 0:
@@ -357,19 +413,30 @@ def layer_macs(layer: Layer, cin: int, cout: int) -> float:
     return float(layer.rows * out[0] * out[1] * layer.kernel[0] * layer.kernel[1] * per_filter * cout)
 
 
-def _layer_model(layer: Layer, ins: list[tuple[int, int]], outs: list[tuple[int, int]],
-                 measure: MeasureLayer) -> _LayerModel:
-    """``layer``'s curves along the widths its groups change, from ``measure(layer, cin, cout)``."""
+def _curve_points(layer: Layer, ins: list[tuple[int, int]], outs: list[tuple[int, int]]
+                  ) -> tuple[list[tuple[int, int, int]] | None, list[tuple[int, int, int]] | None]:
+    """The (width, in width, out width) each of ``layer``'s curves is measured at: along the
+    widths its groups change (one curve for a depthwise layer: its channels go together)."""
     cin, cout = layer.channels
-    full = measure(layer, cin, cout)
     quantum = layer.groups if layer.groups > 1 and not layer.depthwise else 1
-    if layer.depthwise:  # one curve: input and output channels go together
-        by_in = _Curve([(w, measure(layer, w, w * cout // cin)) for w in _widths(cin, 1)])
-        by_out = None
-    else:
-        by_in = _Curve([(w, measure(layer, w, cout)) for w in _widths(cin, quantum)]) if ins else None
-        by_out = _Curve([(w, measure(layer, cin, w)) for w in _widths(cout, quantum)]) if outs else None
-    return _LayerModel(layer, full, by_in, by_out, ins, outs)
+    if layer.depthwise:
+        return [(w, w, w * cout // cin) for w in _widths(cin, 1)], None
+    return ([(w, w, cout) for w in _widths(cin, quantum)] if ins else None,
+            [(w, cin, w) for w in _widths(cout, quantum)] if outs else None)
+
+
+def _requests(layer: Layer, ins: list[tuple[int, int]], outs: list[tuple[int, int]]) -> list[tuple[Layer, int, int]]:
+    """Every (layer, in width, out width) :func:`_layer_model` reads."""
+    points = [p for curve in _curve_points(layer, ins, outs) if curve for p in curve]
+    return [(layer, *layer.channels)] + [(layer, i, o) for _, i, o in points]
+
+
+def _layer_model(layer: Layer, ins: list[tuple[int, int]], outs: list[tuple[int, int]],
+                 measure: Callable[[Layer, int, int], float]) -> _LayerModel:
+    """``layer``'s curves along the widths its groups change, from ``measure(layer, cin, cout)``."""
+    by_in, by_out = (_Curve([(w, measure(layer, i, o)) for w, i, o in points]) if points else None
+                     for points in _curve_points(layer, ins, outs))
+    return _LayerModel(layer, measure(layer, *layer.channels), by_in, by_out, ins, outs)
 
 
 def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budget_ms: float,
@@ -456,6 +523,7 @@ class LatencyRun:
     rounds: list[dict[str, float]] = field(default_factory=list)
     layers_measured: int = 0
     layers_cached: int = 0
+    layers_refreshed: int = 0  # of the measured, cached ones the database had since improved on
     chosen: int | None = None  # the index in ``rounds`` of the try that was kept
 
     @property
@@ -574,8 +642,9 @@ class LatencyPlan:
         from graphprune.codegen import layer_latency  # TVM on use only
         from graphprune.target import kept_widths
 
-        table = LatencyTable(lambda layer, cin, cout: layer_latency.measure_layer(layer, cin, cout, codegen, tuning_db),
-                             layer_latency.table_path(codegen, tuning_db), codegen)
+        table = LatencyTable(lambda requests: layer_latency.measure_layers(requests, codegen, tuning_db),
+                             layer_latency.table_path(codegen, tuning_db), codegen,
+                             best_known=lambda: layer_latency.best_known(codegen, tuning_db))
         timer = layer_latency.PairedTimer(g.backend.emit(g, g.zeroed_copy([])), g.example[0], codegen, tuning_db,
                                           measure_schedules=True)
         traffic = op_traffic(g.ir, g.analysis.labels, g.analysis.comp, groups)
@@ -640,5 +709,6 @@ def measure_masks_fn(g: PrunableGraph, measure_model: Callable[[object], float])
     return measure
 
 
-__all__ = ["ACTIVATIONS", "GRID", "LatencyModel", "LatencyPlan", "LatencyRun", "LatencyTable", "epilogue",
+__all__ = ["ACTIVATIONS", "GRID", "LatencyModel", "LatencyPlan", "LatencyRun", "LatencyTable", "LayerTime",
+           "epilogue",
            "graph_layers", "layer_macs", "meet_latency", "measure_masks_fn", "op_traffic", "select_for_latency"]

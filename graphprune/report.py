@@ -223,8 +223,10 @@ class Report:
         achieved = kept["measured_ms"] / kept["dense_ms"] * t["dense_ms"] if kept else t["dense_ms"]
         return (f"latency budget {t['budget_ms']:.3f} ms ({t['codegen']}): measured {achieved:.3f} ms "
                 f"({achieved / t['budget_ms'] - 1:+.1%}), dense {t['dense_ms']:.3f} ms; {len(t.get('rounds', []))} "
-                f"compile-and-measure rounds, {t['layers_measured']} layer timings measured, "
-                f"{t['layers_cached']} from the table cache")
+                f"compile-and-measure rounds, {t['layers_measured']} layer timings measured"
+                + (f" ({t['layers_refreshed']} re-timed: the database has faster schedules now)"
+                   if t.get("layers_refreshed") else "")
+                + f", {t['layers_cached']} from the table cache")
 
     def to_markdown(self) -> str:
         """The full report: totals, per-group widths, barriers, measurements, timings."""

@@ -297,7 +297,8 @@ def _select_latency(g: PrunableGraph, groups: Sequence[Group], scores: Sequence[
     masks = plan.select(scores, target)
     run = plan.run
     assert run is not None and plan.table is not None
-    run.layers_measured, run.layers_cached = plan.table.measured, len(plan.table.entries) - plan.table.measured
+    table = plan.table
+    run.layers_measured, run.layers_cached, run.layers_refreshed = table.measured, table.reused, table.refreshed
     return masks, run
 
 

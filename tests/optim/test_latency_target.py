@@ -15,8 +15,8 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.errors import UnprunableTargetError
-from graphprune.latency import (LatencyModel, LatencyPlan, LatencyTable, graph_layers, layer_macs, meet_latency,
-                                op_traffic, select_for_latency)
+from graphprune.latency import (LatencyModel, LatencyPlan, LatencyTable, LayerTime, graph_layers, layer_macs,
+                                meet_latency, op_traffic, select_for_latency)
 from graphprune.target import kept_widths, select_units
 
 
@@ -43,6 +43,12 @@ def staircase(layer, cin: int, cout: int) -> float:
     """A kernel's time that falls only per tile of 8 channels (what SIMD lanes do), scaled by its work."""
     per_group = 1 if layer.depthwise else cin
     return 1e-6 * work(layer) * math.ceil(per_group / 8) * 8 * math.ceil(cout / 8) * 8 + 1e-3
+
+
+def timed(per_layer, schedules=lambda layer, cin, cout: {}):
+    """A table's batch measurement from a time per (layer, in width, out width), and the
+    schedules each was timed on."""
+    return lambda requests: [LayerTime(per_layer(*r), schedules(*r)) for r in requests]
 
 
 def test_every_conv_and_linear_is_a_layer_with_its_modules_geometry(mobilenet):
@@ -142,7 +148,7 @@ def test_correction_lands_when_the_table_is_several_times_the_model(mobilenet, s
 
 
 def model_for(g, measure=staircase) -> tuple[LatencyModel, LatencyTable]:
-    table = LatencyTable(measure)
+    table = LatencyTable(timed(measure))
     return LatencyModel(graph_layers(g.ir), g.groups, table), table
 
 
@@ -284,7 +290,7 @@ def test_the_macs_a_step_saves_are_counted_at_the_widths_already_chosen(small_vi
     the compact model's layers no longer compute (traced again): a hidden channel saves less
     once heads are gone, and the selection prices it by what it saves then."""
     _, g = small_vit
-    model = LatencyModel(graph_layers(g.ir), g.groups, LatencyTable(staircase))
+    model = LatencyModel(graph_layers(g.ir), g.groups, LatencyTable(timed(staircase)))
     gen = torch.Generator().manual_seed(seed)
     removed, saved, masks = [0] * len(g.groups), 0.0, []
     for i, grp in enumerate(g.groups):
@@ -314,9 +320,9 @@ def test_the_dense_time_beyond_the_layers_is_saved_with_the_units_that_carry_it(
     head saves its layers' time plus its share of the rest; without them, its layers' only."""
     _, g = small_vit
     traffic = op_traffic(g.ir, g.analysis.labels, g.analysis.comp, g.groups)
-    bare = LatencyModel(graph_layers(g.ir), g.groups, LatencyTable(staircase))
+    bare = LatencyModel(graph_layers(g.ir), g.groups, LatencyTable(timed(staircase)))
     layers = bare.predict([0] * len(g.groups))
-    full = LatencyModel(graph_layers(g.ir), g.groups, LatencyTable(staircase), traffic, dense_ms=1.5 * layers)
+    full = LatencyModel(graph_layers(g.ir), g.groups, LatencyTable(timed(staircase)), traffic, dense_ms=1.5 * layers)
     assert full.predict([0] * len(g.groups)) == pytest.approx(1.5 * layers)
     head = next(i for i, grp in enumerate(g.groups) if grp.kind == "head")
     rest = 0.5 * layers * traffic[1][head] / traffic[0]
@@ -325,7 +331,7 @@ def test_the_dense_time_beyond_the_layers_is_saved_with_the_units_that_carry_it(
     assert full.predict(removed) - bare.predict(removed) == pytest.approx(
         0.5 * layers * (1 - sum(r * e for r, e in zip(removed, traffic[1])) / traffic[0]))
     # layers timed slower than the whole model (other schedules): no rest to spread
-    slow = LatencyModel(graph_layers(g.ir), g.groups, LatencyTable(staircase), traffic, dense_ms=0.5 * layers)
+    slow = LatencyModel(graph_layers(g.ir), g.groups, LatencyTable(timed(staircase)), traffic, dense_ms=0.5 * layers)
     assert slow.predict([0] * len(g.groups)) == pytest.approx(layers) and slow.rest_per_unit[head] == 0
 
 
@@ -342,11 +348,41 @@ def test_an_unreachable_budget_is_a_clear_error(mobilenet):
 def test_the_table_is_cached_on_disk_and_reused(mobilenet, tmp_path):
     _, g = mobilenet
     path = tmp_path / "table.json"
-    first = LatencyTable(staircase, path, "x86")
+    first = LatencyTable(timed(staircase), path, "x86")
     LatencyModel(graph_layers(g.ir), g.groups, first)
-    again = LatencyTable(lambda *a: pytest.fail("measured again"), path, "x86")
+    again = LatencyTable(lambda requests: pytest.fail("measured again"), path, "x86")
     LatencyModel(graph_layers(g.ir), g.groups, again)
     assert first.measured > 0 and again.measured == 0 and again.entries == first.entries
+
+
+def test_entries_are_timed_again_where_the_database_learnt_faster_schedules(mobilenet, tmp_path):
+    """A cached time is only as good as the schedule it was timed on: an entry whose function
+    the database has since recorded a faster schedule for is timed again, in one batch; the
+    rest are read from the cache."""
+    _, g = mobilenet
+    path = tmp_path / "table.json"
+    function = lambda layer, cin, cout: f"{layer.kind}{layer.kernel}{cin}x{cout}"  # noqa: E731
+    first = LatencyTable(timed(staircase, lambda *r: {function(*r): 2e-4}), path, "x86")
+    LatencyModel(graph_layers(g.ir), g.groups, first)
+    narrow = [k for k in first.entries if k.endswith("x8")]  # every layer at 8 outputs, made faster since
+    improved = {h: 1e-4 for e in (first.entries[k] for k in narrow) for h in e.schedules}
+    unchanged = {h: 2e-4 for e in first.entries.values() for h in e.schedules}
+    batches = []
+
+    def faster(requests):
+        batches.append(requests)
+        return [LayerTime(0.5 * staircase(*r), {function(*r): 1e-4}) for r in requests]
+
+    again = LatencyTable(faster, path, "x86", best_known=lambda: {**unchanged, **improved})
+    LatencyModel(graph_layers(g.ir), g.groups, again)
+    assert len(batches) == 1 and again.measured == again.refreshed == len(narrow) > 0
+    assert again.reused == len(first.entries) - len(narrow)
+    for k, e in again.entries.items():
+        assert e.ms == pytest.approx(first.entries[k].ms * (0.5 if k in narrow else 1.0))
+    settled = LatencyTable(lambda requests: pytest.fail("timed again"), path, "x86",
+                           best_known=lambda: {**unchanged, **improved})
+    LatencyModel(graph_layers(g.ir), g.groups, settled)
+    assert settled.reused == len(first.entries)
 
 
 @pytest.mark.parametrize("field, value, bad", [("latency_ms", 4.5, (0, -1.0, True)),
