@@ -168,14 +168,14 @@ def trials_done(database: ms.Database, tasks: Sequence[ms.ExtractedTask]) -> lis
     A task without a single successful record counts none: its trials bought no schedule, so
     it is tuned afresh (as a run on a device-less folder would need).
     """
-    counts: dict[int, int] = {}
-    succeeded: set[int] = set()
+    counts: dict[str, int] = {}
+    succeeded: set[str] = set()
     for record in database.get_all_tuning_records():
-        key = tvm_ffi.structural_hash(record.workload.mod)
+        key = function_key(record.workload.mod)
         counts[key] = counts.get(key, 0) + 1
         if measured_seconds(record) is not None:
             succeeded.add(key)
-    keys = [tvm_ffi.structural_hash(task.dispatched[0]) for task in tasks]
+    keys = [function_key(task.dispatched[0]) for task in tasks]
     return [counts[key] if key in succeeded else 0 for key in keys]
 
 
