@@ -1,6 +1,7 @@
 """``gp.export_onnx``: write a (compact) PyTorch module as ONNX, atomically."""
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from typing import Any
@@ -62,5 +63,13 @@ def _dynamo(module: torch.nn.Module, args: tuple, path: str, names_in: list[str]
             dynamic_batch: bool, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     shapes = tuple({0: batch} for _ in args) if dynamic_batch else None
+    if shapes is not None and _varargs(module):
+        shapes = (shapes,)  # torch.export reads ``forward(*args)`` as one argument, the tuple
     torch.onnx.export(module, args, path, dynamo=True, input_names=names_in, output_names=names_out,
                       dynamic_shapes=shapes, opset_version=max(opset, 18), external_data=False, verbose=False)
+
+
+def _varargs(module: torch.nn.Module) -> bool:
+    """Whether ``module.forward`` takes its inputs as ``*args`` (a compact module does)."""
+    kinds = [p.kind for p in inspect.signature(module.forward).parameters.values()]
+    return bool(kinds) and kinds[0] is inspect.Parameter.VAR_POSITIONAL

@@ -106,8 +106,13 @@ class PoolAfterBatchReshape(torch.nn.Module):
         return torch.nn.functional.adaptive_avg_pool2d(h.reshape(b * 2, c // 2, height, width), 3).flatten(1)
 
 
-def test_the_dynamo_exporter_writes_what_torchscript_cannot(tmp_path):
+@pytest.mark.parametrize("compact", [False, True])
+def test_the_dynamo_exporter_writes_what_torchscript_cannot(tmp_path, compact):
+    """Also from a compact module, whose ``forward(*args)`` torch.export reads as one tuple
+    argument (its batch dim given as for one input, it refused every compact module)."""
     model, x = PoolAfterBatchReshape().eval(), torch.randn(2, 3, 8, 8)
+    if compact:
+        model = gp.trace(model, (x,)).construct_subnet().eval()
     with pytest.raises(torch.onnx.errors.SymbolicValueError, match="adaptive_avg_pool2d"):
         torch.onnx.export(model, (x,), str(tmp_path / "ts.onnx"), dynamo=False, dynamic_axes={"x": {0: "b"}},
                           input_names=["x"])
