@@ -18,7 +18,10 @@ FLOP than a dense one.  So the budget is met against measurements:
 2. **Selection.**  Greedy knapsack: each group steps down through its allowed widths
    (floor, multiple); the next step taken anywhere is the one that loses the least score
    (weighted by its FLOPs, see :func:`select_for_latency`) per millisecond the model says
-   it saves, until the predicted latency meets the budget.
+   it saves, until the predicted latency meets the budget.  Scores normalised per group
+   are not comparable across groups the way milliseconds are, so where there is
+   calibration data the score order is met too, and the pruned model whose outputs move
+   least from the dense model's is kept (:meth:`LatencyPlan.select`'s ``judge``).
 3. **Correction.**  The whole compact model is compiled and timed; the prediction misses
    what it cannot see (fusion, memory traffic between layers, ops whose time does not
    follow the elements they write), so the next budget is interpolated
@@ -60,6 +63,11 @@ GRID = (1.0, 0.75, 0.5, 0.25)
 
 MeasureLayers = Callable[[Sequence[tuple[Layer, int, int]]], Sequence[tuple[float, dict[str, float | None]]]]
 MeasureMasks = Callable[[Sequence[torch.Tensor]], float]
+
+#: How a step's score is weighed against the milliseconds it saves (the exponent of its
+#: multiply-accumulates per millisecond in :func:`select_for_latency`): the knapsack's price,
+#: or the score order alone, stopping at the budget.
+PRICINGS = {"knapsack": 1.0, "score order": 0.0}
 
 
 def graph_layers(ir: Graph) -> list[tuple[Layer, str]]:
@@ -441,7 +449,8 @@ def _layer_model(layer: Layer, ins: list[tuple[int, int]], outs: list[tuple[int,
 
 def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budget_ms: float,
                        levels: Sequence[Sequence[int]],
-                       protect: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+                       protect: Sequence[torch.Tensor | None] | None = None,
+                       exponent: float = 1.0) -> list[torch.Tensor]:
     """Removal masks whose predicted layer time is at most ``budget_ms``, losing the least score per ms.
 
     ``levels[i]``: the kept widths group ``i`` may step down through, largest first (its
@@ -466,6 +475,9 @@ def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budg
     order is the FLOPs-targeted order (:func:`graphprune.target.select_units`) wherever a
     layer's time follows its FLOPs, and departs from it only where the measurements say
     the time does not: a plateau that saves nothing, a layer slower than its FLOPs.
+    The MACs-per-millisecond factor is raised to ``exponent`` (:data:`PRICINGS`): at 0 the
+    selection is the score order itself, stopping where the prediction meets the budget and
+    passing over steps that save nothing.
     """
     groups = model.groups
     weight = [g.flops_per_unit or float(g.params_per_unit) or 1.0 for g in groups]
@@ -487,7 +499,7 @@ def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budg
             saved = model.saving(removed, i, more)
             if saved > 1e-12:
                 mass = model.macs_saved(removed, i, more) or more * weight[i]
-                return float(flat[i][orders[i][removed[i]:removed[i] + more]].mean()) * mass / saved, j, saved
+                return float(flat[i][orders[i][removed[i]:removed[i] + more]].mean()) * (mass / saved) ** exponent, j, saved
         return None
 
     # a step changes the savings of the groups sharing a layer with it, and only theirs
@@ -525,6 +537,9 @@ class LatencyRun:
     layers_cached: int = 0
     layers_refreshed: int = 0  # of the measured, cached ones the database had since improved on
     chosen: int | None = None  # the index in ``rounds`` of the try that was kept
+    pricing: str = "knapsack"  # the key in PRICINGS the rounds selected under
+    judged: dict[str, float] = field(default_factory=dict)  # each pricing's judged output drift, where compared
+    compiled: int = 0  # compact models compiled for every pricing compared (0: only these rounds')
 
     @property
     def achieved_ms(self) -> float:
@@ -561,6 +576,7 @@ class LatencyPlan:
                  dense_ms: float | Callable[[], float] | None = None) -> None:
         self.model, self.levels, self.measure = model, list(levels), measure
         self.tolerance, self.rounds = tolerance, rounds
+        self.pricing = "knapsack"  # what partial budgets select under: the last judged whole budget's choice
         if dense_ms is None:
             dense_ms = measure([torch.zeros(g.size, dtype=torch.bool) for g in model.groups])
         self._dense = dense_ms if callable(dense_ms) else (lambda: float(dense_ms))
@@ -580,29 +596,74 @@ class LatencyPlan:
         return dense - target.progress * max(dense - target.budget_ms(dense), 0.0)
 
     def select(self, scores: Sequence[torch.Tensor], target: Target,
-               protect: Sequence[torch.Tensor | None] | None = None, measured: bool = True) -> list[torch.Tensor]:
+               protect: Sequence[torch.Tensor | None] | None = None, measured: bool = True,
+               judge: Callable[[Sequence[torch.Tensor]], float] | None = None) -> list[torch.Tensor]:
         """Masks for ``target`` (a latency target, maybe part of the way): predicted from the
         table alone below the whole way or when not ``measured`` (a probe); for the whole
         way, compiled and timed until within half the ``tolerance`` (a re-measure of the same
         model moves by a few percent: resnet18's last round at 4.7% under its budget
         re-measured at 7.4% under), else the closest of ``rounds`` tries, preferring one not
-        over the budget by more than ``tolerance``, recorded in :attr:`run`."""
+        over the budget by more than ``tolerance``, recorded in :attr:`run`.
+
+        With a ``judge`` (masks -> how far that pruned model's outputs move, lower is better:
+        :class:`~graphprune.optim.drift.OutputDrift` on calibration data), the whole way is
+        met under each of :data:`PRICINGS` and the pruned model the judge prefers is kept,
+        its pricing used for later choices: the knapsack weighs per-group normalised scores
+        against milliseconds, and where those scales disagree the score order is better
+        (:mod:`graphprune.optim.drift`).  A model both pricings choose is compiled once."""
+        exponent = PRICINGS[self.pricing]
         dense_layers = self.model.predict([0] * len(self.model.groups))
         if target.progress < 1.0 or not measured:
             layers = _first_layer_budget(dense_layers, self.dense_ms, self.other_ms, self.budget(target))
-            return select_for_latency(self.model, scores, max(layers, 0.0), self.levels, protect)
+            return select_for_latency(self.model, scores, max(layers, 0.0), self.levels, protect, exponent)
         dense = self.dense_ms
-        self.run = run = LatencyRun(target.budget_ms(dense), dense)
-        if run.budget_ms >= dense:
+        if target.budget_ms(dense) >= dense:
+            self.run = LatencyRun(target.budget_ms(dense), dense)
             return [torch.zeros(g.size, dtype=torch.bool) for g in self.model.groups]
+        timed: dict[bytes, float] = {}
+        tries: list[tuple[list[torch.Tensor], LatencyRun]] = []
+        failed: list[UnprunableTargetError] = []
+        for pricing in (PRICINGS if judge is not None else [self.pricing]):
+            try:
+                tries.append(self._meet(scores, target, protect, pricing, timed))
+            except UnprunableTargetError as exc:
+                failed.append(exc)
+        if not tries:
+            raise failed[0]
+        if judge is not None:
+            losses = {run.pricing: judge(masks) for masks, run in tries}
+            final, run = min(tries, key=lambda t: losses[t[1].pricing])
+            run.judged = losses
+            run.compiled = len(timed)
+        else:
+            final, run = tries[0]
+        self.run, self.pricing = run, run.pricing
+        # the time outside the table, as the kept try measured it, is where a later choice starts;
+        # the kept try is not timed again: a second timing of the same model would be another
+        # draw of the machine's noise, reported as if it were the kept model's time
+        assert run.chosen is not None
+        self.other_ms = run.achieved_ms - run.rounds[run.chosen]["predicted_layers_ms"]
+        return final
+
+    def _meet(self, scores: Sequence[torch.Tensor], target: Target, protect: Sequence[torch.Tensor | None] | None,
+              pricing: str, timed: dict[bytes, float]) -> tuple[list[torch.Tensor], LatencyRun]:
+        """The whole budget under ``pricing``, corrected by measurement (see :meth:`select`);
+        ``timed`` holds the measurements of this call's earlier tries, by their masks."""
+        exponent = PRICINGS[pricing]
+        dense_layers = self.model.predict([0] * len(self.model.groups))
+        dense = self.dense_ms
+        run = LatencyRun(target.budget_ms(dense), dense, pricing=pricing)
         best: tuple[float, list[torch.Tensor], int] | None = None  # (rank, masks, index in run.rounds)
         layer_budget = _first_layer_budget(dense_layers, dense, self.other_ms, run.budget_ms)
         for _ in range(self.rounds):
-            masks = select_for_latency(self.model, scores, max(layer_budget, 0.0), self.levels, protect)
+            masks = select_for_latency(self.model, scores, max(layer_budget, 0.0), self.levels, protect, exponent)
             predicted = self.model.predict([int(m.sum()) for m in masks])
             if run.rounds and any(predicted == r["predicted_layers_ms"] for r in run.rounds):
                 break  # the units allow nothing between the tries that bracket the budget
-            measured = self.measure(masks)
+            key = torch.cat(masks).numpy().tobytes() if masks else b""
+            if key not in timed:
+                timed[key] = self.measure(masks)
+            measured = timed[key]
             dense = self.dense_ms  # as now known, read with this try; the budget and earlier tries move with it
             run.rounds.append({"layer_budget_ms": layer_budget, "predicted_layers_ms": predicted,
                                "measured_ms": measured, "dense_ms": dense})
@@ -622,14 +683,10 @@ class LatencyPlan:
             fastest = min(r["measured_ms"] / r["dense_ms"] for r in run.rounds) * run.dense_ms
             raise UnprunableTargetError(
                 f"latency budget {run.budget_ms:.3f} ms not reached: the closest of {len(run.rounds)} compiled "
-                f"models measured {fastest:.3f} ms (dense {run.dense_ms:.3f} ms)",
+                f"models measured {fastest:.3f} ms (dense {run.dense_ms:.3f} ms, {pricing} pricing)",
                 hint="raise the budget, or lower the floor (min_fraction/min_units) that keeps layers wide")
         _, final, run.chosen = best
-        # the time outside the table, as the kept try measured it, is where a later choice starts;
-        # the kept try is not timed again: a second timing of the same model would be another
-        # draw of the machine's noise, reported as if it were the kept model's time
-        self.other_ms = run.achieved_ms - run.rounds[run.chosen]["predicted_layers_ms"]
-        return final
+        return final, run
 
     @classmethod
     def for_graph(cls, g: PrunableGraph, groups: Sequence[Group], target: Target, codegen: str = "x86",
@@ -709,6 +766,6 @@ def measure_masks_fn(g: PrunableGraph, measure_model: Callable[[object], float])
     return measure
 
 
-__all__ = ["ACTIVATIONS", "GRID", "LatencyModel", "LatencyPlan", "LatencyRun", "LatencyTable", "LayerTime",
-           "epilogue",
+__all__ = ["ACTIVATIONS", "GRID", "PRICINGS", "LatencyModel", "LatencyPlan", "LatencyRun", "LatencyTable",
+           "LayerTime", "epilogue",
            "graph_layers", "layer_macs", "meet_latency", "measure_masks_fn", "op_traffic", "select_for_latency"]

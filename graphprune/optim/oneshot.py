@@ -39,6 +39,7 @@ from graphprune.frontends.onnx_program import GraphProgram
 from graphprune.latency import LatencyPlan, LatencyRun
 from graphprune.optim.calibrated import absorb_means
 from graphprune.optim.calibration import Calibration, calibrate
+from graphprune.optim.drift import OutputDrift
 from graphprune.optim.generated import generated_inputs, sampled_reason, samples_for
 from graphprune.optim.obspa import Activation, GraphRoutes, InputMoments, compensate, consumer_moments
 from graphprune.optim.scoring import CALIBRATED, Normalize, normalize, score
@@ -262,23 +263,32 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
                     moments=moments, add_biases=add_biases)
     if normalize is None:
         normalize = "max" if criterion == "obspa" else "mean"
+    do_comp = criterion == "obspa" if compensate_consumers is None else compensate_consumers
+    absorb = not do_comp and compensate_consumers is None and criterion == "reconstruction" and calibration is not None
+
+    def apply(masks: Sequence[torch.Tensor], tensors: dict[str, torch.Tensor],
+              biases: dict[str, torch.Tensor] | None) -> None:
+        """This call's edits for ``masks`` on ``tensors`` and ``biases``: compensation or
+        absorbed means, then the units zeroed."""
+        if do_comp:
+            _compensate_all(groups, masks, tensors, damping, activation, routes, rescale, moments, biases)
+        elif absorb:
+            absorb_means(groups, masks, tensors, calibration, routes, biases)
+        for grp, m in zip(groups, masks):
+            grp.scatter_(tensors, m)
+        if biases:
+            _zero_removed_outputs(groups, masks, biases)
+
     latency = None
     if target.kind == "latency":
         if scope != "global" or uniform:
             raise GraphPruneError("a latency target is met by one global, per-group selection",
                                   hint="use scope='global' and uniform=False with a latency target")
-        masks, latency = _select_latency(g, groups, _normalize(raw, normalize), target, codegen, tuning_db)
+        judge = _drift_judge(g, data, apply, adds=added is not None) if data is not None else None
+        masks, latency = _select_latency(g, groups, _normalize(raw, normalize), target, codegen, tuning_db, judge)
     else:
         masks = select(groups, _normalize(raw, normalize), target, scope, uniform, **totals)
-    do_comp = criterion == "obspa" if compensate_consumers is None else compensate_consumers
-    if do_comp:
-        _compensate_all(groups, masks, params, damping, activation, routes, rescale, moments, added)
-    elif compensate_consumers is None and criterion == "reconstruction" and calibration is not None:
-        absorb_means(groups, masks, params, calibration, routes, added)
-    for grp, m in zip(groups, masks):
-        grp.scatter_(params, m)
-    if added:
-        _zero_removed_outputs(groups, masks, added)
+    apply(masks, params, added)
     done = achieved(groups, masks, **totals)
     if latency is not None:
         done["latency_ms"] = latency.achieved_ms
@@ -291,15 +301,33 @@ _normalize = normalize  # `prune`'s keyword shadows the function's name
 
 
 def _select_latency(g: PrunableGraph, groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Target,
-                    codegen: str, tuning_db: str | None) -> tuple[list[torch.Tensor], LatencyRun]:
-    """Masks meeting ``target``'s latency budget as measured on ``codegen`` (see :mod:`graphprune.latency`)."""
+                    codegen: str, tuning_db: str | None,
+                    judge: Callable[[Sequence[torch.Tensor]], float] | None) -> tuple[list[torch.Tensor], LatencyRun]:
+    """Masks meeting ``target``'s latency budget as measured on ``codegen`` (see :mod:`graphprune.latency`),
+    the pricing ``judge`` prefers where there is one (:meth:`LatencyPlan.select`)."""
     plan = LatencyPlan.for_graph(g, groups, target, codegen, tuning_db)
-    masks = plan.select(scores, target)
+    masks = plan.select(scores, target, judge=judge)
     run = plan.run
     assert run is not None and plan.table is not None
     table = plan.table
     run.layers_measured, run.layers_cached, run.layers_refreshed = table.measured, table.reused, table.refreshed
     return masks, run
+
+
+def _drift_judge(g: PrunableGraph, data: Iterable,
+                 apply: Callable[[Sequence[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None], None],
+                 adds: bool) -> Callable[[Sequence[torch.Tensor]], float]:
+    """How far the model ``prune`` would hand over for some masks moves from the dense one on
+    ``data`` (:class:`.drift.OutputDrift`): ``apply``'s edits made on a copy of the weights
+    and of the added biases (written to only where ``adds``), ``g`` untouched."""
+    drift = OutputDrift(g, data)
+
+    def judge(masks: Sequence[torch.Tensor]) -> float:
+        tensors = {k: v.detach().clone() for k, v in g.params.items()}
+        biases = {k: v.clone() for k, v in (getattr(g, "added_biases", None) or {}).items()}
+        apply(masks, tensors, biases if adds else None)
+        return drift(tensors, biases)
+    return judge
 
 
 @contextlib.contextmanager

@@ -15,8 +15,8 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.errors import UnprunableTargetError
-from graphprune.latency import (LatencyModel, LatencyPlan, LatencyTable, LayerTime, graph_layers, layer_macs,
-                                meet_latency, op_traffic, select_for_latency)
+from graphprune.latency import (PRICINGS, LatencyModel, LatencyPlan, LatencyTable, LayerTime, graph_layers,
+                                layer_macs, meet_latency, op_traffic, select_for_latency)
 from graphprune.target import kept_widths, select_units
 
 
@@ -536,6 +536,116 @@ def test_each_try_is_read_against_the_dense_time_of_its_own_round(mobilenet):
     assert all(r["measured_ms"] / r["dense_ms"] <= 1 for r in plan.run.rounds)
     assert plan.run.achieved_share == pytest.approx(true(masks) / dense)
     assert abs(plan.run.achieved_share / 0.6 - 1) <= 0.05
+
+
+def depthwise_dear(layer, cin: int, cout: int) -> float:
+    """:func:`staircase` with depthwise kernels five times slower per multiply-accumulate, so
+    the knapsack's price departs from the score order."""
+    return staircase(layer, cin, cout) * (5.0 if layer.depthwise else 1.0)
+
+
+def pricing_tries(g):
+    """A plan factory over a table where the two pricings choose differently, its synthetic
+    compiled model (counting what it times), scores, and the masks each pricing keeps alone."""
+    model, _ = model_for(g, depthwise_dear)
+    timings: list[bytes] = []
+
+    def whole(masks):
+        timings.append(torch.cat(masks).numpy().tobytes())
+        return 0.3 + model.predict([int(m.sum()) for m in masks])
+
+    scores, levels = random_scores_and_widths(g)
+    target = gp.Target(latency=0.4)
+
+    def plan(pricing="knapsack"):
+        p = LatencyPlan(model, levels, whole)
+        p.pricing = pricing
+        return p
+    alone = {pricing: plan(pricing).select(scores, target) for pricing in PRICINGS}
+    return plan, whole, timings, scores, target, alone
+
+
+@pytest.mark.parametrize("preferred", list(PRICINGS))
+def test_a_judge_keeps_the_pricing_whose_model_it_prefers(mobilenet, preferred):
+    """Given a judge, the whole budget is met under the knapsack and under the score order,
+    each corrected by its own measurements; the masks the judge scores lower are kept, their
+    pricing is what later (partial) budgets select under, and the run says what was compared."""
+    _, g = mobilenet
+    plan, whole, timings, scores, target, alone = pricing_tries(g)
+    assert not all(torch.equal(a, b) for a, b in zip(*alone.values()))  # the pricings disagree here
+    key = lambda masks: torch.cat(masks).numpy().tobytes()  # noqa: E731
+    loss = {key(masks): 0.0 if pricing == preferred else 1.0 for pricing, masks in alone.items()}
+    judged = plan()
+    timings.clear()
+    masks = judged.select(scores, target, judge=lambda m: loss[key(m)])
+    assert key(masks) == key(alone[preferred])
+    run = judged.run
+    assert run.pricing == judged.pricing == preferred
+    assert run.judged == {p: (0.0 if p == preferred else 1.0) for p in PRICINGS}
+    assert run.compiled == len(set(timings)) == len(timings)  # every model compiled and timed once
+    assert run.achieved_share <= 0.6 * 1.05  # met (the coarse depthwise steps may land below)
+    partial = judged.select(scores, gp.Target(latency=0.4, progress=0.5))
+    assert key(partial) == key(plan(preferred).select(scores, gp.Target(latency=0.4, progress=0.5)))
+
+
+def test_a_model_both_pricings_choose_is_compiled_once(mobilenet):
+    """Where a layer's time follows its MACs the knapsack is the score order: the second
+    pricing's tries are the first's, and nothing is compiled twice."""
+    _, g = mobilenet
+    model, _ = model_for(g, by_macs)
+    timings: list[bytes] = []
+
+    def whole(masks):
+        timings.append(torch.cat(masks).numpy().tobytes())
+        return 0.3 + model.predict([int(m.sum()) for m in masks])
+
+    scores, levels = random_scores_and_widths(g)
+    plan = LatencyPlan(model, levels, whole)
+    timings.clear()
+    plan.select(scores, gp.Target(latency=0.4), judge=lambda masks: 0.0)
+    assert len(timings) == len(set(timings)) == len(plan.run.rounds)
+
+
+def test_prune_judges_the_model_it_hands_over(monkeypatch):
+    """``prune`` with calibration data and a latency target judges each pricing's masks by
+    the drift of the model it would hand over (compensated, added biases and all), on a copy:
+    the kept pricing's judged drift is the drift of the compact model it returns (judging
+    on the weights themselves would have edited them twice)."""
+    from graphprune.optim.drift import OutputDrift
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(32, 8, 2, 4, 64, 128, num_classes=10).eval()
+    nn.init.normal_(vit.heads.head.weight)  # torchvision starts the head at zero: every output would be 0
+    g = gp.trace(vit, (torch.randn(2, 3, 32, 32),), verify=False)
+    data = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    reference = OutputDrift(g, data)
+
+    def synthetic(pg, groups, target, codegen="x86", tuning_db=None):
+        model = LatencyModel(graph_layers(pg.ir), groups, LatencyTable(timed(staircase)))
+        levels = [kept_widths(grp, target) for grp in groups]
+        plan = LatencyPlan(model, levels, lambda masks: 0.1 + model.predict([int(m.sum()) for m in masks]))
+        plan.table = LatencyTable(timed(staircase))
+        return plan
+
+    monkeypatch.setattr(LatencyPlan, "for_graph", classmethod(lambda cls, *a, **k: synthetic(*a, **k)))
+    seen = []
+    judge_calls = LatencyPlan.select
+
+    def spy(self, scores, target, protect=None, measured=True, judge=None):
+        seen.append(judge)
+        return judge_calls(self, scores, target, protect, measured, judge)
+
+    monkeypatch.setattr(LatencyPlan, "select", spy)
+    report = gp.prune(g, "obspa", gp.Target(latency=0.5, multiple=8), data=data)
+    assert seen and seen[0] is not None
+    run = report.latency
+    assert set(run.judged) == set(PRICINGS) and run.pricing in PRICINGS
+    kept = g.construct_subnet().eval()
+    with torch.no_grad():
+        err = sum(float(((kept(x).double() - r[0]) ** 2).sum()) for x, r in zip(data, reference.reference))
+    norm = sum(float((r[0] ** 2).sum()) for r in reference.reference)
+    assert err / norm == pytest.approx(run.judged[run.pricing], rel=1e-6)
+    assert min(run.judged.values()) == run.judged[run.pricing] > 0
 
 
 @pytest.mark.parametrize("argv, expected", [(["--latency", "0.4"], gp.Target(latency=0.4)),
