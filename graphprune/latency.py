@@ -19,9 +19,11 @@ FLOP than a dense one.  So the budget is met against measurements:
    (floor, multiple); the next step taken anywhere is the one that loses the least score
    (weighted by its FLOPs, see :func:`select_for_latency`) per millisecond the model says
    it saves, until the predicted latency meets the budget.  Scores normalised per group
-   are not comparable across groups the way milliseconds are, so where there is
-   calibration data the score order is met too, and the pruned model whose outputs move
-   least from the dense model's is kept (:meth:`LatencyPlan.select`'s ``judge``).
+   do not trade against milliseconds across groups, and the table misses the compiled
+   model by a few percent, as much as the knapsack's choices differ by; so where there
+   is calibration data the budget is also met in the order a FLOPs target removes units,
+   and the pruned model whose outputs move least from the dense model's is kept
+   (:meth:`LatencyPlan.select`'s ``judge``).
 3. **Correction.**  The whole compact model is compiled and timed; the prediction misses
    what it cannot see (fusion, memory traffic between layers, ops whose time does not
    follow the elements they write), so the next budget is interpolated
@@ -51,7 +53,7 @@ from graphprune.errors import UnprunableTargetError
 from graphprune.ops.catalog import rule_for
 from graphprune.ops.common import numel
 from graphprune.ops.registry import Layer, op_kind
-from graphprune.target import Target
+from graphprune.target import Target, select_units
 
 if TYPE_CHECKING:
     from graphprune.analysis.labels import Labels
@@ -64,10 +66,9 @@ GRID = (1.0, 0.75, 0.5, 0.25)
 MeasureLayers = Callable[[Sequence[tuple[Layer, int, int]]], Sequence[tuple[float, dict[str, float | None]]]]
 MeasureMasks = Callable[[Sequence[torch.Tensor]], float]
 
-#: How a step's score is weighed against the milliseconds it saves (the exponent of its
-#: multiply-accumulates per millisecond in :func:`select_for_latency`): the knapsack's price,
-#: or the score order alone, stopping at the budget.
-PRICINGS = {"knapsack": 1.0, "score order": 0.0}
+#: The selections a budget can be met with: the knapsack (:func:`select_for_latency`), and
+#: the order a FLOPs target removes units in (:func:`select_in_flops_order`).
+ORDERS = ("knapsack", "flops order")
 
 
 def graph_layers(ir: Graph) -> list[tuple[Layer, str]]:
@@ -449,8 +450,7 @@ def _layer_model(layer: Layer, ins: list[tuple[int, int]], outs: list[tuple[int,
 
 def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budget_ms: float,
                        levels: Sequence[Sequence[int]],
-                       protect: Sequence[torch.Tensor | None] | None = None,
-                       exponent: float = 1.0) -> list[torch.Tensor]:
+                       protect: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     """Removal masks whose predicted layer time is at most ``budget_ms``, losing the least score per ms.
 
     ``levels[i]``: the kept widths group ``i`` may step down through, largest first (its
@@ -475,9 +475,6 @@ def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budg
     order is the FLOPs-targeted order (:func:`graphprune.target.select_units`) wherever a
     layer's time follows its FLOPs, and departs from it only where the measurements say
     the time does not: a plateau that saves nothing, a layer slower than its FLOPs.
-    The MACs-per-millisecond factor is raised to ``exponent`` (:data:`PRICINGS`): at 0 the
-    selection is the score order itself, stopping where the prediction meets the budget and
-    passing over steps that save nothing.
     """
     groups = model.groups
     weight = [g.flops_per_unit or float(g.params_per_unit) or 1.0 for g in groups]
@@ -499,7 +496,7 @@ def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budg
             saved = model.saving(removed, i, more)
             if saved > 1e-12:
                 mass = model.macs_saved(removed, i, more) or more * weight[i]
-                return float(flat[i][orders[i][removed[i]:removed[i] + more]].mean()) * (mass / saved) ** exponent, j, saved
+                return float(flat[i][orders[i][removed[i]:removed[i] + more]].mean()) * mass / saved, j, saved
         return None
 
     # a step changes the savings of the groups sharing a layer with it, and only theirs
@@ -523,6 +520,38 @@ def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budg
     return masks
 
 
+def select_in_flops_order(model: LatencyModel, scores: Sequence[torch.Tensor], budget_ms: float, target: Target,
+                          protect: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """The masks a FLOPs target would choose (:func:`graphprune.target.select_units`, with
+    ``target``'s floors and multiple), at the smallest FLOPs share whose predicted layer
+    time is at most ``budget_ms`` (found by bisection); the deepest share the floors allow
+    where none is.  The knapsack's alternative: the FLOPs target's order, where only the
+    stopping point is the table's."""
+    def at(share: float) -> list[torch.Tensor] | None:
+        try:
+            return select_units(model.groups, scores, replace(target, latency=None, latency_ms=None, progress=1.0,
+                                                              flops=share), protect=protect)
+        except UnprunableTargetError:  # past what the floors leave
+            return None
+
+    lo, hi = 0.0, 0.999
+    best, deepest = None, at(0.0)
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        masks = at(mid)
+        if masks is None:
+            hi = mid
+            continue
+        deepest = masks
+        if model.predict([int(m.sum()) for m in masks]) <= budget_ms:
+            best, hi = masks, mid
+        else:
+            lo = mid
+    chosen = best if best is not None else deepest
+    assert chosen is not None  # a share of 0 removes nothing and always fits the floors
+    return chosen
+
+
 @dataclass
 class LatencyRun:
     """What :meth:`LatencyPlan.select` measured: the dense model, each round's prediction and
@@ -537,9 +566,9 @@ class LatencyRun:
     layers_cached: int = 0
     layers_refreshed: int = 0  # of the measured, cached ones the database had since improved on
     chosen: int | None = None  # the index in ``rounds`` of the try that was kept
-    pricing: str = "knapsack"  # the key in PRICINGS the rounds selected under
-    judged: dict[str, float] = field(default_factory=dict)  # each pricing's judged output drift, where compared
-    compiled: int = 0  # compact models compiled for every pricing compared (0: only these rounds')
+    order: str = "knapsack"  # the entry of ORDERS the rounds selected in
+    judged: dict[str, float] = field(default_factory=dict)  # each order's judged output drift, where compared
+    compiled: int = 0  # compact models compiled for every order compared (0: only these rounds')
 
     @property
     def achieved_ms(self) -> float:
@@ -576,7 +605,7 @@ class LatencyPlan:
                  dense_ms: float | Callable[[], float] | None = None) -> None:
         self.model, self.levels, self.measure = model, list(levels), measure
         self.tolerance, self.rounds = tolerance, rounds
-        self.pricing = "knapsack"  # what partial budgets select under: the last judged whole budget's choice
+        self.order = "knapsack"  # what partial budgets select under: the last judged whole budget's choice
         if dense_ms is None:
             dense_ms = measure([torch.zeros(g.size, dtype=torch.bool) for g in model.groups])
         self._dense = dense_ms if callable(dense_ms) else (lambda: float(dense_ms))
@@ -607,15 +636,15 @@ class LatencyPlan:
 
         With a ``judge`` (masks -> how far that pruned model's outputs move, lower is better:
         :class:`~graphprune.optim.drift.OutputDrift` on calibration data), the whole way is
-        met under each of :data:`PRICINGS` and the pruned model the judge prefers is kept,
-        its pricing used for later choices: the knapsack weighs per-group normalised scores
-        against milliseconds, and where those scales disagree the score order is better
-        (:mod:`graphprune.optim.drift`).  A model both pricings choose is compiled once."""
-        exponent = PRICINGS[self.pricing]
+        met in each of :data:`ORDERS` and the pruned model the judge prefers is kept,
+        its order used for later choices: the knapsack weighs per-group normalised scores
+        against milliseconds, and where those scales disagree, or the table misses the
+        compiled model by more than the knapsack gains, the FLOPs order is better
+        (:mod:`graphprune.optim.drift`).  A model both orders choose is compiled once."""
         dense_layers = self.model.predict([0] * len(self.model.groups))
         if target.progress < 1.0 or not measured:
             layers = _first_layer_budget(dense_layers, self.dense_ms, self.other_ms, self.budget(target))
-            return select_for_latency(self.model, scores, max(layers, 0.0), self.levels, protect, exponent)
+            return self._choose(self.order, scores, max(layers, 0.0), target, protect)
         dense = self.dense_ms
         if target.budget_ms(dense) >= dense:
             self.run = LatencyRun(target.budget_ms(dense), dense)
@@ -623,21 +652,21 @@ class LatencyPlan:
         timed: dict[bytes, float] = {}
         tries: list[tuple[list[torch.Tensor], LatencyRun]] = []
         failed: list[UnprunableTargetError] = []
-        for pricing in (PRICINGS if judge is not None else [self.pricing]):
+        for order in (ORDERS if judge is not None else [self.order]):
             try:
-                tries.append(self._meet(scores, target, protect, pricing, timed))
+                tries.append(self._meet(scores, target, protect, order, timed))
             except UnprunableTargetError as exc:
                 failed.append(exc)
         if not tries:
             raise failed[0]
         if judge is not None:
-            losses = {run.pricing: judge(masks) for masks, run in tries}
-            final, run = min(tries, key=lambda t: losses[t[1].pricing])
+            losses = {run.order: judge(masks) for masks, run in tries}
+            final, run = min(tries, key=lambda t: losses[t[1].order])
             run.judged = losses
             run.compiled = len(timed)
         else:
             final, run = tries[0]
-        self.run, self.pricing = run, run.pricing
+        self.run, self.order = run, run.order
         # the time outside the table, as the kept try measured it, is where a later choice starts;
         # the kept try is not timed again: a second timing of the same model would be another
         # draw of the machine's noise, reported as if it were the kept model's time
@@ -646,17 +675,16 @@ class LatencyPlan:
         return final
 
     def _meet(self, scores: Sequence[torch.Tensor], target: Target, protect: Sequence[torch.Tensor | None] | None,
-              pricing: str, timed: dict[bytes, float]) -> tuple[list[torch.Tensor], LatencyRun]:
-        """The whole budget under ``pricing``, corrected by measurement (see :meth:`select`);
+              order: str, timed: dict[bytes, float]) -> tuple[list[torch.Tensor], LatencyRun]:
+        """The whole budget met in ``order``, corrected by measurement (see :meth:`select`);
         ``timed`` holds the measurements of this call's earlier tries, by their masks."""
-        exponent = PRICINGS[pricing]
         dense_layers = self.model.predict([0] * len(self.model.groups))
         dense = self.dense_ms
-        run = LatencyRun(target.budget_ms(dense), dense, pricing=pricing)
+        run = LatencyRun(target.budget_ms(dense), dense, order=order)
         best: tuple[float, list[torch.Tensor], int] | None = None  # (rank, masks, index in run.rounds)
         layer_budget = _first_layer_budget(dense_layers, dense, self.other_ms, run.budget_ms)
         for _ in range(self.rounds):
-            masks = select_for_latency(self.model, scores, max(layer_budget, 0.0), self.levels, protect, exponent)
+            masks = self._choose(order, scores, max(layer_budget, 0.0), target, protect)
             predicted = self.model.predict([int(m.sum()) for m in masks])
             if run.rounds and any(predicted == r["predicted_layers_ms"] for r in run.rounds):
                 break  # the units allow nothing between the tries that bracket the budget
@@ -683,10 +711,17 @@ class LatencyPlan:
             fastest = min(r["measured_ms"] / r["dense_ms"] for r in run.rounds) * run.dense_ms
             raise UnprunableTargetError(
                 f"latency budget {run.budget_ms:.3f} ms not reached: the closest of {len(run.rounds)} compiled "
-                f"models measured {fastest:.3f} ms (dense {run.dense_ms:.3f} ms, {pricing} pricing)",
+                f"models measured {fastest:.3f} ms (dense {run.dense_ms:.3f} ms; selected by {order})",
                 hint="raise the budget, or lower the floor (min_fraction/min_units) that keeps layers wide")
         _, final, run.chosen = best
         return final, run
+
+    def _choose(self, order: str, scores: Sequence[torch.Tensor], layers_ms: float, target: Target,
+                protect: Sequence[torch.Tensor | None] | None) -> list[torch.Tensor]:
+        """Masks predicted to run the layers in ``layers_ms``, selected in ``order``."""
+        if order == "knapsack":
+            return select_for_latency(self.model, scores, layers_ms, self.levels, protect)
+        return select_in_flops_order(self.model, scores, layers_ms, target, protect)
 
     @classmethod
     def for_graph(cls, g: PrunableGraph, groups: Sequence[Group], target: Target, codegen: str = "x86",
@@ -766,6 +801,7 @@ def measure_masks_fn(g: PrunableGraph, measure_model: Callable[[object], float])
     return measure
 
 
-__all__ = ["ACTIVATIONS", "GRID", "PRICINGS", "LatencyModel", "LatencyPlan", "LatencyRun", "LatencyTable",
+__all__ = ["ACTIVATIONS", "GRID", "ORDERS", "LatencyModel", "LatencyPlan", "LatencyRun", "LatencyTable",
            "LayerTime", "epilogue",
-           "graph_layers", "layer_macs", "meet_latency", "measure_masks_fn", "op_traffic", "select_for_latency"]
+           "graph_layers", "layer_macs", "meet_latency", "measure_masks_fn", "op_traffic", "select_for_latency",
+           "select_in_flops_order"]

@@ -226,7 +226,7 @@ class Report:
                 f"compile-and-measure rounds, {t['layers_measured']} layer timings measured"
                 + (f" ({t['layers_refreshed']} re-timed: the database has faster schedules now)"
                    if t.get("layers_refreshed") else "")
-                + f", {t['layers_cached']} from the table cache" + _pricing_note(t))
+                + f", {t['layers_cached']} from the table cache" + _order_note(t))
 
     def to_markdown(self) -> str:
         """The full report: totals, per-group widths, barriers, measurements, timings."""
@@ -386,11 +386,11 @@ def _plot_xy(points: Sequence[tuple[float, float]], xlabel: str, ylabel: str, ti
     return fig
 
 
-def _pricing_note(run: dict[str, Any]) -> str:
-    """Which selection a latency budget kept, and why, where pricings were compared."""
+def _order_note(run: dict[str, Any]) -> str:
+    """Which selection a latency budget kept, and why, where orders were compared."""
     judged = run.get("judged") or {}
     if len(judged) < 2:
         return ""
-    others = ", ".join(f"{k} {v:.3g}" for k, v in judged.items() if k != run["pricing"])
-    return (f"; kept the {run['pricing']} selection (output drift on the calibration data "
-            f"{judged[run['pricing']]:.3g}, against {others}; {run.get('compiled', 0)} models compiled)")
+    others = ", ".join(f"{k} {v:.3g}" for k, v in judged.items() if k != run["order"])
+    return (f"; kept the {run['order']} selection (output drift on the calibration data "
+            f"{judged[run['order']]:.3g}, against {others}; {run.get('compiled', 0)} models compiled)")

@@ -2,12 +2,13 @@
 
 Pruning scores are normalised per group before a global selection, so a head's score and
 an MLP unit's are comparable only by rank within their groups.  A latency-priced selection
-(:func:`graphprune.latency.select_for_latency`) weighs those scores against measured
-milliseconds, and where the two scales disagree it can trade accuracy for nothing: on the
-digits ViT at 40% of its latency it gave up heads the table said were dear, for a model
-no faster than the score order's and far less accurate.  The outputs themselves are the
-one scale every choice shares, so where there is calibration data the choice between
-selections is made on them (:meth:`LatencyPlan.select`'s ``judge``).
+(:func:`graphprune.latency.select_for_latency`) weighs those scores against predicted
+milliseconds, and where the scales disagree, or the prediction misses, it can trade
+accuracy for nothing: on the digits ViT at 40% of its latency it gave up all but one head
+in three blocks, for a model no faster than the FLOPs order's and far less accurate (0.57
+against 0.77 before recovery).  The outputs themselves are the one scale every choice
+shares, so where there is calibration data the choice between selections is made on them
+(:meth:`graphprune.latency.LatencyPlan.select`'s ``judge``).
 """
 from __future__ import annotations
 

@@ -304,7 +304,7 @@ def _select_latency(g: PrunableGraph, groups: Sequence[Group], scores: Sequence[
                     codegen: str, tuning_db: str | None,
                     judge: Callable[[Sequence[torch.Tensor]], float] | None) -> tuple[list[torch.Tensor], LatencyRun]:
     """Masks meeting ``target``'s latency budget as measured on ``codegen`` (see :mod:`graphprune.latency`),
-    the pricing ``judge`` prefers where there is one (:meth:`LatencyPlan.select`)."""
+    the order ``judge`` prefers where there is one (:meth:`LatencyPlan.select`)."""
     plan = LatencyPlan.for_graph(g, groups, target, codegen, tuning_db)
     masks = plan.select(scores, target, judge=judge)
     run = plan.run

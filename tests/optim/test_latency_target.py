@@ -7,6 +7,7 @@ Timing a compiled model is the benchmark's job (benchmarks/latency_target.py); h
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,8 +16,9 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.errors import UnprunableTargetError
-from graphprune.latency import (PRICINGS, LatencyModel, LatencyPlan, LatencyTable, LayerTime, graph_layers,
-                                layer_macs, meet_latency, op_traffic, select_for_latency)
+from graphprune.latency import (ORDERS, LatencyModel, LatencyPlan, LatencyTable, LayerTime, graph_layers,
+                                layer_macs, meet_latency, op_traffic, select_for_latency,
+                                select_in_flops_order)
 from graphprune.target import kept_widths, select_units
 
 
@@ -540,13 +542,13 @@ def test_each_try_is_read_against_the_dense_time_of_its_own_round(mobilenet):
 
 def depthwise_dear(layer, cin: int, cout: int) -> float:
     """:func:`staircase` with depthwise kernels five times slower per multiply-accumulate, so
-    the knapsack's price departs from the score order."""
+    the knapsack departs from the FLOPs order."""
     return staircase(layer, cin, cout) * (5.0 if layer.depthwise else 1.0)
 
 
-def pricing_tries(g):
-    """A plan factory over a table where the two pricings choose differently, its synthetic
-    compiled model (counting what it times), scores, and the masks each pricing keeps alone."""
+def order_tries(g):
+    """A plan factory over a table where the two orders choose differently, its synthetic
+    compiled model (counting what it times), scores, and the masks each order keeps alone."""
     model, _ = model_for(g, depthwise_dear)
     timings: list[bytes] = []
 
@@ -555,61 +557,82 @@ def pricing_tries(g):
         return 0.3 + model.predict([int(m.sum()) for m in masks])
 
     scores, levels = random_scores_and_widths(g)
-    target = gp.Target(latency=0.4)
+    target = gp.Target(latency=0.4, multiple=8, min_fraction=0)  # the floors and multiple of ``levels``
 
-    def plan(pricing="knapsack"):
+    def plan(order="knapsack"):
         p = LatencyPlan(model, levels, whole)
-        p.pricing = pricing
+        p.order = order
         return p
-    alone = {pricing: plan(pricing).select(scores, target) for pricing in PRICINGS}
+    alone = {order: plan(order).select(scores, target) for order in ORDERS}
     return plan, whole, timings, scores, target, alone
 
 
-@pytest.mark.parametrize("preferred", list(PRICINGS))
-def test_a_judge_keeps_the_pricing_whose_model_it_prefers(mobilenet, preferred):
-    """Given a judge, the whole budget is met under the knapsack and under the score order,
-    each corrected by its own measurements; the masks the judge scores lower are kept, their
-    pricing is what later (partial) budgets select under, and the run says what was compared."""
+def test_the_flops_order_stops_where_the_table_meets_the_budget(mobilenet):
+    """The FLOPs order removes, in every group, its lowest scores on the allowed widths, as
+    a FLOPs target does, and stops at the first share the table predicts within budget."""
     _, g = mobilenet
-    plan, whole, timings, scores, target, alone = pricing_tries(g)
-    assert not all(torch.equal(a, b) for a, b in zip(*alone.values()))  # the pricings disagree here
+    model, _ = model_for(g, depthwise_dear)
+    scores, levels = random_scores_and_widths(g)
+    target = gp.Target(latency=0.4, multiple=8, min_fraction=0)
+    full = model.predict([0] * len(g.groups))
+    masks = select_in_flops_order(model, scores, 0.6 * full, target)
+    predicted = model.predict([int(m.sum()) for m in masks])
+    assert 0.55 * full <= predicted <= 0.6 * full
+    for grp, m, s, allowed in zip(g.groups, masks, scores, levels):
+        kept = grp.size - int(m.sum())
+        assert kept == grp.size or kept in allowed
+        if m.any() and not m.all():
+            assert s[m].max() <= s[~m].min()
+
+
+@pytest.mark.parametrize("preferred", list(ORDERS))
+def test_a_judge_keeps_the_order_whose_model_it_prefers(mobilenet, preferred):
+    """Given a judge, the whole budget is met under the knapsack and in the FLOPs order,
+    each corrected by its own measurements; the masks the judge scores lower are kept, their
+    order is what later (partial) budgets select under, and the run says what was compared."""
+    _, g = mobilenet
+    plan, whole, timings, scores, target, alone = order_tries(g)
+    assert not all(torch.equal(a, b) for a, b in zip(*alone.values()))  # the orders disagree here
     key = lambda masks: torch.cat(masks).numpy().tobytes()  # noqa: E731
-    loss = {key(masks): 0.0 if pricing == preferred else 1.0 for pricing, masks in alone.items()}
+    loss = {key(masks): 0.0 if order == preferred else 1.0 for order, masks in alone.items()}
     judged = plan()
     timings.clear()
     masks = judged.select(scores, target, judge=lambda m: loss[key(m)])
     assert key(masks) == key(alone[preferred])
     run = judged.run
-    assert run.pricing == judged.pricing == preferred
-    assert run.judged == {p: (0.0 if p == preferred else 1.0) for p in PRICINGS}
+    assert run.order == judged.order == preferred
+    assert run.judged == {p: (0.0 if p == preferred else 1.0) for p in ORDERS}
     assert run.compiled == len(set(timings)) == len(timings)  # every model compiled and timed once
     assert run.achieved_share <= 0.6 * 1.05  # met (the coarse depthwise steps may land below)
-    partial = judged.select(scores, gp.Target(latency=0.4, progress=0.5))
-    assert key(partial) == key(plan(preferred).select(scores, gp.Target(latency=0.4, progress=0.5)))
+    partial = replace(target, progress=0.5)
+    assert key(judged.select(scores, partial)) == key(plan(preferred).select(scores, partial))
 
 
-def test_a_model_both_pricings_choose_is_compiled_once(mobilenet):
-    """Where a layer's time follows its MACs the knapsack is the score order: the second
-    pricing's tries are the first's, and nothing is compiled twice."""
-    _, g = mobilenet
+def test_a_model_both_orders_choose_is_compiled_once():
+    """With one group the knapsack and the FLOPs order step through the same widths and stop
+    at the same one: the second order's tries are the first's, and nothing is compiled twice."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    g = gp.trace(mlp, (torch.randn(8, 16),), verify=False)
+    assert len(g.groups) == 1
     model, _ = model_for(g, by_macs)
     timings: list[bytes] = []
 
     def whole(masks):
         timings.append(torch.cat(masks).numpy().tobytes())
-        return 0.3 + model.predict([int(m.sum()) for m in masks])
+        return 1e-4 + 1.2 * model.predict([int(m.sum()) for m in masks])
 
     scores, levels = random_scores_and_widths(g)
     plan = LatencyPlan(model, levels, whole)
     timings.clear()
-    plan.select(scores, gp.Target(latency=0.4), judge=lambda masks: 0.0)
-    assert len(timings) == len(set(timings)) == len(plan.run.rounds)
+    plan.select(scores, gp.Target(latency=0.4, multiple=8, min_fraction=0), judge=lambda masks: 0.0)
+    assert len(timings) == len(set(timings)) == len(plan.run.rounds) == plan.run.compiled
 
 
 def test_prune_judges_the_model_it_hands_over(monkeypatch):
-    """``prune`` with calibration data and a latency target judges each pricing's masks by
+    """``prune`` with calibration data and a latency target judges each order's masks by
     the drift of the model it would hand over (compensated, added biases and all), on a copy:
-    the kept pricing's judged drift is the drift of the compact model it returns (judging
+    the kept order's judged drift is the drift of the compact model it returns (judging
     on the weights themselves would have edited them twice)."""
     from graphprune.optim.drift import OutputDrift
 
@@ -639,13 +662,13 @@ def test_prune_judges_the_model_it_hands_over(monkeypatch):
     report = gp.prune(g, "obspa", gp.Target(latency=0.5, multiple=8), data=data)
     assert seen and seen[0] is not None
     run = report.latency
-    assert set(run.judged) == set(PRICINGS) and run.pricing in PRICINGS
+    assert set(run.judged) == set(ORDERS) and run.order in ORDERS
     kept = g.construct_subnet().eval()
     with torch.no_grad():
         err = sum(float(((kept(x).double() - r[0]) ** 2).sum()) for x, r in zip(data, reference.reference))
     norm = sum(float((r[0] ** 2).sum()) for r in reference.reference)
-    assert err / norm == pytest.approx(run.judged[run.pricing], rel=1e-6)
-    assert min(run.judged.values()) == run.judged[run.pricing] > 0
+    assert err / norm == pytest.approx(run.judged[run.order], rel=1e-6)
+    assert min(run.judged.values()) == run.judged[run.order] > 0
 
 
 @pytest.mark.parametrize("argv, expected", [(["--latency", "0.4"], gp.Target(latency=0.4)),
