@@ -692,3 +692,19 @@ def test_the_report_states_the_kept_try_not_the_last():
                                         layers_cached=0, codegen="x86"))
     assert "measured 6.100 ms (+1.7%)" in report.latency_budget_line
     assert "(kept)" in report.to_markdown().split("round 1:")[1].splitlines()[0]
+
+
+def test_the_report_says_which_order_was_kept_and_why():
+    from graphprune.report import Report
+
+    rounds = [{"layer_budget_ms": 3.0, "predicted_layers_ms": 3.0, "measured_ms": 6.0, "dense_ms": 10.0}]
+    run = dict(budget_ms=6.0, dense_ms=10.0, rounds=rounds, chosen=0, layers_measured=8, layers_cached=0,
+               codegen="x86", order="flops order", judged={"knapsack": 0.761, "flops order": 0.355}, compiled=4)
+    report = Report(source="m", frontend="torch", method="obspa", target="Target(latency=0.4)", params_before=10,
+                    params_after=5, flops_before=10.0, flops_after=5.0, latency_target=run)
+    assert ("kept the flops order selection (output drift on the calibration data 0.355, against knapsack 0.761; "
+            "4 models compiled)") in report.latency_budget_line
+    alone = Report(source="m", frontend="torch", method="l2", target="Target(latency=0.4)", params_before=10,
+                   params_after=5, flops_before=10.0, flops_after=5.0,
+                   latency_target=dict(run, order="knapsack", judged={}, compiled=0))
+    assert "kept the" not in alone.latency_budget_line
