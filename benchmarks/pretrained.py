@@ -408,18 +408,20 @@ def traced(task: Task) -> tuple[nn.Module, Any]:
 
 
 class Ours:
-    """graphprune on one traced copy of the dense model, its weights restored before each try."""
+    """graphprune on one traced copy of the dense model, its weights restored before each try;
+    :attr:`report` is the last try's :class:`~graphprune.optim.oneshot.PruneReport`."""
 
     def __init__(self, task: Task) -> None:
         self.task = task
         self.model, self.g = traced(task)
         self.state = copy.deepcopy(self.model.state_dict())
+        self.report: gp.PruneReport | None = None
 
     def __call__(self, criterion: str, target: gp.Target, data=None, **options) -> nn.Module:
         self.model.load_state_dict(self.state)
         self.g.added_biases.clear()  # calibrated compensation's biases live in the graph, not the weights
-        gp.prune(self.g, criterion, target, data=data, loss_fn=self.task.loss if data is not None else None,
-                 **options)
+        self.report = gp.prune(self.g, criterion, target, data=data,
+                               loss_fn=self.task.loss if data is not None else None, **options)
         return self.g.construct_subnet(mode=self.task.compact_mode).eval()
 
 
