@@ -41,18 +41,18 @@ class OutputDrift:
                 break
             self.inputs.append(as_inputs(batch, n_inputs, names))
         dense = g.backend.emit(g, g.zeroed_copy([]), biases=dict(getattr(g, "added_biases", {}) or {}))
-        self.reference = [self._run(dense, x) for x in self.inputs]
+        self.reference = [self.outputs(dense, x) for x in self.inputs]
 
     def __call__(self, tensors: dict[str, torch.Tensor], biases: dict[str, torch.Tensor] | None = None) -> float:
         compact = self.g.backend.emit(self.g, tensors, biases=biases)
         err = norm = 0.0
         for x, ref in zip(self.inputs, self.reference):
-            for a, b in zip(ref, self._run(compact, x)):
+            for a, b in zip(ref, self.outputs(compact, x)):
                 err += float(((b - a) ** 2).sum())
                 norm += float((a ** 2).sum())
         return err / max(norm, 1e-30)
 
-    def _run(self, model: CompactModel, inputs: Sequence[Any]) -> list[torch.Tensor]:
+    def outputs(self, model: CompactModel, inputs: Sequence[Any]) -> list[torch.Tensor]:
         """``model``'s floating-point outputs on ``inputs``, as float64 tensors."""
         if isinstance(model, torch.nn.Module):
             model.eval()
