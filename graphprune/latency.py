@@ -43,7 +43,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -53,7 +53,7 @@ from graphprune.errors import UnprunableTargetError
 from graphprune.ops.catalog import rule_for
 from graphprune.ops.common import numel
 from graphprune.ops.registry import Layer, op_kind
-from graphprune.target import Target, select_units
+from graphprune.target import Target, graph_totals, select_units
 
 if TYPE_CHECKING:
     from graphprune.analysis.labels import Labels
@@ -521,16 +521,18 @@ def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budg
 
 
 def select_in_flops_order(model: LatencyModel, scores: Sequence[torch.Tensor], budget_ms: float, target: Target,
-                          protect: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+                          protect: Sequence[torch.Tensor | None] | None = None,
+                          totals: Mapping[str, Any] | None = None) -> list[torch.Tensor]:
     """The masks a FLOPs target would choose (:func:`graphprune.target.select_units`, with
-    ``target``'s floors and multiple), at the smallest FLOPs share whose predicted layer
+    ``target``'s floors and multiple, and the graph's ``totals``, :func:`~graphprune.target.graph_totals`:
+    without them a coarse unit is passed over at other points), at the smallest FLOPs share whose predicted layer
     time is at most ``budget_ms`` (found by bisection); the deepest share the floors allow
     where none is.  The knapsack's alternative: the FLOPs target's order, where only the
     stopping point is the table's."""
     def at(share: float) -> list[torch.Tensor] | None:
         try:
             return select_units(model.groups, scores, replace(target, latency=None, latency_ms=None, progress=1.0,
-                                                              flops=share), protect=protect)
+                                                              flops=share), protect=protect, **(totals or {}))
         except UnprunableTargetError:  # past what the floors leave
             return None
 
@@ -602,8 +604,10 @@ class LatencyPlan:
 
     def __init__(self, model: LatencyModel, levels: Sequence[Sequence[int]], measure: MeasureMasks,
                  tolerance: float = 0.05, rounds: int = 6,
-                 dense_ms: float | Callable[[], float] | None = None) -> None:
+                 dense_ms: float | Callable[[], float] | None = None,
+                 totals: Mapping[str, Any] | None = None) -> None:
         self.model, self.levels, self.measure = model, list(levels), measure
+        self.totals = dict(totals or {})  # select_units' keywords, so the FLOPs order is a FLOPs target's
         self.tolerance, self.rounds = tolerance, rounds
         self.order = "knapsack"  # what partial budgets select under: the last judged whole budget's choice
         if dense_ms is None:
@@ -721,7 +725,7 @@ class LatencyPlan:
         """Masks predicted to run the layers in ``layers_ms``, selected in ``order``."""
         if order == "knapsack":
             return select_for_latency(self.model, scores, layers_ms, self.levels, protect)
-        return select_in_flops_order(self.model, scores, layers_ms, target, protect)
+        return select_in_flops_order(self.model, scores, layers_ms, target, protect, self.totals)
 
     @classmethod
     def for_graph(cls, g: PrunableGraph, groups: Sequence[Group], target: Target, codegen: str = "x86",
@@ -742,7 +746,7 @@ class LatencyPlan:
         traffic = op_traffic(g.ir, g.analysis.labels, g.analysis.comp, groups)
         model = LatencyModel(graph_layers(g.ir), groups, table, traffic, timer.reference_ms)
         plan = cls(model, [kept_widths(grp, target) for grp in groups], measure_masks_fn(g, timer),
-                   dense_ms=lambda: timer.reference_ms)
+                   dense_ms=lambda: timer.reference_ms, totals=graph_totals(g))
         plan.table = table
         return plan
 

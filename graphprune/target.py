@@ -21,12 +21,15 @@ import heapq
 import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from typing import Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import torch
 
 from graphprune.analysis.groups import Group
 from graphprune.errors import NumericalError, UnprunableTargetError
+
+if TYPE_CHECKING:
+    from graphprune.prunable import PrunableGraph
 
 Kind = Literal["groups", "params", "flops", "latency"]
 
@@ -318,6 +321,13 @@ def _overlap(groups: Sequence[Group], kind: Kind, params: Mapping[str, torch.Ten
     shapes = {n: tuple(p.shape) for n, p in params.items()}
     weights = {n: float(p.numel()) for n, p in params.items()} if kind == "params" else param_macs
     return Overlap(groups, shapes, weights)
+
+
+def graph_totals(g: PrunableGraph) -> dict[str, Any]:
+    """:func:`select_units`'s keywords for graph ``g``: its totals, which fractions are of, and
+    what exact overlap accounting needs (weights pruned along two dims)."""
+    return {"total_params": g.total_params, "total_flops": g.total_flops, "params": g.params,
+            "param_macs": g.param_macs}
 
 
 def select_units(groups: Sequence[Group], scores: Sequence[torch.Tensor], target: Target | float, *,

@@ -44,7 +44,7 @@ from graphprune.optim.generated import generated_inputs, sampled_reason, samples
 from graphprune.optim.obspa import Activation, GraphRoutes, InputMoments, compensate, consumer_moments
 from graphprune.optim.scoring import CALIBRATED, Normalize, normalize, score
 from graphprune.optim.uniform import select_uniform
-from graphprune.target import Target, achieved, select_units
+from graphprune.target import Target, achieved, graph_totals, select_units
 
 if TYPE_CHECKING:
     from graphprune.prunable import PrunableGraph
@@ -96,12 +96,6 @@ class PruneReport:
         n = len(self.added_biases)
         comp += f", a bias added to {n} layer{'s' if n > 1 else ''}" if n else ""
         return f"PruneReport({self.criterion}, {self.scope}, {self.target!r}{comp}: removed {got})"
-
-
-def _totals(g: PrunableGraph) -> dict[str, Any]:
-    """Model totals plus what exact overlap accounting needs (weights pruned along two dims)."""
-    return {"total_params": g.total_params, "total_flops": g.total_flops, "params": g.params,
-            "param_macs": g.param_macs}
 
 
 def _layer_masks(groups: Sequence[Group], scores: Sequence[torch.Tensor], fraction: float,
@@ -244,7 +238,7 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
         reason = sampled_reason(sampled, reason)
     ir = getattr(g, "ir", None)
     routes = GraphRoutes(ir, params) if ir is not None else None
-    totals = _totals(g)
+    totals = graph_totals(g)
     if criterion in CALIBRATED and calibration is None and data is not None:
         calibration = calibrate(g, data, batches=calibration_batches)
     if calibration is not None and criterion not in CALIBRATED:
@@ -264,7 +258,8 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
     if normalize is None:
         normalize = "max" if criterion == "obspa" else "mean"
     do_comp = criterion == "obspa" if compensate_consumers is None else compensate_consumers
-    absorb = not do_comp and compensate_consumers is None and criterion == "reconstruction" and calibration is not None
+    absorb = (not do_comp and compensate_consumers is None and criterion == "reconstruction"
+              and calibration is not None)
 
     def apply(masks: Sequence[torch.Tensor], tensors: dict[str, torch.Tensor],
               biases: dict[str, torch.Tensor] | None) -> None:
@@ -314,8 +309,11 @@ def _select_latency(g: PrunableGraph, groups: Sequence[Group], scores: Sequence[
     return masks, run
 
 
+Biases = dict[str, torch.Tensor] | None  # added biases, where a call may add them
+
+
 def _drift_judge(g: PrunableGraph, data: Iterable,
-                 apply: Callable[[Sequence[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None], None],
+                 apply: Callable[[Sequence[torch.Tensor], dict[str, torch.Tensor], Biases], None],
                  adds: bool) -> Callable[[Sequence[torch.Tensor]], float]:
     """How far the model ``prune`` would hand over for some masks moves from the dense one on
     ``data`` (:class:`.drift.OutputDrift`): ``apply``'s edits made on a copy of the weights
