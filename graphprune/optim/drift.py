@@ -12,14 +12,18 @@ shares, so where there is calibration data the choice between selections is made
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from ..errors import GraphPruneError
 from ..frontends.backend import CompactModel
 from .calibration import arity, as_inputs
+
+if TYPE_CHECKING:
+    from ..prunable import PrunableGraph
 
 
 class OutputDrift:
@@ -29,7 +33,7 @@ class OutputDrift:
     floating-point output.  Both models are the backend's emitted ones (a compact module,
     or an ONNX model run by onnxruntime), so what is judged is what pruning hands over."""
 
-    def __init__(self, g: Any, data: Iterable, batches: int = 4) -> None:
+    def __init__(self, g: PrunableGraph, data: Iterable, batches: int = 4) -> None:
         self.g = g
         ir = getattr(g, "ir", None)
         names = list(ir.inputs) if ir is not None else []
@@ -40,6 +44,9 @@ class OutputDrift:
             if b >= batches:
                 break
             self.inputs.append(as_inputs(batch, n_inputs, names))
+        if not self.inputs:
+            raise GraphPruneError("the calibration data yielded no batches to judge pruned models on",
+                                  hint="pass a non-empty iterable of model inputs")
         dense = g.backend.emit(g, g.zeroed_copy([]), biases=dict(getattr(g, "added_biases", {}) or {}))
         self.reference = [self.outputs(dense, x) for x in self.inputs]
 

@@ -44,3 +44,5 @@ def test_only_the_first_batches_are_read():
     g = gp.trace(model, (torch.randn(2, 8),), verify=False)
     data = (torch.randn(2, 8) for _ in range(100))
     assert len(OutputDrift(g, data, batches=3).inputs) == 3
+    with pytest.raises(gp.GraphPruneError, match="no batches"):
+        OutputDrift(g, [])
