@@ -645,8 +645,8 @@ class LatencyPlan:
         against milliseconds, and where those scales disagree, or the table misses the
         compiled model by more than the knapsack gains, the FLOPs order is better
         (:mod:`graphprune.optim.drift`).  A model both orders choose is compiled once."""
-        dense_layers = self.model.predict([0] * len(self.model.groups))
         if target.progress < 1.0 or not measured:
+            dense_layers = self.model.predict([0] * len(self.model.groups))
             layers = _first_layer_budget(dense_layers, self.dense_ms, self.other_ms, self.budget(target))
             return self._choose(self.order, scores, max(layers, 0.0), target, protect)
         dense = self.dense_ms
