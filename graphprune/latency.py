@@ -664,7 +664,11 @@ class LatencyPlan:
         if not tries:
             raise failed[0]
         if judge is not None:
-            losses = {run.order: judge(masks) for masks, run in tries}
+            judged: dict[bytes, float] = {}  # one judgement per model, as one timing
+            for masks, run in tries:
+                if _key(masks) not in judged:
+                    judged[_key(masks)] = judge(masks)
+            losses = {run.order: judged[_key(masks)] for masks, run in tries}
             final, run = min(tries, key=lambda t: losses[t[1].order])
             run.judged = losses
             run.compiled = len(timed)
@@ -692,7 +696,7 @@ class LatencyPlan:
             predicted = self.model.predict([int(m.sum()) for m in masks])
             if run.rounds and any(predicted == r["predicted_layers_ms"] for r in run.rounds):
                 break  # the units allow nothing between the tries that bracket the budget
-            key = torch.cat(masks).numpy().tobytes() if masks else b""
+            key = _key(masks)
             if key not in timed:
                 timed[key] = self.measure(masks)
             measured = timed[key]
@@ -749,6 +753,11 @@ class LatencyPlan:
                    dense_ms=lambda: timer.reference_ms, totals=graph_totals(g))
         plan.table = table
         return plan
+
+
+def _key(masks: Sequence[torch.Tensor]) -> bytes:
+    """The identity of one pruned model among a budget's tries: its masks' bytes."""
+    return torch.cat(list(masks)).numpy().tobytes() if masks else b""
 
 
 def _first_layer_budget(dense_layers: float, dense_ms: float, other_ms: float, budget_ms: float) -> float:

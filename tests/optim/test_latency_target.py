@@ -610,7 +610,8 @@ def test_a_judge_keeps_the_order_whose_model_it_prefers(mobilenet, preferred):
 
 def test_a_model_both_orders_choose_is_compiled_once():
     """With one group the knapsack and the FLOPs order step through the same widths and stop
-    at the same one: the second order's tries are the first's, and nothing is compiled twice."""
+    at the same one: the second order's tries are the first's, and nothing is compiled or
+    judged twice."""
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
     g = gp.trace(mlp, (torch.randn(8, 16),), verify=False)
@@ -625,8 +626,10 @@ def test_a_model_both_orders_choose_is_compiled_once():
     scores, levels = random_scores_and_widths(g)
     plan = LatencyPlan(model, levels, whole)
     timings.clear()
-    plan.select(scores, gp.Target(latency=0.4, multiple=8, min_fraction=0), judge=lambda masks: 0.0)
+    judged = []
+    plan.select(scores, gp.Target(latency=0.4, multiple=8, min_fraction=0), judge=lambda masks: judged.append(1) or 0.0)
     assert len(timings) == len(set(timings)) == len(plan.run.rounds) == plan.run.compiled
+    assert len(judged) == 1 and set(plan.run.judged) == set(ORDERS)  # and judged once
 
 
 @pytest.mark.parametrize("frontend", ["torch", "onnx"])
