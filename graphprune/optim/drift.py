@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from ..prunable import PrunableGraph
 
 
+#: Calibration batches a drift is measured on: every candidate model runs on them all.
+DRIFT_BATCHES = 4
+
+
 class OutputDrift:
     """``drift(tensors, biases)``: the squared error of the compact model built from
     ``tensors`` (and added ``biases``) against the dense model's outputs on the first
@@ -33,7 +37,7 @@ class OutputDrift:
     floating-point output.  Both models are the backend's emitted ones (a compact module,
     or an ONNX model run by onnxruntime), so what is judged is what pruning hands over."""
 
-    def __init__(self, g: PrunableGraph, data: Iterable, batches: int = 4) -> None:
+    def __init__(self, g: PrunableGraph, data: Iterable, batches: int = DRIFT_BATCHES) -> None:
         self.g = g
         ir = getattr(g, "ir", None)
         names = list(ir.inputs) if ir is not None else []

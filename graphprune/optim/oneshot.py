@@ -27,6 +27,7 @@ removes.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -39,7 +40,7 @@ from graphprune.frontends.onnx_program import GraphProgram
 from graphprune.latency import LatencyPlan, LatencyRun
 from graphprune.optim.calibrated import absorb_means
 from graphprune.optim.calibration import Calibration, calibrate
-from graphprune.optim.drift import OutputDrift
+from graphprune.optim.drift import DRIFT_BATCHES, OutputDrift
 from graphprune.optim.generated import generated_inputs, sampled_reason, samples_for
 from graphprune.optim.obspa import Activation, GraphRoutes, InputMoments, compensate, consumer_moments
 from graphprune.optim.scoring import CALIBRATED, Normalize, normalize, score
@@ -233,6 +234,9 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
             raise GraphPruneError(f"generate=True needs a generative language model; this graph's model is "
                                   f"{type(model).__name__ if model is not None else 'none (an ONNX file)'}",
                                   hint="pass calibration data, or leave generate unset")
+    judged_on = None  # the batches a latency target judges its selections on, taken before anything reads data
+    if target.kind == "latency" and data is not None:
+        data, judged_on = _first_batches(data, DRIFT_BATCHES)
     criterion, reason = choose_criterion(criterion, data is not None or calibration is not None)
     if sampled is not None:
         reason = sampled_reason(sampled, reason)
@@ -279,7 +283,7 @@ def prune(g: PrunableGraph, criterion: str | None = None, target: Target | float
         if scope != "global" or uniform:
             raise GraphPruneError("a latency target is met by one global, per-group selection",
                                   hint="use scope='global' and uniform=False with a latency target")
-        judge = _drift_judge(g, data, apply, adds=added is not None) if data is not None else None
+        judge = _drift_judge(g, judged_on, apply, adds=added is not None) if judged_on is not None else None
         masks, latency = _select_latency(g, groups, _normalize(raw, normalize), target, codegen, tuning_db, judge)
     else:
         masks = select(groups, _normalize(raw, normalize), target, scope, uniform, **totals)
@@ -307,6 +311,15 @@ def _select_latency(g: PrunableGraph, groups: Sequence[Group], scores: Sequence[
     table = plan.table
     run.layers_measured, run.layers_cached, run.layers_refreshed = table.measured, table.reused, table.refreshed
     return masks, run
+
+
+def _first_batches(data: Iterable, n: int) -> tuple[Iterable, list]:
+    """``data``'s first ``n`` batches, and ``data`` to read as if none were taken: a one-shot
+    iterator (a generator) gets them chained back in front."""
+    if isinstance(data, Iterator):
+        head = list(itertools.islice(data, n))
+        return itertools.chain(head, data), head
+    return data, list(itertools.islice(data, n))
 
 
 Biases = dict[str, torch.Tensor] | None  # added biases, where a call may add them

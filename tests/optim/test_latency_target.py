@@ -632,12 +632,13 @@ def test_a_model_both_orders_choose_is_compiled_once():
     assert len(judged) == 1 and set(plan.run.judged) == set(ORDERS)  # and judged once
 
 
-@pytest.mark.parametrize("frontend", ["torch", "onnx"])
-def test_prune_judges_the_model_it_hands_over(monkeypatch, tmp_path, frontend):
+@pytest.mark.parametrize("frontend, one_shot", [("torch", False), ("onnx", False), ("torch", True)])
+def test_prune_judges_the_model_it_hands_over(monkeypatch, tmp_path, frontend, one_shot):
     """``prune`` with calibration data and a latency target judges each order's masks by
     the drift of the model it would hand over (compensated, added biases and all), on a copy:
     the kept order's judged drift is the drift of the compact model it returns (judging
-    on the weights themselves would have edited them twice)."""
+    on the weights themselves would have edited them twice).  Data given as a generator is
+    read once: the judge's batches and the calibration's are the same stream."""
     from graphprune.optim.drift import OutputDrift
 
     torch.manual_seed(0)
@@ -662,7 +663,8 @@ def test_prune_judges_the_model_it_hands_over(monkeypatch, tmp_path, frontend):
         return plan
 
     monkeypatch.setattr(LatencyPlan, "for_graph", classmethod(lambda cls, *a, **k: synthetic(*a, **k)))
-    report = gp.prune(g, "obspa", gp.Target(latency=0.5, multiple=8), data=data)
+    report = gp.prune(g, "obspa", gp.Target(latency=0.5, multiple=8), data=(b for b in data) if one_shot else data)
+    assert report.calibration.samples == sum(len(b) for b in data)
     run = report.latency
     assert set(run.judged) == set(ORDERS) and run.order in ORDERS
     kept = g.construct_subnet()
