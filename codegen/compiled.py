@@ -23,7 +23,7 @@ from .frontend import RelaxProgram
 from .pipeline import compile_fused, fuse
 from .transfer import CarriedOver, Donors
 from .targets import CodegenTarget
-from .tuning import database_coverage, open_database
+from .tuning import open_database, recorded_seconds
 
 if TYPE_CHECKING:
     from .sparsify import KernelChoice
@@ -57,15 +57,16 @@ class CompiledModel:
     """
 
     def __init__(self, executable: relax.VMExecutable, target: CodegenTarget, program: RelaxProgram,
-                 tuned_functions: int, total_functions: int,
+                 recorded: dict[str, float | None],
                  kernel_choices: list[KernelChoice] | None = None, carried_functions: int = 0) -> None:
         self.executable = executable
         #: per dense layer, BSR or dense and the timings behind it (empty unless built with ``sparse=``)
         self.kernel_choices = kernel_choices or []
         self.target = target
         self.program = program
-        self.tuned_functions = tuned_functions
-        self.total_functions = total_functions
+        #: each function (by :func:`.tuning.function_key`) with the best seconds the database
+        #: recorded for it at its shape when it was compiled; None: no record of its own
+        self.recorded = recorded
         #: functions without a record that got a record of another extent (:mod:`.transfer`)
         self.carried_functions = carried_functions
         self._vm: relax.VirtualMachine | None = None
@@ -140,6 +141,15 @@ class CompiledModel:
         return Path(path)
 
     @property
+    def tuned_functions(self) -> int:
+        """Functions compiled with a record measured at their own shape."""
+        return sum(seconds is not None for seconds in self.recorded.values())
+
+    @property
+    def total_functions(self) -> int:
+        return len(self.recorded)
+
+    @property
     def schedules(self) -> dict[str, int]:
         """How many functions were tuned at their shape, carried over, or given defaults."""
         return {"tuned": self.tuned_functions, "carried": self.carried_functions,
@@ -178,12 +188,12 @@ def compile_program(program: RelaxProgram, target: CodegenTarget,
     (:class:`.transfer.CarriedOver`, counted in ``carried_functions``), the rest default schedules."""
     database = open_database(tuning_db) if isinstance(tuning_db, (str, os.PathLike)) else tuning_db
     fused = fuse(program.bound(), target.target)
-    tuned, total = database_coverage(database, fused, target.target)
+    recorded = recorded_seconds(database, fused, target.target)
     cpu = target.target.kind.name == "llvm"
     carried = CarriedOver(Donors(database)) if database is not None and default_schedules and cpu else None
     try:
         executable = compile_fused(fused, target.target, database, default_schedules, carried)
     except Exception as exc:  # TVM reports compile failures as several internal error types
         raise TuningError(f"TVM failed to compile {program.name} for {target.name}: {exc}") from exc
-    return CompiledModel(executable, target, program, tuned, total, kernel_choices,
+    return CompiledModel(executable, target, program, recorded, kernel_choices,
                          carried.applied if carried is not None else 0)

@@ -201,10 +201,10 @@ def extract_tasks(fused: tvm.IRModule, target: Target) -> list[ms.ExtractedTask]
     return list(ms.relax_integration.extract_tasks(fused, target))
 
 
-def database_coverage(database: ms.Database | None, fused: tvm.IRModule, target: Target) -> tuple[int, int]:
-    """(tasks with a measured record, all tasks) for a fused module."""
-    tasks = extract_tasks(fused, target)
-    return sum(best_seconds(database, t, target) is not None for t in tasks), len(tasks)
+def recorded_seconds(database: ms.Database | None, fused: tvm.IRModule, target: Target) -> dict[str, float | None]:
+    """Each tuning task of a fused module, by :func:`function_key`, with the best time
+    ``database`` records for it at its shape (None where it has no successful record)."""
+    return {function_key(t.dispatched[0]): best_seconds(database, t, target) for t in extract_tasks(fused, target)}
 
 
 def build_candidate(mod: tvm.IRModule, target: Target) -> tvm.runtime.Module:
