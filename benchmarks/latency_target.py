@@ -13,8 +13,8 @@ each budget a fresh trace of the model is pruned to it with ``gp.prune`` and the
 compiled and timed again, independently of the pruning's own rounds.  Every timing here (and
 in the pruning's rounds) alternates with the dense model compiled once and is read as a share
 of it (:class:`graphprune.codegen.layer_latency.PairedTimer`: the machine's drift over minutes
-is larger than 5% for mobilenet_v2), each model's carried-over schedules measured first as
-the pruning's rounds measure them.  A budget is a share of the dense model's time, so it is
+is larger than 5% for mobilenet_v2), each model's functions first given as
+many trials as the pruning's rounds give them (``ROUND_TRIALS``, from their carried-over schedules).  A budget is a share of the dense model's time, so it is
 judged as one: a budget taken in ms from the dense model's first timings inherits their noise
 (mobilenet_v2 read 13.6 ms right after tuning and 10.3-10.6 ms later).  Columns: the dense
 model's time (the median of all its timings), the budget, the kept try of the pruning's
@@ -124,7 +124,7 @@ def main() -> None:
     import graphprune as gp
     from graphprune import codegen
     from graphprune.atomic import atomic_path
-    from graphprune.codegen.layer_latency import PairedTimer
+    from graphprune.codegen.layer_latency import ROUND_TRIALS, PairedTimer
     from latency import make_model
     from pretrained import code_digest
 
@@ -151,7 +151,7 @@ def main() -> None:
             continue
         model, inputs = made
         tuned(model, inputs)
-        timer = PairedTimer(model, inputs, "x86", args.tuning_db, measure_schedules=True)
+        timer = PairedTimer(model, inputs, "x86", args.tuning_db, schedule_trials=ROUND_TRIALS)
         for fraction in (float(b) for b in args.budgets.split(",")):
             work = copy.deepcopy(model)
             g = gp.trace(work, inputs)
@@ -211,7 +211,7 @@ def quality_rows(args: argparse.Namespace, tuned: Callable[[Any, Any], None], un
     import torch
 
     import graphprune as gp
-    from graphprune.codegen.layer_latency import PairedTimer
+    from graphprune.codegen.layer_latency import ROUND_TRIALS, PairedTimer
     from graphprune.errors import UnprunableTargetError
     from pretrained import Ours, digits_task, macs
 
@@ -246,7 +246,7 @@ def quality_rows(args: argparse.Namespace, tuned: Callable[[Any, Any], None], un
             return f"{removed:.1%}", f"{before:.3f}", f"{sum(recovered) / len(recovered):.3f}{spread}"
 
         tuned(task.dense, example)
-        measured = PairedTimer(task.dense, example, "x86", args.tuning_db, measure_schedules=True)
+        measured = PairedTimer(task.dense, example, "x86", args.tuning_db, schedule_trials=ROUND_TRIALS)
         dense_metric = task.metric(task.dense)
         for fraction in (float(b) for b in args.budgets.split(",")):
             by_latency = pruned(gp.Target(latency=1 - fraction, multiple=args.multiple))

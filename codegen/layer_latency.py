@@ -19,10 +19,8 @@ from graphprune.ops.registry import Layer
 from .compile import build
 from .compiled import compile_program
 from .frontend import import_model
-from .pipeline import fuse
 from .targets import resolve_target
-from .tuning import (best_seconds, best_by_function, extract_tasks, function_key, has_records, open_database,
-                     shared_database_dir, tune)
+from .tuning import best_by_function, has_records, open_database, shared_database_dir, tune
 
 
 class _WithEpilogue(nn.Module):
@@ -82,11 +80,8 @@ def measure_layers(requests: Sequence[tuple[Layer, int, int]], target: str = "x8
     database = open_database(tuning_db if tuning_db is not None else shared_database_dir(resolved))
     times = []
     for module, inputs in modules:
-        program = import_model(module, inputs)
-        tasks = extract_tasks(fuse(program.bound(), resolved.target), resolved.target)
-        schedules = {function_key(t.dispatched[0]): best_seconds(database, t, resolved.target) for t in tasks}
-        compiled = compile_program(program, resolved, database)
-        times.append((float(compiled.benchmark(repeat=repeat)["median_ms"]), schedules))
+        compiled = compile_program(import_model(module, inputs), resolved, database)
+        times.append((float(compiled.benchmark(repeat=repeat)["median_ms"]), compiled.recorded))
     return times
 
 
@@ -112,6 +107,10 @@ class _Bundle(nn.Module):
         return tuple(outs)
 
 
+#: trials per function before a model compiled for a latency target is timed (:class:`PairedTimer`)
+ROUND_TRIALS = 8
+
+
 class PairedTimer:
     """Whole-model timings taken in turn with a reference model compiled once, and read on the
     reference's scale: ``reference_ms x median(model / reference)`` over ``rounds`` alternations.
@@ -128,9 +127,9 @@ class PairedTimer:
 
     def __init__(self, reference: Any, example_inputs: Any, target: str = "x86",
                  tuning_db: str | os.PathLike | None = None, rounds: int = 5, repeat: int = 7,
-                 measure_schedules: bool = False) -> None:
+                 schedule_trials: int = 0) -> None:
         self.example_inputs, self.target, self.tuning_db = example_inputs, target, tuning_db
-        self.rounds, self.repeat, self.measure_schedules = rounds, repeat, measure_schedules
+        self.rounds, self.repeat, self.schedule_trials = rounds, repeat, schedule_trials
         self.reference = self._build(reference)
         self.reference_times = [self._time(self.reference) for _ in range(rounds)]
 
@@ -140,18 +139,21 @@ class PairedTimer:
         return statistics.median(self.reference_times)
 
     def _build(self, model: Any) -> Any:
-        """``model`` compiled with the database; with :attr:`measure_schedules`, every function
-        without a record of its own first has its carried-over schedules measured (and the
-        best recorded, as a compile that tunes would), the search given one trial elsewhere.
+        """``model`` compiled with the database; with :attr:`schedule_trials`, every function
+        first has that many trials in the database (fewer where it already has them): those
+        without a record of their own start from their carried-over schedules, measured.
 
         A pruned form's functions otherwise take carried-over schedules unmeasured, and
         their quality, not the widths, set the time: a compact mobilenet_v2 with 25 such
         functions read 10.98 ms where a wider one with 11 read 8.58 ms, and the correction
-        rounds never came within 10% of its budget at 60% or 40% of the dense time.  Measured
-        (35-50 s a round), its rounds fall with the widths and both budgets were met within
-        1.1% in 4 rounds."""
-        if self.measure_schedules:
-            tune(model, self.example_inputs, self.target, self.tuning_db, trials_per_task=1)
+        rounds never came within 10% of its budget at 60% or 40% of the dense time.  One
+        trial (the carried-over schedules measured) is still a lottery for a width no donor
+        fits: three compact ViTs whose residual stream was 144, 120 and 112 wide read 0.668,
+        0.695 and 0.576 of the dense time, the 120-wide MLP slower than the 144-wide; with
+        :data:`ROUND_TRIALS` the same three read 0.681, 0.592 and 0.545, in the order of their
+        widths (about 80 s a model on 2 cores, against 35-50 s)."""
+        if self.schedule_trials:
+            tune(model, self.example_inputs, self.target, self.tuning_db, trials_per_task=self.schedule_trials)
         return build(model, self.example_inputs, target=self.target, tuning_db=self.tuning_db)
 
     def _time(self, compiled: Any) -> float:

@@ -737,8 +737,9 @@ class LatencyPlan:
         """The plan for traced graph ``g`` on ``codegen``: its layers measured (or read from the table
         cached beside the tuning database), compact models compiled with that database and timed
         in turn with the dense model (:class:`~graphprune.codegen.layer_latency.PairedTimer`), so
-        the machine's drift between rounds is not read as a miss, each after its carried-over
-        schedules were measured into the database (what a compile that tunes would build)."""
+        the machine's drift between rounds is not read as a miss, each after a few trials of every
+        function were run into the database (:data:`~graphprune.codegen.layer_latency.ROUND_TRIALS`,
+        starting from its carried-over schedules: what a compile that tunes would build)."""
         from graphprune.codegen import layer_latency  # TVM on use only
         from graphprune.target import kept_widths
 
@@ -746,7 +747,7 @@ class LatencyPlan:
                              layer_latency.table_path(codegen, tuning_db), codegen,
                              best_known=lambda: layer_latency.best_known(codegen, tuning_db))
         timer = layer_latency.PairedTimer(g.backend.emit(g, g.zeroed_copy([])), g.example[0], codegen, tuning_db,
-                                          measure_schedules=True)
+                                          schedule_trials=layer_latency.ROUND_TRIALS)
         traffic = op_traffic(g.ir, g.analysis.labels, g.analysis.comp, groups)
         model = LatencyModel(graph_layers(g.ir), groups, table, traffic, timer.reference_ms)
         plan = cls(model, [kept_widths(grp, target) for grp in groups], measure_masks_fn(g, timer),

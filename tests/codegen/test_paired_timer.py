@@ -51,19 +51,19 @@ def test_times_a_real_compiled_model_on_the_reference_scale():
     assert 0 < timer(narrow) < timer.reference_ms
 
 
-@pytest.mark.parametrize("measure", [False, True])
-def test_carried_schedules_are_measured_into_the_database_before_a_build_when_asked(monkeypatch, measure):
-    """With ``measure_schedules`` the reference and every timed model first go through a
-    one-trial tune into the timer's database (the carried-over schedules measured), then
-    the build; without, nothing is tuned."""
+@pytest.mark.parametrize("trials", [0, 1, 8])
+def test_carried_schedules_are_measured_into_the_database_before_a_build_when_asked(monkeypatch, trials):
+    """With ``schedule_trials`` the reference and every timed model first go through a tune of
+    that many trials into the timer's database (the carried-over schedules measured first),
+    then the build; without, nothing is tuned."""
     calls = []
     monkeypatch.setattr(layer_latency, "build", lambda model, *a, **k: calls.append(("build", model))
                         or FakeCompiled(model, [1.0]))
     monkeypatch.setattr(layer_latency, "tune", lambda model, inputs, target, db, trials_per_task: calls.append(
         ("tune", model, db, trials_per_task)))
-    timer = layer_latency.PairedTimer(4.0, (torch.zeros(1),), "x86", "db", rounds=1, measure_schedules=measure)
+    timer = layer_latency.PairedTimer(4.0, (torch.zeros(1),), "x86", "db", rounds=1, schedule_trials=trials)
     timer(2.0)
     expected = [("build", 4.0), ("build", 2.0)]
-    if measure:
-        expected = [("tune", 4.0, "db", 1), ("build", 4.0), ("tune", 2.0, "db", 1), ("build", 2.0)]
+    if trials:
+        expected = [("tune", 4.0, "db", trials), ("build", 4.0), ("tune", 2.0, "db", trials), ("build", 2.0)]
     assert calls == expected
