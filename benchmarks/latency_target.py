@@ -35,7 +35,7 @@ differs.  With calibration data the latency target meets the budget both by the 
 in the FLOPs order and keeps the model whose outputs drift least from the dense model's on the
 calibration set (:meth:`graphprune.latency.LatencyPlan.select`); the table says which it kept.
 
-A whole run takes about two and a half hours on 2 cores.  Each model's finished rows (both tables)
+A whole run takes about three hours on 2 cores.  Each model's finished rows (both tables)
 are kept under ``benchmarks/cache/latency_target/``, keyed by the options and a digest of the
 code (:func:`pretrained.code_digest`), so ``--resume`` finishes an interrupted run of the same
 command on the same code, measuring only the models it had not finished; the header names
