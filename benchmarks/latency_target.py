@@ -8,20 +8,21 @@ Not run in CI (each model measures tens of compiled layers and several whole mod
 
 Per model: the dense model is tuned for ``--tune-minutes`` (as a user tunes once), then
 compiled and timed (``graphprune.codegen``, the same build a compile does: every pruned form
-starts from the dense form's schedules, carried over to its widths), then for
-each budget a fresh trace of the model is pruned to it with ``gp.prune`` and the compact model
-compiled and timed again, independently of the pruning's own rounds.  Every timing here (and
-in the pruning's rounds) alternates with the dense model compiled once and is read as a share
-of it (:class:`graphprune.codegen.layer_latency.PairedTimer`: the machine's drift over minutes
-is larger than 5% for mobilenet_v2), each model's functions first given as
-many trials as the pruning's rounds give them (``ROUND_TRIALS``, from their carried-over schedules).  A budget is a share of the dense model's time, so it is
-judged as one: a budget taken in ms from the dense model's first timings inherits their noise
-(mobilenet_v2 read 13.6 ms right after tuning and 10.3-10.6 ms later).  Columns: the dense
-model's time (the median of all its timings), the budget, the kept try of the pruning's
-rounds and the independent re-measure as shares of the dense model (and in ms on its time),
-the re-measure's miss against the budget (done when: within 5%), the MACs removed, the
-rounds, the layer timings measured and reused from the table cache, and the wall time.  The
-models are the latency benchmark's (random weights: latency does not depend on them).
+starts from the dense form's schedules, carried over to its widths), then for each budget a
+fresh trace of the model is pruned to it with ``gp.prune`` and the compact model compiled and
+timed again, independently of the pruning's own rounds. Every timing here (and in the pruning's
+rounds) alternates with the dense model compiled once and is read as a share of it
+(:class:`graphprune.codegen.layer_latency.PairedTimer`: the machine's drift over minutes is
+larger than 5% for mobilenet_v2), each model's functions first given as many trials as the
+pruning's rounds give them (``ROUND_TRIALS``, from their carried-over schedules). A budget is a
+share of the dense model's time, so it is judged as one: a budget taken in ms from the dense
+model's first timings inherits their noise (mobilenet_v2 read 13.6 ms right after tuning and
+10.3-10.6 ms later). Columns: the dense model's time (the median of all its timings), the
+budget, the kept try of the pruning's rounds and the independent re-measure as shares of the
+dense model (and in ms on its time), the re-measure's miss against the budget (done when:
+within 5%), the MACs removed, the rounds, the layer timings measured and reused from the table
+cache, and the wall time. The models are the latency benchmark's (random weights: latency does
+not depend on them).
 
 The second table asks whether spending the budget by measured latency keeps more of a model
 than spending it by FLOPs.  It takes the pretrained-quality benchmark's trained digits models
