@@ -457,6 +457,9 @@ def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budg
     floor and multiple applied).  Units go lowest score first within a group (a score of
     ``-inf`` forces a unit first); a step that would take a unit ``protect[i]`` marks is
     never taken.  Stops short of the budget only when no step left saves anything predicted.
+    The last step is the one, of all that reach the budget, that loses the least score: by
+    price per ms alone it can be a coarse step (a whole head, a plateau's width) that loses more
+    and lands further under the budget than a smaller step that reaches it too.
 
     A step's price is its units' mean score times the layer multiply-accumulates it removes at
     the widths already chosen (:meth:`LatencyModel.macs_saved`; FLOPs or parameters per unit
@@ -507,6 +510,9 @@ def select_for_latency(model: LatencyModel, scores: Sequence[torch.Tensor], budg
         if not live:
             break
         _, i = min(live)
+        gap = current - budget_ms
+        if best[i][2] >= gap:  # the last step: of those that reach the budget, the one losing least
+            i = min((c[0] * c[2], h) for h, c in enumerate(best) if c is not None and c[2] >= gap)[1]
         _, j, saved = best[i]
         removed[i], step[i] = groups[i].size - levels[i][j], j + 1
         current -= saved
@@ -773,28 +779,40 @@ def _first_layer_budget(dense_layers: float, dense_ms: float, other_ms: float, b
 
 def _next_layer_budget(seen: Sequence[tuple[float, float]], goal: float, last: float) -> float:
     """The layers' time to ask for next, from each try's (predicted layer time, measured
-    model time): interpolated between the nearest tries under and over ``goal`` where there
-    are both, else through the two fastest tries (all over: the dense model is one).
+    model time), the dense model first: interpolated between the nearest tries under and over
+    ``goal`` where there are both, else through the two fastest tries (all over).
 
     The time outside the weighted layers is not fixed: attention scores, softmax and norms
     shrink with the heads and widths the layers lose, so the whole model can move two or
     three times as much as its layers do.  Shifting the layers' budget by each miss alone
     assumes it moves one for one; a digits ViT at batch 32 then swung between 6 and 15 ms
-    around a 9.4 ms budget for every round."""
+    around a 9.4 ms budget for every round.
+
+    Interpolating between the bracket's ends alone (regula falsi) creeps where the model's
+    time is curved: on a curve that falls faster than the table near the dense end, every try
+    lands under the budget, the dense model stays the far end, and each round moves a fraction
+    of the way (a ViT's 40% budget: five tries 5-12% under in six rounds).  So, as the Illinois
+    method does, an end kept while the last ``k`` tries landed on the other side counts
+    ``2**-(k-1)`` of its miss, and the interpolation reaches the budget in a few rounds."""
     under = [p for p in seen if p[1] <= goal]
     over = [p for p in seen if p[1] > goal]
     if under and over:
         (p0, m0), (p1, m1) = max(under), min(over)
+        side = seen[-1][1] <= goal
+        k = next((i for i, p in enumerate(reversed(seen)) if (p[1] <= goal) != side), len(seen))
+        weight = 0.5 ** max(k - 1, 0)  # for the end on the other side of the last k tries
+        f0, f1 = (m0 - goal) * (1.0 if side else weight), (m1 - goal) * (weight if side else 1.0)
     else:
         (p0, m0), (p1, m1) = sorted(seen)[:2]
-    if abs(p1 - p0) <= 1e-3 * max(p0, p1) or m1 == m0:
+        f0, f1 = m0 - goal, m1 - goal
+    if abs(p1 - p0) <= 1e-3 * max(p0, p1) or f1 == f0:
         # nothing to interpolate: scale by the last try's miss (a ratio holds where the table's
         # milliseconds are not the model's; a shift by the miss does not)
         return last * goal / seen[-1][1]
-    slope = (m1 - m0) / (p1 - p0)
+    slope = (f1 - f0) / (p1 - p0)
     if slope <= 0:  # noise: slower at fewer layer-milliseconds; shift by the miss of the fastest
         return p0 + goal - m0
-    return p0 + (goal - m0) / slope
+    return p0 - f0 / slope
 
 
 def meet_latency(model: LatencyModel, scores: Sequence[torch.Tensor], target: Target,

@@ -172,6 +172,38 @@ def test_selection_meets_the_predicted_budget_through_plateaus(mobilenet, multip
             assert s[m].max() <= s[~m].min()
 
 
+class TwoGroups:
+    """A latency model of two groups whose units each save 1 ms, as :func:`select_for_latency` reads one."""
+
+    def __init__(self, sizes: tuple[int, int]) -> None:
+        from types import SimpleNamespace
+
+        self.groups = [SimpleNamespace(size=n, flops_per_unit=1.0, params_per_unit=1) for n in sizes]
+        self.touching, self.users = [[0], [1]], [[0], [1]]
+
+    def predict(self, removed):
+        return float(sum(g.size - r for g, r in zip(self.groups, removed)))
+
+    def saving(self, removed, group, more):
+        return float(more)
+
+    def macs_saved(self, removed, group, more):
+        return float(more)
+
+
+def test_the_last_step_is_the_one_that_reaches_the_budget_losing_least():
+    """Group 0 loses least per ms but goes in one step of 8 ms; group 1 steps by 2 ms.  A
+    budget 1.5 ms under the dense time is met by one step of group 1 (score lost 0.4), not
+    by emptying group 0 (lost 0.8, 6.5 ms past the budget)."""
+    model = TwoGroups((8, 12))
+    scores = [torch.full((8,), 0.1), torch.full((12,), 0.2)]
+    masks = select_for_latency(model, scores, 18.5, [[0], [10, 8, 6, 4, 2, 0]])
+    assert [int(m.sum()) for m in masks] == [0, 2]
+    # a gap only group 0's step covers is still met by it
+    masks = select_for_latency(model, scores, 9.0, [[0], [10, 8, 6, 4, 2, 0]])
+    assert model.predict([int(m.sum()) for m in masks]) <= 9.0 and int(masks[0].sum()) == 8
+
+
 def random_scores_and_widths(g):
     """Seeded random scores per group, and each group's widths at a multiple of 8 with no floor."""
     scores = [torch.rand(grp.size, generator=torch.Generator().manual_seed(i)) for i, grp in enumerate(g.groups)]
@@ -207,6 +239,34 @@ def test_correction_lands_when_the_rest_of_the_model_moves_with_the_layers(mobil
     masks, run = meet_latency(model, scores, gp.Target(latency_ms=0.6 * dense), levels, whole)
     assert abs(whole(masks) / (0.6 * dense) - 1) <= 0.05
     assert len(run.rounds) <= 4
+
+
+@pytest.mark.parametrize("power,share", [(2, 0.6), (2, 0.4), (4, 0.4), (6, 0.4)])
+def test_correction_reaches_a_budget_on_a_curved_model(mobilenet, power, share):
+    """The whole model falls faster than its layers' predicted time (the rest of a ViT shrinks
+    with the widths its layers lose): every try lands under the budget with the dense model
+    as the bracket's other end, and interpolating between the two alone crept up from below,
+    a few percent a round (a ViT's 40% budget: six rounds, all 5-12% under).  Weighting down
+    the end kept across tries reaches the budget within the rounds."""
+    _, g = mobilenet
+    model, _ = model_for(g)
+    full = model.predict([0] * len(g.groups))
+    whole = lambda masks: 0.05 * full + full * (model.predict([int(m.sum()) for m in masks]) / full) ** power  # noqa: E731
+    dense = whole([torch.zeros(grp.size, dtype=torch.bool) for grp in g.groups])
+    scores, levels = random_scores_and_widths(g)
+    masks, run = meet_latency(model, scores, gp.Target(latency_ms=share * dense), levels, whole)
+    assert abs(whole(masks) / (share * dense) - 1) <= 0.05
+    assert any(r["measured_ms"] > share * dense for r in run.rounds)  # it came at the budget from both sides
+
+
+def test_the_end_of_the_bracket_kept_across_tries_counts_less():
+    """Two tries in a row under the budget: the dense end's miss counts half (Illinois), so
+    the next layers' budget moves past plain interpolation's."""
+    from graphprune.latency import _next_layer_budget
+
+    plain = _next_layer_budget([(10.0, 10.0), (6.0, 4.0)], 6.0, 6.0)
+    assert plain == pytest.approx(6.0 + 4.0 * 2.0 / 6.0)
+    assert _next_layer_budget([(10.0, 10.0), (5.0, 3.0), (6.0, 4.0)], 6.0, 6.0) == pytest.approx(6.0 + 4.0 * 2.0 / 4.0)
 
 
 def by_macs(layer, cin: int, cout: int) -> float:
