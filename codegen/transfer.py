@@ -151,6 +151,17 @@ class Donors:
                     (sig[1], sorted(records, key=measured_seconds), tvm_ffi.structural_hash(workload.mod)))
         return index
 
+    def wider_best(self, mod: tvm.IRModule) -> float | None:
+        """The best measured seconds of a function structured like ``mod`` (not ``mod`` itself)
+        at least as large in every extent; None where the database has no such function."""
+        sig = signature(mod)
+        if sig is None:
+            return None
+        own = tvm_ffi.structural_hash(mod)
+        times = [measured_seconds(records[0]) for extents, records, key in self._by_structure.get(sig[0], [])
+                 if key != own and len(extents) == len(sig[1]) and all(a >= b for a, b in zip(extents, sig[1]))]
+        return min((t for t in times if t is not None), default=None)
+
     def nearest(self, mod: tvm.IRModule) -> list[ms.database.TuningRecord]:
         """Records of functions structured like ``mod`` (not ``mod`` itself), the nearest
         extents first (summed log ratios), each function's best :data:`PER_DONOR`."""

@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import tvm
 import tvm_ffi
@@ -51,7 +51,7 @@ from .pipeline import fuse
 from .records import FAILED_RUN_SECS, measured_seconds
 from .targets import CodegenTarget, resolve_target
 from .time_budget import TaskState, run_for
-from .transfer import Seeded, seed_tasks
+from .transfer import Donors, Seeded, seed_tasks
 
 #: trials per call when the budget is time: small enough that the run ends close to its
 #: budget, large enough that a call's fixed cost (search start, builder round) stays minor
@@ -205,6 +205,30 @@ def recorded_seconds(database: ms.Database | None, fused: tvm.IRModule, target: 
     """Each tuning task of a fused module, by :func:`function_key`, with the best time
     ``database`` records for it at its shape (None where it has no successful record)."""
     return {function_key(t.dispatched[0]): best_seconds(database, t, target) for t in extract_tasks(fused, target)}
+
+
+#: how much slower than a wider function of its structure a function may run before
+#: :func:`lagging` names it (a few percent is timing noise)
+LAG_MARGIN = 1.1
+
+
+def lagging(database: ms.Database, tasks: Sequence[ms.ExtractedTask], target: Target,
+            margin: float = LAG_MARGIN) -> list[ms.ExtractedTask]:
+    """The tasks whose best record is more than ``margin`` times slower than the best of a
+    function of the same structure at least as large in every extent.
+
+    A narrower function can always do what the wider one does, so such a record says its
+    search has not yet found a schedule for its width, not what the width costs: after 8
+    trials a compact ViT's 88-wide layer norm ran 10.5 us where the 104- and 128-wide ones ran
+    1.1-1.3 us, and its 104-wide patch embedding 1.45 times the 128-wide one."""
+    donors = Donors(database)
+    out = []
+    for task in tasks:
+        own = best_seconds(database, task, target)
+        wider = donors.wider_best(task.dispatched[0]) if own is not None else None
+        if wider is not None and own > margin * wider:
+            out.append(task)
+    return out
 
 
 def build_candidate(mod: tvm.IRModule, target: Target) -> tvm.runtime.Module:
@@ -636,7 +660,8 @@ def _chunk_strategy() -> ms.search_strategy.EvolutionarySearch:
 def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
          work_dir: str | os.PathLike | None = None, trials_per_task: int | None = None,
          incremental: bool = True, rpc_tracker: str | None = None, rpc_key: str | None = None,
-         seed: int = 0, minutes: float | None = None, transfer: bool = True) -> TuningReport:
+         seed: int = 0, minutes: float | None = None, transfer: bool = True,
+         only: Collection[str] | None = None) -> TuningReport:
     """Tune a model's functions for ``target`` into the database in ``work_dir``.
 
     >>> report = tune(model, (x,), "x86", trials_per_task=16)   # into the machine's shared database
@@ -661,6 +686,8 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     from the database's records of functions that differ only in extents (a pruned form's
     from its dense form's, :mod:`.transfer`), measured like trials and counted in its budget:
     the build has them, and the search starts from them.
+
+    ``only`` (:func:`function_key` s) tunes those of the model's functions and no others.
     """
     if minutes is not None and not minutes > 0:
         raise ValueError(f"minutes must be positive, got {minutes}")
@@ -672,6 +699,8 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
     register_intrinsics(resolved.target)
     database = open_database(work_dir)
     tasks = extract_tasks(fuse(program.bound(), resolved.target), resolved.target)
+    if only is not None:
+        tasks = [t for t in tasks if function_key(t.dispatched[0]) in only]
     budgets = task_budgets(tasks, trials_per_task)
     start = time.perf_counter()
     builder, runners = PooledBuilder(), Runners(rpc_tracker, rpc_key)
@@ -736,6 +765,30 @@ def tune(model_or_program: Any, example_inputs: Any = None, target: Any = "x86",
                           transfer_seconds=seeded.seconds)
     write_report(report)
     return report
+
+
+def catch_up(model_or_program: Any, example_inputs: Any, target: Any, work_dir: str | os.PathLike | None,
+             trials_per_task: int, rounds: int = 2) -> list[str]:
+    """After a tune of ``trials_per_task``, the model's :func:`lagging` functions tuned on,
+    their trials doubled each round for up to ``rounds`` rounds; the names of those tuned.
+
+    A few trials leave a new width's speed to chance, and a function slower than a wider one
+    of its structure makes a narrower model read slower than a wider one: a latency target's
+    rounds then chase the schedules, not the widths.  The functions that pass the check (most
+    of them) run nothing more."""
+    resolved = resolve_target(target)
+    program = import_model(model_or_program, example_inputs)
+    folder = work_dir or shared_database_dir(resolved)
+    tasks = extract_tasks(fuse(program.bound(), resolved.target), resolved.target)
+    tuned: list[str] = []
+    for k in range(1, rounds + 1):
+        behind = lagging(open_database(folder), tasks, resolved.target)
+        if not behind:
+            break
+        tuned += [t.task_name for t in behind if t.task_name not in tuned]
+        tune(program, None, target, folder, trials_per_task=trials_per_task * 2 ** k,
+             only={function_key(t.dispatched[0]) for t in behind})
+    return tuned
 
 
 def _flops(task: ms.ExtractedTask) -> float:

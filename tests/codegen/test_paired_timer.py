@@ -55,15 +55,19 @@ def test_times_a_real_compiled_model_on_the_reference_scale():
 def test_carried_schedules_are_measured_into_the_database_before_a_build_when_asked(monkeypatch, trials):
     """With ``schedule_trials`` the reference and every timed model first go through a tune of
     that many trials into the timer's database (the carried-over schedules measured first),
+    and the functions that lag a wider one tuned on (:func:`~graphprune.codegen.tuning.catch_up`),
     then the build; without, nothing is tuned."""
     calls = []
     monkeypatch.setattr(layer_latency, "build", lambda model, *a, **k: calls.append(("build", model))
                         or FakeCompiled(model, [1.0]))
     monkeypatch.setattr(layer_latency, "tune", lambda model, inputs, target, db, trials_per_task: calls.append(
         ("tune", model, db, trials_per_task)))
+    monkeypatch.setattr(layer_latency, "catch_up", lambda model, inputs, target, db, trials: calls.append(
+        ("catch up", model, db, trials)))
     timer = layer_latency.PairedTimer(4.0, (torch.zeros(1),), "x86", "db", rounds=1, schedule_trials=trials)
     timer(2.0)
     expected = [("build", 4.0), ("build", 2.0)]
     if trials:
-        expected = [("tune", 4.0, "db", trials), ("build", 4.0), ("tune", 2.0, "db", trials), ("build", 2.0)]
+        expected = [("tune", 4.0, "db", trials), ("catch up", 4.0, "db", trials), ("build", 4.0),
+                    ("tune", 2.0, "db", trials), ("catch up", 2.0, "db", trials), ("build", 2.0)]
     assert calls == expected
