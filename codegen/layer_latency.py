@@ -151,7 +151,9 @@ class PairedTimer:
         fits: three compact ViTs whose residual stream was 144, 120 and 112 wide read 0.668,
         0.695 and 0.576 of the dense time, the 120-wide MLP slower than the 144-wide; with
         :data:`ROUND_TRIALS` the same three read 0.681, 0.592 and 0.545, in the order of their
-        widths (about 80 s a model on 2 cores, against 35-50 s)."""
+        widths (about 80 s a model on 2 cores, against 35-50 s).  Eight are still a lottery for
+        some functions (an 88-wide layer norm 8 times slower than the 104-wide one), so those
+        slower than a wider function of their structure are tuned on (:func:`.tuning.catch_up`)."""
         if self.schedule_trials:
             tune(model, self.example_inputs, self.target, self.tuning_db, trials_per_task=self.schedule_trials)
             catch_up(model, self.example_inputs, self.target, self.tuning_db, self.schedule_trials)
