@@ -1,5 +1,7 @@
 """Functions slower than a wider function of their structure are named and tuned on
 (:func:`graphprune.codegen.tuning.lagging`, :func:`~graphprune.codegen.tuning.catch_up`)."""
+import shutil
+
 import pytest
 import torch
 from tvm.s_tir import meta_schedule as ms
@@ -30,12 +32,20 @@ def _record_for(work_dir, task, target, seconds: float) -> None:
         donor.trace, database.commit_workload(task.dispatched[0]), [seconds], target, donor.args_info))
 
 
-@pytest.fixture()
-def wide_db(tmp_path):
-    """The wide MLP tuned, and records for the narrow one's changed functions: each
-    ``factor`` times its wider counterpart's best."""
-    work_dir = tmp_path / "db"
+@pytest.fixture(scope="module")
+def tuned_wide(tmp_path_factory):
+    """The wide MLP tuned (once for the module: each test works on a copy)."""
+    work_dir = tmp_path_factory.mktemp("catch_up") / "db"
     codegen.tune(mlp(32), (X,), "x86", work_dir, trials_per_task=1)
+    return work_dir
+
+
+@pytest.fixture()
+def wide_db(tuned_wide, tmp_path):
+    """A copy of the wide MLP's database, and a way to add records for the narrow one's
+    changed functions: each ``factor`` times its wider counterpart's best."""
+    work_dir = tmp_path / "db"
+    shutil.copytree(tuned_wide, work_dir)
 
     def narrow(factor: float):
         target, tasks = _tasks(mlp(20))
