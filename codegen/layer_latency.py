@@ -123,7 +123,14 @@ class PairedTimer:
     minute would read every later model slow (anchored on its first timings, a ViT's compact
     models read 21% slower in the pruning's rounds than in an independent re-measure).  Five
     alternations by default: with three, one compact CNN timed twice on a CI machine read
-    3.18 and 3.48 ms, and a timing costs a few seconds against a build's tens."""
+    3.18 and 3.48 ms, and a timing costs a few seconds against a build's tens.
+
+    A timing is the best of its ``repeat`` windows (each at least 50 ms of runs), not their
+    median: the machine's interference comes in bursts of about a second, which only ever add
+    time, and a burst over half a timing's windows moves its median.  One build of a compact
+    ViT timed against the dense one 8 times read 0.335-0.421 of it by medians and
+    0.341-0.354 by the best windows; whole :class:`PairedTimer` calls on that build read
+    0.326-0.384 by medians."""
 
     def __init__(self, reference: Any, example_inputs: Any, target: str = "x86",
                  tuning_db: str | os.PathLike | None = None, rounds: int = 5, repeat: int = 7,
@@ -160,7 +167,7 @@ class PairedTimer:
         return build(model, self.example_inputs, target=self.target, tuning_db=self.tuning_db)
 
     def _time(self, compiled: Any) -> float:
-        return float(compiled.benchmark(repeat=self.repeat)["median_ms"])
+        return float(compiled.benchmark(repeat=self.repeat)["min_ms"])
 
     def __call__(self, model: Any) -> float:
         """Milliseconds of ``model`` (a module or ONNX model) compiled for the target, on the

@@ -7,13 +7,18 @@ from graphprune.codegen import layer_latency
 
 
 class FakeCompiled:
-    """A compiled model whose time is its base times the machine's current slowness."""
+    """A compiled model whose time is its base times the machine's current slowness, in every
+    window of a timing but those a burst of interference slows (``bursts`` pops how many of
+    the next timing's windows it takes, and how much slower they run)."""
 
-    def __init__(self, base_ms: float, slowness: list[float]) -> None:
-        self.base_ms, self.slowness = base_ms, slowness
+    def __init__(self, base_ms: float, slowness: list[float], bursts: list[tuple[int, float]] | None = None) -> None:
+        self.base_ms, self.slowness, self.bursts = base_ms, slowness, bursts if bursts is not None else []
 
     def benchmark(self, repeat: int = 7) -> dict[str, float]:
-        return {"median_ms": self.base_ms * self.slowness[0]}
+        windows, factor = self.bursts.pop(0) if self.bursts else (0, 1.0)
+        times = sorted([self.base_ms * self.slowness[0] * factor] * windows
+                       + [self.base_ms * self.slowness[0]] * (repeat - windows))
+        return {"median_ms": times[repeat // 2], "min_ms": times[0]}
 
 
 def test_drift_after_the_reference_was_timed_cancels_in_the_ratio(monkeypatch):
@@ -38,6 +43,16 @@ def test_a_slow_start_does_not_set_the_scale(monkeypatch):
     for width in (3.0, 2.5, 2.0):
         timer(width)
     assert timer.reference_ms == pytest.approx(4.0)
+    assert timer(2.0) == pytest.approx(2.0)
+
+
+def test_a_burst_over_most_of_a_timing_does_not_move_it(monkeypatch):
+    """Interference slows 5 of the 7 windows of the compact model's timing in two of three
+    rounds by 30%: its medians would read those rounds 30% slow and the timer 0.65 of the
+    reference; the best windows read the half it is."""
+    bursts = {4.0: [], 2.0: [(5, 1.3), (5, 1.3), (0, 1.0)]}
+    monkeypatch.setattr(layer_latency, "build", lambda model, *a, **k: FakeCompiled(model, [1.0], bursts[model]))
+    timer = layer_latency.PairedTimer(4.0, (torch.zeros(1),), rounds=3)
     assert timer(2.0) == pytest.approx(2.0)
 
 
