@@ -64,8 +64,9 @@ def layer_module(layer: Layer, cin: int, cout: int) -> tuple[nn.Module, tuple[to
 def measure_layers(requests: Sequence[tuple[Layer, int, int]], target: str = "x86",
                    tuning_db: str | os.PathLike | None = None, repeat: int = 5
                    ) -> list[tuple[float, dict[str, float | None]]]:
-    """Median milliseconds of each compiled layer ``(layer, in width, out width)`` on ``target``,
-    with the database's best seconds for its functions at the time (a
+    """Milliseconds of each compiled layer ``(layer, in width, out width)`` on ``target`` (the
+    best of ``repeat`` windows, as :class:`PairedTimer` reads whole models), with the
+    database's best seconds for its functions at the time (a
     :class:`graphprune.latency.LayerTime`'s fields).
 
     First every function without a record of its own has its carried-over schedules measured
@@ -81,7 +82,7 @@ def measure_layers(requests: Sequence[tuple[Layer, int, int]], target: str = "x8
     times = []
     for module, inputs in modules:
         compiled = compile_program(import_model(module, inputs), resolved, database)
-        times.append((float(compiled.benchmark(repeat=repeat)["median_ms"]), compiled.recorded))
+        times.append((float(compiled.benchmark(repeat=repeat)["min_ms"]), compiled.recorded))
     return times
 
 
