@@ -127,8 +127,9 @@ class PairedTimer:
     Fifteen alternations by default.  The ratio itself moves from one alternation to the next:
     one build of a compact mobilenet_v2 read 0.674-0.743 of the dense model in 16 medians of
     5 alternations over 80 s (standard deviation 2.5%, as much as half the 5% a budget is met
-    within), and 4 builds of it from one database 0.688-0.735.  Fifteen cut that by about
-    the square root of 3, for about 10 s more a timing against a build's minutes.
+    within), and 4 builds of it from one database 0.688-0.735; 10 medians of 15 read
+    0.679-0.730, a standard deviation of 1.8% (the noise is partly correlated over seconds,
+    so not the square root of 3 less), for about 10 s more a timing against a build's minutes.
 
     A timing is the best of its ``repeat`` windows (each at least 50 ms of runs), not their
     median: the machine's interference comes in bursts of about a second, which only ever add
