@@ -18,10 +18,10 @@ pruning's rounds give them (``ROUND_TRIALS``, from their carried-over schedules)
 share of the dense model's time, so it is judged as one: a budget taken in ms from the dense
 model's first timings inherits their noise (mobilenet_v2 read 13.6 ms right after tuning and
 10.3-10.6 ms later). Columns: the dense model's time (the median of all its timings, each
-the best of its windows), the budget, the kept try of the pruning's rounds and the independent re-measure as shares of the
-dense model (and in ms on its time), the re-measure's miss against the budget (done when:
-within 5%), the MACs removed, the rounds, the layer timings measured and reused from the table
-cache, and the wall time. The models are the latency benchmark's (random weights: latency does
+the best of its windows), the budget, the kept try of the pruning's rounds and the
+independent re-measure as shares of the dense model (and in ms on its time), the
+re-measure's miss against the budget (done when: within 5%), the MACs removed, the rounds,
+the layer timings measured and reused from the table cache, and the wall time. The models are the latency benchmark's (random weights: latency does
 not depend on them).
 
 The second table asks whether spending the budget by measured latency keeps more of a model

@@ -64,10 +64,9 @@ def layer_module(layer: Layer, cin: int, cout: int) -> tuple[nn.Module, tuple[to
 def measure_layers(requests: Sequence[tuple[Layer, int, int]], target: str = "x86",
                    tuning_db: str | os.PathLike | None = None, repeat: int = 5
                    ) -> list[tuple[float, dict[str, float | None]]]:
-    """Milliseconds of each compiled layer ``(layer, in width, out width)`` on ``target`` (the
-    best of ``repeat`` windows, as :class:`PairedTimer` reads whole models), with the
-    database's best seconds for its functions at the time (a
-    :class:`graphprune.latency.LayerTime`'s fields).
+    """Milliseconds of each compiled layer ``(layer, in width, out width)`` on ``target``
+    (:func:`best_window_ms`), with the database's best seconds for its functions at the time
+    (a :class:`graphprune.latency.LayerTime`'s fields).
 
     First every function without a record of its own has its carried-over schedules measured
     and the best recorded (one tuning run for the whole batch, as :class:`PairedTimer` does for
@@ -82,8 +81,14 @@ def measure_layers(requests: Sequence[tuple[Layer, int, int]], target: str = "x8
     times = []
     for module, inputs in modules:
         compiled = compile_program(import_model(module, inputs), resolved, database)
-        times.append((float(compiled.benchmark(repeat=repeat)["min_ms"]), compiled.recorded))
+        times.append((best_window_ms(compiled, repeat), compiled.recorded))
     return times
+
+
+def best_window_ms(compiled: Any, repeat: int) -> float:
+    """Milliseconds of a compiled model or layer: the best of ``repeat`` timing windows (see
+    :class:`PairedTimer` for why not their median); layers and whole models are read alike."""
+    return float(compiled.benchmark(repeat=repeat)["min_ms"])
 
 
 def best_known(target: str = "x86", tuning_db: str | os.PathLike | None = None) -> dict[str, float]:
@@ -173,7 +178,7 @@ class PairedTimer:
         return build(model, self.example_inputs, target=self.target, tuning_db=self.tuning_db)
 
     def _time(self, compiled: Any) -> float:
-        return float(compiled.benchmark(repeat=self.repeat)["min_ms"])
+        return best_window_ms(compiled, self.repeat)
 
     def __call__(self, model: Any) -> float:
         """Milliseconds of ``model`` (a module or ONNX model) compiled for the target, on the
